@@ -1,0 +1,426 @@
+//! Dialects: which fields exist, their types, length kinds, bounds and encodings.
+
+use serde::Deserialize;
+use std::fmt;
+use std::path::Path;
+
+/// Character class of a field (ISO 8583 "n", "an", "ans", …).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum FieldType {
+    /// Numeric digits `0-9`.
+    #[serde(rename = "n")]
+    N,
+    /// Alphabetic (letters and space).
+    #[serde(rename = "a")]
+    A,
+    /// Alphanumeric (letters, digits and space padding).
+    #[serde(rename = "an")]
+    An,
+    /// Alphanumeric and special characters (printable).
+    #[serde(rename = "ans")]
+    Ans,
+    /// Alphabetic and special characters (printable).
+    #[serde(rename = "as")]
+    As,
+    /// Numeric and special characters (printable).
+    #[serde(rename = "ns")]
+    Ns,
+    /// Alphanumeric and pad characters (printable).
+    #[serde(rename = "anp")]
+    Anp,
+    /// Binary data.
+    #[serde(rename = "b")]
+    B,
+    /// Track 2/3 data: digits and the separators `=`, `D`, `;`, `?`, `F`.
+    #[serde(rename = "z")]
+    Z,
+    /// `C` (credit) or `D` (debit) followed by digits.
+    #[serde(rename = "x+n")]
+    XN,
+}
+
+impl FieldType {
+    /// Whether `byte` at `index` within the field value is allowed.
+    #[inline]
+    pub fn allows(self, index: usize, byte: u8) -> bool {
+        match self {
+            FieldType::N => byte.is_ascii_digit(),
+            FieldType::A => byte.is_ascii_alphabetic() || byte == b' ',
+            FieldType::An => byte.is_ascii_alphanumeric() || byte == b' ',
+            FieldType::Ans | FieldType::As | FieldType::Ns | FieldType::Anp => {
+                (0x20..=0x7e).contains(&byte) || byte >= 0xa0
+            }
+            FieldType::B => true,
+            FieldType::Z => {
+                byte.is_ascii_digit() || matches!(byte, b'=' | b'D' | b';' | b'?' | b'F')
+            }
+            FieldType::XN => {
+                if index == 0 {
+                    matches!(byte, b'C' | b'D')
+                } else {
+                    byte.is_ascii_digit()
+                }
+            }
+        }
+    }
+
+    /// Short description used in error messages ("digits", "printable", …).
+    pub fn expected(self) -> &'static str {
+        match self {
+            FieldType::N => "digits 0-9 (n)",
+            FieldType::A => "letters (a)",
+            FieldType::An => "letters, digits or space (an)",
+            FieldType::Ans | FieldType::As | FieldType::Ns | FieldType::Anp => {
+                "printable characters (ans)"
+            }
+            FieldType::B => "binary",
+            FieldType::Z => "track data digits or separators (z)",
+            FieldType::XN => "C or D then digits (x+n)",
+        }
+    }
+}
+
+/// How the length of a field is known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LengthKind {
+    /// Exactly `max` units.
+    Fixed,
+    /// Two-digit length prefix, up to `max` (≤ 99) units.
+    LlVar,
+    /// Three-digit length prefix, up to `max` (≤ 999) units.
+    LllVar,
+}
+
+impl LengthKind {
+    /// Digits in the length prefix.
+    pub fn prefix_digits(self) -> usize {
+        match self {
+            LengthKind::Fixed => 0,
+            LengthKind::LlVar => 2,
+            LengthKind::LllVar => 3,
+        }
+    }
+}
+
+/// How a field's value units are written on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// One ASCII character per unit.
+    Ascii,
+    /// One raw byte per unit (binary fields).
+    Binary,
+    /// Two ASCII hex characters per byte (binary fields in hex dialects).
+    Hex,
+}
+
+impl Encoding {
+    /// Wire bytes taken by `units` value units.
+    #[inline]
+    pub fn wire_len(self, units: usize) -> usize {
+        match self {
+            Encoding::Hex => units * 2,
+            Encoding::Ascii | Encoding::Binary => units,
+        }
+    }
+}
+
+/// How the primary and secondary bitmaps are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BitmapEncoding {
+    /// 8 raw bytes per bitmap.
+    Binary,
+    /// 16 ASCII hex characters per bitmap.
+    Hex,
+}
+
+impl BitmapEncoding {
+    /// Wire bytes of one 64-bit bitmap.
+    pub fn wire_len(self) -> usize {
+        match self {
+            BitmapEncoding::Binary => 8,
+            BitmapEncoding::Hex => 16,
+        }
+    }
+}
+
+/// Only ASCII digits are supported for MTIs and length prefixes in this version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum AsciiOnly {
+    Ascii,
+}
+
+/// One field of a dialect.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldSpec {
+    /// Field number, 1..=128 (1 is the secondary bitmap).
+    pub number: u8,
+    /// Human name, for documentation and errors.
+    pub name: String,
+    /// Character class.
+    #[serde(rename = "type")]
+    pub ty: FieldType,
+    /// Fixed or variable length.
+    pub length: LengthKind,
+    /// Fixed: the exact length; variable: the maximum. Characters, or bytes for `b`.
+    pub max: u16,
+    /// Wire encoding of the value.
+    pub encoding: Encoding,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DialectFile {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[allow(dead_code)]
+    mti_encoding: AsciiOnly,
+    bitmap_encoding: BitmapEncoding,
+    #[allow(dead_code)]
+    length_prefix_encoding: AsciiOnly,
+    field: Vec<FieldSpec>,
+}
+
+/// Why a dialect file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DialectError {
+    /// The file could not be read.
+    #[error("dialect {origin}: cannot read: {source}")]
+    Io {
+        /// Path or name of the dialect.
+        origin: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Not valid TOML or not the dialect schema.
+    #[error("dialect {origin}: {source}")]
+    Toml {
+        /// Path or name of the dialect.
+        origin: String,
+        /// The parse error (names the key and line).
+        source: Box<toml::de::Error>,
+    },
+    /// A field definition is inconsistent.
+    #[error("dialect {origin}: field {field}: {problem}")]
+    Field {
+        /// Path or name of the dialect.
+        origin: String,
+        /// The field number.
+        field: u16,
+        /// What is wrong.
+        problem: &'static str,
+    },
+}
+
+/// A message profile: the definition of every field.
+#[derive(Clone, Debug)]
+pub struct Dialect {
+    name: String,
+    description: String,
+    bitmap: BitmapEncoding,
+    /// Indexed by field number; index 0 unused.
+    fields: Vec<Option<FieldSpec>>,
+}
+
+/// Dialects compiled into the binary: (name, TOML text).
+pub const BUILTIN_DIALECTS: &[(&str, &str)] = &[
+    (
+        "iso87-ascii",
+        include_str!("../../../config/iso8583/iso87-ascii.toml"),
+    ),
+    (
+        "iso87-hexbitmap",
+        include_str!("../../../config/iso8583/iso87-hexbitmap.toml"),
+    ),
+];
+
+impl Dialect {
+    /// Parses and checks a dialect from TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Dialect, DialectError> {
+        let file: DialectFile = toml::from_str(text).map_err(|e| DialectError::Toml {
+            origin: origin.to_owned(),
+            source: Box::new(e),
+        })?;
+        let mut fields: Vec<Option<FieldSpec>> = vec![None; 129];
+        for spec in file.field {
+            let problem = check_spec(&spec, file.bitmap_encoding);
+            let number = spec.number;
+            if let Some(problem) = problem {
+                return Err(DialectError::Field {
+                    origin: origin.to_owned(),
+                    field: u16::from(number),
+                    problem,
+                });
+            }
+            let slot = &mut fields[usize::from(number)];
+            if slot.is_some() {
+                return Err(DialectError::Field {
+                    origin: origin.to_owned(),
+                    field: u16::from(number),
+                    problem: "defined twice",
+                });
+            }
+            *slot = Some(spec);
+        }
+        Ok(Dialect {
+            name: file.name,
+            description: file.description,
+            bitmap: file.bitmap_encoding,
+            fields,
+        })
+    }
+
+    /// A dialect shipped with switchyard, by name (`iso87-ascii`, `iso87-hexbitmap`).
+    pub fn builtin(name: &str) -> Option<Dialect> {
+        let (_, text) = BUILTIN_DIALECTS.iter().find(|(n, _)| *n == name)?;
+        // The built-in files are tested to parse; a failure here is a build bug.
+        Dialect::from_toml(text, name).ok()
+    }
+
+    /// A built-in dialect by name, else a TOML file at that path.
+    pub fn load(name_or_path: &str) -> Result<Dialect, DialectError> {
+        if let Some(d) = Dialect::builtin(name_or_path) {
+            return Ok(d);
+        }
+        let path = Path::new(name_or_path);
+        let text = std::fs::read_to_string(path).map_err(|source| DialectError::Io {
+            origin: name_or_path.to_owned(),
+            source,
+        })?;
+        Dialect::from_toml(&text, name_or_path)
+    }
+
+    /// The default profile: ISO 8583:1987, ASCII, binary bitmaps.
+    pub fn iso87_ascii() -> Dialect {
+        match Dialect::builtin("iso87-ascii") {
+            Some(d) => d,
+            None => unreachable!("built-in dialect iso87-ascii is tested to parse"),
+        }
+    }
+
+    /// The dialect's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The dialect's description.
+    pub fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// Bitmap encoding.
+    pub fn bitmap_encoding(&self) -> BitmapEncoding {
+        self.bitmap
+    }
+
+    /// The definition of field `number`, if the dialect has one.
+    #[inline]
+    pub fn field(&self, number: u8) -> Option<&FieldSpec> {
+        self.fields
+            .get(usize::from(number))
+            .and_then(Option::as_ref)
+    }
+
+    /// Largest wire size of any single message under this dialect, in bytes.
+    pub fn message_size_max_bytes(&self) -> usize {
+        let fields: usize = self
+            .fields
+            .iter()
+            .flatten()
+            .map(|f| f.length.prefix_digits() + f.encoding.wire_len(usize::from(f.max)))
+            .sum();
+        4 + self.bitmap.wire_len() + fields
+    }
+}
+
+fn check_spec(spec: &FieldSpec, bitmap: BitmapEncoding) -> Option<&'static str> {
+    if spec.number == 0 || spec.number > 128 {
+        return Some("number must be 1..=128");
+    }
+    if spec.max == 0 {
+        return Some("max must be at least 1");
+    }
+    match spec.length {
+        LengthKind::LlVar if spec.max > 99 => return Some("llvar max must be ≤ 99"),
+        LengthKind::LllVar if spec.max > 999 => return Some("lllvar max must be ≤ 999"),
+        LengthKind::Fixed if spec.max > 999 => return Some("fixed length must be ≤ 999"),
+        _ => {}
+    }
+    let binary = spec.ty == FieldType::B;
+    match (binary, spec.encoding) {
+        (true, Encoding::Ascii) => return Some("type b needs encoding binary or hex"),
+        (false, Encoding::Binary | Encoding::Hex) => {
+            return Some("only type b may use binary or hex encoding")
+        }
+        _ => {}
+    }
+    if spec.number == 1 {
+        let expected = match bitmap {
+            BitmapEncoding::Binary => Encoding::Binary,
+            BitmapEncoding::Hex => Encoding::Hex,
+        };
+        if !binary || spec.length != LengthKind::Fixed || spec.max != 8 || spec.encoding != expected
+        {
+            return Some("field 1 (secondary bitmap) must be b, fixed, 8, bitmap encoding");
+        }
+    }
+    None
+}
+
+impl fmt::Display for FieldType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expected())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtins_parse_and_define_all_fields() {
+        for (name, _) in BUILTIN_DIALECTS {
+            let d = match Dialect::builtin(name) {
+                Some(d) => d,
+                None => panic!(
+                    "{name}: {:?}",
+                    Dialect::from_toml(BUILTIN_DIALECTS[0].1, name)
+                ),
+            };
+            for n in 1..=128u8 {
+                assert!(d.field(n).is_some(), "{name} lacks field {n}");
+            }
+            assert_eq!(d.field(4).map(|f| f.max), Some(12));
+            assert_eq!(d.field(2).map(|f| f.length), Some(LengthKind::LlVar));
+        }
+    }
+
+    #[test]
+    fn bad_field_is_named() {
+        let text = r#"
+            name = "x"
+            mti_encoding = "ascii"
+            bitmap_encoding = "binary"
+            length_prefix_encoding = "ascii"
+            [[field]]
+            number = 2
+            name = "PAN"
+            type = "n"
+            length = "llvar"
+            max = 120
+            encoding = "ascii"
+        "#;
+        let err = Dialect::from_toml(text, "x.toml")
+            .err()
+            .map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("dialect x.toml: field 2: llvar max must be ≤ 99")
+        );
+    }
+}

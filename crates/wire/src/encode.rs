@@ -1,0 +1,327 @@
+//! Encoding into a caller's reused buffer, fields in ascending order.
+
+use crate::dialect::{BitmapEncoding, Dialect, Encoding, LengthKind};
+use crate::error::{EncodeError, EncodeErrorKind};
+use crate::message::{Message, Mti};
+use bytes::{BufMut, BytesMut};
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+
+/// Writes one message into `out`: the MTI, bitmaps, then fields in ascending order.
+///
+/// Space for both bitmaps is reserved at the start and the secondary one is
+/// removed by [`Encoder::finish`] when no field above 64 was written. On error the
+/// buffer holds a partial message: truncate it to [`Encoder::start`].
+pub struct Encoder<'a> {
+    dialect: &'a Dialect,
+    out: &'a mut BytesMut,
+    start: usize,
+    bits: u128,
+    last: u8,
+}
+
+impl<'a> Encoder<'a> {
+    /// Starts a message with `mti` at the end of `out`.
+    pub fn new(dialect: &'a Dialect, out: &'a mut BytesMut, mti: Mti) -> Encoder<'a> {
+        let start = out.len();
+        out.put_slice(mti.as_bytes());
+        let bitmap = dialect.bitmap_encoding().wire_len();
+        out.put_bytes(0, 2 * bitmap);
+        Encoder {
+            dialect,
+            out,
+            start,
+            bits: 0,
+            last: 1,
+        }
+    }
+
+    /// Offset in the buffer where this message starts.
+    pub fn start(&self) -> usize {
+        self.start
+    }
+
+    /// Appends field `n` whose value is already in this dialect's wire encoding.
+    pub fn field(&mut self, n: u8, value: &[u8]) -> Result<(), EncodeError> {
+        let encoding = self
+            .dialect
+            .field(n)
+            .map_or(Encoding::Ascii, |s| s.encoding);
+        self.field_converted(n, value, encoding)
+    }
+
+    /// Appends field `n` whose value is in `from` encoding (hex ↔ binary converted).
+    pub fn field_converted(
+        &mut self,
+        n: u8,
+        value: &[u8],
+        from: Encoding,
+    ) -> Result<(), EncodeError> {
+        let err = |kind| EncodeError { field: n, kind };
+        let Some(spec) = self.dialect.field(n).filter(|_| (2..=128).contains(&n)) else {
+            return Err(err(EncodeErrorKind::UndefinedField));
+        };
+        if n <= self.last {
+            return Err(err(EncodeErrorKind::OutOfOrder {
+                previous: self.last,
+            }));
+        }
+        let units = match from {
+            Encoding::Hex if value.len() % 2 != 0 => return Err(err(EncodeErrorKind::BadHex)),
+            Encoding::Hex => value.len() / 2,
+            Encoding::Ascii | Encoding::Binary => value.len(),
+        };
+        match spec.length {
+            LengthKind::Fixed if units != usize::from(spec.max) => {
+                let kind = EncodeErrorKind::WrongLength {
+                    expected: spec.max,
+                    found: units,
+                };
+                return Err(err(kind));
+            }
+            LengthKind::LlVar | LengthKind::LllVar if units > usize::from(spec.max) => {
+                return Err(err(EncodeErrorKind::TooLong {
+                    max: spec.max,
+                    found: units,
+                }));
+            }
+            _ => {}
+        }
+        match spec.length {
+            LengthKind::Fixed => {}
+            LengthKind::LlVar => self
+                .out
+                .put_slice(&[b'0' + (units / 10) as u8, digit(units)]),
+            LengthKind::LllVar => {
+                self.out
+                    .put_slice(&[b'0' + (units / 100) as u8, digit(units / 10), digit(units)])
+            }
+        }
+        match (from, spec.encoding) {
+            (Encoding::Hex, Encoding::Binary) => {
+                for pair in value.chunks_exact(2) {
+                    let (Some(hi), Some(lo)) = (hex_value(pair[0]), hex_value(pair[1])) else {
+                        return Err(err(EncodeErrorKind::BadHex));
+                    };
+                    self.out.put_u8(hi << 4 | lo);
+                }
+            }
+            (Encoding::Binary, Encoding::Hex) => {
+                for &b in value {
+                    self.out
+                        .put_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
+                }
+            }
+            _ => self.out.put_slice(value),
+        }
+        self.bits |= 1u128 << (128 - u32::from(n));
+        self.last = n;
+        Ok(())
+    }
+
+    /// Writes the bitmaps and returns the message length in bytes.
+    pub fn finish(self) -> usize {
+        let encoding = self.dialect.bitmap_encoding();
+        let width = encoding.wire_len();
+        let at = self.start + 4;
+        let secondary = self.bits as u64;
+        let mut primary = (self.bits >> 64) as u64;
+        if secondary != 0 {
+            primary |= 1 << 63;
+            write_bitmap(
+                &mut self.out[at + width..at + 2 * width],
+                secondary,
+                encoding,
+            );
+        } else {
+            let end = self.out.len();
+            self.out.copy_within(at + 2 * width..end, at + width);
+            self.out.truncate(end - width);
+        }
+        write_bitmap(&mut self.out[at..at + width], primary, encoding);
+        self.out.len() - self.start
+    }
+}
+
+#[inline]
+fn digit(v: usize) -> u8 {
+    b'0' + (v % 10) as u8
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn write_bitmap(dst: &mut [u8], value: u64, encoding: BitmapEncoding) {
+    match encoding {
+        BitmapEncoding::Binary => dst.copy_from_slice(&value.to_be_bytes()),
+        BitmapEncoding::Hex => {
+            for (i, slot) in dst.iter_mut().enumerate() {
+                *slot = HEX[((value >> (60 - 4 * i)) & 15) as usize];
+            }
+        }
+    }
+}
+
+/// A change applied while re-encoding: set (or add) a field, or drop it.
+#[derive(Clone, Copy, Debug)]
+pub enum Change<'v> {
+    /// Field `n` takes this value (in the target dialect's encoding).
+    Set(u8, &'v [u8]),
+    /// Field `n` is left out.
+    Remove(u8),
+}
+
+impl Change<'_> {
+    fn number(&self) -> u8 {
+        match *self {
+            Change::Set(n, _) | Change::Remove(n) => n,
+        }
+    }
+}
+
+/// Re-encodes `msg` (decoded under `from`) under `to` with a new MTI and `changes`,
+/// appending to `out`; every other present field is carried through untouched.
+/// Returns the message length.
+pub fn reencode(
+    msg: &Message,
+    from: &Dialect,
+    to: &Dialect,
+    mti: Mti,
+    changes: &[Change<'_>],
+    out: &mut BytesMut,
+) -> Result<usize, EncodeError> {
+    let before = out.len();
+    let result = reencode_inner(msg, from, to, mti, changes, out);
+    if result.is_err() {
+        out.truncate(before);
+    }
+    result
+}
+
+fn reencode_inner(
+    msg: &Message,
+    from: &Dialect,
+    to: &Dialect,
+    mti: Mti,
+    changes: &[Change<'_>],
+    out: &mut BytesMut,
+) -> Result<usize, EncodeError> {
+    let mut wanted = 0u128;
+    for n in 2..=128u8 {
+        if msg.has(n) {
+            wanted |= 1u128 << (128 - u32::from(n));
+        }
+    }
+    for change in changes {
+        let n = change.number();
+        if !(2..=128).contains(&n) {
+            return Err(EncodeError {
+                field: n,
+                kind: EncodeErrorKind::UndefinedField,
+            });
+        }
+        let b = 1u128 << (128 - u32::from(n));
+        match change {
+            Change::Set(..) => wanted |= b,
+            Change::Remove(_) => wanted &= !b,
+        }
+    }
+    let mut enc = Encoder::new(to, out, mti);
+    while wanted != 0 {
+        let n = (wanted.leading_zeros() + 1) as u8;
+        wanted &= !(1u128 << (128 - u32::from(n)));
+        let set = changes.iter().rev().find_map(|c| match *c {
+            Change::Set(m, v) if m == n => Some(v),
+            _ => None,
+        });
+        match (set, msg.field(n)) {
+            (Some(value), _) => enc.field(n, value)?,
+            (None, Some(value)) => {
+                let encoding = from.field(n).map_or(Encoding::Ascii, |s| s.encoding);
+                enc.field_converted(n, value, encoding)?;
+            }
+            (None, None) => {}
+        }
+    }
+    Ok(enc.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn sample(d: &Dialect) -> BytesMut {
+        let mut out = BytesMut::new();
+        let mut enc = Encoder::new(d, &mut out, Mti::FINANCIAL);
+        enc.field(2, b"4111111111111111").unwrap();
+        enc.field(3, b"000000").unwrap();
+        enc.field(4, b"000000012345").unwrap();
+        enc.field(11, b"000123").unwrap();
+        enc.field(32, b"100001").unwrap();
+        enc.field(49, b"978").unwrap();
+        enc.field(100, b"200001").unwrap();
+        enc.finish();
+        out
+    }
+
+    #[test]
+    fn round_trip_with_secondary_bitmap() {
+        let d = Dialect::iso87_ascii();
+        let out = sample(&d);
+        let msg = Message::decode(&d, out.freeze()).unwrap();
+        assert_eq!(msg.mti(), Mti::FINANCIAL);
+        assert_eq!(msg.field(2), Some(&b"4111111111111111"[..]));
+        assert_eq!(msg.field(100), Some(&b"200001"[..]));
+        assert!(msg.has(1));
+        assert_eq!(msg.fields().count(), 7);
+        assert_eq!(format!("{msg:?}").contains("411111******1111"), true);
+    }
+
+    #[test]
+    fn reencode_translates_bitmaps_and_applies_changes() {
+        let a = Dialect::iso87_ascii();
+        let h = Dialect::builtin("iso87-hexbitmap").unwrap();
+        let msg = Message::decode(&a, sample(&a).freeze()).unwrap();
+        let mut out = BytesMut::new();
+        let changes = [
+            Change::Set(11, b"999999"),
+            Change::Set(39, b"00"),
+            Change::Remove(100),
+        ];
+        reencode(&msg, &a, &h, Mti::FINANCIAL_RESPONSE, &changes, &mut out).unwrap();
+        assert_eq!(&out[4..20], &b"7020000102008000"[..]);
+        let back = Message::decode(&h, out.freeze()).unwrap();
+        assert_eq!(back.mti(), Mti::FINANCIAL_RESPONSE);
+        assert_eq!(back.field(11), Some(&b"999999"[..]));
+        assert_eq!(back.field(39), Some(&b"00"[..]));
+        assert!(!back.has(100) && !back.has(1));
+    }
+
+    #[test]
+    fn encoder_rejects_bad_values() {
+        let d = Dialect::iso87_ascii();
+        let mut out = BytesMut::new();
+        let mut enc = Encoder::new(&d, &mut out, Mti::FINANCIAL);
+        let e = enc.field(4, b"123").unwrap_err();
+        assert_eq!(
+            e.kind,
+            EncodeErrorKind::WrongLength {
+                expected: 12,
+                found: 3
+            }
+        );
+        enc.field(11, b"000001").unwrap();
+        let e = enc.field(3, b"000000").unwrap_err();
+        assert_eq!(e.kind, EncodeErrorKind::OutOfOrder { previous: 11 });
+        let e = enc.field(32, b"123456789012").unwrap_err();
+        assert_eq!(e.kind, EncodeErrorKind::TooLong { max: 11, found: 12 });
+        let _ = Bytes::new();
+    }
+}

@@ -1,0 +1,439 @@
+//! Decoding: a message is checked against its dialect and indexed, never copied.
+
+use crate::dialect::{BitmapEncoding, Dialect, Encoding, LengthKind};
+use crate::error::{DecodeError, DecodeErrorKind, Location};
+use crate::mask::mask_pan;
+use bytes::Bytes;
+use std::fmt;
+
+/// Field slots in a message, indexed by field number (0 unused, 1 = secondary bitmap).
+pub const FIELD_COUNT: usize = 129;
+
+/// Where a field's value lies in the message bytes (after any length prefix).
+///
+/// Offsets are `u16` because a message never exceeds 65,535 bytes (the largest
+/// 2-byte frame), which keeps a decoded message small enough to move cheaply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Span {
+    /// Offset of the first value byte.
+    pub start: u16,
+    /// Value length in wire bytes.
+    pub len: u16,
+}
+
+impl Span {
+    #[inline]
+    fn range(self) -> std::ops::Range<usize> {
+        let start = usize::from(self.start);
+        start..start + usize::from(self.len)
+    }
+}
+
+/// Message type indicator: four ASCII digits (version, class, function, origin).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Mti(pub [u8; 4]);
+
+impl Mti {
+    /// 0100 authorization request.
+    pub const AUTHORIZATION: Mti = Mti(*b"0100");
+    /// 0110 authorization response.
+    pub const AUTHORIZATION_RESPONSE: Mti = Mti(*b"0110");
+    /// 0200 financial request.
+    pub const FINANCIAL: Mti = Mti(*b"0200");
+    /// 0210 financial response.
+    pub const FINANCIAL_RESPONSE: Mti = Mti(*b"0210");
+    /// 0400 reversal request.
+    pub const REVERSAL: Mti = Mti(*b"0400");
+    /// 0410 reversal response.
+    pub const REVERSAL_RESPONSE: Mti = Mti(*b"0410");
+    /// 0420 reversal advice.
+    pub const REVERSAL_ADVICE: Mti = Mti(*b"0420");
+    /// 0421 reversal advice repeat.
+    pub const REVERSAL_ADVICE_REPEAT: Mti = Mti(*b"0421");
+    /// 0430 reversal advice response.
+    pub const REVERSAL_ADVICE_RESPONSE: Mti = Mti(*b"0430");
+    /// 0800 network management request.
+    pub const NETWORK: Mti = Mti(*b"0800");
+    /// 0810 network management response.
+    pub const NETWORK_RESPONSE: Mti = Mti(*b"0810");
+
+    /// The raw digits.
+    #[inline]
+    pub fn as_bytes(&self) -> &[u8; 4] {
+        &self.0
+    }
+
+    /// Whether the function digit says request or advice (0, 2, 4), which expects an answer.
+    #[inline]
+    pub fn is_request(self) -> bool {
+        matches!(self.0[2], b'0' | b'2' | b'4')
+    }
+
+    /// Whether the function digit says response (1, 3, 5).
+    #[inline]
+    pub fn is_response(self) -> bool {
+        matches!(self.0[2], b'1' | b'3' | b'5')
+    }
+
+    /// The answer's MTI for a request or advice (0200 → 0210, 0421 → 0430).
+    pub fn response(self) -> Option<Mti> {
+        if !self.is_request() {
+            return None;
+        }
+        let mut m = self.0;
+        m[2] += 1;
+        m[3] = b'0';
+        Some(Mti(m))
+    }
+
+    /// The request MTI an answer belongs to (0210 → 0200); repeats map to the original.
+    pub fn request(self) -> Option<Mti> {
+        if !self.is_response() {
+            return None;
+        }
+        let mut m = self.0;
+        m[2] -= 1;
+        m[3] = b'0';
+        Some(Mti(m))
+    }
+}
+
+impl fmt::Debug for Mti {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for Mti {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for &b in &self.0 {
+            fmt::Write::write_char(f, char::from(b))?;
+        }
+        Ok(())
+    }
+}
+
+/// A decoded ISO 8583 message: the frame bytes plus where each present field lies.
+///
+/// Cloning is cheap (a reference count and a small index); field values are
+/// slices of the original frame.
+#[derive(Clone)]
+pub struct Message {
+    bytes: Bytes,
+    mti: Mti,
+    /// Bit `128 - n` is set when field `n` was decoded.
+    present: u128,
+    spans: [Span; FIELD_COUNT],
+}
+
+#[inline]
+fn bit(n: u8) -> u128 {
+    1u128 << (128 - u32::from(n))
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, location: Location, n: usize) -> Result<usize, DecodeError> {
+        let available = self.buf.len() - self.pos;
+        if n > available {
+            return Err(DecodeError {
+                location,
+                offset: self.pos,
+                kind: DecodeErrorKind::Truncated {
+                    needed: n,
+                    available,
+                },
+            });
+        }
+        let start = self.pos;
+        self.pos += n;
+        Ok(start)
+    }
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+fn read_bitmap(
+    cur: &mut Cursor<'_>,
+    encoding: BitmapEncoding,
+    location: Location,
+) -> Result<u64, DecodeError> {
+    let start = cur.take(location, encoding.wire_len())?;
+    let raw = &cur.buf[start..cur.pos];
+    match encoding {
+        BitmapEncoding::Binary => {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(raw);
+            Ok(u64::from_be_bytes(word))
+        }
+        BitmapEncoding::Hex => {
+            let mut value = 0u64;
+            for (i, &b) in raw.iter().enumerate() {
+                let Some(v) = hex_value(b) else {
+                    let kind = DecodeErrorKind::BadHex { found: b };
+                    return Err(DecodeError {
+                        location,
+                        offset: start + i,
+                        kind,
+                    });
+                };
+                value = (value << 4) | u64::from(v);
+            }
+            Ok(value)
+        }
+    }
+}
+
+impl Message {
+    /// Decodes a whole message (without its frame header) under `dialect`.
+    pub fn decode(dialect: &Dialect, bytes: Bytes) -> Result<Message, DecodeError> {
+        match Message::decode_partial(dialect, bytes) {
+            (msg, None) => Ok(msg),
+            (_, Some(err)) => Err(err),
+        }
+    }
+
+    /// Decodes as far as the message is valid: the fields before the first error are
+    /// available (so a format-error answer can echo the STAN), with the error.
+    pub fn decode_partial(dialect: &Dialect, bytes: Bytes) -> (Message, Option<DecodeError>) {
+        let mut msg = Message {
+            bytes,
+            mti: Mti(*b"0000"),
+            present: 0,
+            spans: [Span::default(); FIELD_COUNT],
+        };
+        let err = msg.index(dialect).err();
+        (msg, err)
+    }
+
+    fn index(&mut self, dialect: &Dialect) -> Result<(), DecodeError> {
+        let size = self.bytes.len();
+        if size > usize::from(u16::MAX) {
+            let kind = DecodeErrorKind::MessageTooLarge { size };
+            return Err(DecodeError {
+                location: Location::Mti,
+                offset: 0,
+                kind,
+            });
+        }
+        let bytes = self.bytes.clone();
+        let mut cur = Cursor {
+            buf: &bytes,
+            pos: 0,
+        };
+        let start = cur.take(Location::Mti, 4)?;
+        let mut mti = [0u8; 4];
+        mti.copy_from_slice(&cur.buf[start..start + 4]);
+        if let Some(i) = mti.iter().position(|b| !b.is_ascii_digit()) {
+            let kind = DecodeErrorKind::BadMti { found: mti[i] };
+            return Err(DecodeError {
+                location: Location::Mti,
+                offset: i,
+                kind,
+            });
+        }
+        self.mti = Mti(mti);
+        let encoding = dialect.bitmap_encoding();
+        let primary = read_bitmap(&mut cur, encoding, Location::PrimaryBitmap)?;
+        let mut announced = u128::from(primary) << 64;
+        if announced & bit(1) != 0 {
+            let at = cur.pos;
+            let secondary = read_bitmap(&mut cur, encoding, Location::SecondaryBitmap)?;
+            announced |= u128::from(secondary);
+            self.spans[1] = Span {
+                start: at as u16,
+                len: (cur.pos - at) as u16,
+            };
+            self.present |= bit(1);
+        }
+        let mut rest = announced & !bit(1);
+        while rest != 0 {
+            let n = (rest.leading_zeros() + 1) as u8;
+            rest &= !bit(n);
+            self.spans[usize::from(n)] = read_field(dialect, &mut cur, n)?;
+            self.present |= bit(n);
+        }
+        if cur.pos != size {
+            let kind = DecodeErrorKind::TrailingBytes {
+                count: size - cur.pos,
+            };
+            return Err(DecodeError {
+                location: Location::Trailing,
+                offset: cur.pos,
+                kind,
+            });
+        }
+        Ok(())
+    }
+
+    /// The message type indicator (`0000` when the MTI itself failed to decode).
+    #[inline]
+    pub fn mti(&self) -> Mti {
+        self.mti
+    }
+
+    /// Whether field `n` is present (and decoded).
+    #[inline]
+    pub fn has(&self, n: u8) -> bool {
+        (1..=128).contains(&n) && self.present & bit(n) != 0
+    }
+
+    /// Field `n`'s value as it appears on the wire (without its length prefix).
+    #[inline]
+    pub fn field(&self, n: u8) -> Option<&[u8]> {
+        if self.has(n) {
+            Some(&self.bytes[self.spans[usize::from(n)].range()])
+        } else {
+            None
+        }
+    }
+
+    /// Field `n`'s value as a shared slice of the frame (no copy).
+    pub fn field_bytes(&self, n: u8) -> Option<Bytes> {
+        if self.has(n) {
+            Some(self.bytes.slice(self.spans[usize::from(n)].range()))
+        } else {
+            None
+        }
+    }
+
+    /// Where field `n`'s value lies in [`Message::as_bytes`].
+    pub fn span(&self, n: u8) -> Option<Span> {
+        self.has(n).then(|| self.spans[usize::from(n)])
+    }
+
+    /// The whole message as received.
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// Present data fields (2..=128, not the secondary bitmap) in ascending order.
+    pub fn fields(&self) -> impl Iterator<Item = (u8, &[u8])> + '_ {
+        let mut rest = self.present & !bit(1);
+        std::iter::from_fn(move || {
+            if rest == 0 {
+                return None;
+            }
+            let n = (rest.leading_zeros() + 1) as u8;
+            rest &= !bit(n);
+            Some((n, &self.bytes[self.spans[usize::from(n)].range()]))
+        })
+    }
+}
+
+fn read_field(dialect: &Dialect, cur: &mut Cursor<'_>, n: u8) -> Result<Span, DecodeError> {
+    let location = Location::Field(n);
+    let Some(spec) = dialect.field(n) else {
+        let kind = DecodeErrorKind::UndefinedField;
+        return Err(DecodeError {
+            location,
+            offset: cur.pos,
+            kind,
+        });
+    };
+    let units = match spec.length {
+        LengthKind::Fixed => spec.max,
+        kind => {
+            let digits = kind.prefix_digits();
+            let start = cur.take(location, digits)?;
+            let mut len = 0u16;
+            for (i, &b) in cur.buf[start..start + digits].iter().enumerate() {
+                if !b.is_ascii_digit() {
+                    let kind = DecodeErrorKind::BadLengthPrefix { found: b };
+                    return Err(DecodeError {
+                        location,
+                        offset: start + i,
+                        kind,
+                    });
+                }
+                len = len * 10 + u16::from(b - b'0');
+            }
+            if len > spec.max {
+                let kind = DecodeErrorKind::LengthTooLong {
+                    max: spec.max,
+                    found: len,
+                };
+                return Err(DecodeError {
+                    location,
+                    offset: start,
+                    kind,
+                });
+            }
+            len
+        }
+    };
+    let wire = spec.encoding.wire_len(usize::from(units));
+    let start = cur.take(location, wire)?;
+    let value = &cur.buf[start..cur.pos];
+    let bad = match spec.encoding {
+        Encoding::Binary => None,
+        Encoding::Hex => value
+            .iter()
+            .position(|&b| hex_value(b).is_none())
+            .map(|i| (i, DecodeErrorKind::BadHex { found: value[i] })),
+        Encoding::Ascii => value
+            .iter()
+            .enumerate()
+            .find(|&(i, &b)| !spec.ty.allows(i, b))
+            .map(|(i, &b)| {
+                (
+                    i,
+                    DecodeErrorKind::BadCharacter {
+                        expected: spec.ty,
+                        found: b,
+                    },
+                )
+            }),
+    };
+    if let Some((i, kind)) = bad {
+        return Err(DecodeError {
+            location,
+            offset: start + i,
+            kind,
+        });
+    }
+    Ok(Span {
+        start: start as u16,
+        len: wire as u16,
+    })
+}
+
+/// Fields whose content never appears in `Debug` output.
+fn hidden(n: u8) -> bool {
+    matches!(n, 14 | 35 | 36 | 45 | 52 | 55 | 64 | 96 | 128)
+}
+
+/// Fields shown masked like a card number.
+fn masked(n: u8) -> bool {
+    matches!(n, 2 | 34 | 102 | 103)
+}
+
+impl fmt::Debug for Message {
+    /// Shows every field, with card numbers masked and track, PIN and MAC data hidden.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Message {{ mti: {}", self.mti)?;
+        for (n, value) in self.fields() {
+            if hidden(n) {
+                write!(f, ", {n}: <{} bytes hidden>", value.len())?;
+            } else if masked(n) {
+                write!(f, ", {n}: {}", mask_pan(value))?;
+            } else if value.iter().all(|b| (0x20..=0x7e).contains(b)) {
+                write!(f, ", {n}: {:?}", String::from_utf8_lossy(value))?;
+            } else {
+                write!(f, ", {n}: <{} bytes>", value.len())?;
+            }
+        }
+        f.write_str(" }")
+    }
+}

@@ -1,0 +1,254 @@
+//! Checks shared by the fuzz targets (`fuzz/fuzz_targets/*.rs`) and the tests
+//! (`tests/corpus.rs`, `tests/props.rs`), so every committed corpus file also runs
+//! under `cargo test`.
+//!
+//! The fuzz crate includes this file with `#[path = ...] mod fuzz_checks;`; it lives
+//! in a folder so that cargo does not build it as a test crate of its own. It uses
+//! only `switchyard_wire`, `bytes` and std. Failures are panics: a fuzzer reports
+//! them as crashes and proptest shrinks them.
+
+use bytes::{Bytes, BytesMut};
+use std::sync::OnceLock;
+use switchyard_wire::{
+    reencode, BitmapEncoding, DecodeError, DecodeErrorKind, Dialect, Encoding, FrameDecoder,
+    FrameError, Framing, LengthKind, Message, FRAME_SIZE_MAX_BYTES_DEFAULT,
+};
+
+/// Frame bounds tried by [`frame_decoder`]: the default and one small enough that
+/// ordinary inputs hit it.
+pub const FRAME_BOUNDS_BYTES: [usize; 2] = [FRAME_SIZE_MAX_BYTES_DEFAULT, 64];
+
+// === fuzz target entry points ===
+
+/// `fuzz_targets/decode_iso87_ascii.rs`.
+pub fn decode_iso87_ascii(data: &[u8]) {
+    check_decode(iso87_ascii(), data);
+}
+
+/// `fuzz_targets/decode_iso87_hexbitmap.rs`.
+pub fn decode_iso87_hexbitmap(data: &[u8]) {
+    check_decode(iso87_hexbitmap(), data);
+}
+
+/// `fuzz_targets/frame_decoder.rs`: both framings, two bounds, fed whole and in
+/// chunks of 1 to 7 bytes (chosen by the first byte); both feeds must agree.
+pub fn frame_decoder(data: &[u8]) {
+    let chunk_bytes = 1 + usize::from(data.first().copied().unwrap_or(0) % 7);
+    for framing in [Framing::U16be, Framing::Ascii4] {
+        for bound in FRAME_BOUNDS_BYTES {
+            let dec = FrameDecoder::new(framing, bound);
+            let whole = run_frames(&dec, data, &[data.len().max(1)]);
+            let chunked = run_frames(&dec, data, &[chunk_bytes]);
+            assert_eq!(whole, chunked, "{framing}, bound {bound}: whole vs chunked feed");
+            assert!(whole.frames.iter().all(|f| f.len() <= bound), "frame over the bound");
+        }
+    }
+}
+
+// === dialects ===
+
+/// The built-in `iso87-ascii` dialect, parsed once.
+pub fn iso87_ascii() -> &'static Dialect {
+    static DIALECT: OnceLock<Dialect> = OnceLock::new();
+    DIALECT.get_or_init(|| builtin("iso87-ascii"))
+}
+
+/// The built-in `iso87-hexbitmap` dialect, parsed once.
+pub fn iso87_hexbitmap() -> &'static Dialect {
+    static DIALECT: OnceLock<Dialect> = OnceLock::new();
+    DIALECT.get_or_init(|| builtin("iso87-hexbitmap"))
+}
+
+fn builtin(name: &str) -> Dialect {
+    match Dialect::builtin(name) {
+        Some(d) => d,
+        None => panic!("built-in dialect {name} does not parse"),
+    }
+}
+
+// === decoding ===
+
+/// Decodes `data` as far as it is valid and checks what came out; a message that
+/// decodes fully must re-encode to a message with the same MTI and field values,
+/// byte for byte equal to `data` when `data` was in canonical form.
+pub fn check_decode(dialect: &Dialect, data: &[u8]) {
+    let (msg, err) = Message::decode_partial(dialect, Bytes::copy_from_slice(data));
+    check_partial(dialect, data, &msg, err.as_ref());
+    // Formatting must not panic on any decoded content (masking, hidden fields).
+    let _ = format!("{msg:?}");
+    match err {
+        Some(e) => {
+            let _ = e.to_string();
+        }
+        None => check_reencode(dialect, data, &msg),
+    }
+}
+
+/// What a partial decode promises: every decoded field lies inside the input and
+/// matches its definition, and the error points at the offending byte.
+pub fn check_partial(dialect: &Dialect, data: &[u8], msg: &Message, err: Option<&DecodeError>) {
+    assert_eq!(&msg.as_bytes()[..], data, "message bytes are the input");
+    assert!(msg.mti().as_bytes().iter().all(u8::is_ascii_digit) || err.is_some());
+    for n in 1..=128u8 {
+        let Some(span) = msg.span(n) else {
+            assert!(msg.field(n).is_none(), "field {n}: no span but a value");
+            continue;
+        };
+        let start = usize::from(span.start);
+        let end = start + usize::from(span.len);
+        assert!(end <= data.len(), "field {n}: span {span:?} past the input ({})", data.len());
+        assert_eq!(msg.field(n), Some(&data[start..end]), "field {n}: value is its span");
+        check_value(dialect, n, &data[start..end]);
+    }
+    let Some(e) = err else { return };
+    assert!(e.offset <= data.len(), "error {e:?} past the input ({} bytes)", data.len());
+    match e.kind {
+        DecodeErrorKind::Truncated { needed, available } => {
+            assert!(needed > available, "{e:?}");
+            assert_eq!(e.offset + available, data.len(), "{e:?}");
+        }
+        DecodeErrorKind::TrailingBytes { count } => {
+            assert!(count > 0, "{e:?}");
+            assert_eq!(e.offset + count, data.len(), "{e:?}");
+        }
+        DecodeErrorKind::BadMti { found }
+        | DecodeErrorKind::BadLengthPrefix { found }
+        | DecodeErrorKind::BadCharacter { found, .. }
+        | DecodeErrorKind::BadHex { found } => {
+            assert_eq!(data.get(e.offset), Some(&found), "{e:?} names the byte at its offset");
+        }
+        DecodeErrorKind::LengthTooLong { .. } | DecodeErrorKind::MessageTooLarge { .. } => {
+            assert!(e.offset < data.len(), "{e:?}");
+        }
+        DecodeErrorKind::LengthZero | DecodeErrorKind::UndefinedField => {}
+    }
+}
+
+/// A decoded value has its definition's length and character class.
+pub fn check_value(dialect: &Dialect, n: u8, value: &[u8]) {
+    if n == 1 {
+        let width = dialect.bitmap_encoding().wire_len();
+        assert_eq!(value.len(), width, "secondary bitmap width");
+        if dialect.bitmap_encoding() == BitmapEncoding::Hex {
+            assert!(value.iter().all(u8::is_ascii_hexdigit), "secondary bitmap hex");
+        }
+        return;
+    }
+    let Some(spec) = dialect.field(n) else {
+        panic!("field {n} decoded but not defined by {}", dialect.name());
+    };
+    let max_wire = spec.encoding.wire_len(usize::from(spec.max));
+    match spec.length {
+        LengthKind::Fixed => assert_eq!(value.len(), max_wire, "field {n}: fixed length"),
+        LengthKind::LlVar | LengthKind::LllVar => {
+            assert!(value.len() <= max_wire, "field {n}: {} > {max_wire}", value.len());
+        }
+    }
+    match spec.encoding {
+        Encoding::Binary => {}
+        Encoding::Hex => {
+            assert!(value.len() % 2 == 0, "field {n}: odd hex length");
+            assert!(value.iter().all(u8::is_ascii_hexdigit), "field {n}: not hex");
+        }
+        Encoding::Ascii => {
+            for (i, &b) in value.iter().enumerate() {
+                assert!(spec.ty.allows(i, b), "field {n}: byte {i} 0x{b:02x} not {}", spec.ty);
+            }
+        }
+    }
+}
+
+/// Re-encodes a fully decoded message under its own dialect without changes.
+fn check_reencode(dialect: &Dialect, data: &[u8], msg: &Message) {
+    let out = reencode_same(dialect, msg);
+    let again = match Message::decode(dialect, out.clone()) {
+        Ok(m) => m,
+        Err(e) => panic!("re-encoded message does not decode: {e}"),
+    };
+    assert_eq!(again.mti(), msg.mti(), "MTI survives re-encoding");
+    assert!(msg.fields().eq(again.fields()), "field values survive re-encoding");
+    if is_canonical(dialect, msg) {
+        assert_eq!(&out[..], data, "canonical message re-encodes to the same bytes");
+    }
+    // The re-encoded form is canonical: a second pass changes nothing.
+    assert_eq!(reencode_same(dialect, &again), out, "re-encoding is idempotent");
+}
+
+fn reencode_same(dialect: &Dialect, msg: &Message) -> Bytes {
+    let mut out = BytesMut::new();
+    match reencode(msg, dialect, dialect, msg.mti(), &[], &mut out) {
+        Ok(len) => assert_eq!(len, out.len(), "reencode returns the message length"),
+        Err(e) => panic!("decoded message does not re-encode: {e}"),
+    }
+    out.freeze()
+}
+
+/// Whether re-encoding must reproduce the input: bitmaps are written in uppercase
+/// hex, and the secondary bitmap only when a field above 64 is present. (Hex field
+/// values are carried as they are, so their case does not matter.)
+pub fn is_canonical(dialect: &Dialect, msg: &Message) -> bool {
+    let high_field = msg.fields().any(|(n, _)| n > 64);
+    if msg.has(1) != high_field {
+        return false;
+    }
+    if dialect.bitmap_encoding() == BitmapEncoding::Binary {
+        return true;
+    }
+    let width = dialect.bitmap_encoding().wire_len();
+    let primary = &msg.as_bytes()[4..4 + width];
+    let secondary = msg.field(1).unwrap_or_default();
+    !primary.iter().chain(secondary).any(u8::is_ascii_lowercase)
+}
+
+// === framing ===
+
+/// What a run of a frame decoder over a stream produced.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FrameRun {
+    /// Frames taken, in order.
+    pub frames: Vec<Bytes>,
+    /// The error that stopped the run, if any.
+    pub error: Option<FrameError>,
+    /// Bytes left in the buffer when the input ran out (0 after an error).
+    pub leftover_bytes: usize,
+}
+
+/// Feeds `data` to `dec` in chunks whose sizes cycle through `chunk_sizes` (each at
+/// least 1), taking every whole frame after each chunk. Checks that each frame is
+/// the next slice of the stream after its header and within the bound.
+pub fn run_frames(dec: &FrameDecoder, data: &[u8], chunk_sizes: &[usize]) -> FrameRun {
+    let header = dec.framing().header_len();
+    let mut buf = BytesMut::new();
+    let mut run = FrameRun { frames: Vec::new(), error: None, leftover_bytes: 0 };
+    let mut fed = 0;
+    let mut taken = 0;
+    let chunk_sizes = if chunk_sizes.is_empty() { &[usize::MAX][..] } else { chunk_sizes };
+    for &size in chunk_sizes.iter().cycle() {
+        if fed == data.len() {
+            break;
+        }
+        let end = data.len().min(fed.saturating_add(size.max(1)));
+        buf.extend_from_slice(&data[fed..end]);
+        fed = end;
+        loop {
+            match dec.decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    assert!(!frame.is_empty(), "empty frame");
+                    assert!(frame.len() <= dec.framing().size_limit_bytes(), "frame too large");
+                    let start = taken + header;
+                    assert_eq!(&frame[..], &data[start..start + frame.len()], "frame bytes");
+                    taken = start + frame.len();
+                    assert_eq!(taken + buf.len(), fed, "bytes neither lost nor invented");
+                    run.frames.push(frame);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    run.error = Some(e);
+                    return run;
+                }
+            }
+        }
+    }
+    run.leftover_bytes = buf.len();
+    run
+}

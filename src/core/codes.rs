@@ -1,0 +1,97 @@
+//! Response codes (DE39) that the switch itself produces.
+
+use std::fmt;
+
+/// A DE39 response code produced by the switch (bank codes are passed through).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ResponseCode {
+    /// 00 approved (network management answers).
+    Approved,
+    /// 12 invalid transaction (unsupported MTI or processing code).
+    InvalidTransaction,
+    /// 13 invalid amount or currency.
+    InvalidAmount,
+    /// 30 format error (a field does not match the dialect or is missing).
+    FormatError,
+    /// 58 transaction not permitted to this institution (DE32 ≠ certificate).
+    NotPermitted,
+    /// 65 rate limit exceeded.
+    RateLimited,
+    /// 68 response received too late (deadline passed at the switch).
+    LateResponse,
+    /// 91 destination unavailable or overloaded.
+    DestinationUnavailable,
+    /// 92 no route to the destination.
+    NoRoute,
+    /// 94 duplicate transmission.
+    Duplicate,
+    /// 96 system malfunction.
+    SystemMalfunction,
+}
+
+impl ResponseCode {
+    /// Every code, for metrics and documentation.
+    pub const ALL: [ResponseCode; 11] = [
+        ResponseCode::Approved,
+        ResponseCode::InvalidTransaction,
+        ResponseCode::InvalidAmount,
+        ResponseCode::FormatError,
+        ResponseCode::NotPermitted,
+        ResponseCode::RateLimited,
+        ResponseCode::LateResponse,
+        ResponseCode::DestinationUnavailable,
+        ResponseCode::NoRoute,
+        ResponseCode::Duplicate,
+        ResponseCode::SystemMalfunction,
+    ];
+
+    /// The two ASCII digits of DE39.
+    pub fn as_bytes(self) -> &'static [u8; 2] {
+        match self {
+            ResponseCode::Approved => b"00",
+            ResponseCode::InvalidTransaction => b"12",
+            ResponseCode::InvalidAmount => b"13",
+            ResponseCode::FormatError => b"30",
+            ResponseCode::NotPermitted => b"58",
+            ResponseCode::RateLimited => b"65",
+            ResponseCode::LateResponse => b"68",
+            ResponseCode::DestinationUnavailable => b"91",
+            ResponseCode::NoRoute => b"92",
+            ResponseCode::Duplicate => b"94",
+            ResponseCode::SystemMalfunction => b"96",
+        }
+    }
+
+    /// The code as a static string, for metric labels.
+    pub fn as_str(self) -> &'static str {
+        match std::str::from_utf8(self.as_bytes()) {
+            Ok(s) => s,
+            Err(_) => unreachable!("response codes are ASCII digits"),
+        }
+    }
+
+    /// The code a DE39 value stands for, if the switch produces it.
+    pub fn from_de39(field: &[u8]) -> Option<ResponseCode> {
+        ResponseCode::ALL
+            .into_iter()
+            .find(|c| c.as_bytes() == field)
+    }
+}
+
+impl fmt::Display for ResponseCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A DE39 value as a static label (any two bytes; unknown ones map to "other").
+pub fn de39_label(field: &[u8]) -> &'static str {
+    const KNOWN: [&str; 24] = [
+        "00", "01", "03", "04", "05", "12", "13", "14", "30", "41", "43", "51", "54", "55", "57",
+        "58", "61", "65", "68", "91", "92", "94", "96", "06",
+    ];
+    KNOWN
+        .into_iter()
+        .find(|k| k.as_bytes() == field)
+        .unwrap_or("other")
+}

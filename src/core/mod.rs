@@ -1,0 +1,13 @@
+//! The switch core: plain values and state machines, no I/O and no clock.
+//!
+//! Time is passed in as [`std::time::Instant`] arguments so a fake clock can
+//! drive it in tests.
+
+pub mod codes;
+pub mod ids;
+pub mod inflight;
+pub mod route;
+pub mod validate;
+
+pub use codes::ResponseCode;
+pub use ids::InstitutionId;

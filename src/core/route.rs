@@ -1,0 +1,142 @@
+//! Routing: DE100 (receiving institution) when present, else the longest matching
+//! PAN prefix (DE2).
+
+use super::ids::InstitutionId;
+use std::collections::HashMap;
+
+/// Index of a bank connector in the daemon's connector list.
+pub type BankIndex = u16;
+
+/// Longest PAN prefix a route may name, in digits (a PAN has at most 19).
+pub const PAN_PREFIX_DIGITS_MAX: usize = 19;
+
+/// Why a route could not be added.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    /// The prefix is empty, too long, or not digits.
+    #[error("PAN prefix must be 1 to 19 digits")]
+    BadPrefix,
+    /// The same prefix routes twice.
+    #[error("PAN prefix {0} is routed twice")]
+    DuplicatePrefix(String),
+}
+
+/// Why a request has no destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoRoute {
+    /// DE100 names an institution no connector serves.
+    UnknownReceiver,
+    /// No prefix matches DE2.
+    NoPrefixMatch,
+    /// Neither DE100 nor DE2 is present.
+    NoRoutingField,
+}
+
+/// Immutable routing table, built from config and swapped whole on reload.
+///
+/// PAN prefixes are kept in one hash map keyed by (length, value) and probed from
+/// the longest length present down: at most one probe per distinct prefix length,
+/// no allocation, and memory proportional to the number of prefixes.
+#[derive(Clone, Debug, Default)]
+pub struct RouteTable {
+    receivers: HashMap<InstitutionId, BankIndex>,
+    prefixes: HashMap<(u8, u64), BankIndex>,
+    /// Distinct prefix lengths, longest first.
+    lengths: Vec<u8>,
+}
+
+fn prefix_value(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > PAN_PREFIX_DIGITS_MAX {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |acc, &b| {
+        b.is_ascii_digit().then(|| acc * 10 + u64::from(b - b'0'))
+    })
+}
+
+impl RouteTable {
+    /// An empty table.
+    pub fn new() -> RouteTable {
+        RouteTable::default()
+    }
+
+    /// Requests whose DE100 is `receiver` go to `bank`.
+    pub fn add_receiver(&mut self, receiver: InstitutionId, bank: BankIndex) {
+        self.receivers.insert(receiver, bank);
+    }
+
+    /// Requests without DE100 whose PAN starts with `prefix` go to `bank`.
+    pub fn add_prefix(&mut self, prefix: &str, bank: BankIndex) -> Result<(), RouteError> {
+        let value = prefix_value(prefix.as_bytes()).ok_or(RouteError::BadPrefix)?;
+        let len = prefix.len() as u8;
+        if self.prefixes.insert((len, value), bank).is_some() {
+            return Err(RouteError::DuplicatePrefix(prefix.to_owned()));
+        }
+        if let Err(at) = self.lengths.binary_search_by(|l| len.cmp(l)) {
+            self.lengths.insert(at, len);
+        }
+        Ok(())
+    }
+
+    /// Number of PAN prefixes.
+    pub fn prefix_count(&self) -> usize {
+        self.prefixes.len()
+    }
+
+    /// The longest prefix route for `pan`.
+    pub fn by_pan(&self, pan: &[u8]) -> Option<BankIndex> {
+        let mut values = [0u64; PAN_PREFIX_DIGITS_MAX + 1];
+        let usable = pan.len().min(PAN_PREFIX_DIGITS_MAX);
+        for (i, &b) in pan[..usable].iter().enumerate() {
+            if !b.is_ascii_digit() {
+                return None;
+            }
+            values[i + 1] = values[i] * 10 + u64::from(b - b'0');
+        }
+        self.lengths
+            .iter()
+            .filter(|&&l| usize::from(l) <= usable)
+            .find_map(|&l| self.prefixes.get(&(l, values[usize::from(l)])).copied())
+    }
+
+    /// Routes by DE100 when present, else by DE2.
+    pub fn route(&self, de100: Option<&[u8]>, de2: Option<&[u8]>) -> Result<BankIndex, NoRoute> {
+        match (de100, de2) {
+            (Some(receiver), _) => InstitutionId::from_digits(receiver)
+                .and_then(|id| self.receivers.get(&id).copied())
+                .ok_or(NoRoute::UnknownReceiver),
+            (None, Some(pan)) => self.by_pan(pan).ok_or(NoRoute::NoPrefixMatch),
+            (None, None) => Err(NoRoute::NoRoutingField),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn longest_prefix_wins_and_receiver_beats_pan() {
+        let mut t = RouteTable::new();
+        t.add_prefix("4", 0).unwrap();
+        t.add_prefix("4111", 1).unwrap();
+        t.add_prefix("41112", 2).unwrap();
+        t.add_receiver("200003".parse().unwrap(), 3);
+        assert_eq!(t.by_pan(b"4111111111111111"), Some(1));
+        assert_eq!(t.by_pan(b"4111211111111111"), Some(2));
+        assert_eq!(t.by_pan(b"4999999999999999"), Some(0));
+        assert_eq!(t.by_pan(b"5999999999999999"), None);
+        assert_eq!(t.by_pan(b"41"), Some(0));
+        assert_eq!(t.route(Some(b"200003"), Some(b"4111111111111111")), Ok(3));
+        assert_eq!(
+            t.route(Some(b"200009"), None),
+            Err(NoRoute::UnknownReceiver)
+        );
+        assert_eq!(t.route(None, None), Err(NoRoute::NoRoutingField));
+        assert_eq!(
+            t.add_prefix("4111", 2),
+            Err(RouteError::DuplicatePrefix("4111".into()))
+        );
+        assert_eq!(t.add_prefix("41a", 2), Err(RouteError::BadPrefix));
+    }
+}

@@ -1,0 +1,22 @@
+//! switchyard: a payment switch daemon.
+//!
+//! Banks connect over mutual TLS and exchange ISO 8583 messages in length-prefixed
+//! frames. Each request is checked against the sender's certificate, routed to the
+//! connector of the destination bank through a bounded lock-free queue, forwarded
+//! over that bank's own TLS link with a STAN unique on the link, matched with its
+//! answer, and returned to the sender, or answered by the switch itself by its
+//! deadline.
+//!
+//! Layers, one way down: [`money`] and [`core`] (sans-IO: no sockets, no clock) ←
+//! [`config`] ← [`tls`], [`net`] (ingress sessions and bank connectors) ←
+//! [`daemon`] ← the tools ([`banksim`], [`loadgen`], [`demo`]) ← `main.rs`.
+#![forbid(unsafe_code)]
+
+pub mod banksim;
+pub mod certs;
+pub mod core;
+pub mod loadgen;
+pub mod money;
+pub mod tls;
+
+pub use switchyard_wire as wire;
