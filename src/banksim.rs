@@ -1,1 +1,762 @@
-//! Bank host simulator.
+//! Bank host simulator: answers ISO 8583 requests over mutual TLS, for tests, the demo and
+//! load runs.
+//!
+//! Answers are deterministic: the response code follows from the amount (DE4) and the
+//! approval code from DE11 and DE7, so a test can predict every answer (see [`answer`]).
+//! Latency and loss are knobs on a shared [`Behavior`] that tests turn while it runs.
+//!
+//! One task per connection; inside it a reader and a writer future run concurrently, so the
+//! bank keeps reading while answers wait for their release time or for the peer to read.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use crate::core::ResponseCode;
+use crate::wire::{
+    reencode, Change, DecodeError, Dialect, EncodeError, FrameDecoder, FrameError, Framing,
+    Message, Mti,
+};
+
+/// How long a client has to complete the TLS handshake, in milliseconds.
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Answers waiting for their release time or for the peer to read them, per connection, in
+/// bytes. At the bound the simulator stops reading (TCP backpressure) until the writer drains.
+pub const PENDING_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Free space kept in the read buffer before each read, in bytes.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Pause after a failed `accept` (for example too many open files), in milliseconds, so the
+/// accept loop does not spin.
+const ACCEPT_RETRY_MS: u64 = 50;
+/// One million: the unit of [`Behavior::set_drop_per_million`].
+const PER_MILLION: u32 = 1_000_000;
+/// Longest simulated answer delay, in microseconds (one hour); longer settings are clamped.
+pub const LATENCY_MAX_US: u64 = 3_600_000_000;
+
+// === Behavior ===
+
+/// Knobs tests can turn while the simulator runs. Read once per read batch (latency) or per
+/// request (drops); changes apply to requests received afterwards.
+#[derive(Debug)]
+pub struct Behavior {
+    latency_us: AtomicU64,
+    drop_per_million: AtomicU32,
+    silent: AtomicBool,
+}
+
+impl Behavior {
+    /// A behaviour answering after `latency`, dropping `drop_per_million` requests out of a
+    /// million (clamped to 1,000,000 = drop all).
+    pub fn new(latency: Duration, drop_per_million: u32) -> Behavior {
+        Behavior {
+            latency_us: AtomicU64::new(duration_us(latency)),
+            drop_per_million: AtomicU32::new(drop_per_million.min(PER_MILLION)),
+            silent: AtomicBool::new(false),
+        }
+    }
+
+    /// Sets the delay between receiving a request and releasing its answer (clamped to
+    /// [`LATENCY_MAX_US`]).
+    pub fn set_latency(&self, latency: Duration) {
+        self.latency_us
+            .store(duration_us(latency), Ordering::Relaxed);
+    }
+
+    /// The delay between receiving a request and releasing its answer.
+    pub fn latency(&self) -> Duration {
+        Duration::from_micros(self.latency_us.load(Ordering::Relaxed))
+    }
+
+    /// Sets how many requests out of a million are dropped unanswered (clamped to 1,000,000).
+    pub fn set_drop_per_million(&self, drop_per_million: u32) {
+        self.drop_per_million
+            .store(drop_per_million.min(PER_MILLION), Ordering::Relaxed);
+    }
+
+    /// How many requests out of a million are dropped; 1,000,000 while silent.
+    pub fn drop_per_million(&self) -> u32 {
+        if self.silent.load(Ordering::Relaxed) {
+            PER_MILLION
+        } else {
+            self.drop_per_million.load(Ordering::Relaxed)
+        }
+    }
+
+    /// Silent: every request (network management included) is dropped, whatever the drop
+    /// ratio; the ratio applies again once silence is lifted.
+    pub fn set_silent(&self, silent: bool) {
+        self.silent.store(silent, Ordering::Relaxed);
+    }
+}
+
+impl Default for Behavior {
+    /// Answers at once, drops nothing.
+    fn default() -> Behavior {
+        Behavior::new(Duration::ZERO, 0)
+    }
+}
+
+fn duration_us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).map_or(LATENCY_MAX_US, |us| us.min(LATENCY_MAX_US))
+}
+
+// === options and statistics ===
+
+/// How the simulator speaks on the wire.
+#[derive(Clone, Debug)]
+pub struct BankSimOptions {
+    /// Message profile of requests and answers.
+    pub dialect: Arc<Dialect>,
+    /// Length header of each message.
+    pub framing: Framing,
+    /// Largest accepted message (without header), in bytes; a larger frame closes the
+    /// connection.
+    pub frame_size_max_bytes: usize,
+    /// Seed of the drop decisions; connection `n` uses `seed ^ n`.
+    pub seed: u64,
+}
+
+/// Counters since the simulator started; read them with `load(Ordering::Relaxed)`.
+#[derive(Debug, Default)]
+pub struct BankStats {
+    /// Messages decoded (requests, advices, and any responses sent to the bank).
+    pub requests: AtomicU64,
+    /// Answers queued for writing.
+    pub answered: AtomicU64,
+    /// Requests left unanswered on purpose ([`Behavior`] drop ratio or silence).
+    pub dropped: AtomicU64,
+    /// TCP connections accepted (handshake failures included); also the connection number.
+    pub connections: AtomicU64,
+    /// Network management requests (0800: sign-on, sign-off, echo) answered.
+    pub echoes: AtomicU64,
+}
+
+/// Why one connection was closed. Affects that connection only.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("TLS handshake did not finish within {HANDSHAKE_TIMEOUT_MS} ms")]
+    HandshakeTimeout,
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("framing: {0}")]
+    Frame(#[from] FrameError),
+    #[error("decoding: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("stream ended inside a frame ({0} bytes left over)")]
+    Truncated(usize),
+}
+
+// === serve ===
+
+/// Accepts TLS connections until `shutdown` resolves, then closes every connection and
+/// returns once their tasks have ended.
+///
+/// `tls` is built by the caller and should require client certificates
+/// ([`crate::tls::server_config`]). A failed handshake, frame or message closes only that
+/// connection, with a `warn!` naming the error.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    opts: BankSimOptions,
+    behavior: Arc<Behavior>,
+    stats: Arc<BankStats>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let acceptor = TlsAcceptor::from(tls);
+    let opts = Arc::new(opts);
+    let cancel = CancellationToken::new();
+    let mut tasks = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+            // Reap finished connection tasks so the set does not grow.
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "bank simulator: accept failed");
+                tokio::time::sleep(Duration::from_millis(ACCEPT_RETRY_MS)).await;
+                continue;
+            }
+        };
+        let number = stats.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        let conn = Connection {
+            opts: opts.clone(),
+            behavior: behavior.clone(),
+            stats: stats.clone(),
+            number,
+        };
+        let acceptor = acceptor.clone();
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            let result = tokio::select! {
+                () = cancel.cancelled() => Ok(()),
+                result = conn.run(acceptor, tcp) => result,
+            };
+            if let Err(e) = result {
+                tracing::warn!(%peer, connection = number, error = %e,
+                    "bank simulator: connection closed");
+            }
+        });
+    }
+    cancel.cancel();
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+// === one connection ===
+
+struct Connection {
+    opts: Arc<BankSimOptions>,
+    behavior: Arc<Behavior>,
+    stats: Arc<BankStats>,
+    number: u64,
+}
+
+/// Answers encoded (with frame headers) but not yet written, shared by the reader and the
+/// writer of one connection. Both run in the same task, so the lock is never contended.
+#[derive(Default)]
+struct Pending {
+    buf: BytesMut,
+    /// (release time, end of its answers in the stream of answers), in release order.
+    due: VecDeque<(Instant, u64)>,
+    /// Stream offset of `buf[0]`.
+    written: u64,
+    /// The reader has finished: write what is left, then stop.
+    closed: bool,
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    /// Reader → writer: answers were queued, or the reader finished.
+    queued: Notify,
+    /// Writer → reader: answers were written, room was made.
+    drained: Notify,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // A panic while holding the lock is a bug elsewhere; the buffer is still usable.
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Connection {
+    async fn run(self, acceptor: TlsAcceptor, tcp: TcpStream) -> Result<(), ConnectionError> {
+        let _ = tcp.set_nodelay(true);
+        let handshake = acceptor.accept(tcp);
+        let stream = tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), handshake)
+            .await
+            .map_err(|_| ConnectionError::HandshakeTimeout)??;
+        let (reader, writer) = tokio::io::split(stream);
+        let shared = Shared {
+            pending: Mutex::new(Pending::default()),
+            queued: Notify::new(),
+            drained: Notify::new(),
+        };
+        tokio::try_join!(self.read_loop(reader, &shared), write_loop(writer, &shared))?;
+        Ok(())
+    }
+
+    /// Reads batches of frames and queues their answers, released at receipt + latency.
+    async fn read_loop(
+        &self,
+        mut reader: impl AsyncRead + Unpin,
+        shared: &Shared,
+    ) -> Result<(), ConnectionError> {
+        let frames = FrameDecoder::new(self.opts.framing, self.opts.frame_size_max_bytes);
+        let mut rng = XorShift64Star::new(self.opts.seed ^ self.number);
+        let mut input = BytesMut::with_capacity(READ_CHUNK_BYTES);
+        loop {
+            // Backpressure: stop reading while too many answers wait to be written.
+            while shared.lock().buf.len() >= PENDING_BYTES_MAX {
+                shared.drained.notified().await;
+            }
+            if input.capacity() - input.len() < READ_CHUNK_BYTES / 4 {
+                input.reserve(READ_CHUNK_BYTES);
+            }
+            if reader.read_buf(&mut input).await? == 0 {
+                shared.lock().closed = true;
+                shared.queued.notify_one();
+                return match input.len() {
+                    0 => Ok(()),
+                    left => Err(ConnectionError::Truncated(left)),
+                };
+            }
+            let due = Instant::now() + self.behavior.latency();
+            let mut pending = shared.lock();
+            let before = pending.buf.len();
+            let result = self.answer_batch(&frames, &mut input, &mut rng, &mut pending.buf);
+            let after = pending.buf.len();
+            if after > before {
+                let end = pending.written + after as u64;
+                pending.due.push_back((due, end));
+                drop(pending);
+                shared.queued.notify_one();
+            }
+            result?;
+        }
+    }
+
+    /// Answers every whole frame in `input` into `out` (with frame headers).
+    fn answer_batch(
+        &self,
+        frames: &FrameDecoder,
+        input: &mut BytesMut,
+        rng: &mut XorShift64Star,
+        out: &mut BytesMut,
+    ) -> Result<(), ConnectionError> {
+        let dialect = &*self.opts.dialect;
+        let framing = self.opts.framing;
+        while let Some(frame) = frames.decode(input)? {
+            let request = Message::decode(dialect, frame)?;
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            if !request.mti().is_request() {
+                continue;
+            }
+            let ppm = self.behavior.drop_per_million();
+            if ppm > 0 && (ppm >= PER_MILLION || rng.next() % u64::from(PER_MILLION) < ppm.into()) {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let header = framing.begin(out);
+            if answer(&request, dialect, out).is_none() {
+                out.truncate(header);
+                tracing::warn!(mti = %request.mti(), "bank simulator: cannot encode an answer");
+                continue;
+            }
+            if let Err(e) = framing.finish(out, header) {
+                tracing::warn!(error = %e, "bank simulator: answer too large for its frame");
+                continue;
+            }
+            self.stats.answered.fetch_add(1, Ordering::Relaxed);
+            if request.mti().as_bytes()[..3] == *b"080" {
+                self.stats.echoes.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes answers as they fall due: everything due at once in one write and one flush.
+/// Ends when the reader has finished and every answer is written.
+async fn write_loop(
+    mut writer: impl AsyncWrite + Unpin,
+    shared: &Shared,
+) -> Result<(), ConnectionError> {
+    loop {
+        let (ready, wait_until) = {
+            let mut pending = shared.lock();
+            let now = Instant::now();
+            let mut end = None;
+            while let Some(&(due, stop)) = pending.due.front() {
+                if due > now {
+                    break;
+                }
+                end = Some(stop);
+                pending.due.pop_front();
+            }
+            let next = pending.due.front().map(|&(due, _)| due);
+            match end {
+                Some(end) => {
+                    let len = usize::try_from(end - pending.written).unwrap_or(usize::MAX);
+                    let len = len.min(pending.buf.len());
+                    pending.written = end;
+                    (Some(pending.buf.split_to(len)), None)
+                }
+                None if next.is_none() && pending.closed => break,
+                None => (None, next),
+            }
+        };
+        match (ready, wait_until) {
+            (Some(chunk), _) => {
+                writer.write_all(&chunk).await?;
+                writer.flush().await?;
+                shared.drained.notify_one();
+            }
+            (None, Some(due)) => tokio::time::sleep_until(due).await,
+            (None, None) => shared.queued.notified().await,
+        }
+    }
+    writer.shutdown().await?;
+    Ok(())
+}
+
+// === answers ===
+
+/// Fields never echoed in an answer: PIN block, ICC data, MACs and track data.
+const NOT_ECHOED: [u8; 6] = [35, 45, 52, 55, 64, 128];
+
+/// The answer the simulator gives to `req`, appended to `out` (without a frame header).
+/// Returns the answer's length, or `None` for messages it does not answer (responses) or
+/// cannot encode (`out` is then unchanged).
+///
+/// Rules:
+/// * 0100 → 0110 and 0200 → 0210: DE4 ending in `51`, `05` or `61` declines with that code,
+///   anything else approves (`00`) with DE38 = a 6-digit code derived from DE11 and DE7.
+/// * 0400 → 0410, 0420/0421 → 0430, 0800 → 0810: always `00`.
+/// * Any other request or advice → its response MTI with `12` (invalid transaction).
+///
+/// Every request field is echoed except 35, 45, 52, 55, 64 and 128; DE39 is added, and DE37
+/// when absent (hhmmss of DE7, then DE11).
+pub fn answer(req: &Message, dialect: &Dialect, out: &mut BytesMut) -> Option<usize> {
+    let mti = req.mti();
+    let response_mti = mti.response()?;
+    let kind = &mti.as_bytes()[..3];
+    let authorizes = matches!(kind, b"010" | b"020");
+    let code: &[u8; 2] = if authorizes {
+        decline_code(req.field(4)).unwrap_or(ResponseCode::Approved.as_bytes())
+    } else if matches!(kind, b"040" | b"042" | b"080") {
+        ResponseCode::Approved.as_bytes()
+    } else {
+        ResponseCode::InvalidTransaction.as_bytes()
+    };
+    let rrn = (!req.has(37)).then(|| derived_rrn(req));
+    let approval = (authorizes && code == ResponseCode::Approved.as_bytes())
+        .then(|| approval_code(req.field(11), req.field(7)));
+
+    // Sorted by field number; at most 9 changes, kept on the stack.
+    let mut changes = [Change::Remove(NOT_ECHOED[0]); 9];
+    let mut count = 0;
+    let mut push = |change| {
+        changes[count] = change;
+        count += 1;
+    };
+    push(Change::Remove(35));
+    if let Some(rrn) = &rrn {
+        push(Change::Set(37, rrn));
+    }
+    if let Some(approval) = &approval {
+        push(Change::Set(38, approval));
+    }
+    push(Change::Set(39, code));
+    for n in &NOT_ECHOED[1..] {
+        push(Change::Remove(*n));
+    }
+    encode_answer(req, dialect, response_mti, &changes[..count], out).ok()
+}
+
+fn encode_answer(
+    req: &Message,
+    dialect: &Dialect,
+    mti: Mti,
+    changes: &[Change<'_>],
+    out: &mut BytesMut,
+) -> Result<usize, EncodeError> {
+    reencode(req, dialect, dialect, mti, changes, out)
+}
+
+/// The decline code for an amount ending in 51, 05 or 61; `None` approves.
+fn decline_code(de4: Option<&[u8]>) -> Option<&'static [u8; 2]> {
+    let de4 = de4?;
+    let last_two = de4.get(de4.len().checked_sub(2)?..)?;
+    match last_two {
+        b"51" => Some(b"51"),
+        b"05" => Some(b"05"),
+        b"61" => Some(b"61"),
+        _ => None,
+    }
+}
+
+/// Six digits from a hash (FNV-1a) of DE11 and DE7: the same request always gets the same
+/// code.
+fn approval_code(de11: Option<&[u8]>, de7: Option<&[u8]>) -> [u8; 6] {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in de11
+        .unwrap_or_default()
+        .iter()
+        .chain(b"|")
+        .chain(de7.unwrap_or_default())
+    {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut code = [b'0'; 6];
+    write_digits(hash % 1_000_000, &mut code);
+    code
+}
+
+/// A 12-digit RRN: the hhmmss part of DE7 then DE11 (zeros where a field is missing or not
+/// all digits).
+fn derived_rrn(req: &Message) -> [u8; 12] {
+    let mut rrn = [b'0'; 12];
+    if let Some(de7) = req.field(7).filter(|f| f.len() == 10 && all_digits(f)) {
+        rrn[..6].copy_from_slice(&de7[4..]);
+    }
+    if let Some(de11) = req.field(11).filter(|f| f.len() == 6 && all_digits(f)) {
+        rrn[6..].copy_from_slice(de11);
+    }
+    rrn
+}
+
+fn all_digits(field: &[u8]) -> bool {
+    field.iter().all(u8::is_ascii_digit)
+}
+
+/// Writes `value` as decimal digits right-aligned in `out` (leading zeros; high digits that
+/// do not fit are dropped).
+fn write_digits(mut value: u64, out: &mut [u8]) {
+    for slot in out.iter_mut().rev() {
+        *slot = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+}
+
+// === drop decisions ===
+
+/// xorshift64*: small, fast and deterministic for a given seed.
+struct XorShift64Star(u64);
+
+impl XorShift64Star {
+    fn new(seed: u64) -> XorShift64Star {
+        // Zero is a fixed point of xorshift; any other start works.
+        XorShift64Star(if seed == 0 {
+            0x9e37_79b9_7f4a_7c15
+        } else {
+            seed
+        })
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Encoder;
+
+    fn request(d: &Dialect, mti: Mti, fields: &[(u8, &[u8])]) -> Message {
+        let mut out = BytesMut::new();
+        let mut enc = Encoder::new(d, &mut out, mti);
+        for (n, v) in fields {
+            enc.field(*n, v).unwrap();
+        }
+        enc.finish();
+        Message::decode(d, out.freeze()).unwrap()
+    }
+
+    fn answered(d: &Dialect, req: &Message) -> Message {
+        let mut out = BytesMut::from(&b"xx"[..]);
+        let len = answer(req, d, &mut out).unwrap();
+        assert_eq!(len, out.len() - 2, "appends after what is already there");
+        Message::decode(d, out.split_off(2).freeze()).unwrap()
+    }
+
+    fn financial(amount: &[u8; 12], with_rrn: bool) -> Vec<(u8, &'static [u8])> {
+        let amount: &'static [u8] = Box::leak(Box::new(*amount));
+        let mut fields: Vec<(u8, &'static [u8])> = vec![
+            (2, b"4111111111111111"),
+            (3, b"000000"),
+            (4, amount),
+            (7, b"1231235959"),
+            (11, b"000123"),
+            (32, b"100001"),
+        ];
+        if with_rrn {
+            fields.push((37, b"RRN000000001"));
+        }
+        fields.extend_from_slice(&[(49, b"978"), (52, b"\x01\x02\x03\x04\x05\x06\x07\x08")]);
+        fields.push((100, b"200001"));
+        fields
+    }
+
+    #[test]
+    fn approves_with_approval_code_and_echoes() {
+        let d = Dialect::iso87_ascii();
+        let req = request(&d, Mti::FINANCIAL, &financial(b"000000001000", true));
+        let resp = answered(&d, &req);
+        assert_eq!(resp.mti(), Mti::FINANCIAL_RESPONSE);
+        assert_eq!(resp.field(39), Some(&b"00"[..]));
+        assert_eq!(resp.field(11), Some(&b"000123"[..]));
+        assert_eq!(resp.field(37), Some(&b"RRN000000001"[..]));
+        assert_eq!(resp.field(100), Some(&b"200001"[..]));
+        assert_eq!(resp.field(2), req.field(2));
+        assert!(!resp.has(52), "PIN block never echoed");
+        let code = resp.field(38).unwrap();
+        assert!(code.len() == 6 && all_digits(code));
+        // Deterministic: same DE11 and DE7, same code; another STAN, (almost surely) another.
+        assert_eq!(answered(&d, &req).field(38), Some(code));
+        assert_eq!(approval_code(Some(b"000123"), Some(b"1231235959")), code);
+
+        let auth = request(&d, Mti::AUTHORIZATION, &financial(b"000000001000", false));
+        let resp = answered(&d, &auth);
+        assert_eq!(resp.mti(), Mti::AUTHORIZATION_RESPONSE);
+        assert_eq!(resp.field(39), Some(&b"00"[..]));
+        assert_eq!(
+            resp.field(37),
+            Some(&b"235959000123"[..]),
+            "derived from DE7 + DE11"
+        );
+        assert!(resp.has(38));
+    }
+
+    #[test]
+    fn declines_by_amount() {
+        let d = Dialect::iso87_ascii();
+        for (amount, code) in [
+            (b"000000001051", b"51"),
+            (b"000000001005", b"05"),
+            (b"000000001061", b"61"),
+        ] {
+            let req = request(&d, Mti::FINANCIAL, &financial(amount, true));
+            let resp = answered(&d, &req);
+            assert_eq!(resp.field(39), Some(&code[..]));
+            assert!(!resp.has(38), "no approval code on a decline");
+            assert_eq!(resp.field(4), Some(&amount[..]));
+        }
+    }
+
+    #[test]
+    fn network_management_and_reversals() {
+        let d = Dialect::iso87_ascii();
+        let echo = request(
+            &d,
+            Mti::NETWORK,
+            &[(7, b"0101000000"), (11, b"000001"), (70, b"301")],
+        );
+        let resp = answered(&d, &echo);
+        assert_eq!(resp.mti(), Mti::NETWORK_RESPONSE);
+        assert_eq!(resp.field(39), Some(&b"00"[..]));
+        assert_eq!(resp.field(70), Some(&b"301"[..]));
+        assert!(!resp.has(38));
+
+        for (mti, expected) in [
+            (Mti::REVERSAL_ADVICE, Mti::REVERSAL_ADVICE_RESPONSE),
+            (Mti::REVERSAL_ADVICE_REPEAT, Mti::REVERSAL_ADVICE_RESPONSE),
+            (Mti::REVERSAL, Mti::REVERSAL_RESPONSE),
+        ] {
+            // A reversal of a declining amount is still acknowledged.
+            let req = request(&d, mti, &financial(b"000000001051", true));
+            let resp = answered(&d, &req);
+            assert_eq!(resp.mti(), expected);
+            assert_eq!(resp.field(39), Some(&b"00"[..]));
+            assert!(!resp.has(38));
+        }
+    }
+
+    #[test]
+    fn other_requests_get_12_and_responses_nothing() {
+        let d = Dialect::iso87_ascii();
+        let req = request(&d, Mti(*b"0600"), &[(11, b"000009")]);
+        let resp = answered(&d, &req);
+        assert_eq!(resp.mti(), Mti(*b"0610"));
+        assert_eq!(resp.field(39), Some(&b"12"[..]));
+
+        let resp_in = request(&d, Mti::FINANCIAL_RESPONSE, &[(11, b"000009"), (39, b"00")]);
+        let mut out = BytesMut::new();
+        assert_eq!(answer(&resp_in, &d, &mut out), None);
+        assert!(out.is_empty());
+    }
+
+    /// A bad frame closes that connection only; the other keeps being answered, and
+    /// shutdown closes it.
+    #[tokio::test]
+    async fn a_bad_message_closes_only_its_connection() {
+        use crate::certs::DevCa;
+        use crate::tls;
+        use rustls::pki_types::ServerName;
+        use tokio_rustls::TlsConnector;
+
+        let ca = DevCa::new("test ca").unwrap();
+        let server = ca.issue_server(&["localhost"]).unwrap();
+        let client = ca.issue_client("200001").unwrap();
+        let anchors = [ca.ca_der()];
+        let server_tls =
+            tls::server_config(&anchors, server.chain().unwrap(), server.key().unwrap()).unwrap();
+        let client_tls =
+            tls::client_config(&anchors, client.chain().unwrap(), client.key().unwrap()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let dialect = Arc::new(Dialect::iso87_ascii());
+        let opts = BankSimOptions {
+            dialect: dialect.clone(),
+            framing: Framing::U16be,
+            frame_size_max_bytes: 4096,
+            seed: 1,
+        };
+        let stats = Arc::new(BankStats::default());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let bank = tokio::spawn(serve(
+            listener,
+            server_tls,
+            opts,
+            Arc::new(Behavior::default()),
+            stats.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        let connect = || async {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = ServerName::try_from("localhost").unwrap();
+            TlsConnector::from(client_tls.clone())
+                .connect(name, tcp)
+                .await
+                .unwrap()
+        };
+        let mut bad = connect().await;
+        let mut good = connect().await;
+
+        bad.write_all(b"\x00\x05AB?DE").await.unwrap();
+        bad.flush().await.unwrap();
+        let mut rest = Vec::new();
+        // The bank closes: EOF, or a reset on some platforms; never an answer.
+        let _ = bad.read_to_end(&mut rest).await;
+        assert!(rest.is_empty());
+
+        let echo = request(&dialect, Mti::NETWORK, &[(11, b"000001"), (70, b"301")]);
+        let mut out = BytesMut::new();
+        Framing::U16be.write(&mut out, echo.as_bytes()).unwrap();
+        good.write_all(&out).await.unwrap();
+        good.flush().await.unwrap();
+        let mut input = BytesMut::new();
+        let frames = FrameDecoder::new(Framing::U16be, 4096);
+        let frame = loop {
+            if let Some(frame) = frames.decode(&mut input).unwrap() {
+                break frame;
+            }
+            assert!(good.read_buf(&mut input).await.unwrap() > 0);
+        };
+        let resp = Message::decode(&dialect, frame).unwrap();
+        assert_eq!(resp.mti(), Mti::NETWORK_RESPONSE);
+        assert_eq!(resp.field(39), Some(&b"00"[..]));
+        assert_eq!(stats.echoes.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.connections.load(Ordering::Relaxed), 2);
+
+        stop.send(()).unwrap();
+        bank.await.unwrap().unwrap();
+        let mut rest = Vec::new();
+        let _ = good.read_to_end(&mut rest).await;
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn drop_decisions_are_deterministic() {
+        let mut a = XorShift64Star::new(7);
+        let mut b = XorShift64Star::new(7);
+        assert!((0..100).all(|_| a.next() == b.next()));
+        let mut z = XorShift64Star::new(0);
+        assert_ne!(z.next(), 0);
+    }
+}

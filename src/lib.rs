@@ -14,9 +14,13 @@
 
 pub mod banksim;
 pub mod certs;
+pub mod config;
 pub mod core;
+pub mod daemon;
+pub mod demo;
 pub mod loadgen;
 pub mod money;
+pub mod net;
 pub mod tls;
 
 pub use switchyard_wire as wire;

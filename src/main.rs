@@ -1,1 +1,255 @@
-fn main() {}
+//! `switchyard`: the daemon and its tools. Thin: parse arguments, call the library.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use switchyard::banksim::{self, BankSimOptions, BankStats, Behavior};
+use switchyard::certs::{self, DevCa};
+use switchyard::config::Config;
+use switchyard::daemon::{self, TlsSetup};
+use switchyard::demo::{self, DemoOptions};
+use switchyard::loadgen::{self, LoadOptions};
+use switchyard::wire::{Dialect, Framing};
+
+#[derive(Parser)]
+#[command(name = "switchyard", version, about = "A payment switch: ISO 8583 over mutual TLS")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the switch daemon from a config file.
+    Run {
+        /// Config file.
+        #[arg(long, default_value = "config/switchyard.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit (0: valid).
+    CheckConfig {
+        /// Config file.
+        #[arg(long, default_value = "config/switchyard.toml")]
+        config: PathBuf,
+    },
+    /// Write a development CA and certificates for the switch, its banks and institutions.
+    GenCerts {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Config naming the institutions and banks.
+        #[arg(long, default_value = "config/switchyard.toml")]
+        config: PathBuf,
+    },
+    /// Run a simulated bank host (mutual TLS).
+    BankSim {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9101")]
+        listen: SocketAddr,
+        /// Directory with ca.pem and <name>.pem / <name>.key.
+        #[arg(long, default_value = "certs")]
+        certs_dir: PathBuf,
+        /// Certificate stem of this bank (as written by gen-certs: bank-<id>).
+        #[arg(long, default_value = "bank-200001")]
+        name: String,
+        /// Answer delay, ms.
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Requests out of a million left unanswered (1000000: a silent bank).
+        #[arg(long, default_value_t = 0)]
+        drop_per_million: u32,
+        /// Dialect name or file.
+        #[arg(long, default_value = "iso87-ascii")]
+        dialect: String,
+        /// Framing: u16be or ascii4.
+        #[arg(long, default_value = "u16be", value_parser = parse_framing)]
+        framing: Framing,
+    },
+    /// Drive closed-loop load at a switch and report throughput and latency.
+    Loadgen {
+        /// Switch address.
+        #[arg(long)]
+        target: SocketAddr,
+        /// TLS name of the switch's certificate.
+        #[arg(long, default_value = "localhost")]
+        server_name: String,
+        /// Directory with ca.pem and <institution>.pem / .key.
+        #[arg(long)]
+        certs_dir: PathBuf,
+        /// Acquirer institutions (comma-separated), one certificate each.
+        #[arg(long, value_delimiter = ',', required = true)]
+        institution: Vec<String>,
+        /// DE100 destinations (comma-separated); none: route by PAN.
+        #[arg(long, value_delimiter = ',')]
+        destination: Vec<String>,
+        /// Connections.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        /// Requests in flight per connection.
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Print the summary as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start the switch with simulated banks and load, all in-process; print a summary.
+    Demo {
+        /// Seconds of load.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// Print exactly one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Serve for an external client instead of driving load.
+        #[arg(long)]
+        serve: bool,
+        /// With --serve: where to write ca.pem and the institutions' certificates.
+        #[arg(long, default_value = "demo-certs")]
+        certs_dir: PathBuf,
+        /// Acquirer connections of the built-in load.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        /// Requests in flight per connection.
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+    },
+}
+
+fn parse_framing(s: &str) -> Result<Framing, String> {
+    match s {
+        "u16be" => Ok(Framing::U16be),
+        "ascii4" => Ok(Framing::Ascii4),
+        _ => Err(format!("expected u16be or ascii4, found {s:?}")),
+    }
+}
+
+fn init_logs(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run { config } => {
+            init_logs("info");
+            let config = Config::load(&config)?;
+            let tls = TlsSetup::from_files(&config.tls_files)?;
+            runtime(config.worker_threads)?.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(config.listen)
+                    .await
+                    .with_context(|| format!("binding {}", config.listen))?;
+                tracing::info!(listen = %config.listen, banks = config.banks.len(), "switchyard running");
+                daemon::run(listener, config, tls, daemon::terminate_signal()).await?;
+                Ok(())
+            })
+        }
+        Command::CheckConfig { config } => {
+            let c = Config::load(&config)?;
+            println!(
+                "{}: valid ({} institutions, {} banks, {} PAN prefixes)",
+                config.display(),
+                c.institutions.len(),
+                c.banks.len(),
+                c.routes.prefix_count()
+            );
+            Ok(())
+        }
+        Command::GenCerts { out, config } => gen_certs(&out, &config),
+        Command::BankSim { listen, certs_dir, name, latency_ms, drop_per_million, dialect, framing } => {
+            init_logs("info");
+            let ca = switchyard::tls::load_certs(&certs_dir.join("ca.pem"))?;
+            let chain = switchyard::tls::load_certs(&certs_dir.join(format!("{name}.pem")))?;
+            let key = switchyard::tls::load_key(&certs_dir.join(format!("{name}.key")))?;
+            let server = switchyard::tls::server_config(&ca, chain, key)?;
+            let opts = BankSimOptions {
+                dialect: Arc::new(Dialect::load(&dialect)?),
+                framing,
+                frame_size_max_bytes: switchyard::config::FRAME_SIZE_MAX_BYTES_DEFAULT,
+                seed: 1,
+            };
+            let behavior = Arc::new(Behavior::new(Duration::from_millis(latency_ms), drop_per_million));
+            runtime(1)?.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(listen).await?;
+                tracing::info!(%listen, %name, "bank simulator running");
+                let stats = Arc::new(BankStats::default());
+                banksim::serve(listener, server, opts, behavior, stats, daemon::terminate_signal()).await?;
+                Ok(())
+            })
+        }
+        Command::Loadgen { target, server_name, certs_dir, institution, destination, connections, window, duration, json } => {
+            init_logs("warn");
+            let identities = loadgen::identities_from_dir(&certs_dir, &institution)?;
+            let opts = LoadOptions {
+                target,
+                server_name,
+                identities,
+                destinations: destination,
+                pans: vec!["4111111111111111".to_owned(), "5500000000000004".to_owned()],
+                connections,
+                window,
+                duration: Duration::from_secs(duration),
+                answer_timeout: Duration::from_secs(10),
+                dialect: Arc::new(Dialect::iso87_ascii()),
+                framing: Framing::U16be,
+                currency: *b"978",
+                decline_every: 20,
+            };
+            let summary = runtime(2)?.block_on(loadgen::run(opts))?;
+            if json {
+                println!("{}", summary.full_json());
+            } else {
+                println!("{}", summary.render());
+            }
+            Ok(())
+        }
+        Command::Demo { duration, json, serve, certs_dir, connections, window } => {
+            init_logs("warn");
+            let rt = runtime(2)?;
+            if serve {
+                return rt.block_on(demo::serve_demo(&certs_dir, daemon::terminate_signal()));
+            }
+            let opts = DemoOptions { duration: Duration::from_secs(duration), connections, window };
+            let summary = rt.block_on(demo::run_demo(opts))?;
+            if json {
+                println!("{}", summary.demo_json());
+            } else {
+                println!("{}", summary.render());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn gen_certs(out: &Path, config: &Path) -> anyhow::Result<()> {
+    let c = Config::load(config)?;
+    let ca = DevCa::new("switchyard development CA")?;
+    certs::write_ca(out, &ca)?;
+    certs::write_issued(out, "switch", &ca.issue_server(&["localhost", "127.0.0.1", "switchyard"])?)?;
+    certs::write_issued(out, "switch-client", &ca.issue_client("switchyard")?)?;
+    for inst in &c.institutions {
+        certs::write_issued(out, &inst.certificate_name, &ca.issue_client(&inst.certificate_name)?)?;
+    }
+    for bank in &c.banks {
+        let stem = format!("bank-{}", bank.id);
+        certs::write_issued(out, &stem, &ca.issue_server(&[&bank.server_name])?)?;
+    }
+    println!(
+        "wrote ca.pem, switch, switch-client, {} institution and {} bank certificates to {}",
+        c.institutions.len(),
+        c.banks.len(),
+        out.display()
+    );
+    Ok(())
+}

@@ -281,7 +281,7 @@ mod tests {
         assert_eq!(msg.field(100), Some(&b"200001"[..]));
         assert!(msg.has(1));
         assert_eq!(msg.fields().count(), 7);
-        assert_eq!(format!("{msg:?}").contains("411111******1111"), true);
+        assert!(format!("{msg:?}").contains("411111******1111"));
     }
 
     #[test]

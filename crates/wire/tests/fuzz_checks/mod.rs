@@ -39,8 +39,14 @@ pub fn frame_decoder(data: &[u8]) {
             let dec = FrameDecoder::new(framing, bound);
             let whole = run_frames(&dec, data, &[data.len().max(1)]);
             let chunked = run_frames(&dec, data, &[chunk_bytes]);
-            assert_eq!(whole, chunked, "{framing}, bound {bound}: whole vs chunked feed");
-            assert!(whole.frames.iter().all(|f| f.len() <= bound), "frame over the bound");
+            assert_eq!(
+                whole, chunked,
+                "{framing}, bound {bound}: whole vs chunked feed"
+            );
+            assert!(
+                whole.frames.iter().all(|f| f.len() <= bound),
+                "frame over the bound"
+            );
         }
     }
 }
@@ -96,12 +102,24 @@ pub fn check_partial(dialect: &Dialect, data: &[u8], msg: &Message, err: Option<
         };
         let start = usize::from(span.start);
         let end = start + usize::from(span.len);
-        assert!(end <= data.len(), "field {n}: span {span:?} past the input ({})", data.len());
-        assert_eq!(msg.field(n), Some(&data[start..end]), "field {n}: value is its span");
+        assert!(
+            end <= data.len(),
+            "field {n}: span {span:?} past the input ({})",
+            data.len()
+        );
+        assert_eq!(
+            msg.field(n),
+            Some(&data[start..end]),
+            "field {n}: value is its span"
+        );
         check_value(dialect, n, &data[start..end]);
     }
     let Some(e) = err else { return };
-    assert!(e.offset <= data.len(), "error {e:?} past the input ({} bytes)", data.len());
+    assert!(
+        e.offset <= data.len(),
+        "error {e:?} past the input ({} bytes)",
+        data.len()
+    );
     match e.kind {
         DecodeErrorKind::Truncated { needed, available } => {
             assert!(needed > available, "{e:?}");
@@ -115,7 +133,11 @@ pub fn check_partial(dialect: &Dialect, data: &[u8], msg: &Message, err: Option<
         | DecodeErrorKind::BadLengthPrefix { found }
         | DecodeErrorKind::BadCharacter { found, .. }
         | DecodeErrorKind::BadHex { found } => {
-            assert_eq!(data.get(e.offset), Some(&found), "{e:?} names the byte at its offset");
+            assert_eq!(
+                data.get(e.offset),
+                Some(&found),
+                "{e:?} names the byte at its offset"
+            );
         }
         DecodeErrorKind::LengthTooLong { .. } | DecodeErrorKind::MessageTooLarge { .. } => {
             assert!(e.offset < data.len(), "{e:?}");
@@ -130,7 +152,10 @@ pub fn check_value(dialect: &Dialect, n: u8, value: &[u8]) {
         let width = dialect.bitmap_encoding().wire_len();
         assert_eq!(value.len(), width, "secondary bitmap width");
         if dialect.bitmap_encoding() == BitmapEncoding::Hex {
-            assert!(value.iter().all(u8::is_ascii_hexdigit), "secondary bitmap hex");
+            assert!(
+                value.iter().all(u8::is_ascii_hexdigit),
+                "secondary bitmap hex"
+            );
         }
         return;
     }
@@ -141,18 +166,29 @@ pub fn check_value(dialect: &Dialect, n: u8, value: &[u8]) {
     match spec.length {
         LengthKind::Fixed => assert_eq!(value.len(), max_wire, "field {n}: fixed length"),
         LengthKind::LlVar | LengthKind::LllVar => {
-            assert!(value.len() <= max_wire, "field {n}: {} > {max_wire}", value.len());
+            assert!(
+                value.len() <= max_wire,
+                "field {n}: {} > {max_wire}",
+                value.len()
+            );
         }
     }
     match spec.encoding {
         Encoding::Binary => {}
         Encoding::Hex => {
             assert!(value.len() % 2 == 0, "field {n}: odd hex length");
-            assert!(value.iter().all(u8::is_ascii_hexdigit), "field {n}: not hex");
+            assert!(
+                value.iter().all(u8::is_ascii_hexdigit),
+                "field {n}: not hex"
+            );
         }
         Encoding::Ascii => {
             for (i, &b) in value.iter().enumerate() {
-                assert!(spec.ty.allows(i, b), "field {n}: byte {i} 0x{b:02x} not {}", spec.ty);
+                assert!(
+                    spec.ty.allows(i, b),
+                    "field {n}: byte {i} 0x{b:02x} not {}",
+                    spec.ty
+                );
             }
         }
     }
@@ -166,12 +202,23 @@ fn check_reencode(dialect: &Dialect, data: &[u8], msg: &Message) {
         Err(e) => panic!("re-encoded message does not decode: {e}"),
     };
     assert_eq!(again.mti(), msg.mti(), "MTI survives re-encoding");
-    assert!(msg.fields().eq(again.fields()), "field values survive re-encoding");
+    assert!(
+        msg.fields().eq(again.fields()),
+        "field values survive re-encoding"
+    );
     if is_canonical(dialect, msg) {
-        assert_eq!(&out[..], data, "canonical message re-encodes to the same bytes");
+        assert_eq!(
+            &out[..],
+            data,
+            "canonical message re-encodes to the same bytes"
+        );
     }
     // The re-encoded form is canonical: a second pass changes nothing.
-    assert_eq!(reencode_same(dialect, &again), out, "re-encoding is idempotent");
+    assert_eq!(
+        reencode_same(dialect, &again),
+        out,
+        "re-encoding is idempotent"
+    );
 }
 
 fn reencode_same(dialect: &Dialect, msg: &Message) -> Bytes {
@@ -219,10 +266,18 @@ pub struct FrameRun {
 pub fn run_frames(dec: &FrameDecoder, data: &[u8], chunk_sizes: &[usize]) -> FrameRun {
     let header = dec.framing().header_len();
     let mut buf = BytesMut::new();
-    let mut run = FrameRun { frames: Vec::new(), error: None, leftover_bytes: 0 };
+    let mut run = FrameRun {
+        frames: Vec::new(),
+        error: None,
+        leftover_bytes: 0,
+    };
     let mut fed = 0;
     let mut taken = 0;
-    let chunk_sizes = if chunk_sizes.is_empty() { &[usize::MAX][..] } else { chunk_sizes };
+    let chunk_sizes = if chunk_sizes.is_empty() {
+        &[usize::MAX][..]
+    } else {
+        chunk_sizes
+    };
     for &size in chunk_sizes.iter().cycle() {
         if fed == data.len() {
             break;
@@ -234,7 +289,10 @@ pub fn run_frames(dec: &FrameDecoder, data: &[u8], chunk_sizes: &[usize]) -> Fra
             match dec.decode(&mut buf) {
                 Ok(Some(frame)) => {
                     assert!(!frame.is_empty(), "empty frame");
-                    assert!(frame.len() <= dec.framing().size_limit_bytes(), "frame too large");
+                    assert!(
+                        frame.len() <= dec.framing().size_limit_bytes(),
+                        "frame too large"
+                    );
                     let start = taken + header;
                     assert_eq!(&frame[..], &data[start..start + frame.len()], "frame bytes");
                     taken = start + frame.len();

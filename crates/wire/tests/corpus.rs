@@ -1,0 +1,372 @@
+//! Runs every file of the fuzz corpus (`fuzz/corpus/<target>/`) through the same
+//! checks as the fuzz target of that name, so `cargo test` covers the committed
+//! seeds and anything a fuzzing run added.
+//!
+//! The seeds themselves are written by `write_seed_corpus` (ignored; run it after a
+//! change to [`seeds`]):
+//! `cargo test -p switchyard-wire --test corpus -- --ignored write_seed_corpus`.
+
+mod fuzz_checks;
+
+use bytes::BytesMut;
+use std::path::{Path, PathBuf};
+use switchyard_wire::{Dialect, Encoder, Encoding, Framing, Mti};
+
+/// The check a fuzz target runs on one input.
+type Check = fn(&[u8]);
+
+/// Fuzz targets and their checks.
+const TARGETS: [(&str, Check); 3] = [
+    ("frame_decoder", fuzz_checks::frame_decoder),
+    ("decode_iso87_ascii", fuzz_checks::decode_iso87_ascii),
+    (
+        "decode_iso87_hexbitmap",
+        fuzz_checks::decode_iso87_hexbitmap,
+    ),
+];
+
+/// Fewest seed files a target's corpus folder must hold.
+const SEEDS_PER_TARGET_MIN: usize = 5;
+
+fn corpus_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus")
+}
+
+/// Every file of `fuzz/corpus/<target>/`, sorted, with its contents.
+fn corpus_files(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let dir = corpus_dir().join(target);
+    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let mut files: Vec<(PathBuf, Vec<u8>)> = entries
+        .map(|entry| {
+            entry
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+                .path()
+        })
+        .filter(|path| path.is_file())
+        .map(|path| {
+            let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            (path, bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+fn run_target(target: &str) {
+    let check = TARGETS
+        .iter()
+        .find(|(name, _)| *name == target)
+        .map(|(_, check)| *check)
+        .unwrap_or_else(|| panic!("no target {target}"));
+    let files = corpus_files(target);
+    assert!(
+        files.len() >= SEEDS_PER_TARGET_MIN,
+        "{target}: only {} corpus files",
+        files.len()
+    );
+    let mut failed = Vec::new();
+    for (path, bytes) in &files {
+        if std::panic::catch_unwind(|| check(bytes)).is_err() {
+            failed.push(path.display().to_string());
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{target}: {} corpus files fail: {failed:#?}",
+        failed.len()
+    );
+}
+
+#[test]
+fn corpus_frame_decoder() {
+    run_target("frame_decoder");
+}
+
+#[test]
+fn corpus_decode_iso87_ascii() {
+    run_target("decode_iso87_ascii");
+}
+
+#[test]
+fn corpus_decode_iso87_hexbitmap() {
+    run_target("decode_iso87_hexbitmap");
+}
+
+/// The committed seeds are the ones [`seeds`] describes (fuzzing may add more files).
+#[test]
+fn seed_corpus_is_committed() {
+    for (target, name, bytes) in seeds() {
+        let path = corpus_dir().join(target).join(&name);
+        let found = std::fs::read(&path).ok();
+        assert!(
+            found.as_deref() == Some(&bytes[..]),
+            "{} missing or stale; run write_seed_corpus (see tests/corpus.rs)",
+            path.display()
+        );
+    }
+}
+
+#[test]
+#[ignore = "writes fuzz/corpus; run by hand after changing the seeds"]
+fn write_seed_corpus() {
+    for (target, name, bytes) in seeds() {
+        let dir = corpus_dir().join(target);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        let path = dir.join(&name);
+        std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+}
+
+// === seeds ===
+
+/// Binary field values (written as hex under hex dialects).
+const PIN_BLOCK: &[u8] = &[0x4f, 0x21, 0x9a, 0x07, 0xc3, 0x5e, 0x10, 0xb8];
+const ICC_DATA: &[u8] = &[
+    0x9f, 0x02, 0x06, 0x00, 0x00, 0x00, 0x01, 0x23, 0x45, 0x9f, 0x1a, 0x02, 0x09, 0x78, 0x5f, 0x2a,
+    0x02, 0x09, 0x78, 0x9a, 0x03, 0x25, 0x06, 0x05, 0x9c, 0x01, 0x00,
+];
+
+type Fields = &'static [(u8, &'static [u8])];
+
+const PURCHASE_0200: Fields = &[
+    (2, b"4111111111111111"),
+    (3, b"000000"),
+    (4, b"000000012345"),
+    (7, b"0605123456"),
+    (11, b"000123"),
+    (12, b"123456"),
+    (13, b"0605"),
+    (32, b"100001"),
+    (37, b"515612000123"),
+    (41, b"TERM0001"),
+    (42, b"MERCHANT0000001"),
+    (49, b"978"),
+    (100, b"200001"),
+];
+
+const APPROVED_0210: Fields = &[
+    (2, b"4111111111111111"),
+    (3, b"000000"),
+    (4, b"000000012345"),
+    (7, b"0605123457"),
+    (11, b"000123"),
+    (37, b"515612000123"),
+    (38, b"A1B2C3"),
+    (39, b"00"),
+    (41, b"TERM0001"),
+    (49, b"978"),
+    (100, b"200001"),
+];
+
+const ECHO_0800: Fields = &[(7, b"0605123458"), (11, b"000777"), (70, b"301")];
+
+const CHIP_PIN_0100: Fields = &[
+    (2, b"5500000000000004"),
+    (3, b"000000"),
+    (4, b"000000099900"),
+    (11, b"000124"),
+    (14, b"2512"),
+    (22, b"051"),
+    (23, b"001"),
+    (35, b"5500000000000004=25121010000012345678"),
+    (43, b"CORNER SHOP              LYON         FR"),
+    (52, PIN_BLOCK),
+    (55, ICC_DATA),
+];
+
+const REVERSAL_0420: Fields = &[
+    (2, b"4111111111111111"),
+    (3, b"000000"),
+    (4, b"000000012345"),
+    (11, b"000125"),
+    (28, b"C00000050"),
+    (39, b"68"),
+    (90, b"020000012306051234560000010000100000000000"),
+    (95, b"000000000000000000000000C00000000D00000000"),
+    (102, b"FR7630006000011234567890189"),
+];
+
+/// Encodes a message; binary values are converted for hex dialects.
+fn build(d: &Dialect, mti: Mti, fields: &[(u8, &[u8])]) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    let mut enc = Encoder::new(d, &mut out, mti);
+    for &(n, value) in fields {
+        let from = match d.field(n).map(|s| s.encoding) {
+            Some(Encoding::Hex) => Encoding::Binary,
+            _ => Encoding::Ascii,
+        };
+        if let Err(e) = enc.field_converted(n, value, from) {
+            panic!("seed {mti} field {n}: {e}");
+        }
+    }
+    enc.finish();
+    out.to_vec()
+}
+
+/// Offset of field `n`'s value (after its length prefix) in an encoded message.
+fn value_offset(d: &Dialect, message: &[u8], n: u8) -> usize {
+    let msg = switchyard_wire::Message::decode(d, message.to_vec().into())
+        .unwrap_or_else(|e| panic!("seed does not decode: {e}"));
+    msg.span(n)
+        .map(|s| usize::from(s.start))
+        .unwrap_or_else(|| panic!("seed lacks field {n}"))
+}
+
+fn decode_seeds(d: &Dialect) -> Vec<(String, Vec<u8>)> {
+    let purchase = build(d, Mti::FINANCIAL, PURCHASE_0200);
+    let de2 = value_offset(d, &purchase, 2);
+    let de4 = value_offset(d, &purchase, 4);
+    let echo = build(d, Mti::NETWORK, ECHO_0800);
+    let mut bad_prefix = purchase.clone();
+    bad_prefix[de2 - 1] = b'x';
+    let mut bad_amount = purchase.clone();
+    bad_amount[de4 + 3] = b'O';
+    let mut trailing = echo.clone();
+    trailing.extend_from_slice(b"XYZ");
+    let bitmap_width = d.bitmap_encoding().wire_len();
+    // Announces a secondary bitmap that announces nothing: valid, not canonical.
+    let mut empty_secondary = echo.clone();
+    empty_secondary.truncate(4 + bitmap_width);
+    let mut zero = vec![0u8; bitmap_width];
+    if d.bitmap_encoding() == switchyard_wire::BitmapEncoding::Hex {
+        zero.fill(b'0');
+        empty_secondary[4] = b'A'; // 0x8 (field 1) | 0x2 (field 3)
+        empty_secondary[5..4 + bitmap_width].fill(b'0');
+        empty_secondary.extend_from_slice(&zero);
+        empty_secondary.extend_from_slice(b"000000");
+    } else {
+        empty_secondary[4] = 0xa0; // field 1 and field 3
+        empty_secondary[5..4 + bitmap_width].fill(0);
+        empty_secondary.extend_from_slice(&zero);
+        empty_secondary.extend_from_slice(b"000000");
+    }
+    let mut seeds = vec![
+        ("0200-purchase".to_owned(), purchase.clone()),
+        (
+            "0210-approved".to_owned(),
+            build(d, Mti::FINANCIAL_RESPONSE, APPROVED_0210),
+        ),
+        ("0800-echo".to_owned(), echo),
+        (
+            "0100-chip-pin".to_owned(),
+            build(d, Mti::AUTHORIZATION, CHIP_PIN_0100),
+        ),
+        (
+            "0420-reversal".to_owned(),
+            build(d, Mti::REVERSAL_ADVICE, REVERSAL_0420),
+        ),
+        ("truncated-de2".to_owned(), purchase[..de2 + 5].to_vec()),
+        ("bad-length-prefix-de2".to_owned(), bad_prefix),
+        ("bad-character-de4".to_owned(), bad_amount),
+        ("trailing-bytes".to_owned(), trailing),
+        ("empty-secondary-bitmap".to_owned(), empty_secondary),
+    ];
+    if d.bitmap_encoding() == switchyard_wire::BitmapEncoding::Hex {
+        let mut bad_bitmap = purchase.clone();
+        bad_bitmap[4 + 3] = b'G';
+        seeds.push(("bad-bitmap".to_owned(), bad_bitmap));
+        let mut lowercase = purchase;
+        lowercase[4..4 + 2 * bitmap_width].make_ascii_lowercase();
+        seeds.push(("lowercase-bitmap".to_owned(), lowercase));
+    }
+    seeds
+}
+
+fn frame_seeds() -> Vec<(String, Vec<u8>)> {
+    let ascii = fuzz_checks::iso87_ascii();
+    let hex = fuzz_checks::iso87_hexbitmap();
+    let framed = |framing: Framing, messages: &[Vec<u8>]| {
+        let mut out = BytesMut::new();
+        for m in messages {
+            if let Err(e) = framing.write(&mut out, m) {
+                panic!("seed frame: {e}");
+            }
+        }
+        out.to_vec()
+    };
+    let pair_ascii = [
+        build(ascii, Mti::FINANCIAL, PURCHASE_0200),
+        build(ascii, Mti::NETWORK, ECHO_0800),
+    ];
+    let pair_hex = [
+        build(hex, Mti::FINANCIAL, PURCHASE_0200),
+        build(hex, Mti::NETWORK, ECHO_0800),
+    ];
+    let mut partial = framed(Framing::U16be, &pair_ascii);
+    partial.truncate(partial.len() - 10);
+    let mut over_small_bound = b"0100".to_vec();
+    over_small_bound.extend_from_slice(&[b'7'; 100]);
+    vec![
+        (
+            "u16be-0200-0800".to_owned(),
+            framed(Framing::U16be, &pair_ascii),
+        ),
+        (
+            "ascii4-0200-0800".to_owned(),
+            framed(Framing::Ascii4, &pair_hex),
+        ),
+        ("u16be-partial".to_owned(), partial),
+        ("ascii4-bad-header".to_owned(), b"00x1hello".to_vec()),
+        ("zero-length".to_owned(), b"\x00\x000000".to_vec()),
+        (
+            "too-large".to_owned(),
+            vec![0xff, 0xff, b'9', b'9', b'9', b'9'],
+        ),
+        ("ascii4-over-small-bound".to_owned(), over_small_bound),
+    ]
+}
+
+/// Every seed: (target, file name, contents).
+fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
+    let mut all = Vec::new();
+    for (name, bytes) in frame_seeds() {
+        all.push(("frame_decoder", name, bytes));
+    }
+    for (name, bytes) in decode_seeds(fuzz_checks::iso87_ascii()) {
+        all.push(("decode_iso87_ascii", name, bytes));
+    }
+    for (name, bytes) in decode_seeds(fuzz_checks::iso87_hexbitmap()) {
+        all.push(("decode_iso87_hexbitmap", name, bytes));
+    }
+    all
+}
+
+/// Seeds named for a message type or a non-canonical form decode; the rest fail,
+/// each at the place its name says.
+#[test]
+fn seeds_are_what_their_names_say() {
+    use switchyard_wire::{DecodeErrorKind as Kind, Location, Message};
+    for (target, name, bytes) in seeds() {
+        let d = match target {
+            "decode_iso87_ascii" => fuzz_checks::iso87_ascii(),
+            "decode_iso87_hexbitmap" => fuzz_checks::iso87_hexbitmap(),
+            _ => continue,
+        };
+        let err = Message::decode(d, bytes.into()).err();
+        let found = err.map(|e| (e.location, e.kind));
+        let ok = match name.as_str() {
+            "truncated-de2" => matches!(found, Some((Location::Field(2), Kind::Truncated { .. }))),
+            "bad-length-prefix-de2" => {
+                matches!(
+                    found,
+                    Some((Location::Field(2), Kind::BadLengthPrefix { found: b'x' }))
+                )
+            }
+            "bad-character-de4" => {
+                matches!(
+                    found,
+                    Some((Location::Field(4), Kind::BadCharacter { found: b'O', .. }))
+                )
+            }
+            "trailing-bytes" => matches!(found, Some((_, Kind::TrailingBytes { count: 3 }))),
+            "bad-bitmap" => {
+                matches!(
+                    found,
+                    Some((Location::PrimaryBitmap, Kind::BadHex { found: b'G' }))
+                )
+            }
+            _ => found.is_none(),
+        };
+        assert!(ok, "{target}/{name}: {found:?}");
+    }
+}

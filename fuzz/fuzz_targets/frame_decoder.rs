@@ -1,0 +1,8 @@
+//! Fuzz target: see `fuzz_checks::frame_decoder` in crates/wire/tests/fuzz_checks/mod.rs.
+#![no_main]
+
+#[allow(dead_code)]
+#[path = "../../crates/wire/tests/fuzz_checks/mod.rs"]
+mod fuzz_checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_checks::frame_decoder(data));

@@ -1,0 +1,553 @@
+//! Configuration: the TOML file, every key with a unit and a default, validated
+//! whole at load time into typed values the daemon uses.
+//!
+//! Relative paths in the file are resolved against the file's own directory.
+
+use crate::core::route::{BankIndex, RouteTable};
+use crate::core::InstitutionId;
+use crate::tls::IdentitySource;
+use crate::wire::{Dialect, Framing};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+// === defaults (units last) ===
+
+/// Tokio worker threads (one per core on the 2-core machines this is sized for).
+pub const WORKER_THREADS_DEFAULT: usize = 2;
+/// Largest ISO 8583 message accepted or sent, excluding the frame header.
+pub const FRAME_SIZE_MAX_BYTES_DEFAULT: usize = crate::wire::FRAME_SIZE_MAX_BYTES_DEFAULT;
+/// Acquirer connections open at once.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
+/// Requests in flight on one acquirer connection; past it the switch stops reading
+/// that connection until answers free a slot.
+pub const INFLIGHT_PER_CONNECTION_MAX_DEFAULT: usize = 1024;
+/// TLS handshake time allowed to a connecting acquirer.
+pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Deadline of a request from its receipt until its answer must be back.
+pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+/// Requests waiting in one bank connector's queue.
+pub const QUEUE_DEPTH_MAX_DEFAULT: usize = 8_192;
+/// Requests in flight on one bank link.
+pub const INFLIGHT_PER_LINK_MAX_DEFAULT: usize = 8_192;
+/// TLS links to one bank.
+pub const LINKS_DEFAULT: usize = 2;
+/// Most links to one bank.
+pub const LINKS_MAX: usize = 64;
+/// TCP connect plus TLS handshake to a bank.
+pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 3_000;
+/// First wait before reconnecting a failed bank link; doubles up to the maximum.
+pub const RECONNECT_BACKOFF_MIN_MS_DEFAULT: u64 = 100;
+/// Longest wait between reconnection attempts.
+pub const RECONNECT_BACKOFF_MAX_MS_DEFAULT: u64 = 5_000;
+/// Idle time on a bank link before the switch sends an 0800 echo.
+pub const ECHO_INTERVAL_MS_DEFAULT: u64 = 30_000;
+/// Time an echo may take before the link is declared dead and reconnected.
+pub const ECHO_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+/// Requests written to a bank link per wake-up (one flush per batch).
+pub const WRITE_BATCH_MAX_DEFAULT: usize = 256;
+
+/// A configuration that cannot be used: which file, which key, what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Io {
+        /// The config file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Not TOML, or a key of the wrong type, or an unknown key.
+    #[error("{file}: {source}")]
+    Toml {
+        /// The config file.
+        file: PathBuf,
+        /// The parser's message (names the key and line).
+        source: Box<toml::de::Error>,
+    },
+    /// A key whose value is not acceptable.
+    #[error("{file}: {key}: {problem}")]
+    Invalid {
+        /// The config file.
+        file: PathBuf,
+        /// The key, e.g. `bank[1].links`.
+        key: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+// === the file's shape ===
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    switch: SwitchSection,
+    tls: TlsSection,
+    #[serde(default)]
+    limits: LimitsSection,
+    #[serde(default)]
+    institution: Vec<InstitutionSection>,
+    #[serde(default)]
+    bank: Vec<BankSection>,
+    #[serde(default)]
+    route: Vec<RouteSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwitchSection {
+    listen: SocketAddr,
+    #[serde(default = "d_workers")]
+    worker_threads: usize,
+    #[serde(default = "d_dialect")]
+    dialect: String,
+    #[serde(default = "d_framing")]
+    framing: Framing,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TlsSection {
+    ca_file: PathBuf,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_cert_file: PathBuf,
+    client_key_file: PathBuf,
+    #[serde(default = "d_identity")]
+    identity: IdentitySource,
+    #[serde(default = "d_handshake")]
+    handshake_timeout_ms: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct LimitsSection {
+    frame_size_max_bytes: usize,
+    connections_max: usize,
+    inflight_per_connection_max: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            frame_size_max_bytes: FRAME_SIZE_MAX_BYTES_DEFAULT,
+            connections_max: CONNECTIONS_MAX_DEFAULT,
+            inflight_per_connection_max: INFLIGHT_PER_CONNECTION_MAX_DEFAULT,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstitutionSection {
+    id: String,
+    #[serde(default)]
+    name: String,
+    certificate_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BankSection {
+    id: String,
+    #[serde(default)]
+    name: String,
+    address: SocketAddr,
+    server_name: String,
+    #[serde(default = "d_links")]
+    links: usize,
+    #[serde(default = "d_dialect")]
+    dialect: String,
+    #[serde(default = "d_framing")]
+    framing: Framing,
+    #[serde(default = "d_queue")]
+    queue_depth_max: usize,
+    #[serde(default = "d_inflight_link")]
+    inflight_per_link_max: usize,
+    #[serde(default = "d_request_timeout")]
+    request_timeout_ms: u64,
+    #[serde(default = "d_connect_timeout")]
+    connect_timeout_ms: u64,
+    #[serde(default = "d_backoff_min")]
+    reconnect_backoff_min_ms: u64,
+    #[serde(default = "d_backoff_max")]
+    reconnect_backoff_max_ms: u64,
+    #[serde(default = "d_echo_interval")]
+    echo_interval_ms: u64,
+    #[serde(default = "d_echo_timeout")]
+    echo_timeout_ms: u64,
+    #[serde(default = "d_write_batch")]
+    write_batch_max: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteSection {
+    pan_prefix: String,
+    bank: String,
+}
+
+fn d_workers() -> usize {
+    WORKER_THREADS_DEFAULT
+}
+fn d_dialect() -> String {
+    "iso87-ascii".to_owned()
+}
+fn d_framing() -> Framing {
+    Framing::U16be
+}
+fn d_identity() -> IdentitySource {
+    IdentitySource::CommonName
+}
+fn d_handshake() -> u64 {
+    HANDSHAKE_TIMEOUT_MS_DEFAULT
+}
+fn d_links() -> usize {
+    LINKS_DEFAULT
+}
+fn d_queue() -> usize {
+    QUEUE_DEPTH_MAX_DEFAULT
+}
+fn d_inflight_link() -> usize {
+    INFLIGHT_PER_LINK_MAX_DEFAULT
+}
+fn d_request_timeout() -> u64 {
+    REQUEST_TIMEOUT_MS_DEFAULT
+}
+fn d_connect_timeout() -> u64 {
+    CONNECT_TIMEOUT_MS_DEFAULT
+}
+fn d_backoff_min() -> u64 {
+    RECONNECT_BACKOFF_MIN_MS_DEFAULT
+}
+fn d_backoff_max() -> u64 {
+    RECONNECT_BACKOFF_MAX_MS_DEFAULT
+}
+fn d_echo_interval() -> u64 {
+    ECHO_INTERVAL_MS_DEFAULT
+}
+fn d_echo_timeout() -> u64 {
+    ECHO_TIMEOUT_MS_DEFAULT
+}
+fn d_write_batch() -> usize {
+    WRITE_BATCH_MAX_DEFAULT
+}
+
+// === validated configuration ===
+
+/// Where the switch's certificates and keys are.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// CA that signs acquirer client certificates and bank server certificates.
+    pub ca_file: PathBuf,
+    /// The switch's server certificate chain (presented to acquirers).
+    pub cert_file: PathBuf,
+    /// Its key.
+    pub key_file: PathBuf,
+    /// The switch's client certificate (presented to banks).
+    pub client_cert_file: PathBuf,
+    /// Its key.
+    pub client_key_file: PathBuf,
+}
+
+/// An acquiring institution allowed to connect.
+#[derive(Clone, Debug)]
+pub struct Institution {
+    /// DE32 value its requests must carry.
+    pub id: InstitutionId,
+    /// Display name.
+    pub name: String,
+    /// The certificate identity (CN or SAN, per `tls.identity`) that names it.
+    pub certificate_name: String,
+}
+
+/// A destination bank and its connector settings.
+#[derive(Clone, Debug)]
+pub struct Bank {
+    /// Receiving institution id (DE100).
+    pub id: InstitutionId,
+    /// Display name.
+    pub name: String,
+    /// The bank host's address.
+    pub address: SocketAddr,
+    /// Name its TLS certificate must carry.
+    pub server_name: String,
+    /// TLS links kept open.
+    pub links: usize,
+    /// Message profile on the links.
+    pub dialect: Arc<Dialect>,
+    /// Framing on the links.
+    pub framing: Framing,
+    /// Connector queue bound; full → 91.
+    pub queue_depth_max: usize,
+    /// In-flight bound per link.
+    pub inflight_per_link_max: usize,
+    /// Request deadline from receipt.
+    pub request_timeout: Duration,
+    /// Connect + handshake bound.
+    pub connect_timeout: Duration,
+    /// Reconnect backoff, first step.
+    pub reconnect_backoff_min: Duration,
+    /// Reconnect backoff, cap.
+    pub reconnect_backoff_max: Duration,
+    /// Idle time before an echo.
+    pub echo_interval: Duration,
+    /// Echo answer bound.
+    pub echo_timeout: Duration,
+    /// Requests per write batch.
+    pub write_batch_max: usize,
+}
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Acquirer listener address.
+    pub listen: SocketAddr,
+    /// Tokio worker threads.
+    pub worker_threads: usize,
+    /// Message profile on acquirer connections.
+    pub dialect: Arc<Dialect>,
+    /// Framing on acquirer connections.
+    pub framing: Framing,
+    /// Certificate files (unused when TLS material is given in memory).
+    pub tls_files: TlsFiles,
+    /// Which certificate field names the institution.
+    pub identity: IdentitySource,
+    /// Handshake bound for acquirers.
+    pub handshake_timeout: Duration,
+    /// Frame bound, both directions.
+    pub frame_size_max_bytes: usize,
+    /// Acquirer connections bound.
+    pub connections_max: usize,
+    /// In-flight bound per acquirer connection.
+    pub inflight_per_connection_max: usize,
+    /// Institutions allowed to connect.
+    pub institutions: Vec<Institution>,
+    /// Banks, indexed by [`BankIndex`].
+    pub banks: Vec<Bank>,
+    /// Routing table.
+    pub routes: RouteTable,
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Io { file: path.to_owned(), source })?;
+        Config::parse(&text, path)
+    }
+
+    /// Validates config text; `path` names it in errors and anchors relative paths.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let file: File = toml::from_str(text)
+            .map_err(|e| ConfigError::Toml { file: path.to_owned(), source: Box::new(e) })?;
+        Checker { file: path }.build(file)
+    }
+
+    /// The certificate name → institution map used at handshake.
+    pub fn institutions_by_certificate(&self) -> HashMap<String, InstitutionId> {
+        self.institutions.iter().map(|i| (i.certificate_name.clone(), i.id)).collect()
+    }
+}
+
+struct Checker<'a> {
+    file: &'a Path,
+}
+
+impl Checker<'_> {
+    fn invalid(&self, key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.file.to_owned(),
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+
+    fn range<T: PartialOrd + std::fmt::Display + Copy>(
+        &self,
+        key: &str,
+        value: T,
+        min: T,
+        max: T,
+        unit: &str,
+    ) -> Result<T, ConfigError> {
+        if value < min || value > max {
+            let sep = if unit.is_empty() { "" } else { " " };
+            let problem = format!("must be {min}..={max}{sep}{unit}, found {value}");
+            return Err(self.invalid(key, problem));
+        }
+        Ok(value)
+    }
+
+    fn path(&self, p: &Path) -> PathBuf {
+        match self.file.parent() {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p.to_owned(),
+        }
+    }
+
+    fn dialect(&self, key: &str, name: &str) -> Result<Arc<Dialect>, ConfigError> {
+        let resolved = if Dialect::builtin(name).is_some() {
+            name.to_owned()
+        } else {
+            self.path(Path::new(name)).to_string_lossy().into_owned()
+        };
+        Dialect::load(&resolved).map(Arc::new).map_err(|e| self.invalid(key, e.to_string()))
+    }
+
+    fn id(&self, key: &str, value: &str) -> Result<InstitutionId, ConfigError> {
+        value.parse().map_err(|_| self.invalid(key, format!("must be 1 to 11 digits, found {value:?}")))
+    }
+
+    fn build(&self, f: File) -> Result<Config, ConfigError> {
+        let s = &f.switch;
+        let worker_threads = self.range("switch.worker_threads", s.worker_threads, 1, 256, "")?;
+        let dialect = self.dialect("switch.dialect", &s.dialect)?;
+        let t = &f.tls;
+        self.range("tls.handshake_timeout_ms", t.handshake_timeout_ms, 100, 120_000, "ms")?;
+        let l = &f.limits;
+        let frame_max = l.frame_size_max_bytes;
+        self.range("limits.frame_size_max_bytes", frame_max, 64, 65_535, "bytes")?;
+        self.range("limits.connections_max", l.connections_max, 1, 1_000_000, "")?;
+        let inflight = l.inflight_per_connection_max;
+        self.range("limits.inflight_per_connection_max", inflight, 1, 65_536, "")?;
+        let institutions = self.institutions(&f.institution)?;
+        let banks = f
+            .bank
+            .iter()
+            .enumerate()
+            .map(|(i, b)| self.bank(i, b, frame_max))
+            .collect::<Result<Vec<_>, _>>()?;
+        let routes = self.routes(&f.route, &banks)?;
+        Ok(Config {
+            listen: s.listen,
+            worker_threads,
+            dialect,
+            framing: s.framing,
+            tls_files: TlsFiles {
+                ca_file: self.path(&t.ca_file),
+                cert_file: self.path(&t.cert_file),
+                key_file: self.path(&t.key_file),
+                client_cert_file: self.path(&t.client_cert_file),
+                client_key_file: self.path(&t.client_key_file),
+            },
+            identity: t.identity,
+            handshake_timeout: Duration::from_millis(t.handshake_timeout_ms),
+            frame_size_max_bytes: frame_max,
+            connections_max: l.connections_max,
+            inflight_per_connection_max: inflight,
+            institutions,
+            banks,
+            routes,
+        })
+    }
+
+    fn institutions(&self, list: &[InstitutionSection]) -> Result<Vec<Institution>, ConfigError> {
+        let mut out: Vec<Institution> = Vec::with_capacity(list.len());
+        for (i, inst) in list.iter().enumerate() {
+            let id = self.id(&format!("institution[{i}].id"), &inst.id)?;
+            let certificate_name = inst.certificate_name.clone().unwrap_or_else(|| inst.id.clone());
+            if out.iter().any(|o| o.id == id) {
+                return Err(self.invalid(format!("institution[{i}].id"), "defined twice"));
+            }
+            if out.iter().any(|o| o.certificate_name == certificate_name) {
+                let key = format!("institution[{i}].certificate_name");
+                return Err(self.invalid(key, "names another institution's certificate too"));
+            }
+            out.push(Institution { id, name: inst.name.clone(), certificate_name });
+        }
+        Ok(out)
+    }
+
+    fn bank(&self, i: usize, b: &BankSection, frame_max: usize) -> Result<Bank, ConfigError> {
+        let k = |name: &str| format!("bank[{i}].{name}");
+        let ms = Duration::from_millis;
+        let id = self.id(&k("id"), &b.id)?;
+        if b.server_name.is_empty() {
+            return Err(self.invalid(k("server_name"), "must not be empty"));
+        }
+        self.range(&k("links"), b.links, 1, LINKS_MAX, "")?;
+        self.range(&k("queue_depth_max"), b.queue_depth_max, 1, 1_048_576, "")?;
+        self.range(&k("inflight_per_link_max"), b.inflight_per_link_max, 1, 100_000, "")?;
+        self.range(&k("request_timeout_ms"), b.request_timeout_ms, 10, 120_000, "ms")?;
+        self.range(&k("connect_timeout_ms"), b.connect_timeout_ms, 10, 120_000, "ms")?;
+        let min = self.range(&k("reconnect_backoff_min_ms"), b.reconnect_backoff_min_ms, 1, 60_000, "ms")?;
+        self.range(&k("reconnect_backoff_max_ms"), b.reconnect_backoff_max_ms, min, 600_000, "ms")?;
+        self.range(&k("echo_interval_ms"), b.echo_interval_ms, 100, 3_600_000, "ms")?;
+        self.range(&k("echo_timeout_ms"), b.echo_timeout_ms, 10, 120_000, "ms")?;
+        self.range(&k("write_batch_max"), b.write_batch_max, 1, 65_536, "")?;
+        let _ = frame_max;
+        Ok(Bank {
+            id,
+            name: b.name.clone(),
+            address: b.address,
+            server_name: b.server_name.clone(),
+            links: b.links,
+            dialect: self.dialect(&k("dialect"), &b.dialect)?,
+            framing: b.framing,
+            queue_depth_max: b.queue_depth_max,
+            inflight_per_link_max: b.inflight_per_link_max,
+            request_timeout: ms(b.request_timeout_ms),
+            connect_timeout: ms(b.connect_timeout_ms),
+            reconnect_backoff_min: ms(b.reconnect_backoff_min_ms),
+            reconnect_backoff_max: ms(b.reconnect_backoff_max_ms),
+            echo_interval: ms(b.echo_interval_ms),
+            echo_timeout: ms(b.echo_timeout_ms),
+            write_batch_max: b.write_batch_max,
+        })
+    }
+
+    fn routes(&self, list: &[RouteSection], banks: &[Bank]) -> Result<RouteTable, ConfigError> {
+        let mut table = RouteTable::new();
+        for (i, bank) in banks.iter().enumerate() {
+            if banks[..i].iter().any(|b| b.id == bank.id) {
+                return Err(self.invalid(format!("bank[{i}].id"), "defined twice"));
+            }
+            table.add_receiver(bank.id, i as BankIndex);
+        }
+        for (i, r) in list.iter().enumerate() {
+            let bank_id = self.id(&format!("route[{i}].bank"), &r.bank)?;
+            let Some(index) = banks.iter().position(|b| b.id == bank_id) else {
+                let problem = format!("no [[bank]] has id {}", r.bank);
+                return Err(self.invalid(format!("route[{i}].bank"), problem));
+            };
+            table
+                .add_prefix(&r.pan_prefix, index as BankIndex)
+                .map_err(|e| self.invalid(format!("route[{i}].pan_prefix"), e.to_string()))?;
+        }
+        Ok(table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../config/switchyard.toml");
+
+    #[test]
+    fn shipped_config_is_valid() {
+        let c = Config::parse(SHIPPED, Path::new("config/switchyard.toml")).unwrap();
+        assert_eq!(c.banks.len(), 3);
+        assert!(c.routes.prefix_count() >= 3);
+        assert_eq!(c.tls_files.ca_file, Path::new("config/../certs/ca.pem"));
+    }
+
+    #[test]
+    fn errors_name_file_key_and_problem() {
+        let bad = SHIPPED.replacen("links = 2", "links = 0", 1);
+        let err = Config::parse(&bad, Path::new("s.toml")).unwrap_err().to_string();
+        assert_eq!(err, "s.toml: bank[0].links: must be 1..=64, found 0");
+        let bad = SHIPPED.replacen("bank = \"200001\"", "bank = \"777\"", 1);
+        let err = Config::parse(&bad, Path::new("s.toml")).unwrap_err().to_string();
+        assert_eq!(err, "s.toml: route[0].bank: no [[bank]] has id 777");
+        let bad = format!("{SHIPPED}\n[limits]\nframes = 3\n");
+        let err = Config::parse(&bad, Path::new("s.toml")).unwrap_err().to_string();
+        assert!(err.starts_with("s.toml: "), "{err}");
+    }
+}

@@ -1,0 +1,168 @@
+//! The daemon: wires config, TLS, connectors and the acquirer listener together.
+
+use crate::config::{Config, TlsFiles};
+use crate::net::connector::Connector;
+use crate::net::ingress::Ingress;
+use crate::tls::{self, TlsError};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// TLS configurations of the switch: towards acquirers and towards banks.
+#[derive(Clone)]
+pub struct TlsSetup {
+    /// Server side, requiring client certificates from the configured CA.
+    pub server: Arc<rustls::ServerConfig>,
+    /// Client side, presenting the switch's client certificate to banks.
+    pub client: Arc<rustls::ClientConfig>,
+}
+
+impl TlsSetup {
+    /// Loads the certificate files named in the config.
+    pub fn from_files(files: &TlsFiles) -> Result<TlsSetup, TlsError> {
+        let ca = tls::load_certs(&files.ca_file)?;
+        let server = tls::server_config(
+            &ca,
+            tls::load_certs(&files.cert_file)?,
+            tls::load_key(&files.key_file)?,
+        )?;
+        let client = tls::client_config(
+            &ca,
+            tls::load_certs(&files.client_cert_file)?,
+            tls::load_key(&files.client_key_file)?,
+        )?;
+        Ok(TlsSetup { server, client })
+    }
+}
+
+/// A running switch: connectors started, ready to serve a listener.
+pub struct Switch {
+    config: Arc<Config>,
+    tls: TlsSetup,
+    connectors: Vec<Arc<Connector>>,
+    ingress: Arc<Ingress>,
+    link_changed: Arc<Notify>,
+    shutdown: CancellationToken,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Switch {
+    /// Starts every bank connector's links (call inside a tokio runtime).
+    pub fn start(config: Config, tls: TlsSetup) -> Switch {
+        let config = Arc::new(config);
+        let shutdown = CancellationToken::new();
+        let link_changed = Arc::new(Notify::new());
+        let connectors: Vec<Arc<Connector>> = config
+            .banks
+            .iter()
+            .map(|bank| {
+                Connector::new(
+                    bank.clone(),
+                    config.dialect.clone(),
+                    tls.client.clone(),
+                    config.frame_size_max_bytes,
+                    link_changed.clone(),
+                )
+            })
+            .collect();
+        let tasks = connectors.iter().flat_map(|c| c.spawn_links(&shutdown)).collect();
+        let tasks = std::sync::Mutex::new(tasks);
+        let ingress = Ingress::new(config.clone(), connectors.clone());
+        Switch { config, tls, connectors, ingress, link_changed, shutdown, tasks }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The bank connectors, in config order.
+    pub fn connectors(&self) -> &[Arc<Connector>] {
+        &self.connectors
+    }
+
+    /// Acquirer connections open now.
+    pub fn connections(&self) -> usize {
+        self.ingress.connections()
+    }
+
+    /// Waits until every bank has at least one link up, or `limit` passes.
+    pub async fn wait_links_up(&self, limit: Duration) -> bool {
+        let all_up = || self.connectors.iter().all(|c| c.links_up() > 0);
+        let wait = async {
+            loop {
+                let changed = self.link_changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if all_up() {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
+    }
+
+    /// Serves acquirers on `listener` until [`Switch::shutdown`] is called.
+    pub async fn serve(&self, listener: TcpListener) -> std::io::Result<()> {
+        let serving = self.ingress.clone().serve(listener, self.tls.server.clone(), self.shutdown.clone());
+        serving.await
+    }
+
+    /// A token cancelled at shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Stops accepting, closes sessions and links, and waits for the link tasks.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Runs the switch on an already bound listener until `shutdown` resolves
+/// (testable entry point: tests bind `127.0.0.1:0`).
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    tls: TlsSetup,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let switch = Switch::start(config, tls);
+    let result = tokio::select! {
+        r = switch.serve(listener) => r,
+        _ = shutdown => Ok(()),
+    };
+    switch.shutdown().await;
+    result
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn terminate_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

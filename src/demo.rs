@@ -1,0 +1,266 @@
+//! The demo and the test bed: a switch, simulated banks and fresh certificates,
+//! all in-process on loopback, nothing to prepare.
+
+use crate::banksim::{self, BankSimOptions, BankStats, Behavior};
+use crate::certs::{self, DevCa};
+use crate::config::Config;
+use crate::daemon::{Switch, TlsSetup};
+use crate::loadgen::{self, Identity, LoadOptions, Summary};
+use crate::tls;
+use crate::wire::{Dialect, Framing};
+use anyhow::Context;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Acquirer institutions of the demo.
+pub const DEMO_INSTITUTIONS: [&str; 3] = ["100001", "100002", "100003"];
+/// Time allowed for every bank link to come up at start.
+const LINKS_UP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How to build a test bed.
+#[derive(Clone, Debug)]
+pub struct TestbedOptions {
+    /// Simulated banks (ids 200001, 200002, …; PAN prefixes 4, 5, 6, … route to them).
+    pub banks: usize,
+    /// Banks listed in config whose host is not running (ids after the simulated ones).
+    pub banks_down: usize,
+    /// Acquirer institutions in config.
+    pub institutions: Vec<String>,
+    /// Links per bank.
+    pub links: usize,
+    /// Request deadline at every bank, ms.
+    pub request_timeout_ms: u64,
+    /// Answer delay of the simulated banks.
+    pub bank_latency: Duration,
+    /// Requests in flight per acquirer connection.
+    pub inflight_per_connection_max: usize,
+}
+
+impl Default for TestbedOptions {
+    fn default() -> Self {
+        TestbedOptions {
+            banks: 3,
+            banks_down: 0,
+            institutions: DEMO_INSTITUTIONS.iter().map(|s| (*s).to_owned()).collect(),
+            links: 2,
+            request_timeout_ms: 5_000,
+            bank_latency: Duration::ZERO,
+            inflight_per_connection_max: 1024,
+        }
+    }
+}
+
+/// One simulated bank.
+pub struct SimBank {
+    /// Its institution id (DE100).
+    pub id: String,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its knobs.
+    pub behavior: Arc<Behavior>,
+    /// Its counters.
+    pub stats: Arc<BankStats>,
+}
+
+/// A running switch with simulated banks and a development CA.
+pub struct Testbed {
+    /// The CA that signed everything.
+    pub ca: DevCa,
+    /// Where the switch listens for acquirers.
+    pub switch_addr: SocketAddr,
+    /// The simulated banks, then the configured-but-down banks' ids.
+    pub banks: Vec<SimBank>,
+    /// Ids of banks configured without a running host.
+    pub banks_down: Vec<String>,
+    /// The switch.
+    pub switch: Arc<Switch>,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Testbed {
+    /// Generates certificates, starts the banks and the switch, and waits for links.
+    pub async fn start(opts: TestbedOptions) -> anyhow::Result<Testbed> {
+        let ca = DevCa::new("switchyard development CA")?;
+        let ca_der = vec![ca.ca_der()];
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        let dialect = Arc::new(Dialect::iso87_ascii());
+        let mut banks = Vec::new();
+        for i in 0..opts.banks {
+            let id = format!("{}", 200_001 + i);
+            let issued = ca.issue_server(&[&format!("bank-{id}")])?;
+            let server = tls::server_config(&ca_der, issued.chain()?, issued.key()?)?;
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let behavior = Arc::new(Behavior::new(opts.bank_latency, 0));
+            let stats = Arc::new(BankStats::default());
+            let sim = BankSimOptions {
+                dialect: dialect.clone(),
+                framing: Framing::U16be,
+                frame_size_max_bytes: crate::config::FRAME_SIZE_MAX_BYTES_DEFAULT,
+                seed: 0x5eed_0000 + i as u64,
+            };
+            let token = stop.clone();
+            let serve = banksim::serve(listener, server, sim, behavior.clone(), stats.clone(), async move {
+                token.cancelled().await
+            });
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = serve.await {
+                    tracing::warn!(error = %e, "simulated bank stopped");
+                }
+            }));
+            banks.push(SimBank { id, addr, behavior, stats });
+        }
+        let mut down = Vec::new();
+        for i in 0..opts.banks_down {
+            // A port that was just free: nothing listens there.
+            let probe = TcpListener::bind("127.0.0.1:0").await?;
+            down.push((format!("{}", 200_001 + opts.banks + i), probe.local_addr()?));
+        }
+        let config = Config::parse(&testbed_toml(&opts, &banks, &down), Path::new("<testbed>"))?;
+        let server_cert = ca.issue_server(&["localhost", "127.0.0.1", "switchyard"])?;
+        let client_cert = ca.issue_client("switchyard")?;
+        let setup = TlsSetup {
+            server: tls::server_config(&ca_der, server_cert.chain()?, server_cert.key()?)?,
+            client: tls::client_config(&ca_der, client_cert.chain()?, client_cert.key()?)?,
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let switch_addr = listener.local_addr()?;
+        let switch = Arc::new(Switch::start(config, setup));
+        let serving = switch.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = serving.serve(listener).await {
+                tracing::error!(error = %e, "switch listener failed");
+            }
+        }));
+        if opts.banks > 0 && opts.banks_down == 0 && !switch.wait_links_up(LINKS_UP_TIMEOUT).await {
+            anyhow::bail!("bank links did not come up within {LINKS_UP_TIMEOUT:?}");
+        }
+        if opts.banks_down > 0 {
+            let up = |s: &Switch| s.connectors()[..opts.banks].iter().all(|c| c.links_up() > 0);
+            let deadline = tokio::time::Instant::now() + LINKS_UP_TIMEOUT;
+            while !up(&switch) && tokio::time::Instant::now() < deadline {
+                let _ = switch.wait_links_up(Duration::from_millis(50)).await;
+            }
+        }
+        let banks_down = down.into_iter().map(|(id, _)| id).collect();
+        Ok(Testbed { ca, switch_addr, banks, banks_down, switch, stop, tasks })
+    }
+
+    /// A client TLS config presenting a fresh certificate for `institution`.
+    pub fn client_tls(&self, institution: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        let issued = self.ca.issue_client(institution)?;
+        Ok(tls::client_config(&[self.ca.ca_der()], issued.chain()?, issued.key()?)?)
+    }
+
+    /// Writes `ca.pem` and `<id>.pem`/`<id>.key` for each institution into `dir`.
+    pub fn write_client_certs(&self, dir: &Path, institutions: &[String]) -> anyhow::Result<()> {
+        certs::write_ca(dir, &self.ca)?;
+        for id in institutions {
+            certs::write_issued(dir, id, &self.ca.issue_client(id)?)?;
+        }
+        Ok(())
+    }
+
+    /// Stops the switch and the banks.
+    pub async fn stop(self) {
+        self.switch.shutdown().await;
+        self.stop.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, SocketAddr)]) -> String {
+    let mut t = String::new();
+    let _ = writeln!(t, "[switch]\nlisten = \"127.0.0.1:0\"\n");
+    // TLS material is given in memory; the file keys are required but unused.
+    let _ = writeln!(
+        t,
+        "[tls]\nca_file = \"in-memory\"\ncert_file = \"in-memory\"\nkey_file = \"in-memory\"\n\
+         client_cert_file = \"in-memory\"\nclient_key_file = \"in-memory\"\n"
+    );
+    let _ = writeln!(t, "[limits]\ninflight_per_connection_max = {}\n", opts.inflight_per_connection_max);
+    for id in &opts.institutions {
+        let _ = writeln!(t, "[[institution]]\nid = \"{id}\"\n");
+    }
+    let all = banks.iter().map(|b| (b.id.as_str(), b.addr)).chain(down.iter().map(|(id, a)| (id.as_str(), *a)));
+    for (i, (id, addr)) in all.enumerate() {
+        let _ = writeln!(
+            t,
+            "[[bank]]\nid = \"{id}\"\naddress = \"{addr}\"\nserver_name = \"bank-{id}\"\nlinks = {}\n\
+             request_timeout_ms = {}\nreconnect_backoff_max_ms = 1000\n\n[[route]]\npan_prefix = \"{}\"\n\
+             bank = \"{id}\"\n",
+            opts.links,
+            opts.request_timeout_ms,
+            4 + i
+        );
+    }
+    t
+}
+
+/// How the demo drives load.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    /// Load duration.
+    pub duration: Duration,
+    /// Acquirer connections.
+    pub connections: usize,
+    /// Requests in flight per connection.
+    pub window: usize,
+}
+
+/// Runs the switch with three simulated banks, drives load, returns the summary.
+pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<Summary> {
+    let bed = Testbed::start(TestbedOptions::default()).await?;
+    let identities = DEMO_INSTITUTIONS
+        .iter()
+        .map(|id| Ok(Identity { institution: (*id).to_owned(), tls: bed.client_tls(id)? }))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let load = LoadOptions {
+        target: bed.switch_addr,
+        server_name: "localhost".to_owned(),
+        identities,
+        destinations: bed.banks.iter().map(|b| b.id.clone()).collect(),
+        pans: vec!["4111111111111111".to_owned(), "5500000000000004".to_owned()],
+        connections: opts.connections,
+        window: opts.window,
+        duration: opts.duration,
+        answer_timeout: Duration::from_secs(10),
+        dialect: Arc::new(Dialect::iso87_ascii()),
+        framing: Framing::U16be,
+        currency: *b"978",
+        decline_every: 20,
+    };
+    let summary = loadgen::run(load).await.context("load generator")?;
+    bed.stop().await;
+    Ok(summary)
+}
+
+/// `demo --serve`: runs the switch and banks, writes client certificates to `dir`,
+/// prints one JSON line, and serves until `shutdown`.
+pub async fn serve_demo(
+    dir: &Path,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let bed = Testbed::start(TestbedOptions::default()).await?;
+    let institutions: Vec<String> = DEMO_INSTITUTIONS.iter().map(|s| (*s).to_owned()).collect();
+    bed.write_client_certs(dir, &institutions)
+        .with_context(|| format!("writing certificates to {}", dir.display()))?;
+    let line = serde_json::json!({
+        "listen": bed.switch_addr.to_string(),
+        "institutions": institutions,
+        "destinations": bed.banks.iter().map(|b| b.id.clone()).collect::<Vec<_>>(),
+    });
+    println!("{line}");
+    shutdown.await;
+    bed.stop().await;
+    Ok(())
+}

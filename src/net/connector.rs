@@ -1,0 +1,508 @@
+//! Bank connectors: a bounded lock-free queue per bank, drained by that bank's
+//! TLS links, each with its own in-flight table and deadline sweep.
+//!
+//! Producers (acquirer sessions) `push` then `notify_one`; a link's writer drains
+//! the queue in batches, gives each request a STAN unique on that link, and writes
+//! the batch with one flush. The link's reader matches answers by STAN and sweeps
+//! deadlines in order from one heap (no timer per request).
+
+use super::{Pending, Reply};
+use crate::config::Bank;
+use crate::core::inflight::{InflightTable, Stan, TableFull};
+use crate::core::ResponseCode;
+use crate::wire::{reencode, Change, Dialect, Encoder, FrameDecoder, Message, Mti};
+use bytes::BytesMut;
+use crossbeam_queue::ArrayQueue;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::{sleep_until, timeout, Instant};
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Read buffer of one bank link, bytes (rustls hands over 4 KiB at a time).
+const LINK_READ_BUFFER_BYTES: usize = 64 * 1024;
+/// While no link is up, how often a reconnecting link checks for stranded requests.
+const STRANDED_CHECK_INTERVAL_MS: u64 = 20;
+
+/// Counters of one connector (also exported as metrics).
+#[derive(Default, Debug)]
+pub struct ConnectorStats {
+    /// Requests written to the bank.
+    pub forwarded: AtomicU64,
+    /// Bank answers returned to acquirers.
+    pub answered: AtomicU64,
+    /// Requests answered 68 at their deadline.
+    pub timed_out: AtomicU64,
+    /// Requests answered 91 (no link, queue full, link lost).
+    pub unavailable: AtomicU64,
+    /// Bank answers that matched nothing in flight (late or unknown).
+    pub unmatched: AtomicU64,
+}
+
+/// What a link is waiting on under a STAN.
+enum Waiter {
+    Acquirer(Pending),
+    Echo,
+}
+
+/// One bank's connector, shared by the acquirer sessions (producers) and its links.
+pub struct Connector {
+    bank: Bank,
+    acquirer_dialect: Arc<Dialect>,
+    tls: Arc<rustls::ClientConfig>,
+    queue: ArrayQueue<Pending>,
+    notify: Notify,
+    links_up: AtomicUsize,
+    link_changed: Arc<Notify>,
+    frame_size_max_bytes: usize,
+    /// Counters.
+    pub stats: ConnectorStats,
+}
+
+impl Connector {
+    /// A connector for `bank`; `link_changed` is notified whenever a link goes up or down.
+    pub fn new(
+        bank: Bank,
+        acquirer_dialect: Arc<Dialect>,
+        tls: Arc<rustls::ClientConfig>,
+        frame_size_max_bytes: usize,
+        link_changed: Arc<Notify>,
+    ) -> Arc<Connector> {
+        Arc::new(Connector {
+            queue: ArrayQueue::new(bank.queue_depth_max),
+            bank,
+            acquirer_dialect,
+            tls,
+            notify: Notify::new(),
+            links_up: AtomicUsize::new(0),
+            link_changed,
+            frame_size_max_bytes,
+            stats: ConnectorStats::default(),
+        })
+    }
+
+    /// The bank's configuration.
+    pub fn bank(&self) -> &Bank {
+        &self.bank
+    }
+
+    /// Links currently up.
+    pub fn links_up(&self) -> usize {
+        self.links_up.load(Ordering::Acquire)
+    }
+
+    /// Requests waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Hands a request to the bank's links, or answers 91 at once when no link is up
+    /// or the queue is full.
+    pub fn submit(&self, pending: Pending) {
+        if self.links_up() == 0 {
+            self.unavailable(pending, "no link up");
+            return;
+        }
+        match self.queue.push(pending) {
+            Ok(()) => self.notify.notify_one(),
+            Err(pending) => self.unavailable(pending, "queue full"),
+        }
+    }
+
+    fn unavailable(&self, pending: Pending, why: &'static str) {
+        self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("switchyard_connector_unavailable_total", "reason" => why).increment(1);
+        pending.answer_with(ResponseCode::DestinationUnavailable);
+    }
+
+    /// Starts one task per configured link; they run until `shutdown`.
+    pub fn spawn_links(self: &Arc<Self>, shutdown: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+        (0..self.bank.links)
+            .map(|index| tokio::spawn(self.clone().link_slot(index, shutdown.clone())))
+            .collect()
+    }
+
+    /// Keeps link `index` connected: connect, run, back off, reconnect.
+    async fn link_slot(self: Arc<Self>, index: usize, shutdown: CancellationToken) {
+        let mut backoff = self.bank.reconnect_backoff_min;
+        while !shutdown.is_cancelled() {
+            match self.connect().await {
+                Ok(stream) => {
+                    backoff = self.bank.reconnect_backoff_min;
+                    info!(bank = %self.bank.id, link = index, "bank link up");
+                    self.links_up.fetch_add(1, Ordering::AcqRel);
+                    self.link_changed.notify_waiters();
+                    let why = self.run_link(stream, &shutdown).await;
+                    let left = self.links_up.fetch_sub(1, Ordering::AcqRel) - 1;
+                    self.link_changed.notify_waiters();
+                    warn!(bank = %self.bank.id, link = index, reason = %why, links_up = left, "bank link down");
+                    if left == 0 {
+                        self.drain_stranded();
+                    }
+                }
+                Err(e) => {
+                    debug!(bank = %self.bank.id, link = index, error = %e, "bank connect failed");
+                }
+            }
+            let until = Instant::now() + backoff;
+            backoff = (backoff * 2).min(self.bank.reconnect_backoff_max);
+            self.wait_backoff(until, &shutdown).await;
+        }
+    }
+
+    /// Sleeps until `until`, answering 91 to anything stranded in the queue while no
+    /// link is up (a request pushed just as the last link fell).
+    async fn wait_backoff(&self, until: Instant, shutdown: &CancellationToken) {
+        let step = Duration::from_millis(STRANDED_CHECK_INTERVAL_MS);
+        loop {
+            if self.links_up() == 0 {
+                self.drain_stranded();
+            }
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(until.min(now + step)) => {}
+            }
+        }
+    }
+
+    fn drain_stranded(&self) {
+        while let Some(p) = self.queue.pop() {
+            self.unavailable(p, "link lost");
+        }
+    }
+
+    async fn connect(&self) -> std::io::Result<TlsStream<TcpStream>> {
+        let name = rustls::pki_types::ServerName::try_from(self.bank.server_name.clone())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+        let attempt = async {
+            let tcp = TcpStream::connect(self.bank.address).await?;
+            tcp.set_nodelay(true)?;
+            connector.connect(name, tcp).await
+        };
+        match timeout(self.bank.connect_timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")),
+        }
+    }
+
+    /// Runs one connected link until it fails or shutdown; answers everything still in
+    /// flight on it with 91 before returning why it ended.
+    async fn run_link(&self, stream: TlsStream<TcpStream>, shutdown: &CancellationToken) -> LinkEnd {
+        let (rd, wr) = tokio::io::split(stream);
+        let link = Link {
+            table: Mutex::new(LinkTable {
+                inflight: InflightTable::new(self.bank.inflight_per_link_max),
+                sweep_at: None,
+            }),
+            wake_reader: Notify::new(),
+        };
+        let end = tokio::select! {
+            end = self.read_loop(&link, rd) => end,
+            end = self.write_loop(&link, wr) => end,
+            _ = shutdown.cancelled() => LinkEnd::Shutdown,
+        };
+        let mut table = lock(&link.table);
+        let mut lost = 0u64;
+        for (stan, waiter) in table.inflight.drain() {
+            if let Waiter::Acquirer(p) = waiter {
+                lost += 1;
+                warn!(
+                    bank = %self.bank.id, acquirer = %p.acquirer, link_stan = stan.value(),
+                    "link lost with request in flight: answered 91; reversal advice needed"
+                );
+                self.unavailable(p, "link lost");
+            }
+        }
+        if lost > 0 {
+            warn!(bank = %self.bank.id, lost, "requests in flight on a lost link");
+        }
+        end
+    }
+
+    async fn read_loop(&self, link: &Link, mut rd: ReadHalf<TlsStream<TcpStream>>) -> LinkEnd {
+        let decoder = FrameDecoder::new(self.bank.framing, self.frame_size_max_bytes);
+        let mut buf = BytesMut::with_capacity(LINK_READ_BUFFER_BYTES);
+        let mut expired = Vec::new();
+        loop {
+            let sweep_at = {
+                let mut table = lock(&link.table);
+                let next = table.inflight.next_deadline();
+                table.sweep_at = next;
+                next
+            };
+            let far = Instant::now() + Duration::from_secs(3600);
+            tokio::select! {
+                biased;
+                read = rd.read_buf(&mut buf) => match read {
+                    Ok(0) => return LinkEnd::Closed,
+                    Ok(_) => loop {
+                        match decoder.decode(&mut buf) {
+                            Ok(Some(frame)) => self.on_answer(link, frame),
+                            Ok(None) => break,
+                            Err(e) => return LinkEnd::Frame(e),
+                        }
+                    },
+                    Err(e) => return LinkEnd::Io(e),
+                },
+                _ = sleep_until(sweep_at.map_or(far, Instant::from_std)), if sweep_at.is_some() => {
+                    let now = Instant::now().into_std();
+                    lock(&link.table).inflight.expire(now, &mut expired);
+                    for (stan, waiter) in expired.drain(..) {
+                        match waiter {
+                            Waiter::Acquirer(p) => self.timed_out(stan, p),
+                            Waiter::Echo => return LinkEnd::EchoTimeout,
+                        }
+                    }
+                }
+                _ = link.wake_reader.notified() => {}
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(LINK_READ_BUFFER_BYTES);
+            }
+        }
+    }
+
+    fn timed_out(&self, stan: Stan, p: Pending) {
+        self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("switchyard_timeouts_total").increment(1);
+        warn!(
+            bank = %self.bank.id, acquirer = %p.acquirer, link_stan = stan.value(),
+            mti = %p.request.mti(),
+            "no answer by the deadline: acquirer answered 68; reversal advice needed"
+        );
+        p.answer_with(ResponseCode::LateResponse);
+    }
+
+    fn on_answer(&self, link: &Link, frame: bytes::Bytes) {
+        let answer = match Message::decode(&self.bank.dialect, frame) {
+            Ok(m) => m,
+            Err(e) => {
+                warn!(bank = %self.bank.id, error = %e, "undecodable message from bank dropped");
+                metrics::counter!("switchyard_bank_bad_messages_total").increment(1);
+                return;
+            }
+        };
+        let Some(stan) = answer.field(11).and_then(Stan::from_de11) else {
+            warn!(bank = %self.bank.id, mti = %answer.mti(), "bank message without a valid DE11");
+            return;
+        };
+        let waiter = lock(&link.table).inflight.take(stan);
+        match waiter {
+            Some(Waiter::Acquirer(p)) if Some(answer.mti()) == p.request.mti().response() => {
+                self.stats.answered.fetch_add(1, Ordering::Relaxed);
+                let dialect = self.bank.dialect.clone();
+                p.reply.send(Reply::Bank { request: p.request, answer, dialect });
+            }
+            Some(Waiter::Acquirer(p)) => {
+                warn!(bank = %self.bank.id, mti = %answer.mti(), "bank answer with the wrong MTI");
+                p.answer_with(ResponseCode::SystemMalfunction);
+            }
+            Some(Waiter::Echo) => debug!(bank = %self.bank.id, "echo answered"),
+            None => {
+                self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("switchyard_bank_late_answers_total").increment(1);
+                let approved = answer.field(39) == Some(b"00");
+                warn!(
+                    bank = %self.bank.id, link_stan = stan.value(), approved,
+                    "bank answer after the deadline (or unknown) dropped"
+                );
+            }
+        }
+    }
+
+    async fn write_loop(&self, link: &Link, mut wr: WriteHalf<TlsStream<TcpStream>>) -> LinkEnd {
+        let mut out = BytesMut::with_capacity(64 * 1024);
+        let mut last_write = Instant::now();
+        loop {
+            self.fill_batch(link, &mut out);
+            if !out.is_empty() {
+                if let Err(e) = write_flush(&mut wr, &out).await {
+                    return LinkEnd::Io(e);
+                }
+                out.clear();
+                last_write = Instant::now();
+                continue;
+            }
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.queue.is_empty() {
+                continue;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = sleep_until(last_write + self.bank.echo_interval) => {
+                    if !self.echo(link, &mut out) {
+                        return LinkEnd::EchoTimeout;
+                    }
+                    if let Err(e) = write_flush(&mut wr, &out).await {
+                        return LinkEnd::Io(e);
+                    }
+                    out.clear();
+                    last_write = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// Moves up to `write_batch_max` queued requests into the in-flight table and
+    /// encodes them (DE11 rewritten) into `out`, all under one short lock.
+    fn fill_batch(&self, link: &Link, out: &mut BytesMut) {
+        let now = Instant::now().into_std();
+        let mut table = lock(&link.table);
+        let mut earliest = None;
+        for _ in 0..self.bank.write_batch_max {
+            let Some(p) = self.queue.pop() else { break };
+            if p.deadline <= now {
+                self.unavailable(p, "expired in queue");
+                continue;
+            }
+            let deadline = p.deadline;
+            let stan = match table.inflight.insert(deadline, Waiter::Acquirer(p)) {
+                Ok(stan) => stan,
+                Err(TableFull(Waiter::Acquirer(p))) => {
+                    self.unavailable(p, "link in-flight table full");
+                    continue;
+                }
+                Err(TableFull(Waiter::Echo)) => continue,
+            };
+            let Some(Waiter::Acquirer(p)) = table.inflight.get(stan) else { continue };
+            let digits = stan.to_de11();
+            let at = self.bank.framing.begin(out);
+            let encoded =
+                reencode(&p.request, &self.acquirer_dialect, &self.bank.dialect, p.request.mti(), &[Change::Set(11, &digits)], out)
+                    .is_ok()
+                    && self.bank.framing.finish(out, at).is_ok();
+            if !encoded {
+                out.truncate(at);
+                if let Some(Waiter::Acquirer(p)) = table.inflight.take(stan) {
+                    warn!(bank = %self.bank.id, "request does not fit the bank's dialect: answered 30");
+                    p.answer_with(ResponseCode::FormatError);
+                }
+                continue;
+            }
+            self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+            earliest = Some(earliest.map_or(deadline, |e: std::time::Instant| e.min(deadline)));
+        }
+        if let Some(d) = earliest {
+            if table.sweep_at.is_none_or(|s| d < s) {
+                link.wake_reader.notify_one();
+            }
+        }
+    }
+
+    /// Encodes an 0800 echo (DE70 301) into `out`; false if the table is full.
+    fn echo(&self, link: &Link, out: &mut BytesMut) -> bool {
+        let now = std::time::Instant::now();
+        let mut table = lock(&link.table);
+        let Ok(stan) = table.inflight.insert(now + self.bank.echo_timeout, Waiter::Echo) else {
+            return false;
+        };
+        if table.sweep_at.is_none_or(|s| now + self.bank.echo_timeout < s) {
+            link.wake_reader.notify_one();
+        }
+        let digits = stan.to_de11();
+        let at = self.bank.framing.begin(out);
+        let mut enc = Encoder::new(&self.bank.dialect, out, Mti::NETWORK);
+        let ok = enc.field(7, &transmission_time()).is_ok()
+            && enc.field(11, &digits).is_ok()
+            && enc.field(70, b"301").is_ok();
+        if ok {
+            enc.finish();
+        } else {
+            drop(enc);
+        }
+        ok && self.bank.framing.finish(out, at).is_ok()
+    }
+}
+
+/// DE7 (MMDDhhmmss, UTC) for messages the switch originates.
+pub fn transmission_time() -> [u8; 10] {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (month, day) = month_day(secs / 86_400);
+    let rem = secs % 86_400;
+    let parts = [month, day, rem / 3600, rem % 3600 / 60, rem % 60];
+    let mut out = [b'0'; 10];
+    for (i, v) in parts.into_iter().enumerate() {
+        out[2 * i] = b'0' + (v / 10 % 10) as u8;
+        out[2 * i + 1] = b'0' + (v % 10) as u8;
+    }
+    out
+}
+
+/// Month and day of a day count since 1970-01-01 (civil calendar, proleptic Gregorian).
+fn month_day(days: u64) -> (u64, u64) {
+    // Howard Hinnant's days-to-civil algorithm.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (month, day)
+}
+
+async fn write_flush<W: AsyncWriteExt + Unpin>(wr: &mut W, out: &[u8]) -> std::io::Result<()> {
+    wr.write_all(out).await?;
+    wr.flush().await
+}
+
+struct LinkTable {
+    inflight: InflightTable<Waiter>,
+    /// The deadline the reader sleeps until (None: no deadline pending).
+    sweep_at: Option<std::time::Instant>,
+}
+
+struct Link {
+    table: Mutex<LinkTable>,
+    wake_reader: Notify,
+}
+
+/// The table lock is never held across `.await`; a poisoned lock means a bug
+/// panicked while holding it, and the table is still structurally sound.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Why a link ended.
+#[derive(Debug, thiserror::Error)]
+enum LinkEnd {
+    #[error("bank closed the connection")]
+    Closed,
+    #[error("i/o error: {0}")]
+    Io(std::io::Error),
+    #[error("unframeable stream: {0}")]
+    Frame(crate::wire::FrameError),
+    #[error("echo unanswered")]
+    EchoTimeout,
+    #[error("shutdown")]
+    Shutdown,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates() {
+        assert_eq!(month_day(0), (1, 1));
+        assert_eq!(month_day(59), (3, 1)); // 1970 is not a leap year
+        assert_eq!(month_day(20_454), (1, 1)); // 2026-01-01
+        assert_eq!(month_day(20_512), (2, 28));
+        assert_eq!(month_day(19_782), (2, 29)); // 2024-02-29
+    }
+}

@@ -1,0 +1,246 @@
+//! Acquirer sessions: accept mutual TLS, name the institution from its
+//! certificate, read frames, admit or decline, and write answers in batches.
+
+use super::connector::Connector;
+use super::{encode_reply, Pending, Reply};
+use crate::config::Config;
+use crate::core::validate::{admit, Admission};
+use crate::core::{InstitutionId, ResponseCode};
+use crate::tls::connection_identity;
+use crate::wire::{FrameDecoder, Location, Message};
+use bytes::BytesMut;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Read buffer of one acquirer session, bytes.
+const SESSION_READ_BUFFER_BYTES: usize = 32 * 1024;
+/// Answers taken from the channel per write (one flush per batch).
+const SESSION_WRITE_BATCH_MAX: usize = 512;
+
+/// Everything a session needs, shared by all sessions.
+pub struct Ingress {
+    config: Arc<Config>,
+    connectors: Vec<Arc<Connector>>,
+    by_certificate: HashMap<String, InstitutionId>,
+    connections: AtomicUsize,
+}
+
+impl Ingress {
+    /// Shared session state over a validated config and its connectors.
+    pub fn new(config: Arc<Config>, connectors: Vec<Arc<Connector>>) -> Arc<Ingress> {
+        let by_certificate = config.institutions_by_certificate();
+        Arc::new(Ingress { config, connectors, by_certificate, connections: AtomicUsize::new(0) })
+    }
+
+    /// Acquirer connections open now.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Accepts acquirer connections until `shutdown`.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let acceptor = TlsAcceptor::from(tls);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors and the like: keep serving the others.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        continue;
+                    }
+                },
+            };
+            if self.connections.fetch_add(1, Ordering::AcqRel) >= self.config.connections_max {
+                self.connections.fetch_sub(1, Ordering::AcqRel);
+                metrics::counter!("switchyard_connections_refused_total", "reason" => "limit")
+                    .increment(1);
+                warn!(%peer, limit = self.config.connections_max, "connection refused: limit");
+                continue;
+            }
+            let this = self.clone();
+            let acceptor = acceptor.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                this.connection(tcp, peer, acceptor, shutdown).await;
+                this.connections.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
+    }
+
+    async fn connection(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        acceptor: TlsAcceptor,
+        shutdown: CancellationToken,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        let handshake = tokio::time::timeout(self.config.handshake_timeout, acceptor.accept(tcp));
+        let tls = match handshake.await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                metrics::counter!("switchyard_handshakes_failed_total").increment(1);
+                info!(%peer, error = %e, "TLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                metrics::counter!("switchyard_handshakes_failed_total").increment(1);
+                info!(%peer, "TLS handshake timed out");
+                return;
+            }
+        };
+        let identity = connection_identity(tls.get_ref().1, self.config.identity);
+        let institution = match identity.as_ref().map(|name| self.by_certificate.get(name)) {
+            Ok(Some(id)) => *id,
+            Ok(None) => {
+                metrics::counter!("switchyard_connections_refused_total", "reason" => "unknown_institution")
+                    .increment(1);
+                warn!(%peer, identity = ?identity, "certificate names no configured institution");
+                return;
+            }
+            Err(e) => {
+                warn!(%peer, error = %e, "certificate carries no institution identity");
+                return;
+            }
+        };
+        info!(%peer, %institution, "acquirer session open");
+        self.session(tls, institution, &shutdown).await;
+        info!(%peer, %institution, "acquirer session closed");
+    }
+
+    async fn session(&self, tls: TlsStream<TcpStream>, institution: InstitutionId, shutdown: &CancellationToken) {
+        let (rd, wr) = tokio::io::split(tls);
+        let (tx, rx) = mpsc::channel::<Reply>(self.config.inflight_per_connection_max);
+        let reader = self.read_loop(rd, tx, institution, shutdown);
+        let writer = self.write_loop(wr, rx);
+        tokio::pin!(reader, writer);
+        tokio::select! {
+            // The peer stopped reading or went away: nothing more can reach it.
+            _ = &mut writer => {}
+            // The peer stopped sending: answer what is in flight, then close.
+            _ = &mut reader => { writer.await; }
+        }
+    }
+
+    async fn read_loop(
+        &self,
+        mut rd: tokio::io::ReadHalf<TlsStream<TcpStream>>,
+        tx: mpsc::Sender<Reply>,
+        institution: InstitutionId,
+        shutdown: &CancellationToken,
+    ) {
+        let decoder = FrameDecoder::new(self.config.framing, self.config.frame_size_max_bytes);
+        let mut buf = BytesMut::with_capacity(SESSION_READ_BUFFER_BYTES);
+        loop {
+            loop {
+                let frame = match decoder.decode(&mut buf) {
+                    Ok(Some(frame)) => frame,
+                    Ok(None) => break,
+                    Err(e) => {
+                        metrics::counter!("switchyard_rejected_input_total", "reason" => "frame").increment(1);
+                        warn!(%institution, error = %e, "unframeable input: closing connection");
+                        return;
+                    }
+                };
+                // Wait for room on the answer channel: a peer with too many requests in
+                // flight is simply not read further until answers go out.
+                let Ok(permit) = tx.clone().reserve_owned().await else { return };
+                self.on_request(frame, permit, institution);
+            }
+            if buf.capacity() - buf.len() < 4096 {
+                buf.reserve(SESSION_READ_BUFFER_BYTES);
+            }
+            let read = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                read = rd.read_buf(&mut buf) => read,
+            };
+            match read {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) => {
+                    debug!(%institution, error = %e, "read failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_request(&self, frame: bytes::Bytes, permit: mpsc::OwnedPermit<Reply>, institution: InstitutionId) {
+        let (msg, error) = Message::decode_partial(&self.config.dialect, frame);
+        if let Some(e) = error {
+            metrics::counter!("switchyard_rejected_input_total", "reason" => "format").increment(1);
+            warn!(%institution, error = %e, "request does not match the dialect");
+            if e.location == Location::Mti || !msg.mti().is_request() {
+                return; // no answer can be formed; the permit returns unused
+            }
+            permit.send(Reply::Switch { request: msg, code: ResponseCode::FormatError });
+            return;
+        }
+        match admit(&msg, institution, &self.config.routes) {
+            Admission::Forward { bank, .. } => {
+                let connector = &self.connectors[usize::from(bank)];
+                let received_at = Instant::now();
+                let deadline = received_at + connector.bank().request_timeout;
+                let pending = Pending { request: msg, reply: permit, acquirer: institution, received_at, deadline };
+                connector.submit(pending);
+            }
+            Admission::Network(code) => {
+                permit.send(Reply::Switch { request: msg, code });
+            }
+            Admission::Decline(code, reason) => {
+                metrics::counter!("switchyard_declined_total", "code" => code.as_str(), "reason" => reason.as_str())
+                    .increment(1);
+                warn!(%institution, mti = %msg.mti(), code = %code, %reason, "request declined by the switch");
+                permit.send(Reply::Switch { request: msg, code });
+            }
+            Admission::Unsolicited => {
+                metrics::counter!("switchyard_rejected_input_total", "reason" => "unsolicited").increment(1);
+                warn!(%institution, mti = %msg.mti(), "answer MTI from an acquirer dropped");
+            }
+        }
+    }
+
+    async fn write_loop(&self, mut wr: tokio::io::WriteHalf<TlsStream<TcpStream>>, mut rx: mpsc::Receiver<Reply>) {
+        let mut batch = Vec::with_capacity(SESSION_WRITE_BATCH_MAX);
+        let mut out = BytesMut::with_capacity(64 * 1024);
+        loop {
+            if rx.recv_many(&mut batch, SESSION_WRITE_BATCH_MAX).await == 0 {
+                let _ = wr.shutdown().await;
+                return;
+            }
+            for reply in batch.drain(..) {
+                if !encode_reply(&reply, &self.config.dialect, self.config.framing, &mut out) {
+                    metrics::counter!("switchyard_encode_failures_total").increment(1);
+                    warn!("answer could not be encoded in the acquirer's dialect");
+                }
+            }
+            let written = async {
+                wr.write_all(&out).await?;
+                wr.flush().await
+            };
+            if let Err(e) = written.await {
+                debug!(error = %e, "write to acquirer failed");
+                return;
+            }
+            out.clear();
+        }
+    }
+}

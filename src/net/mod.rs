@@ -1,0 +1,104 @@
+//! Transport around the switch core: acquirer sessions and bank connectors.
+//!
+//! These tasks only move bytes and wake each other; decisions come from
+//! [`crate::core`].
+
+pub mod connector;
+pub mod ingress;
+
+use crate::core::{InstitutionId, ResponseCode};
+use crate::wire::{Dialect, Encoder, Framing, Message};
+use bytes::BytesMut;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc::OwnedPermit;
+
+/// A request on its way through the switch, holding its answer slot.
+///
+/// The slot is a reserved place on the acquirer session's bounded answer channel,
+/// taken before the request was read further, so delivering the answer never waits
+/// and never fails for lack of room. Every `Pending` ends in exactly one
+/// [`Reply`] (or, if its session is gone, in the slot being dropped).
+pub struct Pending {
+    /// The request as the acquirer sent it.
+    pub request: Message,
+    /// Where the answer goes.
+    pub reply: OwnedPermit<Reply>,
+    /// The sender's institution (from its certificate).
+    pub acquirer: InstitutionId,
+    /// When the request was read.
+    pub received_at: Instant,
+    /// When the acquirer must have its answer.
+    pub deadline: Instant,
+}
+
+impl Pending {
+    /// Answers with a switch-produced code.
+    pub fn answer_with(self, code: ResponseCode) {
+        self.reply.send(Reply::Switch { request: self.request, code });
+    }
+}
+
+/// An answer for an acquirer session's writer to encode.
+pub enum Reply {
+    /// The bank's answer, to be returned with the acquirer's own DE11.
+    Bank {
+        /// The acquirer's request.
+        request: Message,
+        /// The bank's answer.
+        answer: Message,
+        /// The dialect the answer was decoded under.
+        dialect: Arc<Dialect>,
+    },
+    /// An answer the switch gives itself (decline, 0810, format error).
+    Switch {
+        /// The request (possibly only partly decoded).
+        request: Message,
+        /// DE39.
+        code: ResponseCode,
+    },
+}
+
+/// Fields a switch-produced answer copies from the request (ascending; 39 is the code).
+const ECHOED: [u8; 18] = [2, 3, 4, 7, 11, 12, 13, 32, 37, 39, 41, 42, 49, 70, 90, 100, 102, 103];
+
+/// Appends one framed answer to `out`. Returns false (and appends nothing) when the
+/// answer could not be encoded; the caller counts it.
+pub fn encode_reply(reply: &Reply, dialect: &Dialect, framing: Framing, out: &mut BytesMut) -> bool {
+    let at = framing.begin(out);
+    let ok = match reply {
+        Reply::Bank { request, answer, dialect: from } => {
+            let stan = request.field(11).unwrap_or(b"000000");
+            let changes = [crate::wire::Change::Set(11, stan)];
+            crate::wire::reencode(answer, from, dialect, answer.mti(), &changes, out).is_ok()
+        }
+        Reply::Switch { request, code } => encode_switch_answer(request, *code, dialect, out),
+    };
+    if !ok || framing.finish(out, at).is_err() {
+        out.truncate(at);
+        return false;
+    }
+    true
+}
+
+fn encode_switch_answer(request: &Message, code: ResponseCode, d: &Dialect, out: &mut BytesMut) -> bool {
+    let Some(mti) = request.mti().response() else {
+        return false;
+    };
+    let start = out.len();
+    let mut enc = Encoder::new(d, out, mti);
+    let mut ok = true;
+    for n in ECHOED {
+        let value = if n == 39 { Some(&code.as_bytes()[..]) } else { request.field(n) };
+        if let Some(value) = value {
+            ok &= enc.field(n, value).is_ok();
+        }
+    }
+    if ok {
+        enc.finish();
+    } else {
+        drop(enc);
+        out.truncate(start);
+    }
+    ok
+}

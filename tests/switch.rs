@@ -1,0 +1,278 @@
+//! End-to-end tests over real mutual TLS on 127.0.0.1:0, certificates made in the test.
+
+use bytes::{Bytes, BytesMut};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use switchyard::demo::{Testbed, TestbedOptions};
+use switchyard::wire::{Dialect, Encoder, FrameDecoder, Framing, Message, Mti};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+/// Bound on any single wait in these tests; never reached when things work.
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Client {
+    stream: TlsStream<TcpStream>,
+    buf: BytesMut,
+    dialect: Dialect,
+}
+
+impl Client {
+    async fn connect(bed: &Testbed, tls: Arc<rustls::ClientConfig>) -> std::io::Result<Client> {
+        let tcp = TcpStream::connect(bed.switch_addr).await?;
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+        Ok(Client { stream, buf: BytesMut::new(), dialect: Dialect::iso87_ascii() })
+    }
+
+    async fn as_institution(bed: &Testbed, id: &str) -> Client {
+        Client::connect(bed, bed.client_tls(id).unwrap()).await.unwrap()
+    }
+
+    async fn send_raw(&mut self, message: &[u8]) {
+        let mut out = BytesMut::new();
+        Framing::U16be.write(&mut out, message).unwrap();
+        self.stream.write_all(&out).await.unwrap();
+        self.stream.flush().await.unwrap();
+    }
+
+    async fn send(&mut self, mti: Mti, fields: &[(u8, &[u8])]) {
+        let mut out = BytesMut::new();
+        let mut enc = Encoder::new(&self.dialect, &mut out, mti);
+        for (n, v) in fields {
+            enc.field(*n, v).unwrap();
+        }
+        enc.finish();
+        self.send_raw(&out).await;
+    }
+
+    /// The next answer, or None if the switch closed the connection.
+    async fn recv(&mut self) -> Option<Message> {
+        let decoder = FrameDecoder::new(Framing::U16be, 8192);
+        let read = async {
+            loop {
+                if let Some(frame) = decoder.decode(&mut self.buf).unwrap() {
+                    return Some(frame);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let frame: Bytes = tokio::time::timeout(WAIT, read).await.expect("answer in time")?;
+        Some(Message::decode(&self.dialect, frame).expect("switch answers decode"))
+    }
+}
+
+fn payment<'a>(stan: &'a [u8], acquirer: &'a [u8], pan: &'a [u8], amount: &'a [u8]) -> Vec<(u8, &'a [u8])> {
+    vec![
+        (2, pan),
+        (3, b"000000"),
+        (4, amount),
+        (7, b"1125120000"),
+        (11, stan),
+        (12, b"120000"),
+        (13, b"1125"),
+        (32, acquirer),
+        (37, b"532912000001"),
+        (41, b"TERM0001"),
+        (42, b"MERCHANT0000001"),
+        (49, b"978"),
+    ]
+}
+
+fn code(m: &Message) -> &[u8] {
+    m.field(39).unwrap_or(b"--")
+}
+
+async fn testbed(opts: TestbedOptions) -> Testbed {
+    Testbed::start(opts).await.expect("test bed starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approve_decline_and_field_echo() {
+    let bed = testbed(TestbedOptions::default()).await;
+    let mut c = Client::as_institution(&bed, "100001").await;
+    c.send(Mti::FINANCIAL, &payment(b"000042", b"100001", b"4111111111111111", b"000000001000")).await;
+    let a = c.recv().await.unwrap();
+    assert_eq!(a.mti(), Mti::FINANCIAL_RESPONSE);
+    assert_eq!(code(&a), b"00");
+    assert_eq!(a.field(11), Some(&b"000042"[..]), "acquirer's STAN restored");
+    assert_eq!(a.field(37), Some(&b"532912000001"[..]));
+    assert_eq!(a.field(38).map(|v| v.len()), Some(6), "approval code");
+    assert_eq!(bed.banks[0].stats.requests.load(Ordering::Relaxed), 1, "routed by PAN prefix 4");
+
+    c.send(Mti::FINANCIAL, &payment(b"000043", b"100001", b"5500000000000004", b"000000001051")).await;
+    let d = c.recv().await.unwrap();
+    assert_eq!((code(&d), d.field(11)), (&b"51"[..], Some(&b"000043"[..])));
+    assert_eq!(bed.banks[1].stats.requests.load(Ordering::Relaxed), 1, "routed by PAN prefix 5");
+
+    // DE100 beats the PAN prefix.
+    let mut f = payment(b"000044", b"100001", b"4111111111111111", b"000000002000");
+    f.push((100, b"200003"));
+    c.send(Mti::AUTHORIZATION, &f).await;
+    let r = c.recv().await.unwrap();
+    assert_eq!((r.mti(), code(&r)), (Mti::AUTHORIZATION_RESPONSE, &b"00"[..]));
+    assert_eq!(bed.banks[2].stats.requests.load(Ordering::Relaxed), 1);
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switch_declines_no_route_wrong_acquirer_and_answers_echo() {
+    let bed = testbed(TestbedOptions::default()).await;
+    let mut c = Client::as_institution(&bed, "100002").await;
+    c.send(Mti::FINANCIAL, &payment(b"000001", b"100002", b"9999999999999999", b"000000001000")).await;
+    let a = c.recv().await.unwrap();
+    assert_eq!((a.mti(), code(&a), a.field(11)), (Mti::FINANCIAL_RESPONSE, &b"92"[..], Some(&b"000001"[..])));
+
+    // DE32 names another institution than the certificate.
+    c.send(Mti::FINANCIAL, &payment(b"000002", b"100001", b"4111111111111111", b"000000001000")).await;
+    let a = c.recv().await.unwrap();
+    assert_eq!((code(&a), a.field(11)), (&b"58"[..], Some(&b"000002"[..])));
+    assert_eq!(bed.banks[0].stats.requests.load(Ordering::Relaxed), 0, "never forwarded");
+
+    c.send(Mti::NETWORK, &[(7, b"1125120000"), (11, b"000003"), (70, b"301")]).await;
+    let e = c.recv().await.unwrap();
+    assert_eq!(e.mti(), Mti::NETWORK_RESPONSE);
+    assert_eq!((code(&e), e.field(70), e.field(11)), (&b"00"[..], Some(&b"301"[..]), Some(&b"000003"[..])));
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_without_certificate_is_refused() {
+    let bed = testbed(TestbedOptions { banks: 1, ..TestbedOptions::default() }).await;
+    let anonymous = switchyard::tls::client_config_anonymous(&[bed.ca.ca_der()]).unwrap();
+    // TLS 1.3: the client may finish its side before the server's refusal arrives, so
+    // the refusal shows either at connect or at the first read.
+    if let Ok(mut c) = Client::connect(&bed, anonymous).await {
+        c.send(Mti::NETWORK, &[(7, b"1125120000"), (11, b"000001"), (70, b"301")]).await;
+        assert!(c.recv().await.is_none(), "no answer without a certificate");
+    }
+    // A certificate from another CA is refused too.
+    let other = switchyard::certs::DevCa::new("someone else").unwrap();
+    let issued = other.issue_client("100001").unwrap();
+    let tls = switchyard::tls::client_config(&[bed.ca.ca_der()], issued.chain().unwrap(), issued.key().unwrap()).unwrap();
+    if let Ok(mut c) = Client::connect(&bed, tls).await {
+        c.send(Mti::NETWORK, &[(7, b"1125120000"), (11, b"000001"), (70, b"301")]).await;
+        assert!(c.recv().await.is_none(), "no answer with a foreign certificate");
+    }
+    // A valid certificate for an institution not in config is refused after the handshake.
+    let mut c = Client::as_institution(&bed, "100999").await;
+    c.send(Mti::NETWORK, &[(7, b"1125120000"), (11, b"000001"), (70, b"301")]).await;
+    assert!(c.recv().await.is_none(), "unknown institution");
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bank_down_answers_91_without_waiting_for_the_deadline() {
+    // The deadline is a minute: a 91 well inside the test's wait cannot be a timeout.
+    let opts = TestbedOptions { banks: 1, banks_down: 1, request_timeout_ms: 60_000, ..TestbedOptions::default() };
+    let bed = testbed(opts).await;
+    let down = bed.banks_down[0].clone();
+    let mut c = Client::as_institution(&bed, "100001").await;
+    let mut f = payment(b"000007", b"100001", b"4111111111111111", b"000000001000");
+    f.push((100, down.as_bytes()));
+    c.send(Mti::FINANCIAL, &f).await;
+    let a = c.recv().await.unwrap();
+    assert_eq!((code(&a), a.field(11)), (&b"91"[..], Some(&b"000007"[..])));
+    // The live bank still serves.
+    c.send(Mti::FINANCIAL, &payment(b"000008", b"100001", b"4111111111111111", b"000000001000")).await;
+    assert_eq!(code(&c.recv().await.unwrap()), b"00");
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_bank_gets_68_at_deadline_and_late_answer_is_dropped() {
+    let opts = TestbedOptions {
+        banks: 1,
+        links: 1,
+        request_timeout_ms: 200,
+        bank_latency: Duration::from_millis(600),
+        ..TestbedOptions::default()
+    };
+    let bed = testbed(opts).await;
+    let mut c = Client::as_institution(&bed, "100001").await;
+    c.send(Mti::FINANCIAL, &payment(b"000100", b"100001", b"4111111111111111", b"000000001000")).await;
+    let a = c.recv().await.unwrap();
+    assert_eq!((a.mti(), code(&a), a.field(11)), (Mti::FINANCIAL_RESPONSE, &b"68"[..], Some(&b"000100"[..])));
+    // Wait until the bank's late answer has reached the switch and been dropped.
+    let connector = bed.switch.connectors()[0].clone();
+    let seen = async {
+        while connector.stats.unmatched.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, seen).await.expect("late answer arrives");
+    // The next thing on the connection is the echo answer, not a second 0210.
+    c.send(Mti::NETWORK, &[(7, b"1125120000"), (11, b"000101"), (70, b"301")]).await;
+    let e = c.recv().await.unwrap();
+    assert_eq!((e.mti(), e.field(11)), (Mti::NETWORK_RESPONSE, Some(&b"000101"[..])));
+    assert_eq!(connector.stats.timed_out.load(Ordering::Relaxed), 1);
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_input_on_one_connection_does_not_disturb_another() {
+    let bed = testbed(TestbedOptions::default()).await;
+    let mut good = Client::as_institution(&bed, "100001").await;
+    let mut bad = Client::as_institution(&bed, "100002").await;
+    // A bitmap announcing DE2 with a length beyond its maximum: answered 30, DE11 absent.
+    let mut msg = b"0200".to_vec();
+    msg.extend_from_slice(&[0x40, 0, 0, 0, 0, 0, 0, 0]);
+    msg.extend_from_slice(b"994111");
+    bad.send_raw(&msg).await;
+    let a = bad.recv().await.unwrap();
+    assert_eq!((a.mti(), code(&a)), (Mti::FINANCIAL_RESPONSE, &b"30"[..]));
+    // A non-digit in DE4: answered 30, echoing DE3 (decoded before the error).
+    let mut out = BytesMut::new();
+    let d = Dialect::iso87_ascii();
+    let mut enc = Encoder::new(&d, &mut out, Mti::FINANCIAL);
+    for (n, v) in [(3u8, &b"000000"[..]), (4, b"000000001000"), (11, b"000009")] {
+        enc.field(n, v).unwrap();
+    }
+    enc.finish();
+    let at = out.iter().position(|&b| b == b'1').unwrap();
+    out[at] = b'X';
+    bad.send_raw(&out).await;
+    let a = bad.recv().await.unwrap();
+    assert_eq!((code(&a), a.field(3), a.field(11)), (&b"30"[..], Some(&b"000000"[..]), None));
+    // Meanwhile the good connection is served.
+    for i in 0..20u32 {
+        let stan = format!("{:06}", 200 + i);
+        good.send(Mti::FINANCIAL, &payment(stan.as_bytes(), b"100001", b"4111111111111111", b"000000001000")).await;
+        let a = good.recv().await.unwrap();
+        assert_eq!((code(&a), a.field(11)), (&b"00"[..], Some(stan.as_bytes())));
+    }
+    // Random bytes then an oversized length header: the bad connection is closed.
+    bad.send_raw(&[0xde, 0xad, 0xbe, 0xef]).await;
+    bad.stream.write_all(&[0xff, 0xff, 1, 2, 3]).await.unwrap();
+    let _ = bad.stream.flush().await;
+    while bad.recv_any().await.is_some() {}
+    // And the good one still is served.
+    good.send(Mti::FINANCIAL, &payment(b"000999", b"100001", b"4111111111111111", b"000000001000")).await;
+    assert_eq!(code(&good.recv().await.unwrap()), b"00");
+    assert!(bed.switch.connectors()[0].links_up() > 0);
+    bed.stop().await;
+}
+
+impl Client {
+    /// Any next frame (decoded or not), None on close.
+    async fn recv_any(&mut self) -> Option<Bytes> {
+        let decoder = FrameDecoder::new(Framing::U16be, 8192);
+        let read = async {
+            loop {
+                if let Ok(Some(frame)) = decoder.decode(&mut self.buf) {
+                    return Some(frame);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, read).await.expect("close in time")
+    }
+}
