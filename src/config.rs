@@ -337,21 +337,28 @@ pub struct Config {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Io { file: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            file: path.to_owned(),
+            source,
+        })?;
         Config::parse(&text, path)
     }
 
     /// Validates config text; `path` names it in errors and anchors relative paths.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let file: File = toml::from_str(text)
-            .map_err(|e| ConfigError::Toml { file: path.to_owned(), source: Box::new(e) })?;
+        let file: File = toml::from_str(text).map_err(|e| ConfigError::Toml {
+            file: path.to_owned(),
+            source: Box::new(e),
+        })?;
         Checker { file: path }.build(file)
     }
 
     /// The certificate name → institution map used at handshake.
     pub fn institutions_by_certificate(&self) -> HashMap<String, InstitutionId> {
-        self.institutions.iter().map(|i| (i.certificate_name.clone(), i.id)).collect()
+        self.institutions
+            .iter()
+            .map(|i| (i.certificate_name.clone(), i.id))
+            .collect()
     }
 }
 
@@ -397,11 +404,15 @@ impl Checker<'_> {
         } else {
             self.path(Path::new(name)).to_string_lossy().into_owned()
         };
-        Dialect::load(&resolved).map(Arc::new).map_err(|e| self.invalid(key, e.to_string()))
+        Dialect::load(&resolved)
+            .map(Arc::new)
+            .map_err(|e| self.invalid(key, e.to_string()))
     }
 
     fn id(&self, key: &str, value: &str) -> Result<InstitutionId, ConfigError> {
-        value.parse().map_err(|_| self.invalid(key, format!("must be 1 to 11 digits, found {value:?}")))
+        value
+            .parse()
+            .map_err(|_| self.invalid(key, format!("must be 1 to 11 digits, found {value:?}")))
     }
 
     fn build(&self, f: File) -> Result<Config, ConfigError> {
@@ -409,13 +420,37 @@ impl Checker<'_> {
         let worker_threads = self.range("switch.worker_threads", s.worker_threads, 1, 256, "")?;
         let dialect = self.dialect("switch.dialect", &s.dialect)?;
         let t = &f.tls;
-        self.range("tls.handshake_timeout_ms", t.handshake_timeout_ms, 100, 120_000, "ms")?;
+        self.range(
+            "tls.handshake_timeout_ms",
+            t.handshake_timeout_ms,
+            100,
+            120_000,
+            "ms",
+        )?;
         let l = &f.limits;
         let frame_max = l.frame_size_max_bytes;
-        self.range("limits.frame_size_max_bytes", frame_max, 64, 65_535, "bytes")?;
-        self.range("limits.connections_max", l.connections_max, 1, 1_000_000, "")?;
+        self.range(
+            "limits.frame_size_max_bytes",
+            frame_max,
+            64,
+            65_535,
+            "bytes",
+        )?;
+        self.range(
+            "limits.connections_max",
+            l.connections_max,
+            1,
+            1_000_000,
+            "",
+        )?;
         let inflight = l.inflight_per_connection_max;
-        self.range("limits.inflight_per_connection_max", inflight, 1, 65_536, "")?;
+        self.range(
+            "limits.inflight_per_connection_max",
+            inflight,
+            1,
+            65_536,
+            "",
+        )?;
         let institutions = self.institutions(&f.institution)?;
         let banks = f
             .bank
@@ -451,7 +486,10 @@ impl Checker<'_> {
         let mut out: Vec<Institution> = Vec::with_capacity(list.len());
         for (i, inst) in list.iter().enumerate() {
             let id = self.id(&format!("institution[{i}].id"), &inst.id)?;
-            let certificate_name = inst.certificate_name.clone().unwrap_or_else(|| inst.id.clone());
+            let certificate_name = inst
+                .certificate_name
+                .clone()
+                .unwrap_or_else(|| inst.id.clone());
             if out.iter().any(|o| o.id == id) {
                 return Err(self.invalid(format!("institution[{i}].id"), "defined twice"));
             }
@@ -459,7 +497,11 @@ impl Checker<'_> {
                 let key = format!("institution[{i}].certificate_name");
                 return Err(self.invalid(key, "names another institution's certificate too"));
             }
-            out.push(Institution { id, name: inst.name.clone(), certificate_name });
+            out.push(Institution {
+                id,
+                name: inst.name.clone(),
+                certificate_name,
+            });
         }
         Ok(out)
     }
@@ -473,12 +515,48 @@ impl Checker<'_> {
         }
         self.range(&k("links"), b.links, 1, LINKS_MAX, "")?;
         self.range(&k("queue_depth_max"), b.queue_depth_max, 1, 1_048_576, "")?;
-        self.range(&k("inflight_per_link_max"), b.inflight_per_link_max, 1, 100_000, "")?;
-        self.range(&k("request_timeout_ms"), b.request_timeout_ms, 10, 120_000, "ms")?;
-        self.range(&k("connect_timeout_ms"), b.connect_timeout_ms, 10, 120_000, "ms")?;
-        let min = self.range(&k("reconnect_backoff_min_ms"), b.reconnect_backoff_min_ms, 1, 60_000, "ms")?;
-        self.range(&k("reconnect_backoff_max_ms"), b.reconnect_backoff_max_ms, min, 600_000, "ms")?;
-        self.range(&k("echo_interval_ms"), b.echo_interval_ms, 100, 3_600_000, "ms")?;
+        self.range(
+            &k("inflight_per_link_max"),
+            b.inflight_per_link_max,
+            1,
+            100_000,
+            "",
+        )?;
+        self.range(
+            &k("request_timeout_ms"),
+            b.request_timeout_ms,
+            10,
+            120_000,
+            "ms",
+        )?;
+        self.range(
+            &k("connect_timeout_ms"),
+            b.connect_timeout_ms,
+            10,
+            120_000,
+            "ms",
+        )?;
+        let min = self.range(
+            &k("reconnect_backoff_min_ms"),
+            b.reconnect_backoff_min_ms,
+            1,
+            60_000,
+            "ms",
+        )?;
+        self.range(
+            &k("reconnect_backoff_max_ms"),
+            b.reconnect_backoff_max_ms,
+            min,
+            600_000,
+            "ms",
+        )?;
+        self.range(
+            &k("echo_interval_ms"),
+            b.echo_interval_ms,
+            100,
+            3_600_000,
+            "ms",
+        )?;
         self.range(&k("echo_timeout_ms"), b.echo_timeout_ms, 10, 120_000, "ms")?;
         self.range(&k("write_batch_max"), b.write_batch_max, 1, 65_536, "")?;
         let _ = frame_max;
@@ -541,13 +619,19 @@ mod tests {
     #[test]
     fn errors_name_file_key_and_problem() {
         let bad = SHIPPED.replacen("links = 2", "links = 0", 1);
-        let err = Config::parse(&bad, Path::new("s.toml")).unwrap_err().to_string();
+        let err = Config::parse(&bad, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "s.toml: bank[0].links: must be 1..=64, found 0");
         let bad = SHIPPED.replacen("bank = \"200001\"", "bank = \"777\"", 1);
-        let err = Config::parse(&bad, Path::new("s.toml")).unwrap_err().to_string();
+        let err = Config::parse(&bad, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
         assert_eq!(err, "s.toml: route[0].bank: no [[bank]] has id 777");
         let bad = format!("{SHIPPED}\n[limits]\nframes = 3\n");
-        let err = Config::parse(&bad, Path::new("s.toml")).unwrap_err().to_string();
+        let err = Config::parse(&bad, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("s.toml: "), "{err}");
     }
 }

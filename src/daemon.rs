@@ -68,10 +68,21 @@ impl Switch {
                 )
             })
             .collect();
-        let tasks = connectors.iter().flat_map(|c| c.spawn_links(&shutdown)).collect();
+        let tasks = connectors
+            .iter()
+            .flat_map(|c| c.spawn_links(&shutdown))
+            .collect();
         let tasks = std::sync::Mutex::new(tasks);
         let ingress = Ingress::new(config.clone(), connectors.clone());
-        Switch { config, tls, connectors, ingress, link_changed, shutdown, tasks }
+        Switch {
+            config,
+            tls,
+            connectors,
+            ingress,
+            link_changed,
+            shutdown,
+            tasks,
+        }
     }
 
     /// The configuration in force.
@@ -108,7 +119,10 @@ impl Switch {
 
     /// Serves acquirers on `listener` until [`Switch::shutdown`] is called.
     pub async fn serve(&self, listener: TcpListener) -> std::io::Result<()> {
-        let serving = self.ingress.clone().serve(listener, self.tls.server.clone(), self.shutdown.clone());
+        let serving =
+            self.ingress
+                .clone()
+                .serve(listener, self.tls.server.clone(), self.shutdown.clone());
         serving.await
     }
 

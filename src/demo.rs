@@ -107,15 +107,25 @@ impl Testbed {
                 seed: 0x5eed_0000 + i as u64,
             };
             let token = stop.clone();
-            let serve = banksim::serve(listener, server, sim, behavior.clone(), stats.clone(), async move {
-                token.cancelled().await
-            });
+            let serve = banksim::serve(
+                listener,
+                server,
+                sim,
+                behavior.clone(),
+                stats.clone(),
+                async move { token.cancelled().await },
+            );
             tasks.push(tokio::spawn(async move {
                 if let Err(e) = serve.await {
                     tracing::warn!(error = %e, "simulated bank stopped");
                 }
             }));
-            banks.push(SimBank { id, addr, behavior, stats });
+            banks.push(SimBank {
+                id,
+                addr,
+                behavior,
+                stats,
+            });
         }
         let mut down = Vec::new();
         for i in 0..opts.banks_down {
@@ -143,20 +153,36 @@ impl Testbed {
             anyhow::bail!("bank links did not come up within {LINKS_UP_TIMEOUT:?}");
         }
         if opts.banks_down > 0 {
-            let up = |s: &Switch| s.connectors()[..opts.banks].iter().all(|c| c.links_up() > 0);
+            let up = |s: &Switch| {
+                s.connectors()[..opts.banks]
+                    .iter()
+                    .all(|c| c.links_up() > 0)
+            };
             let deadline = tokio::time::Instant::now() + LINKS_UP_TIMEOUT;
             while !up(&switch) && tokio::time::Instant::now() < deadline {
                 let _ = switch.wait_links_up(Duration::from_millis(50)).await;
             }
         }
         let banks_down = down.into_iter().map(|(id, _)| id).collect();
-        Ok(Testbed { ca, switch_addr, banks, banks_down, switch, stop, tasks })
+        Ok(Testbed {
+            ca,
+            switch_addr,
+            banks,
+            banks_down,
+            switch,
+            stop,
+            tasks,
+        })
     }
 
     /// A client TLS config presenting a fresh certificate for `institution`.
     pub fn client_tls(&self, institution: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> {
         let issued = self.ca.issue_client(institution)?;
-        Ok(tls::client_config(&[self.ca.ca_der()], issued.chain()?, issued.key()?)?)
+        Ok(tls::client_config(
+            &[self.ca.ca_der()],
+            issued.chain()?,
+            issued.key()?,
+        )?)
     }
 
     /// Writes `ca.pem` and `<id>.pem`/`<id>.key` for each institution into `dir`.
@@ -187,11 +213,18 @@ fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, Socke
         "[tls]\nca_file = \"in-memory\"\ncert_file = \"in-memory\"\nkey_file = \"in-memory\"\n\
          client_cert_file = \"in-memory\"\nclient_key_file = \"in-memory\"\n"
     );
-    let _ = writeln!(t, "[limits]\ninflight_per_connection_max = {}\n", opts.inflight_per_connection_max);
+    let _ = writeln!(
+        t,
+        "[limits]\ninflight_per_connection_max = {}\n",
+        opts.inflight_per_connection_max
+    );
     for id in &opts.institutions {
         let _ = writeln!(t, "[[institution]]\nid = \"{id}\"\n");
     }
-    let all = banks.iter().map(|b| (b.id.as_str(), b.addr)).chain(down.iter().map(|(id, a)| (id.as_str(), *a)));
+    let all = banks
+        .iter()
+        .map(|b| (b.id.as_str(), b.addr))
+        .chain(down.iter().map(|(id, a)| (id.as_str(), *a)));
     for (i, (id, addr)) in all.enumerate() {
         let _ = writeln!(
             t,
@@ -222,7 +255,12 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<Summary> {
     let bed = Testbed::start(TestbedOptions::default()).await?;
     let identities = DEMO_INSTITUTIONS
         .iter()
-        .map(|id| Ok(Identity { institution: (*id).to_owned(), tls: bed.client_tls(id)? }))
+        .map(|id| {
+            Ok(Identity {
+                institution: (*id).to_owned(),
+                tls: bed.client_tls(id)?,
+            })
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let load = LoadOptions {
         target: bed.switch_addr,

@@ -15,7 +15,11 @@ use switchyard::loadgen::{self, LoadOptions};
 use switchyard::wire::{Dialect, Framing};
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "A payment switch: ISO 8583 over mutual TLS")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "A payment switch: ISO 8583 over mutual TLS"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -132,11 +136,17 @@ fn parse_framing(s: &str) -> Result<Framing, String> {
 fn init_logs(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -167,7 +177,15 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::GenCerts { out, config } => gen_certs(&out, &config),
-        Command::BankSim { listen, certs_dir, name, latency_ms, drop_per_million, dialect, framing } => {
+        Command::BankSim {
+            listen,
+            certs_dir,
+            name,
+            latency_ms,
+            drop_per_million,
+            dialect,
+            framing,
+        } => {
             init_logs("info");
             let ca = switchyard::tls::load_certs(&certs_dir.join("ca.pem"))?;
             let chain = switchyard::tls::load_certs(&certs_dir.join(format!("{name}.pem")))?;
@@ -179,16 +197,37 @@ fn main() -> anyhow::Result<()> {
                 frame_size_max_bytes: switchyard::config::FRAME_SIZE_MAX_BYTES_DEFAULT,
                 seed: 1,
             };
-            let behavior = Arc::new(Behavior::new(Duration::from_millis(latency_ms), drop_per_million));
+            let behavior = Arc::new(Behavior::new(
+                Duration::from_millis(latency_ms),
+                drop_per_million,
+            ));
             runtime(1)?.block_on(async move {
                 let listener = tokio::net::TcpListener::bind(listen).await?;
                 tracing::info!(%listen, %name, "bank simulator running");
                 let stats = Arc::new(BankStats::default());
-                banksim::serve(listener, server, opts, behavior, stats, daemon::terminate_signal()).await?;
+                banksim::serve(
+                    listener,
+                    server,
+                    opts,
+                    behavior,
+                    stats,
+                    daemon::terminate_signal(),
+                )
+                .await?;
                 Ok(())
             })
         }
-        Command::Loadgen { target, server_name, certs_dir, institution, destination, connections, window, duration, json } => {
+        Command::Loadgen {
+            target,
+            server_name,
+            certs_dir,
+            institution,
+            destination,
+            connections,
+            window,
+            duration,
+            json,
+        } => {
             init_logs("warn");
             let identities = loadgen::identities_from_dir(&certs_dir, &institution)?;
             let opts = LoadOptions {
@@ -214,13 +253,24 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Demo { duration, json, serve, certs_dir, connections, window } => {
+        Command::Demo {
+            duration,
+            json,
+            serve,
+            certs_dir,
+            connections,
+            window,
+        } => {
             init_logs("warn");
             let rt = runtime(2)?;
             if serve {
                 return rt.block_on(demo::serve_demo(&certs_dir, daemon::terminate_signal()));
             }
-            let opts = DemoOptions { duration: Duration::from_secs(duration), connections, window };
+            let opts = DemoOptions {
+                duration: Duration::from_secs(duration),
+                connections,
+                window,
+            };
             let summary = rt.block_on(demo::run_demo(opts))?;
             if json {
                 println!("{}", summary.demo_json());
@@ -236,10 +286,18 @@ fn gen_certs(out: &Path, config: &Path) -> anyhow::Result<()> {
     let c = Config::load(config)?;
     let ca = DevCa::new("switchyard development CA")?;
     certs::write_ca(out, &ca)?;
-    certs::write_issued(out, "switch", &ca.issue_server(&["localhost", "127.0.0.1", "switchyard"])?)?;
+    certs::write_issued(
+        out,
+        "switch",
+        &ca.issue_server(&["localhost", "127.0.0.1", "switchyard"])?,
+    )?;
     certs::write_issued(out, "switch-client", &ca.issue_client("switchyard")?)?;
     for inst in &c.institutions {
-        certs::write_issued(out, &inst.certificate_name, &ca.issue_client(&inst.certificate_name)?)?;
+        certs::write_issued(
+            out,
+            &inst.certificate_name,
+            &ca.issue_client(&inst.certificate_name)?,
+        )?;
     }
     for bank in &c.banks {
         let stem = format!("bank-{}", bank.id);

@@ -23,12 +23,20 @@ impl Client {
     async fn connect(bed: &Testbed, tls: Arc<rustls::ClientConfig>) -> std::io::Result<Client> {
         let tcp = TcpStream::connect(bed.switch_addr).await?;
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
-        Ok(Client { stream, buf: BytesMut::new(), dialect: Dialect::iso87_ascii() })
+        let stream = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await?;
+        Ok(Client {
+            stream,
+            buf: BytesMut::new(),
+            dialect: Dialect::iso87_ascii(),
+        })
     }
 
     async fn as_institution(bed: &Testbed, id: &str) -> Client {
-        Client::connect(bed, bed.client_tls(id).unwrap()).await.unwrap()
+        Client::connect(bed, bed.client_tls(id).unwrap())
+            .await
+            .unwrap()
     }
 
     async fn send_raw(&mut self, message: &[u8]) {
@@ -62,12 +70,19 @@ impl Client {
                 }
             }
         };
-        let frame: Bytes = tokio::time::timeout(WAIT, read).await.expect("answer in time")?;
+        let frame: Bytes = tokio::time::timeout(WAIT, read)
+            .await
+            .expect("answer in time")?;
         Some(Message::decode(&self.dialect, frame).expect("switch answers decode"))
     }
 }
 
-fn payment<'a>(stan: &'a [u8], acquirer: &'a [u8], pan: &'a [u8], amount: &'a [u8]) -> Vec<(u8, &'a [u8])> {
+fn payment<'a>(
+    stan: &'a [u8],
+    acquirer: &'a [u8],
+    pan: &'a [u8],
+    amount: &'a [u8],
+) -> Vec<(u8, &'a [u8])> {
     vec![
         (2, pan),
         (3, b"000000"),
@@ -96,26 +111,49 @@ async fn testbed(opts: TestbedOptions) -> Testbed {
 async fn approve_decline_and_field_echo() {
     let bed = testbed(TestbedOptions::default()).await;
     let mut c = Client::as_institution(&bed, "100001").await;
-    c.send(Mti::FINANCIAL, &payment(b"000042", b"100001", b"4111111111111111", b"000000001000")).await;
+    c.send(
+        Mti::FINANCIAL,
+        &payment(b"000042", b"100001", b"4111111111111111", b"000000001000"),
+    )
+    .await;
     let a = c.recv().await.unwrap();
     assert_eq!(a.mti(), Mti::FINANCIAL_RESPONSE);
     assert_eq!(code(&a), b"00");
-    assert_eq!(a.field(11), Some(&b"000042"[..]), "acquirer's STAN restored");
+    assert_eq!(
+        a.field(11),
+        Some(&b"000042"[..]),
+        "acquirer's STAN restored"
+    );
     assert_eq!(a.field(37), Some(&b"532912000001"[..]));
     assert_eq!(a.field(38).map(|v| v.len()), Some(6), "approval code");
-    assert_eq!(bed.banks[0].stats.requests.load(Ordering::Relaxed), 1, "routed by PAN prefix 4");
+    assert_eq!(
+        bed.banks[0].stats.requests.load(Ordering::Relaxed),
+        1,
+        "routed by PAN prefix 4"
+    );
 
-    c.send(Mti::FINANCIAL, &payment(b"000043", b"100001", b"5500000000000004", b"000000001051")).await;
+    c.send(
+        Mti::FINANCIAL,
+        &payment(b"000043", b"100001", b"5500000000000004", b"000000001051"),
+    )
+    .await;
     let d = c.recv().await.unwrap();
     assert_eq!((code(&d), d.field(11)), (&b"51"[..], Some(&b"000043"[..])));
-    assert_eq!(bed.banks[1].stats.requests.load(Ordering::Relaxed), 1, "routed by PAN prefix 5");
+    assert_eq!(
+        bed.banks[1].stats.requests.load(Ordering::Relaxed),
+        1,
+        "routed by PAN prefix 5"
+    );
 
     // DE100 beats the PAN prefix.
     let mut f = payment(b"000044", b"100001", b"4111111111111111", b"000000002000");
     f.push((100, b"200003"));
     c.send(Mti::AUTHORIZATION, &f).await;
     let r = c.recv().await.unwrap();
-    assert_eq!((r.mti(), code(&r)), (Mti::AUTHORIZATION_RESPONSE, &b"00"[..]));
+    assert_eq!(
+        (r.mti(), code(&r)),
+        (Mti::AUTHORIZATION_RESPONSE, &b"00"[..])
+    );
     assert_eq!(bed.banks[2].stats.requests.load(Ordering::Relaxed), 1);
     bed.stop().await;
 }
@@ -124,44 +162,90 @@ async fn approve_decline_and_field_echo() {
 async fn switch_declines_no_route_wrong_acquirer_and_answers_echo() {
     let bed = testbed(TestbedOptions::default()).await;
     let mut c = Client::as_institution(&bed, "100002").await;
-    c.send(Mti::FINANCIAL, &payment(b"000001", b"100002", b"9999999999999999", b"000000001000")).await;
+    c.send(
+        Mti::FINANCIAL,
+        &payment(b"000001", b"100002", b"9999999999999999", b"000000001000"),
+    )
+    .await;
     let a = c.recv().await.unwrap();
-    assert_eq!((a.mti(), code(&a), a.field(11)), (Mti::FINANCIAL_RESPONSE, &b"92"[..], Some(&b"000001"[..])));
+    assert_eq!(
+        (a.mti(), code(&a), a.field(11)),
+        (Mti::FINANCIAL_RESPONSE, &b"92"[..], Some(&b"000001"[..]))
+    );
 
     // DE32 names another institution than the certificate.
-    c.send(Mti::FINANCIAL, &payment(b"000002", b"100001", b"4111111111111111", b"000000001000")).await;
+    c.send(
+        Mti::FINANCIAL,
+        &payment(b"000002", b"100001", b"4111111111111111", b"000000001000"),
+    )
+    .await;
     let a = c.recv().await.unwrap();
     assert_eq!((code(&a), a.field(11)), (&b"58"[..], Some(&b"000002"[..])));
-    assert_eq!(bed.banks[0].stats.requests.load(Ordering::Relaxed), 0, "never forwarded");
+    assert_eq!(
+        bed.banks[0].stats.requests.load(Ordering::Relaxed),
+        0,
+        "never forwarded"
+    );
 
-    c.send(Mti::NETWORK, &[(7, b"1125120000"), (11, b"000003"), (70, b"301")]).await;
+    c.send(
+        Mti::NETWORK,
+        &[(7, b"1125120000"), (11, b"000003"), (70, b"301")],
+    )
+    .await;
     let e = c.recv().await.unwrap();
     assert_eq!(e.mti(), Mti::NETWORK_RESPONSE);
-    assert_eq!((code(&e), e.field(70), e.field(11)), (&b"00"[..], Some(&b"301"[..]), Some(&b"000003"[..])));
+    assert_eq!(
+        (code(&e), e.field(70), e.field(11)),
+        (&b"00"[..], Some(&b"301"[..]), Some(&b"000003"[..]))
+    );
     bed.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_without_certificate_is_refused() {
-    let bed = testbed(TestbedOptions { banks: 1, ..TestbedOptions::default() }).await;
+    let bed = testbed(TestbedOptions {
+        banks: 1,
+        ..TestbedOptions::default()
+    })
+    .await;
     let anonymous = switchyard::tls::client_config_anonymous(&[bed.ca.ca_der()]).unwrap();
     // TLS 1.3: the client may finish its side before the server's refusal arrives, so
     // the refusal shows either at connect or at the first read.
     if let Ok(mut c) = Client::connect(&bed, anonymous).await {
-        c.send(Mti::NETWORK, &[(7, b"1125120000"), (11, b"000001"), (70, b"301")]).await;
+        c.send(
+            Mti::NETWORK,
+            &[(7, b"1125120000"), (11, b"000001"), (70, b"301")],
+        )
+        .await;
         assert!(c.recv().await.is_none(), "no answer without a certificate");
     }
     // A certificate from another CA is refused too.
     let other = switchyard::certs::DevCa::new("someone else").unwrap();
     let issued = other.issue_client("100001").unwrap();
-    let tls = switchyard::tls::client_config(&[bed.ca.ca_der()], issued.chain().unwrap(), issued.key().unwrap()).unwrap();
+    let tls = switchyard::tls::client_config(
+        &[bed.ca.ca_der()],
+        issued.chain().unwrap(),
+        issued.key().unwrap(),
+    )
+    .unwrap();
     if let Ok(mut c) = Client::connect(&bed, tls).await {
-        c.send(Mti::NETWORK, &[(7, b"1125120000"), (11, b"000001"), (70, b"301")]).await;
-        assert!(c.recv().await.is_none(), "no answer with a foreign certificate");
+        c.send(
+            Mti::NETWORK,
+            &[(7, b"1125120000"), (11, b"000001"), (70, b"301")],
+        )
+        .await;
+        assert!(
+            c.recv().await.is_none(),
+            "no answer with a foreign certificate"
+        );
     }
     // A valid certificate for an institution not in config is refused after the handshake.
     let mut c = Client::as_institution(&bed, "100999").await;
-    c.send(Mti::NETWORK, &[(7, b"1125120000"), (11, b"000001"), (70, b"301")]).await;
+    c.send(
+        Mti::NETWORK,
+        &[(7, b"1125120000"), (11, b"000001"), (70, b"301")],
+    )
+    .await;
     assert!(c.recv().await.is_none(), "unknown institution");
     bed.stop().await;
 }
@@ -169,7 +253,12 @@ async fn client_without_certificate_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bank_down_answers_91_without_waiting_for_the_deadline() {
     // The deadline is a minute: a 91 well inside the test's wait cannot be a timeout.
-    let opts = TestbedOptions { banks: 1, banks_down: 1, request_timeout_ms: 60_000, ..TestbedOptions::default() };
+    let opts = TestbedOptions {
+        banks: 1,
+        banks_down: 1,
+        request_timeout_ms: 60_000,
+        ..TestbedOptions::default()
+    };
     let bed = testbed(opts).await;
     let down = bed.banks_down[0].clone();
     let mut c = Client::as_institution(&bed, "100001").await;
@@ -179,7 +268,11 @@ async fn bank_down_answers_91_without_waiting_for_the_deadline() {
     let a = c.recv().await.unwrap();
     assert_eq!((code(&a), a.field(11)), (&b"91"[..], Some(&b"000007"[..])));
     // The live bank still serves.
-    c.send(Mti::FINANCIAL, &payment(b"000008", b"100001", b"4111111111111111", b"000000001000")).await;
+    c.send(
+        Mti::FINANCIAL,
+        &payment(b"000008", b"100001", b"4111111111111111", b"000000001000"),
+    )
+    .await;
     assert_eq!(code(&c.recv().await.unwrap()), b"00");
     bed.stop().await;
 }
@@ -195,9 +288,16 @@ async fn silent_bank_gets_68_at_deadline_and_late_answer_is_dropped() {
     };
     let bed = testbed(opts).await;
     let mut c = Client::as_institution(&bed, "100001").await;
-    c.send(Mti::FINANCIAL, &payment(b"000100", b"100001", b"4111111111111111", b"000000001000")).await;
+    c.send(
+        Mti::FINANCIAL,
+        &payment(b"000100", b"100001", b"4111111111111111", b"000000001000"),
+    )
+    .await;
     let a = c.recv().await.unwrap();
-    assert_eq!((a.mti(), code(&a), a.field(11)), (Mti::FINANCIAL_RESPONSE, &b"68"[..], Some(&b"000100"[..])));
+    assert_eq!(
+        (a.mti(), code(&a), a.field(11)),
+        (Mti::FINANCIAL_RESPONSE, &b"68"[..], Some(&b"000100"[..]))
+    );
     // Wait until the bank's late answer has reached the switch and been dropped.
     let connector = bed.switch.connectors()[0].clone();
     let seen = async {
@@ -205,11 +305,20 @@ async fn silent_bank_gets_68_at_deadline_and_late_answer_is_dropped() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
-    tokio::time::timeout(WAIT, seen).await.expect("late answer arrives");
+    tokio::time::timeout(WAIT, seen)
+        .await
+        .expect("late answer arrives");
     // The next thing on the connection is the echo answer, not a second 0210.
-    c.send(Mti::NETWORK, &[(7, b"1125120000"), (11, b"000101"), (70, b"301")]).await;
+    c.send(
+        Mti::NETWORK,
+        &[(7, b"1125120000"), (11, b"000101"), (70, b"301")],
+    )
+    .await;
     let e = c.recv().await.unwrap();
-    assert_eq!((e.mti(), e.field(11)), (Mti::NETWORK_RESPONSE, Some(&b"000101"[..])));
+    assert_eq!(
+        (e.mti(), e.field(11)),
+        (Mti::NETWORK_RESPONSE, Some(&b"000101"[..]))
+    );
     assert_eq!(connector.stats.timed_out.load(Ordering::Relaxed), 1);
     bed.stop().await;
 }
@@ -238,11 +347,23 @@ async fn malformed_input_on_one_connection_does_not_disturb_another() {
     out[at] = b'X';
     bad.send_raw(&out).await;
     let a = bad.recv().await.unwrap();
-    assert_eq!((code(&a), a.field(3), a.field(11)), (&b"30"[..], Some(&b"000000"[..]), None));
+    assert_eq!(
+        (code(&a), a.field(3), a.field(11)),
+        (&b"30"[..], Some(&b"000000"[..]), None)
+    );
     // Meanwhile the good connection is served.
     for i in 0..20u32 {
         let stan = format!("{:06}", 200 + i);
-        good.send(Mti::FINANCIAL, &payment(stan.as_bytes(), b"100001", b"4111111111111111", b"000000001000")).await;
+        good.send(
+            Mti::FINANCIAL,
+            &payment(
+                stan.as_bytes(),
+                b"100001",
+                b"4111111111111111",
+                b"000000001000",
+            ),
+        )
+        .await;
         let a = good.recv().await.unwrap();
         assert_eq!((code(&a), a.field(11)), (&b"00"[..], Some(stan.as_bytes())));
     }
@@ -252,7 +373,11 @@ async fn malformed_input_on_one_connection_does_not_disturb_another() {
     let _ = bad.stream.flush().await;
     while bad.recv_any().await.is_some() {}
     // And the good one still is served.
-    good.send(Mti::FINANCIAL, &payment(b"000999", b"100001", b"4111111111111111", b"000000001000")).await;
+    good.send(
+        Mti::FINANCIAL,
+        &payment(b"000999", b"100001", b"4111111111111111", b"000000001000"),
+    )
+    .await;
     assert_eq!(code(&good.recv().await.unwrap()), b"00");
     assert!(bed.switch.connectors()[0].links_up() > 0);
     bed.stop().await;
@@ -273,6 +398,8 @@ impl Client {
                 }
             }
         };
-        tokio::time::timeout(WAIT, read).await.expect("close in time")
+        tokio::time::timeout(WAIT, read)
+            .await
+            .expect("close in time")
     }
 }

@@ -44,7 +44,9 @@ pub struct ConnectorStats {
     pub unmatched: AtomicU64,
 }
 
-/// What a link is waiting on under a STAN.
+/// What a link is waiting on under a STAN (requests dominate; boxing would
+/// allocate per request).
+#[allow(clippy::large_enum_variant)]
 enum Waiter {
     Acquirer(Pending),
     Echo,
@@ -121,7 +123,10 @@ impl Connector {
     }
 
     /// Starts one task per configured link; they run until `shutdown`.
-    pub fn spawn_links(self: &Arc<Self>, shutdown: &CancellationToken) -> Vec<tokio::task::JoinHandle<()>> {
+    pub fn spawn_links(
+        self: &Arc<Self>,
+        shutdown: &CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
         (0..self.bank.links)
             .map(|index| tokio::spawn(self.clone().link_slot(index, shutdown.clone())))
             .collect()
@@ -140,7 +145,11 @@ impl Connector {
                     let why = self.run_link(stream, &shutdown).await;
                     let left = self.links_up.fetch_sub(1, Ordering::AcqRel) - 1;
                     self.link_changed.notify_waiters();
-                    warn!(bank = %self.bank.id, link = index, reason = %why, links_up = left, "bank link down");
+                    if matches!(why, LinkEnd::Shutdown) {
+                        info!(bank = %self.bank.id, link = index, "bank link closed for shutdown");
+                    } else {
+                        warn!(bank = %self.bank.id, link = index, reason = %why, links_up = left, "bank link down");
+                    }
                     if left == 0 {
                         self.drain_stranded();
                     }
@@ -191,14 +200,21 @@ impl Connector {
         };
         match timeout(self.bank.connect_timeout, attempt).await {
             Ok(result) => result,
-            Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "connect timeout",
+            )),
         }
     }
 
     /// Runs one connected link until it fails or shutdown; answers everything still in
     /// flight on it with 91 before returning why it ended.
-    async fn run_link(&self, stream: TlsStream<TcpStream>, shutdown: &CancellationToken) -> LinkEnd {
-        let (rd, wr) = tokio::io::split(stream);
+    async fn run_link(
+        &self,
+        stream: TlsStream<TcpStream>,
+        shutdown: &CancellationToken,
+    ) -> LinkEnd {
+        let (rd, mut wr) = tokio::io::split(stream);
         let link = Link {
             table: Mutex::new(LinkTable {
                 inflight: InflightTable::new(self.bank.inflight_per_link_max),
@@ -208,9 +224,13 @@ impl Connector {
         };
         let end = tokio::select! {
             end = self.read_loop(&link, rd) => end,
-            end = self.write_loop(&link, wr) => end,
+            end = self.write_loop(&link, &mut wr) => end,
             _ = shutdown.cancelled() => LinkEnd::Shutdown,
         };
+        if matches!(end, LinkEnd::Shutdown) {
+            // Tell the bank we are leaving (TLS close_notify), bounded in time.
+            let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
+        }
         let mut table = lock(&link.table);
         let mut lost = 0u64;
         for (stan, waiter) in table.inflight.drain() {
@@ -301,7 +321,11 @@ impl Connector {
             Some(Waiter::Acquirer(p)) if Some(answer.mti()) == p.request.mti().response() => {
                 self.stats.answered.fetch_add(1, Ordering::Relaxed);
                 let dialect = self.bank.dialect.clone();
-                p.reply.send(Reply::Bank { request: p.request, answer, dialect });
+                p.reply.send(Reply::Bank {
+                    request: p.request,
+                    answer,
+                    dialect,
+                });
             }
             Some(Waiter::Acquirer(p)) => {
                 warn!(bank = %self.bank.id, mti = %answer.mti(), "bank answer with the wrong MTI");
@@ -320,13 +344,13 @@ impl Connector {
         }
     }
 
-    async fn write_loop(&self, link: &Link, mut wr: WriteHalf<TlsStream<TcpStream>>) -> LinkEnd {
+    async fn write_loop(&self, link: &Link, wr: &mut WriteHalf<TlsStream<TcpStream>>) -> LinkEnd {
         let mut out = BytesMut::with_capacity(64 * 1024);
         let mut last_write = Instant::now();
         loop {
             self.fill_batch(link, &mut out);
             if !out.is_empty() {
-                if let Err(e) = write_flush(&mut wr, &out).await {
+                if let Err(e) = write_flush(wr, &out).await {
                     return LinkEnd::Io(e);
                 }
                 out.clear();
@@ -345,7 +369,7 @@ impl Connector {
                     if !self.echo(link, &mut out) {
                         return LinkEnd::EchoTimeout;
                     }
-                    if let Err(e) = write_flush(&mut wr, &out).await {
+                    if let Err(e) = write_flush(wr, &out).await {
                         return LinkEnd::Io(e);
                     }
                     out.clear();
@@ -376,13 +400,21 @@ impl Connector {
                 }
                 Err(TableFull(Waiter::Echo)) => continue,
             };
-            let Some(Waiter::Acquirer(p)) = table.inflight.get(stan) else { continue };
+            let Some(Waiter::Acquirer(p)) = table.inflight.get(stan) else {
+                continue;
+            };
             let digits = stan.to_de11();
             let at = self.bank.framing.begin(out);
-            let encoded =
-                reencode(&p.request, &self.acquirer_dialect, &self.bank.dialect, p.request.mti(), &[Change::Set(11, &digits)], out)
-                    .is_ok()
-                    && self.bank.framing.finish(out, at).is_ok();
+            let encoded = reencode(
+                &p.request,
+                &self.acquirer_dialect,
+                &self.bank.dialect,
+                p.request.mti(),
+                &[Change::Set(11, &digits)],
+                out,
+            )
+            .is_ok()
+                && self.bank.framing.finish(out, at).is_ok();
             if !encoded {
                 out.truncate(at);
                 if let Some(Waiter::Acquirer(p)) = table.inflight.take(stan) {
@@ -405,10 +437,16 @@ impl Connector {
     fn echo(&self, link: &Link, out: &mut BytesMut) -> bool {
         let now = std::time::Instant::now();
         let mut table = lock(&link.table);
-        let Ok(stan) = table.inflight.insert(now + self.bank.echo_timeout, Waiter::Echo) else {
+        let Ok(stan) = table
+            .inflight
+            .insert(now + self.bank.echo_timeout, Waiter::Echo)
+        else {
             return false;
         };
-        if table.sweep_at.is_none_or(|s| now + self.bank.echo_timeout < s) {
+        if table
+            .sweep_at
+            .is_none_or(|s| now + self.bank.echo_timeout < s)
+        {
             link.wake_reader.notify_one();
         }
         let digits = stan.to_de11();
@@ -419,8 +457,6 @@ impl Connector {
             && enc.field(70, b"301").is_ok();
         if ok {
             enc.finish();
-        } else {
-            drop(enc);
         }
         ok && self.bank.framing.finish(out, at).is_ok()
     }

@@ -39,7 +39,12 @@ impl Ingress {
     /// Shared session state over a validated config and its connectors.
     pub fn new(config: Arc<Config>, connectors: Vec<Arc<Connector>>) -> Arc<Ingress> {
         let by_certificate = config.institutions_by_certificate();
-        Arc::new(Ingress { config, connectors, by_certificate, connections: AtomicUsize::new(0) })
+        Arc::new(Ingress {
+            config,
+            connectors,
+            by_certificate,
+            connections: AtomicUsize::new(0),
+        })
     }
 
     /// Acquirer connections open now.
@@ -126,7 +131,12 @@ impl Ingress {
         info!(%peer, %institution, "acquirer session closed");
     }
 
-    async fn session(&self, tls: TlsStream<TcpStream>, institution: InstitutionId, shutdown: &CancellationToken) {
+    async fn session(
+        &self,
+        tls: TlsStream<TcpStream>,
+        institution: InstitutionId,
+        shutdown: &CancellationToken,
+    ) {
         let (rd, wr) = tokio::io::split(tls);
         let (tx, rx) = mpsc::channel::<Reply>(self.config.inflight_per_connection_max);
         let reader = self.read_loop(rd, tx, institution, shutdown);
@@ -155,14 +165,17 @@ impl Ingress {
                     Ok(Some(frame)) => frame,
                     Ok(None) => break,
                     Err(e) => {
-                        metrics::counter!("switchyard_rejected_input_total", "reason" => "frame").increment(1);
+                        metrics::counter!("switchyard_rejected_input_total", "reason" => "frame")
+                            .increment(1);
                         warn!(%institution, error = %e, "unframeable input: closing connection");
                         return;
                     }
                 };
                 // Wait for room on the answer channel: a peer with too many requests in
                 // flight is simply not read further until answers go out.
-                let Ok(permit) = tx.clone().reserve_owned().await else { return };
+                let Ok(permit) = tx.clone().reserve_owned().await else {
+                    return;
+                };
                 self.on_request(frame, permit, institution);
             }
             if buf.capacity() - buf.len() < 4096 {
@@ -183,7 +196,12 @@ impl Ingress {
         }
     }
 
-    fn on_request(&self, frame: bytes::Bytes, permit: mpsc::OwnedPermit<Reply>, institution: InstitutionId) {
+    fn on_request(
+        &self,
+        frame: bytes::Bytes,
+        permit: mpsc::OwnedPermit<Reply>,
+        institution: InstitutionId,
+    ) {
         let (msg, error) = Message::decode_partial(&self.config.dialect, frame);
         if let Some(e) = error {
             metrics::counter!("switchyard_rejected_input_total", "reason" => "format").increment(1);
@@ -191,7 +209,10 @@ impl Ingress {
             if e.location == Location::Mti || !msg.mti().is_request() {
                 return; // no answer can be formed; the permit returns unused
             }
-            permit.send(Reply::Switch { request: msg, code: ResponseCode::FormatError });
+            permit.send(Reply::Switch {
+                request: msg,
+                code: ResponseCode::FormatError,
+            });
             return;
         }
         match admit(&msg, institution, &self.config.routes) {
@@ -199,7 +220,13 @@ impl Ingress {
                 let connector = &self.connectors[usize::from(bank)];
                 let received_at = Instant::now();
                 let deadline = received_at + connector.bank().request_timeout;
-                let pending = Pending { request: msg, reply: permit, acquirer: institution, received_at, deadline };
+                let pending = Pending {
+                    request: msg,
+                    reply: permit,
+                    acquirer: institution,
+                    received_at,
+                    deadline,
+                };
                 connector.submit(pending);
             }
             Admission::Network(code) => {
@@ -212,13 +239,18 @@ impl Ingress {
                 permit.send(Reply::Switch { request: msg, code });
             }
             Admission::Unsolicited => {
-                metrics::counter!("switchyard_rejected_input_total", "reason" => "unsolicited").increment(1);
+                metrics::counter!("switchyard_rejected_input_total", "reason" => "unsolicited")
+                    .increment(1);
                 warn!(%institution, mti = %msg.mti(), "answer MTI from an acquirer dropped");
             }
         }
     }
 
-    async fn write_loop(&self, mut wr: tokio::io::WriteHalf<TlsStream<TcpStream>>, mut rx: mpsc::Receiver<Reply>) {
+    async fn write_loop(
+        &self,
+        mut wr: tokio::io::WriteHalf<TlsStream<TcpStream>>,
+        mut rx: mpsc::Receiver<Reply>,
+    ) {
         let mut batch = Vec::with_capacity(SESSION_WRITE_BATCH_MAX);
         let mut out = BytesMut::with_capacity(64 * 1024);
         loop {

@@ -35,11 +35,18 @@ pub struct Pending {
 impl Pending {
     /// Answers with a switch-produced code.
     pub fn answer_with(self, code: ResponseCode) {
-        self.reply.send(Reply::Switch { request: self.request, code });
+        self.reply.send(Reply::Switch {
+            request: self.request,
+            code,
+        });
     }
 }
 
 /// An answer for an acquirer session's writer to encode.
+///
+/// Moved once, from a connector into the session's channel; boxing the messages
+/// would cost an allocation per answer.
+#[allow(clippy::large_enum_variant)]
 pub enum Reply {
     /// The bank's answer, to be returned with the acquirer's own DE11.
     Bank {
@@ -60,14 +67,25 @@ pub enum Reply {
 }
 
 /// Fields a switch-produced answer copies from the request (ascending; 39 is the code).
-const ECHOED: [u8; 18] = [2, 3, 4, 7, 11, 12, 13, 32, 37, 39, 41, 42, 49, 70, 90, 100, 102, 103];
+const ECHOED: [u8; 18] = [
+    2, 3, 4, 7, 11, 12, 13, 32, 37, 39, 41, 42, 49, 70, 90, 100, 102, 103,
+];
 
 /// Appends one framed answer to `out`. Returns false (and appends nothing) when the
 /// answer could not be encoded; the caller counts it.
-pub fn encode_reply(reply: &Reply, dialect: &Dialect, framing: Framing, out: &mut BytesMut) -> bool {
+pub fn encode_reply(
+    reply: &Reply,
+    dialect: &Dialect,
+    framing: Framing,
+    out: &mut BytesMut,
+) -> bool {
     let at = framing.begin(out);
     let ok = match reply {
-        Reply::Bank { request, answer, dialect: from } => {
+        Reply::Bank {
+            request,
+            answer,
+            dialect: from,
+        } => {
             let stan = request.field(11).unwrap_or(b"000000");
             let changes = [crate::wire::Change::Set(11, stan)];
             crate::wire::reencode(answer, from, dialect, answer.mti(), &changes, out).is_ok()
@@ -81,7 +99,12 @@ pub fn encode_reply(reply: &Reply, dialect: &Dialect, framing: Framing, out: &mu
     true
 }
 
-fn encode_switch_answer(request: &Message, code: ResponseCode, d: &Dialect, out: &mut BytesMut) -> bool {
+fn encode_switch_answer(
+    request: &Message,
+    code: ResponseCode,
+    d: &Dialect,
+    out: &mut BytesMut,
+) -> bool {
     let Some(mti) = request.mti().response() else {
         return false;
     };
@@ -89,7 +112,11 @@ fn encode_switch_answer(request: &Message, code: ResponseCode, d: &Dialect, out:
     let mut enc = Encoder::new(d, out, mti);
     let mut ok = true;
     for n in ECHOED {
-        let value = if n == 39 { Some(&code.as_bytes()[..]) } else { request.field(n) };
+        let value = if n == 39 {
+            Some(&code.as_bytes()[..])
+        } else {
+            request.field(n)
+        };
         if let Some(value) = value {
             ok &= enc.field(n, value).is_ok();
         }
@@ -97,7 +124,6 @@ fn encode_switch_answer(request: &Message, code: ResponseCode, d: &Dialect, out:
     if ok {
         enc.finish();
     } else {
-        drop(enc);
         out.truncate(start);
     }
     ok
