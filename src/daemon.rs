@@ -100,6 +100,11 @@ impl Switch {
         self.ingress.connections()
     }
 
+    /// Open acquirer sessions of `institution`.
+    pub fn sessions_of(&self, institution: crate::core::InstitutionId) -> usize {
+        self.ingress.sessions_of(institution)
+    }
+
     /// Waits until every bank has at least one link up, or `limit` passes.
     pub async fn wait_links_up(&self, limit: Duration) -> bool {
         let all_up = || self.connectors.iter().all(|c| c.links_up() > 0);

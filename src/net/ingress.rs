@@ -33,6 +33,8 @@ pub struct Ingress {
     connectors: Vec<Arc<Connector>>,
     by_certificate: HashMap<String, InstitutionId>,
     connections: AtomicUsize,
+    /// Open sessions per institution (entries removed when they reach zero).
+    sessions: dashmap::DashMap<InstitutionId, usize>,
 }
 
 impl Ingress {
@@ -44,7 +46,27 @@ impl Ingress {
             connectors,
             by_certificate,
             connections: AtomicUsize::new(0),
+            sessions: dashmap::DashMap::new(),
         })
+    }
+
+    /// Open sessions of `institution`.
+    pub fn sessions_of(&self, institution: InstitutionId) -> usize {
+        self.sessions.get(&institution).map_or(0, |n| *n)
+    }
+
+    fn session_opened(&self, institution: InstitutionId) -> usize {
+        let mut n = self.sessions.entry(institution).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    fn session_closed(&self, institution: InstitutionId) {
+        // The guard is dropped before remove_if takes the shard lock again.
+        if let Some(mut n) = self.sessions.get_mut(&institution) {
+            *n = n.saturating_sub(1);
+        }
+        self.sessions.remove_if(&institution, |_, n| *n == 0);
     }
 
     /// Acquirer connections open now.
@@ -126,8 +148,10 @@ impl Ingress {
                 return;
             }
         };
-        info!(%peer, %institution, "acquirer session open");
+        let open = self.session_opened(institution);
+        info!(%peer, %institution, sessions = open, "acquirer session open");
         self.session(tls, institution, &shutdown).await;
+        self.session_closed(institution);
         info!(%peer, %institution, "acquirer session closed");
     }
 

@@ -212,12 +212,7 @@ fn reencode_inner(
     changes: &[Change<'_>],
     out: &mut BytesMut,
 ) -> Result<usize, EncodeError> {
-    let mut wanted = 0u128;
-    for n in 2..=128u8 {
-        if msg.has(n) {
-            wanted |= 1u128 << (128 - u32::from(n));
-        }
-    }
+    let mut wanted = msg.present_mask() & !(1u128 << 127);
     for change in changes {
         let n = change.number();
         if !(2..=128).contains(&n) {

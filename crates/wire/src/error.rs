@@ -68,8 +68,6 @@ pub enum DecodeErrorKind {
         /// The declared length.
         found: u16,
     },
-    /// A variable-length field declares length zero.
-    LengthZero,
     /// A byte outside the field's character class.
     BadCharacter {
         /// The field's type.
@@ -138,7 +136,6 @@ impl fmt::Display for DecodeError {
             DecodeErrorKind::LengthTooLong { max, found } => {
                 write!(f, "expected length at most {max}, found {found}")
             }
-            DecodeErrorKind::LengthZero => f.write_str("expected length at least 1, found 0"),
             DecodeErrorKind::BadCharacter { expected, found } => {
                 write!(f, "expected {}, found {}", expected.expected(), Byte(found))
             }
@@ -186,14 +183,12 @@ pub enum EncodeErrorKind {
     },
     /// A hex value to convert holds a non-hex character or an odd count.
     BadHex,
-    /// The MTI is not four ASCII digits.
-    BadMti,
 }
 
 /// A value that does not fit its field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EncodeError {
-    /// The field number (0: MTI).
+    /// The field number.
     pub field: u8,
     /// What was wrong.
     pub kind: EncodeErrorKind,
@@ -217,7 +212,6 @@ impl fmt::Display for EncodeError {
                 write!(f, "expected exactly {expected} units, found {found}")
             }
             EncodeErrorKind::BadHex => f.write_str("expected an even count of hex digits"),
-            EncodeErrorKind::BadMti => f.write_str("expected 4 ASCII digits"),
         }
     }
 }

@@ -283,6 +283,12 @@ impl Message {
         self.mti
     }
 
+    /// Present fields as a mask: bit `128 - n` for field `n`.
+    #[inline]
+    pub(crate) fn present_mask(&self) -> u128 {
+        self.present
+    }
+
     /// Whether field `n` is present (and decoded).
     #[inline]
     pub fn has(&self, n: u8) -> bool {

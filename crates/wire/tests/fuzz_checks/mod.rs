@@ -142,7 +142,7 @@ pub fn check_partial(dialect: &Dialect, data: &[u8], msg: &Message, err: Option<
         DecodeErrorKind::LengthTooLong { .. } | DecodeErrorKind::MessageTooLarge { .. } => {
             assert!(e.offset < data.len(), "{e:?}");
         }
-        DecodeErrorKind::LengthZero | DecodeErrorKind::UndefinedField => {}
+        DecodeErrorKind::UndefinedField => {}
     }
 }
 
