@@ -140,6 +140,8 @@ pub struct BankStats {
     pub connections: AtomicU64,
     /// Network management requests (0800: sign-on, sign-off, echo) answered.
     pub echoes: AtomicU64,
+    /// DE11 of the latest request, as a number (0 when absent or not digits).
+    pub last_stan: AtomicU32,
 }
 
 /// Why one connection was closed. Affects that connection only.
@@ -325,6 +327,14 @@ impl Connection {
         while let Some(frame) = frames.decode(input)? {
             let request = Message::decode(dialect, frame)?;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let stan = request.field(11).map_or(0, |f| {
+                f.iter()
+                    .try_fold(0u32, |acc, &b| {
+                        b.is_ascii_digit().then(|| acc * 10 + u32::from(b - b'0'))
+                    })
+                    .unwrap_or(0)
+            });
+            self.stats.last_stan.store(stan, Ordering::Relaxed);
             if !request.mti().is_request() {
                 continue;
             }

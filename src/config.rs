@@ -301,6 +301,9 @@ pub struct Bank {
     pub echo_timeout: Duration,
     /// Requests per write batch.
     pub write_batch_max: usize,
+    /// STAN each new link starts from. Not a config key: always 1, except where a
+    /// test starts near 999,999 to see the wrap-around.
+    pub first_stan: u32,
 }
 
 /// A validated configuration.
@@ -577,6 +580,7 @@ impl Checker<'_> {
             echo_interval: ms(b.echo_interval_ms),
             echo_timeout: ms(b.echo_timeout_ms),
             write_batch_max: b.write_batch_max,
+            first_stan: 1,
         })
     }
 

@@ -39,6 +39,10 @@ pub struct TestbedOptions {
     pub bank_latency: Duration,
     /// Requests in flight per acquirer connection.
     pub inflight_per_connection_max: usize,
+    /// Idle time before a bank link sends an echo, ms.
+    pub echo_interval_ms: u64,
+    /// STAN every bank link starts from.
+    pub first_stan: u32,
 }
 
 impl Default for TestbedOptions {
@@ -51,6 +55,8 @@ impl Default for TestbedOptions {
             request_timeout_ms: 5_000,
             bank_latency: Duration::ZERO,
             inflight_per_connection_max: 1024,
+            echo_interval_ms: crate::config::ECHO_INTERVAL_MS_DEFAULT,
+            first_stan: 1,
         }
     }
 }
@@ -133,7 +139,11 @@ impl Testbed {
             let probe = TcpListener::bind("127.0.0.1:0").await?;
             down.push((format!("{}", 200_001 + opts.banks + i), probe.local_addr()?));
         }
-        let config = Config::parse(&testbed_toml(&opts, &banks, &down), Path::new("<testbed>"))?;
+        let mut config =
+            Config::parse(&testbed_toml(&opts, &banks, &down), Path::new("<testbed>"))?;
+        for bank in &mut config.banks {
+            bank.first_stan = opts.first_stan;
+        }
         let server_cert = ca.issue_server(&["localhost", "127.0.0.1", "switchyard"])?;
         let client_cert = ca.issue_client("switchyard")?;
         let setup = TlsSetup {
@@ -229,10 +239,11 @@ fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, Socke
         let _ = writeln!(
             t,
             "[[bank]]\nid = \"{id}\"\naddress = \"{addr}\"\nserver_name = \"bank-{id}\"\nlinks = {}\n\
-             request_timeout_ms = {}\nreconnect_backoff_max_ms = 1000\n\n[[route]]\npan_prefix = \"{}\"\n\
-             bank = \"{id}\"\n",
+             request_timeout_ms = {}\nreconnect_backoff_max_ms = 1000\necho_interval_ms = {}\n\n\
+             [[route]]\npan_prefix = \"{}\"\nbank = \"{id}\"\n",
             opts.links,
             opts.request_timeout_ms,
+            opts.echo_interval_ms,
             4 + i
         );
     }

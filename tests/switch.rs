@@ -403,3 +403,93 @@ impl Client {
             .expect("close in time")
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stan_wraps_around_on_a_bank_link() {
+    let opts = TestbedOptions {
+        banks: 1,
+        links: 1,
+        first_stan: 999_998,
+        ..TestbedOptions::default()
+    };
+    let bed = testbed(opts).await;
+    let mut c = Client::as_institution(&bed, "100001").await;
+    let mut seen_at_bank = Vec::new();
+    for stan in [b"000010", b"000011", b"000012", b"000013"] {
+        c.send(
+            Mti::FINANCIAL,
+            &payment(stan, b"100001", b"4111111111111111", b"000000001000"),
+        )
+        .await;
+        let a = c.recv().await.unwrap();
+        assert_eq!(
+            (code(&a), a.field(11)),
+            (&b"00"[..], Some(&stan[..])),
+            "acquirer STAN restored"
+        );
+        seen_at_bank.push(bed.banks[0].stats.last_stan.load(Ordering::Relaxed));
+    }
+    assert_eq!(
+        seen_at_bank,
+        vec![999_998, 999_999, 1, 2],
+        "link STANs wrap past 999999 to 1"
+    );
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_bank_links_send_echoes() {
+    let opts = TestbedOptions {
+        banks: 1,
+        links: 1,
+        echo_interval_ms: 100,
+        ..TestbedOptions::default()
+    };
+    let bed = testbed(opts).await;
+    let stats = bed.banks[0].stats.clone();
+    let echoed = async {
+        while stats.echoes.load(Ordering::Relaxed) < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, echoed)
+        .await
+        .expect("idle link echoes");
+    assert_eq!(
+        bed.switch.connectors()[0].links_up(),
+        1,
+        "answered echoes keep the link up"
+    );
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls12_clients_are_served() {
+    let bed = testbed(TestbedOptions {
+        banks: 1,
+        ..TestbedOptions::default()
+    })
+    .await;
+    let issued = bed.ca.issue_client("100003").unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(bed.ca.ca_der()).unwrap();
+    let tls12 = rustls::ClientConfig::builder_with_provider(switchyard::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(issued.chain().unwrap(), issued.key().unwrap())
+        .unwrap();
+    let mut c = Client::connect(&bed, Arc::new(tls12)).await.unwrap();
+    assert_eq!(
+        c.stream.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+    c.send(
+        Mti::FINANCIAL,
+        &payment(b"000001", b"100003", b"4111111111111111", b"000000001000"),
+    )
+    .await;
+    assert_eq!(code(&c.recv().await.unwrap()), b"00");
+    assert_eq!(bed.switch.sessions_of("100003".parse().unwrap()), 1);
+    bed.stop().await;
+}

@@ -217,7 +217,8 @@ impl Connector {
         let (rd, mut wr) = tokio::io::split(stream);
         let link = Link {
             table: Mutex::new(LinkTable {
-                inflight: InflightTable::new(self.bank.inflight_per_link_max),
+                inflight: InflightTable::new(self.bank.inflight_per_link_max)
+                    .with_next_stan(self.bank.first_stan),
                 sweep_at: None,
             }),
             wake_reader: Notify::new(),
