@@ -931,7 +931,7 @@ impl WireClock {
     }
 
     fn at_unix(secs: u64) -> WireClock {
-        let (month, day) = month_day(secs / 86_400);
+        let (month, day) = crate::core::datetime::month_day(secs / 86_400);
         let second_of_day = secs % 86_400;
         let mut de7 = [0u8; 10];
         write_digits(month, &mut de7[0..2]);
@@ -941,19 +941,6 @@ impl WireClock {
         write_digits(second_of_day % 60, &mut de7[8..10]);
         WireClock { de7 }
     }
-}
-
-/// Month (1..=12) and day (1..=31) of a day count since 1970-01-01 (H. Hinnant's
-/// civil-from-days).
-fn month_day(days: u64) -> (u64, u64) {
-    let z = days + 719_468;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    (month, day)
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! drive it in tests.
 
 pub mod codes;
+pub mod datetime;
 pub mod ids;
 pub mod inflight;
 pub mod route;

@@ -2,7 +2,7 @@
 
 use crate::dialect::{BitmapEncoding, Dialect, Encoding, LengthKind};
 use crate::error::{EncodeError, EncodeErrorKind};
-use crate::message::{Message, Mti};
+use crate::message::{hex_value, Message, Mti};
 use bytes::{BufMut, BytesMut};
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -146,15 +146,6 @@ impl<'a> Encoder<'a> {
 #[inline]
 fn digit(v: usize) -> u8 {
     b'0' + (v % 10) as u8
-}
-
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 fn write_bitmap(dst: &mut [u8], value: u64, encoding: BitmapEncoding) {
