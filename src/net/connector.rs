@@ -351,7 +351,7 @@ impl Connector {
         loop {
             self.fill_batch(link, &mut out);
             if !out.is_empty() {
-                if let Err(e) = write_flush(wr, &out).await {
+                if let Err(e) = write_flush(wr, &out, self.bank.request_timeout).await {
                     return LinkEnd::Io(e);
                 }
                 out.clear();
@@ -370,7 +370,7 @@ impl Connector {
                     if !self.echo(link, &mut out) {
                         return LinkEnd::EchoTimeout;
                     }
-                    if let Err(e) = write_flush(wr, &out).await {
+                    if let Err(e) = write_flush(wr, &out, self.bank.request_timeout).await {
                         return LinkEnd::Io(e);
                     }
                     out.clear();
@@ -471,9 +471,25 @@ pub fn transmission_time() -> [u8; 10] {
     crate::core::datetime::de7(secs)
 }
 
-async fn write_flush<W: AsyncWriteExt + Unpin>(wr: &mut W, out: &[u8]) -> std::io::Result<()> {
-    wr.write_all(out).await?;
-    wr.flush().await
+/// Writes and flushes one batch. A bank that does not take a batch within a
+/// request's deadline is treated as a dead link (its requests are answered 91 and
+/// the link reconnects), so a stalled peer cannot hold requests past their deadline.
+async fn write_flush<W: AsyncWriteExt + Unpin>(
+    wr: &mut W,
+    out: &[u8],
+    limit: Duration,
+) -> std::io::Result<()> {
+    let write = async {
+        wr.write_all(out).await?;
+        wr.flush().await
+    };
+    match timeout(limit, write).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "bank not reading",
+        )),
+    }
 }
 
 struct LinkTable {

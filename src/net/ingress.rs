@@ -24,6 +24,9 @@ use tracing::{debug, info, warn};
 
 /// Read buffer of one acquirer session, bytes.
 const SESSION_READ_BUFFER_BYTES: usize = 32 * 1024;
+/// Time an acquirer has to take one batch of answers before it is cut off (a peer
+/// that stops reading is closed, not buffered for).
+const SESSION_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Answers taken from the channel per write (one flush per batch).
 const SESSION_WRITE_BATCH_MAX: usize = 512;
 
@@ -292,9 +295,18 @@ impl Ingress {
                 wr.write_all(&out).await?;
                 wr.flush().await
             };
-            if let Err(e) = written.await {
-                debug!(error = %e, "write to acquirer failed");
-                return;
+            match tokio::time::timeout(SESSION_WRITE_TIMEOUT, written).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    debug!(error = %e, "write to acquirer failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics::counter!("switchyard_connections_closed_total", "reason" => "not_reading")
+                        .increment(1);
+                    warn!("acquirer not reading its answers: connection closed");
+                    return;
+                }
             }
             out.clear();
         }
