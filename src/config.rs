@@ -91,6 +91,8 @@ struct File {
     #[serde(default)]
     limits: LimitsSection,
     #[serde(default)]
+    admin: AdminSection,
+    #[serde(default)]
     institution: Vec<InstitutionSection>,
     #[serde(default)]
     bank: Vec<BankSection>,
@@ -140,6 +142,12 @@ impl Default for LimitsSection {
             inflight_per_connection_max: INFLIGHT_PER_CONNECTION_MAX_DEFAULT,
         }
     }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminSection {
+    listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -311,6 +319,8 @@ pub struct Bank {
 pub struct Config {
     /// Acquirer listener address.
     pub listen: SocketAddr,
+    /// Admin address serving Prometheus `/metrics`; none when absent.
+    pub admin_listen: Option<SocketAddr>,
     /// Tokio worker threads.
     pub worker_threads: usize,
     /// Message profile on acquirer connections.
@@ -464,6 +474,7 @@ impl Checker<'_> {
         let routes = self.routes(&f.route, &banks)?;
         Ok(Config {
             listen: s.listen,
+            admin_listen: f.admin.listen,
             worker_threads,
             dialect,
             framing: s.framing,

@@ -3,6 +3,7 @@
 use crate::config::{Config, TlsFiles};
 use crate::net::connector::Connector;
 use crate::net::ingress::Ingress;
+use crate::telemetry::{self, PUBLISH_INTERVAL};
 use crate::tls::{self, TlsError};
 use std::future::Future;
 use std::sync::Arc;
@@ -58,8 +59,10 @@ impl Switch {
         let connectors: Vec<Arc<Connector>> = config
             .banks
             .iter()
-            .map(|bank| {
+            .enumerate()
+            .map(|(index, bank)| {
                 Connector::new(
+                    index as crate::core::route::BankIndex,
                     bank.clone(),
                     config.dialect.clone(),
                     tls.client.clone(),
@@ -68,12 +71,17 @@ impl Switch {
                 )
             })
             .collect();
-        let tasks = connectors
+        let mut tasks: Vec<_> = connectors
             .iter()
             .flat_map(|c| c.spawn_links(&shutdown))
             .collect();
-        let tasks = std::sync::Mutex::new(tasks);
         let ingress = Ingress::new(config.clone(), connectors.clone());
+        tasks.push(tokio::spawn(publish_loop(
+            connectors.clone(),
+            ingress.clone(),
+            shutdown.clone(),
+        )));
+        let tasks = std::sync::Mutex::new(tasks);
         Switch {
             config,
             tls,
@@ -103,6 +111,11 @@ impl Switch {
     /// Open acquirer sessions of `institution`.
     pub fn sessions_of(&self, institution: crate::core::InstitutionId) -> usize {
         self.ingress.sessions_of(institution)
+    }
+
+    /// Publishes all gauges now (the publisher also does so once a second).
+    pub fn publish_metrics(&self) {
+        publish(&self.connectors, &self.ingress);
     }
 
     /// Waits until every bank has at least one link up, or `limit` passes.
@@ -144,6 +157,38 @@ impl Switch {
             let _ = task.await;
         }
     }
+}
+
+/// Refreshes gauges once per [`PUBLISH_INTERVAL`] until shutdown.
+async fn publish_loop(
+    connectors: Vec<Arc<Connector>>,
+    ingress: Arc<Ingress>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(PUBLISH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => publish(&connectors, &ingress),
+        }
+    }
+}
+
+/// Sets every gauge from the current state: latency quantiles, queue depth,
+/// requests in flight and links up per connector, acquirer connections.
+fn publish(connectors: &[Arc<Connector>], ingress: &Ingress) {
+    for c in connectors {
+        let label = c.bank().id.to_string();
+        telemetry::publish_latency(&label, &c.latency);
+        metrics::gauge!("switchyard_connector_queue_depth", "connector" => label.clone())
+            .set(c.queue_depth() as f64);
+        metrics::gauge!("switchyard_connector_inflight", "connector" => label.clone())
+            .set(c.inflight() as f64);
+        metrics::gauge!("switchyard_connector_links_up", "connector" => label)
+            .set(c.links_up() as f64);
+    }
+    metrics::gauge!("switchyard_acquirer_connections").set(ingress.connections() as f64);
 }
 
 /// Runs the switch on an already bound listener until `shutdown` resolves

@@ -21,6 +21,7 @@ pub mod demo;
 pub mod loadgen;
 pub mod money;
 pub mod net;
+pub mod telemetry;
 pub mod tls;
 
 pub use switchyard_wire as wire;

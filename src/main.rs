@@ -157,6 +157,11 @@ fn main() -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             let tls = TlsSetup::from_files(&config.tls_files)?;
             runtime(config.worker_threads)?.block_on(async move {
+                if let Some(admin) = config.admin_listen {
+                    switchyard::telemetry::install_exporter(admin)
+                        .with_context(|| format!("metrics endpoint on {admin}"))?;
+                    tracing::info!(%admin, "metrics at http://{admin}/metrics");
+                }
                 let listener = tokio::net::TcpListener::bind(config.listen)
                     .await
                     .with_context(|| format!("binding {}", config.listen))?;

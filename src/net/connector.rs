@@ -9,7 +9,9 @@
 use super::{Pending, Reply};
 use crate::config::Bank;
 use crate::core::inflight::{InflightTable, Stan, TableFull};
+use crate::core::route::BankIndex;
 use crate::core::ResponseCode;
+use crate::telemetry::{ConnectorLatency, LatencyRecorder, Sample};
 use crate::wire::{reencode, Change, Dialect, Encoder, FrameDecoder, Message, Mti};
 use bytes::BytesMut;
 use crossbeam_queue::ArrayQueue;
@@ -64,17 +66,25 @@ pub struct Connector {
     frame_size_max_bytes: usize,
     /// Counters.
     pub stats: ConnectorStats,
+    /// Latency histograms (time in the switch, at the bank, total).
+    pub latency: ConnectorLatency,
+    /// Requests in flight on each link slot.
+    inflight_by_link: Vec<AtomicUsize>,
+    /// This connector's index in the daemon's list.
+    index: BankIndex,
 }
 
 impl Connector {
     /// A connector for `bank`; `link_changed` is notified whenever a link goes up or down.
     pub fn new(
+        index: BankIndex,
         bank: Bank,
         acquirer_dialect: Arc<Dialect>,
         tls: Arc<rustls::ClientConfig>,
         frame_size_max_bytes: usize,
         link_changed: Arc<Notify>,
     ) -> Arc<Connector> {
+        let inflight_by_link = (0..bank.links).map(|_| AtomicUsize::new(0)).collect();
         Arc::new(Connector {
             queue: ArrayQueue::new(bank.queue_depth_max),
             bank,
@@ -85,6 +95,9 @@ impl Connector {
             link_changed,
             frame_size_max_bytes,
             stats: ConnectorStats::default(),
+            latency: ConnectorLatency::default(),
+            inflight_by_link,
+            index,
         })
     }
 
@@ -96,6 +109,14 @@ impl Connector {
     /// Links currently up.
     pub fn links_up(&self) -> usize {
         self.links_up.load(Ordering::Acquire)
+    }
+
+    /// Requests in flight on all links.
+    pub fn inflight(&self) -> usize {
+        self.inflight_by_link
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Requests waiting in the queue.
@@ -142,7 +163,7 @@ impl Connector {
                     info!(bank = %self.bank.id, link = index, "bank link up");
                     self.links_up.fetch_add(1, Ordering::AcqRel);
                     self.link_changed.notify_waiters();
-                    let why = self.run_link(stream, &shutdown).await;
+                    let why = self.run_link(stream, &shutdown, index).await;
                     let left = self.links_up.fetch_sub(1, Ordering::AcqRel) - 1;
                     self.link_changed.notify_waiters();
                     if matches!(why, LinkEnd::Shutdown) {
@@ -213,6 +234,7 @@ impl Connector {
         &self,
         stream: TlsStream<TcpStream>,
         shutdown: &CancellationToken,
+        slot: usize,
     ) -> LinkEnd {
         let (rd, mut wr) = tokio::io::split(stream);
         let link = Link {
@@ -222,6 +244,7 @@ impl Connector {
                 sweep_at: None,
             }),
             wake_reader: Notify::new(),
+            slot,
         };
         let end = tokio::select! {
             end = self.read_loop(&link, rd) => end,
@@ -244,6 +267,8 @@ impl Connector {
                 self.unavailable(p, "link lost");
             }
         }
+        drop(table);
+        self.inflight_by_link[slot].store(0, Ordering::Relaxed);
         if lost > 0 {
             warn!(bank = %self.bank.id, lost, "requests in flight on a lost link");
         }
@@ -254,6 +279,7 @@ impl Connector {
         let decoder = FrameDecoder::new(self.bank.framing, self.frame_size_max_bytes);
         let mut buf = BytesMut::with_capacity(LINK_READ_BUFFER_BYTES);
         let mut expired = Vec::new();
+        let mut recorder = self.latency.recorder();
         loop {
             let sweep_at = {
                 let mut table = lock(&link.table);
@@ -266,18 +292,29 @@ impl Connector {
                 biased;
                 read = rd.read_buf(&mut buf) => match read {
                     Ok(0) => return LinkEnd::Closed,
-                    Ok(_) => loop {
-                        match decoder.decode(&mut buf) {
-                            Ok(Some(frame)) => self.on_answer(link, frame),
-                            Ok(None) => break,
-                            Err(e) => return LinkEnd::Frame(e),
+                    Ok(_) => {
+                        let answered_at = std::time::Instant::now();
+                        loop {
+                            match decoder.decode(&mut buf) {
+                                Ok(Some(frame)) => {
+                                    self.on_answer(link, frame, answered_at, &mut recorder)
+                                }
+                                Ok(None) => break,
+                                Err(e) => return LinkEnd::Frame(e),
+                            }
                         }
-                    },
+                        let idle = self.inflight_by_link[link.slot].load(Ordering::Relaxed) == 0;
+                        recorder.maybe_flush(answered_at, idle);
+                    }
                     Err(e) => return LinkEnd::Io(e),
                 },
                 _ = sleep_until(sweep_at.map_or(far, Instant::from_std)), if sweep_at.is_some() => {
                     let now = Instant::now().into_std();
-                    lock(&link.table).inflight.expire(now, &mut expired);
+                    {
+                        let mut table = lock(&link.table);
+                        table.inflight.expire(now, &mut expired);
+                        self.inflight_by_link[link.slot].store(table.inflight.len(), Ordering::Relaxed);
+                    }
                     for (stan, waiter) in expired.drain(..) {
                         match waiter {
                             Waiter::Acquirer(p) => self.timed_out(stan, p),
@@ -304,7 +341,13 @@ impl Connector {
         p.answer_with(ResponseCode::LateResponse);
     }
 
-    fn on_answer(&self, link: &Link, frame: bytes::Bytes) {
+    fn on_answer(
+        &self,
+        link: &Link,
+        frame: bytes::Bytes,
+        answered_at: std::time::Instant,
+        recorder: &mut LatencyRecorder<'_>,
+    ) {
         let answer = match Message::decode(&self.bank.dialect, frame) {
             Ok(m) => m,
             Err(e) => {
@@ -317,15 +360,23 @@ impl Connector {
             warn!(bank = %self.bank.id, mti = %answer.mti(), "bank message without a valid DE11");
             return;
         };
-        let waiter = lock(&link.table).inflight.take(stan);
+        let waiter = {
+            let mut table = lock(&link.table);
+            let waiter = table.inflight.take(stan);
+            self.inflight_by_link[link.slot].store(table.inflight.len(), Ordering::Relaxed);
+            waiter
+        };
         match waiter {
             Some(Waiter::Acquirer(p)) if Some(answer.mti()) == p.request.mti().response() => {
                 self.stats.answered.fetch_add(1, Ordering::Relaxed);
+                recorder.record(Sample::new(p.received_at, p.forwarded_at, answered_at));
                 let dialect = self.bank.dialect.clone();
+                let connector = self.index;
                 p.reply.send(Reply::Bank {
                     request: p.request,
                     answer,
                     dialect,
+                    connector,
                 });
             }
             Some(Waiter::Acquirer(p)) => {
@@ -387,12 +438,13 @@ impl Connector {
         let mut table = lock(&link.table);
         let mut earliest = None;
         for _ in 0..self.bank.write_batch_max {
-            let Some(p) = self.queue.pop() else { break };
+            let Some(mut p) = self.queue.pop() else { break };
             if p.deadline <= now {
                 self.unavailable(p, "expired in queue");
                 continue;
             }
             let deadline = p.deadline;
+            p.forwarded_at = now;
             let stan = match table.inflight.insert(deadline, Waiter::Acquirer(p)) {
                 Ok(stan) => stan,
                 Err(TableFull(Waiter::Acquirer(p))) => {
@@ -427,6 +479,7 @@ impl Connector {
             self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
             earliest = Some(earliest.map_or(deadline, |e: std::time::Instant| e.min(deadline)));
         }
+        self.inflight_by_link[link.slot].store(table.inflight.len(), Ordering::Relaxed);
         if let Some(d) = earliest {
             if table.sweep_at.is_none_or(|s| d < s) {
                 link.wake_reader.notify_one();
@@ -501,6 +554,8 @@ struct LinkTable {
 struct Link {
     table: Mutex<LinkTable>,
     wake_reader: Notify,
+    /// The link slot (index into `Connector::inflight_by_link`).
+    slot: usize,
 }
 
 /// The table lock is never held across `.await`; a poisoned lock means a bug

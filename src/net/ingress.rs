@@ -4,6 +4,7 @@
 use super::connector::Connector;
 use super::{encode_reply, Pending, Reply};
 use crate::config::Config;
+use crate::core::route::BankIndex;
 use crate::core::validate::{admit, Admission};
 use crate::core::{InstitutionId, ResponseCode};
 use crate::tls::connection_identity;
@@ -38,18 +39,57 @@ pub struct Ingress {
     connections: AtomicUsize,
     /// Open sessions per institution (entries removed when they reach zero).
     sessions: dashmap::DashMap<InstitutionId, usize>,
+    /// Metric label of each connector (the bank's id), by index.
+    connector_labels: Vec<String>,
+}
+
+/// Per-session handles on `switchyard_responses_total{institution, connector, code}`,
+/// created on first use so counting an answer is one atomic add, no allocation.
+struct ResponseCounters<'a> {
+    institution: String,
+    connector_labels: &'a [String],
+    handles: HashMap<(Option<BankIndex>, &'static str), metrics::Counter>,
+}
+
+impl<'a> ResponseCounters<'a> {
+    fn new(institution: InstitutionId, connector_labels: &'a [String]) -> Self {
+        ResponseCounters {
+            institution: institution.to_string(),
+            connector_labels,
+            handles: HashMap::new(),
+        }
+    }
+
+    fn count(&mut self, reply: &Reply) {
+        let key = (reply.connector(), reply.code_label());
+        let handle = self.handles.entry(key).or_insert_with(|| {
+            let connector = key
+                .0
+                .and_then(|i| self.connector_labels.get(usize::from(i)).cloned())
+                .unwrap_or_else(|| "none".to_owned());
+            metrics::counter!(
+                "switchyard_responses_total",
+                "institution" => self.institution.clone(),
+                "connector" => connector,
+                "code" => key.1
+            )
+        });
+        handle.increment(1);
+    }
 }
 
 impl Ingress {
     /// Shared session state over a validated config and its connectors.
     pub fn new(config: Arc<Config>, connectors: Vec<Arc<Connector>>) -> Arc<Ingress> {
         let by_certificate = config.institutions_by_certificate();
+        let connector_labels = config.banks.iter().map(|b| b.id.to_string()).collect();
         Arc::new(Ingress {
             config,
             connectors,
             by_certificate,
             connections: AtomicUsize::new(0),
             sessions: dashmap::DashMap::new(),
+            connector_labels,
         })
     }
 
@@ -167,7 +207,7 @@ impl Ingress {
         let (rd, wr) = tokio::io::split(tls);
         let (tx, rx) = mpsc::channel::<Reply>(self.config.inflight_per_connection_max);
         let reader = self.read_loop(rd, tx, institution, shutdown);
-        let writer = self.write_loop(wr, rx);
+        let writer = self.write_loop(wr, rx, institution);
         tokio::pin!(reader, writer);
         tokio::select! {
             // The peer stopped reading or went away: nothing more can reach it.
@@ -236,9 +276,11 @@ impl Ingress {
             if e.location == Location::Mti || !msg.mti().is_request() {
                 return; // no answer can be formed; the permit returns unused
             }
+            let code = ResponseCode::FormatError;
             permit.send(Reply::Switch {
                 request: msg,
-                code: ResponseCode::FormatError,
+                code,
+                connector: None,
             });
             return;
         }
@@ -252,18 +294,28 @@ impl Ingress {
                     reply: permit,
                     acquirer: institution,
                     received_at,
+                    forwarded_at: received_at,
+                    bank,
                     deadline,
                 };
                 connector.submit(pending);
             }
             Admission::Network(code) => {
-                permit.send(Reply::Switch { request: msg, code });
+                permit.send(Reply::Switch {
+                    request: msg,
+                    code,
+                    connector: None,
+                });
             }
             Admission::Decline(code, reason) => {
                 metrics::counter!("switchyard_declined_total", "code" => code.as_str(), "reason" => reason.as_str())
                     .increment(1);
                 warn!(%institution, mti = %msg.mti(), code = %code, %reason, "request declined by the switch");
-                permit.send(Reply::Switch { request: msg, code });
+                permit.send(Reply::Switch {
+                    request: msg,
+                    code,
+                    connector: None,
+                });
             }
             Admission::Unsolicited => {
                 metrics::counter!("switchyard_rejected_input_total", "reason" => "unsolicited")
@@ -277,7 +329,9 @@ impl Ingress {
         &self,
         mut wr: tokio::io::WriteHalf<TlsStream<TcpStream>>,
         mut rx: mpsc::Receiver<Reply>,
+        institution: InstitutionId,
     ) {
+        let mut counters = ResponseCounters::new(institution, &self.connector_labels);
         let mut batch = Vec::with_capacity(SESSION_WRITE_BATCH_MAX);
         let mut out = BytesMut::with_capacity(64 * 1024);
         loop {
@@ -286,6 +340,7 @@ impl Ingress {
                 return;
             }
             for reply in batch.drain(..) {
+                counters.count(&reply);
                 if !encode_reply(&reply, &self.config.dialect, self.config.framing, &mut out) {
                     metrics::counter!("switchyard_encode_failures_total").increment(1);
                     warn!("answer could not be encoded in the acquirer's dialect");

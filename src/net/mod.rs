@@ -6,6 +6,7 @@
 pub mod connector;
 pub mod ingress;
 
+use crate::core::route::BankIndex;
 use crate::core::{InstitutionId, ResponseCode};
 use crate::wire::{Dialect, Encoder, Framing, Message};
 use bytes::BytesMut;
@@ -28,6 +29,10 @@ pub struct Pending {
     pub acquirer: InstitutionId,
     /// When the request was read.
     pub received_at: Instant,
+    /// When its batch was encoded for the bank (set by the link's writer).
+    pub forwarded_at: Instant,
+    /// The connector it was routed to.
+    pub bank: BankIndex,
     /// When the acquirer must have its answer.
     pub deadline: Instant,
 }
@@ -35,9 +40,11 @@ pub struct Pending {
 impl Pending {
     /// Answers with a switch-produced code.
     pub fn answer_with(self, code: ResponseCode) {
+        let connector = Some(self.bank);
         self.reply.send(Reply::Switch {
             request: self.request,
             code,
+            connector,
         });
     }
 }
@@ -56,6 +63,8 @@ pub enum Reply {
         answer: Message,
         /// The dialect the answer was decoded under.
         dialect: Arc<Dialect>,
+        /// The connector that forwarded it.
+        connector: BankIndex,
     },
     /// An answer the switch gives itself (decline, 0810, format error).
     Switch {
@@ -63,6 +72,8 @@ pub enum Reply {
         request: Message,
         /// DE39.
         code: ResponseCode,
+        /// The connector involved, if the request got that far.
+        connector: Option<BankIndex>,
     },
 }
 
@@ -85,18 +96,39 @@ pub fn encode_reply(
             request,
             answer,
             dialect: from,
+            ..
         } => {
             let stan = request.field(11).unwrap_or(b"000000");
             let changes = [crate::wire::Change::Set(11, stan)];
             crate::wire::reencode(answer, from, dialect, answer.mti(), &changes, out).is_ok()
         }
-        Reply::Switch { request, code } => encode_switch_answer(request, *code, dialect, out),
+        Reply::Switch { request, code, .. } => encode_switch_answer(request, *code, dialect, out),
     };
     if !ok || framing.finish(out, at).is_err() {
         out.truncate(at);
         return false;
     }
     true
+}
+
+impl Reply {
+    /// The connector involved, if any.
+    pub fn connector(&self) -> Option<BankIndex> {
+        match self {
+            Reply::Bank { connector, .. } => Some(*connector),
+            Reply::Switch { connector, .. } => *connector,
+        }
+    }
+
+    /// DE39 as a static metric label.
+    pub fn code_label(&self) -> &'static str {
+        match self {
+            Reply::Bank { answer, .. } => {
+                crate::core::codes::de39_label(answer.field(39).unwrap_or(b""))
+            }
+            Reply::Switch { code, .. } => code.as_str(),
+        }
+    }
 }
 
 fn encode_switch_answer(

@@ -1,0 +1,247 @@
+//! Latency histograms and Prometheus metrics.
+//!
+//! Each bank link's reader records latencies into its own plain HdrHistograms
+//! (no lock, no atomic per sample) and adds them into its connector's shared
+//! histograms about once a second, off the per-answer path. A publisher task turns
+//! the shared histograms, queue depths, in-flight counts and link states into
+//! `metrics` gauges, which the Prometheus exporter serves on the admin address.
+
+use hdrhistogram::Histogram;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Largest latency recorded, µs (60 s); longer ones are clamped to it.
+pub const LATENCY_MAX_US: u64 = 60_000_000;
+/// How often link readers hand their samples to the connector, and how often the
+/// publisher refreshes gauges.
+pub const PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+/// Quantiles published per histogram.
+const QUANTILES: [(f64, &str); 5] = [
+    (0.5, "0.5"),
+    (0.9, "0.9"),
+    (0.99, "0.99"),
+    (0.999, "0.999"),
+    (1.0, "1"),
+];
+
+fn histogram() -> Histogram<u64> {
+    match Histogram::new_with_bounds(1, LATENCY_MAX_US, 3) {
+        Ok(h) => h,
+        Err(_) => unreachable!("constant bounds are valid"),
+    }
+}
+
+/// The three latencies of one payment, µs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sample {
+    /// From receipt to the answer handed back, less the time at the bank.
+    pub switch_us: u64,
+    /// From the batch written to the bank to its answer read.
+    pub bank_us: u64,
+    /// From receipt to the answer handed to the acquirer's session.
+    pub total_us: u64,
+}
+
+impl Sample {
+    /// Latencies from the three instants of a payment.
+    pub fn new(received: Instant, forwarded: Instant, answered: Instant) -> Sample {
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(LATENCY_MAX_US);
+        let total_us = us(answered.saturating_duration_since(received));
+        let bank_us = us(answered.saturating_duration_since(forwarded));
+        Sample {
+            switch_us: total_us.saturating_sub(bank_us),
+            bank_us,
+            total_us,
+        }
+    }
+}
+
+/// Latency histograms by stage.
+pub struct Stages {
+    /// Time in the switch.
+    pub switch: Histogram<u64>,
+    /// Time at the bank.
+    pub bank: Histogram<u64>,
+    /// Total.
+    pub total: Histogram<u64>,
+}
+
+impl Default for Stages {
+    fn default() -> Self {
+        Stages {
+            switch: histogram(),
+            bank: histogram(),
+            total: histogram(),
+        }
+    }
+}
+
+impl Stages {
+    fn record(&mut self, s: Sample) {
+        let clamp = |v: u64| v.clamp(1, LATENCY_MAX_US);
+        // Values are clamped into range, so recording cannot fail.
+        let _ = self.switch.record(clamp(s.switch_us));
+        let _ = self.bank.record(clamp(s.bank_us));
+        let _ = self.total.record(clamp(s.total_us));
+    }
+
+    fn add(&mut self, other: &Stages) {
+        // Same bounds on both sides, so adding cannot fail.
+        let _ = self.switch.add(&other.switch);
+        let _ = self.bank.add(&other.bank);
+        let _ = self.total.add(&other.total);
+    }
+
+    fn reset(&mut self) {
+        self.switch.reset();
+        self.bank.reset();
+        self.total.reset();
+    }
+
+    /// Payments recorded.
+    pub fn count(&self) -> u64 {
+        self.total.len()
+    }
+}
+
+/// A connector's latency histograms, fed by its links' recorders.
+#[derive(Default)]
+pub struct ConnectorLatency {
+    merged: Mutex<Stages>,
+}
+
+impl ConnectorLatency {
+    /// A recorder for one link task.
+    pub fn recorder(&self) -> LatencyRecorder<'_> {
+        LatencyRecorder {
+            shared: self,
+            local: Stages::default(),
+            flushed: Instant::now(),
+        }
+    }
+
+    /// Runs `f` on the merged histograms (since start).
+    pub fn with<R>(&self, f: impl FnOnce(&Stages) -> R) -> R {
+        f(&self
+            .merged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+}
+
+/// One task's latency recorder: plain histograms, added into the connector's once
+/// per [`PUBLISH_INTERVAL`] and when dropped.
+pub struct LatencyRecorder<'a> {
+    shared: &'a ConnectorLatency,
+    local: Stages,
+    flushed: Instant,
+}
+
+impl LatencyRecorder<'_> {
+    /// Records one payment.
+    #[inline]
+    pub fn record(&mut self, sample: Sample) {
+        self.local.record(sample);
+    }
+
+    /// Hands samples to the connector when the interval has passed, or at once when
+    /// the task is `idle` (nothing in flight, so the figures are complete).
+    pub fn maybe_flush(&mut self, now: Instant, idle: bool) {
+        if (idle && self.local.count() > 0)
+            || now.saturating_duration_since(self.flushed) >= PUBLISH_INTERVAL
+        {
+            self.flush(now);
+        }
+    }
+
+    fn flush(&mut self, now: Instant) {
+        if self.local.count() > 0 {
+            let mut merged = self
+                .shared
+                .merged
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            merged.add(&self.local);
+            drop(merged);
+            self.local.reset();
+        }
+        self.flushed = now;
+    }
+}
+
+impl Drop for LatencyRecorder<'_> {
+    fn drop(&mut self) {
+        self.flush(Instant::now());
+    }
+}
+
+/// Publishes one connector's latency quantiles as gauges
+/// `switchyard_latency_us{connector, stage, quantile}` and the payment count.
+pub fn publish_latency(connector: &str, latency: &ConnectorLatency) {
+    latency.with(|stages| {
+        let all = [
+            ("switch", &stages.switch),
+            ("bank", &stages.bank),
+            ("total", &stages.total),
+        ];
+        for (stage, h) in all {
+            for (q, label) in QUANTILES {
+                let v = if h.is_empty() {
+                    0
+                } else {
+                    h.value_at_quantile(q)
+                };
+                metrics::gauge!(
+                    "switchyard_latency_us",
+                    "connector" => connector.to_owned(),
+                    "stage" => stage,
+                    "quantile" => label
+                )
+                .set(v as f64);
+            }
+        }
+        metrics::gauge!("switchyard_latency_samples", "connector" => connector.to_owned())
+            .set(stages.count() as f64);
+    });
+}
+
+/// Installs the Prometheus exporter serving `/metrics` on `addr` (call inside a
+/// tokio runtime, once per process).
+pub fn install_exporter(
+    addr: std::net::SocketAddr,
+) -> Result<(), metrics_exporter_prometheus::BuildError> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .install()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_split_switch_and_bank_time() {
+        let t0 = Instant::now();
+        let s = Sample::new(
+            t0,
+            t0 + Duration::from_micros(300),
+            t0 + Duration::from_micros(1000),
+        );
+        assert_eq!((s.switch_us, s.bank_us, s.total_us), (300, 700, 1000));
+        let latency = ConnectorLatency::default();
+        {
+            let mut r = latency.recorder();
+            for _ in 0..100 {
+                r.record(s);
+            }
+            assert_eq!(
+                latency.with(Stages::count),
+                0,
+                "not flushed before the interval"
+            );
+        }
+        assert_eq!(latency.with(Stages::count), 100, "flushed on drop");
+        let p99 = latency.with(|s| s.bank.value_at_quantile(0.99));
+        assert!((699..=701).contains(&p99));
+    }
+}
