@@ -259,11 +259,17 @@ pub struct DemoOptions {
     pub connections: usize,
     /// Requests in flight per connection.
     pub window: usize,
+    /// Delay the simulated banks add to each answer (zero: none).
+    pub bank_latency: Duration,
 }
 
 /// Runs the switch with three simulated banks, drives load, returns the summary.
 pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<Summary> {
-    let bed = Testbed::start(TestbedOptions::default()).await?;
+    let bed = Testbed::start(TestbedOptions {
+        bank_latency: opts.bank_latency,
+        ..TestbedOptions::default()
+    })
+    .await?;
     let identities = DEMO_INSTITUTIONS
         .iter()
         .map(|id| {
@@ -297,9 +303,14 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<Summary> {
 /// prints one JSON line, and serves until `shutdown`.
 pub async fn serve_demo(
     dir: &Path,
+    bank_latency: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let bed = Testbed::start(TestbedOptions::default()).await?;
+    let bed = Testbed::start(TestbedOptions {
+        bank_latency,
+        ..TestbedOptions::default()
+    })
+    .await?;
     let institutions: Vec<String> = DEMO_INSTITUTIONS.iter().map(|s| (*s).to_owned()).collect();
     bed.write_client_certs(dir, &institutions)
         .with_context(|| format!("writing certificates to {}", dir.display()))?;

@@ -122,6 +122,10 @@ enum Command {
         /// Requests in flight per connection.
         #[arg(long, default_value_t = 64)]
         window: usize,
+        /// Delay the simulated banks add to every answer, ms (default: none, so the
+        /// switch is what is measured).
+        #[arg(long, default_value_t = 0)]
+        bank_latency_ms: u64,
     },
 }
 
@@ -265,16 +269,22 @@ fn main() -> anyhow::Result<()> {
             certs_dir,
             connections,
             window,
+            bank_latency_ms,
         } => {
             init_logs("warn");
             let rt = runtime(2)?;
+            let bank_latency = Duration::from_millis(bank_latency_ms);
             if serve {
-                return rt.block_on(demo::serve_demo(&certs_dir, daemon::terminate_signal()));
+                let serving =
+                    demo::serve_demo(&certs_dir, bank_latency, daemon::terminate_signal());
+                return rt.block_on(serving);
             }
+            let duration = Duration::from_secs(duration);
             let opts = DemoOptions {
-                duration: Duration::from_secs(duration),
+                duration,
                 connections,
                 window,
+                bank_latency,
             };
             let summary = rt.block_on(demo::run_demo(opts))?;
             if json {
