@@ -39,6 +39,8 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Pause after a failed `accept` (for example too many open files), in milliseconds, so the
 /// accept loop does not spin.
 const ACCEPT_RETRY_MS: u64 = 50;
+/// How often a stalled writer checks whether the stall was ended early, in milliseconds.
+const STALL_CHECK_MS: u64 = 10;
 /// One million: the unit of [`Behavior::set_drop_per_million`].
 const PER_MILLION: u32 = 1_000_000;
 /// Longest simulated answer delay, in microseconds (one hour); longer settings are clamped.
@@ -47,12 +49,16 @@ pub const LATENCY_MAX_US: u64 = 3_600_000_000;
 // === Behavior ===
 
 /// Knobs tests can turn while the simulator runs. Read once per read batch (latency) or per
-/// request (drops); changes apply to requests received afterwards.
+/// request (drops); changes apply to requests received afterwards. A stall applies at once.
 #[derive(Debug)]
 pub struct Behavior {
     latency_us: AtomicU64,
     drop_per_million: AtomicU32,
     silent: AtomicBool,
+    /// Time base of `stall_until_us`.
+    epoch: Instant,
+    /// End of the current stall, in microseconds after `epoch`; 0: no stall.
+    stall_until_us: AtomicU64,
 }
 
 impl Behavior {
@@ -63,6 +69,8 @@ impl Behavior {
             latency_us: AtomicU64::new(duration_us(latency)),
             drop_per_million: AtomicU32::new(drop_per_million.min(PER_MILLION)),
             silent: AtomicBool::new(false),
+            epoch: Instant::now(),
+            stall_until_us: AtomicU64::new(0),
         }
     }
 
@@ -97,6 +105,24 @@ impl Behavior {
     /// ratio; the ratio applies again once silence is lifted.
     pub fn set_silent(&self, silent: bool) {
         self.silent.store(silent, Ordering::Relaxed);
+    }
+
+    /// Stalls every connection for `stall` from now (clamped to [`LATENCY_MAX_US`]): no answer
+    /// is written until it ends, then all answers that fell due meanwhile are released together
+    /// (one write per connection). Requests keep being read and answered into the pending
+    /// buffer meanwhile (up to [`PENDING_BYTES_MAX`]), like a host that pauses, e.g. for a
+    /// garbage collection. A later call replaces the end; `Duration::ZERO` ends a stall.
+    pub fn stall_for(&self, stall: Duration) {
+        let now_us = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let until = now_us.saturating_add(duration_us(stall));
+        self.stall_until_us.store(until, Ordering::Relaxed);
+    }
+
+    /// The end of the current stall, or `None` when not stalled.
+    pub fn stalled_until(&self) -> Option<Instant> {
+        let until_us = self.stall_until_us.load(Ordering::Relaxed);
+        let until = self.epoch + Duration::from_micros(until_us);
+        (until_us > 0 && until > Instant::now()).then_some(until)
     }
 }
 
@@ -270,7 +296,10 @@ impl Connection {
             queued: Notify::new(),
             drained: Notify::new(),
         };
-        tokio::try_join!(self.read_loop(reader, &shared), write_loop(writer, &shared))?;
+        tokio::try_join!(
+            self.read_loop(reader, &shared),
+            write_loop(writer, &shared, &self.behavior)
+        )?;
         Ok(())
     }
 
@@ -363,12 +392,21 @@ impl Connection {
 }
 
 /// Writes answers as they fall due: everything due at once in one write and one flush.
-/// Ends when the reader has finished and every answer is written.
+/// While the bank is stalled ([`Behavior::stall_for`]) nothing is written. Ends when the
+/// reader has finished and every answer is written.
 async fn write_loop(
     mut writer: impl AsyncWrite + Unpin,
     shared: &Shared,
+    behavior: &Behavior,
 ) -> Result<(), ConnectionError> {
     loop {
+        // Bounded: a stall lasts at most LATENCY_MAX_US; the connection task is cancelled at
+        // shutdown. Re-checked every STALL_CHECK_MS so that ending a stall early takes effect.
+        if let Some(until) = behavior.stalled_until() {
+            let check = Instant::now() + Duration::from_millis(STALL_CHECK_MS);
+            tokio::time::sleep_until(until.min(check)).await;
+            continue;
+        }
         let (ready, wait_until) = {
             let mut pending = shared.lock();
             let now = Instant::now();
@@ -759,6 +797,17 @@ mod tests {
         let mut rest = Vec::new();
         let _ = good.read_to_end(&mut rest).await;
         assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn stalls_start_and_end() {
+        let behavior = Behavior::default();
+        assert_eq!(behavior.stalled_until(), None);
+        behavior.stall_for(Duration::from_secs(3600));
+        let until = behavior.stalled_until().unwrap();
+        assert!(until > Instant::now() + Duration::from_secs(3000));
+        behavior.stall_for(Duration::ZERO);
+        assert_eq!(behavior.stalled_until(), None);
     }
 
     #[test]

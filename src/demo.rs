@@ -293,6 +293,9 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<Summary> {
         framing: Framing::U16be,
         currency: *b"978",
         decline_every: 20,
+        rate: None,
+        warmup: Duration::ZERO,
+        progress: false,
     };
     let summary = loadgen::run(load).await.context("load generator")?;
     bed.stop().await;

@@ -72,7 +72,8 @@ enum Command {
         #[arg(long, default_value = "u16be", value_parser = parse_framing)]
         framing: Framing,
     },
-    /// Drive closed-loop load at a switch and report throughput and latency.
+    /// Drive load at a switch (closed loop, or open loop with --rate) and report throughput
+    /// and latency.
     Loadgen {
         /// Switch address.
         #[arg(long)]
@@ -92,15 +93,37 @@ enum Command {
         /// Connections.
         #[arg(long, default_value_t = 8)]
         connections: usize,
-        /// Requests in flight per connection.
+        /// Requests in flight per connection (with --rate: a hard cap).
         #[arg(long, default_value_t = 64)]
         window: usize,
-        /// Seconds of load.
+        /// Open loop: requests per second over all connections, latency measured from each
+        /// request's intended send time. Omitted: closed loop.
+        #[arg(long)]
+        rate: Option<u64>,
+        /// Seconds of measured load.
         #[arg(long, default_value_t = 10)]
         duration: u64,
-        /// Print the summary as one JSON object.
+        /// Seconds of unrecorded load before the measured period.
+        #[arg(long, default_value_t = 0)]
+        warmup: u64,
+        /// A request unanswered this long counts as a timeout, ms.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+        /// Every Nth request of a connection gets a declining amount; 0: never.
+        #[arg(long, default_value_t = 20)]
+        decline_every: u32,
+        /// Print the summary as one JSON object (progress still goes to stderr).
         #[arg(long)]
         json: bool,
+        /// No progress lines on stderr.
+        #[arg(long)]
+        no_progress: bool,
+        /// Write the latency distribution in HdrHistogram's .hgrm text format (ms).
+        #[arg(long)]
+        hgrm: Option<PathBuf>,
+        /// Write an SVG chart of latency by percentile.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// Start the switch with simulated banks and load, all in-process; print a summary.
     Demo {
@@ -234,8 +257,15 @@ fn main() -> anyhow::Result<()> {
             destination,
             connections,
             window,
+            rate,
             duration,
+            warmup,
+            timeout_ms,
+            decline_every,
             json,
+            no_progress,
+            hgrm,
+            plot,
         } => {
             init_logs("warn");
             let identities = loadgen::identities_from_dir(&certs_dir, &institution)?;
@@ -247,18 +277,32 @@ fn main() -> anyhow::Result<()> {
                 pans: vec!["4111111111111111".to_owned(), "5500000000000004".to_owned()],
                 connections,
                 window,
+                rate,
+                warmup: Duration::from_secs(warmup),
                 duration: Duration::from_secs(duration),
-                answer_timeout: Duration::from_secs(10),
+                answer_timeout: Duration::from_millis(timeout_ms),
+                progress: !no_progress,
                 dialect: Arc::new(Dialect::iso87_ascii()),
                 framing: Framing::U16be,
                 currency: *b"978",
-                decline_every: 20,
+                decline_every,
             };
             let summary = runtime(2)?.block_on(loadgen::run(opts))?;
+            if let Some(warning) = summary.behind_warning() {
+                eprintln!("warning: {warning}");
+            }
             if json {
                 println!("{}", summary.full_json());
             } else {
                 println!("{}", summary.render());
+            }
+            if let Some(path) = hgrm {
+                std::fs::write(&path, loadgen::hgrm_text(&summary.histogram))
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if let Some(path) = plot {
+                loadgen::write_plot(&path, &summary)
+                    .with_context(|| format!("writing {}", path.display()))?;
             }
             Ok(())
         }

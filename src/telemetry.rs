@@ -144,17 +144,20 @@ impl LatencyRecorder<'_> {
         self.local.record(sample);
     }
 
-    /// Hands samples to the connector when the interval has passed, or at once when
-    /// the task is `idle` (nothing in flight, so the figures are complete).
-    pub fn maybe_flush(&mut self, now: Instant, idle: bool) {
-        if (idle && self.local.count() > 0)
-            || now.saturating_duration_since(self.flushed) >= PUBLISH_INTERVAL
-        {
+    /// Hands samples to the connector when the interval has passed.
+    pub fn maybe_flush(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.flushed) >= PUBLISH_INTERVAL {
             self.flush(now);
         }
     }
 
-    fn flush(&mut self, now: Instant) {
+    /// When unflushed samples are due to be handed over (none: nothing pending).
+    pub fn flush_due(&self) -> Option<Instant> {
+        (self.local.count() > 0).then(|| self.flushed + PUBLISH_INTERVAL)
+    }
+
+    /// Hands samples to the connector now.
+    pub fn flush(&mut self, now: Instant) {
         if self.local.count() > 0 {
             let mut merged = self
                 .shared

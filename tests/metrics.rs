@@ -48,6 +48,9 @@ async fn metrics_count_answers_and_publish_latency() {
         framing: Framing::U16be,
         currency: *b"978",
         decline_every: 10,
+        rate: None,
+        warmup: Duration::ZERO,
+        progress: false,
     };
     let summary = loadgen::run(opts).await.unwrap();
     assert!(summary.approved > 0 && summary.errors == 0, "{summary:?}");

@@ -6,9 +6,13 @@
 //! entries outnumber live ones, so its size stays within a constant factor of the
 //! table's bound.
 
+use super::fxhash::FxHashMap;
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
 use std::time::Instant;
+
+/// Slots reserved up front; the table grows (during warm-up) to what is in flight.
+const INITIAL_SLOTS: usize = 256;
 
 /// STANs are six digits; zero is not used.
 pub const STAN_MAX: u32 = 999_999;
@@ -63,7 +67,7 @@ pub struct InflightTable<T> {
     capacity: usize,
     next: u32,
     generation: u64,
-    slots: HashMap<u32, Slot<T>>,
+    slots: FxHashMap<u32, Slot<T>>,
     deadlines: BinaryHeap<Reverse<(Instant, u32, u64)>>,
 }
 
@@ -75,8 +79,13 @@ impl<T> InflightTable<T> {
             capacity,
             next: 1,
             generation: 0,
-            slots: HashMap::with_capacity(capacity.min(65_536)),
-            deadlines: BinaryHeap::with_capacity(capacity.min(65_536)),
+            // Start small and grow to the working set: a table sized for the bound
+            // would spread a few hundred live entries over megabytes of cache misses.
+            slots: FxHashMap::with_capacity_and_hasher(
+                capacity.min(INITIAL_SLOTS),
+                Default::default(),
+            ),
+            deadlines: BinaryHeap::with_capacity(capacity.min(INITIAL_SLOTS)),
         }
     }
 

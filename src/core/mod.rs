@@ -5,6 +5,7 @@
 
 pub mod codes;
 pub mod datetime;
+pub mod fxhash;
 pub mod ids;
 pub mod inflight;
 pub mod route;

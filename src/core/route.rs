@@ -1,6 +1,7 @@
 //! Routing: DE100 (receiving institution) when present, else the longest matching
 //! PAN prefix (DE2).
 
+use super::fxhash::FxHashMap;
 use super::ids::InstitutionId;
 use std::collections::HashMap;
 
@@ -40,7 +41,7 @@ pub enum NoRoute {
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
     receivers: HashMap<InstitutionId, BankIndex>,
-    prefixes: HashMap<(u8, u64), BankIndex>,
+    prefixes: FxHashMap<(u8, u64), BankIndex>,
     /// Distinct prefix lengths, longest first.
     lengths: Vec<u8>,
 }

@@ -303,8 +303,7 @@ impl Connector {
                                 Err(e) => return LinkEnd::Frame(e),
                             }
                         }
-                        let idle = self.inflight_by_link[link.slot].load(Ordering::Relaxed) == 0;
-                        recorder.maybe_flush(answered_at, idle);
+                        recorder.maybe_flush(answered_at);
                     }
                     Err(e) => return LinkEnd::Io(e),
                 },
@@ -323,6 +322,11 @@ impl Connector {
                     }
                 }
                 _ = link.wake_reader.notified() => {}
+                // Samples reach the connector within a second even when traffic stops.
+                _ = sleep_until(recorder.flush_due().map_or(far, Instant::from_std)),
+                    if recorder.flush_due().is_some() => {
+                    recorder.flush(std::time::Instant::now());
+                }
             }
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(LINK_READ_BUFFER_BYTES);
