@@ -30,7 +30,8 @@ fi
 if ! command -v jq >/dev/null; then
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq) >&2
 fi
-ulimit -n 65536 2>/dev/null || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+FD_LIMIT=$(ulimit -n)
 
 cargo build --release --quiet
 BIN=$PWD/target/release/switchyard
@@ -39,7 +40,7 @@ PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$WORK"
+    [ -n "${KEEP:-}" ] && echo "kept $WORK" >&2 || rm -rf "$WORK"
 }
 trap cleanup EXIT
 
@@ -74,7 +75,7 @@ cat "$WORK/certs/switch.pem" "$WORK/certs/switch.key" >"$WORK/haproxy-front.pem"
 cat "$WORK/certs/switch-client.pem" "$WORK/certs/switch-client.key" >"$WORK/haproxy-back.pem"
 cat >"$WORK/haproxy.cfg" <<CFG
 global
-    maxconn 40000
+    maxconn $(( (FD_LIMIT - 100) / 2 ))
     nbthread 2
 defaults
     mode tcp
@@ -94,19 +95,25 @@ CFG
 PIDS+=($!)
 "$BIN" run --config "$WORK/switchyard.toml" 2>"$WORK/switch.log" &
 PIDS+=($!)
-haproxy -f "$WORK/haproxy.cfg" -q 2>"$WORK/haproxy.log" &
+haproxy -f "$WORK/haproxy.cfg" 2>"$WORK/haproxy.log" &
 PIDS+=($!)
 for port in "$BANK_PORT" "$SWITCH_PORT" "$HAPROXY_PORT"; do
+    up=""
     for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && up=1 && break
         sleep 0.1
     done
+    if [ -z "$up" ]; then
+        echo "nothing listens on 127.0.0.1:$port; logs:" >&2
+        tail -n 5 "$WORK"/*.log >&2
+        exit 1
+    fi
 done
 sleep 1 # the switch's bank links connect after its listener opens
 
 load() { # $1 = port
     "$BIN" loadgen --target "127.0.0.1:$1" --certs-dir "$WORK/certs" --institution 100001,100002 \
-        --connections "$CONNECTIONS" --window "$WINDOW" --duration "$DURATION" \
+        --destination 200001 --connections "$CONNECTIONS" --window "$WINDOW" --duration "$DURATION" \
         --warmup "$WARMUP" --json --no-progress 2>>"$WORK/loadgen.log"
 }
 

@@ -39,7 +39,65 @@ pub enum FieldType {
     XN,
 }
 
+/// Character class bits per byte value, for validating a field in one pass.
+const CLASS_N: u8 = 1;
+const CLASS_A: u8 = 2;
+const CLASS_AN: u8 = 4;
+const CLASS_PRINT: u8 = 8;
+const CLASS_Z: u8 = 16;
+
+static CLASSES: [u8; 256] = classes();
+
+const fn classes() -> [u8; 256] {
+    let mut table = [0u8; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        let mut bits = 0;
+        if b.is_ascii_digit() {
+            bits |= CLASS_N | CLASS_AN | CLASS_Z;
+        }
+        if b.is_ascii_alphabetic() || b == b' ' {
+            bits |= CLASS_A | CLASS_AN;
+        }
+        if (b >= 0x20 && b <= 0x7e) || b >= 0xa0 {
+            bits |= CLASS_PRINT;
+        }
+        if matches!(b, b'=' | b'D' | b';' | b'?' | b'F') {
+            bits |= CLASS_Z;
+        }
+        table[i] = bits;
+        i += 1;
+    }
+    table
+}
+
 impl FieldType {
+    /// Offset of the first byte of `value` this type does not allow, if any.
+    #[inline]
+    pub fn first_invalid(self, value: &[u8]) -> Option<usize> {
+        let (mask, rest) = match self {
+            FieldType::N => (CLASS_N, value),
+            FieldType::A => (CLASS_A, value),
+            FieldType::An => (CLASS_AN, value),
+            FieldType::Ans | FieldType::As | FieldType::Ns | FieldType::Anp => (CLASS_PRINT, value),
+            FieldType::B => return None,
+            FieldType::Z => (CLASS_Z, value),
+            FieldType::XN => match value.split_first() {
+                None => return None,
+                Some((b'C' | b'D', rest)) => {
+                    let at = rest
+                        .iter()
+                        .position(|&b| CLASSES[usize::from(b)] & CLASS_N == 0);
+                    return at.map(|i| i + 1);
+                }
+                Some(_) => return Some(0),
+            },
+        };
+        rest.iter()
+            .position(|&b| CLASSES[usize::from(b)] & mask == 0)
+    }
+
     /// Whether `byte` at `index` within the field value is allowed.
     #[inline]
     pub fn allows(self, index: usize, byte: u8) -> bool {
@@ -220,6 +278,7 @@ pub enum DialectError {
 /// A message profile: the definition of every field.
 #[derive(Clone, Debug)]
 pub struct Dialect {
+    fingerprint: u64,
     name: String,
     description: String,
     bitmap: BitmapEncoding,
@@ -267,7 +326,9 @@ impl Dialect {
             }
             *slot = Some(spec);
         }
+        let fingerprint = fingerprint(file.bitmap_encoding, &fields);
         Ok(Dialect {
+            fingerprint,
             name: file.name,
             description: file.description,
             bitmap: file.bitmap_encoding,
@@ -303,6 +364,12 @@ impl Dialect {
         }
     }
 
+    /// A hash of the wire layout (bitmaps and every field's definition, not names):
+    /// two dialects with the same fingerprint encode every message identically.
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
     /// The dialect's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -336,6 +403,24 @@ impl Dialect {
             .sum();
         4 + self.bitmap.wire_len() + fields
     }
+}
+
+fn fingerprint(bitmap: BitmapEncoding, fields: &[Option<FieldSpec>]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same layout gives the same value in every process.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (bitmap as u8).hash(&mut h);
+    for f in fields.iter().flatten() {
+        (
+            f.number,
+            f.ty as u8,
+            f.length as u8,
+            f.max,
+            f.encoding as u8,
+        )
+            .hash(&mut h);
+    }
+    h.finish()
 }
 
 fn check_spec(spec: &FieldSpec, bitmap: BitmapEncoding) -> Option<&'static str> {
@@ -398,6 +483,36 @@ mod tests {
             assert_eq!(d.field(4).map(|f| f.max), Some(12));
             assert_eq!(d.field(2).map(|f| f.length), Some(LengthKind::LlVar));
         }
+    }
+
+    #[test]
+    fn class_table_agrees_with_allows() {
+        use FieldType::*;
+        for ty in [N, A, An, Ans, As, Ns, Anp, B, Z, XN] {
+            for b in 0..=255u8 {
+                assert_eq!(
+                    ty.first_invalid(&[b]).is_none(),
+                    ty.allows(0, b),
+                    "{ty:?} {b}"
+                );
+                let two = [if ty == XN { b'C' } else { b'0' }, b];
+                let ok = ty.allows(0, two[0]) && ty.allows(1, b);
+                let expected = if ok {
+                    None
+                } else {
+                    Some(if ty.allows(0, two[0]) { 1 } else { 0 })
+                };
+                assert_eq!(ty.first_invalid(&two), expected, "{ty:?} {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn fingerprints_tell_layouts_apart() {
+        let a = Dialect::iso87_ascii();
+        let h = Dialect::builtin("iso87-hexbitmap").unwrap();
+        assert_eq!(a.fingerprint(), Dialect::iso87_ascii().fingerprint());
+        assert_ne!(a.fingerprint(), h.fingerprint());
     }
 
     #[test]

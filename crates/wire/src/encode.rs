@@ -187,12 +187,44 @@ pub fn reencode(
     changes: &[Change<'_>],
     out: &mut BytesMut,
 ) -> Result<usize, EncodeError> {
+    if from.fingerprint() == to.fingerprint() {
+        if let Some(len) = patch(msg, mti, changes, out) {
+            return Ok(len);
+        }
+    }
     let before = out.len();
     let result = reencode_inner(msg, from, to, mti, changes, out);
     if result.is_err() {
         out.truncate(before);
     }
     result
+}
+
+/// The common case of the forward and return paths, same layout on both sides and
+/// only same-length values replaced (DE11, DE39…): copy the message and overwrite
+/// the changed bytes in place. `None` when the message needs a full re-encode.
+fn patch(msg: &Message, mti: Mti, changes: &[Change<'_>], out: &mut BytesMut) -> Option<usize> {
+    if !msg.is_complete() {
+        return None;
+    }
+    for change in changes {
+        match *change {
+            Change::Set(n, value) if msg.span(n)?.len as usize == value.len() => {}
+            _ => return None,
+        }
+    }
+    let start = out.len();
+    let bytes = msg.as_bytes();
+    out.extend_from_slice(bytes);
+    out[start..start + 4].copy_from_slice(mti.as_bytes());
+    for change in changes {
+        if let Change::Set(n, value) = *change {
+            let span = msg.span(n)?;
+            let at = start + usize::from(span.start);
+            out[at..at + value.len()].copy_from_slice(value);
+        }
+    }
+    Some(bytes.len())
 }
 
 fn reencode_inner(

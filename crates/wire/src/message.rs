@@ -128,6 +128,8 @@ pub struct Message {
     present: u128,
     spans: [Span; INLINE_FIELDS],
     spill: Option<Vec<Span>>,
+    /// Whether every byte was decoded (false for a partial decode).
+    complete: bool,
 }
 
 /// Present fields whose spans are held inline (typical messages have 10 to 25).
@@ -231,8 +233,10 @@ impl Message {
             present: 0,
             spans: [Span::default(); INLINE_FIELDS],
             spill: None,
+            complete: false,
         };
         let err = msg.index(dialect).err();
+        msg.complete = err.is_none();
         (msg, err)
     }
 
@@ -323,6 +327,12 @@ impl Message {
                 .and_then(|s| s.get(index - INLINE_FIELDS).copied())
                 .unwrap_or_default(),
         }
+    }
+
+    /// Whether the whole message decoded (not a partial decode stopped by an error).
+    #[inline]
+    pub fn is_complete(&self) -> bool {
+        self.complete
     }
 
     /// Present fields as a mask: bit `128 - n` for field `n`.
@@ -436,11 +446,11 @@ fn read_field(dialect: &Dialect, cur: &mut Cursor<'_>, n: u8) -> Result<Span, De
             .iter()
             .position(|&b| hex_value(b).is_none())
             .map(|i| (i, DecodeErrorKind::BadHex { found: value[i] })),
-        Encoding::Ascii => value
-            .iter()
-            .enumerate()
-            .find(|&(i, &b)| !spec.ty.allows(i, b))
-            .map(|(i, &b)| {
+        Encoding::Ascii => spec
+            .ty
+            .first_invalid(value)
+            .map(|i| (i, value[i]))
+            .map(|(i, b)| {
                 (
                     i,
                     DecodeErrorKind::BadCharacter {
