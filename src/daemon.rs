@@ -115,7 +115,7 @@ impl Switch {
 
     /// Publishes all gauges now (the publisher also does so once a second).
     pub fn publish_metrics(&self) {
-        publish(&self.connectors, &self.ingress);
+        Gauges::new(&self.connectors).publish(&self.connectors, &self.ingress);
     }
 
     /// Waits until every bank has at least one link up, or `limit` passes.
@@ -165,30 +165,60 @@ async fn publish_loop(
     ingress: Arc<Ingress>,
     shutdown: CancellationToken,
 ) {
+    let gauges = Gauges::new(&connectors);
     let mut tick = tokio::time::interval(PUBLISH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => publish(&connectors, &ingress),
+            _ = tick.tick() => gauges.publish(&connectors, &ingress),
         }
     }
 }
 
-/// Sets every gauge from the current state: latency quantiles, queue depth,
-/// requests in flight and links up per connector, acquirer connections.
-fn publish(connectors: &[Arc<Connector>], ingress: &Ingress) {
-    for c in connectors {
-        let label = c.bank().id.to_string();
-        telemetry::publish_latency(&label, &c.latency);
-        metrics::gauge!("switchyard_connector_queue_depth", "connector" => label.clone())
-            .set(c.queue_depth() as f64);
-        metrics::gauge!("switchyard_connector_inflight", "connector" => label.clone())
-            .set(c.inflight() as f64);
-        metrics::gauge!("switchyard_connector_links_up", "connector" => label)
-            .set(c.links_up() as f64);
+/// Every gauge the switch publishes, registered once: latency quantiles, queue
+/// depth, requests in flight and links up per connector, acquirer connections.
+struct Gauges {
+    connectors: Vec<ConnectorGauges>,
+    connections: metrics::Gauge,
+}
+
+struct ConnectorGauges {
+    latency: telemetry::LatencyGauges,
+    queue_depth: metrics::Gauge,
+    inflight: metrics::Gauge,
+    links_up: metrics::Gauge,
+}
+
+impl Gauges {
+    fn new(connectors: &[Arc<Connector>]) -> Gauges {
+        let connectors = connectors
+            .iter()
+            .map(|c| {
+                let label = c.bank().id.to_string();
+                ConnectorGauges {
+                    latency: telemetry::LatencyGauges::new(&label),
+                    queue_depth: metrics::gauge!("switchyard_connector_queue_depth", "connector" => label.clone()),
+                    inflight: metrics::gauge!("switchyard_connector_inflight", "connector" => label.clone()),
+                    links_up: metrics::gauge!("switchyard_connector_links_up", "connector" => label),
+                }
+            })
+            .collect();
+        Gauges {
+            connectors,
+            connections: metrics::gauge!("switchyard_acquirer_connections"),
+        }
     }
-    metrics::gauge!("switchyard_acquirer_connections").set(ingress.connections() as f64);
+
+    fn publish(&self, connectors: &[Arc<Connector>], ingress: &Ingress) {
+        for (c, g) in connectors.iter().zip(&self.connectors) {
+            g.latency.set(&c.latency);
+            g.queue_depth.set(c.queue_depth() as f64);
+            g.inflight.set(c.inflight() as f64);
+            g.links_up.set(c.links_up() as f64);
+        }
+        self.connections.set(ingress.connections() as f64);
+    }
 }
 
 /// Runs the switch on an already bound listener until `shutdown` resolves

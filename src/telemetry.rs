@@ -178,34 +178,48 @@ impl Drop for LatencyRecorder<'_> {
     }
 }
 
-/// Publishes one connector's latency quantiles as gauges
-/// `switchyard_latency_us{connector, stage, quantile}` and the payment count.
-pub fn publish_latency(connector: &str, latency: &ConnectorLatency) {
-    latency.with(|stages| {
-        let all = [
-            ("switch", &stages.switch),
-            ("bank", &stages.bank),
-            ("total", &stages.total),
-        ];
-        for (stage, h) in all {
+/// Gauges `switchyard_latency_us{connector, stage, quantile}` and
+/// `switchyard_latency_samples{connector}` of one connector, registered once.
+pub struct LatencyGauges {
+    quantiles: Vec<(usize, f64, metrics::Gauge)>,
+    samples: metrics::Gauge,
+}
+
+impl LatencyGauges {
+    /// Registers the gauges of `connector`.
+    pub fn new(connector: &str) -> LatencyGauges {
+        let mut quantiles = Vec::with_capacity(3 * QUANTILES.len());
+        for (stage_index, stage) in ["switch", "bank", "total"].into_iter().enumerate() {
             for (q, label) in QUANTILES {
-                let v = if h.is_empty() {
-                    0
-                } else {
-                    h.value_at_quantile(q)
-                };
-                metrics::gauge!(
+                let gauge = metrics::gauge!(
                     "switchyard_latency_us",
                     "connector" => connector.to_owned(),
                     "stage" => stage,
                     "quantile" => label
-                )
-                .set(v as f64);
+                );
+                quantiles.push((stage_index, q, gauge));
             }
         }
-        metrics::gauge!("switchyard_latency_samples", "connector" => connector.to_owned())
-            .set(stages.count() as f64);
-    });
+        let samples =
+            metrics::gauge!("switchyard_latency_samples", "connector" => connector.to_owned());
+        LatencyGauges { quantiles, samples }
+    }
+
+    /// Sets the gauges from the connector's histograms.
+    pub fn set(&self, latency: &ConnectorLatency) {
+        latency.with(|stages| {
+            let all = [&stages.switch, &stages.bank, &stages.total];
+            for (stage, q, gauge) in &self.quantiles {
+                let h = all[*stage];
+                gauge.set(if h.is_empty() {
+                    0.0
+                } else {
+                    h.value_at_quantile(*q) as f64
+                });
+            }
+            self.samples.set(stages.count() as f64);
+        });
+    }
 }
 
 /// Installs the Prometheus exporter serving `/metrics` on `addr` (call inside a

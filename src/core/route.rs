@@ -70,8 +70,13 @@ impl RouteTable {
     pub fn add_prefix(&mut self, prefix: &str, bank: BankIndex) -> Result<(), RouteError> {
         let value = prefix_value(prefix.as_bytes()).ok_or(RouteError::BadPrefix)?;
         let len = prefix.len() as u8;
-        if self.prefixes.insert((len, value), bank).is_some() {
-            return Err(RouteError::DuplicatePrefix(prefix.to_owned()));
+        match self.prefixes.entry((len, value)) {
+            std::collections::hash_map::Entry::Occupied(_) => {
+                return Err(RouteError::DuplicatePrefix(prefix.to_owned()));
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(bank);
+            }
         }
         if let Err(at) = self.lengths.binary_search_by(|l| len.cmp(l)) {
             self.lengths.insert(at, len);
@@ -139,5 +144,10 @@ mod tests {
             Err(RouteError::DuplicatePrefix("4111".into()))
         );
         assert_eq!(t.add_prefix("41a", 2), Err(RouteError::BadPrefix));
+        assert_eq!(
+            t.by_pan(b"4111111111111111"),
+            Some(1),
+            "a refused duplicate changes nothing"
+        );
     }
 }
