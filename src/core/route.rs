@@ -38,13 +38,28 @@ pub enum NoRoute {
 /// PAN prefixes are kept in one hash map keyed by (length, value) and probed from
 /// the longest length present down: at most one probe per distinct prefix length,
 /// no allocation, and memory proportional to the number of prefixes.
+///
+/// A large table (over [`HEAD_FILTER_MIN_PREFIXES`]) also keeps, for each 6-digit
+/// PAN head, a bit per prefix length that has a prefix under that head, so a lookup
+/// probes only lengths that can match: with a million prefixes each probe of the
+/// big map is a cache miss, and skipping the empty ones keeps the cost per payment
+/// close to that of a small table.
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
     receivers: HashMap<InstitutionId, BankIndex>,
     prefixes: FxHashMap<(u8, u64), BankIndex>,
     /// Distinct prefix lengths, longest first.
     lengths: Vec<u8>,
+    /// Empty, or 10^6 entries: bit `l` set when some prefix of length `l` ≥ 6
+    /// starts with the entry's 6 digits.
+    heads: Vec<u32>,
 }
+
+/// Prefix count from which the head filter is kept (its 4 MB pay off).
+pub const HEAD_FILTER_MIN_PREFIXES: usize = 4096;
+/// Digits of the PAN head the filter is indexed by.
+const HEAD_DIGITS: usize = 6;
+const HEADS: usize = 1_000_000;
 
 fn prefix_value(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() || digits.len() > PAN_PREFIX_DIGITS_MAX {
@@ -81,7 +96,26 @@ impl RouteTable {
         if let Err(at) = self.lengths.binary_search_by(|l| len.cmp(l)) {
             self.lengths.insert(at, len);
         }
+        if !self.heads.is_empty() {
+            self.mark_head(len, value);
+        } else if self.prefixes.len() >= HEAD_FILTER_MIN_PREFIXES {
+            self.heads = vec![0; HEADS];
+            let keys: Vec<(u8, u64)> = self.prefixes.keys().copied().collect();
+            for (len, value) in keys {
+                self.mark_head(len, value);
+            }
+        }
         Ok(())
+    }
+
+    fn mark_head(&mut self, len: u8, value: u64) {
+        let Some(extra) = usize::from(len).checked_sub(HEAD_DIGITS) else {
+            return;
+        };
+        let head = value / 10u64.pow(extra as u32);
+        if let Some(bits) = self.heads.get_mut(head as usize) {
+            *bits |= 1 << len;
+        }
     }
 
     /// Number of PAN prefixes.
@@ -99,9 +133,14 @@ impl RouteTable {
             }
             values[i + 1] = values[i] * 10 + u64::from(b - b'0');
         }
+        let heads = match self.heads.get(values[HEAD_DIGITS] as usize) {
+            Some(bits) if usable >= HEAD_DIGITS => *bits,
+            _ => u32::MAX,
+        };
         self.lengths
             .iter()
             .filter(|&&l| usize::from(l) <= usable)
+            .filter(|&&l| usize::from(l) < HEAD_DIGITS || heads & (1 << l) != 0)
             .find_map(|&l| self.prefixes.get(&(l, values[usize::from(l)])).copied())
     }
 
@@ -120,6 +159,41 @@ impl RouteTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn head_filter_finds_what_a_scan_finds() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut t = RouteTable::new();
+        let mut all = Vec::new();
+        while all.len() < 3 * HEAD_FILTER_MIN_PREFIXES {
+            let len = [4usize, 5, 6, 6, 7, 8, 8, 11][(next() % 8) as usize];
+            let digits: String = (0..len)
+                .map(|_| char::from(b'0' + (next() % 3) as u8))
+                .collect();
+            let bank = (next() % 100) as BankIndex;
+            if t.add_prefix(&digits, bank).is_ok() {
+                all.push((digits, bank));
+            }
+        }
+        assert!(!t.heads.is_empty());
+        for _ in 0..20_000 {
+            let pan: String = (0..16)
+                .map(|_| char::from(b'0' + (next() % 3) as u8))
+                .collect();
+            let scan = all
+                .iter()
+                .filter(|(p, _)| pan.starts_with(p.as_str()))
+                .max_by_key(|(p, _)| p.len())
+                .map(|(_, b)| *b);
+            assert_eq!(t.by_pan(pan.as_bytes()), scan, "{pan}");
+        }
+    }
 
     #[test]
     fn longest_prefix_wins_and_receiver_beats_pan() {
