@@ -21,77 +21,8 @@ const SIZES: [usize; 3] = [10, 10_000, 1_000_000];
 const PAN_COUNT: usize = 1 << 16;
 /// Digits in the PANs looked up.
 const PAN_DIGITS: usize = 16;
-/// Prefix lengths (digits) with their weights out of 10,000: BIN tables are mostly 6 and
-/// 8 digits. Short prefixes are rare so that a large table still leaves PANs unrouted.
-const LENGTH_WEIGHTS: [(usize, u64); 8] = [
-    (4, 5),
-    (5, 50),
-    (6, 5_000),
-    (7, 500),
-    (8, 3_545),
-    (9, 400),
-    (10, 300),
-    (11, 200),
-];
-
-/// Marsaglia's xorshift64: deterministic, no dependency.
-struct XorShift(u64);
-
-impl XorShift {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    /// `len` ASCII digits, the first one 1..=9.
-    fn digits(&mut self, out: &mut [u8]) {
-        for (i, slot) in out.iter_mut().enumerate() {
-            let d = if i == 0 {
-                1 + self.below(9)
-            } else {
-                self.below(10)
-            };
-            *slot = b'0' + d as u8;
-        }
-    }
-}
-
-fn prefix_length(rng: &mut XorShift) -> usize {
-    let mut r = rng.below(10_000);
-    for (len, weight) in LENGTH_WEIGHTS {
-        if r < weight {
-            return len;
-        }
-        r -= weight;
-    }
-    unreachable!("weights sum to 10,000")
-}
-
-/// A table of `count` distinct prefixes routed to 64 banks, and the prefixes themselves.
-fn table(count: usize, seed: u64) -> (RouteTable, Vec<Vec<u8>>) {
-    let mut rng = XorShift(seed);
-    let mut table = RouteTable::new();
-    let mut prefixes = Vec::with_capacity(count);
-    let mut buf = [0u8; 11];
-    while prefixes.len() < count {
-        let len = prefix_length(&mut rng);
-        rng.digits(&mut buf[..len]);
-        let text = std::str::from_utf8(&buf[..len]).expect("ASCII digits");
-        let bank = (rng.next() % 64) as u16;
-        if table.add_prefix(text, bank).is_ok() {
-            prefixes.push(buf[..len].to_vec());
-        }
-    }
-    (table, prefixes)
-}
+mod common;
+use common::{route_table as table, XorShift};
 
 /// `PAN_COUNT` PANs in random order, exactly half extending a prefix of the table and
 /// half matching no prefix.
