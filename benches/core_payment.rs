@@ -34,7 +34,7 @@ use switchyard::core::inflight::{InflightTable, Stan};
 use switchyard::core::route::RouteTable;
 use switchyard::core::validate::{admit, Admission};
 use switchyard::core::InstitutionId;
-use switchyard::net::{encode_reply, Reply};
+use switchyard::net::{encode_reply, OriginalStan, Reply};
 use switchyard::wire::{
     reencode, Change, Dialect, Encoder, FrameDecoder, Framing, Message, Mti,
     FRAME_SIZE_MAX_BYTES_DEFAULT,
@@ -237,7 +237,7 @@ impl SwitchCore {
         }
         // Acquirer session: the answer with the acquirer's DE11, framed.
         let reply = Reply::Bank {
-            request,
+            stan: OriginalStan::of(&request),
             answer,
             dialect: self.bank_dialect.clone(),
             connector: bank,

@@ -6,7 +6,7 @@
 //! the batch with one flush. The link's reader matches answers by STAN and sweeps
 //! deadlines in order from one heap (no timer per request).
 
-use super::{Pending, Reply};
+use super::{OriginalStan, Pending, Reply};
 use crate::config::Bank;
 use crate::core::inflight::{InflightTable, Stan, TableFull};
 use crate::core::route::BankIndex;
@@ -377,7 +377,7 @@ impl Connector {
                 let dialect = self.bank.dialect.clone();
                 let connector = self.index;
                 p.reply.send(Reply::Bank {
-                    request: p.request,
+                    stan: OriginalStan::of(&p.request),
                     answer,
                     dialect,
                     connector,

@@ -57,8 +57,8 @@ impl Pending {
 pub enum Reply {
     /// The bank's answer, to be returned with the acquirer's own DE11.
     Bank {
-        /// The acquirer's request.
-        request: Message,
+        /// The acquirer's DE11, to restore (the request itself is not needed).
+        stan: OriginalStan,
         /// The bank's answer.
         answer: Message,
         /// The dialect the answer was decoded under.
@@ -93,13 +93,12 @@ pub fn encode_reply(
     let at = framing.begin(out);
     let ok = match reply {
         Reply::Bank {
-            request,
+            stan,
             answer,
             dialect: from,
             ..
         } => {
-            let stan = request.field(11).unwrap_or(b"000000");
-            let changes = [crate::wire::Change::Set(11, stan)];
+            let changes = [crate::wire::Change::Set(11, stan.as_bytes())];
             crate::wire::reencode(answer, from, dialect, answer.mti(), &changes, out).is_ok()
         }
         Reply::Switch { request, code, .. } => encode_switch_answer(request, *code, dialect, out),
@@ -109,6 +108,35 @@ pub fn encode_reply(
         return false;
     }
     true
+}
+
+/// Longest DE11 kept inline (the default profile's is 6 digits).
+const ORIGINAL_STAN_MAX: usize = 12;
+
+/// An acquirer's DE11, kept by value so an answer does not carry the request.
+#[derive(Clone, Copy, Debug)]
+pub struct OriginalStan {
+    digits: [u8; ORIGINAL_STAN_MAX],
+    len: u8,
+}
+
+impl OriginalStan {
+    /// DE11 of `request` (truncated to 12 bytes, more than any dialect defines).
+    pub fn of(request: &Message) -> OriginalStan {
+        let field = request.field(11).unwrap_or(b"");
+        let len = field.len().min(ORIGINAL_STAN_MAX);
+        let mut digits = [0u8; ORIGINAL_STAN_MAX];
+        digits[..len].copy_from_slice(&field[..len]);
+        OriginalStan {
+            digits,
+            len: len as u8,
+        }
+    }
+
+    /// The DE11 value.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.digits[..usize::from(self.len)]
+    }
 }
 
 impl Reply {
