@@ -18,6 +18,7 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod demo;
+pub mod journal;
 pub mod loadgen;
 pub mod money;
 pub mod net;

@@ -125,6 +125,11 @@ enum Command {
         #[arg(long)]
         plot: Option<PathBuf>,
     },
+    /// Check or print a write-ahead journal (read-only).
+    Journal {
+        #[command(subcommand)]
+        command: JournalCommand,
+    },
     /// Start the switch with simulated banks and load, all in-process; print a summary.
     Demo {
         /// Seconds of load.
@@ -149,6 +154,28 @@ enum Command {
         /// switch is what is measured).
         #[arg(long, default_value_t = 0)]
         bank_latency_ms: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum JournalCommand {
+    /// Check every record of every segment and print counts; fails on corruption.
+    Verify {
+        /// Journal directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Print every record, card numbers masked.
+    Dump {
+        /// Journal directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Dialect of the stored messages (name or file).
+        #[arg(long, default_value = "iso87-ascii")]
+        dialect: String,
     },
 }
 
@@ -209,6 +236,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::GenCerts { out, config } => gen_certs(&out, &config),
+        Command::Journal { command } => journal(command),
         Command::BankSim {
             listen,
             certs_dir,
@@ -339,6 +367,25 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn journal(command: JournalCommand) -> anyhow::Result<()> {
+    use switchyard::journal::{dump, scan};
+    match command {
+        JournalCommand::Verify { dir } => {
+            let s = scan(&dir, |_, _, _| {})?;
+            println!("{}", dump::report(&dir, &s));
+        }
+        JournalCommand::Dump { dir, json, dialect } => {
+            let dialect = Dialect::load(&dialect)?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let s = dump::dump(&dir, &dialect, json, &mut out)?;
+            std::io::Write::flush(&mut out)?;
+            eprintln!("{}", dump::report(&dir, &s));
+        }
+    }
+    Ok(())
 }
 
 fn gen_certs(out: &Path, config: &Path) -> anyhow::Result<()> {

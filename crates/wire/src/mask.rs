@@ -41,9 +41,64 @@ impl fmt::Debug for MaskedPan<'_> {
     }
 }
 
+/// Fields whose content never appears in logs: expiry, track data, PIN block, EMV
+/// data, MACs.
+fn hidden(n: u8) -> bool {
+    matches!(n, 14 | 35 | 36 | 45 | 52 | 55 | 64 | 96 | 128)
+}
+
+/// Fields shown masked like a card number (PAN, extended PAN, account ids).
+fn masked(n: u8) -> bool {
+    matches!(n, 2 | 34 | 102 | 103)
+}
+
+/// A field value made safe for logs and dumps: card numbers masked, sensitive
+/// fields hidden (only their length shown), printable text quoted, binary as a length.
+pub struct LoggedField<'a> {
+    number: u8,
+    value: &'a [u8],
+}
+
+/// Wraps field `number`'s `value` for display in logs.
+pub fn field_for_log(number: u8, value: &[u8]) -> LoggedField<'_> {
+    LoggedField { number, value }
+}
+
+impl fmt::Display for LoggedField<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = self.value;
+        if hidden(self.number) {
+            write!(f, "<{} bytes hidden>", v.len())
+        } else if masked(self.number) {
+            write!(f, "{}", mask_pan(v))
+        } else if v.iter().all(|b| (0x20..=0x7e).contains(b)) {
+            write!(f, "{:?}", String::from_utf8_lossy(v))
+        } else {
+            write!(f, "<{} bytes>", v.len())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sensitive_fields_never_show() {
+        assert_eq!(
+            field_for_log(2, b"4111111111111111").to_string(),
+            "411111******1111"
+        );
+        assert_eq!(
+            field_for_log(35, b"4111111111111111=2512").to_string(),
+            "<21 bytes hidden>"
+        );
+        assert_eq!(
+            field_for_log(4, b"000000001000").to_string(),
+            "\"000000001000\""
+        );
+        assert_eq!(field_for_log(127, &[0, 1]).to_string(), "<2 bytes>");
+    }
 
     #[test]
     fn masks_middle_digits() {

@@ -2,7 +2,7 @@
 
 use crate::dialect::{BitmapEncoding, Dialect, Encoding, LengthKind};
 use crate::error::{DecodeError, DecodeErrorKind, Location};
-use crate::mask::mask_pan;
+use crate::mask::field_for_log;
 use bytes::Bytes;
 use std::fmt;
 
@@ -473,30 +473,12 @@ fn read_field(dialect: &Dialect, cur: &mut Cursor<'_>, n: u8) -> Result<Span, De
     })
 }
 
-/// Fields whose content never appears in `Debug` output.
-fn hidden(n: u8) -> bool {
-    matches!(n, 14 | 35 | 36 | 45 | 52 | 55 | 64 | 96 | 128)
-}
-
-/// Fields shown masked like a card number.
-fn masked(n: u8) -> bool {
-    matches!(n, 2 | 34 | 102 | 103)
-}
-
 impl fmt::Debug for Message {
     /// Shows every field, with card numbers masked and track, PIN and MAC data hidden.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Message {{ mti: {}", self.mti)?;
         for (n, value) in self.fields() {
-            if hidden(n) {
-                write!(f, ", {n}: <{} bytes hidden>", value.len())?;
-            } else if masked(n) {
-                write!(f, ", {n}: {}", mask_pan(value))?;
-            } else if value.iter().all(|b| (0x20..=0x7e).contains(b)) {
-                write!(f, ", {n}: {:?}", String::from_utf8_lossy(value))?;
-            } else {
-                write!(f, ", {n}: <{} bytes>", value.len())?;
-            }
+            write!(f, ", {n}: {}", field_for_log(n, value))?;
         }
         f.write_str(" }")
     }

@@ -1,0 +1,40 @@
+//! Write-ahead journal: append-only segments of checksummed records, written with
+//! group commit, read back in order with torn-tail truncation.
+//!
+//! This is the storage layer of step 3; the daemon does not write to it yet (see
+//! the README's status). `switchyard journal verify` and `journal dump` read it.
+
+pub mod dump;
+pub mod reader;
+pub mod record;
+pub mod writer;
+
+pub use reader::{scan, segments, JournalError, Scan, TornTail};
+pub use record::{Record, RecordKind};
+pub use writer::{AppendError, Entry, Fsync, Journal, JournalConfig, Opened};
+
+#[cfg(test)]
+pub(crate) mod testdir {
+    use std::path::PathBuf;
+
+    /// A fresh directory under the system temp dir, removed on drop.
+    pub struct TempDir(pub PathBuf);
+
+    impl TempDir {
+        pub fn new(name: &str) -> TempDir {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let unique = format!("switchyard-{name}-{}-{now}", std::process::id());
+            let path = std::env::temp_dir().join(unique);
+            let _ = std::fs::remove_dir_all(&path);
+            TempDir(path)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
