@@ -5,9 +5,11 @@
 
 pub mod codes;
 pub mod datetime;
+pub mod dedup;
 pub mod fxhash;
 pub mod ids;
 pub mod inflight;
+pub mod reversal;
 pub mod route;
 pub mod validate;
 
