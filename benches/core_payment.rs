@@ -241,6 +241,7 @@ impl SwitchCore {
             answer,
             dialect: self.bank_dialect.clone(),
             connector: bank,
+            seq: 0,
         };
         self.session_write.clear();
         let encoded = encode_reply(

@@ -5,6 +5,7 @@
 
 use crate::core::route::{BankIndex, RouteTable};
 use crate::core::InstitutionId;
+use crate::journal::{Fsync, JournalConfig};
 use crate::tls::IdentitySource;
 use crate::wire::{Dialect, Framing};
 use serde::Deserialize;
@@ -92,6 +93,7 @@ struct File {
     limits: LimitsSection,
     #[serde(default)]
     admin: AdminSection,
+    journal: Option<JournalSection>,
     #[serde(default)]
     institution: Vec<InstitutionSection>,
     #[serde(default)]
@@ -142,6 +144,38 @@ impl Default for LimitsSection {
             inflight_per_connection_max: INFLIGHT_PER_CONNECTION_MAX_DEFAULT,
         }
     }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JournalSection {
+    dir: PathBuf,
+    #[serde(default = "d_fsync")]
+    fsync: Fsync,
+    #[serde(default = "d_journal_queue")]
+    queue_depth_max: usize,
+    #[serde(default = "d_journal_batch")]
+    batch_records_max: usize,
+    #[serde(default = "d_journal_delay")]
+    batch_delay_us: u64,
+    #[serde(default = "d_journal_segment")]
+    segment_size_max_bytes: u64,
+}
+
+fn d_fsync() -> Fsync {
+    Fsync::Batch
+}
+fn d_journal_queue() -> usize {
+    crate::journal::writer::QUEUE_DEPTH_MAX_DEFAULT
+}
+fn d_journal_batch() -> usize {
+    crate::journal::writer::BATCH_RECORDS_MAX_DEFAULT
+}
+fn d_journal_delay() -> u64 {
+    crate::journal::writer::BATCH_DELAY_US_DEFAULT
+}
+fn d_journal_segment() -> u64 {
+    crate::journal::writer::SEGMENT_SIZE_MAX_BYTES_DEFAULT
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -321,6 +355,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin address serving Prometheus `/metrics`; none when absent.
     pub admin_listen: Option<SocketAddr>,
+    /// The write-ahead journal; none when the section is absent.
+    pub journal: Option<JournalConfig>,
     /// Tokio worker threads.
     pub worker_threads: usize,
     /// Message profile on acquirer connections.
@@ -475,6 +511,7 @@ impl Checker<'_> {
         Ok(Config {
             listen: s.listen,
             admin_listen: f.admin.listen,
+            journal: f.journal.as_ref().map(|j| self.journal(j)).transpose()?,
             worker_threads,
             dialect,
             framing: s.framing,
@@ -493,6 +530,34 @@ impl Checker<'_> {
             institutions,
             banks,
             routes,
+        })
+    }
+
+    fn journal(&self, j: &JournalSection) -> Result<JournalConfig, ConfigError> {
+        self.range("journal.queue_depth_max", j.queue_depth_max, 1, 1 << 24, "")?;
+        self.range(
+            "journal.batch_records_max",
+            j.batch_records_max,
+            1,
+            1 << 20,
+            "",
+        )?;
+        self.range("journal.batch_delay_us", j.batch_delay_us, 0, 100_000, "us")?;
+        let segment = j.segment_size_max_bytes;
+        self.range(
+            "journal.segment_size_max_bytes",
+            segment,
+            1 << 16,
+            1 << 34,
+            "bytes",
+        )?;
+        Ok(JournalConfig {
+            dir: self.path(&j.dir),
+            fsync: j.fsync,
+            queue_depth_max: j.queue_depth_max,
+            batch_records_max: j.batch_records_max,
+            batch_delay: Duration::from_micros(j.batch_delay_us),
+            segment_size_max_bytes: segment,
         })
     }
 

@@ -1,8 +1,10 @@
 //! The daemon: wires config, TLS, connectors and the acquirer listener together.
 
 use crate::config::{Config, TlsFiles};
+use crate::journal::{Journal, JournalError};
 use crate::net::connector::Connector;
 use crate::net::ingress::Ingress;
+use crate::net::journaling::Journaling;
 use crate::telemetry::{self, PUBLISH_INTERVAL};
 use crate::tls::{self, TlsError};
 use std::future::Future;
@@ -48,11 +50,27 @@ pub struct Switch {
     link_changed: Arc<Notify>,
     shutdown: CancellationToken,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    journal: Option<Arc<Journal>>,
 }
 
 impl Switch {
-    /// Starts every bank connector's links (call inside a tokio runtime).
-    pub fn start(config: Config, tls: TlsSetup) -> Switch {
+    /// Opens the journal (when configured: every record is checked and a torn tail
+    /// truncated) and starts every bank connector's links (call inside a tokio
+    /// runtime).
+    pub fn start(config: Config, tls: TlsSetup) -> Result<Switch, JournalError> {
+        let (journaling, journal, first_request_id) = match &config.journal {
+            Some(jc) => {
+                let opened = Journal::open(jc.clone())?;
+                tracing::info!(
+                    "{}",
+                    crate::journal::dump::report(&jc.dir, &opened.recovered)
+                );
+                let next = opened.recovered.seq_range.map_or(1, |(_, last)| last + 1);
+                let journal = Arc::new(opened.journal);
+                (Journaling::new(journal.clone()), Some(journal), next)
+            }
+            None => (Journaling::off(), None, 1),
+        };
         let config = Arc::new(config);
         let shutdown = CancellationToken::new();
         let link_changed = Arc::new(Notify::new());
@@ -68,6 +86,7 @@ impl Switch {
                     tls.client.clone(),
                     config.frame_size_max_bytes,
                     link_changed.clone(),
+                    journaling.clone(),
                 )
             })
             .collect();
@@ -75,14 +94,19 @@ impl Switch {
             .iter()
             .flat_map(|c| c.spawn_links(&shutdown))
             .collect();
-        let ingress = Ingress::new(config.clone(), connectors.clone());
+        let ingress = Ingress::new(
+            config.clone(),
+            connectors.clone(),
+            journaling,
+            first_request_id,
+        );
         tasks.push(tokio::spawn(publish_loop(
             connectors.clone(),
             ingress.clone(),
             shutdown.clone(),
         )));
         let tasks = std::sync::Mutex::new(tasks);
-        Switch {
+        Ok(Switch {
             config,
             tls,
             connectors,
@@ -90,7 +114,8 @@ impl Switch {
             link_changed,
             shutdown,
             tasks,
-        }
+            journal,
+        })
     }
 
     /// The configuration in force.
@@ -155,6 +180,10 @@ impl Switch {
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for task in tasks {
             let _ = task.await;
+        }
+        if let Some(journal) = &self.journal {
+            // Whatever is queued is written and synced before the writer stops.
+            journal.close();
         }
     }
 }
@@ -229,7 +258,7 @@ pub async fn run(
     tls: TlsSetup,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let switch = Switch::start(config, tls);
+    let switch = Switch::start(config, tls).map_err(std::io::Error::other)?;
     let result = tokio::select! {
         r = switch.serve(listener) => r,
         _ = shutdown => Ok(()),

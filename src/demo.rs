@@ -5,6 +5,7 @@ use crate::banksim::{self, BankSimOptions, BankStats, Behavior};
 use crate::certs::{self, DevCa};
 use crate::config::Config;
 use crate::daemon::{Switch, TlsSetup};
+use crate::journal::{Fsync, JournalConfig};
 use crate::loadgen::{self, Identity, LoadOptions, Summary};
 use crate::tls;
 use crate::wire::{Dialect, Framing};
@@ -43,6 +44,8 @@ pub struct TestbedOptions {
     pub echo_interval_ms: u64,
     /// STAN every bank link starts from.
     pub first_stan: u32,
+    /// Journal in a fresh temporary directory with this durability (None: no journal).
+    pub journal: Option<Fsync>,
 }
 
 impl Default for TestbedOptions {
@@ -57,6 +60,7 @@ impl Default for TestbedOptions {
             inflight_per_connection_max: 1024,
             echo_interval_ms: crate::config::ECHO_INTERVAL_MS_DEFAULT,
             first_stan: 1,
+            journal: None,
         }
     }
 }
@@ -87,6 +91,8 @@ pub struct Testbed {
     pub switch: Arc<Switch>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The journal's temporary directory, removed by [`Testbed::stop`].
+    pub journal_dir: Option<std::path::PathBuf>,
 }
 
 impl Testbed {
@@ -144,6 +150,18 @@ impl Testbed {
         for bank in &mut config.banks {
             bank.first_stan = opts.first_stan;
         }
+        let journal_dir = opts.journal.map(|fsync| {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let name = format!("switchyard-journal-{}-{now}", std::process::id());
+            let dir = std::env::temp_dir().join(name);
+            config.journal = Some(JournalConfig {
+                fsync,
+                ..JournalConfig::new(&dir)
+            });
+            dir
+        });
         let server_cert = ca.issue_server(&["localhost", "127.0.0.1", "switchyard"])?;
         let client_cert = ca.issue_client("switchyard")?;
         let setup = TlsSetup {
@@ -152,7 +170,7 @@ impl Testbed {
         };
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let switch_addr = listener.local_addr()?;
-        let switch = Arc::new(Switch::start(config, setup));
+        let switch = Arc::new(Switch::start(config, setup)?);
         let serving = switch.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = serving.serve(listener).await {
@@ -182,6 +200,7 @@ impl Testbed {
             switch,
             stop,
             tasks,
+            journal_dir,
         })
     }
 
@@ -210,6 +229,9 @@ impl Testbed {
         self.stop.cancel();
         for task in self.tasks {
             let _ = task.await;
+        }
+        if let Some(dir) = &self.journal_dir {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -261,12 +283,15 @@ pub struct DemoOptions {
     pub window: usize,
     /// Delay the simulated banks add to each answer (zero: none).
     pub bank_latency: Duration,
+    /// Journal durability (None: no journal).
+    pub journal: Option<Fsync>,
 }
 
 /// Runs the switch with three simulated banks, drives load, returns the summary.
 pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<Summary> {
     let bed = Testbed::start(TestbedOptions {
         bank_latency: opts.bank_latency,
+        journal: opts.journal,
         ..TestbedOptions::default()
     })
     .await?;
@@ -307,10 +332,12 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<Summary> {
 pub async fn serve_demo(
     dir: &Path,
     bank_latency: Duration,
+    journal: Option<Fsync>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let bed = Testbed::start(TestbedOptions {
         bank_latency,
+        journal,
         ..TestbedOptions::default()
     })
     .await?;

@@ -11,6 +11,7 @@ use switchyard::certs::{self, DevCa};
 use switchyard::config::Config;
 use switchyard::daemon::{self, TlsSetup};
 use switchyard::demo::{self, DemoOptions};
+use switchyard::journal::Fsync;
 use switchyard::loadgen::{self, LoadOptions};
 use switchyard::wire::{Dialect, Framing};
 
@@ -154,6 +155,10 @@ enum Command {
         /// switch is what is measured).
         #[arg(long, default_value_t = 0)]
         bank_latency_ms: u64,
+        /// Write-ahead journal in a temporary directory: "batch" (fsync per group
+        /// commit, the default), "off" (no fsync; unsafe) or "none" (no journal).
+        #[arg(long, value_enum, default_value_t = JournalMode::Batch)]
+        journal: JournalMode,
     },
 }
 
@@ -177,6 +182,24 @@ enum JournalCommand {
         #[arg(long, default_value = "iso87-ascii")]
         dialect: String,
     },
+}
+
+/// The demo's journal: `fsync` per group commit, no `fsync`, or none at all.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum JournalMode {
+    Batch,
+    Off,
+    None,
+}
+
+impl JournalMode {
+    fn fsync(self) -> Option<Fsync> {
+        match self {
+            JournalMode::Batch => Some(Fsync::Batch),
+            JournalMode::Off => Some(Fsync::Off),
+            JournalMode::None => None,
+        }
+    }
 }
 
 fn parse_framing(s: &str) -> Result<Framing, String> {
@@ -342,13 +365,15 @@ fn main() -> anyhow::Result<()> {
             connections,
             window,
             bank_latency_ms,
+            journal,
         } => {
+            let journal = journal.fsync();
             init_logs("warn");
             let rt = runtime(2)?;
             let bank_latency = Duration::from_millis(bank_latency_ms);
             if serve {
-                let serving =
-                    demo::serve_demo(&certs_dir, bank_latency, daemon::terminate_signal());
+                let shutdown = daemon::terminate_signal();
+                let serving = demo::serve_demo(&certs_dir, bank_latency, journal, shutdown);
                 return rt.block_on(serving);
             }
             let duration = Duration::from_secs(duration);
@@ -357,6 +382,7 @@ fn main() -> anyhow::Result<()> {
                 connections,
                 window,
                 bank_latency,
+                journal,
             };
             let summary = rt.block_on(demo::run_demo(opts))?;
             if json {

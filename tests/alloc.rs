@@ -238,7 +238,7 @@ fn switch_allocations_per_payment() -> anyhow::Result<()> {
     let switch_addr = listener.local_addr()?;
     let switch = {
         let _entered = switch_rt.enter();
-        Arc::new(Switch::start(config, setup))
+        Arc::new(Switch::start(config, setup).expect("switch starts"))
     };
     let serving = switch.clone();
     let serve = switch_rt.spawn(async move { serving.serve(listener).await });

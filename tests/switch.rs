@@ -493,3 +493,60 @@ async fn tls12_clients_are_served() {
     assert_eq!(bed.switch.sessions_of("100003".parse().unwrap()), 1);
     bed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journaled_answers_are_recorded_before_release() {
+    use switchyard::journal::{scan, Fsync, RecordKind};
+    let opts = TestbedOptions {
+        banks: 1,
+        banks_down: 0,
+        journal: Some(Fsync::Batch),
+        request_timeout_ms: 300,
+        ..TestbedOptions::default()
+    };
+    let bed = testbed(opts).await;
+    let dir = bed.journal_dir.clone().unwrap();
+    let mut c = Client::as_institution(&bed, "100001").await;
+    c.send(
+        Mti::FINANCIAL,
+        &payment(b"000001", b"100001", b"4111111111111111", b"000000001000"),
+    )
+    .await;
+    assert_eq!(code(&c.recv().await.unwrap()), b"00");
+    c.send(
+        Mti::FINANCIAL,
+        &payment(b"000002", b"100001", b"4111111111111111", b"000000001051"),
+    )
+    .await;
+    assert_eq!(code(&c.recv().await.unwrap()), b"51");
+    bed.banks[0].behavior.set_silent(true);
+    c.send(
+        Mti::FINANCIAL,
+        &payment(b"000003", b"100001", b"4111111111111111", b"000000001000"),
+    )
+    .await;
+    assert_eq!(code(&c.recv().await.unwrap()), b"68");
+    // A switch decline before admission is not journaled.
+    c.send(
+        Mti::FINANCIAL,
+        &payment(b"000004", b"100001", b"9999999999999999", b"000000001000"),
+    )
+    .await;
+    assert_eq!(code(&c.recv().await.unwrap()), b"92");
+
+    // Every answer above was released after its outcome record was durable.
+    let mut outcomes = Vec::new();
+    let s = scan(&dir, |_, _, r| {
+        if r.kind == RecordKind::Outcome {
+            outcomes.push((r.request_id, r.body[..2].to_vec()));
+        }
+    })
+    .unwrap();
+    let count = |k: RecordKind| s.by_kind[RecordKind::ALL.iter().position(|x| *x == k).unwrap()];
+    assert_eq!(count(RecordKind::Accepted), 3);
+    assert_eq!(count(RecordKind::Forwarded), 3);
+    let codes: Vec<&[u8]> = outcomes.iter().map(|(_, c)| c.as_slice()).collect();
+    assert_eq!(codes, vec![&b"00"[..], b"51", b"68"]);
+    assert!(s.torn_tail.is_none());
+    bed.stop().await;
+}

@@ -36,6 +36,11 @@ impl InstitutionId {
         self.0 & ((1 << 40) - 1)
     }
 
+    /// The packed form (digit count and value), for compact storage.
+    pub fn to_raw(self) -> u64 {
+        self.0
+    }
+
     /// Writes the digits into `out`, returning the used prefix.
     pub fn write_digits(self, out: &mut [u8; INSTITUTION_ID_DIGITS_MAX]) -> &[u8] {
         let n = self.digits();

@@ -6,6 +6,7 @@
 //! the batch with one flush. The link's reader matches answers by STAN and sweeps
 //! deadlines in order from one heap (no timer per request).
 
+use super::journaling::{Journaling, OutcomeSource};
 use super::{OriginalStan, Pending, Reply};
 use crate::config::Bank;
 use crate::core::inflight::{InflightTable, Stan, TableFull};
@@ -72,6 +73,8 @@ pub struct Connector {
     inflight_by_link: Vec<AtomicUsize>,
     /// This connector's index in the daemon's list.
     index: BankIndex,
+    /// Where forwards and outcomes are recorded.
+    journaling: Journaling,
 }
 
 impl Connector {
@@ -83,6 +86,7 @@ impl Connector {
         tls: Arc<rustls::ClientConfig>,
         frame_size_max_bytes: usize,
         link_changed: Arc<Notify>,
+        journaling: Journaling,
     ) -> Arc<Connector> {
         let inflight_by_link = (0..bank.links).map(|_| AtomicUsize::new(0)).collect();
         Arc::new(Connector {
@@ -98,6 +102,7 @@ impl Connector {
             latency: ConnectorLatency::default(),
             inflight_by_link,
             index,
+            journaling,
         })
     }
 
@@ -140,7 +145,19 @@ impl Connector {
     fn unavailable(&self, pending: Pending, why: &'static str) {
         self.stats.unavailable.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("switchyard_connector_unavailable_total", "reason" => why).increment(1);
-        pending.answer_with(ResponseCode::DestinationUnavailable);
+        self.answer(
+            pending,
+            ResponseCode::DestinationUnavailable,
+            OutcomeSource::Switch,
+        );
+    }
+
+    /// Answers with a switch-produced code after journaling the outcome.
+    fn answer(&self, p: Pending, code: ResponseCode, source: OutcomeSource) {
+        let seq = self
+            .journaling
+            .outcome(p.request_id, code.as_bytes(), source, None);
+        p.answer_with(code, seq);
     }
 
     /// Starts one task per configured link; they run until `shutdown`.
@@ -342,7 +359,7 @@ impl Connector {
             mti = %p.request.mti(),
             "no answer by the deadline: acquirer answered 68; reversal advice needed"
         );
-        p.answer_with(ResponseCode::LateResponse);
+        self.answer(p, ResponseCode::LateResponse, OutcomeSource::Timeout);
     }
 
     fn on_answer(
@@ -376,16 +393,21 @@ impl Connector {
                 recorder.record(Sample::new(p.received_at, p.forwarded_at, answered_at));
                 let dialect = self.bank.dialect.clone();
                 let connector = self.index;
+                let de39 = answer.field(39).unwrap_or(b"");
+                let seq =
+                    self.journaling
+                        .outcome(p.request_id, de39, OutcomeSource::Bank, Some(&answer));
                 p.reply.send(Reply::Bank {
                     stan: OriginalStan::of(&p.request),
                     answer,
                     dialect,
                     connector,
+                    seq,
                 });
             }
             Some(Waiter::Acquirer(p)) => {
                 warn!(bank = %self.bank.id, mti = %answer.mti(), "bank answer with the wrong MTI");
-                p.answer_with(ResponseCode::SystemMalfunction);
+                self.answer(p, ResponseCode::SystemMalfunction, OutcomeSource::Switch);
             }
             Some(Waiter::Echo) => debug!(bank = %self.bank.id, "echo answered"),
             None => {
@@ -460,6 +482,14 @@ impl Connector {
             let Some(Waiter::Acquirer(p)) = table.inflight.get(stan) else {
                 continue;
             };
+            // Recorded before the bank can see it, so recovery knows to reverse it.
+            if let Err(e) = self.journaling.forwarded(p.request_id, self.index, stan) {
+                if let Some(Waiter::Acquirer(p)) = table.inflight.take(stan) {
+                    warn!(bank = %self.bank.id, error = %e, "forward not journaled: answered 91");
+                    self.unavailable(p, "journal");
+                }
+                continue;
+            }
             let digits = stan.to_de11();
             let at = self.bank.framing.begin(out);
             let encoded = reencode(
@@ -476,7 +506,7 @@ impl Connector {
                 out.truncate(at);
                 if let Some(Waiter::Acquirer(p)) = table.inflight.take(stan) {
                     warn!(bank = %self.bank.id, "request does not fit the bank's dialect: answered 30");
-                    p.answer_with(ResponseCode::FormatError);
+                    self.answer(p, ResponseCode::FormatError, OutcomeSource::Switch);
                 }
                 continue;
             }

@@ -2,6 +2,7 @@
 //! certificate, read frames, admit or decline, and write answers in batches.
 
 use super::connector::Connector;
+use super::journaling::Journaling;
 use super::{encode_reply, Pending, Reply};
 use crate::config::Config;
 use crate::core::route::BankIndex;
@@ -12,7 +13,7 @@ use crate::wire::{FrameDecoder, Location, Message};
 use bytes::BytesMut;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -41,6 +42,10 @@ pub struct Ingress {
     sessions: dashmap::DashMap<InstitutionId, usize>,
     /// Metric label of each connector (the bank's id), by index.
     connector_labels: Vec<String>,
+    /// Where accepted requests are recorded.
+    journaling: Journaling,
+    /// The next request id (journal records name requests by it).
+    next_request_id: AtomicU64,
 }
 
 /// Per-session handles on `switchyard_responses_total{institution, connector, code}`,
@@ -80,7 +85,12 @@ impl<'a> ResponseCounters<'a> {
 
 impl Ingress {
     /// Shared session state over a validated config and its connectors.
-    pub fn new(config: Arc<Config>, connectors: Vec<Arc<Connector>>) -> Arc<Ingress> {
+    pub fn new(
+        config: Arc<Config>,
+        connectors: Vec<Arc<Connector>>,
+        journaling: Journaling,
+        first_request_id: u64,
+    ) -> Arc<Ingress> {
         let by_certificate = config.institutions_by_certificate();
         let connector_labels = config.banks.iter().map(|b| b.id.to_string()).collect();
         Arc::new(Ingress {
@@ -88,6 +98,8 @@ impl Ingress {
             connectors,
             by_certificate,
             connections: AtomicUsize::new(0),
+            journaling,
+            next_request_id: AtomicU64::new(first_request_id),
             sessions: dashmap::DashMap::new(),
             connector_labels,
         })
@@ -281,18 +293,35 @@ impl Ingress {
                 request: msg,
                 code,
                 connector: None,
+                seq: 0,
             });
             return;
         }
         match admit(&msg, institution, &self.config.routes) {
             Admission::Forward { bank, .. } => {
                 let connector = &self.connectors[usize::from(bank)];
+                let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = self.journaling.accepted(request_id, institution, &msg) {
+                    metrics::counter!("switchyard_connector_unavailable_total", "reason" => "journal")
+                        .increment(1);
+                    warn!(%institution, error = %e, "request not journaled: answered 91");
+                    let code = ResponseCode::DestinationUnavailable;
+                    let connector = Some(bank);
+                    permit.send(Reply::Switch {
+                        request: msg,
+                        code,
+                        connector,
+                        seq: 0,
+                    });
+                    return;
+                }
                 let received_at = Instant::now();
                 let deadline = received_at + connector.bank().request_timeout;
                 let pending = Pending {
                     request: msg,
                     reply: permit,
                     acquirer: institution,
+                    request_id,
                     received_at,
                     forwarded_at: received_at,
                     bank,
@@ -305,6 +334,7 @@ impl Ingress {
                     request: msg,
                     code,
                     connector: None,
+                    seq: 0,
                 });
             }
             Admission::Decline(code, reason) => {
@@ -315,6 +345,7 @@ impl Ingress {
                     request: msg,
                     code,
                     connector: None,
+                    seq: 0,
                 });
             }
             Admission::Unsolicited => {
@@ -337,6 +368,14 @@ impl Ingress {
         loop {
             if rx.recv_many(&mut batch, SESSION_WRITE_BATCH_MAX).await == 0 {
                 let _ = wr.shutdown().await;
+                return;
+            }
+            // Nothing leaves before the outcomes in this batch are durable.
+            let seq = batch.iter().map(Reply::seq).max().unwrap_or(0);
+            if !self.journaling.durable(seq).await {
+                metrics::counter!("switchyard_connections_closed_total", "reason" => "journal")
+                    .increment(1);
+                warn!(%institution, "journal failed: answers withheld, connection closed");
                 return;
             }
             for reply in batch.drain(..) {

@@ -5,6 +5,7 @@
 
 pub mod connector;
 pub mod ingress;
+pub mod journaling;
 
 use crate::core::route::BankIndex;
 use crate::core::{InstitutionId, ResponseCode};
@@ -27,6 +28,8 @@ pub struct Pending {
     pub reply: OwnedPermit<Reply>,
     /// The sender's institution (from its certificate).
     pub acquirer: InstitutionId,
+    /// The switch's id for the request (in journal records).
+    pub request_id: u64,
     /// When the request was read.
     pub received_at: Instant,
     /// When its batch was encoded for the bank (set by the link's writer).
@@ -38,13 +41,15 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Answers with a switch-produced code.
-    pub fn answer_with(self, code: ResponseCode) {
+    /// Answers with a switch-produced code, released once journal record `seq` is
+    /// durable (0: nothing to wait for).
+    pub fn answer_with(self, code: ResponseCode, seq: u64) {
         let connector = Some(self.bank);
         self.reply.send(Reply::Switch {
             request: self.request,
             code,
             connector,
+            seq,
         });
     }
 }
@@ -65,6 +70,8 @@ pub enum Reply {
         dialect: Arc<Dialect>,
         /// The connector that forwarded it.
         connector: BankIndex,
+        /// Journal record to be durable before release (0: none).
+        seq: u64,
     },
     /// An answer the switch gives itself (decline, 0810, format error).
     Switch {
@@ -74,6 +81,8 @@ pub enum Reply {
         code: ResponseCode,
         /// The connector involved, if the request got that far.
         connector: Option<BankIndex>,
+        /// Journal record to be durable before release (0: none).
+        seq: u64,
     },
 }
 
@@ -140,6 +149,13 @@ impl OriginalStan {
 }
 
 impl Reply {
+    /// The journal record this answer waits for (0: none).
+    pub fn seq(&self) -> u64 {
+        match self {
+            Reply::Bank { seq, .. } | Reply::Switch { seq, .. } => *seq,
+        }
+    }
+
     /// The connector involved, if any.
     pub fn connector(&self) -> Option<BankIndex> {
         match self {
