@@ -12,6 +12,7 @@ SWITCH_PORT=${SWITCH_PORT:-18583}
 HAPROXY_PORT=${HAPROXY_PORT:-18584}
 
 WITH_HAPROXY=${WITH_HAPROXY:-}
+JOURNAL=${JOURNAL:-} # empty: no journal; "batch" or "off": a journal in the work directory
 ROUTES=${ROUTES:-}
 
 if [ -n "$WITH_HAPROXY" ] && ! command -v haproxy >/dev/null; then
@@ -63,6 +64,9 @@ links = $LINKS
 pan_prefix = "4"
 bank = "200001"
 TOML
+if [ -n "$JOURNAL" ]; then
+    printf '[journal]\ndir = "journal"\nfsync = "%s"\n' "$JOURNAL" >>"$WORK/switchyard.toml"
+fi
 if [ -n "$ROUTES" ]; then
     # N extra PAN prefixes of 6 to 11 digits, none starting with 4 (the test cards').
     python3 - "$ROUTES" >>"$WORK/switchyard.toml" <<'PY'

@@ -6,13 +6,13 @@
 use super::reader::{self, JournalError, Scan, SEGMENT_PREFIX, SEGMENT_SUFFIX};
 use super::record::{self, Record, RecordKind, BODY_SIZE_MAX_BYTES};
 use bytes::Bytes;
+use crossbeam_queue::ArrayQueue;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::watch;
 
 /// Records queued for the writer thread; a full queue refuses new records (the
@@ -22,6 +22,8 @@ pub const QUEUE_DEPTH_MAX_DEFAULT: usize = 65_536;
 pub const BATCH_RECORDS_MAX_DEFAULT: usize = 4_096;
 /// Longest wait for more records before a commit, µs.
 pub const BATCH_DELAY_US_DEFAULT: u64 = 100;
+/// Longest sleep of an idle writer between checks (it is also woken by appends).
+const IDLE_PARK: Duration = Duration::from_millis(50);
 /// Segment size at which a new segment starts, bytes.
 pub const SEGMENT_SIZE_MAX_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
 
@@ -73,7 +75,8 @@ pub struct Entry {
     pub kind: RecordKind,
     /// The switch's id for the request.
     pub request_id: u64,
-    /// When, ms since the Unix epoch.
+    /// When, ms since the Unix epoch; 0: stamped by the writer with its batch's time
+    /// (one clock read per batch instead of one per record).
     pub unix_ms: u64,
     /// Up to 16 bytes of kind-specific metadata written before the message.
     pub head: ([u8; 16], u8),
@@ -95,14 +98,24 @@ pub enum AppendError {
     TooLarge,
 }
 
+/// The queue between appenders and the writer thread. Appenders push under a short
+/// lock that also hands out sequence numbers, so the queue is in sequence order;
+/// the writer is woken only when it sleeps (no system call per record under load).
+struct Queue {
+    records: ArrayQueue<(u64, Entry)>,
+    writer_sleeping: AtomicBool,
+    closed: AtomicBool,
+}
+
 struct Sender {
-    tx: SyncSender<(u64, Entry)>,
     next_seq: u64,
+    writer: std::thread::Thread,
 }
 
 /// Handle to an open journal: append records, learn what is durable.
 pub struct Journal {
     sender: Mutex<Option<Sender>>,
+    queue: Arc<Queue>,
     durable: watch::Receiver<u64>,
     failed: Arc<AtomicBool>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -132,7 +145,12 @@ impl Journal {
         }
         let next_seq = recovered.seq_range.map_or(1, |(_, last)| last + 1);
         let file = new_segment(&config.dir, next_seq)?;
-        let (tx, rx) = sync_channel(config.queue_depth_max.max(1));
+        let queue = Arc::new(Queue {
+            records: ArrayQueue::new(config.queue_depth_max.max(1)),
+            writer_sleeping: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        });
+        let writer_queue = queue.clone();
         let (durable_tx, durable) = watch::channel(next_seq - 1);
         let failed = Arc::new(AtomicBool::new(false));
         let state = WriterState {
@@ -142,13 +160,18 @@ impl Journal {
             buf: Vec::with_capacity(1 << 20),
             durable: durable_tx,
             failed: failed.clone(),
+            batch_unix_ms: 0,
         };
         let thread = std::thread::Builder::new()
             .name("journal".into())
-            .spawn(move || state.run(rx))
+            .spawn(move || state.run(&writer_queue))
             .map_err(io(Path::new("journal writer thread")))?;
         let journal = Journal {
-            sender: Mutex::new(Some(Sender { tx, next_seq })),
+            sender: Mutex::new(Some(Sender {
+                next_seq,
+                writer: thread.thread().clone(),
+            })),
+            queue,
             durable,
             failed,
             thread: Mutex::new(Some(thread)),
@@ -174,14 +197,15 @@ impl Journal {
             return Err(AppendError::Failed);
         };
         let seq = sender.next_seq;
-        match sender.tx.try_send((seq, entry)) {
-            Ok(()) => {
-                sender.next_seq += 1;
-                Ok(seq)
-            }
-            Err(TrySendError::Full(_)) => Err(AppendError::Full),
-            Err(TrySendError::Disconnected(_)) => Err(AppendError::Failed),
+        if self.queue.records.push((seq, entry)).is_err() {
+            return Err(AppendError::Full);
         }
+        sender.next_seq += 1;
+        // Pairs with the writer's store-then-check in `WriterState::run`.
+        if self.queue.writer_sleeping.load(Ordering::SeqCst) {
+            sender.writer.unpark();
+        }
+        Ok(seq)
     }
 
     /// The highest sequence number known durable (all below it are too).
@@ -206,12 +230,15 @@ impl Journal {
 
     /// Stops accepting, writes and syncs what is queued, and waits for the writer.
     pub fn close(&self) {
-        drop(
-            self.sender
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take(),
-        );
+        let sender = self
+            .sender
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        self.queue.closed.store(true, Ordering::SeqCst);
+        if let Some(sender) = sender {
+            sender.writer.unpark();
+        }
         let thread = self
             .thread
             .lock()
@@ -256,30 +283,53 @@ struct WriterState {
     buf: Vec<u8>,
     durable: watch::Sender<u64>,
     failed: Arc<AtomicBool>,
+    batch_unix_ms: u64,
 }
 
 impl WriterState {
-    fn run(mut self, rx: Receiver<(u64, Entry)>) {
+    fn run(mut self, queue: &Queue) {
         let mut body = Vec::with_capacity(BODY_SIZE_MAX_BYTES);
-        while let Ok(first) = rx.recv() {
-            let mut last_seq = self.add(first, &mut body);
-            let mut count = 1;
-            let until = Instant::now() + self.config.batch_delay;
+        loop {
+            self.batch_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            let mut last_seq = None;
+            let mut count = 0;
             while count < self.config.batch_records_max {
-                let wait = until.saturating_duration_since(Instant::now());
-                match rx.recv_timeout(wait) {
-                    Ok(entry) => {
-                        last_seq = self.add(entry, &mut body);
-                        count += 1;
-                    }
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                let Some(entry) = queue.records.pop() else {
+                    break;
+                };
+                last_seq = Some(self.add(entry, &mut body));
+                count += 1;
+            }
+            // A small batch may wait a moment for company (group commit).
+            if count > 0 && count < self.config.batch_records_max / 4 {
+                std::thread::park_timeout(self.config.batch_delay);
+                while count < self.config.batch_records_max {
+                    let Some(entry) = queue.records.pop() else {
+                        break;
+                    };
+                    last_seq = Some(self.add(entry, &mut body));
+                    count += 1;
                 }
             }
-            if let Err(e) = self.commit(last_seq) {
-                tracing::error!(error = %e, "journal write failed: refusing new requests");
-                self.failed.store(true, Ordering::Release);
-                self.durable.send_modify(|_| {}); // wake waiters so they see the failure
-                return;
+            match last_seq {
+                Some(seq) => {
+                    if let Err(e) = self.commit(seq) {
+                        tracing::error!(error = %e, "journal write failed: refusing new requests");
+                        self.failed.store(true, Ordering::Release);
+                        self.durable.send_modify(|_| {}); // wake waiters to see the failure
+                        return;
+                    }
+                }
+                None if queue.closed.load(Ordering::SeqCst) => return,
+                None => {
+                    queue.writer_sleeping.store(true, Ordering::SeqCst);
+                    if queue.records.is_empty() && !queue.closed.load(Ordering::SeqCst) {
+                        std::thread::park_timeout(IDLE_PARK);
+                    }
+                    queue.writer_sleeping.store(false, Ordering::SeqCst);
+                }
             }
         }
     }
@@ -292,7 +342,11 @@ impl WriterState {
             seq,
             kind: entry.kind,
             request_id: entry.request_id,
-            unix_ms: entry.unix_ms,
+            unix_ms: if entry.unix_ms == 0 {
+                self.batch_unix_ms
+            } else {
+                entry.unix_ms
+            },
             body,
         };
         record::encode(&mut self.buf, &r);

@@ -30,12 +30,6 @@ pub enum OutcomeSource {
 #[derive(Clone, Default)]
 pub struct Journaling(Option<Arc<Journal>>);
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl Journaling {
     /// Journaling into `journal`.
     pub fn new(journal: Arc<Journal>) -> Journaling {
@@ -65,7 +59,7 @@ impl Journaling {
         let entry = Entry {
             kind,
             request_id,
-            unix_ms: unix_ms(),
+            unix_ms: 0, // stamped by the writer
             head: (h, head.len() as u8),
             message,
         };
