@@ -118,6 +118,11 @@ impl Switch {
         })
     }
 
+    /// The journal, when configured.
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_deref()
+    }
+
     /// The configuration in force.
     pub fn config(&self) -> &Config {
         &self.config

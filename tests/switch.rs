@@ -550,3 +550,35 @@ async fn journaled_answers_are_recorded_before_release() {
     assert!(s.torn_tail.is_none());
     bed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_journal_refuses_new_requests_with_91() {
+    use switchyard::journal::Fsync;
+    let opts = TestbedOptions {
+        banks: 1,
+        journal: Some(Fsync::Batch),
+        ..TestbedOptions::default()
+    };
+    let bed = testbed(opts).await;
+    let mut c = Client::as_institution(&bed, "100001").await;
+    c.send(
+        Mti::FINANCIAL,
+        &payment(b"000001", b"100001", b"4111111111111111", b"000000001000"),
+    )
+    .await;
+    assert_eq!(code(&c.recv().await.unwrap()), b"00");
+    bed.switch.journal().unwrap().simulate_failure();
+    c.send(
+        Mti::FINANCIAL,
+        &payment(b"000002", b"100001", b"4111111111111111", b"000000001000"),
+    )
+    .await;
+    let a = c.recv().await.unwrap();
+    assert_eq!((code(&a), a.field(11)), (&b"91"[..], Some(&b"000002"[..])));
+    assert_eq!(
+        bed.banks[0].stats.requests.load(Ordering::Relaxed),
+        1,
+        "not forwarded"
+    );
+    bed.stop().await;
+}

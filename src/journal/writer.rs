@@ -223,6 +223,12 @@ impl Journal {
             && !self.failed.load(Ordering::Acquire)
     }
 
+    /// Marks the journal failed as a write or sync failure would (for tests of the
+    /// switch's behaviour on a full or broken disk).
+    pub fn simulate_failure(&self) {
+        self.failed.store(true, Ordering::Release);
+    }
+
     /// Whether a write or sync failed.
     pub fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
