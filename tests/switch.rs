@@ -268,12 +268,13 @@ async fn bank_down_answers_91_without_waiting_for_the_deadline() {
     let a = c.recv().await.unwrap();
     assert_eq!((code(&a), a.field(11)), (&b"91"[..], Some(&b"000007"[..])));
     // The live bank still serves.
-    c.send(
-        Mti::FINANCIAL,
-        &payment(b"000008", b"100001", b"4111111111111111", b"000000001000"),
-    )
-    .await;
-    assert_eq!(code(&c.recv().await.unwrap()), b"00");
+    assert_eq!(
+        code(
+            &c.pay(b"000008", b"100001", b"4111111111111111", b"000000001000")
+                .await
+        ),
+        b"00"
+    );
     bed.stop().await;
 }
 
@@ -384,6 +385,13 @@ async fn malformed_input_on_one_connection_does_not_disturb_another() {
 }
 
 impl Client {
+    /// Sends a 0200 built by `payment` and returns the answer.
+    async fn pay(&mut self, stan: &[u8], acquirer: &[u8], pan: &[u8], amount: &[u8]) -> Message {
+        self.send(Mti::FINANCIAL, &payment(stan, acquirer, pan, amount))
+            .await;
+        self.recv().await.expect("an answer")
+    }
+
     /// Any next frame (decoded or not), None on close.
     async fn recv_any(&mut self) -> Option<Bytes> {
         let decoder = FrameDecoder::new(Framing::U16be, 8192);
@@ -484,12 +492,13 @@ async fn tls12_clients_are_served() {
         c.stream.get_ref().1.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_2)
     );
-    c.send(
-        Mti::FINANCIAL,
-        &payment(b"000001", b"100003", b"4111111111111111", b"000000001000"),
-    )
-    .await;
-    assert_eq!(code(&c.recv().await.unwrap()), b"00");
+    assert_eq!(
+        code(
+            &c.pay(b"000001", b"100003", b"4111111111111111", b"000000001000")
+                .await
+        ),
+        b"00"
+    );
     assert_eq!(bed.switch.sessions_of("100003".parse().unwrap()), 1);
     bed.stop().await;
 }
@@ -507,32 +516,19 @@ async fn journaled_answers_are_recorded_before_release() {
     let bed = testbed(opts).await;
     let dir = bed.journal_dir.clone().unwrap();
     let mut c = Client::as_institution(&bed, "100001").await;
-    c.send(
-        Mti::FINANCIAL,
-        &payment(b"000001", b"100001", b"4111111111111111", b"000000001000"),
-    )
-    .await;
-    assert_eq!(code(&c.recv().await.unwrap()), b"00");
-    c.send(
-        Mti::FINANCIAL,
-        &payment(b"000002", b"100001", b"4111111111111111", b"000000001051"),
-    )
-    .await;
-    assert_eq!(code(&c.recv().await.unwrap()), b"51");
-    bed.banks[0].behavior.set_silent(true);
-    c.send(
-        Mti::FINANCIAL,
-        &payment(b"000003", b"100001", b"4111111111111111", b"000000001000"),
-    )
-    .await;
-    assert_eq!(code(&c.recv().await.unwrap()), b"68");
-    // A switch decline before admission is not journaled.
-    c.send(
-        Mti::FINANCIAL,
-        &payment(b"000004", b"100001", b"9999999999999999", b"000000001000"),
-    )
-    .await;
-    assert_eq!(code(&c.recv().await.unwrap()), b"92");
+    let visa = b"4111111111111111";
+    // Approved, declined by the bank, timed out (silent bank), and a switch decline
+    // before admission (92), which is not journaled.
+    let cases: [(&[u8], &[u8], &[u8], &[u8]); 4] = [
+        (b"000001", visa, b"000000001000", b"00"),
+        (b"000002", visa, b"000000001051", b"51"),
+        (b"000003", visa, b"000000001000", b"68"),
+        (b"000004", b"9999999999999999", b"000000001000", b"92"),
+    ];
+    for (stan, pan, amount, expected) in cases {
+        bed.banks[0].behavior.set_silent(stan == b"000003");
+        assert_eq!(code(&c.pay(stan, b"100001", pan, amount).await), expected);
+    }
 
     // Every answer above was released after its outcome record was durable.
     let mut outcomes = Vec::new();
@@ -561,12 +557,13 @@ async fn a_failed_journal_refuses_new_requests_with_91() {
     };
     let bed = testbed(opts).await;
     let mut c = Client::as_institution(&bed, "100001").await;
-    c.send(
-        Mti::FINANCIAL,
-        &payment(b"000001", b"100001", b"4111111111111111", b"000000001000"),
-    )
-    .await;
-    assert_eq!(code(&c.recv().await.unwrap()), b"00");
+    assert_eq!(
+        code(
+            &c.pay(b"000001", b"100001", b"4111111111111111", b"000000001000")
+                .await
+        ),
+        b"00"
+    );
     bed.switch.journal().unwrap().simulate_failure();
     c.send(
         Mti::FINANCIAL,
