@@ -519,7 +519,8 @@ async fn journaled_answers_are_recorded_before_release() {
     let visa = b"4111111111111111";
     // Approved, declined by the bank, timed out (silent bank), and a switch decline
     // before admission (92), which is not journaled.
-    let cases: [(&[u8], &[u8], &[u8], &[u8]); 4] = [
+    type Case<'a> = (&'a [u8], &'a [u8], &'a [u8], &'a [u8]); // STAN, PAN, DE4, DE39
+    let cases: [Case; 4] = [
         (b"000001", visa, b"000000001000", b"00"),
         (b"000002", visa, b"000000001051", b"51"),
         (b"000003", visa, b"000000001000", b"68"),
