@@ -65,6 +65,14 @@ impl Switch {
                     "{}",
                     crate::journal::dump::report(&jc.dir, &opened.recovered)
                 );
+                // A second pass for now; acting on it (reversal advices) comes next.
+                let (_, recovery) = crate::journal::recovery::recover(&jc.dir)?;
+                if recovery.unfinished.is_empty() && recovery.reversals_pending.is_empty() {
+                    tracing::info!("journal: nothing unfinished");
+                } else {
+                    let summary = crate::journal::recovery::summary(&recovery);
+                    tracing::warn!("journal {summary}; reversal advices are not sent yet");
+                }
                 let next = opened.recovered.seq_range.map_or(1, |(_, last)| last + 1);
                 let journal = Arc::new(opened.journal);
                 (Journaling::new(journal.clone()), Some(journal), next)

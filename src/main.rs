@@ -396,11 +396,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn journal(command: JournalCommand) -> anyhow::Result<()> {
-    use switchyard::journal::{dump, scan};
+    use switchyard::journal::dump;
     match command {
         JournalCommand::Verify { dir } => {
-            let s = scan(&dir, |_, _, _| {})?;
+            let (s, recovery) = switchyard::journal::recovery::recover(&dir)?;
             println!("{}", dump::report(&dir, &s));
+            println!("{}", switchyard::journal::recovery::summary(&recovery));
         }
         JournalCommand::Dump { dir, json, dialect } => {
             let dialect = Dialect::load(&dialect)?;

@@ -7,6 +7,7 @@
 pub mod dump;
 pub mod reader;
 pub mod record;
+pub mod recovery;
 pub mod writer;
 
 pub use reader::{scan, segments, JournalError, Scan, TornTail};

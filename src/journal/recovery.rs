@@ -1,0 +1,166 @@
+//! What a journal says was left unfinished: requests accepted or forwarded without
+//! an outcome, and reversal advices queued without an acknowledgement.
+//!
+//! This is the analysis replay starts from. Today the daemon reports it at start-up
+//! and `journal verify` prints it; acting on it (queueing reversal advices for the
+//! forwarded ones) is the next part of step 3.
+
+use super::reader::{scan, JournalError, Scan};
+use super::record::{Record, RecordKind};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A request with no outcome in the journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Unfinished {
+    /// The switch's id for it.
+    pub request_id: u64,
+    /// Where it was forwarded (connector index, link STAN), if it was.
+    pub forwarded: Option<(u16, u32)>,
+}
+
+/// Unfinished business found in a journal.
+#[derive(Clone, Debug, Default)]
+pub struct Recovery {
+    /// Requests without an outcome, in request id order.
+    pub unfinished: Vec<Unfinished>,
+    /// Requests whose reversal advice was queued but not acknowledged.
+    pub reversals_pending: Vec<u64>,
+}
+
+impl Recovery {
+    /// Requests the bank may have seen without the acquirer getting an answer: each
+    /// needs a reversal advice.
+    pub fn needing_reversal(&self) -> impl Iterator<Item = &Unfinished> {
+        self.unfinished.iter().filter(|u| u.forwarded.is_some())
+    }
+}
+
+#[derive(Default)]
+struct State {
+    forwarded: Option<(u16, u32)>,
+}
+
+fn forwarded_head(r: &Record<'_>) -> Option<(u16, u32)> {
+    let h = r.body.get(..6)?;
+    Some((
+        u16::from_le_bytes([h[0], h[1]]),
+        u32::from_le_bytes([h[2], h[3], h[4], h[5]]),
+    ))
+}
+
+/// Scans the journal in `dir` and collects what was left unfinished. Memory grows
+/// with the unfinished requests only (finished ones are dropped as the scan goes).
+pub fn recover(dir: &Path) -> Result<(Scan, Recovery), JournalError> {
+    let mut open: HashMap<u64, State> = HashMap::new();
+    let mut reversals: HashMap<u64, ()> = HashMap::new();
+    let s = scan(dir, |_, _, r| match r.kind {
+        RecordKind::Accepted => {
+            open.insert(r.request_id, State::default());
+        }
+        RecordKind::Forwarded => {
+            open.entry(r.request_id).or_default().forwarded = forwarded_head(r);
+        }
+        RecordKind::Outcome => {
+            open.remove(&r.request_id);
+        }
+        RecordKind::ReversalQueued => {
+            reversals.insert(r.request_id, ());
+        }
+        RecordKind::ReversalAcked => {
+            reversals.remove(&r.request_id);
+        }
+    })?;
+    let mut unfinished: Vec<Unfinished> = open
+        .into_iter()
+        .map(|(request_id, st)| Unfinished {
+            request_id,
+            forwarded: st.forwarded,
+        })
+        .collect();
+    unfinished.sort_by_key(|u| u.request_id);
+    let mut reversals_pending: Vec<u64> = reversals.into_keys().collect();
+    reversals_pending.sort_unstable();
+    Ok((
+        s,
+        Recovery {
+            unfinished,
+            reversals_pending,
+        },
+    ))
+}
+
+/// One line summarising a recovery.
+pub fn summary(r: &Recovery) -> String {
+    let forwarded = r.needing_reversal().count();
+    format!(
+        "unfinished: {} requests without an outcome ({} forwarded to a bank: each needs a \
+         reversal advice; {} never forwarded), {} reversal advices not acknowledged",
+        r.unfinished.len(),
+        forwarded,
+        r.unfinished.len() - forwarded,
+        r.reversals_pending.len()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::testdir::TempDir;
+    use crate::journal::{Entry, Journal, JournalConfig};
+    use bytes::Bytes;
+
+    fn entry(kind: RecordKind, request_id: u64, head: &[u8]) -> Entry {
+        let mut h = [0u8; 16];
+        h[..head.len()].copy_from_slice(head);
+        Entry {
+            kind,
+            request_id,
+            unix_ms: 0,
+            head: (h, head.len() as u8),
+            message: Bytes::new(),
+        }
+    }
+
+    #[test]
+    fn finds_requests_without_outcome_and_unacknowledged_reversals() {
+        let dir = TempDir::new("recovery");
+        let opened = Journal::open(JournalConfig::new(&dir.0)).unwrap();
+        let j = &opened.journal;
+        let mut fwd = [0u8; 6];
+        fwd[..2].copy_from_slice(&2u16.to_le_bytes());
+        fwd[2..].copy_from_slice(&999_999u32.to_le_bytes());
+        for e in [
+            entry(RecordKind::Accepted, 1, &[0; 8]),
+            entry(RecordKind::Forwarded, 1, &fwd),
+            entry(RecordKind::Outcome, 1, b"00\x01"),
+            entry(RecordKind::Accepted, 2, &[0; 8]),
+            entry(RecordKind::Forwarded, 2, &fwd),
+            entry(RecordKind::Accepted, 3, &[0; 8]),
+            entry(RecordKind::ReversalQueued, 4, &[]),
+            entry(RecordKind::ReversalQueued, 5, &[]),
+            entry(RecordKind::ReversalAcked, 5, &[]),
+        ] {
+            j.append(e).unwrap();
+        }
+        j.close();
+        let (s, r) = recover(&dir.0).unwrap();
+        assert_eq!(s.records, 9);
+        assert_eq!(
+            r.unfinished,
+            vec![
+                Unfinished {
+                    request_id: 2,
+                    forwarded: Some((2, 999_999))
+                },
+                Unfinished {
+                    request_id: 3,
+                    forwarded: None
+                },
+            ]
+        );
+        assert_eq!(r.needing_reversal().count(), 1);
+        assert_eq!(r.reversals_pending, vec![4]);
+        assert!(summary(&r).starts_with("unfinished: 2 requests"));
+    }
+}
