@@ -580,3 +580,58 @@ async fn a_failed_journal_refuses_new_requests_with_91() {
     );
     bed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_bank_gets_a_reversal_advice_and_acknowledges_it() {
+    use switchyard::journal::recovery::recover;
+    use switchyard::journal::Fsync;
+    let opts = TestbedOptions {
+        banks: 1,
+        links: 1,
+        request_timeout_ms: 200,
+        bank_latency: Duration::from_millis(500),
+        journal: Some(Fsync::Batch),
+        ..TestbedOptions::default()
+    };
+    let bed = testbed(opts).await;
+    let mut c = Client::as_institution(&bed, "100001").await;
+    let a = c
+        .pay(b"000050", b"100001", b"4111111111111111", b"000000001000")
+        .await;
+    assert_eq!(code(&a), b"68");
+    // The bank answers the 0200 late (dropped) and the 0420 within the advice's time.
+    let connector = bed.switch.connectors()[0].clone();
+    let acked = async {
+        while connector.stats.reversals_acked.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, acked)
+        .await
+        .expect("reversal acknowledged");
+    assert_eq!(
+        bed.banks[0].stats.requests.load(Ordering::Relaxed),
+        2,
+        "the 0200 and one 0420"
+    );
+    assert_eq!(connector.reversals_waiting(), 0);
+    let dir = bed.journal_dir.clone().unwrap();
+    // The acknowledgement record becomes durable with the writer's next commit.
+    let journaled = async {
+        loop {
+            let (_, recovery) = recover(&dir).unwrap();
+            if recovery.reversals_pending.is_empty() {
+                return recovery;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    let recovery = tokio::time::timeout(WAIT, journaled)
+        .await
+        .expect("ack journaled");
+    assert!(
+        recovery.unfinished.is_empty(),
+        "the 68 is the request's outcome"
+    );
+    bed.stop().await;
+}

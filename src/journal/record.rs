@@ -31,7 +31,8 @@ pub enum RecordKind {
     Forwarded = 2,
     /// Its outcome; body: DE39 (2 bytes) + source (u8) + the answer sent.
     Outcome = 3,
-    /// A reversal advice was queued; body: the 0420.
+    /// A reversal advice was queued; body: connector index (u16) + the original's
+    /// link STAN (u32) + the original request.
     ReversalQueued = 4,
     /// The bank acknowledged a reversal advice (0430); body: empty.
     ReversalAcked = 5,
@@ -67,7 +68,8 @@ impl RecordKind {
             RecordKind::Accepted => 8,
             RecordKind::Forwarded => 6,
             RecordKind::Outcome => 3,
-            RecordKind::ReversalQueued | RecordKind::ReversalAcked => 0,
+            RecordKind::ReversalQueued => 6,
+            RecordKind::ReversalAcked => 0,
         }
     }
 

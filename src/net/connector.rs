@@ -7,9 +7,11 @@
 //! deadlines in order from one heap (no timer per request).
 
 use super::journaling::{Journaling, OutcomeSource};
+use super::saf::{backoff, Advice, Saf, SAF_DEPTH_MAX_DEFAULT};
 use super::{OriginalStan, Pending, Reply};
 use crate::config::Bank;
 use crate::core::inflight::{InflightTable, Stan, TableFull};
+use crate::core::reversal::encode_reversal_advice;
 use crate::core::route::BankIndex;
 use crate::core::ResponseCode;
 use crate::telemetry::{ConnectorLatency, LatencyRecorder, Sample};
@@ -25,7 +27,7 @@ use tokio::sync::Notify;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Read buffer of one bank link, bytes (rustls hands over 4 KiB at a time).
 const LINK_READ_BUFFER_BYTES: usize = 64 * 1024;
@@ -45,6 +47,8 @@ pub struct ConnectorStats {
     pub unavailable: AtomicU64,
     /// Bank answers that matched nothing in flight (late or unknown).
     pub unmatched: AtomicU64,
+    /// Reversal advices the bank acknowledged (0430).
+    pub reversals_acked: AtomicU64,
 }
 
 /// What a link is waiting on under a STAN (requests dominate; boxing would
@@ -53,6 +57,7 @@ pub struct ConnectorStats {
 enum Waiter {
     Acquirer(Pending),
     Echo,
+    Reversal(Advice),
 }
 
 /// One bank's connector, shared by the acquirer sessions (producers) and its links.
@@ -75,6 +80,8 @@ pub struct Connector {
     index: BankIndex,
     /// Where forwards and outcomes are recorded.
     journaling: Journaling,
+    /// Reversal advices waiting to be sent.
+    saf: Saf,
 }
 
 impl Connector {
@@ -103,6 +110,7 @@ impl Connector {
             inflight_by_link,
             index,
             journaling,
+            saf: Saf::new(SAF_DEPTH_MAX_DEFAULT),
         })
     }
 
@@ -114,6 +122,11 @@ impl Connector {
     /// Links currently up.
     pub fn links_up(&self) -> usize {
         self.links_up.load(Ordering::Acquire)
+    }
+
+    /// Reversal advices waiting to be sent (not counting those awaiting a 0430).
+    pub fn reversals_waiting(&self) -> usize {
+        self.saf.len()
     }
 
     /// Requests in flight on all links.
@@ -274,16 +287,24 @@ impl Connector {
         }
         let mut table = lock(&link.table);
         let mut lost = 0u64;
-        for (stan, waiter) in table.inflight.drain() {
-            if let Waiter::Acquirer(p) = waiter {
-                lost += 1;
-                warn!(
-                    bank = %self.bank.id, acquirer = %p.acquirer, link_stan = stan.value(),
-                    "link lost with request in flight: answered 91; reversal advice needed"
-                );
-                self.unavailable(p, "link lost");
+        let drained: Vec<(Stan, Waiter)> = table.inflight.drain().collect();
+        drop(table);
+        for (stan, waiter) in drained {
+            match waiter {
+                Waiter::Acquirer(p) => {
+                    lost += 1;
+                    warn!(
+                        bank = %self.bank.id, acquirer = %p.acquirer, link_stan = stan.value(),
+                        "link lost with request in flight: answered 91; reversal advice queued"
+                    );
+                    self.queue_reversal(&p, stan);
+                    self.unavailable(p, "link lost");
+                }
+                Waiter::Reversal(advice) => self.retry_reversal(advice),
+                Waiter::Echo => {}
             }
         }
+        let table = lock(&link.table);
         drop(table);
         self.inflight_by_link[slot].store(0, Ordering::Relaxed);
         if lost > 0 {
@@ -335,6 +356,7 @@ impl Connector {
                         match waiter {
                             Waiter::Acquirer(p) => self.timed_out(stan, p),
                             Waiter::Echo => return LinkEnd::EchoTimeout,
+                            Waiter::Reversal(advice) => self.retry_reversal(advice),
                         }
                     }
                 }
@@ -357,9 +379,53 @@ impl Connector {
         warn!(
             bank = %self.bank.id, acquirer = %p.acquirer, link_stan = stan.value(),
             mti = %p.request.mti(),
-            "no answer by the deadline: acquirer answered 68; reversal advice needed"
+            "no answer by the deadline: acquirer answered 68; reversal advice queued"
         );
+        self.queue_reversal(&p, stan);
         self.answer(p, ResponseCode::LateResponse, OutcomeSource::Timeout);
+    }
+
+    /// Queues a reversal advice for a request the bank may have seen but whose
+    /// answer the acquirer will not get.
+    fn queue_reversal(&self, p: &Pending, link_stan: Stan) {
+        if let Err(e) =
+            self.journaling
+                .reversal_queued(p.request_id, self.index, link_stan, &p.request)
+        {
+            error!(bank = %self.bank.id, request_id = p.request_id, error = %e,
+                "reversal advice not journaled; queued in memory only");
+        }
+        let now = std::time::Instant::now();
+        let advice = Advice {
+            original: p.request.clone(),
+            original_link_stan: link_stan,
+            request_id: p.request_id,
+            attempts: 0,
+            queued_at: now,
+            next_try: now,
+        };
+        self.push_advice(advice, now);
+    }
+
+    fn push_advice(&self, advice: Advice, now: std::time::Instant) {
+        metrics::counter!("switchyard_reversals_queued_total").increment(1);
+        if let Err(parked) = self.saf.push(advice, now) {
+            metrics::counter!("switchyard_reversals_parked_total").increment(1);
+            error!(
+                bank = %self.bank.id, request_id = parked.request_id, attempts = parked.attempts,
+                reason = ?parked.reason, "reversal advice parked: needs manual follow-up with the bank"
+            );
+            return;
+        }
+        self.notify.notify_one();
+    }
+
+    /// An advice went unanswered (or its link was lost): try again after a backoff.
+    fn retry_reversal(&self, mut advice: Advice) {
+        let now = std::time::Instant::now();
+        advice.attempts += 1;
+        advice.next_try = now + backoff(advice.attempts - 1);
+        self.push_advice(advice, now);
     }
 
     fn on_answer(
@@ -410,6 +476,18 @@ impl Connector {
                 self.answer(p, ResponseCode::SystemMalfunction, OutcomeSource::Switch);
             }
             Some(Waiter::Echo) => debug!(bank = %self.bank.id, "echo answered"),
+            Some(Waiter::Reversal(advice)) if answer.mti() == Mti::REVERSAL_ADVICE_RESPONSE => {
+                metrics::counter!("switchyard_reversals_acknowledged_total").increment(1);
+                self.stats.reversals_acked.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = self.journaling.reversal_acked(advice.request_id) {
+                    error!(request_id = advice.request_id, error = %e, "reversal ack not journaled");
+                }
+                info!(bank = %self.bank.id, request_id = advice.request_id, "reversal acknowledged");
+            }
+            Some(Waiter::Reversal(advice)) => {
+                warn!(bank = %self.bank.id, mti = %answer.mti(), "unexpected answer to a reversal advice");
+                self.retry_reversal(advice);
+            }
             None => {
                 self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("switchyard_bank_late_answers_total").increment(1);
@@ -426,6 +504,7 @@ impl Connector {
         let mut out = BytesMut::with_capacity(64 * 1024);
         let mut last_write = Instant::now();
         loop {
+            self.fill_reversals(link, &mut out);
             self.fill_batch(link, &mut out);
             if !out.is_empty() {
                 if let Err(e) = write_flush(wr, &out, self.bank.request_timeout).await {
@@ -441,8 +520,11 @@ impl Connector {
             if !self.queue.is_empty() {
                 continue;
             }
+            let far = Instant::now() + Duration::from_secs(3600);
+            let advice_due = self.saf.next_due().map_or(far, Instant::from_std);
             tokio::select! {
                 _ = notified => {}
+                _ = sleep_until(advice_due), if !self.saf.is_empty() => {}
                 _ = sleep_until(last_write + self.bank.echo_interval) => {
                     if !self.echo(link, &mut out) {
                         return LinkEnd::EchoTimeout;
@@ -454,6 +536,61 @@ impl Connector {
                     last_write = Instant::now();
                 }
             }
+        }
+    }
+
+    /// Encodes the reversal advices that are due (0420, or 0421 for a repeat) into
+    /// `out`, each under a new link STAN, answered within the echo timeout.
+    fn fill_reversals(&self, link: &Link, out: &mut BytesMut) {
+        if self.saf.is_empty() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut due = Vec::new();
+        self.saf.take_due(now, self.bank.write_batch_max, &mut due);
+        if due.is_empty() {
+            return;
+        }
+        let de7 = transmission_time();
+        let mut table = lock(&link.table);
+        for advice in due {
+            let deadline = now + self.bank.echo_timeout;
+            let stan = match table.inflight.insert(deadline, Waiter::Reversal(advice)) {
+                Ok(stan) => stan,
+                Err(TableFull(Waiter::Reversal(advice))) => {
+                    let _ = self.saf.push(advice, now);
+                    continue;
+                }
+                Err(TableFull(_)) => continue,
+            };
+            let Some(Waiter::Reversal(advice)) = table.inflight.get(stan) else {
+                continue;
+            };
+            let at = self.bank.framing.begin(out);
+            let repeat = advice.attempts > 0;
+            let encoded = encode_reversal_advice(
+                &advice.original,
+                &self.bank.dialect,
+                advice.original_link_stan,
+                stan,
+                &de7,
+                repeat,
+                out,
+            )
+            .is_ok()
+                && self.bank.framing.finish(out, at).is_ok();
+            if !encoded {
+                out.truncate(at);
+                if let Some(Waiter::Reversal(advice)) = table.inflight.take(stan) {
+                    error!(bank = %self.bank.id, request_id = advice.request_id,
+                        "reversal advice cannot be encoded for this bank: parked");
+                    metrics::counter!("switchyard_reversals_parked_total").increment(1);
+                }
+            }
+        }
+        let deadline = now + self.bank.echo_timeout;
+        if table.sweep_at.is_none_or(|s| deadline < s) {
+            link.wake_reader.notify_one();
         }
     }
 
@@ -477,7 +614,7 @@ impl Connector {
                     self.unavailable(p, "link in-flight table full");
                     continue;
                 }
-                Err(TableFull(Waiter::Echo)) => continue,
+                Err(TableFull(_)) => continue,
             };
             let Some(Waiter::Acquirer(p)) = table.inflight.get(stan) else {
                 continue;

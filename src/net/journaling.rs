@@ -123,6 +123,30 @@ impl Journaling {
         }
     }
 
+    /// Records that a reversal advice for `request_id` was queued.
+    pub fn reversal_queued(
+        &self,
+        request_id: u64,
+        bank: BankIndex,
+        link_stan: Stan,
+        original: &Message,
+    ) -> Result<u64, AppendError> {
+        let mut head = [0u8; 6];
+        head[..2].copy_from_slice(&bank.to_le_bytes());
+        head[2..].copy_from_slice(&link_stan.value().to_le_bytes());
+        self.append(
+            RecordKind::ReversalQueued,
+            request_id,
+            &head,
+            original.as_bytes().clone(),
+        )
+    }
+
+    /// Records that the bank acknowledged the reversal of `request_id` (0430).
+    pub fn reversal_acked(&self, request_id: u64) -> Result<u64, AppendError> {
+        self.append(RecordKind::ReversalAcked, request_id, &[], Bytes::new())
+    }
+
     /// Waits until `seq` is durable; true at once without a journal or for seq 0.
     pub async fn durable(&self, seq: u64) -> bool {
         match &self.0 {

@@ -6,6 +6,7 @@
 pub mod connector;
 pub mod ingress;
 pub mod journaling;
+pub mod saf;
 
 use crate::core::route::BankIndex;
 use crate::core::{InstitutionId, ResponseCode};
