@@ -1,6 +1,8 @@
 //! The daemon: wires config, TLS, connectors and the acquirer listener together.
 
 use crate::config::{Config, TlsFiles};
+use crate::core::inflight::Stan;
+use crate::journal::recovery::Recovery;
 use crate::journal::{Journal, JournalError};
 use crate::net::connector::Connector;
 use crate::net::ingress::Ingress;
@@ -58,26 +60,31 @@ impl Switch {
     /// truncated) and starts every bank connector's links (call inside a tokio
     /// runtime).
     pub fn start(config: Config, tls: TlsSetup) -> Result<Switch, JournalError> {
-        let (journaling, journal, first_request_id) = match &config.journal {
+        let (journaling, journal, first_request_id, recovery) = match &config.journal {
             Some(jc) => {
                 let opened = Journal::open(jc.clone())?;
                 tracing::info!(
                     "{}",
                     crate::journal::dump::report(&jc.dir, &opened.recovered)
                 );
-                // A second pass for now; acting on it (reversal advices) comes next.
+                // A second pass over the journal for now (the first checked it).
                 let (_, recovery) = crate::journal::recovery::recover(&jc.dir)?;
                 if recovery.unfinished.is_empty() && recovery.reversals_pending.is_empty() {
                     tracing::info!("journal: nothing unfinished");
                 } else {
                     let summary = crate::journal::recovery::summary(&recovery);
-                    tracing::warn!("journal {summary}; reversal advices are not sent yet");
+                    tracing::warn!("journal {summary}: resuming");
                 }
                 let next = opened.recovered.seq_range.map_or(1, |(_, last)| last + 1);
                 let journal = Arc::new(opened.journal);
-                (Journaling::new(journal.clone()), Some(journal), next)
+                (
+                    Journaling::new(journal.clone()),
+                    Some(journal),
+                    next,
+                    Some(recovery),
+                )
             }
-            None => (Journaling::off(), None, 1),
+            None => (Journaling::off(), None, 1, None),
         };
         let config = Arc::new(config);
         let shutdown = CancellationToken::new();
@@ -102,6 +109,9 @@ impl Switch {
             .iter()
             .flat_map(|c| c.spawn_links(&shutdown))
             .collect();
+        if let Some(recovery) = recovery {
+            resume(&config, &connectors, &journaling, recovery);
+        }
         let ingress = Ingress::new(
             config.clone(),
             connectors.clone(),
@@ -197,6 +207,51 @@ impl Switch {
         if let Some(journal) = &self.journal {
             // Whatever is queued is written and synced before the writer stops.
             journal.close();
+        }
+    }
+}
+
+/// Acts on what the journal shows unfinished after a crash: a request forwarded
+/// without an outcome is closed as timed out (68) and reversed; one never forwarded
+/// is closed as 91 (the bank never saw it); advices not acknowledged are queued
+/// again.
+fn resume(
+    config: &Config,
+    connectors: &[Arc<Connector>],
+    journaling: &Journaling,
+    recovery: Recovery,
+) {
+    use crate::net::journaling::OutcomeSource;
+    let decode = |bytes: bytes::Bytes| crate::wire::Message::decode(&config.dialect, bytes).ok();
+    for u in recovery.unfinished {
+        let Some((bank, stan)) = u.forwarded else {
+            journaling.outcome(u.request_id, b"91", OutcomeSource::Switch, None);
+            continue;
+        };
+        let connector = connectors.get(usize::from(bank));
+        let original = decode(u.request);
+        let link_stan = Stan::from_value(stan);
+        match (connector, original, link_stan) {
+            (Some(c), Some(original), Some(link_stan)) => {
+                c.resume_reversal(u.request_id, original, link_stan, true);
+            }
+            _ => tracing::error!(
+                request_id = u.request_id,
+                "unfinished request names no configured bank or cannot be decoded: reverse it by hand"
+            ),
+        }
+    }
+    for p in recovery.reversals_pending {
+        let (bank, stan) = p.forwarded;
+        let connector = connectors.get(usize::from(bank));
+        match (connector, decode(p.request), Stan::from_value(stan)) {
+            (Some(c), Some(original), Some(link_stan)) => {
+                c.resume_reversal(p.request_id, original, link_stan, false);
+            }
+            _ => tracing::error!(
+                request_id = p.request_id,
+                "pending reversal names no configured bank or cannot be decoded: reverse it by hand"
+            ),
         }
     }
 }

@@ -46,6 +46,9 @@ pub struct TestbedOptions {
     pub first_stan: u32,
     /// Journal in a fresh temporary directory with this durability (None: no journal).
     pub journal: Option<Fsync>,
+    /// Use this journal directory instead of a fresh one (it is still removed by
+    /// [`Testbed::stop`]); for restart tests.
+    pub journal_at: Option<std::path::PathBuf>,
 }
 
 impl Default for TestbedOptions {
@@ -61,6 +64,7 @@ impl Default for TestbedOptions {
             echo_interval_ms: crate::config::ECHO_INTERVAL_MS_DEFAULT,
             first_stan: 1,
             journal: None,
+            journal_at: None,
         }
     }
 }
@@ -155,7 +159,10 @@ impl Testbed {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos());
             let name = format!("switchyard-journal-{}-{now}", std::process::id());
-            let dir = std::env::temp_dir().join(name);
+            let dir = opts
+                .journal_at
+                .clone()
+                .unwrap_or_else(|| std::env::temp_dir().join(name));
             config.journal = Some(JournalConfig {
                 fsync,
                 ..JournalConfig::new(&dir)

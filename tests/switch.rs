@@ -635,3 +635,87 @@ async fn a_late_bank_gets_a_reversal_advice_and_acknowledges_it() {
     );
     bed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_forwarded_requests_without_outcome_are_reversed() {
+    use bytes::Bytes;
+    use switchyard::journal::recovery::recover;
+    use switchyard::journal::{Entry, Fsync, Journal, JournalConfig, RecordKind};
+    // The journal a crash left: request 7 accepted and forwarded (connector 0,
+    // link STAN 123), no outcome.
+    let dir = std::env::temp_dir().join(format!("switchyard-crash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = Dialect::iso87_ascii();
+    let mut request = BytesMut::new();
+    let mut enc = Encoder::new(&d, &mut request, Mti::FINANCIAL);
+    for (n, v) in payment(b"000777", b"100001", b"4111111111111111", b"000000004200") {
+        enc.field(n, v).unwrap();
+    }
+    enc.finish();
+    let request: Bytes = request.freeze();
+    let entry = |kind, head: &[u8], message: Bytes| {
+        let mut h = [0u8; 16];
+        h[..head.len()].copy_from_slice(head);
+        Entry {
+            kind,
+            request_id: 7,
+            unix_ms: 0,
+            head: (h, head.len() as u8),
+            message,
+        }
+    };
+    let mut forwarded = [0u8; 6];
+    forwarded[2..].copy_from_slice(&123u32.to_le_bytes());
+    let opened = Journal::open(JournalConfig::new(&dir)).unwrap();
+    opened
+        .journal
+        .append(entry(RecordKind::Accepted, &[0; 8], request))
+        .unwrap();
+    opened
+        .journal
+        .append(entry(RecordKind::Forwarded, &forwarded, Bytes::new()))
+        .unwrap();
+    opened.journal.close();
+    drop(opened);
+
+    let opts = TestbedOptions {
+        banks: 1,
+        links: 1,
+        journal: Some(Fsync::Batch),
+        journal_at: Some(dir.clone()),
+        ..TestbedOptions::default()
+    };
+    let bed = testbed(opts).await;
+    let connector = bed.switch.connectors()[0].clone();
+    let acked = async {
+        while connector.stats.reversals_acked.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, acked)
+        .await
+        .expect("resumed reversal acknowledged");
+    assert_eq!(
+        bed.banks[0].stats.requests.load(Ordering::Relaxed),
+        1,
+        "one 0420, nothing else"
+    );
+    assert_eq!(
+        bed.banks[0].stats.last_stan.load(Ordering::Relaxed),
+        1,
+        "advice on a fresh STAN"
+    );
+    let settled = async {
+        loop {
+            let (_, r) = recover(&dir).unwrap();
+            if r.unfinished.is_empty() && r.reversals_pending.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, settled)
+        .await
+        .expect("closed and acknowledged in the journal");
+    bed.stop().await;
+}

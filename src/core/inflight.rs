@@ -35,6 +35,11 @@ impl Stan {
             .map(Stan)
     }
 
+    /// The STAN with this value, if it is a valid STAN (1..=999,999).
+    pub fn from_value(value: u32) -> Option<Stan> {
+        (1..=STAN_MAX).contains(&value).then_some(Stan(value))
+    }
+
     /// Six ASCII digits for DE11.
     pub fn to_de11(self) -> [u8; 6] {
         let mut out = [b'0'; 6];

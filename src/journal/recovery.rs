@@ -7,16 +7,30 @@
 
 use super::reader::{scan, JournalError, Scan};
 use super::record::{Record, RecordKind};
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::path::Path;
 
 /// A request with no outcome in the journal.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Unfinished {
     /// The switch's id for it.
     pub request_id: u64,
     /// Where it was forwarded (connector index, link STAN), if it was.
     pub forwarded: Option<(u16, u32)>,
+    /// The request as the acquirer sent it.
+    pub request: Bytes,
+}
+
+/// A reversal advice queued and not acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingReversal {
+    /// The request it reverses.
+    pub request_id: u64,
+    /// The connector and the STAN the request carried on its link.
+    pub forwarded: (u16, u32),
+    /// The request as the acquirer sent it.
+    pub request: Bytes,
 }
 
 /// Unfinished business found in a journal.
@@ -24,8 +38,8 @@ pub struct Unfinished {
 pub struct Recovery {
     /// Requests without an outcome, in request id order.
     pub unfinished: Vec<Unfinished>,
-    /// Requests whose reversal advice was queued but not acknowledged.
-    pub reversals_pending: Vec<u64>,
+    /// Reversal advices queued but not acknowledged, in request id order.
+    pub reversals_pending: Vec<PendingReversal>,
 }
 
 impl Recovery {
@@ -39,6 +53,11 @@ impl Recovery {
 #[derive(Default)]
 struct State {
     forwarded: Option<(u16, u32)>,
+    request: Bytes,
+}
+
+fn message(r: &Record<'_>) -> Bytes {
+    Bytes::copy_from_slice(r.body.get(r.kind.head_len()..).unwrap_or(b""))
 }
 
 fn forwarded_head(r: &Record<'_>) -> Option<(u16, u32)> {
@@ -53,10 +72,16 @@ fn forwarded_head(r: &Record<'_>) -> Option<(u16, u32)> {
 /// with the unfinished requests only (finished ones are dropped as the scan goes).
 pub fn recover(dir: &Path) -> Result<(Scan, Recovery), JournalError> {
     let mut open: HashMap<u64, State> = HashMap::new();
-    let mut reversals: HashMap<u64, ()> = HashMap::new();
+    let mut reversals: HashMap<u64, PendingReversal> = HashMap::new();
     let s = scan(dir, |_, _, r| match r.kind {
         RecordKind::Accepted => {
-            open.insert(r.request_id, State::default());
+            open.insert(
+                r.request_id,
+                State {
+                    forwarded: None,
+                    request: message(r),
+                },
+            );
         }
         RecordKind::Forwarded => {
             open.entry(r.request_id).or_default().forwarded = forwarded_head(r);
@@ -65,7 +90,15 @@ pub fn recover(dir: &Path) -> Result<(Scan, Recovery), JournalError> {
             open.remove(&r.request_id);
         }
         RecordKind::ReversalQueued => {
-            reversals.insert(r.request_id, ());
+            if let Some(forwarded) = forwarded_head(r) {
+                let request = message(r);
+                let pending = PendingReversal {
+                    request_id: r.request_id,
+                    forwarded,
+                    request,
+                };
+                reversals.insert(r.request_id, pending);
+            }
         }
         RecordKind::ReversalAcked => {
             reversals.remove(&r.request_id);
@@ -76,11 +109,12 @@ pub fn recover(dir: &Path) -> Result<(Scan, Recovery), JournalError> {
         .map(|(request_id, st)| Unfinished {
             request_id,
             forwarded: st.forwarded,
+            request: st.request,
         })
         .collect();
     unfinished.sort_by_key(|u| u.request_id);
-    let mut reversals_pending: Vec<u64> = reversals.into_keys().collect();
-    reversals_pending.sort_unstable();
+    let mut reversals_pending: Vec<PendingReversal> = reversals.into_values().collect();
+    reversals_pending.sort_by_key(|p| p.request_id);
     Ok((
         s,
         Recovery {
@@ -137,8 +171,8 @@ mod tests {
             entry(RecordKind::Accepted, 2, &[0; 8]),
             entry(RecordKind::Forwarded, 2, &fwd),
             entry(RecordKind::Accepted, 3, &[0; 8]),
-            entry(RecordKind::ReversalQueued, 4, &[]),
-            entry(RecordKind::ReversalQueued, 5, &[]),
+            entry(RecordKind::ReversalQueued, 4, &fwd),
+            entry(RecordKind::ReversalQueued, 5, &fwd),
             entry(RecordKind::ReversalAcked, 5, &[]),
         ] {
             j.append(e).unwrap();
@@ -146,21 +180,15 @@ mod tests {
         j.close();
         let (s, r) = recover(&dir.0).unwrap();
         assert_eq!(s.records, 9);
-        assert_eq!(
-            r.unfinished,
-            vec![
-                Unfinished {
-                    request_id: 2,
-                    forwarded: Some((2, 999_999))
-                },
-                Unfinished {
-                    request_id: 3,
-                    forwarded: None
-                },
-            ]
-        );
+        let unfinished: Vec<(u64, Option<(u16, u32)>)> = r
+            .unfinished
+            .iter()
+            .map(|u| (u.request_id, u.forwarded))
+            .collect();
+        assert_eq!(unfinished, vec![(2, Some((2, 999_999))), (3, None)]);
         assert_eq!(r.needing_reversal().count(), 1);
-        assert_eq!(r.reversals_pending, vec![4]);
+        let pending: Vec<u64> = r.reversals_pending.iter().map(|p| p.request_id).collect();
+        assert_eq!(pending, vec![4]);
         assert!(summary(&r).starts_with("unfinished: 2 requests"));
     }
 }

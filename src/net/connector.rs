@@ -420,6 +420,38 @@ impl Connector {
         self.notify.notify_one();
     }
 
+    /// After a restart, from the journal: a request forwarded without an outcome
+    /// (`unfinished`: closed as 68 and recorded as queued for reversal first) or an
+    /// advice queued and never acknowledged.
+    pub fn resume_reversal(
+        &self,
+        request_id: u64,
+        original: Message,
+        link_stan: Stan,
+        unfinished: bool,
+    ) {
+        if unfinished {
+            self.journaling
+                .outcome(request_id, b"68", OutcomeSource::Timeout, None);
+            if let Err(e) = self
+                .journaling
+                .reversal_queued(request_id, self.index, link_stan, &original)
+            {
+                error!(bank = %self.bank.id, request_id, error = %e, "resumed reversal not journaled");
+            }
+        }
+        let now = std::time::Instant::now();
+        let advice = Advice {
+            original,
+            original_link_stan: link_stan,
+            request_id,
+            attempts: 0,
+            queued_at: now,
+            next_try: now,
+        };
+        self.push_advice(advice, now);
+    }
+
     /// An advice went unanswered (or its link was lost): try again after a backoff.
     fn retry_reversal(&self, mut advice: Advice) {
         let now = std::time::Instant::now();
