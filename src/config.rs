@@ -50,6 +50,43 @@ pub const ECHO_INTERVAL_MS_DEFAULT: u64 = 30_000;
 pub const ECHO_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 /// Requests written to a bank link per wake-up (one flush per batch).
 pub const WRITE_BATCH_MAX_DEFAULT: usize = 256;
+/// Reversal advices waiting per bank; past it a new one is parked at once.
+pub const SAF_DEPTH_MAX_DEFAULT: usize = 100_000;
+/// First delay before repeating an unanswered reversal advice.
+pub const REVERSAL_RETRY_MIN_MS_DEFAULT: u64 = 1_000;
+/// Longest delay between repeats.
+pub const REVERSAL_RETRY_MAX_MS_DEFAULT: u64 = 60_000;
+/// Attempts before an advice is parked for manual follow-up.
+pub const REVERSAL_ATTEMPTS_MAX_DEFAULT: u32 = 20;
+/// Age after which an advice is parked.
+pub const REVERSAL_AGE_MAX_S_DEFAULT: u64 = 24 * 3600;
+
+/// Bounds of a bank's reversal store-and-forward queue.
+#[derive(Clone, Debug)]
+pub struct SafLimits {
+    /// Advices waiting.
+    pub depth_max: usize,
+    /// First repeat delay.
+    pub retry_min: Duration,
+    /// Longest repeat delay.
+    pub retry_max: Duration,
+    /// Attempts before parking.
+    pub attempts_max: u32,
+    /// Age before parking.
+    pub age_max: Duration,
+}
+
+impl Default for SafLimits {
+    fn default() -> Self {
+        SafLimits {
+            depth_max: SAF_DEPTH_MAX_DEFAULT,
+            retry_min: Duration::from_millis(REVERSAL_RETRY_MIN_MS_DEFAULT),
+            retry_max: Duration::from_millis(REVERSAL_RETRY_MAX_MS_DEFAULT),
+            attempts_max: REVERSAL_ATTEMPTS_MAX_DEFAULT,
+            age_max: Duration::from_secs(REVERSAL_AGE_MAX_S_DEFAULT),
+        }
+    }
+}
 
 /// A configuration that cannot be used: which file, which key, what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +262,32 @@ struct BankSection {
     echo_timeout_ms: u64,
     #[serde(default = "d_write_batch")]
     write_batch_max: usize,
+    #[serde(default = "d_saf_depth")]
+    saf_depth_max: usize,
+    #[serde(default = "d_retry_min")]
+    reversal_retry_min_ms: u64,
+    #[serde(default = "d_retry_max")]
+    reversal_retry_max_ms: u64,
+    #[serde(default = "d_attempts")]
+    reversal_attempts_max: u32,
+    #[serde(default = "d_age")]
+    reversal_age_max_s: u64,
+}
+
+fn d_saf_depth() -> usize {
+    SAF_DEPTH_MAX_DEFAULT
+}
+fn d_retry_min() -> u64 {
+    REVERSAL_RETRY_MIN_MS_DEFAULT
+}
+fn d_retry_max() -> u64 {
+    REVERSAL_RETRY_MAX_MS_DEFAULT
+}
+fn d_attempts() -> u32 {
+    REVERSAL_ATTEMPTS_MAX_DEFAULT
+}
+fn d_age() -> u64 {
+    REVERSAL_AGE_MAX_S_DEFAULT
 }
 
 #[derive(Debug, Deserialize)]
@@ -343,6 +406,8 @@ pub struct Bank {
     pub echo_timeout: Duration,
     /// Requests per write batch.
     pub write_batch_max: usize,
+    /// Reversal store-and-forward bounds.
+    pub saf: SafLimits,
     /// STAN each new link starts from. Not a config key: always 1, except where a
     /// test starts near 999,999 to see the wrap-around.
     pub first_stan: u32,
@@ -656,7 +721,43 @@ impl Checker<'_> {
             echo_interval: ms(b.echo_interval_ms),
             echo_timeout: ms(b.echo_timeout_ms),
             write_batch_max: b.write_batch_max,
+            saf: self.saf(i, b)?,
             first_stan: 1,
+        })
+    }
+
+    fn saf(&self, i: usize, b: &BankSection) -> Result<SafLimits, ConfigError> {
+        let k = |name: &str| format!("bank[{i}].{name}");
+        self.range(&k("saf_depth_max"), b.saf_depth_max, 1, 10_000_000, "")?;
+        let min = b.reversal_retry_min_ms;
+        self.range(&k("reversal_retry_min_ms"), min, 10, 3_600_000, "ms")?;
+        self.range(
+            &k("reversal_retry_max_ms"),
+            b.reversal_retry_max_ms,
+            min,
+            86_400_000,
+            "ms",
+        )?;
+        self.range(
+            &k("reversal_attempts_max"),
+            b.reversal_attempts_max,
+            1,
+            10_000,
+            "",
+        )?;
+        self.range(
+            &k("reversal_age_max_s"),
+            b.reversal_age_max_s,
+            1,
+            30 * 86_400,
+            "s",
+        )?;
+        Ok(SafLimits {
+            depth_max: b.saf_depth_max,
+            retry_min: Duration::from_millis(min),
+            retry_max: Duration::from_millis(b.reversal_retry_max_ms),
+            attempts_max: b.reversal_attempts_max,
+            age_max: Duration::from_secs(b.reversal_age_max_s),
         })
     }
 

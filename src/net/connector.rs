@@ -7,7 +7,7 @@
 //! deadlines in order from one heap (no timer per request).
 
 use super::journaling::{Journaling, OutcomeSource};
-use super::saf::{backoff, Advice, Saf, SAF_DEPTH_MAX_DEFAULT};
+use super::saf::{Advice, Saf};
 use super::{OriginalStan, Pending, Reply};
 use crate::config::Bank;
 use crate::core::inflight::{InflightTable, Stan, TableFull};
@@ -96,6 +96,7 @@ impl Connector {
         journaling: Journaling,
     ) -> Arc<Connector> {
         let inflight_by_link = (0..bank.links).map(|_| AtomicUsize::new(0)).collect();
+        let saf_limits = bank.saf.clone();
         Arc::new(Connector {
             queue: ArrayQueue::new(bank.queue_depth_max),
             bank,
@@ -110,7 +111,7 @@ impl Connector {
             inflight_by_link,
             index,
             journaling,
-            saf: Saf::new(SAF_DEPTH_MAX_DEFAULT),
+            saf: Saf::new(saf_limits),
         })
     }
 
@@ -456,7 +457,7 @@ impl Connector {
     fn retry_reversal(&self, mut advice: Advice) {
         let now = std::time::Instant::now();
         advice.attempts += 1;
-        advice.next_try = now + backoff(advice.attempts - 1);
+        advice.next_try = now + self.saf.backoff(advice.attempts - 1);
         self.push_advice(advice, now);
     }
 

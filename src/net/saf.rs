@@ -13,16 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Advices waiting to be sent per connector; past it a new advice is parked at once.
-pub const SAF_DEPTH_MAX_DEFAULT: usize = 100_000;
-/// First retry delay after an unanswered advice.
-pub const REVERSAL_RETRY_MIN: Duration = Duration::from_secs(1);
-/// Longest retry delay.
-pub const REVERSAL_RETRY_MAX: Duration = Duration::from_secs(60);
-/// Attempts before an advice is parked.
-pub const REVERSAL_ATTEMPTS_MAX: u32 = 20;
-/// Age after which an advice is parked.
-pub const REVERSAL_AGE_MAX: Duration = Duration::from_secs(24 * 3600);
+pub use crate::config::SafLimits;
 
 /// A reversal advice to deliver.
 pub struct Advice {
@@ -66,17 +57,23 @@ pub enum ParkReason {
 pub struct Saf {
     advices: Mutex<Vec<Advice>>,
     len: AtomicUsize,
-    depth_max: usize,
+    limits: SafLimits,
 }
 
 impl Saf {
-    /// An empty queue of at most `depth_max` advices.
-    pub fn new(depth_max: usize) -> Saf {
+    /// An empty queue within `limits`.
+    pub fn new(limits: SafLimits) -> Saf {
         Saf {
             advices: Mutex::new(Vec::new()),
             len: AtomicUsize::new(0),
-            depth_max,
+            limits,
         }
+    }
+
+    /// The delay before attempt `attempts + 1`: doubling from the minimum to the maximum.
+    pub fn backoff(&self, attempts: u32) -> Duration {
+        let factor = 1u32 << attempts.min(16);
+        (self.limits.retry_min * factor).min(self.limits.retry_max)
     }
 
     /// Advices waiting (not counting those in flight on a link).
@@ -104,14 +101,14 @@ impl Saf {
                 reason,
             })
         };
-        if advice.attempts >= REVERSAL_ATTEMPTS_MAX {
+        if advice.attempts >= self.limits.attempts_max {
             return parked(ParkReason::Attempts);
         }
-        if now.saturating_duration_since(advice.queued_at) >= REVERSAL_AGE_MAX {
+        if now.saturating_duration_since(advice.queued_at) >= self.limits.age_max {
             return parked(ParkReason::Age);
         }
         let mut advices = self.lock();
-        if advices.len() >= self.depth_max {
+        if advices.len() >= self.limits.depth_max {
             return parked(ParkReason::Full);
         }
         advices.push(advice);
@@ -145,12 +142,6 @@ impl Saf {
     }
 }
 
-/// The delay before attempt `attempts + 1`: doubling from the minimum to the maximum.
-pub fn backoff(attempts: u32) -> Duration {
-    let factor = 1u32 << attempts.min(16);
-    (REVERSAL_RETRY_MIN * factor).min(REVERSAL_RETRY_MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,7 +167,10 @@ mod tests {
     #[test]
     fn due_order_bounds_and_parking() {
         let now = Instant::now();
-        let saf = Saf::new(2);
+        let saf = Saf::new(SafLimits {
+            depth_max: 2,
+            ..SafLimits::default()
+        });
         assert!(saf.push(advice(now, 0, Duration::ZERO), now).is_ok());
         assert!(saf
             .push(advice(now, 0, Duration::from_secs(5)), now)
@@ -185,7 +179,7 @@ mod tests {
             .push(advice(now, 0, Duration::ZERO), now)
             .map_err(|p| p.reason);
         assert_eq!(full, Err(ParkReason::Full));
-        let many = advice(now, REVERSAL_ATTEMPTS_MAX, Duration::ZERO);
+        let many = advice(now, SafLimits::default().attempts_max, Duration::ZERO);
         assert_eq!(
             saf.push(many, now).map_err(|p| p.reason),
             Err(ParkReason::Attempts)
@@ -195,8 +189,8 @@ mod tests {
         saf.take_due(now, 10, &mut out);
         assert_eq!((out.len(), saf.len()), (1, 1));
         assert_eq!(saf.next_due(), Some(now + Duration::from_secs(5)));
-        assert_eq!(backoff(0), Duration::from_secs(1));
-        assert_eq!(backoff(3), Duration::from_secs(8));
-        assert_eq!(backoff(30), REVERSAL_RETRY_MAX);
+        assert_eq!(saf.backoff(0), Duration::from_secs(1));
+        assert_eq!(saf.backoff(3), Duration::from_secs(8));
+        assert_eq!(saf.backoff(30), SafLimits::default().retry_max);
     }
 }
