@@ -312,22 +312,12 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<Summary> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let load = LoadOptions {
-        target: bed.switch_addr,
-        server_name: "localhost".to_owned(),
-        identities,
         destinations: bed.banks.iter().map(|b| b.id.clone()).collect(),
         pans: vec!["4111111111111111".to_owned(), "5500000000000004".to_owned()],
         connections: opts.connections,
         window: opts.window,
         duration: opts.duration,
-        answer_timeout: Duration::from_secs(10),
-        dialect: Arc::new(Dialect::iso87_ascii()),
-        framing: Framing::U16be,
-        currency: *b"978",
-        decline_every: 20,
-        rate: None,
-        warmup: Duration::ZERO,
-        progress: false,
+        ..LoadOptions::new(bed.switch_addr, "localhost", identities)
     };
     let summary = loadgen::run(load).await.context("load generator")?;
     bed.stop().await;

@@ -165,6 +165,33 @@ pub struct LoadOptions {
     pub decline_every: u32,
 }
 
+impl LoadOptions {
+    /// Closed loop at `target` as `identities`, with the defaults the CLI documents:
+    /// 8 connections × 64 in flight for 10 s, no warm-up, answers awaited 10 s,
+    /// ISO 8583:1987 ASCII with 2-byte frames, EUR, every 20th request declined, routed
+    /// by PAN (the default test card), no progress lines.
+    pub fn new(target: SocketAddr, server_name: &str, identities: Vec<Identity>) -> LoadOptions {
+        LoadOptions {
+            target,
+            server_name: server_name.to_owned(),
+            identities,
+            destinations: Vec::new(),
+            pans: Vec::new(),
+            connections: 8,
+            window: 64,
+            rate: None,
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(10),
+            answer_timeout: Duration::from_secs(10),
+            progress: false,
+            dialect: Arc::new(Dialect::iso87_ascii()),
+            framing: Framing::U16be,
+            currency: *b"978",
+            decline_every: 20,
+        }
+    }
+}
+
 // === summary ===
 
 /// Latency percentiles, in microseconds.
@@ -1854,22 +1881,13 @@ mod tests {
 
     fn options(target: SocketAddr, identity: Identity) -> LoadOptions {
         LoadOptions {
-            target,
-            server_name: "localhost".to_owned(),
-            identities: vec![identity],
             destinations: vec!["200001".to_owned()],
-            pans: vec![],
             connections: 2,
             window: 8,
-            rate: None,
-            warmup: Duration::ZERO,
             duration: Duration::from_millis(1000),
             answer_timeout: Duration::from_secs(5),
-            progress: false,
-            dialect: Arc::new(Dialect::iso87_ascii()),
-            framing: Framing::U16be,
-            currency: *b"978",
             decline_every: 10,
+            ..LoadOptions::new(target, "localhost", vec![identity])
         }
     }
 

@@ -321,9 +321,6 @@ fn main() -> anyhow::Result<()> {
             init_logs("warn");
             let identities = loadgen::identities_from_dir(&certs_dir, &institution)?;
             let opts = LoadOptions {
-                target,
-                server_name,
-                identities,
                 destinations: destination,
                 pans: vec!["4111111111111111".to_owned(), "5500000000000004".to_owned()],
                 connections,
@@ -333,10 +330,8 @@ fn main() -> anyhow::Result<()> {
                 duration: Duration::from_secs(duration),
                 answer_timeout: Duration::from_millis(timeout_ms),
                 progress: !no_progress,
-                dialect: Arc::new(Dialect::iso87_ascii()),
-                framing: Framing::U16be,
-                currency: *b"978",
                 decline_every,
+                ..LoadOptions::new(target, &server_name, identities)
             };
             let summary = runtime(2)?.block_on(loadgen::run(opts))?;
             if let Some(warning) = summary.behind_warning() {

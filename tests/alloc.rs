@@ -249,26 +249,17 @@ fn switch_allocations_per_payment() -> anyhow::Result<()> {
 
     // Load from the client runtime: 2 connections, 64 in flight each.
     let acquirer_cert = ca.issue_client(ACQUIRER)?;
+    let identity = Identity {
+        institution: ACQUIRER.to_owned(),
+        tls: tls::client_config(&ca_der, acquirer_cert.chain()?, acquirer_cert.key()?)?,
+    };
     let load = LoadOptions {
-        target: switch_addr,
-        server_name: "localhost".to_owned(),
-        identities: vec![Identity {
-            institution: ACQUIRER.to_owned(),
-            tls: tls::client_config(&ca_der, acquirer_cert.chain()?, acquirer_cert.key()?)?,
-        }],
-        destinations: Vec::new(),
         pans: vec!["4111111111111111".to_owned()],
         connections: 2,
         window: 64,
         duration: SWITCH_WARM_UP + SWITCH_MEASURED + SWITCH_TAIL,
-        answer_timeout: Duration::from_secs(10),
         dialect,
-        framing: Framing::U16be,
-        currency: *b"978",
-        decline_every: 20,
-        rate: None,
-        warmup: Duration::ZERO,
-        progress: false,
+        ..LoadOptions::new(switch_addr, "localhost", vec![identity])
     };
     let load = client_rt.spawn(loadgen::run(load));
 

@@ -4,7 +4,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 use switchyard::demo::{Testbed, TestbedOptions};
 use switchyard::loadgen::{self, Identity, LoadOptions};
-use switchyard::wire::{Dialect, Framing};
 
 /// Parses Prometheus text exposition lines into `name{labels}` → value.
 fn parse(text: &str) -> HashMap<String, f64> {
@@ -35,22 +34,12 @@ async fn metrics_count_answers_and_publish_latency() {
         tls: bed.client_tls("100002").unwrap(),
     };
     let opts = LoadOptions {
-        target: bed.switch_addr,
-        server_name: "localhost".into(),
-        identities: vec![identity],
         destinations: vec!["200001".into(), "200002".into()],
-        pans: vec![],
         connections: 1,
         window: 4,
         duration: Duration::from_millis(300),
-        answer_timeout: Duration::from_secs(10),
-        dialect: std::sync::Arc::new(Dialect::iso87_ascii()),
-        framing: Framing::U16be,
-        currency: *b"978",
         decline_every: 10,
-        rate: None,
-        warmup: Duration::ZERO,
-        progress: false,
+        ..LoadOptions::new(bed.switch_addr, "localhost", vec![identity])
     };
     let summary = loadgen::run(opts).await.unwrap();
     assert!(summary.approved > 0 && summary.errors == 0, "{summary:?}");

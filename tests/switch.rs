@@ -99,6 +99,19 @@ fn payment<'a>(
     ]
 }
 
+/// Polls `done` every 10 ms until it holds, for at most [`WAIT`]; `what` names it on
+/// failure. For effects the switch shows only in counters or in the journal.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let poll = async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if tokio::time::timeout(WAIT, poll).await.is_err() {
+        panic!("not within {WAIT:?}: {what}");
+    }
+}
+
 fn code(m: &Message) -> &[u8] {
     m.field(39).unwrap_or(b"--")
 }
@@ -301,14 +314,10 @@ async fn silent_bank_gets_68_at_deadline_and_late_answer_is_dropped() {
     );
     // Wait until the bank's late answer has reached the switch and been dropped.
     let connector = bed.switch.connectors()[0].clone();
-    let seen = async {
-        while connector.stats.unmatched.load(Ordering::Relaxed) == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, seen)
-        .await
-        .expect("late answer arrives");
+    eventually("late answer arrives", || {
+        connector.stats.unmatched.load(Ordering::Relaxed) != 0
+    })
+    .await;
     // The next thing on the connection is the echo answer, not a second 0210.
     c.send(
         Mti::NETWORK,
@@ -601,14 +610,10 @@ async fn a_late_bank_gets_a_reversal_advice_and_acknowledges_it() {
     assert_eq!(code(&a), b"68");
     // The bank answers the 0200 late (dropped) and the 0420 within the advice's time.
     let connector = bed.switch.connectors()[0].clone();
-    let acked = async {
-        while connector.stats.reversals_acked.load(Ordering::Relaxed) == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, acked)
-        .await
-        .expect("reversal acknowledged");
+    eventually("reversal acknowledged", || {
+        connector.stats.reversals_acked.load(Ordering::Relaxed) != 0
+    })
+    .await;
     assert_eq!(
         bed.banks[0].stats.requests.load(Ordering::Relaxed),
         2,
@@ -617,18 +622,11 @@ async fn a_late_bank_gets_a_reversal_advice_and_acknowledges_it() {
     assert_eq!(connector.reversals_waiting(), 0);
     let dir = bed.journal_dir.clone().unwrap();
     // The acknowledgement record becomes durable with the writer's next commit.
-    let journaled = async {
-        loop {
-            let (_, recovery) = recover(&dir).unwrap();
-            if recovery.reversals_pending.is_empty() {
-                return recovery;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    let recovery = tokio::time::timeout(WAIT, journaled)
-        .await
-        .expect("ack journaled");
+    eventually("ack journaled", || {
+        recover(&dir).unwrap().1.reversals_pending.is_empty()
+    })
+    .await;
+    let (_, recovery) = recover(&dir).unwrap();
     assert!(
         recovery.unfinished.is_empty(),
         "the 68 is the request's outcome"
@@ -687,14 +685,10 @@ async fn after_a_crash_forwarded_requests_without_outcome_are_reversed() {
     };
     let bed = testbed(opts).await;
     let connector = bed.switch.connectors()[0].clone();
-    let acked = async {
-        while connector.stats.reversals_acked.load(Ordering::Relaxed) == 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, acked)
-        .await
-        .expect("resumed reversal acknowledged");
+    eventually("resumed reversal acknowledged", || {
+        connector.stats.reversals_acked.load(Ordering::Relaxed) != 0
+    })
+    .await;
     assert_eq!(
         bed.banks[0].stats.requests.load(Ordering::Relaxed),
         1,
@@ -705,17 +699,10 @@ async fn after_a_crash_forwarded_requests_without_outcome_are_reversed() {
         1,
         "advice on a fresh STAN"
     );
-    let settled = async {
-        loop {
-            let (_, r) = recover(&dir).unwrap();
-            if r.unfinished.is_empty() && r.reversals_pending.is_empty() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, settled)
-        .await
-        .expect("closed and acknowledged in the journal");
+    eventually("closed and acknowledged in the journal", || {
+        let (_, r) = recover(&dir).unwrap();
+        r.unfinished.is_empty() && r.reversals_pending.is_empty()
+    })
+    .await;
     bed.stop().await;
 }

@@ -319,6 +319,8 @@ impl Connector {
         let mut buf = BytesMut::with_capacity(LINK_READ_BUFFER_BYTES);
         let mut expired = Vec::new();
         let mut recorder = self.latency.recorder();
+        // Placeholder deadline for disabled `select!` branches (never awaited).
+        let far = Instant::now() + Duration::from_secs(3600);
         loop {
             let sweep_at = {
                 let mut table = lock(&link.table);
@@ -326,7 +328,6 @@ impl Connector {
                 table.sweep_at = next;
                 next
             };
-            let far = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
                 biased;
                 read = rd.read_buf(&mut buf) => match read {

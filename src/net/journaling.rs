@@ -26,6 +26,10 @@ pub enum OutcomeSource {
     Timeout = 3,
 }
 
+/// The sequence an answer waits for when its outcome could not be journaled: never
+/// durable, so the answer is withheld.
+const NOT_JOURNALED: u64 = u64::MAX;
+
 /// The journal as the daemon uses it; does nothing when no journal is configured.
 #[derive(Clone, Default)]
 pub struct Journaling(Option<Arc<Journal>>);
@@ -39,11 +43,6 @@ impl Journaling {
     /// No journal.
     pub fn off() -> Journaling {
         Journaling(None)
-    }
-
-    /// Whether a journal is configured.
-    pub fn is_on(&self) -> bool {
-        self.0.is_some()
     }
 
     fn append(
@@ -118,7 +117,7 @@ impl Journaling {
             Err(e) => {
                 metrics::counter!("switchyard_journal_append_failures_total").increment(1);
                 tracing::error!(request_id, error = %e, "outcome not journaled: the answer is withheld");
-                u64::MAX
+                NOT_JOURNALED
             }
         }
     }
@@ -152,7 +151,7 @@ impl Journaling {
         match &self.0 {
             None => true,
             Some(_) if seq == 0 => true,
-            Some(_) if seq == u64::MAX => false,
+            Some(_) if seq == NOT_JOURNALED => false,
             Some(journal) => journal.wait_durable(seq).await,
         }
     }
