@@ -1,9 +1,9 @@
 //! What a journal says was left unfinished: requests accepted or forwarded without
 //! an outcome, and reversal advices queued without an acknowledgement.
 //!
-//! This is the analysis replay starts from. Today the daemon reports it at start-up
-//! and `journal verify` prints it; acting on it (queueing reversal advices for the
-//! forwarded ones) is the next part of step 3.
+//! The daemon acts on it at start-up (`daemon::resume`): requests forwarded without
+//! an outcome are closed as 68 and reversed, unacknowledged advices are queued again.
+//! `journal verify` prints it.
 
 use super::reader::{scan, JournalError, Scan};
 use super::record::{Record, RecordKind};
@@ -68,60 +68,82 @@ fn forwarded_head(r: &Record<'_>) -> Option<(u16, u32)> {
     ))
 }
 
-/// Scans the journal in `dir` and collects what was left unfinished. Memory grows
-/// with the unfinished requests only (finished ones are dropped as the scan goes).
-pub fn recover(dir: &Path) -> Result<(Scan, Recovery), JournalError> {
-    let mut open: HashMap<u64, State> = HashMap::new();
-    let mut reversals: HashMap<u64, PendingReversal> = HashMap::new();
-    let s = scan(dir, |_, _, r| match r.kind {
-        RecordKind::Accepted => {
-            open.insert(
-                r.request_id,
-                State {
-                    forwarded: None,
-                    request: message(r),
-                },
-            );
-        }
-        RecordKind::Forwarded => {
-            open.entry(r.request_id).or_default().forwarded = forwarded_head(r);
-        }
-        RecordKind::Outcome => {
-            open.remove(&r.request_id);
-        }
-        RecordKind::ReversalQueued => {
-            if let Some(forwarded) = forwarded_head(r) {
-                let request = message(r);
-                let pending = PendingReversal {
-                    request_id: r.request_id,
-                    forwarded,
-                    request,
-                };
-                reversals.insert(r.request_id, pending);
+/// Builds a [`Recovery`] from records fed in journal order (from a scan, or from
+/// records held in memory, as the simulation test does). Memory grows with the
+/// unfinished requests only: finished ones are dropped as records arrive.
+#[derive(Default)]
+pub struct Replay {
+    open: HashMap<u64, State>,
+    reversals: HashMap<u64, PendingReversal>,
+}
+
+impl Replay {
+    /// An empty replay.
+    pub fn new() -> Replay {
+        Replay::default()
+    }
+
+    /// Takes the next record in journal order.
+    pub fn record(&mut self, r: &Record<'_>) {
+        match r.kind {
+            RecordKind::Accepted => {
+                self.open.insert(
+                    r.request_id,
+                    State {
+                        forwarded: None,
+                        request: message(r),
+                    },
+                );
+            }
+            RecordKind::Forwarded => {
+                self.open.entry(r.request_id).or_default().forwarded = forwarded_head(r);
+            }
+            RecordKind::Outcome => {
+                self.open.remove(&r.request_id);
+            }
+            RecordKind::ReversalQueued => {
+                if let Some(forwarded) = forwarded_head(r) {
+                    let request = message(r);
+                    let pending = PendingReversal {
+                        request_id: r.request_id,
+                        forwarded,
+                        request,
+                    };
+                    self.reversals.insert(r.request_id, pending);
+                }
+            }
+            RecordKind::ReversalAcked => {
+                self.reversals.remove(&r.request_id);
             }
         }
-        RecordKind::ReversalAcked => {
-            reversals.remove(&r.request_id);
-        }
-    })?;
-    let mut unfinished: Vec<Unfinished> = open
-        .into_iter()
-        .map(|(request_id, st)| Unfinished {
-            request_id,
-            forwarded: st.forwarded,
-            request: st.request,
-        })
-        .collect();
-    unfinished.sort_by_key(|u| u.request_id);
-    let mut reversals_pending: Vec<PendingReversal> = reversals.into_values().collect();
-    reversals_pending.sort_by_key(|p| p.request_id);
-    Ok((
-        s,
+    }
+
+    /// What was left unfinished, in request id order.
+    pub fn finish(self) -> Recovery {
+        let mut unfinished: Vec<Unfinished> = self
+            .open
+            .into_iter()
+            .map(|(request_id, st)| Unfinished {
+                request_id,
+                forwarded: st.forwarded,
+                request: st.request,
+            })
+            .collect();
+        unfinished.sort_by_key(|u| u.request_id);
+        let mut reversals_pending: Vec<PendingReversal> = self.reversals.into_values().collect();
+        reversals_pending.sort_by_key(|p| p.request_id);
         Recovery {
             unfinished,
             reversals_pending,
-        },
-    ))
+        }
+    }
+}
+
+/// Scans the journal in `dir` and collects what was left unfinished.
+pub fn recover(dir: &Path) -> Result<(Scan, Recovery), JournalError> {
+    let mut replay = Replay::new();
+    let s = scan(dir, |_, _, r| replay.record(r))?;
+    Ok((s, replay.finish()))
 }
 
 /// One line summarising a recovery.
