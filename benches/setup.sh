@@ -14,6 +14,7 @@ HAPROXY_PORT=${HAPROXY_PORT:-18584}
 WITH_HAPROXY=${WITH_HAPROXY:-}
 JOURNAL=${JOURNAL:-} # empty: no journal; "batch" or "off": a journal in the work directory
 ROUTES=${ROUTES:-}
+DUP_WINDOW_S=${DUP_WINDOW_S:-5} # seconds request keys are remembered (duplicates)
 
 if [ -n "$WITH_HAPROXY" ] && ! command -v haproxy >/dev/null; then
     echo "installing haproxy (Debian package)" >&2
@@ -49,6 +50,10 @@ client_cert_file = "certs/switch-client.pem"
 client_key_file = "certs/switch-client.key"
 [limits]
 connections_max = 20000
+# Sized for the bench's rate: the table holds rate x window keys.
+[duplicates]
+window_s = $DUP_WINDOW_S
+entries_max = 8000000
 [admin]
 listen = "127.0.0.1:${ADMIN_PORT:-19464}"
 [[institution]]

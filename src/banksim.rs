@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -168,6 +168,44 @@ pub struct BankStats {
     pub echoes: AtomicU64,
     /// DE11 of the latest request, as a number (0 when absent or not digits).
     pub last_stan: AtomicU32,
+    /// Every message received, when enabled (for tests that audit what a bank saw).
+    pub log: MessageLog,
+}
+
+/// A bounded record of the messages a simulated bank received, off by default.
+#[derive(Debug, Default)]
+pub struct MessageLog {
+    max: std::sync::atomic::AtomicUsize,
+    messages: std::sync::Mutex<Vec<Bytes>>,
+}
+
+impl MessageLog {
+    /// Starts keeping up to `max` messages (later ones are not kept).
+    pub fn enable(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
+    }
+
+    fn push(&self, message: &Bytes) {
+        let max = self.max.load(Ordering::Relaxed);
+        if max == 0 {
+            return;
+        }
+        let mut messages = self
+            .messages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if messages.len() < max {
+            messages.push(message.clone());
+        }
+    }
+
+    /// The messages kept so far, in arrival order.
+    pub fn messages(&self) -> Vec<Bytes> {
+        self.messages
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// Why one connection was closed. Affects that connection only.
@@ -356,6 +394,7 @@ impl Connection {
         while let Some(frame) = frames.decode(input)? {
             let request = Message::decode(dialect, frame)?;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            self.stats.log.push(request.as_bytes());
             let stan = request.field(11).map_or(0, |f| {
                 f.iter()
                     .try_fold(0u32, |acc, &b| {

@@ -26,6 +26,17 @@ pub const CONNECTIONS_MAX_DEFAULT: usize = 10_000;
 /// Requests in flight on one acquirer connection; past it the switch stops reading
 /// that connection until answers free a slot.
 pub const INFLIGHT_PER_CONNECTION_MAX_DEFAULT: usize = 1024;
+/// How long a request's key (DE32 + DE11 + DE7 + DE37) is remembered: a
+/// retransmission within it gets the original answer, a reversal within it is
+/// matched to its original by DE90.
+pub const DUPLICATE_WINDOW_S_DEFAULT: u64 = 300;
+/// Keys remembered at most (about 300 bytes each with the stored answer). Size it
+/// at least peak requests per second × the window; at the bound new requests are
+/// answered 91.
+pub const DUPLICATE_ENTRIES_MAX_DEFAULT: usize = 2_000_000;
+/// Retransmissions (or reversals) waiting on one request still in flight; past it
+/// they are answered 91.
+pub const DUPLICATE_WAITERS_MAX_DEFAULT: usize = 4;
 /// TLS handshake time allowed to a connecting acquirer.
 pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 /// Deadline of a request from its receipt until its answer must be back.
@@ -132,6 +143,8 @@ struct File {
     admin: AdminSection,
     journal: Option<JournalSection>,
     #[serde(default)]
+    duplicates: DuplicatesSection,
+    #[serde(default)]
     institution: Vec<InstitutionSection>,
     #[serde(default)]
     bank: Vec<BankSection>,
@@ -197,6 +210,10 @@ struct JournalSection {
     batch_delay_us: u64,
     #[serde(default = "d_journal_segment")]
     segment_size_max_bytes: u64,
+    #[serde(default = "d_journal_retention")]
+    retention_s: u64,
+    #[serde(default = "d_journal_size")]
+    size_max_bytes: u64,
 }
 
 fn d_fsync() -> Fsync {
@@ -213,6 +230,30 @@ fn d_journal_delay() -> u64 {
 }
 fn d_journal_segment() -> u64 {
     crate::journal::writer::SEGMENT_SIZE_MAX_BYTES_DEFAULT
+}
+fn d_journal_retention() -> u64 {
+    crate::journal::writer::RETENTION_S_DEFAULT
+}
+fn d_journal_size() -> u64 {
+    crate::journal::writer::SIZE_MAX_BYTES_DEFAULT
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct DuplicatesSection {
+    window_s: u64,
+    entries_max: usize,
+    waiters_max: usize,
+}
+
+impl Default for DuplicatesSection {
+    fn default() -> Self {
+        DuplicatesSection {
+            window_s: DUPLICATE_WINDOW_S_DEFAULT,
+            entries_max: DUPLICATE_ENTRIES_MAX_DEFAULT,
+            waiters_max: DUPLICATE_WAITERS_MAX_DEFAULT,
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -413,6 +454,27 @@ pub struct Bank {
     pub first_stan: u32,
 }
 
+/// Duplicate detection bounds (`[duplicates]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Duplicates {
+    /// How long keys are remembered.
+    pub window: Duration,
+    /// Keys remembered at most.
+    pub entries_max: usize,
+    /// Duplicates waiting on one request in flight.
+    pub waiters_max: usize,
+}
+
+impl Default for Duplicates {
+    fn default() -> Self {
+        Duplicates {
+            window: Duration::from_secs(DUPLICATE_WINDOW_S_DEFAULT),
+            entries_max: DUPLICATE_ENTRIES_MAX_DEFAULT,
+            waiters_max: DUPLICATE_WAITERS_MAX_DEFAULT,
+        }
+    }
+}
+
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -422,6 +484,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// The write-ahead journal; none when the section is absent.
     pub journal: Option<JournalConfig>,
+    /// Duplicate detection and reversal matching.
+    pub duplicates: Duplicates,
     /// Tokio worker threads.
     pub worker_threads: usize,
     /// Message profile on acquirer connections.
@@ -565,6 +629,15 @@ impl Checker<'_> {
             65_536,
             "",
         )?;
+        let dup = &f.duplicates;
+        self.range("duplicates.window_s", dup.window_s, 1, 7 * 86_400, "s")?;
+        self.range("duplicates.entries_max", dup.entries_max, 1, 1 << 30, "")?;
+        self.range("duplicates.waiters_max", dup.waiters_max, 0, 1024, "")?;
+        let duplicates = Duplicates {
+            window: Duration::from_secs(dup.window_s),
+            entries_max: dup.entries_max,
+            waiters_max: dup.waiters_max,
+        };
         let institutions = self.institutions(&f.institution)?;
         let banks = f
             .bank
@@ -573,10 +646,33 @@ impl Checker<'_> {
             .map(|(i, b)| self.bank(i, b, frame_max))
             .collect::<Result<Vec<_>, _>>()?;
         let routes = self.routes(&f.route, &banks)?;
+        let journal = f.journal.as_ref().map(|j| self.journal(j)).transpose()?;
+        if let Some(j) = &journal {
+            // A segment must outlive every reversal it may still hold, and every
+            // request a retransmission may still name.
+            let needed = banks
+                .iter()
+                .map(|b| b.saf.age_max + b.request_timeout)
+                .chain([duplicates.window])
+                .max()
+                .unwrap_or_default();
+            if j.retention <= needed {
+                return Err(self.invalid(
+                    "journal.retention_s",
+                    format!(
+                        "must exceed the longest reversal age plus request timeout, and the \
+                         duplicates window ({} s), found {} s",
+                        needed.as_secs(),
+                        j.retention.as_secs()
+                    ),
+                ));
+            }
+        }
         Ok(Config {
             listen: s.listen,
             admin_listen: f.admin.listen,
-            journal: f.journal.as_ref().map(|j| self.journal(j)).transpose()?,
+            journal,
+            duplicates,
             worker_threads,
             dialect,
             framing: s.framing,
@@ -616,6 +712,23 @@ impl Checker<'_> {
             1 << 34,
             "bytes",
         )?;
+        // At least an hour; it must also exceed every bank's reversal_age_max_s,
+        // which the caller checks (JournalConfig::retention).
+        self.range(
+            "journal.retention_s",
+            j.retention_s,
+            3_600,
+            10 * 365 * 86_400,
+            "s",
+        )?;
+        // Room for the segment being written and a new one.
+        self.range(
+            "journal.size_max_bytes",
+            j.size_max_bytes,
+            2 * segment,
+            1 << 50,
+            "bytes (at least twice segment_size_max_bytes)",
+        )?;
         Ok(JournalConfig {
             dir: self.path(&j.dir),
             fsync: j.fsync,
@@ -623,6 +736,8 @@ impl Checker<'_> {
             batch_records_max: j.batch_records_max,
             batch_delay: Duration::from_micros(j.batch_delay_us),
             segment_size_max_bytes: segment,
+            retention: Duration::from_secs(j.retention_s),
+            size_max_bytes: j.size_max_bytes,
         })
     }
 
@@ -814,5 +929,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("s.toml: "), "{err}");
+    }
+
+    #[test]
+    fn journal_retention_must_outlive_reversals() {
+        let short = SHIPPED.replacen("retention_s = 172800", "retention_s = 3600", 1);
+        assert_ne!(short, SHIPPED);
+        let err = Config::parse(&short, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("s.toml: journal.retention_s: must exceed"),
+            "{err}"
+        );
+        let bad = SHIPPED.replacen("window_s = 300", "window_s = 0", 1);
+        let err = Config::parse(&bad, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "s.toml: duplicates.window_s: must be 1..=604800 s, found 0"
+        );
     }
 }

@@ -1,12 +1,17 @@
 //! The daemon: wires config, TLS, connectors and the acquirer listener together.
 
 use crate::config::{Config, TlsFiles};
+use crate::core::dedup::{content_digest, DuplicateKey};
 use crate::core::inflight::Stan;
-use crate::journal::recovery::Recovery;
+use crate::core::reversal::is_reversal;
+use crate::core::ResponseCode;
+use crate::journal::recovery::{Recovery, Replay};
 use crate::journal::{Journal, JournalError};
-use crate::net::connector::Connector;
+use crate::net::connector::{Bookkeeping, Connector};
 use crate::net::ingress::Ingress;
 use crate::net::journaling::Journaling;
+use crate::net::journaling::OutcomeSource;
+use crate::net::{Recent, Stored};
 use crate::telemetry::{self, PUBLISH_INTERVAL};
 use crate::tls::{self, TlsError};
 use std::future::Future;
@@ -53,6 +58,7 @@ pub struct Switch {
     shutdown: CancellationToken,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     journal: Option<Arc<Journal>>,
+    recent: Arc<Recent>,
 }
 
 impl Switch {
@@ -62,20 +68,23 @@ impl Switch {
     pub fn start(config: Config, tls: TlsSetup) -> Result<Switch, JournalError> {
         let (journaling, journal, first_request_id, recovery) = match &config.journal {
             Some(jc) => {
-                let opened = Journal::open(jc.clone())?;
+                // One pass: the checking scan feeds the replay.
+                let window_ms = config.duplicates.window.as_millis() as u64;
+                let since = unix_ms_now().saturating_sub(window_ms);
+                let mut replay = Replay::remembering(since, config.duplicates.entries_max);
+                let opened = Journal::open_with(jc.clone(), |_, _, r| replay.record(r))?;
+                let recovery = replay.finish();
                 tracing::info!(
                     "{}",
                     crate::journal::dump::report(&jc.dir, &opened.recovered)
                 );
-                // A second pass over the journal for now (the first checked it).
-                let (_, recovery) = crate::journal::recovery::recover(&jc.dir)?;
                 if recovery.unfinished.is_empty() && recovery.reversals_pending.is_empty() {
                     tracing::info!("journal: nothing unfinished");
                 } else {
                     let summary = crate::journal::recovery::summary(&recovery);
                     tracing::warn!("journal {summary}: resuming");
                 }
-                let next = opened.recovered.seq_range.map_or(1, |(_, last)| last + 1);
+                let next = opened.next_seq;
                 let journal = Arc::new(opened.journal);
                 (
                     Journaling::new(journal.clone()),
@@ -87,6 +96,11 @@ impl Switch {
             None => (Journaling::off(), None, 1, None),
         };
         let config = Arc::new(config);
+        let d = config.duplicates;
+        let recent = Arc::new(Recent::new(d.window, d.entries_max, d.waiters_max));
+        if let Some(recovery) = &recovery {
+            restore_recent(&config, &recent, recovery);
+        }
         let shutdown = CancellationToken::new();
         let link_changed = Arc::new(Notify::new());
         let connectors: Vec<Arc<Connector>> = config
@@ -101,7 +115,10 @@ impl Switch {
                     tls.client.clone(),
                     config.frame_size_max_bytes,
                     link_changed.clone(),
-                    journaling.clone(),
+                    Bookkeeping {
+                        journaling: journaling.clone(),
+                        recent: recent.clone(),
+                    },
                 )
             })
             .collect();
@@ -110,19 +127,22 @@ impl Switch {
             .flat_map(|c| c.spawn_links(&shutdown))
             .collect();
         if let Some(recovery) = recovery {
-            resume(&config, &connectors, &journaling, recovery);
+            resume(&config, &connectors, &journaling, &recent, recovery);
         }
         let ingress = Ingress::new(
             config.clone(),
             connectors.clone(),
             journaling,
             first_request_id,
+            recent.clone(),
         );
-        tasks.push(tokio::spawn(publish_loop(
-            connectors.clone(),
-            ingress.clone(),
-            shutdown.clone(),
-        )));
+        let published = Published {
+            connectors: connectors.clone(),
+            ingress: ingress.clone(),
+            recent: recent.clone(),
+            journal: journal.clone(),
+        };
+        tasks.push(tokio::spawn(publish_loop(published, shutdown.clone())));
         let tasks = std::sync::Mutex::new(tasks);
         Ok(Switch {
             config,
@@ -133,6 +153,7 @@ impl Switch {
             shutdown,
             tasks,
             journal,
+            recent,
         })
     }
 
@@ -163,7 +184,13 @@ impl Switch {
 
     /// Publishes all gauges now (the publisher also does so once a second).
     pub fn publish_metrics(&self) {
-        Gauges::new(&self.connectors).publish(&self.connectors, &self.ingress);
+        let published = Published {
+            connectors: self.connectors.clone(),
+            ingress: self.ingress.clone(),
+            recent: self.recent.clone(),
+            journal: self.journal.clone(),
+        };
+        Gauges::new(&self.connectors).publish(&published);
     }
 
     /// Waits until every bank has at least one link up, or `limit` passes.
@@ -219,9 +246,9 @@ fn resume(
     config: &Config,
     connectors: &[Arc<Connector>],
     journaling: &Journaling,
+    recent: &Recent,
     recovery: Recovery,
 ) {
-    use crate::net::journaling::OutcomeSource;
     let decode = |bytes: bytes::Bytes| crate::wire::Message::decode(&config.dialect, bytes).ok();
     for u in recovery.unfinished {
         let Some((bank, stan)) = u.forwarded else {
@@ -230,7 +257,18 @@ fn resume(
         };
         let connector = connectors.get(usize::from(bank));
         let original = decode(u.request);
-        let link_stan = Stan::from_value(stan);
+        // An acquirer's reversal left unfinished: the payment it names is reversed,
+        // under the STAN the bank saw the payment with.
+        let link_stan = match &original {
+            Some(m) if is_reversal(m.mti()) => [true, false]
+                .into_iter()
+                .filter_map(|rrn| DuplicateKey::of_original(m, rrn))
+                .find_map(|key| match recent.stored(&key) {
+                    Some(Stored::Bank { link_stan, .. }) => Some(link_stan),
+                    _ => None,
+                }),
+            _ => Stan::from_value(stan),
+        };
         match (connector, original, link_stan) {
             (Some(c), Some(original), Some(link_stan)) => {
                 c.resume_reversal(u.request_id, original, link_stan, true);
@@ -256,19 +294,74 @@ fn resume(
     }
 }
 
+/// Wall-clock time now, in milliseconds since the Unix epoch.
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Rebuilds the duplicates table from requests the journal shows within the window:
+/// answered ones keep their answer; unfinished ones get the outcome [`resume`] gives
+/// them (68 if forwarded, else 91).
+fn restore_recent(config: &Config, recent: &Recent, recovery: &Recovery) {
+    let now = std::time::Instant::now();
+    let now_ms = unix_ms_now();
+    let mut restored = 0usize;
+    for r in &recovery.recent {
+        let Ok(request) = crate::wire::Message::decode(&config.dialect, r.request.clone()) else {
+            continue;
+        };
+        let Some(key) = DuplicateKey::of(&request) else {
+            continue;
+        };
+        let forwarded = r
+            .forwarded
+            .and_then(|(bank, stan)| Some((bank, Stan::from_value(stan)?)));
+        let stored = match (&r.outcome, forwarded) {
+            (Some(o), Some((connector, link_stan))) if o.source == OutcomeSource::Bank as u8 => {
+                Stored::Bank {
+                    connector,
+                    link_stan,
+                    answer: o.answer.clone(),
+                }
+            }
+            (Some(o), _) => Stored::Switch(
+                ResponseCode::from_de39(&o.de39).unwrap_or(ResponseCode::SystemMalfunction),
+            ),
+            (None, Some(_)) => Stored::Switch(ResponseCode::LateResponse),
+            (None, None) => Stored::Switch(ResponseCode::DestinationUnavailable),
+        };
+        let age = std::time::Duration::from_millis(now_ms.saturating_sub(r.unix_ms));
+        let since = now.checked_sub(age).unwrap_or(now);
+        restored += usize::from(recent.restore(key, content_digest(&request), since, stored, 0));
+    }
+    if restored > 0 {
+        tracing::info!(restored, "duplicates table rebuilt from the journal");
+    }
+}
+
 /// Refreshes gauges once per [`PUBLISH_INTERVAL`] until shutdown.
-async fn publish_loop(
+/// What the gauges are read from.
+struct Published {
     connectors: Vec<Arc<Connector>>,
     ingress: Arc<Ingress>,
-    shutdown: CancellationToken,
-) {
-    let gauges = Gauges::new(&connectors);
+    recent: Arc<Recent>,
+    journal: Option<Arc<Journal>>,
+}
+
+async fn publish_loop(p: Published, shutdown: CancellationToken) {
+    let gauges = Gauges::new(&p.connectors);
     let mut tick = tokio::time::interval(PUBLISH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => gauges.publish(&connectors, &ingress),
+            _ = tick.tick() => {
+                // Keys past the window go even where no request comes to expire them.
+                p.recent.expire(std::time::Instant::now());
+                gauges.publish(&p);
+            }
         }
     }
 }
@@ -278,6 +371,9 @@ async fn publish_loop(
 struct Gauges {
     connectors: Vec<ConnectorGauges>,
     connections: metrics::Gauge,
+    duplicates: metrics::Gauge,
+    journal_segments: metrics::Gauge,
+    journal_bytes: metrics::Gauge,
 }
 
 struct ConnectorGauges {
@@ -285,6 +381,7 @@ struct ConnectorGauges {
     queue_depth: metrics::Gauge,
     inflight: metrics::Gauge,
     links_up: metrics::Gauge,
+    saf_depth: metrics::Gauge,
 }
 
 impl Gauges {
@@ -297,24 +394,35 @@ impl Gauges {
                     latency: telemetry::LatencyGauges::new(&label),
                     queue_depth: metrics::gauge!("switchyard_connector_queue_depth", "connector" => label.clone()),
                     inflight: metrics::gauge!("switchyard_connector_inflight", "connector" => label.clone()),
-                    links_up: metrics::gauge!("switchyard_connector_links_up", "connector" => label),
+                    links_up: metrics::gauge!("switchyard_connector_links_up", "connector" => label.clone()),
+                    saf_depth: metrics::gauge!("switchyard_reversals_waiting", "connector" => label),
                 }
             })
             .collect();
         Gauges {
             connectors,
             connections: metrics::gauge!("switchyard_acquirer_connections"),
+            duplicates: metrics::gauge!("switchyard_duplicates_entries"),
+            journal_segments: metrics::gauge!("switchyard_journal_segments"),
+            journal_bytes: metrics::gauge!("switchyard_journal_bytes"),
         }
     }
 
-    fn publish(&self, connectors: &[Arc<Connector>], ingress: &Ingress) {
-        for (c, g) in connectors.iter().zip(&self.connectors) {
+    fn publish(&self, p: &Published) {
+        for (c, g) in p.connectors.iter().zip(&self.connectors) {
             g.latency.set(&c.latency);
             g.queue_depth.set(c.queue_depth() as f64);
             g.inflight.set(c.inflight() as f64);
             g.links_up.set(c.links_up() as f64);
+            g.saf_depth.set(c.reversals_waiting() as f64);
         }
-        self.connections.set(ingress.connections() as f64);
+        self.connections.set(p.ingress.connections() as f64);
+        self.duplicates.set(p.recent.len() as f64);
+        if let Some(journal) = &p.journal {
+            let (segments, bytes) = journal.disk_usage();
+            self.journal_segments.set(segments as f64);
+            self.journal_bytes.set(bytes as f64);
+        }
     }
 }
 

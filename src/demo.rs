@@ -49,7 +49,15 @@ pub struct TestbedOptions {
     /// Use this journal directory instead of a fresh one (it is still removed by
     /// [`Testbed::stop`]); for restart tests.
     pub journal_at: Option<std::path::PathBuf>,
+    /// Seconds request keys are remembered (`[duplicates] window_s`). Short by
+    /// default: the demo runs at hundreds of thousands of requests per second,
+    /// and the table must hold rate × window keys (at most
+    /// [`DEMO_DUPLICATE_ENTRIES_MAX`]).
+    pub duplicate_window_s: u64,
 }
+
+/// Keys the test bed's duplicates table holds at most (about 300 bytes each).
+pub const DEMO_DUPLICATE_ENTRIES_MAX: usize = 4_000_000;
 
 impl Default for TestbedOptions {
     fn default() -> Self {
@@ -65,6 +73,7 @@ impl Default for TestbedOptions {
             first_stan: 1,
             journal: None,
             journal_at: None,
+            duplicate_window_s: 2,
         }
     }
 }
@@ -256,6 +265,11 @@ fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, Socke
         t,
         "[limits]\ninflight_per_connection_max = {}\n",
         opts.inflight_per_connection_max
+    );
+    let _ = writeln!(
+        t,
+        "[duplicates]\nwindow_s = {}\nentries_max = {DEMO_DUPLICATE_ENTRIES_MAX}\n",
+        opts.duplicate_window_s
     );
     for id in &opts.institutions {
         let _ = writeln!(t, "[[institution]]\nid = \"{id}\"\n");

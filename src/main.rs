@@ -216,6 +216,8 @@ fn init_logs(default: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, not in files or journald.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -242,7 +244,8 @@ fn main() -> anyhow::Result<()> {
                 let listener = tokio::net::TcpListener::bind(config.listen)
                     .await
                     .with_context(|| format!("binding {}", config.listen))?;
-                tracing::info!(listen = %config.listen, banks = config.banks.len(), "switchyard running");
+                let listen = listener.local_addr()?;
+                tracing::info!(%listen, banks = config.banks.len(), "switchyard running");
                 daemon::run(listener, config, tls, daemon::terminate_signal()).await?;
                 Ok(())
             })

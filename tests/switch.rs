@@ -706,3 +706,143 @@ async fn after_a_crash_forwarded_requests_without_outcome_are_reversed() {
     .await;
     bed.stop().await;
 }
+
+/// The messages of `mti` a bank received (its log must be enabled).
+fn bank_saw(bed: &Testbed, bank: usize, mti: &[u8; 4]) -> Vec<Message> {
+    let d = Dialect::iso87_ascii();
+    bed.banks[bank]
+        .stats
+        .log
+        .messages()
+        .into_iter()
+        .filter_map(|m| Message::decode(&d, m).ok())
+        .filter(|m| m.mti().as_bytes() == mti)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retransmissions_get_the_original_answer_and_reach_the_bank_once() {
+    let bed = testbed(TestbedOptions {
+        banks: 1,
+        first_stan: 700,
+        ..TestbedOptions::default()
+    })
+    .await;
+    bed.banks[0].stats.log.enable(1000);
+    let mut c = Client::as_institution(&bed, "100001").await;
+    let request = payment(b"000042", b"100001", b"4111111111111111", b"000000001000");
+    c.send(Mti::FINANCIAL, &request).await;
+    let first = c.recv().await.unwrap();
+    assert_eq!(code(&first), b"00");
+    let approval = first.field(38).expect("approval code").to_vec();
+    // The same request again, then as a repeat (0201): the original answer each time.
+    c.send(Mti::FINANCIAL, &request).await;
+    c.send(Mti(*b"0201"), &request).await;
+    for _ in 0..2 {
+        let again = c.recv().await.unwrap();
+        assert_eq!(again.mti(), Mti::FINANCIAL_RESPONSE);
+        assert_eq!(
+            (code(&again), again.field(38), again.field(11)),
+            (&b"00"[..], Some(&approval[..]), Some(&b"000042"[..]))
+        );
+    }
+    // Same key, other content: 94, not forwarded.
+    let changed = payment(b"000042", b"100001", b"4111111111111111", b"000000009999");
+    c.send(Mti::FINANCIAL, &changed).await;
+    assert_eq!(code(&c.recv().await.unwrap()), b"94");
+    // An unrelated request proves everything before it reached the bank already.
+    assert_eq!(
+        code(
+            &c.pay(b"000043", b"100001", b"4111111111111111", b"000000001000")
+                .await
+        ),
+        b"00"
+    );
+    let seen = bank_saw(&bed, 0, b"0200").len() + bank_saw(&bed, 0, b"0201").len();
+    assert_eq!(seen, 2, "each payment reached the bank once");
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retransmission_in_flight_is_answered_once_with_the_same_answer() {
+    let bed = testbed(TestbedOptions {
+        banks: 1,
+        bank_latency: Duration::from_millis(300),
+        ..TestbedOptions::default()
+    })
+    .await;
+    bed.banks[0].stats.log.enable(1000);
+    let mut c = Client::as_institution(&bed, "100001").await;
+    let request = payment(b"000077", b"100001", b"4111111111111111", b"000000001000");
+    c.send(Mti::FINANCIAL, &request).await;
+    c.send(Mti::FINANCIAL, &request).await;
+    let a = c.recv().await.unwrap();
+    let b = c.recv().await.unwrap();
+    assert_eq!(code(&a), b"00");
+    assert_eq!((a.field(38), a.field(11)), (b.field(38), b.field(11)));
+    assert_eq!(bank_saw(&bed, 0, b"0200").len(), 1);
+    bed.stop().await;
+}
+
+/// An 0400 reversing `stan` sent at `de7` by acquirer 100001.
+fn reversal<'a>(stan: &'a [u8], de90: &'a [u8], pan: &'a [u8]) -> Vec<(u8, &'a [u8])> {
+    vec![
+        (2, pan),
+        (3, b"000000"),
+        (4, b"000000001000"),
+        (7, b"1125120100"),
+        (11, stan),
+        (32, b"100001"),
+        (37, b"532912000001"),
+        (49, b"978"),
+        (90, de90),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acquirer_reversal_reaches_the_bank_under_the_stan_it_saw() {
+    let bed = testbed(TestbedOptions {
+        banks: 1,
+        links: 1,
+        first_stan: 500,
+        ..TestbedOptions::default()
+    })
+    .await;
+    bed.banks[0].stats.log.enable(1000);
+    let mut c = Client::as_institution(&bed, "100001").await;
+    let pan = b"4111111111111111";
+    assert_eq!(
+        code(&c.pay(b"000042", b"100001", pan, b"000000001000").await),
+        b"00"
+    );
+    let forwarded = bank_saw(&bed, 0, b"0200");
+    let link_stan = forwarded[0].field(11).unwrap().to_vec();
+    assert_ne!(link_stan, b"000042", "the bank saw the switch's STAN");
+    // DE90: original MTI, the acquirer's STAN, DE7, acquirer id, forwarding id.
+    let de90 = b"020000004211251200000000010000100000000000";
+    c.send(Mti::REVERSAL, &reversal(b"000050", de90, pan)).await;
+    let answer = c.recv().await.unwrap();
+    assert_eq!(answer.mti(), Mti::REVERSAL_RESPONSE);
+    assert_eq!(
+        (code(&answer), answer.field(11)),
+        (&b"00"[..], Some(&b"000050"[..]))
+    );
+    let reversals = bank_saw(&bed, 0, b"0400");
+    assert_eq!(reversals.len(), 1);
+    let seen = reversals[0].field(90).unwrap();
+    assert_eq!(&seen[4..10], &link_stan[..], "DE90 names the link STAN");
+    assert_eq!(&seen[..4], b"0200");
+    assert_eq!(
+        &seen[10..],
+        &de90[10..],
+        "the rest of DE90 is the acquirer's"
+    );
+
+    // A reversal of a payment the switch never saw: 25, nothing sent to the bank.
+    let unknown = b"020000009911251200000000010000100000000000";
+    c.send(Mti::REVERSAL, &reversal(b"000051", unknown, pan))
+        .await;
+    assert_eq!(code(&c.recv().await.unwrap()), b"25");
+    assert_eq!(bank_saw(&bed, 0, b"0400").len(), 1);
+    bed.stop().await;
+}

@@ -11,6 +11,9 @@ pub enum ResponseCode {
     InvalidTransaction,
     /// 13 invalid amount or currency.
     InvalidAmount,
+    /// 25 unable to locate the original (a reversal whose original the switch does
+    /// not know within its duplicates window).
+    OriginalNotFound,
     /// 30 format error (a field does not match the dialect or is missing).
     FormatError,
     /// 58 transaction not permitted to this institution (DE32 ≠ certificate).
@@ -31,10 +34,11 @@ pub enum ResponseCode {
 
 impl ResponseCode {
     /// Every code, for metrics and documentation.
-    pub const ALL: [ResponseCode; 11] = [
+    pub const ALL: [ResponseCode; 12] = [
         ResponseCode::Approved,
         ResponseCode::InvalidTransaction,
         ResponseCode::InvalidAmount,
+        ResponseCode::OriginalNotFound,
         ResponseCode::FormatError,
         ResponseCode::NotPermitted,
         ResponseCode::RateLimited,
@@ -51,6 +55,7 @@ impl ResponseCode {
             ResponseCode::Approved => b"00",
             ResponseCode::InvalidTransaction => b"12",
             ResponseCode::InvalidAmount => b"13",
+            ResponseCode::OriginalNotFound => b"25",
             ResponseCode::FormatError => b"30",
             ResponseCode::NotPermitted => b"58",
             ResponseCode::RateLimited => b"65",
@@ -86,9 +91,9 @@ impl fmt::Display for ResponseCode {
 
 /// A DE39 value as a static label (any two bytes; unknown ones map to "other").
 pub fn de39_label(field: &[u8]) -> &'static str {
-    const KNOWN: [&str; 24] = [
-        "00", "01", "03", "04", "05", "12", "13", "14", "30", "41", "43", "51", "54", "55", "57",
-        "58", "61", "65", "68", "91", "92", "94", "96", "06",
+    const KNOWN: [&str; 25] = [
+        "00", "01", "03", "04", "05", "12", "13", "14", "25", "30", "41", "43", "51", "54", "55",
+        "57", "58", "61", "65", "68", "91", "92", "94", "96", "06",
     ];
     KNOWN
         .into_iter()

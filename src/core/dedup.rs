@@ -6,16 +6,21 @@
 //! (the switch answers 94). Keys are kept for a time window, in arrival order, up
 //! to a bound; at the bound a new request is refused (the caller answers 91).
 //!
-//! Keys come from acquirers, so the map uses the standard library's randomly keyed
-//! SipHash, not the switch's fast hasher.
+//! The same table finds the original of an acquirer's 0400 reversal: DE90 names the
+//! original's DE11 and DE7, the reversal carries the acquirer's DE32 (and usually
+//! the original's DE37), which together are the original's key.
 //!
-//! Step 3 building block: not yet used by the daemon.
+//! Keys come from acquirers, so they are hashed with the standard library's
+//! randomly keyed SipHash, not the switch's fast hasher. The table is split into
+//! shards, each behind its own short lock (never held across an `.await`).
 
 use super::fxhash::FxHasher;
 use crate::wire::Message;
-use bytes::Bytes;
-use std::collections::{HashMap, VecDeque};
-use std::hash::Hasher;
+use hashbrown::HashTable;
+use std::collections::hash_map::RandomState;
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Bytes of a key: four length-prefixed fields of at most 11, 6, 10 and 12 bytes.
@@ -52,6 +57,23 @@ impl DuplicateKey {
         Some(key)
     }
 
+    /// The key of the original that reversal `msg` names: DE32 of the reversal,
+    /// DE11 and DE7 from its DE90, and the reversal's DE37 when `with_rrn` (else
+    /// none). `None` when DE90 is absent or not 42 digits.
+    pub fn of_original(msg: &Message, with_rrn: bool) -> Option<DuplicateKey> {
+        let de90 = msg.field(90).filter(|v| v.len() == 42)?;
+        let mut key = DuplicateKey {
+            bytes: [0; KEY_BYTES],
+            len: 0,
+        };
+        key.push(msg.field(32)?, 11)?;
+        key.push(&de90[4..10], 6)?;
+        key.push(&de90[10..20], 10)?;
+        let rrn = if with_rrn { msg.field(37) } else { None };
+        key.push(rrn.unwrap_or(b""), 12)?;
+        Some(key)
+    }
+
     fn push(&mut self, value: &[u8], max: usize) -> Option<()> {
         if value.len() > max {
             return None;
@@ -83,11 +105,19 @@ pub fn content_digest(msg: &Message) -> u64 {
 
 /// What to do with a request, given what the table knows of its key.
 #[derive(Debug)]
-pub enum Verdict<W> {
+pub enum Verdict<W, A> {
     /// First time seen: process it; the table now holds it as in flight.
     New(W),
-    /// Seen and answered: send this answer again.
-    Answered(Bytes, W),
+    /// Seen and answered: send this answer again, once journal record `seq` is
+    /// durable (0: nothing to wait for).
+    Answered {
+        /// The stored answer.
+        answer: A,
+        /// The journal record of the outcome.
+        seq: u64,
+        /// The retransmission.
+        waiter: W,
+    },
     /// Same key still in flight: the waiter is kept and returned by `complete`.
     Waiting,
     /// Same key, different content: answer 94.
@@ -96,120 +126,238 @@ pub enum Verdict<W> {
     Full(W),
 }
 
-enum State<W> {
-    InFlight(Vec<W>),
-    Done(Bytes),
+/// What the table knows of the original a reversal names.
+#[derive(Debug)]
+pub enum Original<W, A> {
+    /// Still in flight: the waiter is kept and returned by `complete`.
+    Attached,
+    /// Answered with this.
+    Done(A, W),
+    /// Not (or no longer) known.
+    Absent(W),
+    /// Too many waiters on it already.
+    Full(W),
 }
 
-struct Entry<W> {
+enum State<W, A> {
+    InFlight(Vec<W>),
+    Done { answer: A, seq: u64 },
+}
+
+struct Entry<W, A> {
+    key: DuplicateKey,
+    hash: u64,
     digest: u64,
     since: Instant,
-    state: State<W>,
+    state: State<W, A>,
 }
 
-/// Keys within the window, bounded.
-pub struct DedupTable<W> {
-    map: HashMap<DuplicateKey, Entry<W>>,
-    order: VecDeque<(Instant, DuplicateKey)>,
-    window: Duration,
+struct Shard<W, A> {
+    map: HashTable<Entry<W, A>>,
+    /// Keys by arrival, for expiry (with their hash).
+    order: VecDeque<(Instant, u64, DuplicateKey)>,
     capacity: usize,
+}
+
+/// Keys within the window, bounded, split into shards.
+pub struct DedupTable<W, A> {
+    shards: Box<[Mutex<Shard<W, A>>]>,
+    hasher: RandomState,
+    window: Duration,
     waiters_max: usize,
 }
 
-impl<W> DedupTable<W> {
+/// Shards of a table (a power of two).
+const SHARDS: usize = 32;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<W, A: Clone> DedupTable<W, A> {
     /// A table remembering keys for `window`, at most `capacity` keys, and at most
-    /// `waiters_max` duplicates waiting on one in-flight request.
-    pub fn new(window: Duration, capacity: usize, waiters_max: usize) -> DedupTable<W> {
+    /// `waiters_max` duplicates (or reversals) waiting on one in-flight request.
+    pub fn new(window: Duration, capacity: usize, waiters_max: usize) -> DedupTable<W, A> {
+        let per_shard = capacity.max(1).div_ceil(SHARDS);
+        let shards = (0..SHARDS)
+            .map(|_| {
+                Mutex::new(Shard {
+                    map: HashTable::new(),
+                    order: VecDeque::new(),
+                    capacity: per_shard,
+                })
+            })
+            .collect();
         DedupTable {
-            map: HashMap::new(),
-            order: VecDeque::new(),
+            shards,
+            hasher: RandomState::new(),
             window,
-            capacity: capacity.max(1),
             waiters_max,
         }
     }
 
+    /// The window keys are remembered for.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
     /// Keys held.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.shards.iter().map(|s| lock(s).map.len()).sum()
     }
 
     /// Whether no key is held.
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.len() == 0
+    }
+
+    fn shard(&self, key: &DuplicateKey) -> (u64, &Mutex<Shard<W, A>>) {
+        let hash = self.hasher.hash_one(key);
+        // The low bits pick the bucket inside a shard; the high bits pick the shard.
+        (hash, &self.shards[(hash >> 58) as usize % SHARDS])
     }
 
     /// Classifies a request with `key` and `digest` arriving at `now`.
-    pub fn check(&mut self, key: DuplicateKey, digest: u64, now: Instant, waiter: W) -> Verdict<W> {
-        self.expire(now);
+    pub fn check(&self, key: DuplicateKey, digest: u64, now: Instant, waiter: W) -> Verdict<W, A> {
+        let (hash, shard) = self.shard(&key);
+        let mut shard = lock(shard);
+        shard.expire(now, self.window);
         let waiters_max = self.waiters_max;
-        if !self.map.contains_key(&key) {
-            if self.map.len() >= self.capacity {
+        let Some(e) = shard.map.find_mut(hash, |e| e.key == key) else {
+            if shard.map.len() >= shard.capacity {
                 return Verdict::Full(waiter);
             }
-            let state = State::InFlight(Vec::new());
-            self.map.insert(
-                key,
-                Entry {
-                    digest,
-                    since: now,
-                    state,
-                },
-            );
-            self.order.push_back((now, key));
+            shard.insert(hash, key, digest, now, State::InFlight(Vec::new()));
             return Verdict::New(waiter);
+        };
+        if e.digest != digest {
+            return Verdict::Conflict(waiter);
         }
-        match self.map.get_mut(&key) {
-            Some(e) if e.digest != digest => Verdict::Conflict(waiter),
-            Some(Entry {
-                state: State::Done(answer),
-                ..
-            }) => Verdict::Answered(answer.clone(), waiter),
-            Some(Entry {
-                state: State::InFlight(waiting),
-                ..
-            }) => {
-                if waiting.len() >= waiters_max {
-                    return Verdict::Full(waiter);
-                }
+        match &mut e.state {
+            State::Done { answer, seq } => Verdict::Answered {
+                answer: answer.clone(),
+                seq: *seq,
+                waiter,
+            },
+            State::InFlight(waiting) if waiting.len() >= waiters_max => Verdict::Full(waiter),
+            State::InFlight(waiting) => {
                 waiting.push(waiter);
                 Verdict::Waiting
             }
-            None => Verdict::Full(waiter), // checked above
         }
     }
 
-    /// Records the answer of the request with `key`; returns the duplicates that
-    /// waited for it (each to get the same answer).
-    pub fn complete(&mut self, key: &DuplicateKey, answer: Bytes, now: Instant) -> Vec<W> {
-        let Some(entry) = self.map.get_mut(key) else {
+    /// Looks up the original named by a reversal; while it is in flight, `waiter`
+    /// is attached to it and returned by its `complete`.
+    pub fn original(&self, key: &DuplicateKey, waiter: W) -> Original<W, A> {
+        let (hash, shard) = self.shard(key);
+        let mut shard = lock(shard);
+        let Some(e) = shard.map.find_mut(hash, |e| e.key == *key) else {
+            return Original::Absent(waiter);
+        };
+        match &mut e.state {
+            State::Done { answer, .. } => Original::Done(answer.clone(), waiter),
+            State::InFlight(waiting) if waiting.len() >= self.waiters_max => Original::Full(waiter),
+            State::InFlight(waiting) => {
+                waiting.push(waiter);
+                Original::Attached
+            }
+        }
+    }
+
+    /// The stored answer of `key`, if it was answered.
+    pub fn stored(&self, key: &DuplicateKey) -> Option<A> {
+        let (hash, shard) = self.shard(key);
+        let shard = lock(shard);
+        match &shard.map.find(hash, |e| e.key == *key)?.state {
+            State::Done { answer, .. } => Some(answer.clone()),
+            State::InFlight(_) => None,
+        }
+    }
+
+    /// Records the answer of the request with `key` (released once journal record
+    /// `seq` is durable); returns what waited for it.
+    pub fn complete(&self, key: &DuplicateKey, answer: A, seq: u64, now: Instant) -> Vec<W> {
+        let (hash, shard) = self.shard(key);
+        let mut shard = lock(shard);
+        let window = self.window;
+        let Ok(entry) = shard.map.find_entry(hash, |e| e.key == *key) else {
             return Vec::new();
         };
-        let previous = std::mem::replace(&mut entry.state, State::Done(answer));
-        let expired = entry.since + self.window <= now;
-        if expired {
-            self.map.remove(key); // its place in `order` was already passed
+        if entry.get().since + window <= now {
+            // Its place in `order` was already passed: forget it now.
+            let (e, _) = entry.remove();
+            return match e.state {
+                State::InFlight(waiters) => waiters,
+                State::Done { .. } => Vec::new(),
+            };
         }
-        match previous {
+        let e = entry.into_mut();
+        match std::mem::replace(&mut e.state, State::Done { answer, seq }) {
             State::InFlight(waiters) => waiters,
-            State::Done(_) => Vec::new(),
+            State::Done { .. } => Vec::new(),
         }
     }
 
-    /// Forgets keys older than the window (answered ones; in-flight ones go when they
+    /// Adds a request answered before a restart (from the journal), received at
+    /// `since`. Returns false when its shard is full or the key is already held.
+    pub fn restore(
+        &self,
+        key: DuplicateKey,
+        digest: u64,
+        since: Instant,
+        answer: A,
+        seq: u64,
+    ) -> bool {
+        let (hash, shard) = self.shard(&key);
+        let mut shard = lock(shard);
+        if shard.map.len() >= shard.capacity || shard.map.find(hash, |e| e.key == key).is_some() {
+            return false;
+        }
+        shard.insert(hash, key, digest, since, State::Done { answer, seq });
+        true
+    }
+
+    /// Forgets answered keys older than the window (in-flight ones go when they
     /// complete).
-    pub fn expire(&mut self, now: Instant) {
-        while let Some(&(since, key)) = self.order.front() {
-            if since + self.window > now {
+    pub fn expire(&self, now: Instant) {
+        for shard in self.shards.iter() {
+            lock(shard).expire(now, self.window);
+        }
+    }
+}
+
+impl<W, A> Shard<W, A> {
+    fn insert(
+        &mut self,
+        hash: u64,
+        key: DuplicateKey,
+        digest: u64,
+        since: Instant,
+        state: State<W, A>,
+    ) {
+        let entry = Entry {
+            key,
+            hash,
+            digest,
+            since,
+            state,
+        };
+        self.map.insert_unique(hash, entry, |e| e.hash);
+        self.order.push_back((since, hash, key));
+    }
+
+    fn expire(&mut self, now: Instant, window: Duration) {
+        while let Some(&(since, hash, key)) = self.order.front() {
+            if since + window > now {
                 break;
             }
             self.order.pop_front();
-            let done = matches!(
-                self.map.get(&key),
-                Some(Entry { state: State::Done(_), since: s, .. }) if *s == since
-            );
-            if done {
-                self.map.remove(&key);
+            if let Ok(entry) = self.map.find_entry(hash, |e| e.key == key) {
+                let e = entry.get();
+                if e.since == since && matches!(e.state, State::Done { .. }) {
+                    entry.remove();
+                }
             }
         }
     }
@@ -258,7 +406,7 @@ mod tests {
     fn verdicts_over_a_request_life() {
         let t0 = Instant::now();
         let window = Duration::from_secs(60);
-        let mut t: DedupTable<u32> = DedupTable::new(window, 100, 2);
+        let t: DedupTable<u32, &'static str> = DedupTable::new(window, 100, 2);
         let a = msg(Mti::FINANCIAL, b"000001", b"000000001000");
         let key = DuplicateKey::of(&a).unwrap();
         let digest = content_digest(&a);
@@ -273,10 +421,13 @@ mod tests {
             t.check(key, digest ^ 1, t0, 5),
             Verdict::Conflict(5)
         ));
-        let answer = Bytes::from_static(b"0210 answer");
-        assert_eq!(t.complete(&key, answer.clone(), t0), vec![2, 3]);
+        assert_eq!(t.complete(&key, "0210 answer", 7, t0), vec![2, 3]);
         match t.check(key, digest, t0 + Duration::from_secs(1), 6) {
-            Verdict::Answered(a, 6) => assert_eq!(a, answer),
+            Verdict::Answered {
+                answer: "0210 answer",
+                seq: 7,
+                waiter: 6,
+            } => {}
             other => panic!("{other:?}"),
         }
         t.expire(t0 + window);
@@ -291,23 +442,68 @@ mod tests {
     fn bounded_and_late_completions_do_not_linger() {
         let t0 = Instant::now();
         let window = Duration::from_secs(10);
-        let mut t: DedupTable<()> = DedupTable::new(window, 2, 1);
-        let keys: Vec<_> = [b"000001", b"000002", b"000003"]
-            .iter()
-            .map(|s| msg(Mti::FINANCIAL, *s, b"000000001000"))
+        // One key per shard at most.
+        let t: DedupTable<(), ()> = DedupTable::new(window, 1, 1);
+        let keys: Vec<_> = (0..200u32)
+            .map(|i| {
+                msg(
+                    Mti::FINANCIAL,
+                    format!("{i:06}").as_bytes(),
+                    b"000000001000",
+                )
+            })
             .collect();
         let k = |i: usize| DuplicateKey::of(&keys[i]).unwrap();
         let d = |i: usize| content_digest(&keys[i]);
-        assert!(matches!(t.check(k(0), d(0), t0, ()), Verdict::New(())));
-        assert!(matches!(t.check(k(1), d(1), t0, ()), Verdict::New(())));
-        assert!(
-            matches!(t.check(k(2), d(2), t0, ()), Verdict::Full(())),
-            "capacity"
-        );
+        let new: Vec<usize> = (0..200)
+            .filter(|&i| matches!(t.check(k(i), d(i), t0, ()), Verdict::New(())))
+            .collect();
+        assert!(new.len() <= SHARDS, "capacity per shard: {}", new.len());
+        assert!(new.len() > 1);
         // Still in flight past the window: kept until it completes, then dropped.
         t.expire(t0 + window * 2);
-        assert_eq!(t.len(), 2);
-        t.complete(&k(0), Bytes::new(), t0 + window * 2);
-        assert_eq!(t.len(), 1);
+        assert_eq!(t.len(), new.len());
+        t.complete(&k(new[0]), (), 0, t0 + window * 2);
+        assert_eq!(t.len(), new.len() - 1);
+    }
+
+    #[test]
+    fn a_reversal_finds_its_original_by_de90() {
+        let t0 = Instant::now();
+        let t: DedupTable<&'static str, &'static str> =
+            DedupTable::new(Duration::from_secs(60), 100, 2);
+        let original = msg(Mti::FINANCIAL, b"000042", b"000000001000");
+        let key = DuplicateKey::of(&original).unwrap();
+        let d = Dialect::iso87_ascii();
+        let mut out = BytesMut::new();
+        let mut enc = Encoder::new(&d, &mut out, Mti::REVERSAL);
+        let mut de90 = *b"020000004211260930000000010000100000000000";
+        de90[20..31].copy_from_slice(b"00000100001");
+        for (n, v) in [
+            (7u8, &b"1126093500"[..]),
+            (11, b"000043"),
+            (32, b"100001"),
+            (37, b"000000000001"),
+            (90, &de90[..]),
+        ] {
+            enc.field(n, v).unwrap();
+        }
+        enc.finish();
+        let reversal = Message::decode(&d, out.freeze()).unwrap();
+        let named = DuplicateKey::of_original(&reversal, true).unwrap();
+        assert_eq!(named, key, "DE32 + DE90 STAN and DE7 + DE37");
+        assert!(matches!(t.original(&named, "r"), Original::Absent("r")));
+        assert!(matches!(
+            t.check(key, content_digest(&original), t0, "o"),
+            Verdict::New("o")
+        ));
+        assert!(matches!(t.original(&named, "r"), Original::Attached));
+        assert_eq!(t.complete(&key, "answered", 1, t0), vec!["r"]);
+        assert!(matches!(
+            t.original(&named, "r2"),
+            Original::Done("answered", "r2")
+        ));
+        let without_rrn = DuplicateKey::of_original(&reversal, false).unwrap();
+        assert_ne!(without_rrn, key);
     }
 }

@@ -1,8 +1,8 @@
 //! Reversal advices (sans-IO): the 0420 (or 0421 repeat) that tells a bank to undo
 //! a request whose answer the acquirer never received.
 //!
-//! Step 3 building block: not yet sent by the daemon (a timed-out request is logged
-//! as needing one).
+//! The same DE90 rewriting serves an acquirer's own 0400: its DE90 names the
+//! original under the acquirer's DE11, and the bank knows it under the link STAN.
 
 use super::inflight::Stan;
 use super::ResponseCode;
@@ -15,13 +15,36 @@ pub const ORIGINAL_DATA_ELEMENTS_LEN: usize = 42;
 /// Fields an advice copies from the original request (DE7, DE11, DE39, DE90 are new).
 const COPIED: [u8; 11] = [2, 3, 4, 12, 13, 32, 37, 41, 42, 49, 100];
 
+/// Whether `mti` is a reversal (0400/0401) or reversal advice (0420/0421): its DE90
+/// names the payment it undoes.
+pub fn is_reversal(mti: Mti) -> bool {
+    matches!(&mti.0, b"0400" | b"0401" | b"0420" | b"0421")
+}
+
+/// A reversal's DE90 with the original STAN replaced by `link_stan` (the STAN the
+/// bank saw the original under). `None` if DE90 is absent or not 42 bytes.
+pub fn rewrite_de90(
+    reversal: &Message,
+    link_stan: Stan,
+) -> Option<[u8; ORIGINAL_DATA_ELEMENTS_LEN]> {
+    let de90 = reversal.field(90)?;
+    let mut out: [u8; ORIGINAL_DATA_ELEMENTS_LEN] = de90.try_into().ok()?;
+    out[4..10].copy_from_slice(&link_stan.to_de11());
+    Some(out)
+}
+
 /// DE90 of a request as the bank saw it: its MTI, the STAN it carried on the link,
 /// its DE7, DE32 and DE33, the institution ids right-justified and zero-filled.
-/// `None` if DE7 or DE32 is missing or malformed.
+/// When `original` is itself a reversal (an acquirer's 0400 that did not complete),
+/// the payment it names is meant: its DE90 with the STAN as the bank saw it.
+/// `None` if DE7, DE32 (or a reversal's DE90) is missing or malformed.
 pub fn original_data_elements(
     original: &Message,
     link_stan: Stan,
 ) -> Option<[u8; ORIGINAL_DATA_ELEMENTS_LEN]> {
+    if is_reversal(original.mti()) {
+        return rewrite_de90(original, link_stan);
+    }
     let mut out = [b'0'; ORIGINAL_DATA_ELEMENTS_LEN];
     out[..4].copy_from_slice(original.mti().as_bytes());
     out[4..10].copy_from_slice(&link_stan.to_de11());

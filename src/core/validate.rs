@@ -116,6 +116,10 @@ fn require(msg: &Message, n: u8) -> Result<&[u8], Admission> {
     ))
 }
 
+const REPEAT_AUTHORIZATION: [u8; 4] = *b"0101";
+const REPEAT_FINANCIAL: [u8; 4] = *b"0201";
+const REPEAT_REVERSAL: [u8; 4] = *b"0401";
+
 /// Decides what to do with a request received from `acquirer`'s connection.
 pub fn admit(msg: &Message, acquirer: InstitutionId, routes: &RouteTable) -> Admission {
     match admit_inner(msg, acquirer, routes) {
@@ -134,9 +138,10 @@ fn admit_inner(
     }
     let kind = match mti {
         Mti::NETWORK => return network(msg),
-        Mti::AUTHORIZATION => RequestKind::Authorization,
-        Mti::FINANCIAL => RequestKind::Financial,
-        Mti::REVERSAL => RequestKind::Reversal,
+        // A repeat (xx01) is its original sent again: a duplicate or a first copy.
+        Mti::AUTHORIZATION | Mti(REPEAT_AUTHORIZATION) => RequestKind::Authorization,
+        Mti::FINANCIAL | Mti(REPEAT_FINANCIAL) => RequestKind::Financial,
+        Mti::REVERSAL | Mti(REPEAT_REVERSAL) => RequestKind::Reversal,
         Mti::REVERSAL_ADVICE | Mti::REVERSAL_ADVICE_REPEAT => RequestKind::ReversalAdvice,
         _ => {
             let code = ResponseCode::InvalidTransaction;
@@ -145,6 +150,9 @@ fn admit_inner(
     };
     require(msg, 11)?;
     require(msg, 7)?;
+    if matches!(kind, RequestKind::Reversal | RequestKind::ReversalAdvice) {
+        require(msg, 90)?; // names the original
+    }
     let de32 = require(msg, 32)?;
     if InstitutionId::from_digits(de32) != Some(acquirer) {
         return Err(Admission::Decline(

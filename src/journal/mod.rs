@@ -1,8 +1,10 @@
 //! Write-ahead journal: append-only segments of checksummed records, written with
-//! group commit, read back in order with torn-tail truncation.
+//! group commit, read back in order with torn-tail truncation. Each segment's space
+//! is reserved when it is created; closed segments are pruned by age
+//! (`retention`) and, of earlier opens only, by total size (`size_max_bytes`).
 //!
-//! This is the storage layer of step 3; the daemon does not write to it yet (see
-//! the README's status). `switchyard journal verify` and `journal dump` read it.
+//! The daemon journals through `net::journaling`; `switchyard journal verify` and
+//! `journal dump` read it.
 
 pub mod dump;
 pub mod reader;

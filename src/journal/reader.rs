@@ -1,5 +1,9 @@
 //! Reading a journal directory: every segment in order, every record checked.
 //!
+//! Segments are preallocated (their space reserved, and their length set, when
+//! they are created), so a run of zero bytes from right after a valid record to the
+//! end of a segment is that segment's clean end, in any segment.
+//!
 //! A torn tail (the last segment ends inside a record, or in a record followed only
 //! by zero bytes, as a crash during a group commit leaves it) is reported and can be
 //! truncated. Anything else that fails its checks is corruption: reading stops with
@@ -33,6 +37,21 @@ pub enum JournalError {
         offset: u64,
         /// What is wrong.
         problem: String,
+    },
+    /// The segments kept leave no room for a new one within `size_max_bytes`.
+    #[error(
+        "{dir}: journal at its size bound: {bytes} bytes of segments kept, {needed} more \
+         needed, bound {size_max} (journal.size_max_bytes)"
+    )]
+    Full {
+        /// The journal directory.
+        dir: PathBuf,
+        /// Bytes of the segments that may not be pruned.
+        bytes: u64,
+        /// Bytes a new segment needs.
+        needed: u64,
+        /// The bound.
+        size_max: u64,
     },
 }
 
@@ -112,7 +131,8 @@ pub fn scan(
                     visit(path, offset as u64, &r);
                     offset += size;
                 }
-                Err(_) if bytes[offset..].iter().all(|&b| b == 0) => break, // preallocated
+                // The unused part of the segment's reservation: its clean end.
+                Err(_) if bytes[offset..].iter().all(|&b| b == 0) => break,
                 Err(e) if index == last && is_torn(&bytes[offset..], e) => {
                     let rest = (bytes.len() - offset) as u64;
                     let segment = path.clone();
@@ -195,4 +215,100 @@ pub fn truncate(torn: &TornTail) -> Result<(), JournalError> {
         .map_err(io)?;
     file.set_len(torn.offset).map_err(io)?;
     file.sync_all().map_err(io)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::testdir::TempDir;
+
+    /// Records `seqs` encoded back to back.
+    fn records(seqs: std::ops::RangeInclusive<u64>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for seq in seqs {
+            let r = Record {
+                seq,
+                kind: RecordKind::Accepted,
+                request_id: seq,
+                unix_ms: 1,
+                body: b"12345678 message",
+            };
+            record::encode(&mut out, &r);
+        }
+        out
+    }
+
+    /// Writes segment files (first seq, bytes) into a fresh directory.
+    fn journal(name: &str, files: &[(u64, Vec<u8>)]) -> TempDir {
+        let dir = TempDir::new(name);
+        std::fs::create_dir_all(&dir.0).unwrap();
+        for (first, bytes) in files {
+            let name = format!("{SEGMENT_PREFIX}{first:020}{SEGMENT_SUFFIX}");
+            std::fs::write(dir.0.join(name), bytes).unwrap();
+        }
+        dir
+    }
+
+    fn zeros(mut bytes: Vec<u8>, n: usize) -> Vec<u8> {
+        bytes.resize(bytes.len() + n, 0);
+        bytes
+    }
+
+    #[test]
+    fn zeros_after_the_last_record_end_any_segment_cleanly() {
+        let dir = journal(
+            "zeros",
+            &[
+                (1, zeros(records(1..=10), 5_000)),
+                (11, zeros(Vec::new(), 4_096)), // reserved, never written
+                (21, zeros(records(21..=30), 3)),
+                (31, zeros(records(31..=40), 70_000)),
+                (41, Vec::new()),
+            ],
+        );
+        let s = scan(&dir.0, |_, _, _| {}).unwrap();
+        assert_eq!((s.records, s.seq_range), (30, Some((1, 40))));
+        assert!(s.torn_tail.is_none());
+    }
+
+    #[test]
+    fn a_partial_record_before_the_zeros_is_a_torn_tail_in_the_last_segment_only() {
+        let whole = records(1..=10);
+        let partial = records(11..=11);
+        let mut torn = whole.clone();
+        torn.extend_from_slice(&partial[..partial.len() - 5]);
+        let torn = zeros(torn, 4_096);
+        let dir = journal("torn-zeros", &[(1, torn.clone())]);
+        let s = scan(&dir.0, |_, _, _| {}).unwrap();
+        let tail = s.torn_tail.expect("torn tail");
+        assert_eq!(tail.offset, whole.len() as u64);
+        assert_eq!(tail.bytes, (torn.len() - whole.len()) as u64);
+        assert_eq!(s.records, 10);
+
+        // Only its length field written, then zeros.
+        let mut len_only = whole.clone();
+        len_only.extend_from_slice(&partial[..4]);
+        let dir = journal("torn-len", &[(1, zeros(len_only, 4_096))]);
+        let s = scan(&dir.0, |_, _, _| {}).unwrap();
+        assert_eq!(s.torn_tail.unwrap().offset, whole.len() as u64);
+
+        // The same before a later segment is corruption.
+        let dir = journal("torn-middle", &[(1, torn), (11, records(11..=12))]);
+        let err = scan(&dir.0, |_, _, _| {}).unwrap_err();
+        assert!(
+            matches!(err, JournalError::Corrupt { offset, .. } if offset == whole.len() as u64),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn data_after_the_zeros_is_corruption() {
+        let mut bytes = zeros(records(1..=10), 100);
+        bytes.extend_from_slice(&records(11..=11));
+        let dir = journal("zeros-then-data", &[(1, bytes), (12, records(12..=12))]);
+        assert!(matches!(
+            scan(&dir.0, |_, _, _| {}),
+            Err(JournalError::Corrupt { .. })
+        ));
+    }
 }

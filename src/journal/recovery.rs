@@ -33,6 +33,34 @@ pub struct PendingReversal {
     pub request: Bytes,
 }
 
+/// How a recent request ended, from its outcome record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecentOutcome {
+    /// DE39 of the answer.
+    pub de39: [u8; 2],
+    /// Who answered (`OutcomeSource` as stored: 1 bank, 2 switch, 3 timeout).
+    pub source: u8,
+    /// The bank's answer as it sent it (empty for switch answers).
+    pub answer: Bytes,
+}
+
+/// A request accepted within the duplicates window: the daemon rebuilds its
+/// duplicates table from these, so retransmissions and reversals are still matched
+/// after a restart.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecentRequest {
+    /// The switch's id for it.
+    pub request_id: u64,
+    /// When it was accepted (the record's wall-clock stamp).
+    pub unix_ms: u64,
+    /// The request as the acquirer sent it.
+    pub request: Bytes,
+    /// Where it was forwarded (connector index, link STAN), if it was.
+    pub forwarded: Option<(u16, u32)>,
+    /// Its outcome, if one was recorded.
+    pub outcome: Option<RecentOutcome>,
+}
+
 /// Unfinished business found in a journal.
 #[derive(Clone, Debug, Default)]
 pub struct Recovery {
@@ -40,6 +68,9 @@ pub struct Recovery {
     pub unfinished: Vec<Unfinished>,
     /// Reversal advices queued but not acknowledged, in request id order.
     pub reversals_pending: Vec<PendingReversal>,
+    /// Requests accepted since the cutoff given to [`Replay::remembering`], in
+    /// request id order.
+    pub recent: Vec<RecentRequest>,
 }
 
 impl Recovery {
@@ -75,6 +106,10 @@ fn forwarded_head(r: &Record<'_>) -> Option<(u16, u32)> {
 pub struct Replay {
     open: HashMap<u64, State>,
     reversals: HashMap<u64, PendingReversal>,
+    /// Accepted at or after this time (unix ms) are remembered, newest `recent_max`.
+    recent_since_ms: Option<u64>,
+    recent_max: usize,
+    recent: std::collections::BTreeMap<u64, RecentRequest>,
 }
 
 impl Replay {
@@ -83,8 +118,55 @@ impl Replay {
         Replay::default()
     }
 
+    /// An empty replay that also remembers requests accepted at or after
+    /// `since_unix_ms`, at most the newest `max` of them.
+    pub fn remembering(since_unix_ms: u64, max: usize) -> Replay {
+        Replay {
+            recent_since_ms: Some(since_unix_ms),
+            recent_max: max,
+            ..Replay::default()
+        }
+    }
+
+    fn remember(&mut self, r: &Record<'_>) {
+        if let Some(recent) = self.recent.get_mut(&r.request_id) {
+            match r.kind {
+                RecordKind::Forwarded => recent.forwarded = forwarded_head(r),
+                RecordKind::Outcome => {
+                    let head = r.body.get(..3).unwrap_or(b"  \0");
+                    recent.outcome = Some(RecentOutcome {
+                        de39: [head[0], head[1]],
+                        source: head[2],
+                        answer: message(r),
+                    });
+                }
+                _ => {}
+            }
+            return;
+        }
+        let since = self.recent_since_ms.unwrap_or(u64::MAX);
+        if r.kind == RecordKind::Accepted && r.unix_ms >= since && self.recent_max > 0 {
+            self.recent.insert(
+                r.request_id,
+                RecentRequest {
+                    request_id: r.request_id,
+                    unix_ms: r.unix_ms,
+                    request: message(r),
+                    forwarded: None,
+                    outcome: None,
+                },
+            );
+            if self.recent.len() > self.recent_max {
+                self.recent.pop_first();
+            }
+        }
+    }
+
     /// Takes the next record in journal order.
     pub fn record(&mut self, r: &Record<'_>) {
+        if self.recent_since_ms.is_some() {
+            self.remember(r);
+        }
         match r.kind {
             RecordKind::Accepted => {
                 self.open.insert(
@@ -135,13 +217,18 @@ impl Replay {
         Recovery {
             unfinished,
             reversals_pending,
+            recent: self.recent.into_values().collect(),
         }
     }
 }
 
 /// Scans the journal in `dir` and collects what was left unfinished.
 pub fn recover(dir: &Path) -> Result<(Scan, Recovery), JournalError> {
-    let mut replay = Replay::new();
+    recover_with(dir, Replay::new())
+}
+
+/// Scans the journal in `dir` into `replay`.
+pub fn recover_with(dir: &Path, mut replay: Replay) -> Result<(Scan, Recovery), JournalError> {
     let s = scan(dir, |_, _, r| replay.record(r))?;
     Ok((s, replay.finish()))
 }

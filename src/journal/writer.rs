@@ -2,15 +2,23 @@
 //! records are queued (up to a batch bound, waiting at most a few microseconds for
 //! more), writes them with one system call and makes them durable with one
 //! `fdatasync`, then publishes the highest durable sequence number.
+//!
+//! Each segment's space is reserved when it is created (`fallocate` of
+//! `segment_size_max_bytes`, where the filesystem allows it), so appends write
+//! into the reservation instead of growing the file; the reader takes the zeros
+//! after a segment's last record as its end. Old segments are pruned at open and
+//! on each rotation: by age (`retention`), then by size (`size_max_bytes`); when
+//! the bound is reached and nothing may be pruned, the journal refuses appends.
 
 use super::reader::{self, JournalError, Scan, SEGMENT_PREFIX, SEGMENT_SUFFIX};
 use super::record::{self, Record, RecordKind, BODY_SIZE_MAX_BYTES};
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -24,8 +32,15 @@ pub const BATCH_RECORDS_MAX_DEFAULT: usize = 4_096;
 pub const BATCH_DELAY_US_DEFAULT: u64 = 100;
 /// Longest sleep of an idle writer between checks (it is also woken by appends).
 const IDLE_PARK: Duration = Duration::from_millis(50);
-/// Segment size at which a new segment starts, bytes.
+/// Segment size at which a new segment starts, bytes; also the space reserved for
+/// each new segment.
 pub const SEGMENT_SIZE_MAX_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+/// A closed segment whose newest record is older than this is deleted, seconds
+/// (2 days). Must exceed the longest reversal age (`bank.reversal_age_max_s`,
+/// 24 h by default): a segment may hold the only record of a pending advice.
+pub const RETENTION_S_DEFAULT: u64 = 172_800;
+/// Bound on all segments together, bytes (64 GiB).
+pub const SIZE_MAX_BYTES_DEFAULT: u64 = 64 * 1024 * 1024 * 1024;
 
 /// Whether a commit waits for the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
@@ -51,8 +66,14 @@ pub struct JournalConfig {
     pub batch_records_max: usize,
     /// Wait for more records before a commit.
     pub batch_delay: Duration,
-    /// Rotation size.
+    /// Rotation size, and the space reserved for each new segment.
     pub segment_size_max_bytes: u64,
+    /// Closed segments whose newest record is older than this are deleted. Must
+    /// exceed the longest reversal age of any bank (checked by the caller).
+    pub retention: Duration,
+    /// Bound on all segments together (the one being written and its reservation
+    /// included), bytes.
+    pub size_max_bytes: u64,
 }
 
 impl JournalConfig {
@@ -65,6 +86,8 @@ impl JournalConfig {
             batch_records_max: BATCH_RECORDS_MAX_DEFAULT,
             batch_delay: Duration::from_micros(BATCH_DELAY_US_DEFAULT),
             segment_size_max_bytes: SEGMENT_SIZE_MAX_BYTES_DEFAULT,
+            retention: Duration::from_secs(RETENTION_S_DEFAULT),
+            size_max_bytes: SIZE_MAX_BYTES_DEFAULT,
         }
     }
 }
@@ -93,6 +116,10 @@ pub enum AppendError {
     /// A write or sync failed: the journal accepts nothing more.
     #[error("journal failed: no more durable writes")]
     Failed,
+    /// The segments reached `size_max_bytes` and none could be pruned: the journal
+    /// accepts nothing more (it counts as failed: [`Journal::has_failed`]).
+    #[error("journal at its size bound (journal.size_max_bytes): no more writes")]
+    SizeBound,
     /// The body exceeds the record bound.
     #[error("record body too large")]
     TooLarge,
@@ -112,12 +139,22 @@ struct Sender {
     writer: std::thread::Thread,
 }
 
+/// Segments and bytes on disk, published by whoever changes them.
+#[derive(Default)]
+struct Usage {
+    segments: AtomicUsize,
+    bytes: AtomicU64,
+}
+
 /// Handle to an open journal: append records, learn what is durable.
 pub struct Journal {
     sender: Mutex<Option<Sender>>,
     queue: Arc<Queue>,
     durable: watch::Receiver<u64>,
     failed: Arc<AtomicBool>,
+    /// Set (before `failed`) when the size bound stopped the writer.
+    full: Arc<AtomicBool>,
+    usage: Arc<Usage>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -128,23 +165,97 @@ pub struct Opened {
     pub journal: Journal,
     /// The existing records' scan (torn tail, if any, already cut off).
     pub recovered: Scan,
+    /// The sequence number the first append gets: after the last record, and
+    /// after every segment's first sequence number (so the sequence goes on even
+    /// when the only segments left are empty).
+    pub next_seq: u64,
+}
+
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Journal {
     /// Opens (creating) the journal in `config.dir`: checks every existing record,
-    /// truncates a torn tail, and starts a new segment after the last record.
+    /// truncates a torn tail, prunes old segments, and starts a new segment after
+    /// the last record. Same as [`Journal::open_with`] with a visitor that does
+    /// nothing.
     pub fn open(config: JournalConfig) -> Result<Opened, JournalError> {
+        Journal::open_with(config, |_, _, _| {})
+    }
+
+    /// Opens (creating) the journal in `config.dir` in one pass over the existing
+    /// records: each is checked and, if valid, given to `visit` with its segment
+    /// and its offset in it, in journal order (a torn tail is not visited). Then
+    /// the torn tail is truncated, the preallocated space left after the last
+    /// record of a segment is given back, segments are pruned (by age, then by
+    /// size: only segments of earlier opens, oldest first, whose open work the
+    /// caller must journal again) and a new segment starts after the last record.
+    ///
+    /// `visit` sees every record before anything is pruned, including records of
+    /// segments pruned right after.
+    pub fn open_with(
+        config: JournalConfig,
+        visit: impl FnMut(&Path, u64, &Record<'_>),
+    ) -> Result<Opened, JournalError> {
+        Journal::open_at(config, visit, unix_now_ms())
+    }
+
+    /// [`Journal::open_with`] with the time pruning at open compares against.
+    fn open_at(
+        config: JournalConfig,
+        mut visit: impl FnMut(&Path, u64, &Record<'_>),
+        now_ms: u64,
+    ) -> Result<Opened, JournalError> {
         let io = |path: &Path| {
             let path = path.to_owned();
             move |source| JournalError::Io { path, source }
         };
         std::fs::create_dir_all(&config.dir).map_err(io(&config.dir))?;
-        let recovered = reader::scan(&config.dir, |_, _, _| {})?;
+        // Per segment holding records: the end of its last record, its newest time.
+        let mut seen: Vec<Seen> = Vec::new();
+        let recovered = reader::scan(&config.dir, |path, offset, r| {
+            let end = offset + (record::LEN_BYTES + record::FIXED_BYTES + r.body.len()) as u64;
+            match seen.last_mut() {
+                Some(s) if s.path.as_os_str() == path.as_os_str() => {
+                    s.end = end;
+                    s.newest_unix_ms = s.newest_unix_ms.max(r.unix_ms);
+                }
+                _ => seen.push(Seen {
+                    path: path.to_owned(),
+                    end,
+                    newest_unix_ms: r.unix_ms,
+                }),
+            }
+            visit(path, offset, r);
+        })?;
         if let Some(torn) = &recovered.torn_tail {
             reader::truncate(torn)?;
         }
-        let next_seq = recovered.seq_range.map_or(1, |(_, last)| last + 1);
-        let file = new_segment(&config.dir, next_seq)?;
+        let usage = Arc::new(Usage::default());
+        let mut segments = Segments::load(&config.dir, &seen, usage.clone())?;
+        segments
+            .prune(&config, now_ms, config.segment_size_max_bytes)
+            .map_err(|full| JournalError::Full {
+                dir: config.dir.clone(),
+                bytes: full.bytes,
+                needed: full.needed,
+                size_max: config.size_max_bytes,
+            })?;
+        let next_seq = recovered
+            .seq_range
+            .map_or(1, |(_, last)| last + 1)
+            .max(segments.first_seq_max);
+        let mut preallocate = true;
+        let (file, path, reserved) = new_segment(
+            &config.dir,
+            next_seq,
+            config.segment_size_max_bytes,
+            &mut preallocate,
+        )?;
+        segments.start(path, reserved);
         let queue = Arc::new(Queue {
             records: ArrayQueue::new(config.queue_depth_max.max(1)),
             writer_sleeping: AtomicBool::new(false),
@@ -153,13 +264,17 @@ impl Journal {
         let writer_queue = queue.clone();
         let (durable_tx, durable) = watch::channel(next_seq - 1);
         let failed = Arc::new(AtomicBool::new(false));
+        let full = Arc::new(AtomicBool::new(false));
         let state = WriterState {
             config,
             file,
             segment_bytes: 0,
+            segments,
+            preallocate,
             buf: Vec::with_capacity(1 << 20),
             durable: durable_tx,
             failed: failed.clone(),
+            full: full.clone(),
             batch_unix_ms: 0,
         };
         let thread = std::thread::Builder::new()
@@ -174,9 +289,15 @@ impl Journal {
             queue,
             durable,
             failed,
+            full,
+            usage,
             thread: Mutex::new(Some(thread)),
         };
-        Ok(Opened { journal, recovered })
+        Ok(Opened {
+            journal,
+            recovered,
+            next_seq,
+        })
     }
 
     /// Queues a record; returns its sequence number. Never blocks.
@@ -185,6 +306,9 @@ impl Journal {
             return Err(AppendError::TooLarge);
         }
         if self.failed.load(Ordering::Acquire) {
+            if self.full.load(Ordering::Acquire) {
+                return Err(AppendError::SizeBound);
+            }
             return Err(AppendError::Failed);
         }
         // Sequence numbers are given in queue order under this short lock, so the
@@ -229,9 +353,24 @@ impl Journal {
         self.failed.store(true, Ordering::Release);
     }
 
-    /// Whether a write or sync failed.
+    /// Whether a write or sync failed, or the size bound was reached.
     pub fn has_failed(&self) -> bool {
         self.failed.load(Ordering::Acquire)
+    }
+
+    /// Whether the size bound (`size_max_bytes`) stopped the journal (it then
+    /// counts as failed too).
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Acquire)
+    }
+
+    /// Segment files and their bytes on disk (reserved space included), as of the
+    /// last open, rotation or commit: for gauges.
+    pub fn disk_usage(&self) -> (usize, u64) {
+        (
+            self.usage.segments.load(Ordering::Relaxed),
+            self.usage.bytes.load(Ordering::Relaxed),
+        )
     }
 
     /// Stops accepting, writes and syncs what is queued, and waits for the writer.
@@ -262,33 +401,284 @@ impl Drop for Journal {
     }
 }
 
-fn new_segment(dir: &Path, first_seq: u64) -> Result<File, JournalError> {
+/// A segment holding records, as the scan at open saw it.
+struct Seen {
+    path: PathBuf,
+    /// Where its last record ends: anything after it is zeros (checked by the scan).
+    end: u64,
+    newest_unix_ms: u64,
+}
+
+/// A segment as pruning sees it.
+#[derive(Clone, Debug)]
+struct Segment {
+    path: PathBuf,
+    /// Length on disk, reserved space included.
+    bytes: u64,
+    /// Its newest record's time, ms since the epoch; 0 when it holds none.
+    newest_unix_ms: u64,
+    /// Created since this process opened the journal: it may hold open work that
+    /// exists nowhere else, so it is never pruned by size.
+    this_open: bool,
+}
+
+/// The size bound leaves no room for a new segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Full {
+    /// Bytes of the segments kept.
+    bytes: u64,
+    /// Bytes the new segment needs.
+    needed: u64,
+}
+
+/// The journal's segments: the closed ones, oldest first, and the one being
+/// written.
+struct Segments {
+    dir: PathBuf,
+    closed: VecDeque<Segment>,
+    closed_bytes: u64,
+    current: Option<Segment>,
+    usage: Arc<Usage>,
+    /// The highest first sequence number of a segment found at open (0: none).
+    first_seq_max: u64,
+}
+
+impl Segments {
+    /// The segments of `dir` after the scan at open (`seen`, in segment order):
+    /// every one is closed and of an earlier open. The zeros a segment's
+    /// preallocation left after its last record are cut off.
+    fn load(dir: &Path, seen: &[Seen], usage: Arc<Usage>) -> Result<Segments, JournalError> {
+        let mut segments = Segments {
+            dir: dir.to_owned(),
+            closed: VecDeque::new(),
+            closed_bytes: 0,
+            current: None,
+            usage,
+            first_seq_max: 0,
+        };
+        let mut seen = seen.iter().peekable();
+        for (first_seq, path) in reader::segments(dir)? {
+            segments.first_seq_max = segments.first_seq_max.max(first_seq);
+            let io = |source| JournalError::Io {
+                path: path.clone(),
+                source,
+            };
+            let (end, newest_unix_ms) = match seen.peek() {
+                Some(s) if s.path == path => {
+                    let s = seen.next().expect("peeked");
+                    (s.end, s.newest_unix_ms)
+                }
+                _ => (0, 0),
+            };
+            let mut bytes = std::fs::metadata(&path).map_err(io)?.len();
+            if bytes > end {
+                // Only zeros there (the scan stops at anything else).
+                let file = OpenOptions::new().write(true).open(&path).map_err(io)?;
+                file.set_len(end).map_err(io)?;
+                file.sync_all().map_err(io)?;
+                bytes = end;
+            }
+            segments.closed_bytes += bytes;
+            segments.closed.push_back(Segment {
+                path,
+                bytes,
+                newest_unix_ms,
+                this_open: false,
+            });
+        }
+        segments.publish();
+        Ok(segments)
+    }
+
+    /// Makes `path`, `bytes` long on disk, the segment being written.
+    fn start(&mut self, path: PathBuf, bytes: u64) {
+        self.current = Some(Segment {
+            path,
+            bytes,
+            newest_unix_ms: 0,
+            this_open: true,
+        });
+        self.publish();
+    }
+
+    /// Notes what was written to the current segment: its length on disk is at
+    /// least `written`, and it holds a record of `newest_unix_ms`.
+    fn wrote(&mut self, written: u64, newest_unix_ms: u64) {
+        if let Some(c) = &mut self.current {
+            c.newest_unix_ms = c.newest_unix_ms.max(newest_unix_ms);
+            if written > c.bytes {
+                c.bytes = written;
+                self.publish();
+            }
+        }
+    }
+
+    /// The current segment joins the closed ones.
+    fn close_current(&mut self) {
+        if let Some(c) = self.current.take() {
+            self.closed_bytes += c.bytes;
+            self.closed.push_back(c);
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let current = self.current.as_ref().map_or(0, |c| c.bytes);
+        let count = self.closed.len() + usize::from(self.current.is_some());
+        self.usage.segments.store(count, Ordering::Relaxed);
+        self.usage
+            .bytes
+            .store(self.closed_bytes + current, Ordering::Relaxed);
+    }
+
+    /// Deletes the closed segments whose newest record is older than
+    /// `config.retention` at `now_ms` (oldest first); then, while the segments and
+    /// `needed` more bytes would exceed `config.size_max_bytes`, the oldest closed
+    /// segments of earlier opens. `Err` when there is still no room for `needed`.
+    fn prune(&mut self, config: &JournalConfig, now_ms: u64, needed: u64) -> Result<(), Full> {
+        let retention_ms = u64::try_from(config.retention.as_millis()).unwrap_or(u64::MAX);
+        let mut deleted = 0;
+        let mut kept = VecDeque::with_capacity(self.closed.len());
+        while let Some(s) = self.closed.pop_front() {
+            let old = now_ms.saturating_sub(s.newest_unix_ms) > retention_ms;
+            if old && self.delete(&s, now_ms, "age") {
+                deleted += 1;
+            } else {
+                kept.push_back(s);
+            }
+        }
+        self.closed = kept;
+        let current = self.current.as_ref().map_or(0, |c| c.bytes);
+        while self.closed_bytes + current + needed > config.size_max_bytes {
+            let Some(i) = self.closed.iter().position(|s| !s.this_open) else {
+                break;
+            };
+            let s = self.closed[i].clone();
+            if !self.delete(&s, now_ms, "size") {
+                break;
+            }
+            self.closed.remove(i);
+            deleted += 1;
+        }
+        if deleted > 0 {
+            // The deletions must not come back after a crash (they would only be
+            // pruned again, but the space counted would be wrong meanwhile).
+            if let Err(e) = File::open(&self.dir).and_then(|d| d.sync_all()) {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "journal: directory sync after pruning failed");
+            }
+        }
+        self.publish();
+        let bytes = self.closed_bytes + current;
+        if bytes + needed > config.size_max_bytes {
+            return Err(Full { bytes, needed });
+        }
+        Ok(())
+    }
+
+    /// Deletes one closed segment (already gone counts as deleted); false if it
+    /// could not be.
+    fn delete(&mut self, s: &Segment, now_ms: u64, reason: &'static str) -> bool {
+        let age_s = (s.newest_unix_ms != 0).then(|| now_ms.saturating_sub(s.newest_unix_ms) / 1000);
+        match std::fs::remove_file(&s.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %s.path.display(), error = %e, "journal: cannot delete segment");
+                return false;
+            }
+        }
+        self.closed_bytes -= s.bytes;
+        tracing::info!(
+            path = %s.path.display(),
+            age_s = ?age_s,
+            bytes = s.bytes,
+            reason,
+            "journal segment pruned"
+        );
+        metrics::counter!("switchyard_journal_segments_pruned_total").increment(1);
+        true
+    }
+}
+
+/// Set once a failed preallocation has been logged.
+static PREALLOCATION_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Creates the segment starting at `first_seq` (never over an existing file),
+/// reserves `reserve` bytes for it where the filesystem allows (`preallocate`
+/// turns false when it does not support it), and syncs the directory so the new
+/// name survives a crash. Returns the file, its path and its length on disk.
+fn new_segment(
+    dir: &Path,
+    first_seq: u64,
+    reserve: u64,
+    preallocate: &mut bool,
+) -> Result<(File, PathBuf, u64), JournalError> {
     let path = dir.join(format!("{SEGMENT_PREFIX}{first_seq:020}{SEGMENT_SUFFIX}"));
+    let io = |source| JournalError::Io {
+        path: path.clone(),
+        source,
+    };
     let file = OpenOptions::new()
-        .create(true)
-        .append(true)
+        .write(true)
+        .create_new(true)
         .open(&path)
-        .map_err(|source| JournalError::Io {
-            path: path.clone(),
-            source,
-        })?;
-    // The new name must survive a crash too.
+        .map_err(io)?;
+    let mut bytes = 0;
+    if *preallocate && reserve > 0 {
+        match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, reserve) {
+            Ok(()) => bytes = reserve,
+            Err(e) => {
+                let unsupported =
+                    e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS;
+                if unsupported {
+                    *preallocate = false;
+                }
+                if !unsupported || !PREALLOCATION_WARNED.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        path = %path.display(),
+                        error = %std::io::Error::from(e),
+                        "journal: cannot reserve segment space; appends will grow the file"
+                    );
+                }
+                // A failed reservation may still have extended the file.
+                bytes = file.metadata().map_err(io)?.len();
+            }
+        }
+    }
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|source| JournalError::Io {
             path: dir.to_owned(),
             source,
         })?;
-    Ok(file)
+    Ok((file, path, bytes))
+}
+
+/// Why the writer stops.
+enum Stop {
+    Io(JournalError),
+    Full(Full),
+}
+
+impl From<JournalError> for Stop {
+    fn from(e: JournalError) -> Stop {
+        Stop::Io(e)
+    }
 }
 
 struct WriterState {
     config: JournalConfig,
     file: File,
+    /// Bytes written to the current segment: where the next batch goes.
     segment_bytes: u64,
+    segments: Segments,
+    /// Whether to reserve space for new segments (false once the filesystem said
+    /// it cannot).
+    preallocate: bool,
     buf: Vec<u8>,
     durable: watch::Sender<u64>,
     failed: Arc<AtomicBool>,
+    full: Arc<AtomicBool>,
     batch_unix_ms: u64,
 }
 
@@ -296,16 +686,15 @@ impl WriterState {
     fn run(mut self, queue: &Queue) {
         let mut body = Vec::with_capacity(BODY_SIZE_MAX_BYTES);
         loop {
-            self.batch_unix_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64);
+            self.batch_unix_ms = unix_now_ms();
             let mut last_seq = None;
             let mut count = 0;
+            let mut newest = 0;
             while count < self.config.batch_records_max {
                 let Some(entry) = queue.records.pop() else {
                     break;
                 };
-                last_seq = Some(self.add(entry, &mut body));
+                last_seq = Some(self.add(entry, &mut body, &mut newest));
                 count += 1;
             }
             // A small batch may wait a moment for company (group commit).
@@ -315,19 +704,33 @@ impl WriterState {
                     let Some(entry) = queue.records.pop() else {
                         break;
                     };
-                    last_seq = Some(self.add(entry, &mut body));
+                    last_seq = Some(self.add(entry, &mut body, &mut newest));
                     count += 1;
                 }
             }
             match last_seq {
-                Some(seq) => {
-                    if let Err(e) = self.commit(seq) {
+                Some(seq) => match self.commit(seq, newest) {
+                    Ok(()) => {}
+                    Err(Stop::Io(e)) => {
                         tracing::error!(error = %e, "journal write failed: refusing new requests");
-                        self.failed.store(true, Ordering::Release);
-                        self.durable.send_modify(|_| {}); // wake waiters to see the failure
+                        self.stop();
                         return;
                     }
-                }
+                    Err(Stop::Full(f)) => {
+                        tracing::error!(
+                            dir = %self.config.dir.display(),
+                            bytes = f.bytes,
+                            needed = f.needed,
+                            size_max_bytes = self.config.size_max_bytes,
+                            "journal at its size bound (journal.size_max_bytes) with no segment old \
+                             enough to prune: refusing new requests"
+                        );
+                        metrics::counter!("switchyard_journal_full_total").increment(1);
+                        self.full.store(true, Ordering::Release);
+                        self.stop();
+                        return;
+                    }
+                },
                 None if queue.closed.load(Ordering::SeqCst) => return,
                 None => {
                     queue.writer_sleeping.store(true, Ordering::SeqCst);
@@ -340,42 +743,68 @@ impl WriterState {
         }
     }
 
-    fn add(&mut self, (seq, entry): (u64, Entry), body: &mut Vec<u8>) -> u64 {
+    /// Marks the journal failed and wakes the waiters to see it.
+    fn stop(&self) {
+        self.failed.store(true, Ordering::Release);
+        self.durable.send_modify(|_| {});
+    }
+
+    fn add(&mut self, (seq, entry): (u64, Entry), body: &mut Vec<u8>, newest: &mut u64) -> u64 {
         body.clear();
         body.extend_from_slice(&entry.head.0[..usize::from(entry.head.1)]);
         body.extend_from_slice(&entry.message);
+        let unix_ms = if entry.unix_ms == 0 {
+            self.batch_unix_ms
+        } else {
+            entry.unix_ms
+        };
+        *newest = (*newest).max(unix_ms);
         let r = Record {
             seq,
             kind: entry.kind,
             request_id: entry.request_id,
-            unix_ms: if entry.unix_ms == 0 {
-                self.batch_unix_ms
-            } else {
-                entry.unix_ms
-            },
+            unix_ms,
             body,
         };
         record::encode(&mut self.buf, &r);
         seq
     }
 
-    fn commit(&mut self, last_seq: u64) -> Result<(), JournalError> {
+    fn commit(&mut self, last_seq: u64, newest_unix_ms: u64) -> Result<(), Stop> {
         let dir = self.config.dir.clone();
         let io = |source| JournalError::Io {
             path: dir.clone(),
             source,
         };
-        self.file.write_all(&self.buf).map_err(io)?;
+        // Positioned: the file may be longer than what was written (reserved).
+        self.file
+            .write_all_at(&self.buf, self.segment_bytes)
+            .map_err(io)?;
         if self.config.fsync == Fsync::Batch {
             self.file.sync_data().map_err(io)?;
         }
         self.segment_bytes += self.buf.len() as u64;
         self.buf.clear();
         self.durable.send_replace(last_seq);
+        self.segments.wrote(self.segment_bytes, newest_unix_ms);
         if self.segment_bytes >= self.config.segment_size_max_bytes {
-            self.file = new_segment(&self.config.dir, last_seq + 1)?;
-            self.segment_bytes = 0;
+            self.rotate(last_seq + 1, unix_now_ms())?;
         }
+        Ok(())
+    }
+
+    /// Closes the current segment, prunes, and starts the segment of `first_seq`.
+    fn rotate(&mut self, first_seq: u64, now_ms: u64) -> Result<(), Stop> {
+        self.segments.close_current();
+        let reserve = self.config.segment_size_max_bytes;
+        self.segments
+            .prune(&self.config, now_ms, reserve)
+            .map_err(Stop::Full)?;
+        let (file, path, bytes) =
+            new_segment(&self.config.dir, first_seq, reserve, &mut self.preallocate)?;
+        self.file = file;
+        self.segment_bytes = 0;
+        self.segments.start(path, bytes);
         Ok(())
     }
 }
@@ -385,8 +814,14 @@ mod tests {
     use super::*;
     use crate::journal::reader::scan;
     use crate::journal::testdir::TempDir;
+    use std::io::Write;
 
+    /// A record stamped by the writer (now), so retention keeps it.
     fn entry(i: u64) -> Entry {
+        stamped(i, 0)
+    }
+
+    fn stamped(i: u64, unix_ms: u64) -> Entry {
         let mut head = [0u8; 16];
         head[..8].copy_from_slice(&i.to_le_bytes());
         let kind = RecordKind::ALL[(i % 5) as usize];
@@ -394,7 +829,7 @@ mod tests {
         Entry {
             kind,
             request_id: i,
-            unix_ms: 1_700_000_000_000 + i,
+            unix_ms,
             head: (head, 8),
             message,
         }
@@ -408,6 +843,25 @@ mod tests {
         }
         opened.journal.close();
         opened.recovered
+    }
+
+    /// Small segments, so a few hundred records rotate several times.
+    fn small(dir: &Path) -> JournalConfig {
+        JournalConfig {
+            segment_size_max_bytes: 4_096,
+            batch_records_max: 10,
+            fsync: Fsync::Off,
+            ..JournalConfig::new(dir)
+        }
+    }
+
+    /// First sequence numbers of the segment files.
+    fn firsts(dir: &Path) -> Vec<u64> {
+        crate::journal::segments(dir)
+            .unwrap()
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect()
     }
 
     #[test]
@@ -427,6 +881,25 @@ mod tests {
         assert_eq!(seen[5_000], (5_001, 0, 8 + "message 0".len()));
         assert_eq!(all.by_kind.iter().sum::<u64>(), 5_010);
         assert!(all.segments >= 2, "each open starts a segment");
+    }
+
+    #[test]
+    fn open_with_visits_every_record_once_in_order() {
+        let dir = TempDir::new("visit");
+        fill(small(&dir.0), 500);
+        let mut expected = Vec::new();
+        scan(&dir.0, |p, offset, r| {
+            expected.push((p.to_owned(), offset, r.seq))
+        })
+        .unwrap();
+        let mut visited = Vec::new();
+        let opened = Journal::open_with(small(&dir.0), |p, offset, r| {
+            visited.push((p.to_owned(), offset, r.seq))
+        })
+        .unwrap();
+        assert_eq!(visited, expected);
+        assert_eq!(visited.len(), 500);
+        assert_eq!(opened.recovered.records, 500);
     }
 
     #[test]
@@ -454,43 +927,109 @@ mod tests {
             .clone()
     }
 
+    /// Where the last record of `segment` ends.
+    fn valid_end(dir: &Path, segment: &Path) -> u64 {
+        let mut end = 0;
+        scan(dir, |p, offset, r| {
+            if p == segment {
+                end = offset + (record::LEN_BYTES + record::FIXED_BYTES + r.body.len()) as u64;
+            }
+        })
+        .unwrap();
+        end
+    }
+
     #[test]
-    fn torn_tail_is_truncated_and_reported() {
-        let dir = TempDir::new("torn");
-        fill(JournalConfig::new(&dir.0), 100);
-        let segment = last_segment(&dir.0);
-        let good_len = std::fs::metadata(&segment).unwrap().len();
-        // Half a record, then the zeros of a preallocated or unwritten page.
-        let mut torn = Vec::new();
-        let r = Record {
-            seq: 101,
-            kind: RecordKind::Outcome,
-            request_id: 1,
-            unix_ms: 2,
-            body: b"xyz",
+    fn preallocated_segments_reopen_cleanly_and_give_back_their_reservation() {
+        let dir = TempDir::new("prealloc");
+        let config = JournalConfig {
+            segment_size_max_bytes: 1 << 20,
+            ..JournalConfig::new(&dir.0)
         };
-        record::encode(&mut torn, &r);
-        torn.truncate(torn.len() / 2);
-        let mut f = OpenOptions::new().append(true).open(&segment).unwrap();
-        f.write_all(&torn).unwrap();
-        drop(f);
-        let opened = Journal::open(JournalConfig::new(&dir.0)).unwrap();
-        let tail = opened
-            .recovered
-            .torn_tail
-            .clone()
-            .expect("torn tail reported");
-        assert_eq!(
-            (tail.segment.as_path(), tail.offset),
-            (segment.as_path(), good_len)
+        fill(config.clone(), 100);
+        let segment = last_segment(&dir.0);
+        let valid = valid_end(&dir.0, &segment);
+        if std::fs::metadata(&segment).unwrap().len() == valid {
+            // A filesystem without fallocate: make the reservation's zeros by hand.
+            let f = OpenOptions::new().write(true).open(&segment).unwrap();
+            f.set_len(1 << 20).unwrap();
+        }
+        assert!(std::fs::metadata(&segment).unwrap().len() > valid);
+
+        let opened = Journal::open(config.clone()).unwrap();
+        assert!(
+            opened.recovered.torn_tail.is_none(),
+            "zeros are no torn tail"
         );
         assert_eq!(opened.recovered.records, 100);
+        assert_eq!(opened.recovered.seq_range, Some((1, 100)));
         assert_eq!(
             std::fs::metadata(&segment).unwrap().len(),
-            good_len,
-            "truncated"
+            valid,
+            "the unused reservation is given back"
         );
+        let current = dir
+            .0
+            .join(format!("{SEGMENT_PREFIX}{:020}{SEGMENT_SUFFIX}", 101));
+        let (count, bytes) = opened.journal.disk_usage();
+        assert_eq!(count, 2);
+        assert_eq!(bytes, valid + std::fs::metadata(&current).unwrap().len());
         assert_eq!(opened.journal.append(entry(7)), Ok(101));
+        opened.journal.close();
+        drop(opened);
+
+        let again = Journal::open(config).unwrap();
+        assert!(again.recovered.torn_tail.is_none());
+        assert_eq!(again.recovered.seq_range, Some((1, 101)));
+        assert_eq!(again.journal.append(entry(8)), Ok(102));
+    }
+
+    #[test]
+    fn torn_tail_is_truncated_and_reported() {
+        // A torn record followed by the zeros of the reservation, and one at the
+        // very end of the file.
+        for zeros_after in [true, false] {
+            let dir = TempDir::new("torn");
+            fill(JournalConfig::new(&dir.0), 100);
+            let segment = last_segment(&dir.0);
+            let good_len = valid_end(&dir.0, &segment);
+            let mut torn = Vec::new();
+            let r = Record {
+                seq: 101,
+                kind: RecordKind::Outcome,
+                request_id: 1,
+                unix_ms: 2,
+                body: b"xyz",
+            };
+            record::encode(&mut torn, &r);
+            torn.truncate(torn.len() / 2);
+            let f = OpenOptions::new().write(true).open(&segment).unwrap();
+            if zeros_after {
+                f.set_len(good_len + 4_096).unwrap();
+            } else {
+                f.set_len(good_len).unwrap();
+            }
+            f.write_all_at(&torn, good_len).unwrap();
+            drop(f);
+            let file_len = std::fs::metadata(&segment).unwrap().len();
+            let opened = Journal::open(JournalConfig::new(&dir.0)).unwrap();
+            let tail = opened
+                .recovered
+                .torn_tail
+                .clone()
+                .expect("torn tail reported");
+            assert_eq!(
+                (tail.segment.as_path(), tail.offset, tail.bytes),
+                (segment.as_path(), good_len, file_len - good_len)
+            );
+            assert_eq!(opened.recovered.records, 100);
+            assert_eq!(
+                std::fs::metadata(&segment).unwrap().len(),
+                good_len,
+                "truncated"
+            );
+            assert_eq!(opened.journal.append(entry(7)), Ok(101));
+        }
     }
 
     #[test]
@@ -541,5 +1080,218 @@ mod tests {
         assert!(opened.journal.durable() >= 100);
         let s = scan(&dir.0, |_, _, _| {}).unwrap();
         assert_eq!(s.records, 100, "durable means on disk");
+    }
+
+    const DAY_MS: u64 = 86_400_000;
+
+    #[test]
+    fn rotation_prunes_closed_segments_past_retention() {
+        let dir = TempDir::new("age-rotate");
+        let opened = Journal::open(small(&dir.0)).unwrap();
+        let old = unix_now_ms() - 3 * DAY_MS;
+        for i in 0..300 {
+            opened.journal.append(stamped(i, old + i)).unwrap();
+        }
+        for i in 300..600 {
+            opened.journal.append(entry(i)).unwrap();
+        }
+        opened.journal.close();
+        let mut per_segment: Vec<(PathBuf, u64)> = Vec::new();
+        let s = scan(&dir.0, |p, _, r| match per_segment.last_mut() {
+            Some((q, newest)) if q == p => *newest = (*newest).max(r.unix_ms),
+            _ => per_segment.push((p.to_owned(), r.unix_ms)),
+        })
+        .unwrap();
+        let (first, last) = s.seq_range.unwrap();
+        assert!(first > 1, "segments of old records only were pruned");
+        assert!(first <= 301, "no recent record was: first left {first}");
+        assert_eq!(last, 600);
+        let recent = unix_now_ms() - DAY_MS;
+        assert!(per_segment.iter().all(|(_, newest)| *newest > recent));
+    }
+
+    #[test]
+    fn open_prunes_by_age_against_the_time_given() {
+        let dir = TempDir::new("age-open");
+        fill(small(&dir.0), 500);
+        let before = firsts(&dir.0);
+        assert!(before.len() > 3);
+        // Today: every segment is recent; nothing goes.
+        let opened = Journal::open_at(small(&dir.0), |_, _, _| {}, unix_now_ms()).unwrap();
+        opened.journal.close();
+        drop(opened);
+        // (An empty last segment, left by a rotation at the end, is pruned and
+        // made again under the same name.)
+        let mut kept = before.clone();
+        if kept.last() != Some(&501) {
+            kept.push(501);
+        }
+        assert_eq!(firsts(&dir.0), kept);
+        // Three days on: the records are still visited, then every closed
+        // segment is pruned; the new one is kept.
+        let mut visited = 0;
+        let later = unix_now_ms() + 3 * DAY_MS;
+        let opened = Journal::open_at(small(&dir.0), |_, _, _| visited += 1, later).unwrap();
+        assert_eq!(visited, 500);
+        assert_eq!(firsts(&dir.0), vec![501]);
+        assert_eq!(opened.journal.disk_usage().0, 1);
+        opened.journal.close();
+        drop(opened);
+        // Only an empty segment is left: the sequence still goes on.
+        let opened = Journal::open(small(&dir.0)).unwrap();
+        assert_eq!(opened.recovered.seq_range, None);
+        assert_eq!(opened.next_seq, 501);
+        assert_eq!(firsts(&dir.0), vec![501]);
+        assert_eq!(opened.journal.append(entry(1)), Ok(501));
+    }
+
+    #[tokio::test]
+    async fn size_bound_prunes_earlier_opens_only_then_refuses() {
+        let dir = TempDir::new("size");
+        let config = JournalConfig {
+            size_max_bytes: 8 * 4_096,
+            ..small(&dir.0)
+        };
+        fill(config.clone(), 300);
+        let earlier = firsts(&dir.0);
+        assert!(earlier.len() >= 3, "{earlier:?}");
+        let opened = Journal::open(config.clone()).unwrap();
+        let first = opened.recovered.seq_range.unwrap().1 + 1;
+        let mut expected = earlier.clone();
+        if expected.last() != Some(&first) {
+            expected.push(first); // else an empty one was pruned and made again
+        }
+        assert_eq!(firsts(&dir.0), expected, "room at open: nothing pruned");
+        let mut refused = None;
+        for i in 0..10_000 {
+            match opened.journal.append(entry(i)) {
+                Ok(seq) => {
+                    if !opened.journal.wait_durable(seq).await {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        assert!(matches!(refused, None | Some(AppendError::SizeBound)));
+        assert!(opened.journal.is_full() && opened.journal.has_failed());
+        assert_eq!(opened.journal.append(entry(0)), Err(AppendError::SizeBound));
+        let durable = opened.journal.durable();
+        let (_, bytes) = opened.journal.disk_usage();
+        // The bound holds but for the last segment's overshoot (one batch).
+        assert!(bytes <= config.size_max_bytes + 10 * 100, "{bytes}");
+        opened.journal.close();
+        drop(opened);
+        // Every segment of earlier opens went first, none of this one's, so every
+        // durable record of this open is still there.
+        let left = firsts(&dir.0);
+        assert!(left.iter().all(|s| *s >= first), "{left:?}");
+        let s = scan(&dir.0, |_, _, _| {}).unwrap();
+        assert_eq!(s.seq_range, Some((first, durable)));
+        assert_eq!(s.records, durable - first + 1);
+    }
+
+    #[test]
+    fn no_room_at_open_is_a_typed_error() {
+        let dir = TempDir::new("size-open");
+        let config = JournalConfig {
+            size_max_bytes: 4_095,
+            ..small(&dir.0)
+        };
+        let err = Journal::open(config).err().expect("refused");
+        assert!(matches!(err, JournalError::Full { .. }), "{err}");
+    }
+
+    /// Files of the given sizes in `dir`, as closed segments.
+    fn closed(dir: &Path, specs: &[(u64, u64, bool)]) -> Segments {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut s = Segments {
+            dir: dir.to_owned(),
+            closed: VecDeque::new(),
+            closed_bytes: 0,
+            current: None,
+            usage: Arc::default(),
+            first_seq_max: 0,
+        };
+        for (i, &(bytes, newest_unix_ms, this_open)) in specs.iter().enumerate() {
+            let path = dir.join(format!("{SEGMENT_PREFIX}{:020}{SEGMENT_SUFFIX}", i + 1));
+            std::fs::File::create(&path)
+                .unwrap()
+                .write_all(&vec![0; bytes as usize])
+                .unwrap();
+            s.closed_bytes += bytes;
+            s.closed.push_back(Segment {
+                path,
+                bytes,
+                newest_unix_ms,
+                this_open,
+            });
+        }
+        s
+    }
+
+    #[test]
+    fn prune_by_age_takes_closed_segments_older_than_retention_only() {
+        let dir = TempDir::new("prune-age");
+        let config = JournalConfig {
+            retention: Duration::from_secs(3_600),
+            ..JournalConfig::new(&dir.0)
+        };
+        let now = 10 * DAY_MS;
+        let hour = 3_600_000;
+        let mut s = closed(
+            &dir.0,
+            &[
+                (10, now - 2 * hour, false),
+                (10, now - hour + 1, false),
+                (10, now - 3 * hour, true),
+                (10, now, true),
+            ],
+        );
+        s.start(dir.0.join("current"), 10);
+        s.current.as_mut().unwrap().newest_unix_ms = 1; // ancient, but written to
+        s.prune(&config, now, 0).unwrap();
+        assert_eq!(firsts(&dir.0), vec![2, 4]);
+        assert_eq!(s.closed.len(), 2);
+        assert_eq!(s.closed_bytes, 20);
+        assert_eq!(s.usage.segments.load(Ordering::Relaxed), 3);
+        assert_eq!(s.usage.bytes.load(Ordering::Relaxed), 30);
+    }
+
+    #[test]
+    fn prune_by_size_takes_earlier_opens_oldest_first_and_says_when_full() {
+        let dir = TempDir::new("prune-size");
+        let config = JournalConfig {
+            size_max_bytes: 100,
+            ..JournalConfig::new(&dir.0)
+        };
+        let now = unix_now_ms();
+        let mut s = closed(
+            &dir.0,
+            &[
+                (30, now, false),
+                (30, now, false),
+                (30, now, true),
+                (30, now, true),
+            ],
+        );
+        // 120 + 10 > 100: the oldest goes, 90 + 10 fits.
+        s.prune(&config, now, 10).unwrap();
+        assert_eq!(firsts(&dir.0), vec![2, 3, 4]);
+        // 90 + 40: the other earlier one goes; 60 + 40 fits.
+        s.prune(&config, now, 40).unwrap();
+        assert_eq!(firsts(&dir.0), vec![3, 4]);
+        // 60 + 50: nothing of this open may go.
+        assert_eq!(
+            s.prune(&config, now, 50),
+            Err(Full {
+                bytes: 60,
+                needed: 50
+            })
+        );
+        assert_eq!(firsts(&dir.0), vec![3, 4]);
     }
 }

@@ -8,10 +8,12 @@
 
 use super::journaling::{Journaling, OutcomeSource};
 use super::saf::{Advice, Saf};
-use super::{OriginalStan, Pending, Reply};
+use super::{Awaiting, OriginalStan, Pending, Recent, Reply, Stored};
 use crate::config::Bank;
+use crate::core::dedup::DuplicateKey;
 use crate::core::inflight::{InflightTable, Stan, TableFull};
 use crate::core::reversal::encode_reversal_advice;
+use crate::core::reversal::rewrite_de90;
 use crate::core::route::BankIndex;
 use crate::core::ResponseCode;
 use crate::telemetry::{ConnectorLatency, LatencyRecorder, Sample};
@@ -51,6 +53,15 @@ pub struct ConnectorStats {
     pub reversals_acked: AtomicU64,
 }
 
+/// Where a connector records outcomes: the journal and the recent-requests table.
+#[derive(Clone)]
+pub struct Bookkeeping {
+    /// The journal.
+    pub journaling: Journaling,
+    /// Recent requests, for retransmissions and reversals.
+    pub recent: Arc<Recent>,
+}
+
 /// What a link is waiting on under a STAN (requests dominate; boxing would
 /// allocate per request).
 #[allow(clippy::large_enum_variant)]
@@ -82,6 +93,8 @@ pub struct Connector {
     journaling: Journaling,
     /// Reversal advices waiting to be sent.
     saf: Saf,
+    /// Recent requests, for retransmissions and reversals.
+    recent: Arc<Recent>,
 }
 
 impl Connector {
@@ -93,8 +106,9 @@ impl Connector {
         tls: Arc<rustls::ClientConfig>,
         frame_size_max_bytes: usize,
         link_changed: Arc<Notify>,
-        journaling: Journaling,
+        books: Bookkeeping,
     ) -> Arc<Connector> {
+        let Bookkeeping { journaling, recent } = books;
         let inflight_by_link = (0..bank.links).map(|_| AtomicUsize::new(0)).collect();
         let saf_limits = bank.saf.clone();
         Arc::new(Connector {
@@ -112,6 +126,7 @@ impl Connector {
             index,
             journaling,
             saf: Saf::new(saf_limits),
+            recent,
         })
     }
 
@@ -166,12 +181,61 @@ impl Connector {
         );
     }
 
+    /// Answers a request of this connector with a switch-produced code (after
+    /// journaling the outcome, and recording it for retransmissions).
+    pub fn decline(&self, p: Pending, code: ResponseCode) {
+        self.answer(p, code, OutcomeSource::Switch);
+    }
+
+    /// Answers 91 to a request the journal could not record as accepted (nothing
+    /// more is journaled for it).
+    pub fn refuse_unjournaled(&self, p: Pending) {
+        let code = ResponseCode::DestinationUnavailable;
+        if p.registered {
+            self.settle(&p.request, Stored::Switch(code), 0);
+        }
+        p.answer_with(code, 0);
+    }
+
     /// Answers with a switch-produced code after journaling the outcome.
     fn answer(&self, p: Pending, code: ResponseCode, source: OutcomeSource) {
         let seq = self
             .journaling
             .outcome(p.request_id, code.as_bytes(), source, None);
+        if p.registered {
+            self.settle(&p.request, Stored::Switch(code), seq);
+        }
         p.answer_with(code, seq);
+    }
+
+    /// Records the outcome of `request` in the duplicates table and serves what
+    /// waited on it: retransmissions get the same answer, a reversal goes where the
+    /// original went (or is answered 00 when the switch answered the original: it
+    /// never reached the bank, or the switch's own reversal advice is queued).
+    fn settle(&self, request: &Message, stored: Stored, seq: u64) {
+        let Some(key) = DuplicateKey::of(request) else {
+            return;
+        };
+        let now = std::time::Instant::now();
+        for waiter in self.recent.complete(&key, stored.clone(), seq, now) {
+            match waiter {
+                Awaiting::Duplicate { request, reply } => {
+                    metrics::counter!("switchyard_duplicates_total", "result" => "answered_once")
+                        .increment(1);
+                    reply.send(stored.reply_to(request, &self.bank.dialect, seq));
+                }
+                Awaiting::Reversal(mut reversal) => match &stored {
+                    Stored::Bank { link_stan, .. } => {
+                        reversal.bank = self.index;
+                        reversal.original_link_stan = Some(*link_stan);
+                        self.submit(reversal);
+                    }
+                    Stored::Switch(_) => {
+                        self.answer(reversal, ResponseCode::Approved, OutcomeSource::Switch)
+                    }
+                },
+            }
+        }
     }
 
     /// Starts one task per configured link; they run until `shutdown`.
@@ -390,6 +454,9 @@ impl Connector {
     /// Queues a reversal advice for a request the bank may have seen but whose
     /// answer the acquirer will not get.
     fn queue_reversal(&self, p: &Pending, link_stan: Stan) {
+        // An acquirer's reversal that did not complete: the payment it names is
+        // reversed (its DE90 rewritten to the STAN the bank saw the payment under).
+        let link_stan = p.original_link_stan.unwrap_or(link_stan);
         if let Err(e) =
             self.journaling
                 .reversal_queued(p.request_id, self.index, link_stan, &p.request)
@@ -423,8 +490,8 @@ impl Connector {
     }
 
     /// After a restart, from the journal: a request forwarded without an outcome
-    /// (`unfinished`: closed as 68 and recorded as queued for reversal first) or an
-    /// advice queued and never acknowledged.
+    /// (`unfinished`: closed as 68 first) or an advice queued and never
+    /// acknowledged; either way recorded as queued again.
     pub fn resume_reversal(
         &self,
         request_id: u64,
@@ -435,12 +502,15 @@ impl Connector {
         if unfinished {
             self.journaling
                 .outcome(request_id, b"68", OutcomeSource::Timeout, None);
-            if let Err(e) = self
-                .journaling
-                .reversal_queued(request_id, self.index, link_stan, &original)
-            {
-                error!(bank = %self.bank.id, request_id, error = %e, "resumed reversal not journaled");
-            }
+        }
+        // Recorded again even when it was queued before the restart: the open work
+        // of older segments is carried into the new one, so pruning old segments
+        // never loses it.
+        if let Err(e) = self
+            .journaling
+            .reversal_queued(request_id, self.index, link_stan, &original)
+        {
+            error!(bank = %self.bank.id, request_id, error = %e, "resumed reversal not journaled");
         }
         let now = std::time::Instant::now();
         let advice = Advice {
@@ -497,6 +567,14 @@ impl Connector {
                 let seq =
                     self.journaling
                         .outcome(p.request_id, de39, OutcomeSource::Bank, Some(&answer));
+                if p.registered {
+                    let stored = Stored::Bank {
+                        connector,
+                        link_stan: stan,
+                        answer: answer.as_bytes().clone(),
+                    };
+                    self.settle(&p.request, stored, seq);
+                }
                 p.reply.send(Reply::Bank {
                     stan: OriginalStan::of(&p.request),
                     answer,
@@ -539,8 +617,14 @@ impl Connector {
         let mut last_write = Instant::now();
         loop {
             self.fill_reversals(link, &mut out);
-            self.fill_batch(link, &mut out);
+            let journaled = self.fill_batch(link, &mut out);
             if !out.is_empty() {
+                // Write-ahead: the bank sees no request before its forwarded record
+                // (and so its accepted record) is durable, so that after a crash
+                // recovery knows of everything a bank may have seen.
+                if !self.journaling.durable(journaled).await {
+                    return LinkEnd::Journal;
+                }
                 if let Err(e) = write_flush(wr, &out, self.bank.request_timeout).await {
                     return LinkEnd::Io(e);
                 }
@@ -630,10 +714,12 @@ impl Connector {
 
     /// Moves up to `write_batch_max` queued requests into the in-flight table and
     /// encodes them (DE11 rewritten) into `out`, all under one short lock.
-    fn fill_batch(&self, link: &Link, out: &mut BytesMut) {
+    /// Returns the journal sequence of the last forwarded record (0: none).
+    fn fill_batch(&self, link: &Link, out: &mut BytesMut) -> u64 {
         let now = Instant::now().into_std();
         let mut table = lock(&link.table);
         let mut earliest = None;
+        let mut journaled = 0;
         for _ in 0..self.bank.write_batch_max {
             let Some(mut p) = self.queue.pop() else { break };
             if p.deadline <= now {
@@ -654,21 +740,32 @@ impl Connector {
                 continue;
             };
             // Recorded before the bank can see it, so recovery knows to reverse it.
-            if let Err(e) = self.journaling.forwarded(p.request_id, self.index, stan) {
-                if let Some(Waiter::Acquirer(p)) = table.inflight.take(stan) {
-                    warn!(bank = %self.bank.id, error = %e, "forward not journaled: answered 91");
-                    self.unavailable(p, "journal");
+            match self.journaling.forwarded(p.request_id, self.index, stan) {
+                Ok(seq) => journaled = seq,
+                Err(e) => {
+                    if let Some(Waiter::Acquirer(p)) = table.inflight.take(stan) {
+                        warn!(bank = %self.bank.id, error = %e, "forward not journaled: answered 91");
+                        self.unavailable(p, "journal");
+                    }
+                    continue;
                 }
-                continue;
             }
             let digits = stan.to_de11();
+            let de90 = p
+                .original_link_stan
+                .and_then(|s| rewrite_de90(&p.request, s));
             let at = self.bank.framing.begin(out);
+            let set11 = Change::Set(11, &digits);
+            let changes: &[Change<'_>] = match &de90 {
+                Some(de90) => &[set11, Change::Set(90, de90)],
+                None => &[set11],
+            };
             let encoded = reencode(
                 &p.request,
                 &self.acquirer_dialect,
                 &self.bank.dialect,
                 p.request.mti(),
-                &[Change::Set(11, &digits)],
+                changes,
                 out,
             )
             .is_ok()
@@ -690,6 +787,7 @@ impl Connector {
                 link.wake_reader.notify_one();
             }
         }
+        journaled
     }
 
     /// Encodes an 0800 echo (DE70 301) into `out`; false if the table is full.
@@ -780,6 +878,8 @@ enum LinkEnd {
     Frame(crate::wire::FrameError),
     #[error("echo unanswered")]
     EchoTimeout,
+    #[error("journal failed: nothing more is forwarded")]
+    Journal,
     #[error("shutdown")]
     Shutdown,
 }

@@ -3,10 +3,11 @@
 
 use super::connector::Connector;
 use super::journaling::Journaling;
-use super::{encode_reply, Pending, Reply};
+use super::{encode_reply, Awaiting, Pending, Recent, Reply, Stored};
 use crate::config::Config;
+use crate::core::dedup::{content_digest, DuplicateKey, Original, Verdict};
 use crate::core::route::BankIndex;
-use crate::core::validate::{admit, Admission};
+use crate::core::validate::{admit, Admission, RequestKind};
 use crate::core::{InstitutionId, ResponseCode};
 use crate::tls::connection_identity;
 use crate::wire::{FrameDecoder, Location, Message};
@@ -46,6 +47,8 @@ pub struct Ingress {
     journaling: Journaling,
     /// The next request id (journal records name requests by it).
     next_request_id: AtomicU64,
+    /// Recent requests: retransmissions and reversals are matched here.
+    recent: Arc<Recent>,
 }
 
 /// Per-session handles on `switchyard_responses_total{institution, connector, code}`,
@@ -90,6 +93,7 @@ impl Ingress {
         connectors: Vec<Arc<Connector>>,
         journaling: Journaling,
         first_request_id: u64,
+        recent: Arc<Recent>,
     ) -> Arc<Ingress> {
         let by_certificate = config.institutions_by_certificate();
         let connector_labels = config.banks.iter().map(|b| b.id.to_string()).collect();
@@ -100,6 +104,7 @@ impl Ingress {
             connections: AtomicUsize::new(0),
             journaling,
             next_request_id: AtomicU64::new(first_request_id),
+            recent,
             sessions: dashmap::DashMap::new(),
             connector_labels,
         })
@@ -298,36 +303,8 @@ impl Ingress {
             return;
         }
         match admit(&msg, institution, &self.config.routes) {
-            Admission::Forward { bank, .. } => {
-                let connector = &self.connectors[usize::from(bank)];
-                let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = self.journaling.accepted(request_id, institution, &msg) {
-                    metrics::counter!("switchyard_connector_unavailable_total", "reason" => "journal")
-                        .increment(1);
-                    warn!(%institution, error = %e, "request not journaled: answered 91");
-                    let code = ResponseCode::DestinationUnavailable;
-                    let connector = Some(bank);
-                    permit.send(Reply::Switch {
-                        request: msg,
-                        code,
-                        connector,
-                        seq: 0,
-                    });
-                    return;
-                }
-                let received_at = Instant::now();
-                let deadline = received_at + connector.bank().request_timeout;
-                let pending = Pending {
-                    request: msg,
-                    reply: permit,
-                    acquirer: institution,
-                    request_id,
-                    received_at,
-                    forwarded_at: received_at,
-                    bank,
-                    deadline,
-                };
-                connector.submit(pending);
+            Admission::Forward { bank, kind, .. } => {
+                self.forward(msg, permit, institution, bank, kind)
             }
             Admission::Network(code) => {
                 permit.send(Reply::Switch {
@@ -353,6 +330,167 @@ impl Ingress {
                     .increment(1);
                 warn!(%institution, mti = %msg.mti(), "answer MTI from an acquirer dropped");
             }
+        }
+    }
+
+    /// A request admitted for `bank`: checked against recent requests, journaled,
+    /// and queued for its bank (a reversal for the bank that saw its original).
+    fn forward(
+        &self,
+        msg: Message,
+        permit: mpsc::OwnedPermit<Reply>,
+        institution: InstitutionId,
+        bank: BankIndex,
+        kind: RequestKind,
+    ) {
+        let received_at = Instant::now();
+        let key = DuplicateKey::of(&msg);
+        let (msg, permit) = match key {
+            None => (msg, permit), // ids too long to key: not tracked
+            Some(key) => {
+                let digest = content_digest(&msg);
+                let waiter = Awaiting::Duplicate {
+                    request: msg,
+                    reply: permit,
+                };
+                match self.recent.check(key, digest, received_at, waiter) {
+                    Verdict::New(Awaiting::Duplicate { request, reply }) => (request, reply),
+                    Verdict::New(Awaiting::Reversal(_)) => return,
+                    verdict => return self.duplicate(verdict, institution),
+                }
+            }
+        };
+        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let connector = &self.connectors[usize::from(bank)];
+        let pending = Pending {
+            request: msg,
+            reply: permit,
+            acquirer: institution,
+            request_id,
+            received_at,
+            forwarded_at: received_at,
+            bank,
+            deadline: received_at + connector.bank().request_timeout,
+            registered: key.is_some(),
+            original_link_stan: None,
+        };
+        if let Err(e) = self
+            .journaling
+            .accepted(request_id, institution, &pending.request)
+        {
+            metrics::counter!("switchyard_connector_unavailable_total", "reason" => "journal")
+                .increment(1);
+            warn!(%institution, error = %e, "request not journaled: answered 91");
+            connector.refuse_unjournaled(pending);
+            return;
+        }
+        if matches!(kind, RequestKind::Reversal | RequestKind::ReversalAdvice) {
+            self.reverse(pending);
+        } else {
+            connector.submit(pending);
+        }
+    }
+
+    /// Answers a request whose key was seen before.
+    fn duplicate(&self, verdict: Verdict<Awaiting, Stored>, institution: InstitutionId) {
+        let (result, code, waiter) = match verdict {
+            Verdict::Answered {
+                answer,
+                seq,
+                waiter: Awaiting::Duplicate { request, reply },
+            } => {
+                metrics::counter!("switchyard_duplicates_total", "result" => "answered_again")
+                    .increment(1);
+                debug!(%institution, mti = %request.mti(), "retransmission: original answer sent again");
+                let dialect = match &answer {
+                    Stored::Bank { connector, .. } => self
+                        .connectors
+                        .get(usize::from(*connector))
+                        .map(|c| c.bank().dialect.clone()),
+                    Stored::Switch(_) => None,
+                };
+                let dialect = dialect.unwrap_or_else(|| self.config.dialect.clone());
+                reply.send(answer.reply_to(request, &dialect, seq));
+                return;
+            }
+            Verdict::Waiting => {
+                metrics::counter!("switchyard_duplicates_total", "result" => "waiting")
+                    .increment(1);
+                return;
+            }
+            Verdict::Conflict(w) => ("conflict", ResponseCode::Duplicate, w),
+            Verdict::Full(w) => ("full", ResponseCode::DestinationUnavailable, w),
+            Verdict::New(w) | Verdict::Answered { waiter: w, .. } => {
+                ("unexpected", ResponseCode::SystemMalfunction, w)
+            }
+        };
+        metrics::counter!("switchyard_duplicates_total", "result" => result).increment(1);
+        warn!(%institution, %code, result, "request key seen before with other content, or table full");
+        if let Awaiting::Duplicate { request, reply } = waiter {
+            reply.send(Reply::Switch {
+                request,
+                code,
+                connector: None,
+                seq: 0,
+            });
+        }
+    }
+
+    /// Sends an acquirer's reversal where its original went, with DE90 naming the
+    /// STAN the bank saw; waits for an original still in flight; answers 00 when the
+    /// switch answered the original (never forwarded, or its own reversal advice is
+    /// queued) and 25 when the original is not known.
+    fn reverse(&self, pending: Pending) {
+        let key = |with_rrn| DuplicateKey::of_original(&pending.request, with_rrn);
+        let keys = [
+            key(true),
+            key(false).filter(|_| pending.request.field(37).is_some()),
+        ];
+        let mut waiter = Awaiting::Reversal(pending);
+        for key in keys.into_iter().flatten() {
+            waiter = match self.recent.original(&key, waiter) {
+                Original::Attached => {
+                    metrics::counter!("switchyard_reversals_matched_total", "original" => "in_flight")
+                        .increment(1);
+                    return;
+                }
+                Original::Done(stored, Awaiting::Reversal(mut p)) => {
+                    let connector = &self.connectors[usize::from(p.bank)];
+                    match stored {
+                        Stored::Bank {
+                            connector: to,
+                            link_stan,
+                            ..
+                        } => {
+                            metrics::counter!("switchyard_reversals_matched_total", "original" => "answered")
+                                .increment(1);
+                            p.bank = to;
+                            p.original_link_stan = Some(link_stan);
+                            self.connectors[usize::from(to)].submit(p);
+                        }
+                        Stored::Switch(_) => {
+                            metrics::counter!("switchyard_reversals_matched_total", "original" => "switch_answered")
+                                .increment(1);
+                            connector.decline(p, ResponseCode::Approved);
+                        }
+                    }
+                    return;
+                }
+                Original::Full(Awaiting::Reversal(p)) => {
+                    let connector = &self.connectors[usize::from(p.bank)];
+                    connector.decline(p, ResponseCode::DestinationUnavailable);
+                    return;
+                }
+                Original::Absent(w) => w,
+                Original::Done(_, w) | Original::Full(w) => w,
+            };
+        }
+        if let Awaiting::Reversal(p) = waiter {
+            metrics::counter!("switchyard_reversals_matched_total", "original" => "not_found")
+                .increment(1);
+            warn!(acquirer = %p.acquirer, "reversal names no known original: answered 25");
+            let connector = &self.connectors[usize::from(p.bank)];
+            connector.decline(p, ResponseCode::OriginalNotFound);
         }
     }
 

@@ -8,10 +8,12 @@ pub mod ingress;
 pub mod journaling;
 pub mod saf;
 
+use crate::core::dedup::DedupTable;
+use crate::core::inflight::Stan;
 use crate::core::route::BankIndex;
 use crate::core::{InstitutionId, ResponseCode};
 use crate::wire::{Dialect, Encoder, Framing, Message};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::sync::mpsc::OwnedPermit;
@@ -39,6 +41,11 @@ pub struct Pending {
     pub bank: BankIndex,
     /// When the acquirer must have its answer.
     pub deadline: Instant,
+    /// Whether its key is in the duplicates table (its outcome is recorded there).
+    pub registered: bool,
+    /// For a reversal: the STAN the bank saw its original under (DE90 is rewritten
+    /// to name it).
+    pub original_link_stan: Option<Stan>,
 }
 
 impl Pending {
@@ -54,6 +61,72 @@ impl Pending {
         });
     }
 }
+
+/// A request's outcome as the duplicates table keeps it: enough to answer a
+/// retransmission again and to send a reversal where its original went.
+#[derive(Clone, Debug)]
+pub enum Stored {
+    /// The bank answered.
+    Bank {
+        /// The connector that forwarded the request.
+        connector: BankIndex,
+        /// The STAN the request carried on its link.
+        link_stan: Stan,
+        /// The answer as the bank sent it.
+        answer: Bytes,
+    },
+    /// The switch answered with this code (a timeout, 91, …).
+    Switch(ResponseCode),
+}
+
+impl Stored {
+    /// The answer for `request` (a retransmission, or a duplicate that waited),
+    /// released once journal record `seq` is durable. `bank_dialect` is the dialect
+    /// of the connector in `Stored::Bank`.
+    pub fn reply_to(&self, request: Message, bank_dialect: &Arc<Dialect>, seq: u64) -> Reply {
+        match self {
+            Stored::Bank {
+                connector, answer, ..
+            } => match Message::decode(bank_dialect, answer.clone()) {
+                Ok(answer) => Reply::Bank {
+                    stan: OriginalStan::of(&request),
+                    answer,
+                    dialect: bank_dialect.clone(),
+                    connector: *connector,
+                    seq,
+                },
+                Err(_) => Reply::Switch {
+                    request,
+                    code: ResponseCode::SystemMalfunction,
+                    connector: Some(*connector),
+                    seq,
+                },
+            },
+            Stored::Switch(code) => Reply::Switch {
+                request,
+                code: *code,
+                connector: None,
+                seq,
+            },
+        }
+    }
+}
+
+/// What waits on a request still in flight.
+pub enum Awaiting {
+    /// A retransmission: gets the same answer.
+    Duplicate {
+        /// The retransmitted request.
+        request: Message,
+        /// Where its answer goes.
+        reply: OwnedPermit<Reply>,
+    },
+    /// The acquirer's reversal of it: sent where the original went once known.
+    Reversal(Pending),
+}
+
+/// Recent requests by duplicate key: retransmissions and reversals find them here.
+pub type Recent = DedupTable<Awaiting, Stored>;
 
 /// An answer for an acquirer session's writer to encode.
 ///

@@ -1,0 +1,561 @@
+//! Crash recovery against the real binary: a `switchyard run` process is killed
+//! with SIGKILL while load runs, restarted on the same journal, and audited.
+//!
+//! The bank is a simulator in this test process (it outlives both switch
+//! processes and logs every message it receives); the acquirer is a pipelining
+//! client with a window of requests in flight. Each request has a unique DE11, DE7
+//! and DE37, so the bank's log and the journal can be matched to the client's view.
+//!
+//! Checked, after the restart:
+//! - every answer the client saw is in the journal with the same DE39;
+//! - no request reached the bank twice (across the crash and the retransmissions);
+//! - every request the bank saw whose outcome the journal does not hold (forwarded,
+//!   unanswered) gets a reversal advice naming it (DE90: the STAN the bank saw and
+//!   the original DE7) delivered to the bank after the restart;
+//! - retransmitting every request from before the crash returns the original answer
+//!   for those the client saw answered (same DE39 and DE38), 68 for those forwarded
+//!   without an outcome, 91 for those never forwarded.
+//!
+//! A request whose outcome was durable but whose answer was still in the socket at
+//! the kill is not reversed: the switch cannot know it was not delivered. Its
+//! acquirer gets the answer again by retransmitting (checked here), or reverses it
+//! with its own 0400, which the switch routes to the bank by DE90.
+
+use bytes::{Bytes, BytesMut};
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use switchyard::banksim::{self, BankSimOptions, BankStats, Behavior};
+use switchyard::certs::{self, DevCa};
+use switchyard::journal::{scan, RecordKind};
+use switchyard::wire::{Dialect, Encoder, FrameDecoder, Framing, Message, Mti};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Notify, Semaphore};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+/// Bound on any single wait; never reached when things work.
+const WAIT: Duration = Duration::from_secs(30);
+/// Requests the client sends at most before the kill.
+const TOTAL: usize = 3_000;
+/// Requests in flight on the client's connection.
+const WINDOW: usize = 32;
+/// Answers the client has seen when the switch is killed.
+const KILL_AFTER: usize = 400;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir =
+            std::env::temp_dir().join(format!("switchyard-crash-{}-{now}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `switchyard run` child process and the lines of its log that matter here.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    fn start(config: &Path) -> Daemon {
+        let mut child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start switchyard run");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::sync_channel(1024);
+        // Drains the log so the child never blocks on it; keeps the interesting lines.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("switchyard running")
+                    || line.contains("bank link up")
+                    || line.contains("ERROR")
+                {
+                    let _ = tx.try_send(line);
+                }
+            }
+        });
+        let mut d = Daemon {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            lines,
+        };
+        let running = d.wait_line("switchyard running");
+        let listen = running
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listen="))
+            .expect("listen address in the log");
+        d.addr = listen.parse().unwrap();
+        d.wait_line("bank link up");
+        d
+    }
+
+    fn wait_line(&mut self, what: &str) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(what) => return line,
+                Ok(line) => eprintln!("switchyard: {line}"),
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!("switchyard did not log {what:?} within {WAIT:?}");
+                }
+            }
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+/// The request with number `i`: unique DE11, DE7 and DE37.
+fn request(d: &Dialect, i: usize, mti: Mti) -> Bytes {
+    let n = i + 1;
+    let stan = format!("{n:06}");
+    let de7 = format!("1126{:02}{:02}{:02}", n / 3600, (n / 60) % 60, n % 60);
+    let rrn = format!("{n:012}");
+    // Every tenth is declined by the simulator (amount ending in 51).
+    let amount = if n % 10 == 0 {
+        "000000001051"
+    } else {
+        "000000001000"
+    };
+    let mut out = BytesMut::new();
+    let mut enc = Encoder::new(d, &mut out, mti);
+    for (f, v) in [
+        (2u8, "4111111111111111"),
+        (3, "000000"),
+        (4, amount),
+        (7, &de7),
+        (11, &stan),
+        (32, "100001"),
+        (37, &rrn),
+        (49, "978"),
+    ] {
+        enc.field(f, v.as_bytes()).unwrap();
+    }
+    enc.finish();
+    out.freeze()
+}
+
+/// DE39 and DE38 of an answer.
+type Answer = (Vec<u8>, Option<Vec<u8>>);
+
+fn answer_of(m: &Message) -> Answer {
+    (
+        m.field(39).unwrap_or(b"--").to_vec(),
+        m.field(38).map(<[u8]>::to_vec),
+    )
+}
+
+fn stan_of(m: &Message) -> usize {
+    std::str::from_utf8(m.field(11).unwrap_or(b"0"))
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn connect(
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// Sends `requests` with at most [`WINDOW`] in flight and records answers by DE11
+/// until the connection ends or every request is answered. `answered` is notified
+/// on each answer.
+async fn drive(
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+    requests: Vec<Bytes>,
+    answers: Arc<Mutex<HashMap<usize, Answer>>>,
+    answered: Arc<Notify>,
+    sent: Arc<Mutex<usize>>,
+) {
+    let (mut rd, mut wr) = tokio::io::split(connect(addr, tls).await);
+    let window = Arc::new(Semaphore::new(WINDOW));
+    let total = requests.len();
+    let reader = {
+        let window = window.clone();
+        async move {
+            let decoder = FrameDecoder::new(Framing::U16be, 8192);
+            let d = Dialect::iso87_ascii();
+            let mut buf = BytesMut::new();
+            let mut got = 0;
+            loop {
+                while let Ok(Some(frame)) = decoder.decode(&mut buf) {
+                    let m = Message::decode(&d, frame).unwrap();
+                    answers.lock().unwrap().insert(stan_of(&m), answer_of(&m));
+                    got += 1;
+                    window.add_permits(1);
+                    answered.notify_one();
+                }
+                if got >= total {
+                    return;
+                }
+                match rd.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        }
+    };
+    let writer = async move {
+        for r in requests {
+            window.acquire().await.unwrap().forget();
+            let mut out = BytesMut::new();
+            Framing::U16be.write(&mut out, &r).unwrap();
+            if wr.write_all(&out).await.is_err() || wr.flush().await.is_err() {
+                return;
+            }
+            *sent.lock().unwrap() += 1;
+        }
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        () = reader => {}
+        () = writer => {}
+    }
+}
+
+fn write_config(dir: &Path, bank: SocketAddr) -> PathBuf {
+    let config = format!(
+        r#"[switch]
+listen = "127.0.0.1:0"
+
+[tls]
+ca_file = "ca.pem"
+cert_file = "switch.pem"
+key_file = "switch.key"
+client_cert_file = "switchyard.pem"
+client_key_file = "switchyard.key"
+
+[journal]
+dir = "journal"
+fsync = "batch"
+
+[[institution]]
+id = "100001"
+
+[[bank]]
+id = "200001"
+address = "{bank}"
+server_name = "bank"
+links = 1
+request_timeout_ms = 10000
+reconnect_backoff_max_ms = 200
+reversal_retry_min_ms = 200
+
+[[route]]
+pan_prefix = "4"
+bank = "200001"
+"#
+    );
+    let path = dir.join("switchyard.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_switch_loses_nothing_and_forwards_nothing_twice() {
+    let dir = TempDir::new();
+    let ca = DevCa::new("crash test CA").unwrap();
+    certs::write_ca(&dir.0, &ca).unwrap();
+    let switch_cert = ca.issue_server(&["localhost"]).unwrap();
+    certs::write_issued(&dir.0, "switch", &switch_cert).unwrap();
+    certs::write_issued(
+        &dir.0,
+        "switchyard",
+        &ca.issue_client("switchyard").unwrap(),
+    )
+    .unwrap();
+    let acquirer = ca.issue_client("100001").unwrap();
+    let client_tls = switchyard::tls::client_config(
+        &[ca.ca_der()],
+        acquirer.chain().unwrap(),
+        acquirer.key().unwrap(),
+    )
+    .unwrap();
+
+    // The bank: answers after 20 ms, logs everything it receives.
+    let bank_cert = ca.issue_server(&["bank"]).unwrap();
+    let bank_tls = switchyard::tls::server_config(
+        &[ca.ca_der()],
+        bank_cert.chain().unwrap(),
+        bank_cert.key().unwrap(),
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let bank_addr = listener.local_addr().unwrap();
+    let stats = Arc::new(BankStats::default());
+    stats.log.enable(1_000_000);
+    let behavior = Arc::new(Behavior::new(Duration::from_millis(20), 0));
+    let stop_bank = Arc::new(Notify::new());
+    let stopped = stop_bank.clone();
+    let bank = tokio::spawn(banksim::serve(
+        listener,
+        bank_tls,
+        BankSimOptions {
+            dialect: Arc::new(Dialect::iso87_ascii()),
+            framing: Framing::U16be,
+            frame_size_max_bytes: 8192,
+            seed: 1,
+        },
+        behavior.clone(),
+        stats.clone(),
+        async move { stopped.notified().await },
+    ));
+    let config = write_config(&dir.0, bank_addr);
+
+    // Load, then SIGKILL once KILL_AFTER answers are in.
+    let first = Daemon::start(&config);
+    let answers = Arc::new(Mutex::new(HashMap::new()));
+    let answered = Arc::new(Notify::new());
+    let sent = Arc::new(Mutex::new(0usize));
+    let load = tokio::spawn({
+        let (answers, answered, sent) = (answers.clone(), answered.clone(), sent.clone());
+        let tls = client_tls.clone();
+        let d = Dialect::iso87_ascii();
+        let requests = (0..TOTAL).map(|i| request(&d, i, Mti::FINANCIAL)).collect();
+        let addr = first.addr;
+        async move { drive(addr, &tls, requests, answers, answered, sent).await }
+    });
+    let enough = async {
+        while answers.lock().unwrap().len() < KILL_AFTER {
+            answered.notified().await;
+        }
+    };
+    tokio::time::timeout(WAIT, enough)
+        .await
+        .expect("answers before the kill");
+    // Kill while the bank holds requests it has not answered: it stops answering
+    // until the client's whole window is there.
+    behavior.stall_for(WAIT);
+    let at_bank = async {
+        loop {
+            let sent = *sent.lock().unwrap();
+            let outstanding = sent - answers.lock().unwrap().len();
+            if outstanding == WINDOW && stats.requests.load(Ordering::Relaxed) == sent as u64 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, at_bank)
+        .await
+        .expect("requests at the bank before the kill");
+    first.kill();
+    behavior.stall_for(Duration::ZERO);
+    tokio::time::timeout(WAIT, load).await.unwrap().unwrap();
+    let before: HashMap<usize, Answer> = answers.lock().unwrap().clone();
+    let sent_before = *sent.lock().unwrap();
+    assert!(
+        sent_before > before.len(),
+        "requests were in flight at the kill"
+    );
+    eprintln!(
+        "killed with {} answered of {sent_before} sent; the bank had {} messages",
+        before.len(),
+        stats.requests.load(Ordering::Relaxed)
+    );
+
+    // Restart on the same journal.
+    let second = Daemon::start(&config);
+    let d = Dialect::iso87_ascii();
+    let bank_saw = |mtis: &[&[u8; 4]]| -> Vec<Message> {
+        stats
+            .log
+            .messages()
+            .into_iter()
+            .filter_map(|m| Message::decode(&d, m).ok())
+            .filter(|m| mtis.contains(&m.mti().as_bytes()))
+            .collect()
+    };
+    // What the journal says each request ended with (by DE11 of the request).
+    let journal_outcomes = || -> HashMap<usize, Vec<u8>> {
+        let mut by_id = HashMap::new();
+        let mut outcomes = HashMap::new();
+        scan(&dir.0.join("journal"), |_, _, r| match r.kind {
+            RecordKind::Accepted => {
+                let m = Message::decode(&d, Bytes::copy_from_slice(&r.body[8..])).unwrap();
+                by_id.insert(r.request_id, stan_of(&m));
+            }
+            RecordKind::Outcome => {
+                let earlier = outcomes.insert(r.request_id, r.body[..2].to_vec());
+                assert!(
+                    earlier.is_none(),
+                    "request {} has two outcomes",
+                    r.request_id
+                );
+            }
+            _ => {}
+        })
+        .unwrap();
+        outcomes
+            .into_iter()
+            .filter_map(|(id, code)| Some((*by_id.get(&id)?, code)))
+            .collect()
+    };
+
+    // The bank saw each request at most once.
+    let forwarded: Vec<Message> = bank_saw(&[b"0200", b"0201"]);
+    let mut seen = HashSet::new();
+    for m in &forwarded {
+        assert!(
+            seen.insert(m.field(37).unwrap().to_vec()),
+            "forwarded twice: DE37 {:?}",
+            m.field(37)
+        );
+    }
+    // Forwarded without an outcome before the crash: each must be reversed after it.
+    let outcomes_at_restart = journal_outcomes();
+    let expected_reversals: HashSet<(Vec<u8>, Vec<u8>)> = forwarded
+        .iter()
+        .filter(|m| {
+            let n: usize = std::str::from_utf8(m.field(37).unwrap())
+                .unwrap()
+                .parse()
+                .unwrap();
+            !before.contains_key(&n) && outcomes_at_restart.get(&n).is_none_or(|c| c == b"68")
+        })
+        .map(|m| (m.field(11).unwrap().to_vec(), m.field(7).unwrap().to_vec()))
+        .collect();
+    assert!(
+        !expected_reversals.is_empty(),
+        "the bank held unanswered requests at the kill"
+    );
+    let reversed = || -> HashSet<(Vec<u8>, Vec<u8>)> {
+        bank_saw(&[b"0420", b"0421"])
+            .iter()
+            .filter_map(|m| m.field(90))
+            .map(|de90| (de90[4..10].to_vec(), de90[10..20].to_vec()))
+            .collect()
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !expected_reversals.is_subset(&reversed()) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reversal advices missing for {:?}",
+            expected_reversals
+                .difference(&reversed())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "{} forwarded before the kill, {} of them reversed after the restart",
+        forwarded.len(),
+        expected_reversals.len()
+    );
+
+    // Every request from before the crash, sent again: the original answers.
+    let again = Arc::new(Mutex::new(HashMap::new()));
+    let requests: Vec<Bytes> = (0..sent_before)
+        .map(|i| request(&d, i, Mti::FINANCIAL))
+        .collect();
+    let retransmit = drive(
+        second.addr,
+        &client_tls,
+        requests,
+        again.clone(),
+        Arc::new(Notify::new()),
+        Arc::new(Mutex::new(0)),
+    );
+    let _ = tokio::time::timeout(WAIT, retransmit).await;
+    let again = again.lock().unwrap().clone();
+    let missing: Vec<usize> = (1..=sent_before)
+        .filter(|n| !again.contains_key(n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "retransmissions unanswered: {missing:?}"
+    );
+    let forwarded_37: HashSet<usize> = forwarded
+        .iter()
+        .map(|m| {
+            std::str::from_utf8(m.field(37).unwrap())
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    for (n, answer) in &again {
+        match before.get(n) {
+            Some(original) => assert_eq!(answer, original, "request {n}: original answer again"),
+            None if forwarded_37.contains(n) => {
+                let code = &answer.0;
+                // 68 when it had no outcome; else the outcome it had (answer lost in
+                // the socket at the kill).
+                let journaled = outcomes_at_restart
+                    .get(n)
+                    .cloned()
+                    .unwrap_or(b"68".to_vec());
+                assert_eq!(code, &journaled, "request {n}: forwarded, unanswered");
+            }
+            // Never forwarded: closed as 91 at the restart if it was journaled as
+            // accepted; else the switch never knew it, and it goes to the bank now.
+            None => match outcomes_at_restart.get(n) {
+                Some(code) => assert_eq!(&answer.0, code, "request {n}: never forwarded"),
+                None => assert_ne!(answer.0, b"91", "request {n}: unknown, forwarded now"),
+            },
+        }
+    }
+    let mut seen = HashSet::new();
+    for m in bank_saw(&[b"0200", b"0201"]) {
+        assert!(
+            seen.insert(m.field(37).unwrap().to_vec()),
+            "forwarded twice: DE37 {:?}",
+            m.field(37)
+        );
+    }
+
+    second.kill();
+    // Every answer the client saw before the crash is in the journal, same DE39.
+    let outcomes = journal_outcomes();
+    for (n, (code, _)) in &before {
+        assert_eq!(
+            outcomes.get(n),
+            Some(code),
+            "request {n}: journaled outcome"
+        );
+    }
+    stop_bank.notify_one();
+    tokio::time::timeout(WAIT, bank)
+        .await
+        .expect("bank stops")
+        .unwrap()
+        .unwrap();
+}
