@@ -250,6 +250,8 @@ fn resume(
     recovery: Recovery,
 ) {
     let decode = |bytes: bytes::Bytes| crate::wire::Message::decode(&config.dialect, bytes).ok();
+    let unfinished: std::collections::HashSet<u64> =
+        recovery.unfinished.iter().map(|u| u.request_id).collect();
     for u in recovery.unfinished {
         let Some((bank, stan)) = u.forwarded else {
             journaling.outcome(u.request_id, b"91", OutcomeSource::Switch, None);
@@ -280,6 +282,9 @@ fn resume(
         }
     }
     for p in recovery.reversals_pending {
+        if unfinished.contains(&p.request_id) {
+            continue; // queued above with its 68
+        }
         let (bank, stan) = p.forwarded;
         let connector = connectors.get(usize::from(bank));
         match (connector, decode(p.request), Stan::from_value(stan)) {

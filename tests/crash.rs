@@ -128,9 +128,17 @@ impl Daemon {
         }
     }
 
-    fn kill(mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
+    /// SIGKILL (see `Drop`).
+    fn kill(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Daemon {
+    /// SIGKILL; also when a check fails, so no daemon outlives the test.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

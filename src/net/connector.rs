@@ -499,25 +499,28 @@ impl Connector {
         link_stan: Stan,
         unfinished: bool,
     ) {
-        if unfinished {
-            self.journaling
-                .outcome(request_id, b"68", OutcomeSource::Timeout, None);
-        }
         // Recorded again even when it was queued before the restart: the open work
         // of older segments is carried into the new one, so pruning old segments
-        // never loses it.
+        // never loses it. Before the 68: a crash between the two must leave the
+        // reversal pending (the simulation test found the other order losing it).
         if let Err(e) = self
             .journaling
             .reversal_queued(request_id, self.index, link_stan, &original)
         {
             error!(bank = %self.bank.id, request_id, error = %e, "resumed reversal not journaled");
         }
+        if unfinished {
+            self.journaling
+                .outcome(request_id, b"68", OutcomeSource::Timeout, None);
+        }
         let now = std::time::Instant::now();
         let advice = Advice {
             original,
             original_link_stan: link_stan,
             request_id,
-            attempts: 0,
+            // An advice pending before the restart may have reached the bank:
+            // resent as a repeat (0421).
+            attempts: u32::from(!unfinished),
             queued_at: now,
             next_try: now,
         };
@@ -675,8 +678,15 @@ impl Connector {
             let deadline = now + self.bank.echo_timeout;
             let stan = match table.inflight.insert(deadline, Waiter::Reversal(advice)) {
                 Ok(stan) => stan,
-                Err(TableFull(Waiter::Reversal(advice))) => {
-                    let _ = self.saf.push(advice, now);
+                Err(TableFull(Waiter::Reversal(mut advice))) => {
+                    // The link is full: try again after the first backoff step, not
+                    // at once (the writer would spin on an advice still due).
+                    advice.next_try = now + self.saf.backoff(0);
+                    if let Err(parked) = self.saf.push(advice, now) {
+                        metrics::counter!("switchyard_reversals_parked_total").increment(1);
+                        error!(bank = %self.bank.id, request_id = parked.request_id,
+                            reason = ?parked.reason, "reversal advice parked: needs manual follow-up with the bank");
+                    }
                     continue;
                 }
                 Err(TableFull(_)) => continue,
