@@ -54,6 +54,7 @@ declare -A PORT=([none]=$SWITCH_PORT [off]=$((SWITCH_PORT + 1)) [batch]=$((SWITC
 for mode in none off batch; do : >"$WORK/$mode.runs"; done
 for run in $(seq "$RUNS"); do
     for mode in none off batch; do
+        sync # dirty journal pages of earlier runs are not written back during this one
         echo "run $run/$RUNS: journal $mode" >&2
         load "${PORT[$mode]}" --connections "$CONNECTIONS" --window "$WINDOW" >>"$WORK/$mode.runs"
     done
@@ -74,6 +75,7 @@ row() { # $1 = mode
 
 batch_max=$(median "$WORK/batch.runs" '.tps | floor')
 half=$((batch_max / 2))
+sync
 echo "open loop at half of $batch_max = $half/s, journal batch" >&2
 load "${PORT[batch]}" --connections "$CONNECTIONS" --window 4096 --rate "$half" \
     --hgrm "$OUT/journal-batch-half.hgrm" --plot "$OUT/journal-batch-half.svg" >"$WORK/half.json"

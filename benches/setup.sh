@@ -14,7 +14,7 @@ HAPROXY_PORT=${HAPROXY_PORT:-18584}
 WITH_HAPROXY=${WITH_HAPROXY:-}
 JOURNAL=${JOURNAL:-} # empty: no journal; "batch" or "off": a journal in the work directory
 ROUTES=${ROUTES:-}
-DUP_WINDOW_S=${DUP_WINDOW_S:-5} # seconds request keys are remembered (duplicates)
+DUP_WINDOW_S=${DUP_WINDOW_S:-2} # seconds request keys are remembered (duplicates)
 
 if [ -n "$WITH_HAPROXY" ] && ! command -v haproxy >/dev/null; then
     echo "installing haproxy (Debian package)" >&2

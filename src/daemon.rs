@@ -310,8 +310,6 @@ fn unix_ms_now() -> u64 {
 /// answered ones keep their answer; unfinished ones get the outcome [`resume`] gives
 /// them (68 if forwarded, else 91).
 fn restore_recent(config: &Config, recent: &Recent, recovery: &Recovery) {
-    let now = std::time::Instant::now();
-    let now_ms = unix_ms_now();
     let mut restored = 0usize;
     for r in &recovery.recent {
         let Ok(request) = crate::wire::Message::decode(&config.dialect, r.request.clone()) else {
@@ -337,9 +335,7 @@ fn restore_recent(config: &Config, recent: &Recent, recovery: &Recovery) {
             (None, Some(_)) => Stored::Switch(ResponseCode::LateResponse),
             (None, None) => Stored::Switch(ResponseCode::DestinationUnavailable),
         };
-        let age = std::time::Duration::from_millis(now_ms.saturating_sub(r.unix_ms));
-        let since = now.checked_sub(age).unwrap_or(now);
-        restored += usize::from(recent.restore(key, content_digest(&request), since, stored, 0));
+        restored += usize::from(recent.restore(key, content_digest(&request), stored, 0));
     }
     if restored > 0 {
         tracing::info!(restored, "duplicates table rebuilt from the journal");

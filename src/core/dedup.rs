@@ -3,8 +3,9 @@
 //! An identical retransmission of a completed request gets the original answer
 //! again; one still in flight waits and is answered once, with the same answer,
 //! when the outcome is known; the same key with different content is a conflict
-//! (the switch answers 94). Keys are kept for a time window, in arrival order, up
-//! to a bound; at the bound a new request is refused (the caller answers 91).
+//! (the switch answers 94). Keys are kept for a time window (between one and two
+//! windows: two generations per shard), up to a bound; at the bound a new request
+//! is refused (the caller answers 91).
 //!
 //! The same table finds the original of an acquirer's 0400 reversal: DE90 names the
 //! original's DE11 and DE7, the reversal carries the acquirer's DE32 (and usually
@@ -16,9 +17,9 @@
 
 use super::fxhash::FxHasher;
 use crate::wire::Message;
+use crossbeam_utils::CachePadded;
 use hashbrown::HashTable;
 use std::collections::hash_map::RandomState;
-use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -148,24 +149,31 @@ struct Entry<W, A> {
     key: DuplicateKey,
     hash: u64,
     digest: u64,
-    since: Instant,
     state: State<W, A>,
 }
 
+/// One shard: keys in two generations. New keys go into `current`; every
+/// `window` the generations turn (`previous` is dropped, `current` becomes
+/// `previous`), so a key is remembered between one and two windows, and expiry
+/// costs nothing per request (no per-key removal, no tombstones in the table).
 struct Shard<W, A> {
-    map: HashTable<Entry<W, A>>,
-    /// Keys by arrival, for expiry (with their hash).
-    order: VecDeque<(Instant, u64, DuplicateKey)>,
+    current: HashTable<Entry<W, A>>,
+    previous: HashTable<Entry<W, A>>,
+    /// When `current` started.
+    turned_at: Instant,
     capacity: usize,
 }
 
 /// Keys within the window, bounded, split into shards.
 pub struct DedupTable<W, A> {
-    shards: Box<[Mutex<Shard<W, A>>]>,
+    shards: Box<[Locked<W, A>]>,
     hasher: RandomState,
     window: Duration,
     waiters_max: usize,
 }
+
+/// A shard behind its own lock, on its own cache lines.
+type Locked<W, A> = CachePadded<Mutex<Shard<W, A>>>;
 
 /// Shards of a table (a power of two).
 const SHARDS: usize = 32;
@@ -175,17 +183,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl<W, A: Clone> DedupTable<W, A> {
-    /// A table remembering keys for `window`, at most `capacity` keys, and at most
-    /// `waiters_max` duplicates (or reversals) waiting on one in-flight request.
+    /// A table remembering keys for at least `window` (at most twice that), at most
+    /// `capacity` keys, and at most `waiters_max` duplicates (or reversals) waiting
+    /// on one in-flight request.
     pub fn new(window: Duration, capacity: usize, waiters_max: usize) -> DedupTable<W, A> {
         let per_shard = capacity.max(1).div_ceil(SHARDS);
+        let now = Instant::now();
         let shards = (0..SHARDS)
-            .map(|_| {
-                Mutex::new(Shard {
-                    map: HashTable::new(),
-                    order: VecDeque::new(),
+            .map(|i| {
+                // Shards turn at different moments, spreading the work of dropping a
+                // generation over the window.
+                let stagger = window / SHARDS as u32 * i as u32;
+                CachePadded::new(Mutex::new(Shard {
+                    current: HashTable::new(),
+                    previous: HashTable::new(),
+                    turned_at: now.checked_sub(stagger).unwrap_or(now),
                     capacity: per_shard,
-                })
+                }))
             })
             .collect();
         DedupTable {
@@ -196,14 +210,20 @@ impl<W, A: Clone> DedupTable<W, A> {
         }
     }
 
-    /// The window keys are remembered for.
+    /// The window keys are remembered for (at least).
     pub fn window(&self) -> Duration {
         self.window
     }
 
     /// Keys held.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).map.len()).sum()
+        self.shards
+            .iter()
+            .map(|s| {
+                let s = lock(s);
+                s.current.len() + s.previous.len()
+            })
+            .sum()
     }
 
     /// Whether no key is held.
@@ -213,38 +233,43 @@ impl<W, A: Clone> DedupTable<W, A> {
 
     fn shard(&self, key: &DuplicateKey) -> (u64, &Mutex<Shard<W, A>>) {
         let hash = self.hasher.hash_one(key);
-        // The low bits pick the bucket inside a shard; the high bits pick the shard.
-        (hash, &self.shards[(hash >> 58) as usize % SHARDS])
+        // Inside a shard, hashbrown places a key by the hash's low bits and tags it
+        // with the top 7: the shard is picked by bits used by neither (picking it by
+        // the top bits left tags with 2 bits of entropy, and every probe compared
+        // keys; that cost a quarter of the switch's CPU).
+        (hash, &self.shards[(hash >> 40) as usize % SHARDS])
     }
 
     /// Classifies a request with `key` and `digest` arriving at `now`.
     pub fn check(&self, key: DuplicateKey, digest: u64, now: Instant, waiter: W) -> Verdict<W, A> {
         let (hash, shard) = self.shard(&key);
-        let mut shard = lock(shard);
-        shard.expire(now, self.window);
-        let waiters_max = self.waiters_max;
-        let Some(e) = shard.map.find_mut(hash, |e| e.key == key) else {
-            if shard.map.len() >= shard.capacity {
-                return Verdict::Full(waiter);
+        let mut guard = lock(shard);
+        guard.turn(now, self.window);
+        let shard = &mut *guard;
+        let full = shard.current.len() + shard.previous.len() >= shard.capacity;
+        let verdict = match shard.find_mut(hash, &key) {
+            None if full => Verdict::Full(waiter),
+            None => {
+                shard.insert(hash, key, digest, State::InFlight(Vec::new()));
+                Verdict::New(waiter)
             }
-            shard.insert(hash, key, digest, now, State::InFlight(Vec::new()));
-            return Verdict::New(waiter);
-        };
-        if e.digest != digest {
-            return Verdict::Conflict(waiter);
-        }
-        match &mut e.state {
-            State::Done { answer, seq } => Verdict::Answered {
-                answer: answer.clone(),
-                seq: *seq,
-                waiter,
+            Some(e) if e.digest != digest => Verdict::Conflict(waiter),
+            Some(e) => match &mut e.state {
+                State::Done { answer, seq } => Verdict::Answered {
+                    answer: answer.clone(),
+                    seq: *seq,
+                    waiter,
+                },
+                State::InFlight(waiting) if waiting.len() >= self.waiters_max => {
+                    Verdict::Full(waiter)
+                }
+                State::InFlight(waiting) => {
+                    waiting.push(waiter);
+                    Verdict::Waiting
+                }
             },
-            State::InFlight(waiting) if waiting.len() >= waiters_max => Verdict::Full(waiter),
-            State::InFlight(waiting) => {
-                waiting.push(waiter);
-                Verdict::Waiting
-            }
-        }
+        };
+        verdict
     }
 
     /// Looks up the original named by a reversal; while it is in flight, `waiter`
@@ -252,7 +277,7 @@ impl<W, A: Clone> DedupTable<W, A> {
     pub fn original(&self, key: &DuplicateKey, waiter: W) -> Original<W, A> {
         let (hash, shard) = self.shard(key);
         let mut shard = lock(shard);
-        let Some(e) = shard.map.find_mut(hash, |e| e.key == *key) else {
+        let Some(e) = shard.find_mut(hash, key) else {
             return Original::Absent(waiter);
         };
         match &mut e.state {
@@ -268,8 +293,8 @@ impl<W, A: Clone> DedupTable<W, A> {
     /// The stored answer of `key`, if it was answered.
     pub fn stored(&self, key: &DuplicateKey) -> Option<A> {
         let (hash, shard) = self.shard(key);
-        let shard = lock(shard);
-        match &shard.map.find(hash, |e| e.key == *key)?.state {
+        let mut shard = lock(shard);
+        match &shard.find_mut(hash, key)?.state {
             State::Done { answer, .. } => Some(answer.clone()),
             State::InFlight(_) => None,
         }
@@ -277,89 +302,78 @@ impl<W, A: Clone> DedupTable<W, A> {
 
     /// Records the answer of the request with `key` (released once journal record
     /// `seq` is durable); returns what waited for it.
-    pub fn complete(&self, key: &DuplicateKey, answer: A, seq: u64, now: Instant) -> Vec<W> {
+    pub fn complete(&self, key: &DuplicateKey, answer: A, seq: u64) -> Vec<W> {
         let (hash, shard) = self.shard(key);
         let mut shard = lock(shard);
-        let window = self.window;
-        let Ok(entry) = shard.map.find_entry(hash, |e| e.key == *key) else {
+        let Some(e) = shard.find_mut(hash, key) else {
             return Vec::new();
         };
-        if entry.get().since + window <= now {
-            // Its place in `order` was already passed: forget it now.
-            let (e, _) = entry.remove();
-            return match e.state {
-                State::InFlight(waiters) => waiters,
-                State::Done { .. } => Vec::new(),
-            };
-        }
-        let e = entry.into_mut();
         match std::mem::replace(&mut e.state, State::Done { answer, seq }) {
             State::InFlight(waiters) => waiters,
             State::Done { .. } => Vec::new(),
         }
     }
 
-    /// Adds a request answered before a restart (from the journal), received at
-    /// `since`. Returns false when its shard is full or the key is already held.
-    pub fn restore(
-        &self,
-        key: DuplicateKey,
-        digest: u64,
-        since: Instant,
-        answer: A,
-        seq: u64,
-    ) -> bool {
+    /// Adds a request answered before a restart (from the journal). Returns false
+    /// when its shard is full or the key is already held.
+    pub fn restore(&self, key: DuplicateKey, digest: u64, answer: A, seq: u64) -> bool {
         let (hash, shard) = self.shard(&key);
         let mut shard = lock(shard);
-        if shard.map.len() >= shard.capacity || shard.map.find(hash, |e| e.key == key).is_some() {
+        let full = shard.current.len() + shard.previous.len() >= shard.capacity;
+        if full || shard.find_mut(hash, &key).is_some() {
             return false;
         }
-        shard.insert(hash, key, digest, since, State::Done { answer, seq });
+        shard.insert(hash, key, digest, State::Done { answer, seq });
         true
     }
 
-    /// Forgets answered keys older than the window (in-flight ones go when they
-    /// complete).
+    /// Turns the generations of shards whose window has passed, so memory is given
+    /// back even where no request comes (the daemon calls it once a second).
     pub fn expire(&self, now: Instant) {
         for shard in self.shards.iter() {
-            lock(shard).expire(now, self.window);
+            lock(shard).turn(now, self.window);
         }
     }
 }
 
 impl<W, A> Shard<W, A> {
-    fn insert(
-        &mut self,
-        hash: u64,
-        key: DuplicateKey,
-        digest: u64,
-        since: Instant,
-        state: State<W, A>,
-    ) {
+    fn find_mut(&mut self, hash: u64, key: &DuplicateKey) -> Option<&mut Entry<W, A>> {
+        let Shard {
+            current, previous, ..
+        } = self;
+        match current.find_mut(hash, |e| e.key == *key) {
+            Some(e) => Some(e),
+            None => previous.find_mut(hash, |e| e.key == *key),
+        }
+    }
+
+    fn insert(&mut self, hash: u64, key: DuplicateKey, digest: u64, state: State<W, A>) {
         let entry = Entry {
             key,
             hash,
             digest,
-            since,
             state,
         };
-        self.map.insert_unique(hash, entry, |e| e.hash);
-        self.order.push_back((since, hash, key));
+        self.current.insert_unique(hash, entry, |e| e.hash);
     }
 
-    fn expire(&mut self, now: Instant, window: Duration) {
-        while let Some(&(since, hash, key)) = self.order.front() {
-            if since + window > now {
-                break;
-            }
-            self.order.pop_front();
-            if let Ok(entry) = self.map.find_entry(hash, |e| e.key == key) {
-                let e = entry.get();
-                if e.since == since && matches!(e.state, State::Done { .. }) {
-                    entry.remove();
-                }
-            }
+    /// Turns the generations when `current` is a window old: the older generation's
+    /// answered keys are dropped in place and its table, keeping its memory (no
+    /// allocation, no page faults in a steady state) and the requests still in
+    /// flight (their waiters must be answered), becomes `current`.
+    fn turn(&mut self, now: Instant, window: Duration) {
+        if now < self.turned_at + window {
+            return;
         }
+        // Two windows passed with no request: the newer generation goes too.
+        if now >= self.turned_at + window * 2 {
+            self.previous
+                .retain(|e| matches!(e.state, State::InFlight(_)));
+        }
+        self.turned_at = now;
+        std::mem::swap(&mut self.current, &mut self.previous);
+        self.current
+            .retain(|e| matches!(e.state, State::InFlight(_)));
     }
 }
 
@@ -404,9 +418,9 @@ mod tests {
 
     #[test]
     fn verdicts_over_a_request_life() {
-        let t0 = Instant::now();
         let window = Duration::from_secs(60);
         let t: DedupTable<u32, &'static str> = DedupTable::new(window, 100, 2);
+        let t0 = Instant::now(); // the table's generations start before
         let a = msg(Mti::FINANCIAL, b"000001", b"000000001000");
         let key = DuplicateKey::of(&a).unwrap();
         let digest = content_digest(&a);
@@ -421,7 +435,7 @@ mod tests {
             t.check(key, digest ^ 1, t0, 5),
             Verdict::Conflict(5)
         ));
-        assert_eq!(t.complete(&key, "0210 answer", 7, t0), vec![2, 3]);
+        assert_eq!(t.complete(&key, "0210 answer", 7), vec![2, 3]);
         match t.check(key, digest, t0 + Duration::from_secs(1), 6) {
             Verdict::Answered {
                 answer: "0210 answer",
@@ -431,19 +445,25 @@ mod tests {
             other => panic!("{other:?}"),
         }
         t.expire(t0 + window);
-        assert!(t.is_empty(), "forgotten after the window");
+        assert_eq!(t.len(), 1, "remembered for at least the window");
         assert!(matches!(
-            t.check(key, digest, t0 + window, 7),
+            t.check(key, digest, t0 + window, 8),
+            Verdict::Answered { waiter: 8, .. }
+        ));
+        t.expire(t0 + window * 2);
+        assert!(t.is_empty(), "forgotten after two windows");
+        assert!(matches!(
+            t.check(key, digest, t0 + window * 2, 7),
             Verdict::New(7)
         ));
     }
 
     #[test]
     fn bounded_and_late_completions_do_not_linger() {
-        let t0 = Instant::now();
         let window = Duration::from_secs(10);
         // One key per shard at most.
         let t: DedupTable<(), ()> = DedupTable::new(window, 1, 1);
+        let t0 = Instant::now();
         let keys: Vec<_> = (0..200u32)
             .map(|i| {
                 msg(
@@ -460,11 +480,12 @@ mod tests {
             .collect();
         assert!(new.len() <= SHARDS, "capacity per shard: {}", new.len());
         assert!(new.len() > 1);
-        // Still in flight past the window: kept until it completes, then dropped.
-        t.expire(t0 + window * 2);
+        // Still in flight past two windows: kept until it completes.
+        t.expire(t0 + window * 3);
         assert_eq!(t.len(), new.len());
-        t.complete(&k(new[0]), (), 0, t0 + window * 2);
-        assert_eq!(t.len(), new.len() - 1);
+        t.complete(&k(new[0]), (), 0);
+        t.expire(t0 + window * 6);
+        assert_eq!(t.len(), new.len() - 1, "answered: gone; in flight: kept");
     }
 
     #[test]
@@ -498,7 +519,7 @@ mod tests {
             Verdict::New("o")
         ));
         assert!(matches!(t.original(&named, "r"), Original::Attached));
-        assert_eq!(t.complete(&key, "answered", 1, t0), vec!["r"]);
+        assert_eq!(t.complete(&key, "answered", 1), vec!["r"]);
         assert!(matches!(
             t.original(&named, "r2"),
             Original::Done("answered", "r2")

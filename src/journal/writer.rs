@@ -29,7 +29,7 @@ pub const QUEUE_DEPTH_MAX_DEFAULT: usize = 65_536;
 /// Records written per group commit at most.
 pub const BATCH_RECORDS_MAX_DEFAULT: usize = 4_096;
 /// Longest wait for more records before a commit, µs.
-pub const BATCH_DELAY_US_DEFAULT: u64 = 100;
+pub const BATCH_DELAY_US_DEFAULT: u64 = 20;
 /// Longest sleep of an idle writer between checks (it is also woken by appends).
 const IDLE_PARK: Duration = Duration::from_millis(50);
 /// Segment size at which a new segment starts, bytes; also the space reserved for

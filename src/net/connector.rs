@@ -216,8 +216,7 @@ impl Connector {
         let Some(key) = DuplicateKey::of(request) else {
             return;
         };
-        let now = std::time::Instant::now();
-        for waiter in self.recent.complete(&key, stored.clone(), seq, now) {
+        for waiter in self.recent.complete(&key, stored.clone(), seq) {
             match waiter {
                 Awaiting::Duplicate { request, reply } => {
                     metrics::counter!("switchyard_duplicates_total", "result" => "answered_once")
