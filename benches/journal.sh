@@ -92,6 +92,8 @@ row none
 row off
 row batch
 echo
+jq -n --argjson a "$(median "$WORK/batch.runs" .tps)" --argjson b "$(median "$WORK/off.runs" .tps)" \
+    -r '"fsync = batch against fsync = off: \((1 - $a / $b) * 1000 | round / 10)% less throughput"'
 jq -r '"open loop at \(.rate)/s (half of the batch maximum), fsync = batch: achieved \(.tps | floor)/s, p50 \(.latency_us.p50) µs, p99 \(.latency_us.p99) µs, p99.9 \(.latency_us.p999) µs, max \(.latency_us.max) µs, errors \(.errors + .timeouts)"' "$WORK/half.json"
 for mode in none off batch; do
     echo "per-run payments/s, $mode: $(jq -c -s 'map(.tps | round)' "$WORK/$mode.runs")"
