@@ -2,7 +2,7 @@
 
 use crate::config::{Config, TlsFiles};
 use crate::core::dedup::{content_digest, DuplicateKey};
-use crate::core::inflight::Stan;
+use crate::core::inflight::{Stan, STAN_MAX};
 use crate::core::reversal::is_reversal;
 use crate::core::ResponseCode;
 use crate::journal::recovery::{Recovery, Replay};
@@ -118,6 +118,9 @@ impl Switch {
                     Bookkeeping {
                         journaling: journaling.clone(),
                         recent: recent.clone(),
+                        // Past every STAN used before the restart (each request
+                        // took at least one journal sequence number), modulo wrap.
+                        first_stan: (first_request_id % u64::from(STAN_MAX)) as u32 + 1,
                     },
                 )
             })

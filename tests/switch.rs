@@ -694,11 +694,9 @@ async fn after_a_crash_forwarded_requests_without_outcome_are_reversed() {
         1,
         "one 0420, nothing else"
     );
-    assert_eq!(
-        bed.banks[0].stats.last_stan.load(Ordering::Relaxed),
-        1,
-        "advice on a fresh STAN"
-    );
+    // Its own STAN, past those used before the restart (the journal's position).
+    let stan = bed.banks[0].stats.last_stan.load(Ordering::Relaxed);
+    assert!(stan > 2 && stan != 123, "advice on a fresh STAN: {stan}");
     eventually("closed and acknowledged in the journal", || {
         let (_, r) = recover(&dir).unwrap();
         r.unfinished.is_empty() && r.reversals_pending.is_empty()
@@ -844,5 +842,44 @@ async fn an_acquirer_reversal_reaches_the_bank_under_the_stan_it_saw() {
         .await;
     assert_eq!(code(&c.recv().await.unwrap()), b"25");
     assert_eq!(bank_saw(&bed, 0, b"0400").len(), 1);
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stans_are_unique_per_bank_across_its_links() {
+    let bed = testbed(TestbedOptions {
+        banks: 1,
+        links: 4,
+        ..TestbedOptions::default()
+    })
+    .await;
+    bed.banks[0].stats.log.enable(1000);
+    let mut c = Client::as_institution(&bed, "100001").await;
+    let stans: Vec<[u8; 6]> = (0..200u32)
+        .map(|i| {
+            let mut s = [b'0'; 6];
+            s.copy_from_slice(format!("{:06}", i + 1).as_bytes());
+            s
+        })
+        .collect();
+    for stan in &stans {
+        c.send(
+            Mti::FINANCIAL,
+            &payment(stan, b"100001", b"4111111111111111", b"000000001000"),
+        )
+        .await;
+    }
+    for _ in &stans {
+        assert_eq!(code(&c.recv().await.unwrap()), b"00");
+    }
+    let seen: std::collections::HashSet<Vec<u8>> = bank_saw(&bed, 0, b"0200")
+        .iter()
+        .map(|m| m.field(11).unwrap().to_vec())
+        .collect();
+    assert_eq!(
+        seen.len(),
+        stans.len(),
+        "one STAN per request, whatever the link"
+    );
     bed.stop().await;
 }

@@ -110,6 +110,19 @@ impl<T> InflightTable<T> {
         self.slots.is_empty()
     }
 
+    /// Gives `value` the first free STAN from `first` on (1..=999,999; a STAN
+    /// drawn from a counter shared by all links to one bank, so that STANs are
+    /// unique per bank, not only per link) and remembers it until `deadline`.
+    pub fn insert_from(
+        &mut self,
+        first: u32,
+        deadline: Instant,
+        value: T,
+    ) -> Result<Stan, TableFull<T>> {
+        self.next = first.clamp(1, STAN_MAX);
+        self.insert(deadline, value)
+    }
+
     /// Gives `value` the next free STAN and remembers it until `deadline`.
     pub fn insert(&mut self, deadline: Instant, value: T) -> Result<Stan, TableFull<T>> {
         if self.slots.len() >= self.capacity {

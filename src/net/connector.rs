@@ -20,7 +20,7 @@ use crate::telemetry::{ConnectorLatency, LatencyRecorder, Sample};
 use crate::wire::{reencode, Change, Dialect, Encoder, FrameDecoder, Message, Mti};
 use bytes::BytesMut;
 use crossbeam_queue::ArrayQueue;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -60,6 +60,9 @@ pub struct Bookkeeping {
     pub journaling: Journaling,
     /// Recent requests, for retransmissions and reversals.
     pub recent: Arc<Recent>,
+    /// Where bank STANs start (1..=999,999): derived from the journal's position,
+    /// so that a restart does not reuse the STANs a bank saw just before.
+    pub first_stan: u32,
 }
 
 /// What a link is waiting on under a STAN (requests dominate; boxing would
@@ -95,6 +98,9 @@ pub struct Connector {
     saf: Saf,
     /// Recent requests, for retransmissions and reversals.
     recent: Arc<Recent>,
+    /// The next STAN for this bank, shared by its links: STANs are unique per
+    /// bank (not per link), and continue across restarts (seeded from the journal).
+    next_stan: AtomicU32,
 }
 
 impl Connector {
@@ -108,7 +114,17 @@ impl Connector {
         link_changed: Arc<Notify>,
         books: Bookkeeping,
     ) -> Arc<Connector> {
-        let Bookkeeping { journaling, recent } = books;
+        let Bookkeeping {
+            journaling,
+            recent,
+            first_stan,
+        } = books;
+        // A test's configured start wins (wrap-around tests); else the journal's.
+        let first_stan = if bank.first_stan > 1 {
+            bank.first_stan
+        } else {
+            first_stan
+        };
         let inflight_by_link = (0..bank.links).map(|_| AtomicUsize::new(0)).collect();
         let saf_limits = bank.saf.clone();
         Arc::new(Connector {
@@ -127,6 +143,8 @@ impl Connector {
             journaling,
             saf: Saf::new(saf_limits),
             recent,
+            // `next_stan` hands out `counter % STAN_MAX + 1`.
+            next_stan: AtomicU32::new(first_stan.saturating_sub(1)),
         })
     }
 
@@ -185,6 +203,12 @@ impl Connector {
     /// journaling the outcome, and recording it for retransmissions).
     pub fn decline(&self, p: Pending, code: ResponseCode) {
         self.answer(p, code, OutcomeSource::Switch);
+    }
+
+    /// The next STAN candidate for this bank (wraps from 999,999 to 1).
+    fn next_stan(&self) -> u32 {
+        let n = self.next_stan.fetch_add(1, Ordering::Relaxed);
+        n % crate::core::inflight::STAN_MAX + 1
     }
 
     /// Answers 91 to a request the journal could not record as accepted (nothing
@@ -333,8 +357,7 @@ impl Connector {
         let (rd, mut wr) = tokio::io::split(stream);
         let link = Link {
             table: Mutex::new(LinkTable {
-                inflight: InflightTable::new(self.bank.inflight_per_link_max)
-                    .with_next_stan(self.bank.first_stan),
+                inflight: InflightTable::new(self.bank.inflight_per_link_max),
                 sweep_at: None,
             }),
             wake_reader: Notify::new(),
@@ -675,7 +698,11 @@ impl Connector {
         let mut table = lock(&link.table);
         for advice in due {
             let deadline = now + self.bank.echo_timeout;
-            let stan = match table.inflight.insert(deadline, Waiter::Reversal(advice)) {
+            let first = self.next_stan();
+            let stan = match table
+                .inflight
+                .insert_from(first, deadline, Waiter::Reversal(advice))
+            {
                 Ok(stan) => stan,
                 Err(TableFull(Waiter::Reversal(mut advice))) => {
                     // The link is full: try again after the first backoff step, not
@@ -737,7 +764,11 @@ impl Connector {
             }
             let deadline = p.deadline;
             p.forwarded_at = now;
-            let stan = match table.inflight.insert(deadline, Waiter::Acquirer(p)) {
+            let first = self.next_stan();
+            let stan = match table
+                .inflight
+                .insert_from(first, deadline, Waiter::Acquirer(p))
+            {
                 Ok(stan) => stan,
                 Err(TableFull(Waiter::Acquirer(p))) => {
                     self.unavailable(p, "link in-flight table full");
@@ -803,9 +834,11 @@ impl Connector {
     fn echo(&self, link: &Link, out: &mut BytesMut) -> bool {
         let now = std::time::Instant::now();
         let mut table = lock(&link.table);
-        let Ok(stan) = table
-            .inflight
-            .insert(now + self.bank.echo_timeout, Waiter::Echo)
+        let first = self.next_stan();
+        let Ok(stan) =
+            table
+                .inflight
+                .insert_from(first, now + self.bank.echo_timeout, Waiter::Echo)
         else {
             return false;
         };
