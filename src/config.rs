@@ -37,6 +37,18 @@ pub const DUPLICATE_ENTRIES_MAX_DEFAULT: usize = 2_000_000;
 /// Retransmissions (or reversals) waiting on one request still in flight; past it
 /// they are answered 91.
 pub const DUPLICATE_WAITERS_MAX_DEFAULT: usize = 4;
+/// Acquirer connections one institution may hold open at once; more are closed
+/// after the handshake.
+pub const CONNECTIONS_PER_INSTITUTION_MAX_DEFAULT: usize = 1_000;
+/// Time an acquirer connection may stay without sending a byte (its echoes count)
+/// before it is closed.
+pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 120_000;
+/// Time a frame may take to arrive once its first byte has: a peer trickling
+/// bytes is cut off.
+pub const FRAME_READ_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+/// Time an acquirer has to take one batch of answers; a peer that stops reading
+/// is cut off, not buffered for.
+pub const WRITE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 /// TLS handshake time allowed to a connecting acquirer.
 pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 /// Deadline of a request from its receipt until its answer must be back.
@@ -183,7 +195,11 @@ struct TlsSection {
 struct LimitsSection {
     frame_size_max_bytes: usize,
     connections_max: usize,
+    connections_per_institution_max: usize,
     inflight_per_connection_max: usize,
+    idle_timeout_ms: u64,
+    frame_read_timeout_ms: u64,
+    write_timeout_ms: u64,
 }
 
 impl Default for LimitsSection {
@@ -191,7 +207,11 @@ impl Default for LimitsSection {
         LimitsSection {
             frame_size_max_bytes: FRAME_SIZE_MAX_BYTES_DEFAULT,
             connections_max: CONNECTIONS_MAX_DEFAULT,
+            connections_per_institution_max: CONNECTIONS_PER_INSTITUTION_MAX_DEFAULT,
             inflight_per_connection_max: INFLIGHT_PER_CONNECTION_MAX_DEFAULT,
+            idle_timeout_ms: IDLE_TIMEOUT_MS_DEFAULT,
+            frame_read_timeout_ms: FRAME_READ_TIMEOUT_MS_DEFAULT,
+            write_timeout_ms: WRITE_TIMEOUT_MS_DEFAULT,
         }
     }
 }
@@ -504,6 +524,14 @@ pub struct Config {
     pub connections_max: usize,
     /// In-flight bound per acquirer connection.
     pub inflight_per_connection_max: usize,
+    /// Acquirer connections per institution.
+    pub connections_per_institution_max: usize,
+    /// Silence allowed on an acquirer connection.
+    pub idle_timeout: Duration,
+    /// Time a frame may take once started.
+    pub frame_read_timeout: Duration,
+    /// Time an acquirer has to take a batch of answers.
+    pub write_timeout: Duration,
     /// Institutions allowed to connect.
     pub institutions: Vec<Institution>,
     /// Banks, indexed by [`BankIndex`].
@@ -629,6 +657,34 @@ impl Checker<'_> {
             65_536,
             "",
         )?;
+        self.range(
+            "limits.connections_per_institution_max",
+            l.connections_per_institution_max,
+            1,
+            1_000_000,
+            "",
+        )?;
+        self.range(
+            "limits.idle_timeout_ms",
+            l.idle_timeout_ms,
+            100,
+            86_400_000,
+            "ms",
+        )?;
+        self.range(
+            "limits.frame_read_timeout_ms",
+            l.frame_read_timeout_ms,
+            10,
+            600_000,
+            "ms",
+        )?;
+        self.range(
+            "limits.write_timeout_ms",
+            l.write_timeout_ms,
+            10,
+            600_000,
+            "ms",
+        )?;
         let dup = &f.duplicates;
         self.range("duplicates.window_s", dup.window_s, 1, 7 * 86_400, "s")?;
         self.range("duplicates.entries_max", dup.entries_max, 1, 1 << 30, "")?;
@@ -687,6 +743,10 @@ impl Checker<'_> {
             handshake_timeout: Duration::from_millis(t.handshake_timeout_ms),
             frame_size_max_bytes: frame_max,
             connections_max: l.connections_max,
+            connections_per_institution_max: l.connections_per_institution_max,
+            idle_timeout: Duration::from_millis(l.idle_timeout_ms),
+            frame_read_timeout: Duration::from_millis(l.frame_read_timeout_ms),
+            write_timeout: Duration::from_millis(l.write_timeout_ms),
             inflight_per_connection_max: inflight,
             institutions,
             banks,

@@ -54,6 +54,9 @@ pub struct TestbedOptions {
     /// and the table must hold rate × window keys (at most
     /// [`DEMO_DUPLICATE_ENTRIES_MAX`]).
     pub duplicate_window_s: u64,
+    /// `[limits]` keys written as they are (e.g. `idle_timeout_ms = 300`), one per
+    /// line, for tests of the session limits.
+    pub limits: Vec<String>,
 }
 
 /// Keys the test bed's duplicates table holds at most (about 300 bytes each).
@@ -74,6 +77,7 @@ impl Default for TestbedOptions {
             journal: None,
             journal_at: None,
             duplicate_window_s: 2,
+            limits: Vec::new(),
         }
     }
 }
@@ -263,8 +267,9 @@ fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, Socke
     );
     let _ = writeln!(
         t,
-        "[limits]\ninflight_per_connection_max = {}\n",
-        opts.inflight_per_connection_max
+        "[limits]\ninflight_per_connection_max = {}\n{}\n",
+        opts.inflight_per_connection_max,
+        opts.limits.join("\n")
     );
     let _ = writeln!(
         t,

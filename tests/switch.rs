@@ -883,3 +883,101 @@ async fn stans_are_unique_per_bank_across_its_links() {
     );
     bed.stop().await;
 }
+
+/// Reads until the switch closes the connection; false if it stays open for [`WAIT`].
+async fn closed_by_switch(c: &mut Client) -> bool {
+    let mut buf = [0u8; 1024];
+    let read = async {
+        loop {
+            match c.stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, read).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_trickling_connections_are_cut_off_and_others_keep_working() {
+    let bed = testbed(TestbedOptions {
+        banks: 1,
+        limits: vec![
+            "idle_timeout_ms = 300".to_owned(),
+            "frame_read_timeout_ms = 300".to_owned(),
+        ],
+        ..TestbedOptions::default()
+    })
+    .await;
+    let mut idle = Client::as_institution(&bed, "100001").await;
+    let mut trickle = Client::as_institution(&bed, "100001").await;
+    let mut good = Client::as_institution(&bed, "100001").await;
+    // Two bytes of a frame header and one of the message, then nothing.
+    trickle.stream.write_all(&[0, 120, b'0']).await.unwrap();
+    trickle.stream.flush().await.unwrap();
+    let cut_off = tokio::spawn(async move {
+        let trickle_cut = closed_by_switch(&mut trickle).await;
+        let idle_cut = closed_by_switch(&mut idle).await;
+        (trickle_cut, idle_cut)
+    });
+    // The good client keeps paying (so it is never idle) until both are cut off.
+    let mut answers = 0u32;
+    while !cut_off.is_finished() && answers < 100_000 {
+        let stan = format!("{:06}", answers % 999_999 + 1);
+        let a = good
+            .pay(
+                stan.as_bytes(),
+                b"100001",
+                b"4111111111111111",
+                b"000000001000",
+            )
+            .await;
+        assert_eq!(code(&a), b"00", "the good client is served throughout");
+        answers += 1;
+    }
+    assert_eq!(
+        cut_off.await.unwrap(),
+        (true, true),
+        "trickling and idle peers cut off"
+    );
+    assert!(answers > 0);
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_institution_limit_are_refused() {
+    let bed = testbed(TestbedOptions {
+        banks: 1,
+        limits: vec!["connections_per_institution_max = 2".to_owned()],
+        ..TestbedOptions::default()
+    })
+    .await;
+    let mut a = Client::as_institution(&bed, "100001").await;
+    let mut b = Client::as_institution(&bed, "100001").await;
+    // Both counted once each has been served.
+    for c in [&mut a, &mut b] {
+        assert_eq!(
+            code(
+                &c.pay(b"000001", b"100001", b"4111111111111111", b"000000001000")
+                    .await
+            ),
+            b"00"
+        );
+    }
+    let mut third = Client::as_institution(&bed, "100001").await;
+    assert!(
+        closed_by_switch(&mut third).await,
+        "third connection refused"
+    );
+    // Another institution is not affected.
+    let mut other = Client::as_institution(&bed, "100002").await;
+    assert_eq!(
+        code(
+            &other
+                .pay(b"000001", b"100002", b"4111111111111111", b"000000001000")
+                .await
+        ),
+        b"00"
+    );
+    bed.stop().await;
+}

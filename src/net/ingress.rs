@@ -27,9 +27,6 @@ use tracing::{debug, info, warn};
 
 /// Read buffer of one acquirer session, bytes.
 const SESSION_READ_BUFFER_BYTES: usize = 32 * 1024;
-/// Time an acquirer has to take one batch of answers before it is cut off (a peer
-/// that stops reading is closed, not buffered for).
-const SESSION_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// Answers taken from the channel per write (one flush per batch).
 const SESSION_WRITE_BATCH_MAX: usize = 512;
 
@@ -209,6 +206,14 @@ impl Ingress {
             }
         };
         let open = self.session_opened(institution);
+        if open > self.config.connections_per_institution_max {
+            self.session_closed(institution);
+            metrics::counter!("switchyard_connections_refused_total", "reason" => "institution_limit")
+                .increment(1);
+            warn!(%peer, %institution, limit = self.config.connections_per_institution_max,
+                "connection refused: the institution's connection limit");
+            return;
+        }
         info!(%peer, %institution, sessions = open, "acquirer session open");
         self.session(tls, institution, &shutdown).await;
         self.session_closed(institution);
@@ -243,10 +248,15 @@ impl Ingress {
     ) {
         let decoder = FrameDecoder::new(self.config.framing, self.config.frame_size_max_bytes);
         let mut buf = BytesMut::with_capacity(SESSION_READ_BUFFER_BYTES);
+        // When the partial frame in `buf` began to arrive (None: nothing partial).
+        let mut frame_started: Option<tokio::time::Instant> = None;
         loop {
             loop {
                 let frame = match decoder.decode(&mut buf) {
-                    Ok(Some(frame)) => frame,
+                    Ok(Some(frame)) => {
+                        frame_started = None; // what is left is a new frame
+                        frame
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         metrics::counter!("switchyard_rejected_input_total", "reason" => "frame")
@@ -265,15 +275,31 @@ impl Ingress {
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(SESSION_READ_BUFFER_BYTES);
             }
+            // A partial frame must be completed in time (a trickling peer is cut
+            // off); with nothing partial, the connection may be idle that long.
+            let limit = if buf.is_empty() {
+                frame_started = None;
+                tokio::time::Instant::now() + self.config.idle_timeout
+            } else {
+                *frame_started.get_or_insert_with(tokio::time::Instant::now)
+                    + self.config.frame_read_timeout
+            };
             let read = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                read = rd.read_buf(&mut buf) => read,
+                read = tokio::time::timeout_at(limit, rd.read_buf(&mut buf)) => read,
             };
             match read {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e) => {
+                Ok(Ok(0)) => return,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
                     debug!(%institution, error = %e, "read failed");
+                    return;
+                }
+                Err(_) => {
+                    let reason = if buf.is_empty() { "idle" } else { "slow_frame" };
+                    metrics::counter!("switchyard_connections_closed_total", "reason" => reason)
+                        .increment(1);
+                    warn!(%institution, reason, "acquirer connection closed: read timeout");
                     return;
                 }
             }
@@ -527,7 +553,7 @@ impl Ingress {
                 wr.write_all(&out).await?;
                 wr.flush().await
             };
-            match tokio::time::timeout(SESSION_WRITE_TIMEOUT, written).await {
+            match tokio::time::timeout(self.config.write_timeout, written).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     debug!(error = %e, "write to acquirer failed");
