@@ -56,10 +56,15 @@ window_s = $DUP_WINDOW_S
 entries_max = 8000000
 [admin]
 listen = "127.0.0.1:${ADMIN_PORT:-19464}"
+# Rate limits far above what two cores can do (the default is 20,000/s).
 [[institution]]
 id = "100001"
+rate_per_s = 5000000
+rate_burst = 1000000
 [[institution]]
 id = "100002"
+rate_per_s = 5000000
+rate_burst = 1000000
 [[bank]]
 id = "200001"
 address = "127.0.0.1:$BANK_PORT"

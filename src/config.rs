@@ -49,6 +49,11 @@ pub const FRAME_READ_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 /// Time an acquirer has to take one batch of answers; a peer that stops reading
 /// is cut off, not buffered for.
 pub const WRITE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Requests per second one institution may send, sustained (all its connections
+/// together); beyond it and its burst the switch answers 65 at once.
+pub const RATE_PER_S_DEFAULT: u32 = 20_000;
+/// Requests one institution may send at once above its sustained rate.
+pub const RATE_BURST_DEFAULT: u32 = 2_000;
 /// TLS handshake time allowed to a connecting acquirer.
 pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 /// Deadline of a request from its receipt until its answer must be back.
@@ -289,6 +294,17 @@ struct InstitutionSection {
     #[serde(default)]
     name: String,
     certificate_name: Option<String>,
+    #[serde(default = "d_rate")]
+    rate_per_s: u32,
+    #[serde(default = "d_burst")]
+    rate_burst: u32,
+}
+
+fn d_rate() -> u32 {
+    RATE_PER_S_DEFAULT
+}
+fn d_burst() -> u32 {
+    RATE_BURST_DEFAULT
 }
 
 #[derive(Debug, Deserialize)]
@@ -430,6 +446,11 @@ pub struct Institution {
     pub name: String,
     /// The certificate identity (CN or SAN, per `tls.identity`) that names it.
     pub certificate_name: String,
+    /// Sustained requests per second it may send; beyond it (and its burst) the
+    /// switch answers 65 at once.
+    pub rate_per_s: u32,
+    /// Requests it may send at once above the sustained rate.
+    pub rate_burst: u32,
 }
 
 /// A destination bank and its connector settings.
@@ -816,10 +837,26 @@ impl Checker<'_> {
                 let key = format!("institution[{i}].certificate_name");
                 return Err(self.invalid(key, "names another institution's certificate too"));
             }
+            self.range(
+                &format!("institution[{i}].rate_per_s"),
+                inst.rate_per_s,
+                1,
+                10_000_000,
+                "requests/s",
+            )?;
+            self.range(
+                &format!("institution[{i}].rate_burst"),
+                inst.rate_burst,
+                1,
+                10_000_000,
+                "requests",
+            )?;
             out.push(Institution {
                 id,
                 name: inst.name.clone(),
                 certificate_name,
+                rate_per_s: inst.rate_per_s,
+                rate_burst: inst.rate_burst,
             });
         }
         Ok(out)

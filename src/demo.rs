@@ -57,6 +57,11 @@ pub struct TestbedOptions {
     /// `[limits]` keys written as they are (e.g. `idle_timeout_ms = 300`), one per
     /// line, for tests of the session limits.
     pub limits: Vec<String>,
+    /// Each institution's sustained rate limit (requests/s) and burst. High by
+    /// default: the demo runs at hundreds of thousands of payments per second.
+    pub rate_per_s: u32,
+    /// See `rate_per_s`.
+    pub rate_burst: u32,
 }
 
 /// Keys the test bed's duplicates table holds at most (about 300 bytes each).
@@ -78,6 +83,8 @@ impl Default for TestbedOptions {
             journal_at: None,
             duplicate_window_s: 2,
             limits: Vec::new(),
+            rate_per_s: 5_000_000,
+            rate_burst: 1_000_000,
         }
     }
 }
@@ -277,7 +284,11 @@ fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, Socke
         opts.duplicate_window_s
     );
     for id in &opts.institutions {
-        let _ = writeln!(t, "[[institution]]\nid = \"{id}\"\n");
+        let _ = writeln!(
+            t,
+            "[[institution]]\nid = \"{id}\"\nrate_per_s = {}\nrate_burst = {}\n",
+            opts.rate_per_s, opts.rate_burst
+        );
     }
     let all = banks
         .iter()

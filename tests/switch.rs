@@ -981,3 +981,53 @@ async fn connections_beyond_the_institution_limit_are_refused() {
     );
     bed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_institution_rate_get_65_at_once() {
+    let bed = testbed(TestbedOptions {
+        banks: 1,
+        rate_per_s: 1,
+        rate_burst: 3,
+        ..TestbedOptions::default()
+    })
+    .await;
+    let mut c = Client::as_institution(&bed, "100001").await;
+    let mut codes = Vec::new();
+    let started = std::time::Instant::now();
+    for i in 0..10u32 {
+        let stan = format!("{:06}", i + 1);
+        let a = c
+            .pay(
+                stan.as_bytes(),
+                b"100001",
+                b"4111111111111111",
+                b"000000001000",
+            )
+            .await;
+        codes.push(code(&a).to_vec());
+    }
+    let approved = codes.iter().filter(|c| c.as_slice() == b"00").count();
+    let limited = codes.iter().filter(|c| c.as_slice() == b"65").count();
+    // The burst passes, then one more per second the test took.
+    let most = 3 + started.elapsed().as_secs() as usize + 1;
+    assert!((3..=most).contains(&approved), "{codes:?}");
+    assert_eq!(approved + limited, 10, "{codes:?}");
+    // Echoes are not limited.
+    c.send(
+        Mti::NETWORK,
+        &[(7, b"1125120000"), (11, b"000099"), (70, b"301")],
+    )
+    .await;
+    assert_eq!(code(&c.recv().await.unwrap()), b"00");
+    // Another institution has its own allowance.
+    let mut other = Client::as_institution(&bed, "100002").await;
+    assert_eq!(
+        code(
+            &other
+                .pay(b"000001", b"100002", b"4111111111111111", b"000000001000")
+                .await
+        ),
+        b"00"
+    );
+    bed.stop().await;
+}

@@ -46,6 +46,14 @@ pub struct Ingress {
     next_request_id: AtomicU64,
     /// Recent requests: retransmissions and reversals are matched here.
     recent: Arc<Recent>,
+    /// Each institution's rate limit, with its counter of refusals.
+    rates: HashMap<InstitutionId, RateLimit>,
+}
+
+/// One institution's request rate limit (GCRA, lock-free).
+struct RateLimit {
+    limiter: governor::DefaultDirectRateLimiter,
+    refused: metrics::Counter,
 }
 
 /// Per-session handles on `switchyard_responses_total{institution, connector, code}`,
@@ -93,6 +101,20 @@ impl Ingress {
         recent: Arc<Recent>,
     ) -> Arc<Ingress> {
         let by_certificate = config.institutions_by_certificate();
+        let rates = config
+            .institutions
+            .iter()
+            .map(|i| {
+                let per_s = std::num::NonZeroU32::new(i.rate_per_s).unwrap_or(std::num::NonZeroU32::MIN);
+                let burst = std::num::NonZeroU32::new(i.rate_burst).unwrap_or(std::num::NonZeroU32::MIN);
+                let quota = governor::Quota::per_second(per_s).allow_burst(burst);
+                let limit = RateLimit {
+                    limiter: governor::RateLimiter::direct(quota),
+                    refused: metrics::counter!("switchyard_rate_limited_total", "institution" => i.id.to_string()),
+                };
+                (i.id, limit)
+            })
+            .collect();
         let connector_labels = config.banks.iter().map(|b| b.id.to_string()).collect();
         Arc::new(Ingress {
             config,
@@ -102,6 +124,7 @@ impl Ingress {
             journaling,
             next_request_id: AtomicU64::new(first_request_id),
             recent,
+            rates,
             sessions: dashmap::DashMap::new(),
             connector_labels,
         })
@@ -329,6 +352,14 @@ impl Ingress {
             return;
         }
         match admit(&msg, institution, &self.config.routes) {
+            Admission::Forward { .. } if !self.within_rate(institution) => {
+                permit.send(Reply::Switch {
+                    request: msg,
+                    code: ResponseCode::RateLimited,
+                    connector: None,
+                    seq: 0,
+                });
+            }
             Admission::Forward { bank, kind, .. } => {
                 self.forward(msg, permit, institution, bank, kind)
             }
@@ -357,6 +388,18 @@ impl Ingress {
                 warn!(%institution, mti = %msg.mti(), "answer MTI from an acquirer dropped");
             }
         }
+    }
+
+    /// Whether `institution` may send one more request now (its rate limit).
+    fn within_rate(&self, institution: InstitutionId) -> bool {
+        let Some(rate) = self.rates.get(&institution) else {
+            return true; // every configured institution has one
+        };
+        if rate.limiter.check().is_ok() {
+            return true;
+        }
+        rate.refused.increment(1);
+        false
     }
 
     /// A request admitted for `bank`: checked against recent requests, journaled,
