@@ -40,6 +40,9 @@ pub const DUPLICATE_WAITERS_MAX_DEFAULT: usize = 4;
 /// Acquirer connections one institution may hold open at once; more are closed
 /// after the handshake.
 pub const CONNECTIONS_PER_INSTITUTION_MAX_DEFAULT: usize = 1_000;
+/// Requests of one institution in flight at once, over all its connections;
+/// beyond it the switch answers 91 at once.
+pub const INFLIGHT_PER_INSTITUTION_MAX_DEFAULT: usize = 16_384;
 /// Time an acquirer connection may stay without sending a byte (its echoes count)
 /// before it is closed.
 pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 120_000;
@@ -202,6 +205,7 @@ struct LimitsSection {
     connections_max: usize,
     connections_per_institution_max: usize,
     inflight_per_connection_max: usize,
+    inflight_per_institution_max: usize,
     idle_timeout_ms: u64,
     frame_read_timeout_ms: u64,
     write_timeout_ms: u64,
@@ -214,6 +218,7 @@ impl Default for LimitsSection {
             connections_max: CONNECTIONS_MAX_DEFAULT,
             connections_per_institution_max: CONNECTIONS_PER_INSTITUTION_MAX_DEFAULT,
             inflight_per_connection_max: INFLIGHT_PER_CONNECTION_MAX_DEFAULT,
+            inflight_per_institution_max: INFLIGHT_PER_INSTITUTION_MAX_DEFAULT,
             idle_timeout_ms: IDLE_TIMEOUT_MS_DEFAULT,
             frame_read_timeout_ms: FRAME_READ_TIMEOUT_MS_DEFAULT,
             write_timeout_ms: WRITE_TIMEOUT_MS_DEFAULT,
@@ -547,6 +552,8 @@ pub struct Config {
     pub inflight_per_connection_max: usize,
     /// Acquirer connections per institution.
     pub connections_per_institution_max: usize,
+    /// Requests in flight per institution.
+    pub inflight_per_institution_max: usize,
     /// Silence allowed on an acquirer connection.
     pub idle_timeout: Duration,
     /// Time a frame may take once started.
@@ -686,6 +693,13 @@ impl Checker<'_> {
             "",
         )?;
         self.range(
+            "limits.inflight_per_institution_max",
+            l.inflight_per_institution_max,
+            1,
+            10_000_000,
+            "",
+        )?;
+        self.range(
             "limits.idle_timeout_ms",
             l.idle_timeout_ms,
             100,
@@ -765,6 +779,7 @@ impl Checker<'_> {
             frame_size_max_bytes: frame_max,
             connections_max: l.connections_max,
             connections_per_institution_max: l.connections_per_institution_max,
+            inflight_per_institution_max: l.inflight_per_institution_max,
             idle_timeout: Duration::from_millis(l.idle_timeout_ms),
             frame_read_timeout: Duration::from_millis(l.frame_read_timeout_ms),
             write_timeout: Duration::from_millis(l.write_timeout_ms),

@@ -1031,3 +1031,46 @@ async fn requests_over_the_institution_rate_get_65_at_once() {
     );
     bed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_the_institution_inflight_limit_get_91_at_once() {
+    let bed = testbed(TestbedOptions {
+        banks: 1,
+        limits: vec!["inflight_per_institution_max = 2".to_owned()],
+        ..TestbedOptions::default()
+    })
+    .await;
+    // The bank holds its answers until the third request has been refused.
+    bed.banks[0].behavior.stall_for(WAIT);
+    let mut a = Client::as_institution(&bed, "100001").await;
+    let mut b = Client::as_institution(&bed, "100001").await;
+    let pan = b"4111111111111111";
+    a.send(
+        Mti::FINANCIAL,
+        &payment(b"000001", b"100001", pan, b"000000001000"),
+    )
+    .await;
+    a.send(
+        Mti::FINANCIAL,
+        &payment(b"000002", b"100001", pan, b"000000001000"),
+    )
+    .await;
+    // Two in flight on the other connection: the third is refused at once.
+    let stats = bed.banks[0].stats.clone();
+    eventually("two requests at the bank", || {
+        stats.requests.load(Ordering::Relaxed) == 2
+    })
+    .await;
+    let third = b.pay(b"000003", b"100001", pan, b"000000001000").await;
+    assert_eq!(code(&third), b"91");
+    bed.banks[0].behavior.stall_for(Duration::ZERO);
+    for _ in 0..2 {
+        assert_eq!(code(&a.recv().await.unwrap()), b"00");
+    }
+    // Answered: the slots are free again.
+    assert_eq!(
+        code(&b.pay(b"000004", b"100001", pan, b"000000001000").await),
+        b"00"
+    );
+    bed.stop().await;
+}

@@ -3,7 +3,7 @@
 
 use super::connector::Connector;
 use super::journaling::Journaling;
-use super::{encode_reply, Awaiting, Pending, Recent, Reply, Stored};
+use super::{encode_reply, Awaiting, InstitutionSlot, Pending, Recent, Reply, Stored};
 use crate::config::Config;
 use crate::core::dedup::{content_digest, DuplicateKey, Original, Verdict};
 use crate::core::route::BankIndex;
@@ -50,10 +50,12 @@ pub struct Ingress {
     rates: HashMap<InstitutionId, RateLimit>,
 }
 
-/// One institution's request rate limit (GCRA, lock-free).
+/// One institution's request rate limit (GCRA, lock-free) and requests in flight.
 struct RateLimit {
     limiter: governor::DefaultDirectRateLimiter,
     refused: metrics::Counter,
+    inflight: Arc<AtomicUsize>,
+    inflight_refused: metrics::Counter,
 }
 
 /// Per-session handles on `switchyard_responses_total{institution, connector, code}`,
@@ -111,6 +113,11 @@ impl Ingress {
                 let limit = RateLimit {
                     limiter: governor::RateLimiter::direct(quota),
                     refused: metrics::counter!("switchyard_rate_limited_total", "institution" => i.id.to_string()),
+                    inflight: Arc::new(AtomicUsize::new(0)),
+                    inflight_refused: metrics::counter!(
+                        "switchyard_institution_inflight_refused_total",
+                        "institution" => i.id.to_string()
+                    ),
                 };
                 (i.id, limit)
             })
@@ -390,6 +397,16 @@ impl Ingress {
         }
     }
 
+    /// A slot among `institution`'s requests in flight, if it is below its limit.
+    fn inflight_slot(&self, institution: InstitutionId) -> Option<InstitutionSlot> {
+        let rate = self.rates.get(&institution)?;
+        let slot = InstitutionSlot::take(&rate.inflight, self.config.inflight_per_institution_max);
+        if slot.is_none() {
+            rate.inflight_refused.increment(1);
+        }
+        slot
+    }
+
     /// Whether `institution` may send one more request now (its rate limit).
     fn within_rate(&self, institution: InstitutionId) -> bool {
         let Some(rate) = self.rates.get(&institution) else {
@@ -412,6 +429,17 @@ impl Ingress {
         bank: BankIndex,
         kind: RequestKind,
     ) {
+        let Some(slot) = self.inflight_slot(institution) else {
+            warn!(%institution, limit = self.config.inflight_per_institution_max,
+                "institution's requests in flight at the limit: answered 91");
+            permit.send(Reply::Switch {
+                request: msg,
+                code: ResponseCode::DestinationUnavailable,
+                connector: Some(bank),
+                seq: 0,
+            });
+            return;
+        };
         let received_at = Instant::now();
         let key = DuplicateKey::of(&msg);
         let (msg, permit) = match key {
@@ -442,6 +470,7 @@ impl Ingress {
             deadline: received_at + connector.bank().request_timeout,
             registered: key.is_some(),
             original_link_stan: None,
+            slot,
         };
         if let Err(e) = self
             .journaling

@@ -46,6 +46,34 @@ pub struct Pending {
     /// For a reversal: the STAN the bank saw its original under (DE90 is rewritten
     /// to name it).
     pub original_link_stan: Option<Stan>,
+    /// Counts it in its institution's requests in flight until it is dropped.
+    pub slot: InstitutionSlot,
+}
+
+/// One request in flight of an institution: taken when the request is admitted,
+/// given back when its `Pending` ends (answered, or dropped with its session).
+pub struct InstitutionSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InstitutionSlot {
+    /// Takes a slot of `count` if fewer than `max` are taken.
+    pub fn take(
+        count: &Arc<std::sync::atomic::AtomicUsize>,
+        max: usize,
+    ) -> Option<InstitutionSlot> {
+        use std::sync::atomic::Ordering;
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InstitutionSlot(count.clone()))
+    }
+}
+
+impl Drop for InstitutionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Pending {
