@@ -23,124 +23,26 @@
 
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use switchyard::banksim::{self, BankSimOptions, BankStats, Behavior};
-use switchyard::certs::{self, DevCa};
 use switchyard::journal::{scan, RecordKind};
 use switchyard::wire::{Dialect, Encoder, FrameDecoder, Framing, Message, Mti};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore};
 
-const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
-/// Bound on any single wait; never reached when things work.
-const WAIT: Duration = Duration::from_secs(30);
+mod daemon;
+
+use daemon::{connect, Bank, Daemon, Pki, TempDir, WAIT};
+
 /// Requests the client sends at most before the kill.
 const TOTAL: usize = 3_000;
 /// Requests in flight on the client's connection.
 const WINDOW: usize = 32;
 /// Answers the client has seen when the switch is killed.
 const KILL_AFTER: usize = 400;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir =
-            std::env::temp_dir().join(format!("switchyard-crash-{}-{now}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A `switchyard run` child process and the lines of its log that matter here.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl Daemon {
-    fn start(config: &Path) -> Daemon {
-        let mut child = Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start switchyard run");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = std::sync::mpsc::sync_channel(1024);
-        // Drains the log so the child never blocks on it; keeps the interesting lines.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                if line.contains("switchyard running")
-                    || line.contains("bank link up")
-                    || line.contains("ERROR")
-                {
-                    let _ = tx.try_send(line);
-                }
-            }
-        });
-        let mut d = Daemon {
-            child,
-            addr: "0.0.0.0:0".parse().unwrap(),
-            lines,
-        };
-        let running = d.wait_line("switchyard running");
-        let listen = running
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("listen="))
-            .expect("listen address in the log");
-        d.addr = listen.parse().unwrap();
-        d.wait_line("bank link up");
-        d
-    }
-
-    fn wait_line(&mut self, what: &str) -> String {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(what) => return line,
-                Ok(line) => eprintln!("switchyard: {line}"),
-                Err(_) => {
-                    let _ = self.child.kill();
-                    panic!("switchyard did not log {what:?} within {WAIT:?}");
-                }
-            }
-        }
-    }
-
-    /// SIGKILL (see `Drop`).
-    fn kill(self) {
-        drop(self);
-    }
-}
-
-impl Drop for Daemon {
-    /// SIGKILL; also when a check fails, so no daemon outlives the test.
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The request with number `i`: unique DE11, DE7 and DE37.
 fn request(d: &Dialect, i: usize, mti: Mti) -> Bytes {
@@ -189,19 +91,6 @@ fn stan_of(m: &Message) -> usize {
         .unwrap_or(0)
 }
 
-async fn connect(
-    addr: SocketAddr,
-    tls: &Arc<rustls::ClientConfig>,
-) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    tcp.set_nodelay(true).unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    tokio_rustls::TlsConnector::from(tls.clone())
-        .connect(name, tcp)
-        .await
-        .unwrap()
-}
-
 /// Sends `requests` with at most [`WINDOW`] in flight and records answers by DE11
 /// until the connection ends or every request is answered. `answered` is notified
 /// on each answer.
@@ -213,7 +102,7 @@ async fn drive(
     answered: Arc<Notify>,
     sent: Arc<Mutex<usize>>,
 ) {
-    let (mut rd, mut wr) = tokio::io::split(connect(addr, tls).await);
+    let (mut rd, mut wr) = tokio::io::split(connect(addr, tls).await.unwrap());
     let window = Arc::new(Semaphore::new(WINDOW));
     let total = requests.len();
     let reader = {
@@ -299,53 +188,15 @@ bank = "200001"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_switch_loses_nothing_and_forwards_nothing_twice() {
-    let dir = TempDir::new();
-    let ca = DevCa::new("crash test CA").unwrap();
-    certs::write_ca(&dir.0, &ca).unwrap();
-    let switch_cert = ca.issue_server(&["localhost"]).unwrap();
-    certs::write_issued(&dir.0, "switch", &switch_cert).unwrap();
-    certs::write_issued(
-        &dir.0,
-        "switchyard",
-        &ca.issue_client("switchyard").unwrap(),
-    )
-    .unwrap();
-    let acquirer = ca.issue_client("100001").unwrap();
-    let client_tls = switchyard::tls::client_config(
-        &[ca.ca_der()],
-        acquirer.chain().unwrap(),
-        acquirer.key().unwrap(),
-    )
-    .unwrap();
-
+    let dir = TempDir::new("crash");
+    let pki = Pki::write(&dir.0);
+    let client_tls = pki.client("100001");
     // The bank: answers after 20 ms, logs everything it receives.
-    let bank_cert = ca.issue_server(&["bank"]).unwrap();
-    let bank_tls = switchyard::tls::server_config(
-        &[ca.ca_der()],
-        bank_cert.chain().unwrap(),
-        bank_cert.key().unwrap(),
-    )
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let bank_addr = listener.local_addr().unwrap();
-    let stats = Arc::new(BankStats::default());
+    let bank = Bank::start(&pki, Duration::from_millis(20)).await;
+    let stats = bank.stats.clone();
     stats.log.enable(1_000_000);
-    let behavior = Arc::new(Behavior::new(Duration::from_millis(20), 0));
-    let stop_bank = Arc::new(Notify::new());
-    let stopped = stop_bank.clone();
-    let bank = tokio::spawn(banksim::serve(
-        listener,
-        bank_tls,
-        BankSimOptions {
-            dialect: Arc::new(Dialect::iso87_ascii()),
-            framing: Framing::U16be,
-            frame_size_max_bytes: 8192,
-            seed: 1,
-        },
-        behavior.clone(),
-        stats.clone(),
-        async move { stopped.notified().await },
-    ));
+    let behavior = bank.behavior.clone();
+    let bank_addr = bank.addr;
     let config = write_config(&dir.0, bank_addr);
 
     // Load, then SIGKILL once KILL_AFTER answers are in.
@@ -560,10 +411,5 @@ async fn a_killed_switch_loses_nothing_and_forwards_nothing_twice() {
             "request {n}: journaled outcome"
         );
     }
-    stop_bank.notify_one();
-    tokio::time::timeout(WAIT, bank)
-        .await
-        .expect("bank stops")
-        .unwrap()
-        .unwrap();
+    bank.stop().await;
 }

@@ -1,0 +1,228 @@
+//! Shared by the tests that run the real binary (`switchyard run` as a child
+//! process): a temporary directory, the daemon process and its log, a PKI written
+//! to files, and a simulated bank in the test process.
+#![allow(dead_code)] // each test uses part of it
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+use switchyard::banksim::{self, BankSimOptions, BankStats, Behavior};
+use switchyard::certs::{self, DevCa};
+use switchyard::wire::{Dialect, Framing};
+use tokio::sync::Notify;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+/// Bound on any single wait; never reached when things work.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let dir =
+            std::env::temp_dir().join(format!("switchyard-{name}-{}-{now}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `switchyard run` child process and the lines of its log that matter here.
+pub struct Daemon {
+    child: Child,
+    pub addr: SocketAddr,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Daemon {
+    /// Starts `switchyard run --config CONFIG` and waits until it listens and a
+    /// bank link is up.
+    pub fn start(config: &Path) -> Daemon {
+        let mut child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start switchyard run");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::sync_channel(1024);
+        // Drains the log so the child never blocks on it; keeps the interesting lines.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("switchyard running")
+                    || line.contains("bank link up")
+                    || line.contains("ERROR")
+                {
+                    let _ = tx.try_send(line);
+                }
+            }
+        });
+        let mut d = Daemon {
+            child,
+            addr: "0.0.0.0:0".parse().unwrap(),
+            lines,
+        };
+        let running = d.wait_line("switchyard running");
+        let listen = running
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("listen="))
+            .expect("listen address in the log");
+        d.addr = listen.parse().unwrap();
+        d.wait_line("bank link up");
+        d
+    }
+
+    fn wait_line(&mut self, what: &str) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(what) => return line,
+                Ok(line) => eprintln!("switchyard: {line}"),
+                Err(_) => {
+                    let _ = self.child.kill();
+                    panic!("switchyard did not log {what:?} within {WAIT:?}");
+                }
+            }
+        }
+    }
+
+    /// The process's peak resident memory so far, KiB (`VmHWM`; Linux).
+    pub fn peak_memory_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL (see `Drop`).
+    pub fn kill(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Daemon {
+    /// SIGKILL; also when a check fails, so no daemon outlives the test.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A CA and the switch's certificates written into a directory: `ca.pem`,
+/// `switch.pem`/`.key` (server, for `localhost`), `switchyard.pem`/`.key` (its
+/// client certificate towards banks).
+pub struct Pki {
+    pub ca: DevCa,
+}
+
+impl Pki {
+    pub fn write(dir: &Path) -> Pki {
+        let ca = DevCa::new("test CA").unwrap();
+        certs::write_ca(dir, &ca).unwrap();
+        certs::write_issued(dir, "switch", &ca.issue_server(&["localhost"]).unwrap()).unwrap();
+        certs::write_issued(dir, "switchyard", &ca.issue_client("switchyard").unwrap()).unwrap();
+        Pki { ca }
+    }
+
+    /// A client TLS config presenting a certificate for `institution`.
+    pub fn client(&self, institution: &str) -> Arc<rustls::ClientConfig> {
+        let issued = self.ca.issue_client(institution).unwrap();
+        switchyard::tls::client_config(
+            &[self.ca.ca_der()],
+            issued.chain().unwrap(),
+            issued.key().unwrap(),
+        )
+        .unwrap()
+    }
+}
+
+/// A simulated bank (`server_name = "bank"`) in this process.
+pub struct Bank {
+    pub addr: SocketAddr,
+    pub stats: Arc<BankStats>,
+    pub behavior: Arc<Behavior>,
+    stop: Arc<Notify>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Bank {
+    pub async fn start(pki: &Pki, latency: Duration) -> Bank {
+        let cert = pki.ca.issue_server(&["bank"]).unwrap();
+        let tls = switchyard::tls::server_config(
+            &[pki.ca.ca_der()],
+            cert.chain().unwrap(),
+            cert.key().unwrap(),
+        )
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(BankStats::default());
+        let behavior = Arc::new(Behavior::new(latency, 0));
+        let stop = Arc::new(Notify::new());
+        let stopped = stop.clone();
+        let task = tokio::spawn(banksim::serve(
+            listener,
+            tls,
+            BankSimOptions {
+                dialect: Arc::new(Dialect::iso87_ascii()),
+                framing: Framing::U16be,
+                frame_size_max_bytes: 8192,
+                seed: 1,
+            },
+            behavior.clone(),
+            stats.clone(),
+            async move { stopped.notified().await },
+        ));
+        Bank {
+            addr,
+            stats,
+            behavior,
+            stop,
+            task,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.stop.notify_one();
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("bank stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// A mutual-TLS connection to the switch at `addr`.
+pub async fn connect(
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await
+}
