@@ -51,6 +51,8 @@ pub struct Issued {
     pub cert_pem: String,
     /// The leaf's PKCS#8 private key, PEM.
     pub key_pem: String,
+    /// Its serial number (what a revocation list names).
+    pub serial: Vec<u8>,
 }
 
 impl std::fmt::Debug for Issued {
@@ -179,12 +181,48 @@ impl DevCa {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
+        // A random serial (from the standard library's randomly keyed hasher), kept
+        // so that the certificate can be revoked.
+        use std::hash::BuildHasher;
+        let random = |n: u64| std::collections::hash_map::RandomState::new().hash_one(n);
+        let mut serial = [random(1).to_be_bytes(), random(2).to_be_bytes()].concat();
+        serial[0] &= 0x7f; // positive
+        serial[0] |= 0x01; // no leading zero byte
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &*self.issuer)?;
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            serial,
         })
+    }
+
+    /// A certificate revocation list, PEM, signed by this CA, naming `revoked`; valid
+    /// from a day ago for thirty days.
+    pub fn revocation_list(&self, revoked: &[&Issued]) -> Result<String, CertError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let epoch = rcgen::date_time_ymd(1970, 1, 1);
+        let this_update = epoch + now.saturating_sub(Duration::from_secs(VALIDITY_BACKDATE_SECS));
+        let params = rcgen::CertificateRevocationListParams {
+            this_update,
+            next_update: epoch + now + Duration::from_secs(30 * 86_400),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|i| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(&i.serial),
+                    revocation_time: this_update,
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.issuer)?.pem()?)
     }
 }
 

@@ -192,6 +192,7 @@ struct TlsSection {
     key_file: PathBuf,
     client_cert_file: PathBuf,
     client_key_file: PathBuf,
+    crl_file: Option<PathBuf>,
     #[serde(default = "d_identity")]
     identity: IdentitySource,
     #[serde(default = "d_handshake")]
@@ -440,6 +441,8 @@ pub struct TlsFiles {
     pub client_cert_file: PathBuf,
     /// Its key.
     pub client_key_file: PathBuf,
+    /// Certificate revocation lists (PEM) for acquirer certificates; none when absent.
+    pub crl_file: Option<PathBuf>,
 }
 
 /// An acquiring institution allowed to connect.
@@ -773,6 +776,7 @@ impl Checker<'_> {
                 key_file: self.path(&t.key_file),
                 client_cert_file: self.path(&t.client_cert_file),
                 client_key_file: self.path(&t.client_key_file),
+                crl_file: t.crl_file.as_ref().map(|p| self.path(p)),
             },
             identity: t.identity,
             handshake_timeout: Duration::from_millis(t.handshake_timeout_ms),

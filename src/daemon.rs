@@ -34,10 +34,15 @@ impl TlsSetup {
     /// Loads the certificate files named in the config.
     pub fn from_files(files: &TlsFiles) -> Result<TlsSetup, TlsError> {
         let ca = tls::load_certs(&files.ca_file)?;
-        let server = tls::server_config(
+        let crls = match &files.crl_file {
+            Some(path) => tls::load_crls(path)?,
+            None => Vec::new(),
+        };
+        let server = tls::server_config_with_crls(
             &ca,
             tls::load_certs(&files.cert_file)?,
             tls::load_key(&files.key_file)?,
+            crls,
         )?;
         let client = tls::client_config(
             &ca,

@@ -49,6 +49,9 @@ pub enum TlsError {
     /// The PEM text held no `CERTIFICATE` section.
     #[error("{}: no CERTIFICATE section found", path.display())]
     NoCertificates { path: PathBuf },
+    /// The PEM text held no `X509 CRL` section.
+    #[error("{}: no X509 CRL section found", path.display())]
+    NoCrls { path: PathBuf },
     /// The PEM text held no PKCS#8, SEC1 or PKCS#1 private key section.
     #[error("{}: no PRIVATE KEY section found (PKCS#8, SEC1 or PKCS#1)", path.display())]
     NoKey { path: PathBuf },
@@ -92,6 +95,26 @@ fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
 /// Reads every certificate in a PEM file, leaf first (the order the file gives).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     certs_from_pem_bytes(&read_file(path)?, path)
+}
+
+/// Reads every certificate revocation list (`X509 CRL` sections) in a PEM file.
+pub fn load_crls(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    let bytes = read_file(path)?;
+    let crls = rustls::pki_types::CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.to_path_buf(),
+            detail: pem_detail(&e),
+        })?;
+    if crls.is_empty() {
+        return Err(TlsError::NoCrls {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(crls)
 }
 
 /// Reads the single private key in a PEM file.
@@ -175,8 +198,21 @@ pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
+    server_config_with_crls(client_ca, chain, key, Vec::new())
+}
+
+/// [`server_config`] refusing client certificates that `crls` revoke (a client
+/// certificate whose issuer has no CRL among them is not checked for revocation).
+pub fn server_config_with_crls(
+    client_ca: &[CertificateDer<'static>],
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let roots = root_store(client_ca, "client")?;
     let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .with_crls(crls)
+        .allow_unknown_revocation_status()
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let config = ServerConfig::builder_with_provider(provider())
@@ -397,6 +433,37 @@ pub(crate) mod tests {
             issued.key().unwrap(),
         )
         .expect("client config")
+    }
+
+    #[tokio::test]
+    async fn a_revoked_client_certificate_fails_the_handshake() {
+        let ca = DevCa::new("switchyard test ca").unwrap();
+        let revoked = ca.issue_client("100001").unwrap();
+        let valid = ca.issue_client("100002").unwrap();
+        let dir = std::env::temp_dir().join(format!("switchyard-crl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("revoked.crl.pem");
+        std::fs::write(&path, ca.revocation_list(&[&revoked]).unwrap()).unwrap();
+        let crls = load_crls(&path).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let issued = ca.issue_server(&["localhost"]).unwrap();
+        let server = server_config_with_crls(
+            &[ca.ca_der()],
+            issued.chain().unwrap(),
+            issued.key().unwrap(),
+            crls,
+        )
+        .unwrap();
+        let refused = handshake(server.clone(), client_side(&ca, &revoked), &[]).await;
+        assert!(refused.server.is_err() && !refused.client_got_greeting);
+        let accepted = handshake(server, client_side(&ca, &valid), &[]).await;
+        assert!(accepted.client_got_greeting);
+        let err = load_crls(Path::new("/nonexistent/crl.pem")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot read /nonexistent/crl.pem"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

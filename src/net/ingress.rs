@@ -231,6 +231,8 @@ impl Ingress {
                 return;
             }
             Err(e) => {
+                metrics::counter!("switchyard_connections_refused_total", "reason" => "no_identity")
+                    .increment(1);
                 warn!(%peer, error = %e, "certificate carries no institution identity");
                 return;
             }
