@@ -150,6 +150,40 @@ pub enum ConfigError {
     },
 }
 
+/// Largest config file read, bytes.
+pub const CONFIG_FILE_SIZE_MAX_BYTES: u64 = 64 << 20;
+/// Largest dialect file read, bytes.
+pub const DIALECT_FILE_SIZE_MAX_BYTES: u64 = crate::wire::DIALECT_FILE_SIZE_MAX_BYTES;
+/// Most `[[bank]]` entries (connector indexes are 16-bit).
+pub const BANKS_MAX: usize = 4_096;
+/// Most `[[institution]]` entries.
+pub const INSTITUTIONS_MAX: usize = 100_000;
+/// Most `[[route]]` entries.
+pub const ROUTES_MAX: usize = 10_000_000;
+
+/// Reads a regular file of at most `max` bytes as UTF-8 (never a device or a pipe,
+/// which could block or never end).
+fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    if meta.len() > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} bytes, more than the {max} allowed", meta.len()),
+        ));
+    }
+    let mut text = String::new();
+    file.take(max + 1).read_to_string(&mut text)?;
+    Ok(text)
+}
+
 // === the file's shape ===
 
 #[derive(Debug, Deserialize)]
@@ -572,12 +606,14 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads and validates a config file.
+    /// Reads and validates a config file (a regular file of at most
+    /// [`CONFIG_FILE_SIZE_MAX_BYTES`]).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
-            file: path.to_owned(),
-            source,
-        })?;
+        let text =
+            read_bounded(path, CONFIG_FILE_SIZE_MAX_BYTES).map_err(|source| ConfigError::Io {
+                file: path.to_owned(),
+                source,
+            })?;
         Config::parse(&text, path)
     }
 
@@ -636,12 +672,13 @@ impl Checker<'_> {
     }
 
     fn dialect(&self, key: &str, name: &str) -> Result<Arc<Dialect>, ConfigError> {
-        let resolved = if Dialect::builtin(name).is_some() {
-            name.to_owned()
-        } else {
-            self.path(Path::new(name)).to_string_lossy().into_owned()
-        };
-        Dialect::load(&resolved)
+        if let Some(d) = Dialect::builtin(name) {
+            return Ok(Arc::new(d));
+        }
+        let path = self.path(Path::new(name));
+        let text = read_bounded(&path, DIALECT_FILE_SIZE_MAX_BYTES)
+            .map_err(|e| self.invalid(key, format!("{}: {e}", path.display())))?;
+        Dialect::from_toml(&text, &path.to_string_lossy())
             .map(Arc::new)
             .map_err(|e| self.invalid(key, e.to_string()))
     }
@@ -732,6 +769,15 @@ impl Checker<'_> {
             entries_max: dup.entries_max,
             waiters_max: dup.waiters_max,
         };
+        self.range("bank", f.bank.len(), 0, BANKS_MAX, "entries")?;
+        self.range(
+            "institution",
+            f.institution.len(),
+            0,
+            INSTITUTIONS_MAX,
+            "entries",
+        )?;
+        self.range("route", f.route.len(), 0, ROUTES_MAX, "entries")?;
         let institutions = self.institutions(&f.institution)?;
         let banks = f
             .bank

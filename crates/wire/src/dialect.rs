@@ -275,6 +275,9 @@ pub enum DialectError {
     },
 }
 
+/// Largest dialect file read, bytes.
+pub const DIALECT_FILE_SIZE_MAX_BYTES: u64 = 1 << 20;
+
 /// A message profile: the definition of every field.
 #[derive(Clone, Debug)]
 pub struct Dialect {
@@ -343,16 +346,31 @@ impl Dialect {
         Dialect::from_toml(text, name).ok()
     }
 
-    /// A built-in dialect by name, else a TOML file at that path.
+    /// A built-in dialect by name, else a TOML file at that path (a regular file of
+    /// at most [`DIALECT_FILE_SIZE_MAX_BYTES`]).
     pub fn load(name_or_path: &str) -> Result<Dialect, DialectError> {
         if let Some(d) = Dialect::builtin(name_or_path) {
             return Ok(d);
         }
-        let path = Path::new(name_or_path);
-        let text = std::fs::read_to_string(path).map_err(|source| DialectError::Io {
+        let io = |source| DialectError::Io {
             origin: name_or_path.to_owned(),
             source,
-        })?;
+        };
+        // A regular file of bounded size: never a device or a pipe.
+        let file = std::fs::File::open(Path::new(name_or_path)).map_err(io)?;
+        let meta = file.metadata().map_err(io)?;
+        if !meta.is_file() || meta.len() > DIALECT_FILE_SIZE_MAX_BYTES {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("not a regular file of at most {DIALECT_FILE_SIZE_MAX_BYTES} bytes"),
+            )));
+        }
+        let mut text = String::new();
+        std::io::Read::read_to_string(
+            &mut std::io::Read::take(file, DIALECT_FILE_SIZE_MAX_BYTES + 1),
+            &mut text,
+        )
+        .map_err(io)?;
         Dialect::from_toml(&text, name_or_path)
     }
 

@@ -22,7 +22,7 @@ mod message;
 
 pub use dialect::{
     BitmapEncoding, Dialect, DialectError, Encoding, FieldSpec, FieldType, LengthKind,
-    BUILTIN_DIALECTS,
+    BUILTIN_DIALECTS, DIALECT_FILE_SIZE_MAX_BYTES,
 };
 pub use encode::{reencode, Change, Encoder};
 pub use error::{DecodeError, DecodeErrorKind, EncodeError, EncodeErrorKind, Location};

@@ -6,14 +6,13 @@
 //! change to [`seeds`]):
 //! `cargo test -p switchyard-wire --test corpus -- --ignored write_seed_corpus`.
 
+mod corpus_runner;
 mod fuzz_checks;
+use corpus_runner::Check;
 
 use bytes::BytesMut;
 use std::path::{Path, PathBuf};
 use switchyard_wire::{Dialect, Encoder, Encoding, Framing, Mti};
-
-/// The check a fuzz target runs on one input.
-type Check = fn(&[u8]);
 
 /// Fuzz targets and their checks.
 const TARGETS: [(&str, Check); 3] = [
@@ -25,56 +24,12 @@ const TARGETS: [(&str, Check); 3] = [
     ),
 ];
 
-/// Fewest seed files a target's corpus folder must hold.
-const SEEDS_PER_TARGET_MIN: usize = 5;
-
 fn corpus_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus")
 }
 
-/// Every file of `fuzz/corpus/<target>/`, sorted, with its contents.
-fn corpus_files(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-    let dir = corpus_dir().join(target);
-    let entries = std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    let mut files: Vec<(PathBuf, Vec<u8>)> = entries
-        .map(|entry| {
-            entry
-                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-                .path()
-        })
-        .filter(|path| path.is_file())
-        .map(|path| {
-            let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            (path, bytes)
-        })
-        .collect();
-    files.sort();
-    files
-}
-
 fn run_target(target: &str) {
-    let check = TARGETS
-        .iter()
-        .find(|(name, _)| *name == target)
-        .map(|(_, check)| *check)
-        .unwrap_or_else(|| panic!("no target {target}"));
-    let files = corpus_files(target);
-    assert!(
-        files.len() >= SEEDS_PER_TARGET_MIN,
-        "{target}: only {} corpus files",
-        files.len()
-    );
-    let mut failed = Vec::new();
-    for (path, bytes) in &files {
-        if std::panic::catch_unwind(|| check(bytes)).is_err() {
-            failed.push(path.display().to_string());
-        }
-    }
-    assert!(
-        failed.is_empty(),
-        "{target}: {} corpus files fail: {failed:#?}",
-        failed.len()
-    );
+    corpus_runner::run_target(&corpus_dir(), &TARGETS, target);
 }
 
 #[test]
