@@ -52,6 +52,9 @@ pub const FRAME_READ_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 /// Time an acquirer has to take one batch of answers; a peer that stops reading
 /// is cut off, not buffered for.
 pub const WRITE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Time a graceful shutdown (SIGTERM) has to answer what is in flight before the
+/// switch stops anyway.
+pub const SHUTDOWN_GRACE_MS_DEFAULT: u64 = 30_000;
 /// Requests per second one institution may send, sustained (all its connections
 /// together); beyond it and its burst the switch answers 65 at once.
 pub const RATE_PER_S_DEFAULT: u32 = 20_000;
@@ -216,6 +219,12 @@ struct SwitchSection {
     dialect: String,
     #[serde(default = "d_framing")]
     framing: Framing,
+    #[serde(default = "d_grace")]
+    shutdown_grace_ms: u64,
+}
+
+fn d_grace() -> u64 {
+    SHUTDOWN_GRACE_MS_DEFAULT
 }
 
 #[derive(Debug, Deserialize)]
@@ -571,6 +580,8 @@ pub struct Config {
     pub duplicates: Duplicates,
     /// Tokio worker threads.
     pub worker_threads: usize,
+    /// Bound on a graceful shutdown.
+    pub shutdown_grace: Duration,
     /// Message profile on acquirer connections.
     pub dialect: Arc<Dialect>,
     /// Framing on acquirer connections.
@@ -814,6 +825,13 @@ impl Checker<'_> {
             journal,
             duplicates,
             worker_threads,
+            shutdown_grace: Duration::from_millis(self.range(
+                "switch.shutdown_grace_ms",
+                s.shutdown_grace_ms,
+                0,
+                3_600_000,
+                "ms",
+            )?),
             dialect,
             framing: s.framing,
             tls_files: TlsFiles {

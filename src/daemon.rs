@@ -61,6 +61,8 @@ pub struct Switch {
     ingress: Arc<Ingress>,
     link_changed: Arc<Notify>,
     shutdown: CancellationToken,
+    /// Cancelled when a graceful shutdown starts: no new connections or requests.
+    draining: CancellationToken,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     journal: Option<Arc<Journal>>,
     recent: Arc<Recent>,
@@ -159,6 +161,7 @@ impl Switch {
             ingress,
             link_changed,
             shutdown,
+            draining: CancellationToken::new(),
             tasks,
             journal,
             recent,
@@ -223,7 +226,7 @@ impl Switch {
         let serving =
             self.ingress
                 .clone()
-                .serve(listener, self.tls.server.clone(), self.shutdown.clone());
+                .serve(listener, self.tls.server.clone(), self.draining.clone());
         serving.await
     }
 
@@ -232,8 +235,35 @@ impl Switch {
         self.shutdown.clone()
     }
 
+    /// Graceful shutdown: stops accepting connections and forwarding new requests
+    /// (they are answered 91), lets what is in flight be answered or time out by its
+    /// deadline (reversals queued as usual), then stops as [`Switch::shutdown`] does.
+    /// Gives up waiting after `grace`. Returns whether every session ended in time.
+    pub async fn drain(&self, grace: Duration) -> bool {
+        self.draining.cancel();
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut drained = false;
+        while tokio::time::Instant::now() < deadline {
+            if self.ingress.connections() == 0 {
+                drained = true;
+                break;
+            }
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        if !drained {
+            tracing::warn!(
+                sessions = self.ingress.connections(),
+                ?grace,
+                "graceful shutdown: grace period over with sessions open"
+            );
+        }
+        self.shutdown().await;
+        drained
+    }
+
     /// Stops accepting, closes sessions and links, and waits for the link tasks.
     pub async fn shutdown(&self) {
+        self.draining.cancel();
         self.shutdown.cancel();
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for task in tasks {
@@ -306,6 +336,9 @@ fn resume(
         }
     }
 }
+
+/// How often a draining switch checks whether its sessions have ended.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
 
 /// Wall-clock time now, in milliseconds since the Unix epoch.
 fn unix_ms_now() -> u64 {
@@ -443,13 +476,29 @@ pub async fn run(
     tls: TlsSetup,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    let grace = config.shutdown_grace;
     let switch = Switch::start(config, tls).map_err(std::io::Error::other)?;
-    let result = tokio::select! {
-        r = switch.serve(listener) => r,
-        _ = shutdown => Ok(()),
+    let serving = switch.serve(listener);
+    tokio::pin!(serving);
+    tokio::select! {
+        r = &mut serving => {
+            switch.shutdown().await;
+            return r;
+        }
+        _ = shutdown => {}
+    }
+    tracing::info!(?grace, "shutting down: answering what is in flight");
+    // The listener keeps running (it stops accepting once draining) until drained;
+    // a second signal stops at once (the journal makes that safe).
+    let drained = tokio::select! {
+        drained = switch.drain(grace) => drained,
+        _ = terminate_signal() => {
+            tracing::warn!("second signal: stopping at once");
+            std::process::exit(1);
+        }
     };
-    switch.shutdown().await;
-    result
+    tracing::info!(drained, "switchyard stopped");
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -27,6 +27,9 @@ use tracing::{debug, info, warn};
 
 /// Read buffer of one acquirer session, bytes.
 const SESSION_READ_BUFFER_BYTES: usize = 32 * 1024;
+/// While draining, how long a session with nothing in flight waits for more
+/// input before it closes.
+const DRAIN_LINGER: std::time::Duration = std::time::Duration::from_millis(200);
 /// Answers taken from the channel per write (one flush per batch).
 const SESSION_WRITE_BATCH_MAX: usize = 512;
 
@@ -161,7 +164,9 @@ impl Ingress {
         self.connections.load(Ordering::Relaxed)
     }
 
-    /// Accepts acquirer connections until `shutdown`.
+    /// Accepts acquirer connections until `shutdown` (the drain token: once it is
+    /// cancelled, no connection is accepted, sessions answer new requests 91, and
+    /// each closes once its requests in flight are answered).
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
@@ -282,6 +287,7 @@ impl Ingress {
         let mut buf = BytesMut::with_capacity(SESSION_READ_BUFFER_BYTES);
         // When the partial frame in `buf` began to arrive (None: nothing partial).
         let mut frame_started: Option<tokio::time::Instant> = None;
+        let mut draining = shutdown.is_cancelled();
         loop {
             loop {
                 let frame = match decoder.decode(&mut buf) {
@@ -302,7 +308,7 @@ impl Ingress {
                 let Ok(permit) = tx.clone().reserve_owned().await else {
                     return;
                 };
-                self.on_request(frame, permit, institution);
+                self.on_request(frame, permit, institution, draining);
             }
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(SESSION_READ_BUFFER_BYTES);
@@ -311,13 +317,22 @@ impl Ingress {
             // off); with nothing partial, the connection may be idle that long.
             let limit = if buf.is_empty() {
                 frame_started = None;
-                tokio::time::Instant::now() + self.config.idle_timeout
+                // Draining: look again soon whether everything has been answered.
+                let wait = if draining {
+                    DRAIN_LINGER
+                } else {
+                    self.config.idle_timeout
+                };
+                tokio::time::Instant::now() + wait
             } else {
                 *frame_started.get_or_insert_with(tokio::time::Instant::now)
                     + self.config.frame_read_timeout
             };
             let read = tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    continue;
+                }
                 read = tokio::time::timeout_at(limit, rd.read_buf(&mut buf)) => read,
             };
             match read {
@@ -326,6 +341,12 @@ impl Ingress {
                 Ok(Err(e)) => {
                     debug!(%institution, error = %e, "read failed");
                     return;
+                }
+                // Draining and nothing more sent: done once nothing is in flight.
+                Err(_) if draining && buf.is_empty() => {
+                    if tx.max_capacity() == tx.capacity() {
+                        return;
+                    }
                 }
                 Err(_) => {
                     let reason = if buf.is_empty() { "idle" } else { "slow_frame" };
@@ -343,6 +364,7 @@ impl Ingress {
         frame: bytes::Bytes,
         permit: mpsc::OwnedPermit<Reply>,
         institution: InstitutionId,
+        draining: bool,
     ) {
         let (msg, error) = Message::decode_partial(&self.config.dialect, frame);
         if let Some(e) = error {
@@ -361,6 +383,17 @@ impl Ingress {
             return;
         }
         match admit(&msg, institution, &self.config.routes) {
+            // Shutting down: nothing new is forwarded.
+            Admission::Forward { bank, .. } if draining => {
+                metrics::counter!("switchyard_connector_unavailable_total", "reason" => "draining")
+                    .increment(1);
+                permit.send(Reply::Switch {
+                    request: msg,
+                    code: ResponseCode::DestinationUnavailable,
+                    connector: Some(bank),
+                    seq: 0,
+                });
+            }
             Admission::Forward { .. } if !self.within_rate(institution) => {
                 permit.send(Reply::Switch {
                     request: msg,

@@ -1,0 +1,166 @@
+//! Graceful shutdown of a real `switchyard run` process: SIGTERM under load.
+//! Every request the client sent gets an answer (the bank's, or 91 once the switch
+//! is draining, or 68 at a deadline), the process exits 0, and the journal verifies
+//! with nothing left unfinished.
+
+mod daemon;
+
+use bytes::BytesMut;
+use daemon::{connect, Bank, Daemon, Pki, TempDir, BIN, WAIT};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use switchyard::journal::recovery::recover;
+use switchyard::wire::{Dialect, Encoder, FrameDecoder, Framing, Message, Mti};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Requests in flight on the client's connection.
+const WINDOW: usize = 32;
+/// Answers before SIGTERM.
+const TERM_AFTER: usize = 300;
+
+fn write_config(dir: &Path, bank: SocketAddr) -> PathBuf {
+    let config = format!(
+        r#"[switch]
+listen = "127.0.0.1:0"
+shutdown_grace_ms = 20000
+
+[tls]
+ca_file = "ca.pem"
+cert_file = "switch.pem"
+key_file = "switch.key"
+client_cert_file = "switchyard.pem"
+client_key_file = "switchyard.key"
+
+[journal]
+dir = "journal"
+
+[[institution]]
+id = "100001"
+
+[[bank]]
+id = "200001"
+address = "{bank}"
+server_name = "bank"
+request_timeout_ms = 5000
+
+[[route]]
+pan_prefix = "4"
+bank = "200001"
+"#
+    );
+    let path = dir.join("switchyard.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+fn request(d: &Dialect, n: usize) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    let mut enc = Encoder::new(d, &mut out, Mti::FINANCIAL);
+    let stan = format!("{n:06}");
+    let rrn = format!("{n:012}");
+    for (f, v) in [
+        (2u8, "4111111111111111"),
+        (3, "000000"),
+        (4, "000000001000"),
+        (7, "1126100000"),
+        (11, &stan),
+        (32, "100001"),
+        (37, &rrn),
+        (49, "978"),
+    ] {
+        enc.field(f, v.as_bytes()).unwrap();
+    }
+    enc.finish();
+    let mut framed = BytesMut::new();
+    Framing::U16be.write(&mut framed, &out).unwrap();
+    framed.to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_answers_everything_and_exits_0() {
+    let dir = TempDir::new("drain");
+    let pki = Pki::write(&dir.0);
+    let bank = Bank::start(&pki, Duration::from_millis(20)).await;
+    let mut daemon = Daemon::start(&write_config(&dir.0, bank.addr));
+    let stream = connect(daemon.addr, &pki.client("100001")).await.unwrap();
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let d = Dialect::iso87_ascii();
+    let decoder = FrameDecoder::new(Framing::U16be, 8192);
+    let mut buf = BytesMut::new();
+    let mut answers: HashMap<usize, Vec<u8>> = HashMap::new();
+    let mut sent = 0usize;
+    let mut terminated = false;
+    let mut stop_sending = false;
+    let run = async {
+        loop {
+            // Keep the window full until the switch says it is going down.
+            while !stop_sending && sent - answers.len() < WINDOW && sent < 100_000 {
+                sent += 1;
+                wr.write_all(&request(&d, sent)).await.unwrap();
+            }
+            wr.flush().await.unwrap();
+            if answers.len() >= TERM_AFTER && !terminated {
+                daemon.terminate();
+                terminated = true;
+            }
+            match rd.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+                let m = Message::decode(&d, frame).unwrap();
+                let n: usize = std::str::from_utf8(m.field(11).unwrap())
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let code = m.field(39).unwrap().to_vec();
+                stop_sending |= code == b"91";
+                assert!(
+                    answers.insert(n, code).is_none(),
+                    "request {n} answered twice"
+                );
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, run)
+        .await
+        .expect("the switch closed the connection");
+    assert!(terminated, "SIGTERM was sent");
+    let missing: Vec<usize> = (1..=sent).filter(|n| !answers.contains_key(n)).collect();
+    assert!(missing.is_empty(), "unanswered: {missing:?}");
+    let codes = |c: &[u8]| answers.values().filter(|v| v.as_slice() == c).count();
+    assert_eq!(
+        codes(b"00") + codes(b"91") + codes(b"68"),
+        sent,
+        "{answers:?}"
+    );
+    let status = daemon.wait_exit();
+    assert_eq!(status.code(), Some(0), "exit status");
+    println!(
+        "sent {sent}: {} approved, {} answered 91 while draining, {} timed out; exit 0",
+        codes(b"00"),
+        codes(b"91"),
+        codes(b"68")
+    );
+    // The journal verifies, and nothing is left unfinished.
+    let journal = dir.0.join("journal");
+    let out = std::process::Command::new(BIN)
+        .args(["journal", "verify", "--dir"])
+        .arg(&journal)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, r) = recover(&journal).unwrap();
+    assert!(
+        r.unfinished.is_empty(),
+        "unfinished: {:?}",
+        r.unfinished.len()
+    );
+    bank.stop().await;
+}
