@@ -235,6 +235,16 @@ impl Switch {
         self.shutdown.clone()
     }
 
+    /// Whether a graceful shutdown has started.
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// Keys in the duplicates table.
+    pub fn duplicates_entries(&self) -> usize {
+        self.recent.len()
+    }
+
     /// Graceful shutdown: stops accepting connections and forwarding new requests
     /// (they are answered 91), lets what is in flight be answered or time out by its
     /// deadline (reversals queued as usual), then stops as [`Switch::shutdown`] does.
@@ -472,12 +482,17 @@ impl Gauges {
 /// (testable entry point: tests bind `127.0.0.1:0`).
 pub async fn run(
     listener: TcpListener,
+    admin: Option<(TcpListener, metrics_exporter_prometheus::PrometheusHandle)>,
     config: Config,
     tls: TlsSetup,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let grace = config.shutdown_grace;
-    let switch = Switch::start(config, tls).map_err(std::io::Error::other)?;
+    let switch = Arc::new(Switch::start(config, tls).map_err(std::io::Error::other)?);
+    if let Some((admin, metrics)) = admin {
+        let token = switch.shutdown_token();
+        tokio::spawn(crate::admin::serve(admin, metrics, switch.clone(), token));
+    }
     let serving = switch.serve(listener);
     tokio::pin!(serving);
     tokio::select! {

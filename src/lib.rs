@@ -12,6 +12,7 @@
 //! [`daemon`] ← the tools ([`banksim`], [`loadgen`], [`demo`]) ← `main.rs`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod banksim;
 pub mod certs;
 pub mod config;

@@ -236,17 +236,29 @@ fn main() -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             let tls = TlsSetup::from_files(&config.tls_files)?;
             runtime(config.worker_threads)?.block_on(async move {
-                if let Some(admin) = config.admin_listen {
-                    switchyard::telemetry::install_exporter(admin)
-                        .with_context(|| format!("metrics endpoint on {admin}"))?;
-                    tracing::info!(%admin, "metrics at http://{admin}/metrics");
-                }
+                let admin = match config.admin_listen {
+                    Some(addr) => {
+                        let metrics = switchyard::telemetry::install_recorder()
+                            .context("metrics recorder")?;
+                        let listener = tokio::net::TcpListener::bind(addr)
+                            .await
+                            .with_context(|| format!("binding the admin endpoint {addr}"))?;
+                        let admin = listener.local_addr()?;
+                        tracing::info!(%admin, "admin endpoint: http://{admin}/metrics, /healthz, /readyz, /status");
+                        Some((listener, metrics))
+                    }
+                    None => None,
+                };
                 let listener = tokio::net::TcpListener::bind(config.listen)
                     .await
                     .with_context(|| format!("binding {}", config.listen))?;
                 let listen = listener.local_addr()?;
-                tracing::info!(%listen, banks = config.banks.len(), "switchyard running");
-                daemon::run(listener, config, tls, daemon::terminate_signal()).await?;
+                let admin_addr = admin
+                    .as_ref()
+                    .and_then(|(l, _)| l.local_addr().ok())
+                    .map_or_else(|| "none".to_owned(), |a| a.to_string());
+                tracing::info!(%listen, admin = %admin_addr, banks = config.banks.len(), "switchyard running");
+                daemon::run(listener, admin, config, tls, daemon::terminate_signal()).await?;
                 Ok(())
             })
         }

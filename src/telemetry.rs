@@ -222,14 +222,12 @@ impl LatencyGauges {
     }
 }
 
-/// Installs the Prometheus exporter serving `/metrics` on `addr` (call inside a
-/// tokio runtime, once per process).
-pub fn install_exporter(
-    addr: std::net::SocketAddr,
-) -> Result<(), metrics_exporter_prometheus::BuildError> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
+/// Installs the Prometheus recorder (once per process); the admin endpoint
+/// renders `/metrics` from the handle.
+pub fn install_recorder(
+) -> Result<metrics_exporter_prometheus::PrometheusHandle, metrics_exporter_prometheus::BuildError>
+{
+    metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder()
 }
 
 #[cfg(test)]

@@ -43,6 +43,8 @@ impl Drop for TempDir {
 pub struct Daemon {
     child: Child,
     pub addr: SocketAddr,
+    /// The admin endpoint, when `[admin] listen` is configured.
+    pub admin: Option<SocketAddr>,
     lines: std::sync::mpsc::Receiver<String>,
 }
 
@@ -75,6 +77,7 @@ impl Daemon {
         let mut d = Daemon {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
+            admin: None,
             lines,
         };
         let running = d.wait_line("switchyard running");
@@ -83,6 +86,10 @@ impl Daemon {
             .find_map(|w| w.strip_prefix("listen="))
             .expect("listen address in the log");
         d.addr = listen.parse().unwrap();
+        d.admin = running
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("admin="))
+            .and_then(|a| a.parse().ok());
         d.wait_line("bank link up");
         d
     }

@@ -1,0 +1,194 @@
+//! The admin endpoint of a real `switchyard run`: `/healthz`, `/readyz`, `/status`
+//! and `/metrics` (scraped and parsed), and what it refuses.
+
+mod daemon;
+
+use daemon::{connect, Bank, Daemon, Pki, TempDir, WAIT};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use switchyard::wire::{Dialect, Encoder, FrameDecoder, Framing, Message, Mti};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn write_config(dir: &Path, bank: SocketAddr) -> PathBuf {
+    let config = format!(
+        r#"[switch]
+listen = "127.0.0.1:0"
+
+[tls]
+ca_file = "ca.pem"
+cert_file = "switch.pem"
+key_file = "switch.key"
+client_cert_file = "switchyard.pem"
+client_key_file = "switchyard.key"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[journal]
+dir = "journal"
+
+[[institution]]
+id = "100001"
+
+[[bank]]
+id = "200001"
+address = "{bank}"
+server_name = "bank"
+reconnect_backoff_max_ms = 200
+
+[[route]]
+pan_prefix = "4"
+bank = "200001"
+"#
+    );
+    let path = dir.join("switchyard.toml");
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+/// Sends `request` as is and returns the status code and body.
+async fn http(addr: SocketAddr, request: &str) -> (u16, String) {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(WAIT, tcp.read_to_string(&mut response))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_owned());
+    (status, body)
+}
+
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: switchyard\r\n\r\n"),
+    )
+    .await
+}
+
+/// Parses Prometheus text lines into `name{labels}` → value.
+fn parse(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_status_and_metrics() {
+    let dir = TempDir::new("admin");
+    let pki = Pki::write(&dir.0);
+    let bank = Bank::start(&pki, Duration::ZERO).await;
+    let daemon = Daemon::start(&write_config(&dir.0, bank.addr));
+    let admin = daemon.admin.expect("admin address in the log");
+
+    assert_eq!(get(admin, "/healthz").await, (200, "ok\n".to_owned()));
+    assert_eq!(get(admin, "/readyz").await, (200, "ready\n".to_owned()));
+
+    // One payment, then its traces in /status and /metrics.
+    let mut s = connect(daemon.addr, &pki.client("100001")).await.unwrap();
+    let d = Dialect::iso87_ascii();
+    let mut out = bytes::BytesMut::new();
+    let mut enc = Encoder::new(&d, &mut out, Mti::FINANCIAL);
+    for (f, v) in [
+        (2u8, &b"4111111111111111"[..]),
+        (3, b"000000"),
+        (4, b"000000001000"),
+        (7, b"1126100000"),
+        (11, b"000001"),
+        (32, b"100001"),
+        (49, b"978"),
+    ] {
+        enc.field(f, v).unwrap();
+    }
+    enc.finish();
+    let mut framed = bytes::BytesMut::new();
+    Framing::U16be.write(&mut framed, &out).unwrap();
+    s.write_all(&framed).await.unwrap();
+    let mut buf = bytes::BytesMut::new();
+    let frame = loop {
+        if let Some(f) = FrameDecoder::new(Framing::U16be, 8192)
+            .decode(&mut buf)
+            .unwrap()
+        {
+            break f;
+        }
+        assert!(s.read_buf(&mut buf).await.unwrap() > 0);
+    };
+    assert_eq!(
+        Message::decode(&d, frame).unwrap().field(39),
+        Some(&b"00"[..])
+    );
+
+    let (code, body) = get(admin, "/status").await;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["ready"], true, "{body}");
+    assert_eq!(status["sessions"], 1, "{body}");
+    assert_eq!(status["connectors"][0]["bank"], "200001", "{body}");
+    assert!(
+        status["connectors"][0]["links_up"].as_u64() >= Some(1),
+        "{body}"
+    );
+    assert_eq!(status["connectors"][0]["answered"], 1, "{body}");
+    assert_eq!(status["journal"]["failed"], false, "{body}");
+
+    let (code, text) = get(admin, "/metrics").await;
+    assert_eq!(code, 200);
+    let m = parse(&text);
+    let answered: f64 = m
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("switchyard_responses_total")
+                && k.contains("institution=\"100001\"")
+                && k.contains("code=\"00\"")
+        })
+        .map(|(_, v)| v)
+        .sum();
+    assert_eq!(answered, 1.0, "{text}");
+    assert!(
+        m.keys()
+            .any(|k| k.starts_with("switchyard_connector_links_up")),
+        "{text}"
+    );
+    assert!(
+        m.keys().any(|k| k.starts_with("switchyard_journal_bytes")),
+        "{text}"
+    );
+
+    // What it refuses.
+    assert_eq!(get(admin, "/nope").await.0, 404);
+    assert_eq!(http(admin, "POST /status HTTP/1.1\r\n\r\n").await.0, 405);
+    let huge = format!("GET /status HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(10_000));
+    assert_eq!(http(admin, &huge).await.0, 431);
+
+    // The bank goes away: not ready.
+    bank.stop().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (code, body) = get(admin, "/readyz").await;
+        if code == 503 {
+            assert_eq!(body, "no link up to bank 200001\n");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.kill();
+}
