@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod demo;
 pub mod journal;
 pub mod loadgen;
+pub mod lograte;
 pub mod money;
 pub mod net;
 pub mod telemetry;

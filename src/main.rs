@@ -33,6 +33,9 @@ enum Command {
         /// Config file.
         #[arg(long, default_value = "config/switchyard.toml")]
         config: PathBuf,
+        /// Log lines as text (default) or as JSON objects, one per line.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
     },
     /// Validate a config file and exit (0: valid).
     CheckConfig {
@@ -210,15 +213,33 @@ fn parse_framing(s: &str) -> Result<Framing, String> {
     }
 }
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (for log collectors).
+    Json,
+}
+
 fn init_logs(default: &str) {
+    init_logs_as(default, LogFormat::Text);
+}
+
+/// Logs to stderr at `default` level (or `RUST_LOG`), as text or JSON.
+fn init_logs_as(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
         // Colours only for a person at a terminal, not in files or journald.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
 }
 
 fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
@@ -231,8 +252,8 @@ fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => {
-            init_logs("info");
+        Command::Run { config, log_format } => {
+            init_logs_as("info", log_format);
             let config = Config::load(&config)?;
             let tls = TlsSetup::from_files(&config.tls_files)?;
             runtime(config.worker_threads)?.block_on(async move {

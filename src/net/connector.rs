@@ -29,7 +29,7 @@ use tokio::sync::Notify;
 use tokio::time::{sleep_until, timeout, Instant};
 use tokio_rustls::client::TlsStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info};
 
 /// Read buffer of one bank link, bytes (rustls hands over 4 KiB at a time).
 const LINK_READ_BUFFER_BYTES: usize = 64 * 1024;
@@ -287,7 +287,7 @@ impl Connector {
                     if matches!(why, LinkEnd::Shutdown) {
                         info!(bank = %self.bank.id, link = index, "bank link closed for shutdown");
                     } else {
-                        warn!(bank = %self.bank.id, link = index, reason = %why, links_up = left, "bank link down");
+                        crate::log_limited!(warn, bank = %self.bank.id, link = index, reason = %why, links_up = left, "bank link down");
                     }
                     if left == 0 {
                         self.drain_stranded();
@@ -380,7 +380,7 @@ impl Connector {
             match waiter {
                 Waiter::Acquirer(p) => {
                     lost += 1;
-                    warn!(
+                    crate::log_limited!(warn,
                         bank = %self.bank.id, acquirer = %p.acquirer, link_stan = stan.value(),
                         "link lost with request in flight: answered 91; reversal advice queued"
                     );
@@ -395,7 +395,7 @@ impl Connector {
         drop(table);
         self.inflight_by_link[slot].store(0, Ordering::Relaxed);
         if lost > 0 {
-            warn!(bank = %self.bank.id, lost, "requests in flight on a lost link");
+            crate::log_limited!(warn, bank = %self.bank.id, lost, "requests in flight on a lost link");
         }
         end
     }
@@ -464,7 +464,7 @@ impl Connector {
     fn timed_out(&self, stan: Stan, p: Pending) {
         self.stats.timed_out.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("switchyard_timeouts_total").increment(1);
-        warn!(
+        crate::log_limited!(warn,
             bank = %self.bank.id, acquirer = %p.acquirer, link_stan = stan.value(),
             mti = %p.request.mti(),
             "no answer by the deadline: acquirer answered 68; reversal advice queued"
@@ -567,13 +567,13 @@ impl Connector {
         let answer = match Message::decode(&self.bank.dialect, frame) {
             Ok(m) => m,
             Err(e) => {
-                warn!(bank = %self.bank.id, error = %e, "undecodable message from bank dropped");
+                crate::log_limited!(warn, bank = %self.bank.id, error = %e, "undecodable message from bank dropped");
                 metrics::counter!("switchyard_bank_bad_messages_total").increment(1);
                 return;
             }
         };
         let Some(stan) = answer.field(11).and_then(Stan::from_de11) else {
-            warn!(bank = %self.bank.id, mti = %answer.mti(), "bank message without a valid DE11");
+            crate::log_limited!(warn, bank = %self.bank.id, mti = %answer.mti(), "bank message without a valid DE11");
             return;
         };
         let waiter = {
@@ -609,7 +609,7 @@ impl Connector {
                 });
             }
             Some(Waiter::Acquirer(p)) => {
-                warn!(bank = %self.bank.id, mti = %answer.mti(), "bank answer with the wrong MTI");
+                crate::log_limited!(warn, bank = %self.bank.id, mti = %answer.mti(), "bank answer with the wrong MTI");
                 self.answer(p, ResponseCode::SystemMalfunction, OutcomeSource::Switch);
             }
             Some(Waiter::Echo) => debug!(bank = %self.bank.id, "echo answered"),
@@ -622,14 +622,14 @@ impl Connector {
                 info!(bank = %self.bank.id, request_id = advice.request_id, "reversal acknowledged");
             }
             Some(Waiter::Reversal(advice)) => {
-                warn!(bank = %self.bank.id, mti = %answer.mti(), "unexpected answer to a reversal advice");
+                crate::log_limited!(warn, bank = %self.bank.id, mti = %answer.mti(), "unexpected answer to a reversal advice");
                 self.retry_reversal(advice);
             }
             None => {
                 self.stats.unmatched.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("switchyard_bank_late_answers_total").increment(1);
                 let approved = answer.field(39) == Some(b"00");
-                warn!(
+                crate::log_limited!(warn,
                     bank = %self.bank.id, link_stan = stan.value(), approved,
                     "bank answer after the deadline (or unknown) dropped"
                 );
@@ -784,7 +784,7 @@ impl Connector {
                 Ok(seq) => journaled = seq,
                 Err(e) => {
                     if let Some(Waiter::Acquirer(p)) = table.inflight.take(stan) {
-                        warn!(bank = %self.bank.id, error = %e, "forward not journaled: answered 91");
+                        crate::log_limited!(warn, bank = %self.bank.id, error = %e, "forward not journaled: answered 91");
                         self.unavailable(p, "journal");
                     }
                     continue;
@@ -813,7 +813,7 @@ impl Connector {
             if !encoded {
                 out.truncate(at);
                 if let Some(Waiter::Acquirer(p)) = table.inflight.take(stan) {
-                    warn!(bank = %self.bank.id, "request does not fit the bank's dialect: answered 30");
+                    crate::log_limited!(warn, bank = %self.bank.id, "request does not fit the bank's dialect: answered 30");
                     self.answer(p, ResponseCode::FormatError, OutcomeSource::Switch);
                 }
                 continue;

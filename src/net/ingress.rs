@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::debug;
 
 /// Read buffer of one acquirer session, bytes.
 const SESSION_READ_BUFFER_BYTES: usize = 32 * 1024;
@@ -181,7 +181,7 @@ impl Ingress {
                     Ok(a) => a,
                     Err(e) => {
                         // Out of descriptors and the like: keep serving the others.
-                        warn!(error = %e, "accept failed");
+                        crate::log_limited!(warn, error = %e, "accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                         continue;
                     }
@@ -191,7 +191,7 @@ impl Ingress {
                 self.connections.fetch_sub(1, Ordering::AcqRel);
                 metrics::counter!("switchyard_connections_refused_total", "reason" => "limit")
                     .increment(1);
-                warn!(%peer, limit = self.config.connections_max, "connection refused: limit");
+                crate::log_limited!(warn, %peer, limit = self.config.connections_max, "connection refused: limit");
                 continue;
             }
             let this = self.clone();
@@ -217,12 +217,12 @@ impl Ingress {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 metrics::counter!("switchyard_handshakes_failed_total").increment(1);
-                info!(%peer, error = %e, "TLS handshake refused");
+                crate::log_limited!(info, %peer, error = %e, "TLS handshake refused");
                 return;
             }
             Err(_) => {
                 metrics::counter!("switchyard_handshakes_failed_total").increment(1);
-                info!(%peer, "TLS handshake timed out");
+                crate::log_limited!(info, %peer, "TLS handshake timed out");
                 return;
             }
         };
@@ -232,13 +232,13 @@ impl Ingress {
             Ok(None) => {
                 metrics::counter!("switchyard_connections_refused_total", "reason" => "unknown_institution")
                     .increment(1);
-                warn!(%peer, identity = ?identity, "certificate names no configured institution");
+                crate::log_limited!(warn, %peer, identity = ?identity, "certificate names no configured institution");
                 return;
             }
             Err(e) => {
                 metrics::counter!("switchyard_connections_refused_total", "reason" => "no_identity")
                     .increment(1);
-                warn!(%peer, error = %e, "certificate carries no institution identity");
+                crate::log_limited!(warn, %peer, error = %e, "certificate carries no institution identity");
                 return;
             }
         };
@@ -247,14 +247,14 @@ impl Ingress {
             self.session_closed(institution);
             metrics::counter!("switchyard_connections_refused_total", "reason" => "institution_limit")
                 .increment(1);
-            warn!(%peer, %institution, limit = self.config.connections_per_institution_max,
+            crate::log_limited!(warn, %peer, %institution, limit = self.config.connections_per_institution_max,
                 "connection refused: the institution's connection limit");
             return;
         }
-        info!(%peer, %institution, sessions = open, "acquirer session open");
+        crate::log_limited!(info, %peer, %institution, sessions = open, "acquirer session open");
         self.session(tls, institution, &shutdown).await;
         self.session_closed(institution);
-        info!(%peer, %institution, "acquirer session closed");
+        crate::log_limited!(info, %peer, %institution, "acquirer session closed");
     }
 
     async fn session(
@@ -299,7 +299,7 @@ impl Ingress {
                     Err(e) => {
                         metrics::counter!("switchyard_rejected_input_total", "reason" => "frame")
                             .increment(1);
-                        warn!(%institution, error = %e, "unframeable input: closing connection");
+                        crate::log_limited!(warn, %institution, error = %e, "unframeable input: closing connection");
                         return;
                     }
                 };
@@ -352,7 +352,7 @@ impl Ingress {
                     let reason = if buf.is_empty() { "idle" } else { "slow_frame" };
                     metrics::counter!("switchyard_connections_closed_total", "reason" => reason)
                         .increment(1);
-                    warn!(%institution, reason, "acquirer connection closed: read timeout");
+                    crate::log_limited!(warn, %institution, reason, "acquirer connection closed: read timeout");
                     return;
                 }
             }
@@ -369,7 +369,7 @@ impl Ingress {
         let (msg, error) = Message::decode_partial(&self.config.dialect, frame);
         if let Some(e) = error {
             metrics::counter!("switchyard_rejected_input_total", "reason" => "format").increment(1);
-            warn!(%institution, error = %e, "request does not match the dialect");
+            crate::log_limited!(warn, %institution, error = %e, "request does not match the dialect");
             if e.location == Location::Mti || !msg.mti().is_request() {
                 return; // no answer can be formed; the permit returns unused
             }
@@ -416,7 +416,7 @@ impl Ingress {
             Admission::Decline(code, reason) => {
                 metrics::counter!("switchyard_declined_total", "code" => code.as_str(), "reason" => reason.as_str())
                     .increment(1);
-                warn!(%institution, mti = %msg.mti(), code = %code, %reason, "request declined by the switch");
+                crate::log_limited!(warn, %institution, mti = %msg.mti(), code = %code, %reason, "request declined by the switch");
                 permit.send(Reply::Switch {
                     request: msg,
                     code,
@@ -427,7 +427,7 @@ impl Ingress {
             Admission::Unsolicited => {
                 metrics::counter!("switchyard_rejected_input_total", "reason" => "unsolicited")
                     .increment(1);
-                warn!(%institution, mti = %msg.mti(), "answer MTI from an acquirer dropped");
+                crate::log_limited!(warn, %institution, mti = %msg.mti(), "answer MTI from an acquirer dropped");
             }
         }
     }
@@ -465,7 +465,7 @@ impl Ingress {
         kind: RequestKind,
     ) {
         let Some(slot) = self.inflight_slot(institution) else {
-            warn!(%institution, limit = self.config.inflight_per_institution_max,
+            crate::log_limited!(warn, %institution, limit = self.config.inflight_per_institution_max,
                 "institution's requests in flight at the limit: answered 91");
             permit.send(Reply::Switch {
                 request: msg,
@@ -513,7 +513,7 @@ impl Ingress {
         {
             metrics::counter!("switchyard_connector_unavailable_total", "reason" => "journal")
                 .increment(1);
-            warn!(%institution, error = %e, "request not journaled: answered 91");
+            crate::log_limited!(warn, %institution, error = %e, "request not journaled: answered 91");
             connector.refuse_unjournaled(pending);
             return;
         }
@@ -558,7 +558,7 @@ impl Ingress {
             }
         };
         metrics::counter!("switchyard_duplicates_total", "result" => result).increment(1);
-        warn!(%institution, %code, result, "request key seen before with other content, or table full");
+        crate::log_limited!(warn, %institution, %code, result, "request key seen before with other content, or table full");
         if let Awaiting::Duplicate { request, reply } = waiter {
             reply.send(Reply::Switch {
                 request,
@@ -621,7 +621,7 @@ impl Ingress {
         if let Awaiting::Reversal(p) = waiter {
             metrics::counter!("switchyard_reversals_matched_total", "original" => "not_found")
                 .increment(1);
-            warn!(acquirer = %p.acquirer, "reversal names no known original: answered 25");
+            crate::log_limited!(warn, acquirer = %p.acquirer, "reversal names no known original: answered 25");
             let connector = &self.connectors[usize::from(p.bank)];
             connector.decline(p, ResponseCode::OriginalNotFound);
         }
@@ -646,14 +646,17 @@ impl Ingress {
             if !self.journaling.durable(seq).await {
                 metrics::counter!("switchyard_connections_closed_total", "reason" => "journal")
                     .increment(1);
-                warn!(%institution, "journal failed: answers withheld, connection closed");
+                crate::log_limited!(warn, %institution, "journal failed: answers withheld, connection closed");
                 return;
             }
             for reply in batch.drain(..) {
                 counters.count(&reply);
                 if !encode_reply(&reply, &self.config.dialect, self.config.framing, &mut out) {
                     metrics::counter!("switchyard_encode_failures_total").increment(1);
-                    warn!("answer could not be encoded in the acquirer's dialect");
+                    crate::log_limited!(
+                        warn,
+                        "answer could not be encoded in the acquirer's dialect"
+                    );
                 }
             }
             let written = async {
@@ -669,7 +672,10 @@ impl Ingress {
                 Err(_) => {
                     metrics::counter!("switchyard_connections_closed_total", "reason" => "not_reading")
                         .increment(1);
-                    warn!("acquirer not reading its answers: connection closed");
+                    crate::log_limited!(
+                        warn,
+                        "acquirer not reading its answers: connection closed"
+                    );
                     return;
                 }
             }
