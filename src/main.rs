@@ -134,6 +134,26 @@ enum Command {
         #[command(subcommand)]
         command: JournalCommand,
     },
+    /// Settlement totals from a journal: per acquirer, issuer and currency, the
+    /// approved financial requests net of reversals, and each institution's net
+    /// position (exact decimals; each currency's positions sum to zero).
+    Settlement {
+        /// Journal directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Window start (inclusive): RFC 3339 UTC (`2026-11-26T00:00:00Z`) or Unix ms.
+        #[arg(long)]
+        from: String,
+        /// Window end (exclusive), as `--from`.
+        #[arg(long)]
+        to: String,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+        /// Dialect of the stored messages (name or file).
+        #[arg(long, default_value = "iso87-ascii")]
+        dialect: String,
+    },
     /// Start the switch with simulated banks and load, all in-process; print a summary.
     Demo {
         /// Seconds of load.
@@ -242,6 +262,46 @@ fn init_logs_as(default: &str, format: LogFormat) {
     }
 }
 
+/// Unix ms from `1234567890123` or an RFC 3339 UTC time `YYYY-MM-DDTHH:MM:SS[.fff]Z`.
+fn parse_time(text: &str) -> anyhow::Result<u64> {
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(ms);
+    }
+    let b = text.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> anyhow::Result<i64> {
+        std::str::from_utf8(b.get(r).context("too short")?)?
+            .parse::<i64>()
+            .context("not a number")
+    };
+    anyhow::ensure!(
+        b.len() >= 20 && b[4] == b'-' && b[7] == b'-' && b[10] == b'T' && b.ends_with(b"Z"),
+        "expected Unix ms or YYYY-MM-DDTHH:MM:SSZ"
+    );
+    let (y, m, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hh, mm, ss) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    let millis = if b.get(19) == Some(&b'.') {
+        let frac = &text[20..text.len() - 1];
+        format!("{frac:0<3}")[..3]
+            .parse::<i64>()
+            .context("fraction")?
+    } else {
+        0
+    };
+    anyhow::ensure!(
+        (1..=12).contains(&m) && (1..=31).contains(&d) && hh < 24 && mm < 60 && ss < 61,
+        "date or time out of range"
+    );
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let ms = ((days * 86_400 + hh * 3_600 + mm * 60 + ss) * 1_000) + millis;
+    u64::try_from(ms).context("before 1970")
+}
+
 fn runtime(workers: usize) -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -296,6 +356,43 @@ fn main() -> anyhow::Result<()> {
         }
         Command::GenCerts { out, config } => gen_certs(&out, &config),
         Command::Journal { command } => journal(command),
+        Command::Settlement {
+            dir,
+            from,
+            to,
+            json,
+            dialect,
+        } => {
+            let from_ms = parse_time(&from).with_context(|| format!("--from {from}"))?;
+            let to_ms = parse_time(&to).with_context(|| format!("--to {to}"))?;
+            anyhow::ensure!(from_ms < to_ms, "--from must be before --to");
+            let dialect = switchyard::wire::Dialect::load(&dialect)?;
+            let s = switchyard::journal::settlement::settle(&dir, from_ms, to_ms, &dialect)?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!("settlement {from} .. {to} ({} records read)", s.records);
+                println!(
+                    "{:<36} {:>9} {:>18} {:>9} {:>18} {:>18}",
+                    "acquirer -> issuer currency", "approved", "sum", "reversed", "sum", "net"
+                );
+                for (pair, t) in &s.pairs {
+                    println!(
+                        "{pair:<36} {:>9} {:>18} {:>9} {:>18} {:>18}",
+                        t.approved, t.approved_sum, t.reversed, t.reversed_sum, t.net
+                    );
+                }
+                println!("net positions (positive: to receive)");
+                for (who, net) in &s.positions {
+                    println!("  {who:<24} {net:>18}");
+                }
+                for (currency, sum) in &s.balance {
+                    println!("  {currency}: positions sum to {sum}");
+                }
+            }
+            anyhow::ensure!(s.balanced(), "positions do not sum to zero");
+            Ok(())
+        }
         Command::BankSim {
             listen,
             certs_dir,

@@ -1879,7 +1879,7 @@ impl Oracle {
     fn record(&mut self, r: &Record<'_>) {
         let story = self.stories.entry(r.request_id).or_default();
         story.kinds.push(r.kind.as_str());
-        let message = &r.body[r.kind.head_len()..];
+        let message = r.body.get(r.kind.head_len()..).unwrap_or(&[]);
         match r.kind {
             RecordKind::Accepted => {
                 story.accepted += 1;

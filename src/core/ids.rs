@@ -41,6 +41,16 @@ impl InstitutionId {
         self.0
     }
 
+    /// The id whose packed form is `raw` (as stored by [`InstitutionId::to_raw`]);
+    /// `None` if it does not describe 1..=11 digits.
+    pub fn from_raw(raw: u64) -> Option<InstitutionId> {
+        let id = InstitutionId(raw);
+        let digits = id.digits();
+        let fits = (1..=INSTITUTION_ID_DIGITS_MAX).contains(&digits)
+            && id.value() < 10u64.pow(digits as u32);
+        fits.then_some(id)
+    }
+
     /// Writes the digits into `out`, returning the used prefix.
     pub fn write_digits(self, out: &mut [u8; INSTITUTION_ID_DIGITS_MAX]) -> &[u8] {
         let n = self.digits();

@@ -10,6 +10,7 @@ pub mod dump;
 pub mod reader;
 pub mod record;
 pub mod recovery;
+pub mod settlement;
 pub mod writer;
 
 pub use reader::{scan, segments, JournalError, Scan, TornTail};

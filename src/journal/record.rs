@@ -27,7 +27,9 @@ pub const RECORD_LEN_MAX: usize = FIXED_BYTES + BODY_SIZE_MAX_BYTES;
 pub enum RecordKind {
     /// A request was accepted from an acquirer; body: acquirer id (u64) + the message.
     Accepted = 1,
-    /// It was written to a bank; body: connector index (u16) + link STAN (u32).
+    /// It was written to a bank; body: connector index (u16) + link STAN (u32) +
+    /// the bank's institution id (u64; absent in journals written before it was
+    /// added: readers take the first 6 bytes and the id when present).
     Forwarded = 2,
     /// Its outcome; body: DE39 (2 bytes) + source (u8) + the answer sent.
     Outcome = 3,
@@ -66,7 +68,7 @@ impl RecordKind {
     pub fn head_len(self) -> usize {
         match self {
             RecordKind::Accepted => 8,
-            RecordKind::Forwarded => 6,
+            RecordKind::Forwarded => 14,
             RecordKind::Outcome => 3,
             RecordKind::ReversalQueued => 6,
             RecordKind::ReversalAcked => 0,

@@ -780,7 +780,10 @@ impl Connector {
                 continue;
             };
             // Recorded before the bank can see it, so recovery knows to reverse it.
-            match self.journaling.forwarded(p.request_id, self.index, stan) {
+            match self
+                .journaling
+                .forwarded(p.request_id, self.index, stan, self.bank.id)
+            {
                 Ok(seq) => journaled = seq,
                 Err(e) => {
                     if let Some(Waiter::Acquirer(p)) = table.inflight.take(stan) {

@@ -88,10 +88,12 @@ impl Journaling {
         request_id: u64,
         bank: BankIndex,
         link_stan: Stan,
+        bank_id: InstitutionId,
     ) -> Result<u64, AppendError> {
-        let mut head = [0u8; 6];
+        let mut head = [0u8; 14];
         head[..2].copy_from_slice(&bank.to_le_bytes());
-        head[2..].copy_from_slice(&link_stan.value().to_le_bytes());
+        head[2..6].copy_from_slice(&link_stan.value().to_le_bytes());
+        head[6..].copy_from_slice(&bank_id.to_raw().to_le_bytes());
         self.append(RecordKind::Forwarded, request_id, &head, Bytes::new())
     }
 
