@@ -235,6 +235,59 @@ impl Switch {
         self.shutdown.clone()
     }
 
+    /// Reloads the config file at `path` (SIGHUP): the whole file is validated as
+    /// `check-config` does; an invalid file, or one that changes what cannot be
+    /// changed while running yet (the banks, the institutions), is rejected whole
+    /// and the running config stays. Applied: the route table, for every request
+    /// read from then on; connections and requests in flight are untouched.
+    pub fn reload(&self, path: &std::path::Path) -> Result<String, String> {
+        let result = self.try_reload(path);
+        let label = if result.is_ok() {
+            "applied"
+        } else {
+            "rejected"
+        };
+        metrics::counter!("switchyard_config_reloads_total", "result" => label).increment(1);
+        result
+    }
+
+    fn try_reload(&self, path: &std::path::Path) -> Result<String, String> {
+        let new = Config::load(path).map_err(|e| e.to_string())?;
+        let old = &self.config;
+        let same_banks = new.banks.len() == old.banks.len()
+            && new
+                .banks
+                .iter()
+                .zip(&old.banks)
+                .all(|(a, b)| a.id == b.id && a.address == b.address && a.links == b.links);
+        if !same_banks {
+            return Err(format!(
+                "{}: banks added, removed or changed (id, address, links): this needs a restart",
+                path.display()
+            ));
+        }
+        let same_institutions = new.institutions.len() == old.institutions.len()
+            && new
+                .institutions
+                .iter()
+                .zip(&old.institutions)
+                .all(|(a, b)| {
+                    a.id == b.id
+                        && a.certificate_name == b.certificate_name
+                        && a.rate_per_s == b.rate_per_s
+                        && a.rate_burst == b.rate_burst
+                });
+        if !same_institutions {
+            return Err(format!(
+                "{}: institutions added, removed or changed: this needs a restart",
+                path.display()
+            ));
+        }
+        let prefixes = new.routes.prefix_count();
+        self.ingress.replace_routes(new.routes);
+        Ok(format!("routes reloaded: {prefixes} PAN prefixes"))
+    }
+
     /// Whether a graceful shutdown has started.
     pub fn is_draining(&self) -> bool {
         self.draining.is_cancelled()
@@ -344,6 +397,37 @@ fn resume(
                 "pending reversal names no configured bank or cannot be decoded: reverse it by hand"
             ),
         }
+    }
+}
+
+/// Reloads the config on every SIGHUP (unix), logging what was applied or why
+/// the new file was rejected.
+async fn reload_on_sighup(switch: Arc<Switch>, path: std::path::PathBuf) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("SIGHUP cannot be watched: no reload on signal");
+            return;
+        };
+        let token = switch.shutdown_token();
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                got = hup.recv() => if got.is_none() { return },
+            }
+            match switch.reload(&path) {
+                Ok(what) => tracing::info!(config = %path.display(), "{what}"),
+                Err(why) => tracing::error!(
+                    config = %path.display(),
+                    "config reload rejected, the running config stays: {why}"
+                ),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (switch, path);
     }
 }
 
@@ -483,6 +567,7 @@ impl Gauges {
 pub async fn run(
     listener: TcpListener,
     admin: Option<(TcpListener, metrics_exporter_prometheus::PrometheusHandle)>,
+    config_path: Option<std::path::PathBuf>,
     config: Config,
     tls: TlsSetup,
     shutdown: impl Future<Output = ()>,
@@ -492,6 +577,9 @@ pub async fn run(
     if let Some((admin, metrics)) = admin {
         let token = switch.shutdown_token();
         tokio::spawn(crate::admin::serve(admin, metrics, switch.clone(), token));
+    }
+    if let Some(path) = config_path {
+        tokio::spawn(reload_on_sighup(switch.clone(), path));
     }
     let serving = switch.serve(listener);
     tokio::pin!(serving);

@@ -314,6 +314,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Run { config, log_format } => {
             init_logs_as("info", log_format);
+            let config_path = config.clone();
             let config = Config::load(&config)?;
             let tls = TlsSetup::from_files(&config.tls_files)?;
             runtime(config.worker_threads)?.block_on(async move {
@@ -339,7 +340,15 @@ fn main() -> anyhow::Result<()> {
                     .and_then(|(l, _)| l.local_addr().ok())
                     .map_or_else(|| "none".to_owned(), |a| a.to_string());
                 tracing::info!(%listen, admin = %admin_addr, banks = config.banks.len(), "switchyard running");
-                daemon::run(listener, admin, config, tls, daemon::terminate_signal()).await?;
+                daemon::run(
+                    listener,
+                    admin,
+                    Some(config_path),
+                    config,
+                    tls,
+                    daemon::terminate_signal(),
+                )
+                .await?;
                 Ok(())
             })
         }

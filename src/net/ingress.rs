@@ -51,6 +51,11 @@ pub struct Ingress {
     recent: Arc<Recent>,
     /// Each institution's rate limit, with its counter of refusals.
     rates: HashMap<InstitutionId, RateLimit>,
+    /// The route table in force (replaced by a reload), and its generation: a
+    /// session keeps its own copy of the `Arc` and looks at the lock only when the
+    /// generation moved (one relaxed load per request).
+    routes: std::sync::RwLock<Arc<crate::core::route::RouteTable>>,
+    routes_generation: AtomicU64,
 }
 
 /// One institution's request rate limit (GCRA, lock-free) and requests in flight.
@@ -105,6 +110,7 @@ impl Ingress {
         first_request_id: u64,
         recent: Arc<Recent>,
     ) -> Arc<Ingress> {
+        let routes = Arc::new(config.routes.clone());
         let by_certificate = config.institutions_by_certificate();
         let rates = config
             .institutions
@@ -135,9 +141,31 @@ impl Ingress {
             next_request_id: AtomicU64::new(first_request_id),
             recent,
             rates,
+            routes: std::sync::RwLock::new(routes),
+            routes_generation: AtomicU64::new(0),
             sessions: dashmap::DashMap::new(),
             connector_labels,
         })
+    }
+
+    /// Puts `routes` in force for every request read from now on (sessions pick it
+    /// up at their next request).
+    pub fn replace_routes(&self, routes: crate::core::route::RouteTable) {
+        *self
+            .routes
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(routes);
+        self.routes_generation.fetch_add(1, Ordering::Release);
+    }
+
+    fn current_routes(&self) -> (u64, Arc<crate::core::route::RouteTable>) {
+        let generation = self.routes_generation.load(Ordering::Acquire);
+        let routes = self
+            .routes
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        (generation, routes)
     }
 
     /// Open sessions of `institution`.
@@ -288,6 +316,7 @@ impl Ingress {
         // When the partial frame in `buf` began to arrive (None: nothing partial).
         let mut frame_started: Option<tokio::time::Instant> = None;
         let mut draining = shutdown.is_cancelled();
+        let (mut generation, mut routes) = self.current_routes();
         loop {
             loop {
                 let frame = match decoder.decode(&mut buf) {
@@ -308,7 +337,10 @@ impl Ingress {
                 let Ok(permit) = tx.clone().reserve_owned().await else {
                     return;
                 };
-                self.on_request(frame, permit, institution, draining);
+                if self.routes_generation.load(Ordering::Relaxed) != generation {
+                    (generation, routes) = self.current_routes();
+                }
+                self.on_request(frame, permit, institution, draining, &routes);
             }
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(SESSION_READ_BUFFER_BYTES);
@@ -365,6 +397,7 @@ impl Ingress {
         permit: mpsc::OwnedPermit<Reply>,
         institution: InstitutionId,
         draining: bool,
+        routes: &crate::core::route::RouteTable,
     ) {
         let (msg, error) = Message::decode_partial(&self.config.dialect, frame);
         if let Some(e) = error {
@@ -382,7 +415,7 @@ impl Ingress {
             });
             return;
         }
-        match admit(&msg, institution, &self.config.routes) {
+        match admit(&msg, institution, routes) {
             // Shutting down: nothing new is forwarded.
             Admission::Forward { bank, .. } if draining => {
                 metrics::counter!("switchyard_connector_unavailable_total", "reason" => "draining")

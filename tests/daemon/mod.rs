@@ -68,6 +68,7 @@ impl Daemon {
                 let Ok(line) = line else { break };
                 if line.contains("switchyard running")
                     || line.contains("bank link up")
+                    || line.contains("reload")
                     || line.contains("ERROR")
                 {
                     let _ = tx.try_send(line);
@@ -94,7 +95,9 @@ impl Daemon {
         d
     }
 
-    fn wait_line(&mut self, what: &str) -> String {
+    /// Waits for a log line containing `what` (among the lines kept: start-up,
+    /// links, reloads, errors), for at most [`WAIT`].
+    pub fn wait_line(&mut self, what: &str) -> String {
         let deadline = std::time::Instant::now() + WAIT;
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -120,11 +123,20 @@ impl Daemon {
 
     /// Sends SIGTERM (a graceful shutdown).
     pub fn terminate(&self) {
+        self.signal("-TERM");
+    }
+
+    /// Sends SIGHUP (reload the config).
+    pub fn reload(&self) {
+        self.signal("-HUP");
+    }
+
+    fn signal(&self, which: &str) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([which, &self.child.id().to_string()])
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM failed");
+        assert!(status.success(), "kill {which} failed");
     }
 
     /// Waits for the process to exit, for at most [`WAIT`]; its status.

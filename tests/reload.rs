@@ -1,0 +1,154 @@
+//! Hot reload of a real `switchyard run`: a route changed in the config file and
+//! SIGHUP; new requests take the new route while an existing connection stays
+//! open and a request in flight completes; an invalid edit is rejected whole and
+//! the routes in force stay.
+
+mod daemon;
+
+use bytes::BytesMut;
+use daemon::{connect, Bank, Daemon, Pki, TempDir, WAIT};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use switchyard::wire::{Dialect, Encoder, FrameDecoder, Framing, Message, Mti};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn config(a: SocketAddr, b: SocketAddr, route_to: &str) -> String {
+    format!(
+        r#"[switch]
+listen = "127.0.0.1:0"
+
+[tls]
+ca_file = "ca.pem"
+cert_file = "switch.pem"
+key_file = "switch.key"
+client_cert_file = "switchyard.pem"
+client_key_file = "switchyard.key"
+
+[[institution]]
+id = "100001"
+
+[[bank]]
+id = "200001"
+address = "{a}"
+server_name = "bank"
+links = 1
+
+[[bank]]
+id = "200002"
+address = "{b}"
+server_name = "bank"
+links = 1
+
+[[route]]
+pan_prefix = "4"
+bank = "{route_to}"
+"#
+    )
+}
+
+fn payment(n: u32) -> Vec<u8> {
+    let d = Dialect::iso87_ascii();
+    let mut out = BytesMut::new();
+    let mut enc = Encoder::new(&d, &mut out, Mti::FINANCIAL);
+    let stan = format!("{n:06}");
+    for (f, v) in [
+        (2u8, "4111111111111111"),
+        (3, "000000"),
+        (4, "000000001000"),
+        (7, "1126100000"),
+        (11, &stan),
+        (32, "100001"),
+        (49, "978"),
+    ] {
+        enc.field(f, v.as_bytes()).unwrap();
+    }
+    enc.finish();
+    let mut framed = BytesMut::new();
+    Framing::U16be.write(&mut framed, &out).unwrap();
+    framed.to_vec()
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_a_route_without_dropping_anything() {
+    let dir = TempDir::new("reload");
+    let pki = Pki::write(&dir.0);
+    let a = Bank::start(&pki, Duration::ZERO).await;
+    let b = Bank::start(&pki, Duration::ZERO).await;
+    let path = dir.0.join("switchyard.toml");
+    write(&path, &config(a.addr, b.addr, "200001"));
+    let mut daemon = Daemon::start(&path);
+    daemon.wait_line("bank link up"); // the second bank's link
+    let mut s = connect(daemon.addr, &pki.client("100001")).await.unwrap();
+    let d = Dialect::iso87_ascii();
+    let mut buf = BytesMut::new();
+    let decoder = FrameDecoder::new(Framing::U16be, 8192);
+    let mut next = async |s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>| loop {
+        if let Some(f) = decoder.decode(&mut buf).unwrap() {
+            return Message::decode(&d, f).unwrap();
+        }
+        let n = tokio::time::timeout(WAIT, s.read_buf(&mut buf))
+            .await
+            .expect("answer in time")
+            .unwrap();
+        assert!(n > 0, "connection closed");
+    };
+
+    s.write_all(&payment(1)).await.unwrap();
+    assert_eq!(next(&mut s).await.field(39), Some(&b"00"[..]));
+    assert_eq!(
+        a.stats.requests.load(Ordering::Relaxed),
+        1,
+        "routed to 200001"
+    );
+
+    // A request held in flight at bank A across the reload.
+    a.behavior.stall_for(WAIT);
+    s.write_all(&payment(2)).await.unwrap();
+    let held = async {
+        while a.stats.requests.load(Ordering::Relaxed) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, held).await.unwrap();
+
+    write(&path, &config(a.addr, b.addr, "200002"));
+    daemon.reload();
+    daemon.wait_line("routes reloaded");
+    s.write_all(&payment(3)).await.unwrap();
+    let answer = next(&mut s).await;
+    assert_eq!(
+        (answer.field(11), answer.field(39)),
+        (Some(&b"000003"[..]), Some(&b"00"[..]))
+    );
+    assert_eq!(
+        b.stats.requests.load(Ordering::Relaxed),
+        1,
+        "new route: 200002"
+    );
+    a.behavior.stall_for(Duration::ZERO);
+    let answer = next(&mut s).await;
+    assert_eq!(
+        (answer.field(11), answer.field(39)),
+        (Some(&b"000002"[..]), Some(&b"00"[..])),
+        "the request in flight completed"
+    );
+
+    // An invalid edit: rejected whole, the routes in force stay.
+    write(&path, &config(a.addr, b.addr, "777"));
+    daemon.reload();
+    let line = daemon.wait_line("reload rejected");
+    assert!(line.contains("route[0].bank"), "{line}");
+    s.write_all(&payment(4)).await.unwrap();
+    assert_eq!(next(&mut s).await.field(39), Some(&b"00"[..]));
+    assert_eq!(b.stats.requests.load(Ordering::Relaxed), 2, "still 200002");
+    assert_eq!(a.stats.requests.load(Ordering::Relaxed), 2);
+    daemon.kill();
+    a.stop().await;
+    b.stop().await;
+}
