@@ -156,7 +156,8 @@ pub struct BankSimOptions {
 /// Counters since the simulator started; read them with `load(Ordering::Relaxed)`.
 #[derive(Debug, Default)]
 pub struct BankStats {
-    /// Messages decoded (requests, advices, and any responses sent to the bank).
+    /// Messages decoded (requests, advices, and any responses sent to the bank), but
+    /// not network management: 0800s are counted in `echoes`, `sign_ons`, `sign_offs`.
     pub requests: AtomicU64,
     /// Answers queued for writing.
     pub answered: AtomicU64,
@@ -164,8 +165,12 @@ pub struct BankStats {
     pub dropped: AtomicU64,
     /// TCP connections accepted (handshake failures included); also the connection number.
     pub connections: AtomicU64,
-    /// Network management requests (0800: sign-on, sign-off, echo) answered.
+    /// Echoes (0800 with DE70 301) answered.
     pub echoes: AtomicU64,
+    /// Sign-ons (0800 with DE70 001) answered.
+    pub sign_ons: AtomicU64,
+    /// Sign-offs (0800 with DE70 002) answered.
+    pub sign_offs: AtomicU64,
     /// DE11 of the latest request, as a number (0 when absent or not digits).
     pub last_stan: AtomicU32,
     /// Every message received, when enabled (for tests that audit what a bank saw).
@@ -393,8 +398,11 @@ impl Connection {
         let framing = self.opts.framing;
         while let Some(frame) = frames.decode(input)? {
             let request = Message::decode(dialect, frame)?;
-            self.stats.requests.fetch_add(1, Ordering::Relaxed);
             self.stats.log.push(request.as_bytes());
+            let network = request.mti().as_bytes()[..3] == *b"080";
+            if !network {
+                self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            }
             let stan = request.field(11).map_or(0, |f| {
                 f.iter()
                     .try_fold(0u32, |acc, &b| {
@@ -402,7 +410,9 @@ impl Connection {
                     })
                     .unwrap_or(0)
             });
-            self.stats.last_stan.store(stan, Ordering::Relaxed);
+            if !network {
+                self.stats.last_stan.store(stan, Ordering::Relaxed);
+            }
             if !request.mti().is_request() {
                 continue;
             }
@@ -423,7 +433,12 @@ impl Connection {
             }
             self.stats.answered.fetch_add(1, Ordering::Relaxed);
             if request.mti().as_bytes()[..3] == *b"080" {
-                self.stats.echoes.fetch_add(1, Ordering::Relaxed);
+                let counter = match request.field(70) {
+                    Some(b"001") => &self.stats.sign_ons,
+                    Some(b"002") => &self.stats.sign_offs,
+                    _ => &self.stats.echoes,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(())

@@ -174,7 +174,7 @@ fn config_toml(bank_addr: std::net::SocketAddr) -> String {
         "[switch]\nlisten = \"127.0.0.1:0\"\n\n\
          [tls]\nca_file = \"in-memory\"\ncert_file = \"in-memory\"\nkey_file = \"in-memory\"\n\
          client_cert_file = \"in-memory\"\nclient_key_file = \"in-memory\"\n\n\
-         [[institution]]\nid = \"{ACQUIRER}\"\n\n\
+         [[institution]]\nid = \"{ACQUIRER}\"\nrate_per_s = 5000000\nrate_burst = 1000000\n\n\
          [[bank]]\nid = \"{BANK}\"\naddress = \"{bank_addr}\"\nserver_name = \"bank-{BANK}\"\n\
          links = 2\nrequest_timeout_ms = 5000\n\n\
          [[route]]\npan_prefix = \"4\"\nbank = \"{BANK}\"\n"

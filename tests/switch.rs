@@ -448,8 +448,8 @@ async fn stan_wraps_around_on_a_bank_link() {
     }
     assert_eq!(
         seen_at_bank,
-        vec![999_998, 999_999, 1, 2],
-        "link STANs wrap past 999999 to 1"
+        vec![999_999, 1, 2, 3],
+        "link STANs wrap past 999999 to 1 (the sign-on took 999998)"
     );
     bed.stop().await;
 }
@@ -1072,5 +1072,32 @@ async fn requests_beyond_the_institution_inflight_limit_get_91_at_once() {
         code(&b.pay(b"000004", b"100001", pan, b"000000001000").await),
         b"00"
     );
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_sign_on_before_use_and_sign_off_at_shutdown() {
+    let bed = testbed(TestbedOptions {
+        banks: 1,
+        links: 2,
+        ..TestbedOptions::default()
+    })
+    .await;
+    let stats = bed.banks[0].stats.clone();
+    // The test bed waits for the links, which count as up once signed on.
+    assert_eq!(stats.sign_ons.load(Ordering::Relaxed), 2);
+    let mut c = Client::as_institution(&bed, "100001").await;
+    assert_eq!(
+        code(
+            &c.pay(b"000001", b"100001", b"4111111111111111", b"000000001000")
+                .await
+        ),
+        b"00"
+    );
+    bed.switch.shutdown().await;
+    eventually("both links signed off", || {
+        stats.sign_offs.load(Ordering::Relaxed) == 2
+    })
+    .await;
     bed.stop().await;
 }

@@ -275,7 +275,11 @@ impl Connector {
     async fn link_slot(self: Arc<Self>, index: usize, shutdown: CancellationToken) {
         let mut backoff = self.bank.reconnect_backoff_min;
         while !shutdown.is_cancelled() {
-            match self.connect().await {
+            let connected = match self.connect().await {
+                Ok(stream) => self.sign_on(stream).await,
+                Err(e) => Err(e),
+            };
+            match connected {
                 Ok(stream) => {
                     backoff = self.bank.reconnect_backoff_min;
                     info!(bank = %self.bank.id, link = index, "bank link up");
@@ -328,6 +332,74 @@ impl Connector {
         }
     }
 
+    /// Signs on (0800, DE70 001) on a new link and waits for the bank's 0810 with
+    /// DE39 00, within the echo timeout; the link counts as up only then.
+    async fn sign_on(
+        &self,
+        mut stream: TlsStream<TcpStream>,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        let refused =
+            |why: &str| std::io::Error::new(std::io::ErrorKind::ConnectionRefused, why.to_owned());
+        let stan = Stan::from_value(self.next_stan()).ok_or_else(|| refused("no STAN"))?;
+        let mut out = BytesMut::new();
+        if !self.network_message(b"001", stan, &mut out) {
+            return Err(refused("sign-on cannot be encoded in the bank's dialect"));
+        }
+        let exchange = async {
+            stream.write_all(&out).await?;
+            stream.flush().await?;
+            let decoder = FrameDecoder::new(self.bank.framing, self.frame_size_max_bytes);
+            let mut buf = BytesMut::with_capacity(4096);
+            loop {
+                while let Some(frame) = decoder
+                    .decode(&mut buf)
+                    .map_err(|e| refused(&e.to_string()))?
+                {
+                    let Ok(m) = Message::decode(&self.bank.dialect, frame) else {
+                        continue;
+                    };
+                    if m.mti() == Mti::NETWORK_RESPONSE && m.field(11) == Some(&stan.to_de11()[..])
+                    {
+                        return match m.field(39) {
+                            Some(b"00") => Ok(()),
+                            _ => Err(refused("sign-on declined by the bank")),
+                        };
+                    }
+                }
+                if stream.read_buf(&mut buf).await? == 0 {
+                    return Err(refused("closed before answering the sign-on"));
+                }
+            }
+        };
+        match timeout(self.bank.echo_timeout, exchange).await {
+            Ok(Ok(())) => Ok(stream),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "sign-on unanswered",
+            )),
+        }
+    }
+
+    /// Encodes an 0800 with DE70 `code` (001 sign-on, 002 sign-off, 301 echo) and
+    /// DE11 `stan` into `out`, framed; false if it cannot be encoded.
+    fn network_message(&self, code: &[u8; 3], stan: Stan, out: &mut BytesMut) -> bool {
+        let digits = stan.to_de11();
+        let at = self.bank.framing.begin(out);
+        let mut enc = Encoder::new(&self.bank.dialect, out, Mti::NETWORK);
+        let ok = enc.field(7, &transmission_time()).is_ok()
+            && enc.field(11, &digits).is_ok()
+            && enc.field(70, code).is_ok();
+        if ok {
+            enc.finish();
+        }
+        let ok = ok && self.bank.framing.finish(out, at).is_ok();
+        if !ok {
+            out.truncate(at);
+        }
+        ok
+    }
+
     async fn connect(&self) -> std::io::Result<TlsStream<TcpStream>> {
         let name = rustls::pki_types::ServerName::try_from(self.bank.server_name.clone())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -369,7 +441,14 @@ impl Connector {
             _ = shutdown.cancelled() => LinkEnd::Shutdown,
         };
         if matches!(end, LinkEnd::Shutdown) {
-            // Tell the bank we are leaving (TLS close_notify), bounded in time.
+            // Sign off (0800, DE70 002; its answer is not awaited), then TLS
+            // close_notify, bounded in time.
+            let mut out = BytesMut::new();
+            if let Some(stan) = Stan::from_value(self.next_stan()) {
+                if self.network_message(b"002", stan, &mut out) {
+                    let _ = write_flush(&mut wr, &out, Duration::from_secs(1)).await;
+                }
+            }
             let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
         }
         let mut table = lock(&link.table);
@@ -851,16 +930,7 @@ impl Connector {
         {
             link.wake_reader.notify_one();
         }
-        let digits = stan.to_de11();
-        let at = self.bank.framing.begin(out);
-        let mut enc = Encoder::new(&self.bank.dialect, out, Mti::NETWORK);
-        let ok = enc.field(7, &transmission_time()).is_ok()
-            && enc.field(11, &digits).is_ok()
-            && enc.field(70, b"301").is_ok();
-        if ok {
-            enc.finish();
-        }
-        ok && self.bank.framing.finish(out, at).is_ok()
+        self.network_message(b"301", stan, out)
     }
 }
 
