@@ -398,6 +398,8 @@ struct BankSection {
     reversal_attempts_max: u32,
     #[serde(default = "d_age")]
     reversal_age_max_s: u64,
+    #[serde(default)]
+    failover: Vec<String>,
 }
 
 fn d_saf_depth() -> usize {
@@ -544,6 +546,9 @@ pub struct Bank {
     /// STAN each new link starts from. Not a config key: always 1, except where a
     /// test starts near 999,999 to see the wrap-around.
     pub first_stan: u32,
+    /// Banks (by index) that take this bank's requests, in order, while it has no
+    /// link up.
+    pub failover: Vec<BankIndex>,
 }
 
 /// Duplicate detection bounds (`[duplicates]`).
@@ -796,6 +801,23 @@ impl Checker<'_> {
             .enumerate()
             .map(|(i, b)| self.bank(i, b, frame_max))
             .collect::<Result<Vec<_>, _>>()?;
+        let mut banks = banks;
+        for (i, b) in f.bank.iter().enumerate() {
+            let key = format!("bank[{i}].failover");
+            for (j, name) in b.failover.iter().enumerate() {
+                let id = self.id(&format!("{key}[{j}]"), name)?;
+                let to = banks
+                    .iter()
+                    .position(|o| o.id == id)
+                    .ok_or_else(|| self.invalid(&key, format!("no [[bank]] has id {name}")))?;
+                if to == i || banks[i].failover.contains(&(to as BankIndex)) {
+                    return Err(
+                        self.invalid(&key, format!("{name} is the bank itself or listed twice"))
+                    );
+                }
+                banks[i].failover.push(to as BankIndex);
+            }
+        }
         let routes = self.routes(&f.route, &banks)?;
         let journal = f.journal.as_ref().map(|j| self.journal(j)).transpose()?;
         if let Some(j) = &journal {
@@ -1018,6 +1040,7 @@ impl Checker<'_> {
             write_batch_max: b.write_batch_max,
             saf: self.saf(i, b)?,
             first_stan: 1,
+            failover: Vec::new(), // resolved once every bank is known
         })
     }
 

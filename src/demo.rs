@@ -62,6 +62,8 @@ pub struct TestbedOptions {
     pub rate_per_s: u32,
     /// See `rate_per_s`.
     pub rate_burst: u32,
+    /// `(bank id, failover bank id)` pairs written into `[[bank]] failover`.
+    pub failover: Vec<(String, String)>,
 }
 
 /// Keys the test bed's duplicates table holds at most (about 300 bytes each).
@@ -85,6 +87,7 @@ impl Default for TestbedOptions {
             limits: Vec::new(),
             rate_per_s: 5_000_000,
             rate_burst: 1_000_000,
+            failover: Vec::new(),
         }
     }
 }
@@ -295,9 +298,16 @@ fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, Socke
         .map(|b| (b.id.as_str(), b.addr))
         .chain(down.iter().map(|(id, a)| (id.as_str(), *a)));
     for (i, (id, addr)) in all.enumerate() {
+        let failover: Vec<String> = opts
+            .failover
+            .iter()
+            .filter(|(from, _)| from == id)
+            .map(|(_, to)| format!("\"{to}\""))
+            .collect();
+        let _ = writeln!(t, "[[bank]]\nfailover = [{}]", failover.join(", "));
         let _ = writeln!(
             t,
-            "[[bank]]\nid = \"{id}\"\naddress = \"{addr}\"\nserver_name = \"bank-{id}\"\nlinks = {}\n\
+            "id = \"{id}\"\naddress = \"{addr}\"\nserver_name = \"bank-{id}\"\nlinks = {}\n\
              request_timeout_ms = {}\nreconnect_backoff_max_ms = 1000\necho_interval_ms = {}\n\n\
              [[route]]\npan_prefix = \"{}\"\nbank = \"{id}\"\n",
             opts.links,

@@ -1101,3 +1101,22 @@ async fn links_sign_on_before_use_and_sign_off_at_shutdown() {
     .await;
     bed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bank_without_links_fails_over_to_its_alternate() {
+    let bed = testbed(TestbedOptions {
+        banks: 1,
+        banks_down: 1,
+        failover: vec![("200002".into(), "200001".into())],
+        ..TestbedOptions::default()
+    })
+    .await;
+    let mut c = Client::as_institution(&bed, "100001").await;
+    // PAN prefix 5 routes to 200002, which has no host running: 200001 takes it.
+    let a = c
+        .pay(b"000001", b"100001", b"5500000000000004", b"000000001000")
+        .await;
+    assert_eq!(code(&a), b"00");
+    assert_eq!(bed.banks[0].stats.requests.load(Ordering::Relaxed), 1);
+    bed.stop().await;
+}

@@ -465,6 +465,26 @@ impl Ingress {
         }
     }
 
+    /// `bank`, or the first of its failover banks with a link up while it has none.
+    fn failover(&self, bank: BankIndex) -> BankIndex {
+        let primary = &self.connectors[usize::from(bank)];
+        if primary.links_up() > 0 {
+            return bank;
+        }
+        let alternate = primary.bank().failover.iter().copied().find(|&b| {
+            self.connectors
+                .get(usize::from(b))
+                .is_some_and(|c| c.links_up() > 0)
+        });
+        match alternate {
+            Some(b) => {
+                metrics::counter!("switchyard_failover_total").increment(1);
+                b
+            }
+            None => bank, // answered 91 at once by the connector
+        }
+    }
+
     /// A slot among `institution`'s requests in flight, if it is below its limit.
     fn inflight_slot(&self, institution: InstitutionId) -> Option<InstitutionSlot> {
         let rate = self.rates.get(&institution)?;
@@ -526,6 +546,7 @@ impl Ingress {
             }
         };
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let bank = self.failover(bank);
         let connector = &self.connectors[usize::from(bank)];
         let pending = Pending {
             request: msg,
