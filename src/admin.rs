@@ -1,7 +1,8 @@
 //! The admin HTTP endpoint (`[admin] listen`, loopback by default): `/metrics`
-//! (Prometheus text), `/healthz`, `/readyz` and `/status` (JSON).
+//! (Prometheus text), `/healthz`, `/readyz` and `/status` (JSON), and `POST
+//! /reload` (what SIGHUP does; `switchyard reload` calls it).
 //!
-//! A deliberately small HTTP/1.1 server: `GET` only, one request per connection
+//! A deliberately small HTTP/1.1 server: `GET` (and that one `POST`), one request per connection
 //! (`Connection: close`), a bounded request head read within a timeout, and a
 //! bounded number of connections at once; anything else gets 4xx and is closed.
 
@@ -26,8 +27,10 @@ pub async fn serve(
     listener: TcpListener,
     metrics: PrometheusHandle,
     switch: Arc<Switch>,
+    config_path: Option<std::path::PathBuf>,
     shutdown: CancellationToken,
 ) {
+    let config_path = Arc::new(config_path);
     let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS_MAX));
     loop {
         let (tcp, _) = tokio::select! {
@@ -45,15 +48,21 @@ pub async fn serve(
             metrics::counter!("switchyard_admin_refused_total").increment(1);
             continue; // dropped: closed
         };
-        let (metrics, switch) = (metrics.clone(), switch.clone());
+        let (metrics, switch, path) = (metrics.clone(), switch.clone(), config_path.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let _ = tokio::time::timeout(ADMIN_IO_TIMEOUT, answer(tcp, &metrics, &switch)).await;
+            let answering = answer(tcp, &metrics, &switch, path.as_deref());
+            let _ = tokio::time::timeout(ADMIN_IO_TIMEOUT, answering).await;
         });
     }
 }
 
-async fn answer(mut tcp: TcpStream, metrics: &PrometheusHandle, switch: &Switch) {
+async fn answer(
+    mut tcp: TcpStream,
+    metrics: &PrometheusHandle,
+    switch: &Switch,
+    config_path: Option<&std::path::Path>,
+) {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -69,11 +78,25 @@ async fn answer(mut tcp: TcpStream, metrics: &PrometheusHandle, switch: &Switch)
     let line = head.split(|b| *b == b'\r').next().unwrap_or(b"");
     let mut parts = line.split(|b| *b == b' ');
     let (method, path) = (parts.next().unwrap_or(b""), parts.next().unwrap_or(b""));
-    if method != b"GET" {
-        let _ = respond(&mut tcp, 405, "text/plain", "only GET\n").await;
+    let path = path.split(|b| *b == b'?').next().unwrap_or(b"");
+    if method == b"POST" && path == b"/reload" {
+        let _ = match config_path.map(|p| switch.reload(p)) {
+            Some(Ok(what)) => {
+                tracing::info!("{what} (admin endpoint)");
+                respond(&mut tcp, 200, "text/plain", &format!("{what}\n")).await
+            }
+            Some(Err(why)) => {
+                tracing::error!("config reload rejected, the running config stays: {why}");
+                respond(&mut tcp, 422, "text/plain", &format!("{why}\n")).await
+            }
+            None => respond(&mut tcp, 404, "text/plain", "no config file to reload\n").await,
+        };
         return;
     }
-    let path = path.split(|b| *b == b'?').next().unwrap_or(b"");
+    if method != b"GET" {
+        let _ = respond(&mut tcp, 405, "text/plain", "only GET (and POST /reload)\n").await;
+        return;
+    }
     let _ = match path {
         b"/metrics" => {
             switch.publish_metrics();
@@ -104,6 +127,7 @@ async fn respond(
         200 => "OK",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        422 => "Unprocessable Content",
         431 => "Request Header Fields Too Large",
         _ => "Service Unavailable",
     };

@@ -576,7 +576,14 @@ pub async fn run(
     let switch = Arc::new(Switch::start(config, tls).map_err(std::io::Error::other)?);
     if let Some((admin, metrics)) = admin {
         let token = switch.shutdown_token();
-        tokio::spawn(crate::admin::serve(admin, metrics, switch.clone(), token));
+        let path = config_path.clone();
+        tokio::spawn(crate::admin::serve(
+            admin,
+            metrics,
+            switch.clone(),
+            path,
+            token,
+        ));
     }
     if let Some(path) = config_path {
         tokio::spawn(reload_on_sighup(switch.clone(), path));

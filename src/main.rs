@@ -134,6 +134,13 @@ enum Command {
         #[command(subcommand)]
         command: JournalCommand,
     },
+    /// Ask a running switch to reload its config file (`POST /reload` on its admin
+    /// endpoint; the same as SIGHUP). Exits 0 when the new config was applied.
+    Reload {
+        /// The switch's admin endpoint (`[admin] listen`).
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        admin: std::net::SocketAddr,
+    },
     /// Settlement totals from a journal: per acquirer, issuer and currency, the
     /// approved financial requests net of reversals, and each institution's net
     /// position (exact decimals; each currency's positions sum to zero).
@@ -365,6 +372,27 @@ fn main() -> anyhow::Result<()> {
         }
         Command::GenCerts { out, config } => gen_certs(&out, &config),
         Command::Journal { command } => journal(command),
+        Command::Reload { admin } => runtime(1)?.block_on(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let exchange = async {
+                let mut tcp = tokio::net::TcpStream::connect(admin).await?;
+                tcp.write_all(
+                    b"POST /reload HTTP/1.1\r\nHost: switchyard\r\nContent-Length: 0\r\n\r\n",
+                )
+                .await?;
+                let mut response = String::new();
+                tcp.read_to_string(&mut response).await?;
+                Ok::<_, std::io::Error>(response)
+            };
+            let response = tokio::time::timeout(std::time::Duration::from_secs(30), exchange)
+                .await
+                .context("no answer within 30 s")?
+                .with_context(|| format!("admin endpoint {admin}"))?;
+            let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+            print!("{body}");
+            anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "reload rejected");
+            Ok(())
+        }),
         Command::Settlement {
             dir,
             from,

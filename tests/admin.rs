@@ -175,6 +175,36 @@ async fn health_readiness_status_and_metrics() {
     let huge = format!("GET /status HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(10_000));
     assert_eq!(http(admin, &huge).await.0, 431);
 
+    // `switchyard reload` through the endpoint: a valid edit applied, an invalid
+    // one rejected with check-config's error.
+    let path = dir.0.join("switchyard.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("pan_prefix = \"4\"", "pan_prefix = \"41\""),
+    )
+    .unwrap();
+    let reload = || {
+        std::process::Command::new(daemon::BIN)
+            .args(["reload", "--admin", &admin.to_string()])
+            .output()
+            .unwrap()
+    };
+    let out = reload();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("routes reloaded"));
+    std::fs::write(
+        &path,
+        text.replace("bank = \"200001\"\n", "bank = \"777\"\n"),
+    )
+    .unwrap();
+    let out = reload();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("route[0].bank: no [[bank]] has id 777"),
+        "{out:?}"
+    );
+
     // The bank goes away: not ready.
     bank.stop().await;
     let deadline = tokio::time::Instant::now() + WAIT;
