@@ -271,21 +271,19 @@ impl Switch {
                 .institutions
                 .iter()
                 .zip(&old.institutions)
-                .all(|(a, b)| {
-                    a.id == b.id
-                        && a.certificate_name == b.certificate_name
-                        && a.rate_per_s == b.rate_per_s
-                        && a.rate_burst == b.rate_burst
-                });
+                .all(|(a, b)| a.id == b.id && a.certificate_name == b.certificate_name);
         if !same_institutions {
             return Err(format!(
-                "{}: institutions added, removed or changed: this needs a restart",
+                "{}: institutions added, removed, or their certificate names changed: this needs a restart",
                 path.display()
             ));
         }
         let prefixes = new.routes.prefix_count();
+        self.ingress.replace_rates(&new.institutions);
         self.ingress.replace_routes(new.routes);
-        Ok(format!("routes reloaded: {prefixes} PAN prefixes"))
+        Ok(format!(
+            "routes reloaded: {prefixes} PAN prefixes; institutions' rate limits applied"
+        ))
     }
 
     /// Whether a graceful shutdown has started.

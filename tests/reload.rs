@@ -148,6 +148,20 @@ async fn sighup_changes_a_route_without_dropping_anything() {
     assert_eq!(next(&mut s).await.field(39), Some(&b"00"[..]));
     assert_eq!(b.stats.requests.load(Ordering::Relaxed), 2, "still 200002");
     assert_eq!(a.stats.requests.load(Ordering::Relaxed), 2);
+    // A rate limit lowered by a reload: over it, 65 at once.
+    let slow = config(a.addr, b.addr, "200002").replace(
+        "id = \"100001\"\n",
+        "id = \"100001\"\nrate_per_s = 1\nrate_burst = 1\n",
+    );
+    write(&path, &slow);
+    daemon.reload();
+    daemon.wait_line("rate limits applied");
+    let mut codes = Vec::new();
+    for n in 5..8 {
+        s.write_all(&payment(n)).await.unwrap();
+        codes.push(next(&mut s).await.field(39).unwrap().to_vec());
+    }
+    assert!(codes.contains(&b"65".to_vec()), "{codes:?}");
     daemon.kill();
     a.stop().await;
     b.stop().await;

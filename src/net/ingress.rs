@@ -60,10 +60,18 @@ pub struct Ingress {
 
 /// One institution's request rate limit (GCRA, lock-free) and requests in flight.
 struct RateLimit {
-    limiter: governor::DefaultDirectRateLimiter,
+    /// Replaced whole by a reload that changes the institution's rate.
+    limiter: std::sync::RwLock<governor::DefaultDirectRateLimiter>,
     refused: metrics::Counter,
     inflight: Arc<AtomicUsize>,
     inflight_refused: metrics::Counter,
+}
+
+/// The rate limiter of an institution's config.
+fn rate_limiter(i: &crate::config::Institution) -> governor::DefaultDirectRateLimiter {
+    let per_s = std::num::NonZeroU32::new(i.rate_per_s).unwrap_or(std::num::NonZeroU32::MIN);
+    let burst = std::num::NonZeroU32::new(i.rate_burst).unwrap_or(std::num::NonZeroU32::MIN);
+    governor::RateLimiter::direct(governor::Quota::per_second(per_s).allow_burst(burst))
 }
 
 /// Per-session handles on `switchyard_responses_total{institution, connector, code}`,
@@ -116,11 +124,8 @@ impl Ingress {
             .institutions
             .iter()
             .map(|i| {
-                let per_s = std::num::NonZeroU32::new(i.rate_per_s).unwrap_or(std::num::NonZeroU32::MIN);
-                let burst = std::num::NonZeroU32::new(i.rate_burst).unwrap_or(std::num::NonZeroU32::MIN);
-                let quota = governor::Quota::per_second(per_s).allow_burst(burst);
                 let limit = RateLimit {
-                    limiter: governor::RateLimiter::direct(quota),
+                    limiter: std::sync::RwLock::new(rate_limiter(i)),
                     refused: metrics::counter!("switchyard_rate_limited_total", "institution" => i.id.to_string()),
                     inflight: Arc::new(AtomicUsize::new(0)),
                     inflight_refused: metrics::counter!(
@@ -146,6 +151,18 @@ impl Ingress {
             sessions: dashmap::DashMap::new(),
             connector_labels,
         })
+    }
+
+    /// Puts the rate limits of `institutions` in force, each with a fresh allowance.
+    pub fn replace_rates(&self, institutions: &[crate::config::Institution]) {
+        for i in institutions {
+            if let Some(rate) = self.rates.get(&i.id) {
+                *rate
+                    .limiter
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = rate_limiter(i);
+            }
+        }
     }
 
     /// Puts `routes` in force for every request read from now on (sessions pick it
@@ -500,7 +517,11 @@ impl Ingress {
         let Some(rate) = self.rates.get(&institution) else {
             return true; // every configured institution has one
         };
-        if rate.limiter.check().is_ok() {
+        let limiter = rate
+            .limiter
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if limiter.check().is_ok() {
             return true;
         }
         rate.refused.increment(1);
