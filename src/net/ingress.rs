@@ -334,6 +334,12 @@ impl Ingress {
         let mut frame_started: Option<tokio::time::Instant> = None;
         let mut draining = shutdown.is_cancelled();
         let (mut generation, mut routes) = self.current_routes();
+        // Counted when this connection has its limit of requests in flight and
+        // is not read further until answers go out (backpressure).
+        let backpressure = metrics::counter!(
+            "switchyard_connection_backpressure_total",
+            "institution" => institution.to_string()
+        );
         loop {
             loop {
                 let frame = match decoder.decode(&mut buf) {
@@ -351,6 +357,9 @@ impl Ingress {
                 };
                 // Wait for room on the answer channel: a peer with too many requests in
                 // flight is simply not read further until answers go out.
+                if tx.capacity() == 0 {
+                    backpressure.increment(1);
+                }
                 let Ok(permit) = tx.clone().reserve_owned().await else {
                     return;
                 };
