@@ -1084,7 +1084,9 @@ async fn links_sign_on_before_use_and_sign_off_at_shutdown() {
     })
     .await;
     let stats = bed.banks[0].stats.clone();
-    // The test bed waits for the links, which count as up once signed on.
+    // Each link counts as up once signed on (the test bed waits for one per bank).
+    let connector = bed.switch.connectors()[0].clone();
+    eventually("both links up", || connector.links_up() == 2).await;
     assert_eq!(stats.sign_ons.load(Ordering::Relaxed), 2);
     let mut c = Client::as_institution(&bed, "100001").await;
     assert_eq!(
