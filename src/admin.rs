@@ -141,7 +141,7 @@ async fn respond(
 }
 
 /// Ready when not shutting down, the journal (if configured) is open and has not
-/// failed, and every bank has a link up.
+/// failed, and every bank not marked `optional` has a link up.
 pub fn readiness(switch: &Switch) -> (bool, String) {
     if switch.is_draining() {
         return (false, "shutting down".to_owned());
@@ -152,7 +152,7 @@ pub fn readiness(switch: &Switch) -> (bool, String) {
     let down: Vec<String> = switch
         .connectors()
         .iter()
-        .filter(|c| c.links_up() == 0)
+        .filter(|c| c.links_up() == 0 && !c.bank().optional)
         .map(|c| c.bank().id.to_string())
         .collect();
     if !down.is_empty() {

@@ -400,6 +400,8 @@ struct BankSection {
     reversal_age_max_s: u64,
     #[serde(default)]
     failover: Vec<String>,
+    #[serde(default)]
+    optional: bool,
 }
 
 fn d_saf_depth() -> usize {
@@ -549,6 +551,8 @@ pub struct Bank {
     /// Banks (by index) that take this bank's requests, in order, while it has no
     /// link up.
     pub failover: Vec<BankIndex>,
+    /// Whether the switch is ready (`/readyz`) without a link to this bank.
+    pub optional: bool,
 }
 
 /// Duplicate detection bounds (`[duplicates]`).
@@ -1041,6 +1045,7 @@ impl Checker<'_> {
             saf: self.saf(i, b)?,
             first_stan: 1,
             failover: Vec::new(), // resolved once every bank is known
+            optional: b.optional,
         })
     }
 

@@ -278,11 +278,15 @@ impl Switch {
                 path.display()
             ));
         }
+        for (connector, bank) in self.connectors.iter().zip(&new.banks) {
+            connector.set_request_timeout(bank.request_timeout);
+        }
         let prefixes = new.routes.prefix_count();
         self.ingress.replace_rates(&new.institutions);
         self.ingress.replace_routes(new.routes);
         Ok(format!(
-            "routes reloaded: {prefixes} PAN prefixes; institutions' rate limits applied"
+            "routes reloaded: {prefixes} PAN prefixes; institutions' rate limits and banks' \
+             request deadlines applied"
         ))
     }
 

@@ -64,6 +64,8 @@ pub struct TestbedOptions {
     pub rate_burst: u32,
     /// `(bank id, failover bank id)` pairs written into `[[bank]] failover`.
     pub failover: Vec<(String, String)>,
+    /// Banks written with `optional = true` (readiness does not wait for them).
+    pub optional: Vec<String>,
 }
 
 /// Keys the test bed's duplicates table holds at most (about 300 bytes each).
@@ -88,6 +90,7 @@ impl Default for TestbedOptions {
             rate_per_s: 5_000_000,
             rate_burst: 1_000_000,
             failover: Vec::new(),
+            optional: Vec::new(),
         }
     }
 }
@@ -304,7 +307,12 @@ fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, Socke
             .filter(|(from, _)| from == id)
             .map(|(_, to)| format!("\"{to}\""))
             .collect();
-        let _ = writeln!(t, "[[bank]]\nfailover = [{}]", failover.join(", "));
+        let optional = opts.optional.iter().any(|o| o == id);
+        let _ = writeln!(
+            t,
+            "[[bank]]\nfailover = [{}]\noptional = {optional}",
+            failover.join(", ")
+        );
         let _ = writeln!(
             t,
             "id = \"{id}\"\naddress = \"{addr}\"\nserver_name = \"bank-{id}\"\nlinks = {}\n\

@@ -155,7 +155,7 @@ async fn sighup_changes_a_route_without_dropping_anything() {
     );
     write(&path, &slow);
     daemon.reload();
-    daemon.wait_line("rate limits applied");
+    daemon.wait_line("request deadlines applied");
     let mut codes = Vec::new();
     for n in 5..8 {
         s.write_all(&payment(n)).await.unwrap();

@@ -1122,3 +1122,27 @@ async fn a_bank_without_links_fails_over_to_its_alternate() {
     assert_eq!(bed.banks[0].stats.requests.load(Ordering::Relaxed), 1);
     bed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_waits_for_every_bank_not_marked_optional() {
+    let down = |optional: bool| TestbedOptions {
+        banks: 1,
+        banks_down: 1,
+        optional: if optional {
+            vec!["200002".into()]
+        } else {
+            vec![]
+        },
+        ..TestbedOptions::default()
+    };
+    let bed = testbed(down(false)).await;
+    let (ready, why) = switchyard::admin::readiness(&bed.switch);
+    assert!(!ready && why == "no link up to bank 200002", "{why}");
+    bed.stop().await;
+    let bed = testbed(down(true)).await;
+    assert_eq!(
+        switchyard::admin::readiness(&bed.switch),
+        (true, "ready".to_owned())
+    );
+    bed.stop().await;
+}

@@ -101,6 +101,8 @@ pub struct Connector {
     /// The next STAN for this bank, shared by its links: STANs are unique per
     /// bank (not per link), and continue across restarts (seeded from the journal).
     next_stan: AtomicU32,
+    /// The request deadline, ms (`request_timeout_ms`; a reload may change it).
+    request_timeout_ms: AtomicU64,
 }
 
 impl Connector {
@@ -126,6 +128,7 @@ impl Connector {
             first_stan
         };
         let inflight_by_link = (0..bank.links).map(|_| AtomicUsize::new(0)).collect();
+        let request_timeout_ms = bank.request_timeout.as_millis() as u64;
         let saf_limits = bank.saf.clone();
         Arc::new(Connector {
             queue: ArrayQueue::new(bank.queue_depth_max),
@@ -145,7 +148,19 @@ impl Connector {
             recent,
             // `next_stan` hands out `counter % STAN_MAX + 1`.
             next_stan: AtomicU32::new(first_stan.saturating_sub(1)),
+            request_timeout_ms: AtomicU64::new(request_timeout_ms),
         })
+    }
+
+    /// The deadline of a request to this bank, from its receipt.
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    /// Changes the request deadline (a reload); requests in flight keep theirs.
+    pub fn set_request_timeout(&self, timeout: Duration) {
+        self.request_timeout_ms
+            .store(timeout.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// The bank's configuration.
@@ -729,7 +744,7 @@ impl Connector {
                 if !self.journaling.durable(journaled).await {
                     return LinkEnd::Journal;
                 }
-                if let Err(e) = write_flush(wr, &out, self.bank.request_timeout).await {
+                if let Err(e) = write_flush(wr, &out, self.request_timeout()).await {
                     return LinkEnd::Io(e);
                 }
                 out.clear();
@@ -751,7 +766,7 @@ impl Connector {
                     if !self.echo(link, &mut out) {
                         return LinkEnd::EchoTimeout;
                     }
-                    if let Err(e) = write_flush(wr, &out, self.bank.request_timeout).await {
+                    if let Err(e) = write_flush(wr, &out, self.request_timeout()).await {
                         return LinkEnd::Io(e);
                     }
                     out.clear();

@@ -586,7 +586,7 @@ impl Ingress {
             received_at,
             forwarded_at: received_at,
             bank,
-            deadline: received_at + connector.bank().request_timeout,
+            deadline: received_at + connector.request_timeout(),
             registered: key.is_some(),
             original_link_stan: None,
             slot,
