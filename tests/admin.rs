@@ -8,22 +8,12 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use switchyard::wire::{Dialect, Encoder, FrameDecoder, Framing, Message, Mti};
+use switchyard::wire::{Dialect, FrameDecoder, Framing, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn write_config(dir: &Path, bank: SocketAddr) -> PathBuf {
-    let config = format!(
-        r#"[switch]
-listen = "127.0.0.1:0"
-
-[tls]
-ca_file = "ca.pem"
-cert_file = "switch.pem"
-key_file = "switch.key"
-client_cert_file = "switchyard.pem"
-client_key_file = "switchyard.key"
-
-[admin]
+    let rest = format!(
+        r#"[admin]
 listen = "127.0.0.1:0"
 
 [journal]
@@ -43,9 +33,7 @@ pan_prefix = "4"
 bank = "200001"
 "#
     );
-    let path = dir.join("switchyard.toml");
-    std::fs::write(&path, config).unwrap();
-    path
+    daemon::write_config(dir, "", "", &rest)
 }
 
 /// Sends `request` as is and returns the status code and body.
@@ -101,23 +89,8 @@ async fn health_readiness_status_and_metrics() {
     // One payment, then its traces in /status and /metrics.
     let mut s = connect(daemon.addr, &pki.client("100001")).await.unwrap();
     let d = Dialect::iso87_ascii();
-    let mut out = bytes::BytesMut::new();
-    let mut enc = Encoder::new(&d, &mut out, Mti::FINANCIAL);
-    for (f, v) in [
-        (2u8, &b"4111111111111111"[..]),
-        (3, b"000000"),
-        (4, b"000000001000"),
-        (7, b"1126100000"),
-        (11, b"000001"),
-        (32, b"100001"),
-        (49, b"978"),
-    ] {
-        enc.field(f, v).unwrap();
-    }
-    enc.finish();
-    let mut framed = bytes::BytesMut::new();
-    Framing::U16be.write(&mut framed, &out).unwrap();
-    s.write_all(&framed).await.unwrap();
+    let request = daemon::payment(1, "100001", "000000001000");
+    s.write_all(&daemon::framed(&request)).await.unwrap();
     let mut buf = bytes::BytesMut::new();
     let frame = loop {
         if let Some(f) = FrameDecoder::new(Framing::U16be, 8192)

@@ -29,7 +29,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use switchyard::journal::{scan, RecordKind};
-use switchyard::wire::{Dialect, Encoder, FrameDecoder, Framing, Message, Mti};
+use switchyard::wire::{Dialect, FrameDecoder, Framing, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore};
 
@@ -44,34 +44,16 @@ const WINDOW: usize = 32;
 /// Answers the client has seen when the switch is killed.
 const KILL_AFTER: usize = 400;
 
-/// The request with number `i`: unique DE11, DE7 and DE37.
-fn request(d: &Dialect, i: usize, mti: Mti) -> Bytes {
+/// The request with number `i` (from 0): unique DE11, DE7 and DE37; every tenth is
+/// declined by the simulator (amount ending in 51).
+fn request(i: usize) -> Bytes {
     let n = i + 1;
-    let stan = format!("{n:06}");
-    let de7 = format!("1126{:02}{:02}{:02}", n / 3600, (n / 60) % 60, n % 60);
-    let rrn = format!("{n:012}");
-    // Every tenth is declined by the simulator (amount ending in 51).
     let amount = if n % 10 == 0 {
         "000000001051"
     } else {
         "000000001000"
     };
-    let mut out = BytesMut::new();
-    let mut enc = Encoder::new(d, &mut out, mti);
-    for (f, v) in [
-        (2u8, "4111111111111111"),
-        (3, "000000"),
-        (4, amount),
-        (7, &de7),
-        (11, &stan),
-        (32, "100001"),
-        (37, &rrn),
-        (49, "978"),
-    ] {
-        enc.field(f, v.as_bytes()).unwrap();
-    }
-    enc.finish();
-    out.freeze()
+    daemon::payment(n, "100001", amount)
 }
 
 /// DE39 and DE38 of an answer.
@@ -149,18 +131,8 @@ async fn drive(
 }
 
 fn write_config(dir: &Path, bank: SocketAddr) -> PathBuf {
-    let config = format!(
-        r#"[switch]
-listen = "127.0.0.1:0"
-
-[tls]
-ca_file = "ca.pem"
-cert_file = "switch.pem"
-key_file = "switch.key"
-client_cert_file = "switchyard.pem"
-client_key_file = "switchyard.key"
-
-[journal]
+    let rest = format!(
+        r#"[journal]
 dir = "journal"
 fsync = "batch"
 
@@ -181,9 +153,7 @@ pan_prefix = "4"
 bank = "200001"
 "#
     );
-    let path = dir.join("switchyard.toml");
-    std::fs::write(&path, config).unwrap();
-    path
+    daemon::write_config(dir, "", "", &rest)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,8 +177,7 @@ async fn a_killed_switch_loses_nothing_and_forwards_nothing_twice() {
     let load = tokio::spawn({
         let (answers, answered, sent) = (answers.clone(), answered.clone(), sent.clone());
         let tls = client_tls.clone();
-        let d = Dialect::iso87_ascii();
-        let requests = (0..TOTAL).map(|i| request(&d, i, Mti::FINANCIAL)).collect();
+        let requests = (0..TOTAL).map(request).collect();
         let addr = first.addr;
         async move { drive(addr, &tls, requests, answers, answered, sent).await }
     });
@@ -342,9 +311,7 @@ async fn a_killed_switch_loses_nothing_and_forwards_nothing_twice() {
 
     // Every request from before the crash, sent again: the original answers.
     let again = Arc::new(Mutex::new(HashMap::new()));
-    let requests: Vec<Bytes> = (0..sent_before)
-        .map(|i| request(&d, i, Mti::FINANCIAL))
-        .collect();
+    let requests: Vec<Bytes> = (0..sent_before).map(request).collect();
     let retransmit = drive(
         second.addr,
         &client_tls,

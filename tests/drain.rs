@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use switchyard::journal::recovery::recover;
-use switchyard::wire::{Dialect, Encoder, FrameDecoder, Framing, Message, Mti};
+use switchyard::wire::{Dialect, FrameDecoder, Framing, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Requests in flight on the client's connection.
@@ -21,19 +21,8 @@ const WINDOW: usize = 32;
 const TERM_AFTER: usize = 300;
 
 fn write_config(dir: &Path, bank: SocketAddr) -> PathBuf {
-    let config = format!(
-        r#"[switch]
-listen = "127.0.0.1:0"
-shutdown_grace_ms = 20000
-
-[tls]
-ca_file = "ca.pem"
-cert_file = "switch.pem"
-key_file = "switch.key"
-client_cert_file = "switchyard.pem"
-client_key_file = "switchyard.key"
-
-[journal]
+    let rest = format!(
+        r#"[journal]
 dir = "journal"
 
 [[institution]]
@@ -50,32 +39,12 @@ pan_prefix = "4"
 bank = "200001"
 "#
     );
-    let path = dir.join("switchyard.toml");
-    std::fs::write(&path, config).unwrap();
-    path
+    daemon::write_config(dir, "shutdown_grace_ms = 20000", "", &rest)
 }
 
-fn request(d: &Dialect, n: usize) -> Vec<u8> {
-    let mut out = BytesMut::new();
-    let mut enc = Encoder::new(d, &mut out, Mti::FINANCIAL);
-    let stan = format!("{n:06}");
-    let rrn = format!("{n:012}");
-    for (f, v) in [
-        (2u8, "4111111111111111"),
-        (3, "000000"),
-        (4, "000000001000"),
-        (7, "1126100000"),
-        (11, &stan),
-        (32, "100001"),
-        (37, &rrn),
-        (49, "978"),
-    ] {
-        enc.field(f, v.as_bytes()).unwrap();
-    }
-    enc.finish();
-    let mut framed = BytesMut::new();
-    Framing::U16be.write(&mut framed, &out).unwrap();
-    framed.to_vec()
+/// Payment `n`, framed.
+fn request(n: usize) -> Vec<u8> {
+    daemon::framed(&daemon::payment(n, "100001", "000000001000"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,7 +67,7 @@ async fn sigterm_under_load_answers_everything_and_exits_0() {
             // Keep the window full until the switch says it is going down.
             while !stop_sending && sent - answers.len() < WINDOW && sent < 100_000 {
                 sent += 1;
-                wr.write_all(&request(&d, sent)).await.unwrap();
+                wr.write_all(&request(sent)).await.unwrap();
             }
             wr.flush().await.unwrap();
             if answers.len() >= TERM_AFTER && !terminated {

@@ -21,26 +21,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard::wire::{Dialect, Encoder, FrameDecoder, Framing, Message, Mti};
+use switchyard::wire::{Dialect, FrameDecoder, Framing, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The daemon's peak resident memory must stay under this, KiB.
 const PEAK_MEMORY_MAX_KIB: u64 = 512 * 1024;
 
 fn write_config(dir: &Path, bank: SocketAddr) -> PathBuf {
-    let config = format!(
-        r#"[switch]
-listen = "127.0.0.1:0"
-
-[tls]
-ca_file = "ca.pem"
-cert_file = "switch.pem"
-key_file = "switch.key"
-client_cert_file = "switchyard.pem"
-client_key_file = "switchyard.key"
-handshake_timeout_ms = 1000
-
-[limits]
+    let rest = format!(
+        r#"[limits]
 frame_size_max_bytes = 2048
 connections_max = 4000
 connections_per_institution_max = 2000
@@ -74,39 +63,12 @@ pan_prefix = "4"
 bank = "200001"
 "#
     );
-    let path = dir.join("switchyard.toml");
-    std::fs::write(&path, config).unwrap();
-    path
+    daemon::write_config(dir, "", "handshake_timeout_ms = 1000", &rest)
 }
 
-/// A framed message built field by field (values as given, not checked).
-fn message(mti: &[u8; 4], fields: &[(u8, &[u8])]) -> Vec<u8> {
-    let d = Dialect::iso87_ascii();
-    let mut out = BytesMut::new();
-    let mut enc = Encoder::new(&d, &mut out, Mti(*mti));
-    for (n, v) in fields {
-        enc.field(*n, v).unwrap();
-    }
-    enc.finish();
-    let mut framed = BytesMut::new();
-    Framing::U16be.write(&mut framed, &out).unwrap();
-    framed.to_vec()
-}
-
-fn payment(stan: &[u8], acquirer: &[u8]) -> Vec<u8> {
-    message(
-        b"0200",
-        &[
-            (2, b"4111111111111111"),
-            (3, b"000000"),
-            (4, b"000000001000"),
-            (7, b"1126093000"),
-            (11, stan),
-            (32, acquirer),
-            (37, b"000000000001"),
-            (49, b"978"),
-        ],
-    )
+/// Payment `n` of `acquirer`, framed.
+fn payment(n: usize, acquirer: &str) -> Vec<u8> {
+    daemon::framed(&daemon::payment(n, acquirer, "000000001000"))
 }
 
 /// Raw ISO 8583 bytes, framed, that do not match the dialect.
@@ -116,7 +78,7 @@ fn malformed() -> Vec<Vec<u8>> {
         out.extend_from_slice(body);
         out
     };
-    let good = payment(b"000001", b"100666");
+    let good = payment(1, "100666");
     let body = &good[2..];
     let mut bad = Vec::new();
     // A bitmap announcing fields 2..64 with nothing after it.
@@ -209,10 +171,8 @@ async fn hostile_traffic_costs_the_good_institution_nothing() {
             let mut n = 0u32;
             while !done.load(Ordering::Relaxed) && n < 1_000_000 {
                 n += 1;
-                let stan = format!("{:06}", n % 999_999 + 1);
-                s.write_all(&payment(stan.as_bytes(), b"100001"))
-                    .await
-                    .unwrap();
+                let stan = format!("{:06}", (n - 1) % 999_999 + 1); // as `payment` sets DE11
+                s.write_all(&payment(n as usize, "100001")).await.unwrap();
                 let frame = loop {
                     if let Some(f) = decoder.decode(&mut buf).unwrap() {
                         break f;
@@ -262,7 +222,7 @@ async fn hostile_traffic_costs_the_good_institution_nothing() {
         let tls = bad_tls.clone();
         attacks.spawn(async move {
             let mut s = connect(addr, &tls).await.unwrap();
-            let frame = payment(b"000777", b"100666");
+            let frame = payment(777, "100666");
             let trickle = async {
                 for b in frame.iter().cycle().take(10_000) {
                     if s.write_all(&[*b]).await.is_err() || s.flush().await.is_err() {
@@ -284,7 +244,7 @@ async fn hostile_traffic_costs_the_good_institution_nothing() {
             let mut s = connect(addr, &tls).await.unwrap();
             let mut batch = Vec::new();
             for i in 0..100u32 {
-                batch.extend_from_slice(&payment(format!("{:06}", i + 1).as_bytes(), b"100666"));
+                batch.extend_from_slice(&payment(i as usize + 1, "100666"));
             }
             let flood = async {
                 for _ in 0..10_000 {
@@ -334,7 +294,7 @@ async fn hostile_traffic_costs_the_good_institution_nothing() {
             for _ in 0..50 {
                 if let Ok(mut s) = connect(addr, &tls).await {
                     // TLS 1.3 reports a refused client certificate on the first read.
-                    let _ = s.write_all(&payment(b"000001", b"100001")).await;
+                    let _ = s.write_all(&payment(1, "100001")).await;
                     let mut buf = [0u8; 64];
                     let read = tokio::time::timeout(WAIT, s.read(&mut buf)).await;
                     assert!(

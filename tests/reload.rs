@@ -8,25 +8,16 @@ mod daemon;
 use bytes::BytesMut;
 use daemon::{connect, Bank, Daemon, Pki, TempDir, WAIT};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use switchyard::wire::{Dialect, Encoder, FrameDecoder, Framing, Message, Mti};
+use switchyard::wire::{Dialect, FrameDecoder, Framing, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn config(a: SocketAddr, b: SocketAddr, route_to: &str) -> String {
-    format!(
-        r#"[switch]
-listen = "127.0.0.1:0"
-
-[tls]
-ca_file = "ca.pem"
-cert_file = "switch.pem"
-key_file = "switch.key"
-client_cert_file = "switchyard.pem"
-client_key_file = "switchyard.key"
-
-[[institution]]
+/// The config file with the route for PAN prefix 4 going to bank `route_to`.
+fn config(dir: &Path, a: SocketAddr, b: SocketAddr, route_to: &str) -> PathBuf {
+    let rest = format!(
+        r#"[[institution]]
 id = "100001"
 
 [[bank]]
@@ -45,33 +36,13 @@ links = 1
 pan_prefix = "4"
 bank = "{route_to}"
 "#
-    )
+    );
+    daemon::write_config(dir, "", "", &rest)
 }
 
-fn payment(n: u32) -> Vec<u8> {
-    let d = Dialect::iso87_ascii();
-    let mut out = BytesMut::new();
-    let mut enc = Encoder::new(&d, &mut out, Mti::FINANCIAL);
-    let stan = format!("{n:06}");
-    for (f, v) in [
-        (2u8, "4111111111111111"),
-        (3, "000000"),
-        (4, "000000001000"),
-        (7, "1126100000"),
-        (11, &stan),
-        (32, "100001"),
-        (49, "978"),
-    ] {
-        enc.field(f, v.as_bytes()).unwrap();
-    }
-    enc.finish();
-    let mut framed = BytesMut::new();
-    Framing::U16be.write(&mut framed, &out).unwrap();
-    framed.to_vec()
-}
-
-fn write(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap();
+/// Payment `n`, framed.
+fn payment(n: usize) -> Vec<u8> {
+    daemon::framed(&daemon::payment(n, "100001", "000000001000"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,8 +51,7 @@ async fn sighup_changes_a_route_without_dropping_anything() {
     let pki = Pki::write(&dir.0);
     let a = Bank::start(&pki, Duration::ZERO).await;
     let b = Bank::start(&pki, Duration::ZERO).await;
-    let path = dir.0.join("switchyard.toml");
-    write(&path, &config(a.addr, b.addr, "200001"));
+    let path = config(&dir.0, a.addr, b.addr, "200001");
     let mut daemon = Daemon::start(&path);
     daemon.wait_line("bank link up"); // the second bank's link
     let mut s = connect(daemon.addr, &pki.client("100001")).await.unwrap();
@@ -117,7 +87,7 @@ async fn sighup_changes_a_route_without_dropping_anything() {
     };
     tokio::time::timeout(WAIT, held).await.unwrap();
 
-    write(&path, &config(a.addr, b.addr, "200002"));
+    config(&dir.0, a.addr, b.addr, "200002");
     daemon.reload();
     daemon.wait_line("routes reloaded");
     s.write_all(&payment(3)).await.unwrap();
@@ -140,7 +110,7 @@ async fn sighup_changes_a_route_without_dropping_anything() {
     );
 
     // An invalid edit: rejected whole, the routes in force stay.
-    write(&path, &config(a.addr, b.addr, "777"));
+    config(&dir.0, a.addr, b.addr, "777");
     daemon.reload();
     let line = daemon.wait_line("reload rejected");
     assert!(line.contains("route[0].bank"), "{line}");
@@ -149,11 +119,12 @@ async fn sighup_changes_a_route_without_dropping_anything() {
     assert_eq!(b.stats.requests.load(Ordering::Relaxed), 2, "still 200002");
     assert_eq!(a.stats.requests.load(Ordering::Relaxed), 2);
     // A rate limit lowered by a reload: over it, 65 at once.
-    let slow = config(a.addr, b.addr, "200002").replace(
+    config(&dir.0, a.addr, b.addr, "200002");
+    let slow = std::fs::read_to_string(&path).unwrap().replace(
         "id = \"100001\"\n",
         "id = \"100001\"\nrate_per_s = 1\nrate_burst = 1\n",
     );
-    write(&path, &slow);
+    std::fs::write(&path, slow).unwrap();
     daemon.reload();
     daemon.wait_line("request deadlines applied");
     let mut codes = Vec::new();

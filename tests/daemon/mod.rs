@@ -3,6 +3,7 @@
 //! to files, and a simulated bank in the test process.
 #![allow(dead_code)] // each test uses part of it
 
+use bytes::{Bytes, BytesMut};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use switchyard::banksim::{self, BankSimOptions, BankStats, Behavior};
 use switchyard::certs::{self, DevCa};
-use switchyard::wire::{Dialect, Framing};
+use switchyard::wire::{Dialect, Encoder, Framing, Mti};
 use tokio::sync::Notify;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
@@ -268,4 +269,61 @@ pub async fn connect(
     tokio_rustls::TlsConnector::from(tls.clone())
         .connect(name, tcp)
         .await
+}
+
+/// A config file for `switchyard run` in `dir` (`switchyard.toml`): the listener on
+/// 127.0.0.1:0 and the TLS files [`Pki::write`] wrote, `switch` and `tls` extra
+/// lines in those sections, then `rest` (institutions, banks, routes, …).
+pub fn write_config(dir: &Path, switch: &str, tls: &str, rest: &str) -> PathBuf {
+    let text = format!(
+        "[switch]\nlisten = \"127.0.0.1:0\"\n{switch}\n\n\
+         [tls]\nca_file = \"ca.pem\"\ncert_file = \"switch.pem\"\nkey_file = \"switch.key\"\n\
+         client_cert_file = \"switchyard.pem\"\nclient_key_file = \"switchyard.key\"\n{tls}\n\n{rest}"
+    );
+    let path = dir.join("switchyard.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A message built field by field (values as given, not checked), unframed.
+pub fn message(mti: Mti, fields: &[(u8, &[u8])]) -> Bytes {
+    // Built once: parsing the dialect per message costs milliseconds in debug builds.
+    static DIALECT: std::sync::OnceLock<Dialect> = std::sync::OnceLock::new();
+    let d = DIALECT.get_or_init(Dialect::iso87_ascii);
+    let mut out = BytesMut::new();
+    let mut enc = Encoder::new(d, &mut out, mti);
+    for (n, v) in fields {
+        enc.field(*n, v).unwrap();
+    }
+    enc.finish();
+    out.freeze()
+}
+
+/// `message` with its 2-byte length header.
+pub fn framed(message: &[u8]) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    Framing::U16be.write(&mut out, message).unwrap();
+    out.to_vec()
+}
+
+/// Payment number `n` (from 1) of `acquirer`, unframed: DE11 is `n` (wrapping past
+/// 999999), DE7 a time of day derived from `n`, DE37 `n`; `amount` is DE4.
+pub fn payment(n: usize, acquirer: &str, amount: &str) -> Bytes {
+    let stan = format!("{:06}", (n.max(1) - 1) % 999_999 + 1);
+    let t = n % 86_400;
+    let de7 = format!("1126{:02}{:02}{:02}", t / 3600, (t / 60) % 60, t % 60);
+    let rrn = format!("{n:012}");
+    message(
+        Mti::FINANCIAL,
+        &[
+            (2, b"4111111111111111"),
+            (3, b"000000"),
+            (4, amount.as_bytes()),
+            (7, de7.as_bytes()),
+            (11, stan.as_bytes()),
+            (32, acquirer.as_bytes()),
+            (37, rrn.as_bytes()),
+            (49, b"978"),
+        ],
+    )
 }
