@@ -19,8 +19,11 @@ use tokio_util::sync::CancellationToken;
 pub const ADMIN_CONNECTIONS_MAX: usize = 64;
 /// Largest request head read, bytes; a longer one gets 431.
 pub const ADMIN_REQUEST_HEAD_MAX_BYTES: usize = 8 * 1024;
-/// Time a client has to send its request head and take the answer.
+/// Time a client has to send its request head.
 pub const ADMIN_IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time one admin request may take in all (a reload waits up to
+/// [`crate::daemon::RELOAD_LINK_WAIT`] for new banks' links).
+pub const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves the admin endpoint on `listener` until `shutdown`.
 pub async fn serve(
@@ -52,7 +55,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let _slot = slot;
             let answering = answer(tcp, &metrics, &switch, path.as_deref());
-            let _ = tokio::time::timeout(ADMIN_IO_TIMEOUT, answering).await;
+            let _ = tokio::time::timeout(ADMIN_REQUEST_TIMEOUT, answering).await;
         });
     }
 }
@@ -60,27 +63,50 @@ pub async fn serve(
 async fn answer(
     mut tcp: TcpStream,
     metrics: &PrometheusHandle,
-    switch: &Switch,
+    switch: &Arc<Switch>,
     config_path: Option<&std::path::Path>,
 ) {
     let mut head = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        if head.len() > ADMIN_REQUEST_HEAD_MAX_BYTES {
+    let read_head = async {
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            if head.len() > ADMIN_REQUEST_HEAD_MAX_BYTES {
+                return Err(true);
+            }
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return Err(false),
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        Ok(())
+    };
+    match tokio::time::timeout(ADMIN_IO_TIMEOUT, read_head).await {
+        Ok(Ok(())) => {}
+        Ok(Err(true)) => {
             let _ = respond(&mut tcp, 431, "text/plain", "request head too large\n").await;
             return;
         }
-        match tcp.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
+        Ok(Err(false)) | Err(_) => return,
     }
     let line = head.split(|b| *b == b'\r').next().unwrap_or(b"");
     let mut parts = line.split(|b| *b == b' ');
     let (method, path) = (parts.next().unwrap_or(b""), parts.next().unwrap_or(b""));
     let path = path.split(|b| *b == b'?').next().unwrap_or(b"");
     if method == b"POST" && path == b"/reload" {
-        let _ = match config_path.map(|p| switch.reload(p)) {
+        // In a task of its own: a client going away must not cut a reload short.
+        let result = match config_path {
+            Some(p) => {
+                let (switch, p) = (switch.clone(), p.to_owned());
+                let reload = tokio::spawn(async move { switch.reload(&p).await });
+                Some(
+                    reload
+                        .await
+                        .unwrap_or_else(|e| Err(format!("reload failed: {e}"))),
+                )
+            }
+            None => None,
+        };
+        let _ = match result {
             Some(Ok(what)) => {
                 tracing::info!("{what} (admin endpoint)");
                 respond(&mut tcp, 200, "text/plain", &format!("{what}\n")).await
@@ -100,7 +126,12 @@ async fn answer(
     let _ = match path {
         b"/metrics" => {
             switch.publish_metrics();
-            let text = metrics.render();
+            let mut text = metrics.render();
+            let live = switch.connectors();
+            crate::telemetry::render_histograms(
+                &mut text,
+                live.iter().map(|c| (c.bank().id.to_string(), &c.latency)),
+            );
             respond(&mut tcp, 200, "text/plain; version=0.0.4", &text).await
         }
         b"/healthz" => respond(&mut tcp, 200, "text/plain", "ok\n").await,
@@ -152,7 +183,7 @@ pub fn readiness(switch: &Switch) -> (bool, String) {
     let down: Vec<String> = switch
         .connectors()
         .iter()
-        .filter(|c| c.links_up() == 0 && !c.bank().optional)
+        .filter(|c| c.links_up() == 0 && !c.is_optional())
         .map(|c| c.bank().id.to_string())
         .collect();
     if !down.is_empty() {
@@ -171,7 +202,7 @@ pub fn status(switch: &Switch) -> serde_json::Value {
             let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
             serde_json::json!({
                 "bank": c.bank().id.to_string(),
-                "links": c.bank().links,
+                "links": c.links_configured(),
                 "links_up": c.links_up(),
                 "queue_depth": c.queue_depth(),
                 "inflight": c.inflight(),

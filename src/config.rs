@@ -72,6 +72,8 @@ pub const INFLIGHT_PER_LINK_MAX_DEFAULT: usize = 8_192;
 pub const LINKS_DEFAULT: usize = 2;
 /// Most links to one bank.
 pub const LINKS_MAX: usize = 64;
+/// Most banks in one failover list (of a bank or a route).
+pub const FAILOVER_MAX: usize = 16;
 /// TCP connect plus TLS handshake to a bank.
 pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 3_000;
 /// First wait before reconnecting a failed bank link; doubles up to the maximum.
@@ -425,6 +427,10 @@ fn d_age() -> u64 {
 struct RouteSection {
     pan_prefix: String,
     bank: String,
+    /// Banks to try, in order, while `bank` has no link up (default: the bank's
+    /// own `failover`).
+    #[serde(default)]
+    failover: Option<Vec<String>>,
 }
 
 fn d_workers() -> usize {
@@ -549,10 +555,34 @@ pub struct Bank {
     /// test starts near 999,999 to see the wrap-around.
     pub first_stan: u32,
     /// Banks (by index) that take this bank's requests, in order, while it has no
-    /// link up.
+    /// link up: the default of its routes (a `[[route]]` may name its own).
     pub failover: Vec<BankIndex>,
     /// Whether the switch is ready (`/readyz`) without a link to this bank.
     pub optional: bool,
+}
+
+impl Bank {
+    /// Whether `other` keeps every setting of this bank's links (address, TLS
+    /// name, dialect, framing, bounds, timers): then a reload applies its new
+    /// `links`, `request_timeout`, `failover` and `optional` to the running
+    /// connector; otherwise a new connector replaces it.
+    pub fn same_link_settings(&self, other: &Bank) -> bool {
+        self.id == other.id
+            && self.address == other.address
+            && self.server_name == other.server_name
+            && self.dialect.fingerprint() == other.dialect.fingerprint()
+            && format!("{:?}", self.framing) == format!("{:?}", other.framing)
+            && self.queue_depth_max == other.queue_depth_max
+            && self.inflight_per_link_max == other.inflight_per_link_max
+            && self.connect_timeout == other.connect_timeout
+            && self.reconnect_backoff_min == other.reconnect_backoff_min
+            && self.reconnect_backoff_max == other.reconnect_backoff_max
+            && self.echo_interval == other.echo_interval
+            && self.echo_timeout == other.echo_timeout
+            && self.write_batch_max == other.write_batch_max
+            && format!("{:?}", self.saf) == format!("{:?}", other.saf)
+            && self.first_stan == other.first_stan
+    }
 }
 
 /// Duplicate detection bounds (`[duplicates]`).
@@ -644,6 +674,42 @@ impl Config {
             source: Box::new(e),
         })?;
         Checker { file: path }.build(file)
+    }
+
+    /// The settings `new` changes that a reload cannot apply (they need a
+    /// restart), by config key.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        let mut check = |key, same: bool| {
+            if !same {
+                changed.push(key);
+            }
+        };
+        check("switch.listen", self.listen == new.listen);
+        check("admin.listen", self.admin_listen == new.admin_listen);
+        check(
+            "switch.worker_threads",
+            self.worker_threads == new.worker_threads,
+        );
+        check(
+            "switch.dialect",
+            self.dialect.fingerprint() == new.dialect.fingerprint(),
+        );
+        check(
+            "switch.framing",
+            format!("{:?}", self.framing) == format!("{:?}", new.framing),
+        );
+        check(
+            "limits.frame_size_max_bytes",
+            self.frame_size_max_bytes == new.frame_size_max_bytes,
+        );
+        check("tls.identity", self.identity == new.identity);
+        check("duplicates", self.duplicates == new.duplicates);
+        check(
+            "journal",
+            format!("{:?}", self.journal) == format!("{:?}", new.journal),
+        );
+        changed
     }
 
     /// The certificate name → institution map used at handshake.
@@ -807,20 +873,15 @@ impl Checker<'_> {
             .collect::<Result<Vec<_>, _>>()?;
         let mut banks = banks;
         for (i, b) in f.bank.iter().enumerate() {
-            let key = format!("bank[{i}].failover");
-            for (j, name) in b.failover.iter().enumerate() {
-                let id = self.id(&format!("{key}[{j}]"), name)?;
-                let to = banks
-                    .iter()
-                    .position(|o| o.id == id)
-                    .ok_or_else(|| self.invalid(&key, format!("no [[bank]] has id {name}")))?;
-                if to == i || banks[i].failover.contains(&(to as BankIndex)) {
-                    return Err(
-                        self.invalid(&key, format!("{name} is the bank itself or listed twice"))
-                    );
-                }
-                banks[i].failover.push(to as BankIndex);
-            }
+            let mut list = Vec::new();
+            self.failover_list(
+                &format!("bank[{i}].failover"),
+                &b.failover,
+                i,
+                &banks,
+                &mut list,
+            )?;
+            banks[i].failover = list;
         }
         let routes = self.routes(&f.route, &banks)?;
         let journal = f.journal.as_ref().map(|j| self.journal(j)).transpose()?;
@@ -1090,19 +1151,64 @@ impl Checker<'_> {
             if banks[..i].iter().any(|b| b.id == bank.id) {
                 return Err(self.invalid(format!("bank[{i}].id"), "defined twice"));
             }
-            table.add_receiver(bank.id, i as BankIndex);
+            table.add_receiver_with_failover(bank.id, i as BankIndex, &bank.failover);
         }
+        let mut own = Vec::new();
         for (i, r) in list.iter().enumerate() {
             let bank_id = self.id(&format!("route[{i}].bank"), &r.bank)?;
             let Some(index) = banks.iter().position(|b| b.id == bank_id) else {
                 let problem = format!("no [[bank]] has id {}", r.bank);
                 return Err(self.invalid(format!("route[{i}].bank"), problem));
             };
+            let failover = match &r.failover {
+                None => &banks[index].failover[..],
+                Some(names) => {
+                    own.clear();
+                    self.failover_list(
+                        &format!("route[{i}].failover"),
+                        names,
+                        index,
+                        banks,
+                        &mut own,
+                    )?;
+                    &own[..]
+                }
+            };
             table
-                .add_prefix(&r.pan_prefix, index as BankIndex)
+                .add_prefix_with_failover(&r.pan_prefix, index as BankIndex, failover)
                 .map_err(|e| self.invalid(format!("route[{i}].pan_prefix"), e.to_string()))?;
         }
         Ok(table)
+    }
+
+    /// Resolves the failover list `names` of a route to bank `primary` (`key`
+    /// names it in errors): known banks, not the primary, none twice.
+    fn failover_list(
+        &self,
+        key: &str,
+        names: &[String],
+        primary: usize,
+        banks: &[Bank],
+        out: &mut Vec<BankIndex>,
+    ) -> Result<(), ConfigError> {
+        if names.len() > FAILOVER_MAX {
+            return Err(self.invalid(
+                key,
+                format!("at most {FAILOVER_MAX} banks, found {}", names.len()),
+            ));
+        }
+        for (j, name) in names.iter().enumerate() {
+            let id = self.id(&format!("{key}[{j}]"), name)?;
+            let to = banks
+                .iter()
+                .position(|o| o.id == id)
+                .ok_or_else(|| self.invalid(key, format!("no [[bank]] has id {name}")))?;
+            if to == primary || out.contains(&(to as BankIndex)) {
+                return Err(self.invalid(key, format!("{name} is the bank itself or listed twice")));
+            }
+            out.push(to as BankIndex);
+        }
+        Ok(())
     }
 }
 
@@ -1137,6 +1243,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("s.toml: "), "{err}");
+    }
+
+    #[test]
+    fn route_failover_lists_are_checked() {
+        let c = Config::parse(SHIPPED, Path::new("s.toml")).unwrap();
+        let d = c
+            .routes
+            .destination(None, Some(b"4571000000000000"))
+            .unwrap();
+        assert_eq!((d.bank, c.routes.failover(d.failover)), (2, &[0][..]));
+        let d = c
+            .routes
+            .destination(None, Some(b"4111000000000000"))
+            .unwrap();
+        assert_eq!((d.bank, c.routes.failover(d.failover)), (0, &[][..]));
+        let bad = SHIPPED.replacen("failover = [\"200001\"]", "failover = [\"200009\"]", 1);
+        let err = Config::parse(&bad, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(err, "s.toml: route[3].failover: no [[bank]] has id 200009");
+        let bad = SHIPPED.replacen("failover = [\"200001\"]", "failover = [\"200003\"]", 1);
+        let err = Config::parse(&bad, Path::new("s.toml"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "s.toml: route[3].failover: 200003 is the bank itself or listed twice"
+        );
     }
 
     #[test]

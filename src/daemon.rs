@@ -11,6 +11,7 @@ use crate::net::connector::{Bookkeeping, Connector};
 use crate::net::ingress::Ingress;
 use crate::net::journaling::Journaling;
 use crate::net::journaling::OutcomeSource;
+use crate::net::live::{Live, CONNECTOR_SLOTS_MAX};
 use crate::net::{Recent, Stored};
 use crate::telemetry::{self, PUBLISH_INTERVAL};
 use crate::tls::{self, TlsError};
@@ -55,10 +56,11 @@ impl TlsSetup {
 
 /// A running switch: connectors started, ready to serve a listener.
 pub struct Switch {
-    config: Arc<Config>,
-    tls: TlsSetup,
-    connectors: Vec<Arc<Connector>>,
     ingress: Arc<Ingress>,
+    /// What a connector added by a reload records with.
+    books: Bookkeeping,
+    /// Serialises reloads (SIGHUP and the admin endpoint).
+    reloading: tokio::sync::Mutex<()>,
     link_changed: Arc<Notify>,
     shutdown: CancellationToken,
     /// Cancelled when a graceful shutdown starts: no new connections or requests.
@@ -78,7 +80,9 @@ impl Switch {
                 // One pass: the checking scan feeds the replay.
                 let window_ms = config.duplicates.window.as_millis() as u64;
                 let since = unix_ms_now().saturating_sub(window_ms);
-                let mut replay = Replay::remembering(since, config.duplicates.entries_max);
+                let banks = config.banks.iter().map(|b| b.id.to_raw()).collect();
+                let mut replay =
+                    Replay::remembering(since, config.duplicates.entries_max).with_banks(banks);
                 let opened = Journal::open_with(jc.clone(), |_, _, r| replay.record(r))?;
                 let recovery = replay.finish();
                 tracing::info!(
@@ -132,33 +136,45 @@ impl Switch {
                 )
             })
             .collect();
-        let mut tasks: Vec<_> = connectors
-            .iter()
-            .flat_map(|c| c.spawn_links(&shutdown))
-            .collect();
+        for c in &connectors {
+            c.spawn_links(&shutdown);
+        }
         if let Some(recovery) = recovery {
             resume(&config, &connectors, &journaling, &recent, recovery);
         }
+        let active = (0..connectors.len())
+            .map(|i| i as crate::core::route::BankIndex)
+            .collect();
+        let live = Live::new(
+            config.clone(),
+            connectors.into(),
+            active,
+            tls.server.clone(),
+            None,
+        );
+        let books = Bookkeeping {
+            journaling: journaling.clone(),
+            recent: recent.clone(),
+            first_stan: 1,
+        };
         let ingress = Ingress::new(
             config.clone(),
-            connectors.clone(),
+            live,
             journaling,
             first_request_id,
             recent.clone(),
         );
         let published = Published {
-            connectors: connectors.clone(),
             ingress: ingress.clone(),
             recent: recent.clone(),
             journal: journal.clone(),
         };
-        tasks.push(tokio::spawn(publish_loop(published, shutdown.clone())));
+        let tasks = vec![tokio::spawn(publish_loop(published, shutdown.clone()))];
         let tasks = std::sync::Mutex::new(tasks);
         Ok(Switch {
-            config,
-            tls,
-            connectors,
             ingress,
+            books,
+            reloading: tokio::sync::Mutex::new(()),
             link_changed,
             shutdown,
             draining: CancellationToken::new(),
@@ -173,14 +189,14 @@ impl Switch {
         self.journal.as_deref()
     }
 
-    /// The configuration in force.
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// The configuration in force (the last one reloaded).
+    pub fn config(&self) -> Arc<Config> {
+        self.ingress.live().config.clone()
     }
 
-    /// The bank connectors, in config order.
-    pub fn connectors(&self) -> &[Arc<Connector>] {
-        &self.connectors
+    /// The configured banks' connectors, in config order.
+    pub fn connectors(&self) -> Vec<Arc<Connector>> {
+        self.ingress.live().active_connectors().cloned().collect()
     }
 
     /// Acquirer connections open now.
@@ -196,17 +212,191 @@ impl Switch {
     /// Publishes all gauges now (the publisher also does so once a second).
     pub fn publish_metrics(&self) {
         let published = Published {
-            connectors: self.connectors.clone(),
             ingress: self.ingress.clone(),
             recent: self.recent.clone(),
             journal: self.journal.clone(),
         };
-        Gauges::new(&self.connectors).publish(&published);
+        Gauges::new().publish(&published);
     }
 
     /// Waits until every bank has at least one link up, or `limit` passes.
     pub async fn wait_links_up(&self, limit: Duration) -> bool {
-        let all_up = || self.connectors.iter().all(|c| c.links_up() > 0);
+        self.wait_linked(&self.connectors(), limit).await.is_empty()
+    }
+
+    /// Serves acquirers on `listener` until [`Switch::shutdown`] is called.
+    pub async fn serve(&self, listener: TcpListener) -> std::io::Result<()> {
+        let serving = self.ingress.clone().serve(listener, self.draining.clone());
+        serving.await
+    }
+
+    /// A token cancelled at shutdown.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Reloads the config file at `path` (SIGHUP, `switchyard reload`). The whole
+    /// file is validated as `check-config` does, and the TLS files it names are
+    /// read again; an invalid file, or one changing what only a restart can (see
+    /// [`Config::restart_only_changes`]), is rejected whole and the running config
+    /// stays. Otherwise everything else is put in force without closing a
+    /// connection or dropping a request in flight: routes, failover lists,
+    /// institutions and their certificate names and rate limits, limits, request
+    /// deadlines, TLS certificates and revocation lists (for new handshakes), and
+    /// the banks: added ones are connected (waiting up to [`RELOAD_LINK_WAIT`] for
+    /// a first link), removed ones retired (their links finish what they carry,
+    /// sign off and close), and resized ones start or retire links. A bank whose
+    /// link settings changed gets a new connector, which takes over once linked.
+    pub async fn reload(&self, path: &std::path::Path) -> Result<String, String> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let result = self.try_reload(path).await;
+        let label = if result.is_ok() {
+            "applied"
+        } else {
+            "rejected"
+        };
+        metrics::counter!("switchyard_config_reloads_total", "result" => label).increment(1);
+        result
+    }
+
+    async fn try_reload(&self, path: &std::path::Path) -> Result<String, String> {
+        let new = Config::load(path).map_err(|e| e.to_string())?;
+        let old = self.ingress.live();
+        let fixed = old.config.restart_only_changes(&new);
+        if !fixed.is_empty() {
+            return Err(format!(
+                "{}: {} changed: this needs a restart",
+                path.display(),
+                fixed.join(", ")
+            ));
+        }
+        let tls =
+            TlsSetup::from_files(&new.tls_files).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Each configured bank: its running connector, or a new one.
+        let mut plan = Vec::with_capacity(new.banks.len());
+        for bank in &new.banks {
+            let running = old
+                .active_connectors()
+                .find(|c| c.bank().id == bank.id)
+                .cloned();
+            plan.push(match running {
+                Some(c) if c.bank().same_link_settings(bank) => BankPlan::Keep(c),
+                Some(c) => BankPlan::Replace(c),
+                None => BankPlan::Add,
+            });
+        }
+        let added = plan
+            .iter()
+            .filter(|p| !matches!(p, BankPlan::Keep(_)))
+            .count();
+        if old.connectors.len() + added > CONNECTOR_SLOTS_MAX {
+            return Err(format!(
+                "{}: {added} banks added or replaced would pass the {CONNECTOR_SLOTS_MAX} \
+                 connector slots this process keeps: restart to renumber",
+                path.display()
+            ));
+        }
+        // New connectors first; they take over once linked (or after the wait).
+        let mut slots: Vec<Arc<Connector>> = old.connectors.to_vec();
+        let mut active = Vec::with_capacity(new.banks.len());
+        let mut fresh = Vec::new();
+        let mut retire = Vec::new();
+        let mut resized = Vec::new();
+        let next_stan = (self.ingress.next_request_id() % u64::from(STAN_MAX)) as u32 + 1;
+        for (bank, step) in new.banks.iter().zip(&plan) {
+            let index = match step {
+                BankPlan::Keep(c) => {
+                    c.set_tls(tls.client.clone());
+                    if c.links_configured() != bank.links {
+                        resized.push(format!(
+                            "{} {}→{}",
+                            bank.id,
+                            c.links_configured(),
+                            bank.links
+                        ));
+                    }
+                    c.index()
+                }
+                BankPlan::Replace(_) | BankPlan::Add => {
+                    let first_stan = match step {
+                        BankPlan::Replace(c) => c.stan_position(),
+                        _ => next_stan,
+                    };
+                    let index = slots.len() as crate::core::route::BankIndex;
+                    let c = Connector::new(
+                        index,
+                        bank.clone(),
+                        new.dialect.clone(),
+                        tls.client.clone(),
+                        new.frame_size_max_bytes,
+                        self.link_changed.clone(),
+                        Bookkeeping {
+                            first_stan,
+                            ..self.books.clone()
+                        },
+                    );
+                    c.spawn_links(&self.shutdown);
+                    fresh.push(c.clone());
+                    if let BankPlan::Replace(old) = step {
+                        retire.push(old.clone());
+                    }
+                    slots.push(c);
+                    index
+                }
+            };
+            active.push(index);
+        }
+        for c in old.active_connectors() {
+            if !new.banks.iter().any(|b| b.id == c.bank().id) {
+                retire.push(c.clone());
+            }
+        }
+        let unlinked = self.wait_linked(&fresh, RELOAD_LINK_WAIT).await;
+        let new = Arc::new(new);
+        let live = Live::new(new.clone(), slots.into(), active, tls.server, Some(&old));
+        let prefixes = live.routes.prefix_count();
+        let institutions = live.institutions.len();
+        // In force from here: new connections at once, sessions at their next request.
+        self.ingress.replace_live(live);
+        for (bank, step) in new.banks.iter().zip(&plan) {
+            if let BankPlan::Keep(c) = step {
+                c.apply(bank);
+            }
+        }
+        for c in &retire {
+            c.retire();
+        }
+        let mut what = format!(
+            "config reloaded: {prefixes} PAN prefixes, {institutions} institutions, {} banks",
+            new.banks.len()
+        );
+        let added = plan.iter().filter(|p| matches!(p, BankPlan::Add)).count();
+        let replaced = plan
+            .iter()
+            .filter(|p| matches!(p, BankPlan::Replace(_)))
+            .count();
+        let removed = retire.len() - replaced;
+        if added + replaced + removed > 0 {
+            what.push_str(&format!(
+                " ({added} added, {replaced} replaced, {removed} removed)"
+            ));
+        }
+        if !resized.is_empty() {
+            what.push_str(&format!("; links resized: {}", resized.join(", ")));
+        }
+        if !unlinked.is_empty() {
+            what.push_str(&format!(
+                "; no link up yet to {} (requests to it fail over or get 91 until one is)",
+                unlinked.join(", ")
+            ));
+        }
+        Ok(what)
+    }
+
+    /// Waits until each of `connectors` has a link up, or `limit` passes; returns
+    /// the ids of those still without one.
+    async fn wait_linked(&self, connectors: &[Arc<Connector>], limit: Duration) -> Vec<String> {
+        let all_up = || connectors.iter().all(|c| c.links_up() > 0);
         let wait = async {
             loop {
                 let changed = self.link_changed.notified();
@@ -218,76 +408,12 @@ impl Switch {
                 changed.await;
             }
         };
-        tokio::time::timeout(limit, wait).await.is_ok()
-    }
-
-    /// Serves acquirers on `listener` until [`Switch::shutdown`] is called.
-    pub async fn serve(&self, listener: TcpListener) -> std::io::Result<()> {
-        let serving =
-            self.ingress
-                .clone()
-                .serve(listener, self.tls.server.clone(), self.draining.clone());
-        serving.await
-    }
-
-    /// A token cancelled at shutdown.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
-
-    /// Reloads the config file at `path` (SIGHUP): the whole file is validated as
-    /// `check-config` does; an invalid file, or one that changes what cannot be
-    /// changed while running yet (the banks, the institutions), is rejected whole
-    /// and the running config stays. Applied: the route table, for every request
-    /// read from then on; connections and requests in flight are untouched.
-    pub fn reload(&self, path: &std::path::Path) -> Result<String, String> {
-        let result = self.try_reload(path);
-        let label = if result.is_ok() {
-            "applied"
-        } else {
-            "rejected"
-        };
-        metrics::counter!("switchyard_config_reloads_total", "result" => label).increment(1);
-        result
-    }
-
-    fn try_reload(&self, path: &std::path::Path) -> Result<String, String> {
-        let new = Config::load(path).map_err(|e| e.to_string())?;
-        let old = &self.config;
-        let same_banks = new.banks.len() == old.banks.len()
-            && new
-                .banks
-                .iter()
-                .zip(&old.banks)
-                .all(|(a, b)| a.id == b.id && a.address == b.address && a.links == b.links);
-        if !same_banks {
-            return Err(format!(
-                "{}: banks added, removed or changed (id, address, links): this needs a restart",
-                path.display()
-            ));
-        }
-        let same_institutions = new.institutions.len() == old.institutions.len()
-            && new
-                .institutions
-                .iter()
-                .zip(&old.institutions)
-                .all(|(a, b)| a.id == b.id && a.certificate_name == b.certificate_name);
-        if !same_institutions {
-            return Err(format!(
-                "{}: institutions added, removed, or their certificate names changed: this needs a restart",
-                path.display()
-            ));
-        }
-        for (connector, bank) in self.connectors.iter().zip(&new.banks) {
-            connector.set_request_timeout(bank.request_timeout);
-        }
-        let prefixes = new.routes.prefix_count();
-        self.ingress.replace_rates(&new.institutions);
-        self.ingress.replace_routes(new.routes);
-        Ok(format!(
-            "routes reloaded: {prefixes} PAN prefixes; institutions' rate limits and banks' \
-             request deadlines applied"
-        ))
+        let _ = tokio::time::timeout(limit, wait).await;
+        connectors
+            .iter()
+            .filter(|c| c.links_up() == 0)
+            .map(|c| c.bank().id.to_string())
+            .collect()
     }
 
     /// Whether a graceful shutdown has started.
@@ -333,6 +459,10 @@ impl Switch {
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
         for task in tasks {
             let _ = task.await;
+        }
+        let live = self.ingress.live();
+        for c in live.connectors.iter() {
+            c.join_links().await;
         }
         if let Some(journal) = &self.journal {
             // Whatever is queued is written and synced before the writer stops.
@@ -418,7 +548,7 @@ async fn reload_on_sighup(switch: Arc<Switch>, path: std::path::PathBuf) {
                 _ = token.cancelled() => return,
                 got = hup.recv() => if got.is_none() { return },
             }
-            match switch.reload(&path) {
+            match switch.reload(&path).await {
                 Ok(what) => tracing::info!(config = %path.display(), "{what}"),
                 Err(why) => tracing::error!(
                     config = %path.display(),
@@ -431,6 +561,20 @@ async fn reload_on_sighup(switch: Arc<Switch>, path: std::path::PathBuf) {
     {
         let _ = (switch, path);
     }
+}
+
+/// How long a reload waits for a bank it adds (or replaces) to have a link up
+/// before putting the new config in force anyway.
+pub const RELOAD_LINK_WAIT: Duration = Duration::from_secs(5);
+
+/// What a reload does with one configured bank.
+enum BankPlan {
+    /// Its connector stays; new `links`, deadline and `optional` are applied.
+    Keep(Arc<Connector>),
+    /// Its link settings changed: a new connector takes over from this one.
+    Replace(Arc<Connector>),
+    /// A bank the running config does not have.
+    Add,
 }
 
 /// How often a draining switch checks whether its sessions have ended.
@@ -482,14 +626,13 @@ fn restore_recent(config: &Config, recent: &Recent, recovery: &Recovery) {
 /// Refreshes gauges once per [`PUBLISH_INTERVAL`] until shutdown.
 /// What the gauges are read from.
 struct Published {
-    connectors: Vec<Arc<Connector>>,
     ingress: Arc<Ingress>,
     recent: Arc<Recent>,
     journal: Option<Arc<Journal>>,
 }
 
 async fn publish_loop(p: Published, shutdown: CancellationToken) {
-    let gauges = Gauges::new(&p.connectors);
+    let mut gauges = Gauges::new();
     let mut tick = tokio::time::interval(PUBLISH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -522,23 +665,23 @@ struct ConnectorGauges {
     saf_depth: metrics::Gauge,
 }
 
+impl ConnectorGauges {
+    fn new(c: &Connector) -> ConnectorGauges {
+        let label = c.bank().id.to_string();
+        ConnectorGauges {
+            latency: telemetry::LatencyGauges::new(&label),
+            queue_depth: metrics::gauge!("switchyard_connector_queue_depth", "connector" => label.clone()),
+            inflight: metrics::gauge!("switchyard_connector_inflight", "connector" => label.clone()),
+            links_up: metrics::gauge!("switchyard_connector_links_up", "connector" => label.clone()),
+            saf_depth: metrics::gauge!("switchyard_reversals_waiting", "connector" => label),
+        }
+    }
+}
+
 impl Gauges {
-    fn new(connectors: &[Arc<Connector>]) -> Gauges {
-        let connectors = connectors
-            .iter()
-            .map(|c| {
-                let label = c.bank().id.to_string();
-                ConnectorGauges {
-                    latency: telemetry::LatencyGauges::new(&label),
-                    queue_depth: metrics::gauge!("switchyard_connector_queue_depth", "connector" => label.clone()),
-                    inflight: metrics::gauge!("switchyard_connector_inflight", "connector" => label.clone()),
-                    links_up: metrics::gauge!("switchyard_connector_links_up", "connector" => label.clone()),
-                    saf_depth: metrics::gauge!("switchyard_reversals_waiting", "connector" => label),
-                }
-            })
-            .collect();
+    fn new() -> Gauges {
         Gauges {
-            connectors,
+            connectors: Vec::new(),
             connections: metrics::gauge!("switchyard_acquirer_connections"),
             duplicates: metrics::gauge!("switchyard_duplicates_entries"),
             journal_segments: metrics::gauge!("switchyard_journal_segments"),
@@ -546,8 +689,17 @@ impl Gauges {
         }
     }
 
-    fn publish(&self, p: &Published) {
-        for (c, g) in p.connectors.iter().zip(&self.connectors) {
+    /// Sets every gauge; connector slots a reload added get theirs first, and
+    /// retired connectors are left out (a replacement has the same labels).
+    fn publish(&mut self, p: &Published) {
+        let live = p.ingress.live();
+        for c in &live.connectors[self.connectors.len()..] {
+            self.connectors.push(ConnectorGauges::new(c));
+        }
+        for (c, g) in live.connectors.iter().zip(&self.connectors) {
+            if c.is_retired() {
+                continue;
+            }
             g.latency.set(&c.latency);
             g.queue_depth.set(c.queue_depth() as f64);
             g.inflight.set(c.inflight() as f64);

@@ -64,6 +64,8 @@ pub struct TestbedOptions {
     pub rate_burst: u32,
     /// `(bank id, failover bank id)` pairs written into `[[bank]] failover`.
     pub failover: Vec<(String, String)>,
+    /// More `[[route]]` tables (TOML), after those of the banks.
+    pub routes: Vec<String>,
     /// Banks written with `optional = true` (readiness does not wait for them).
     pub optional: Vec<String>,
 }
@@ -90,6 +92,7 @@ impl Default for TestbedOptions {
             rate_per_s: 5_000_000,
             rate_burst: 1_000_000,
             failover: Vec::new(),
+            routes: Vec::new(),
             optional: Vec::new(),
         }
     }
@@ -323,6 +326,9 @@ fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, Socke
             opts.echo_interval_ms,
             4 + i
         );
+    }
+    for r in &opts.routes {
+        let _ = writeln!(t, "[[route]]\n{r}\n");
     }
     t
 }

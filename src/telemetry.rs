@@ -222,6 +222,78 @@ impl LatencyGauges {
     }
 }
 
+/// Upper bounds of the Prometheus latency histogram buckets, µs (100 µs to 60 s;
+/// `+Inf` follows).
+pub const LATENCY_BUCKETS_US: [u64; 18] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000, 60_000_000,
+];
+
+/// Seconds with up to six decimals and no trailing zeros (`0.0025`, `1`).
+fn seconds(us: u64) -> String {
+    let text = format!("{}.{:06}", us / 1_000_000, us % 1_000_000);
+    text.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+/// Appends `switchyard_latency_seconds`, a Prometheus histogram per connector
+/// and stage (time in the switch, at the bank, total; cumulative since start),
+/// rendered from the connectors' HdrHistograms (counts and sum exact to their
+/// 0.1 % resolution). `connectors` gives each connector's label and histograms.
+pub fn render_histograms<'a>(
+    out: &mut String,
+    connectors: impl Iterator<Item = (String, &'a ConnectorLatency)>,
+) {
+    use std::fmt::Write;
+    let _ = writeln!(
+        out,
+        "# HELP switchyard_latency_seconds Payment latency by connector and stage \
+         (switch: time in the switch; bank: time at the bank; total: receipt to answer)."
+    );
+    let _ = writeln!(out, "# TYPE switchyard_latency_seconds histogram");
+    for (connector, latency) in connectors {
+        latency.with(|stages| {
+            for (stage, h) in [
+                ("switch", &stages.switch),
+                ("bank", &stages.bank),
+                ("total", &stages.total),
+            ] {
+                let labels = format!("connector=\"{connector}\",stage=\"{stage}\"");
+                for le in LATENCY_BUCKETS_US {
+                    let n = if h.is_empty() {
+                        0
+                    } else {
+                        h.count_between(0, le)
+                    };
+                    let _ = writeln!(
+                        out,
+                        "switchyard_latency_seconds_bucket{{{labels},le=\"{}\"}} {n}",
+                        seconds(le)
+                    );
+                }
+                let _ = writeln!(
+                    out,
+                    "switchyard_latency_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+                    h.len()
+                );
+                let sum_us: u64 = h
+                    .iter_recorded()
+                    .map(|v| h.median_equivalent(v.value_iterated_to()) * v.count_at_value())
+                    .sum();
+                let _ = writeln!(
+                    out,
+                    "switchyard_latency_seconds_sum{{{labels}}} {}",
+                    seconds(sum_us)
+                );
+                let _ = writeln!(
+                    out,
+                    "switchyard_latency_seconds_count{{{labels}}} {}",
+                    h.len()
+                );
+            }
+        });
+    }
+}
+
 /// Installs the Prometheus recorder (once per process); the admin endpoint
 /// renders `/metrics` from the handle.
 pub fn install_recorder(
@@ -256,6 +328,25 @@ mod tests {
             );
         }
         assert_eq!(latency.with(Stages::count), 100, "flushed on drop");
+        let mut text = String::new();
+        render_histograms(&mut text, std::iter::once(("200001".to_owned(), &latency)));
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .unwrap_or_else(|| panic!("{name} in {text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        let bank = "switchyard_latency_seconds_bucket{connector=\"200001\",stage=\"bank\"";
+        assert_eq!(line(&format!("{bank},le=\"0.0005\"}}")), "0");
+        assert_eq!(line(&format!("{bank},le=\"0.001\"}}")), "100");
+        assert_eq!(line(&format!("{bank},le=\"+Inf\"}}")), "100");
+        let sum = line("switchyard_latency_seconds_sum{connector=\"200001\",stage=\"bank\"}");
+        assert!(sum.starts_with("0.07"), "100 × 700 µs: {sum}");
+        assert_eq!(seconds(2_500), "0.0025");
+        assert_eq!(seconds(60_000_000), "60");
         let p99 = latency.with(|s| s.bank.value_at_quantile(0.99));
         assert!((699..=701).contains(&p99));
     }

@@ -142,6 +142,26 @@ async fn health_readiness_status_and_metrics() {
         "{text}"
     );
 
+    // Latency histograms per connector and stage: the payment shows once its
+    // link has handed its samples over (within a second).
+    let total = "switchyard_latency_seconds_count{connector=\"200001\",stage=\"total\"}";
+    let mut m = m;
+    let limit = std::time::Instant::now() + daemon::WAIT;
+    while m.get(total) != Some(&1.0) {
+        assert!(std::time::Instant::now() < limit, "{total} not 1 in time");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        m = parse(&get(admin, "/metrics").await.1);
+    }
+    for stage in ["switch", "bank", "total"] {
+        let series = format!("connector=\"200001\",stage=\"{stage}\"");
+        let inf = m[&format!("switchyard_latency_seconds_bucket{{{series},le=\"+Inf\"}}")];
+        let count = m[&format!("switchyard_latency_seconds_count{{{series}}}")];
+        assert_eq!((inf, count), (1.0, 1.0), "{stage}");
+        assert!(m[&format!("switchyard_latency_seconds_sum{{{series}}}")] >= 0.0);
+        let in_60s = m[&format!("switchyard_latency_seconds_bucket{{{series},le=\"60\"}}")];
+        assert_eq!(in_60s, 1.0, "{stage}");
+    }
+
     // What it refuses.
     assert_eq!(get(admin, "/nope").await.0, 404);
     assert_eq!(http(admin, "POST /status HTTP/1.1\r\n\r\n").await.0, 405);
@@ -165,7 +185,7 @@ async fn health_readiness_status_and_metrics() {
     };
     let out = reload();
     assert!(out.status.success(), "{out:?}");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("routes reloaded"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("config reloaded"));
     std::fs::write(
         &path,
         text.replace("bank = \"200001\"\n", "bank = \"777\"\n"),

@@ -1,7 +1,9 @@
 //! Hot reload of a real `switchyard run`: a route changed in the config file and
 //! SIGHUP; new requests take the new route while an existing connection stays
 //! open and a request in flight completes; an invalid edit is rejected whole and
-//! the routes in force stay.
+//! the routes in force stay. Then banks added, replaced and removed, links
+//! resized, institutions added, renamed and removed, a certificate revoked and
+//! a limit lowered, all by reloads of a running daemon.
 
 mod daemon;
 
@@ -89,7 +91,7 @@ async fn sighup_changes_a_route_without_dropping_anything() {
 
     config(&dir.0, a.addr, b.addr, "200002");
     daemon.reload();
-    daemon.wait_line("routes reloaded");
+    daemon.wait_line("config reloaded");
     s.write_all(&payment(3)).await.unwrap();
     let answer = next(&mut s).await;
     assert_eq!(
@@ -126,7 +128,7 @@ async fn sighup_changes_a_route_without_dropping_anything() {
     );
     std::fs::write(&path, slow).unwrap();
     daemon.reload();
-    daemon.wait_line("request deadlines applied");
+    daemon.wait_line("config reloaded");
     let mut codes = Vec::new();
     for n in 5..8 {
         s.write_all(&payment(n)).await.unwrap();
@@ -135,5 +137,390 @@ async fn sighup_changes_a_route_without_dropping_anything() {
     assert!(codes.contains(&b"65".to_vec()), "{codes:?}");
     daemon.kill();
     a.stop().await;
+    b.stop().await;
+}
+
+/// One acquirer connection: sends a payment and reads its answer (None: the
+/// switch closed the connection or refused the handshake).
+struct Session {
+    s: Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    buf: BytesMut,
+}
+
+impl Session {
+    async fn open(addr: SocketAddr, tls: &std::sync::Arc<rustls::ClientConfig>) -> Session {
+        Session {
+            s: connect(addr, tls).await.ok(),
+            buf: BytesMut::new(),
+        }
+    }
+
+    async fn pay(&mut self, n: usize, acquirer: &str) -> Option<Message> {
+        let d = Dialect::iso87_ascii();
+        let decoder = FrameDecoder::new(Framing::U16be, 8192);
+        let s = self.s.as_mut()?;
+        let frame = daemon::framed(&daemon::payment(n, acquirer, "000000001000"));
+        s.write_all(&frame).await.ok()?;
+        loop {
+            if let Some(f) = decoder.decode(&mut self.buf).unwrap() {
+                return Some(Message::decode(&d, f).unwrap());
+            }
+            match tokio::time::timeout(WAIT, s.read_buf(&mut self.buf))
+                .await
+                .expect("an answer or a close in time")
+            {
+                Ok(n) if n > 0 => {}
+                _ => {
+                    self.s = None;
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Waits (bounded) until `done` holds, looking every few milliseconds at
+/// counters the simulated banks keep.
+async fn until(what: &str, done: impl Fn() -> bool) {
+    let wait = async {
+        while !done() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, wait)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {WAIT:?}"));
+}
+
+/// The config of the second test: `institutions` and `banks` sections as given,
+/// and the CRL file `crl.pem`.
+fn config_with(dir: &Path, limits: &str, rest: &str) -> PathBuf {
+    let rest = format!("[limits]\n{limits}\n\n{rest}");
+    daemon::write_config(dir, "", "crl_file = \"crl.pem\"", &rest)
+}
+
+fn institution(id: &str, certificate_name: &str) -> String {
+    format!("[[institution]]\nid = \"{id}\"\ncertificate_name = \"{certificate_name}\"\n\n")
+}
+
+fn bank(id: &str, addr: SocketAddr, links: usize) -> String {
+    format!(
+        "[[bank]]\nid = \"{id}\"\naddress = \"{addr}\"\nserver_name = \"bank\"\nlinks = {links}\n\n"
+    )
+}
+
+fn route(prefix: &str, bank: &str, failover: &str) -> String {
+    format!("[[route]]\npan_prefix = \"{prefix}\"\nbank = \"{bank}\"\n{failover}\n\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_changes_banks_links_institutions_certificates_and_limits() {
+    let dir = TempDir::new("reload-all");
+    let pki = Pki::write(&dir.0);
+    pki.write_crl(&dir.0, "crl.pem", &[]);
+    let a = Bank::start(&pki, Duration::ZERO).await;
+    let b = Bank::start(&pki, Duration::ZERO).await;
+    let (first_cert, first) = pki.client_with_certificate("100001");
+    let second = pki.client("100002");
+    let path = config_with(
+        &dir.0,
+        "",
+        &format!(
+            "{}{}{}",
+            institution("100001", "100001"),
+            bank("200001", a.addr, 1),
+            route("4", "200001", "")
+        ),
+    );
+    let mut daemon = Daemon::start(&path);
+    let mut one = Session::open(daemon.addr, &first).await;
+    assert_eq!(
+        one.pay(1, "100001").await.unwrap().field(39),
+        Some(&b"00"[..])
+    );
+    assert!(
+        Session::open(daemon.addr, &second)
+            .await
+            .pay(2, "100002")
+            .await
+            .is_none(),
+        "100002 is not configured yet"
+    );
+
+    // Added: an institution, a bank with two links (the route now goes there),
+    // a third link to bank A, and a lower per-institution connection limit.
+    let text = |links_a: usize, limits: &str, institutions: &str, banks: &str, routes: &str| {
+        config_with(
+            &dir.0,
+            limits,
+            &format!(
+                "{institutions}{}{banks}{routes}",
+                bank("200001", a.addr, links_a)
+            ),
+        )
+    };
+    let both = format!(
+        "{}{}",
+        institution("100001", "100001"),
+        institution("100002", "100002")
+    );
+    text(
+        3,
+        "connections_per_institution_max = 1",
+        &both,
+        &bank("200002", b.addr, 2),
+        &route("4", "200002", "failover = [\"200001\"]"),
+    );
+    daemon.reload();
+    let line = daemon.wait_line("config reloaded");
+    assert!(
+        line.contains("1 added") && line.contains("200001 1→3"),
+        "{line}"
+    );
+    until("bank B's two links signed on", || {
+        b.stats.sign_ons.load(Ordering::Relaxed) == 2
+    })
+    .await;
+    until("bank A's two new links signed on", || {
+        a.stats.sign_ons.load(Ordering::Relaxed) == 3
+    })
+    .await;
+    let mut two = Session::open(daemon.addr, &second).await;
+    assert_eq!(
+        two.pay(3, "100002").await.unwrap().field(39),
+        Some(&b"00"[..])
+    );
+    assert_eq!(
+        one.pay(4, "100001").await.unwrap().field(39),
+        Some(&b"00"[..]),
+        "the first session stays"
+    );
+    assert_eq!(
+        b.stats.requests.load(Ordering::Relaxed),
+        2,
+        "both went to the new bank"
+    );
+    assert!(
+        Session::open(daemon.addr, &first)
+            .await
+            .pay(5, "100001")
+            .await
+            .is_none(),
+        "a second session of 100001 passes the new limit of one"
+    );
+
+    // Removed: bank A (its three links sign off and close); bank B shrinks to
+    // one link; 100002's certificate name changes; 100001's certificate is
+    // revoked (new handshakes fail, the open session stays).
+    pki.write_crl(&dir.0, "crl.pem", &[&first_cert]);
+    let renamed = format!(
+        "{}{}",
+        institution("100001", "100001"),
+        institution("100002", "acquirer-two")
+    );
+    config_with(
+        &dir.0,
+        "",
+        &format!(
+            "{renamed}{}{}",
+            bank("200002", b.addr, 1),
+            route("4", "200002", "")
+        ),
+    );
+    daemon.reload();
+    let line = daemon.wait_line("config reloaded");
+    assert!(
+        line.contains("1 removed") && line.contains("200002 2→1"),
+        "{line}"
+    );
+    until("bank A's links signed off", || {
+        a.stats.sign_offs.load(Ordering::Relaxed) == 3
+    })
+    .await;
+    until("one of bank B's links signed off", || {
+        b.stats.sign_offs.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(
+        one.pay(6, "100001").await.unwrap().field(39),
+        Some(&b"00"[..]),
+        "open session kept"
+    );
+    assert_eq!(
+        two.pay(7, "100002").await.unwrap().field(39),
+        Some(&b"00"[..]),
+        "open session kept"
+    );
+    assert!(
+        Session::open(daemon.addr, &first)
+            .await
+            .pay(8, "100001")
+            .await
+            .is_none(),
+        "revoked by the reloaded CRL"
+    );
+    assert!(
+        Session::open(daemon.addr, &second)
+            .await
+            .pay(9, "100002")
+            .await
+            .is_none(),
+        "the old certificate name no longer maps"
+    );
+    let third = pki.client("acquirer-two");
+    let mut three = Session::open(daemon.addr, &third).await;
+    assert_eq!(
+        three.pay(10, "100002").await.unwrap().field(39),
+        Some(&b"00"[..])
+    );
+    assert_eq!(b.stats.requests.load(Ordering::Relaxed), 5);
+
+    // Bank 200002 moves to another host: a new connector takes over once it
+    // has signed on, and the old one signs off.
+    let c = Bank::start(&pki, Duration::ZERO).await;
+    config_with(
+        &dir.0,
+        "",
+        &format!(
+            "{renamed}{}{}",
+            bank("200002", c.addr, 1),
+            route("4", "200002", "")
+        ),
+    );
+    daemon.reload();
+    let line = daemon.wait_line("config reloaded");
+    assert!(line.contains("1 replaced"), "{line}");
+    assert_eq!(
+        c.stats.sign_ons.load(Ordering::Relaxed),
+        1,
+        "linked before taking over"
+    );
+    until("the old host signed off", || {
+        b.stats.sign_offs.load(Ordering::Relaxed) == 2
+    })
+    .await;
+    assert_eq!(
+        three.pay(11, "100002").await.unwrap().field(39),
+        Some(&b"00"[..])
+    );
+    assert_eq!(c.stats.requests.load(Ordering::Relaxed), 1, "the new host");
+    assert!(
+        c.stats.last_stan.load(Ordering::Relaxed) > b.stats.last_stan.load(Ordering::Relaxed),
+        "the bank's STANs go on from where the old connector left them"
+    );
+
+    // Removed: institution 100001. Its open session gets 58 for its next
+    // request and is closed; the others go on.
+    config_with(
+        &dir.0,
+        "",
+        &format!(
+            "{}{}{}",
+            institution("100002", "acquirer-two"),
+            bank("200002", c.addr, 1),
+            route("4", "200002", "")
+        ),
+    );
+    daemon.reload();
+    daemon.wait_line("config reloaded");
+    assert_eq!(
+        one.pay(12, "100001").await.unwrap().field(39),
+        Some(&b"58"[..])
+    );
+    assert!(
+        one.pay(13, "100001").await.is_none(),
+        "closed after its answer"
+    );
+    assert_eq!(
+        three.pay(14, "100002").await.unwrap().field(39),
+        Some(&b"00"[..])
+    );
+    daemon.kill();
+    a.stop().await;
+    b.stop().await;
+    c.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_retired_by_a_reload_finishes_its_requests_first() {
+    let dir = TempDir::new("reload-shrink");
+    let pki = Pki::write(&dir.0);
+    pki.write_crl(&dir.0, "crl.pem", &[]);
+    let b = Bank::start(&pki, Duration::ZERO).await;
+    let write = |links: usize| {
+        config_with(
+            &dir.0,
+            "",
+            &format!(
+                "{}{}{}",
+                institution("100001", "100001"),
+                bank("200001", b.addr, links),
+                route("4", "200001", "")
+            ),
+        )
+    };
+    let path = write(4);
+    let mut daemon = Daemon::start(&path);
+    until("four links", || {
+        b.stats.sign_ons.load(Ordering::Relaxed) == 4
+    })
+    .await;
+    // Held at the bank on whichever links took them.
+    b.behavior.stall_for(WAIT);
+    let mut sessions = Vec::new();
+    for _ in 0..8 {
+        sessions.push(Session::open(daemon.addr, &pki.client("100001")).await);
+    }
+    let frames: Vec<_> = (0..8)
+        .map(|n| daemon::framed(&daemon::payment(n + 1, "100001", "000000001000")))
+        .collect();
+    for (s, f) in sessions.iter_mut().zip(&frames) {
+        s.s.as_mut().unwrap().write_all(f).await.unwrap();
+    }
+    until("eight requests held", || {
+        b.stats.requests.load(Ordering::Relaxed) == 8
+    })
+    .await;
+    write(1);
+    daemon.reload();
+    daemon.wait_line("config reloaded");
+    // A retiring link with requests held waits for them (they would otherwise
+    // be answered 91 with a reversal when the link closed).
+    b.behavior.stall_for(Duration::ZERO);
+    // Each session reads the answer to the request it sent.
+    let d = Dialect::iso87_ascii();
+    let decoder = FrameDecoder::new(Framing::U16be, 8192);
+    for s in &mut sessions {
+        let stream = s.s.as_mut().unwrap();
+        let answer = loop {
+            if let Some(f) = decoder.decode(&mut s.buf).unwrap() {
+                break Message::decode(&d, f).unwrap();
+            }
+            let n = tokio::time::timeout(WAIT, stream.read_buf(&mut s.buf))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "closed without an answer");
+        };
+        assert_eq!(answer.field(39), Some(&b"00"[..]));
+    }
+    until("three links signed off", || {
+        b.stats.sign_offs.load(Ordering::Relaxed) == 3
+    })
+    .await;
+    // What only a restart can change is refused, naming the keys.
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("[switch]\n", "[switch]\nframing = \"ascii4\"\n"),
+    )
+    .unwrap();
+    daemon.reload();
+    let line = daemon.wait_line("reload rejected");
+    assert!(
+        line.contains("switch.framing changed: this needs a restart"),
+        "{line}"
+    );
+    daemon.kill();
     b.stop().await;
 }

@@ -1124,6 +1124,30 @@ async fn a_bank_without_links_fails_over_to_its_alternate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_fails_over_by_its_own_list() {
+    let bed = testbed(TestbedOptions {
+        banks: 1,
+        banks_down: 1,
+        routes: vec!["pan_prefix = \"55\"\nbank = \"200002\"\nfailover = [\"200001\"]".into()],
+        ..TestbedOptions::default()
+    })
+    .await;
+    let mut c = Client::as_institution(&bed, "100001").await;
+    // 200002 has no host running. PAN prefix 55 routes there with a failover
+    // list: 200001 takes it. Prefix 5 routes there without one: 91 at once.
+    let a = c
+        .pay(b"000001", b"100001", b"5500000000000004", b"000000001000")
+        .await;
+    assert_eq!(code(&a), b"00");
+    let a = c
+        .pay(b"000002", b"100001", b"5100000000000004", b"000000001000")
+        .await;
+    assert_eq!(code(&a), b"91");
+    assert_eq!(bed.banks[0].stats.requests.load(Ordering::Relaxed), 1);
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readiness_waits_for_every_bank_not_marked_optional() {
     let down = |optional: bool| TestbedOptions {
         banks: 1,

@@ -46,13 +46,37 @@ pub enum NoRoute {
 /// close to that of a small table.
 #[derive(Clone, Debug, Default)]
 pub struct RouteTable {
-    receivers: HashMap<InstitutionId, BankIndex>,
-    prefixes: FxHashMap<(u8, u64), BankIndex>,
+    receivers: HashMap<InstitutionId, TargetId>,
+    prefixes: FxHashMap<(u8, u64), TargetId>,
+    /// Distinct (bank, failover list) pairs that routes name, deduplicated: a
+    /// million prefixes to a handful of banks share a handful of targets.
+    targets: Vec<Destination>,
+    /// Failover lists; entry 0 is the empty list.
+    failovers: Vec<Box<[BankIndex]>>,
+    /// Where each target and failover list is, while the table is built.
+    target_ids: FxHashMap<Destination, TargetId>,
+    failover_ids: HashMap<Box<[BankIndex]>, FailoverId>,
     /// Distinct prefix lengths, longest first.
     lengths: Vec<u8>,
     /// Empty, or 10^6 entries: bit `l` set when some prefix of length `l` ≥ 6
     /// starts with the entry's 6 digits.
     heads: Vec<u32>,
+}
+
+/// Index into [`RouteTable`]'s targets.
+type TargetId = u32;
+
+/// Index of a failover list in a [`RouteTable`] (0: none).
+pub type FailoverId = u32;
+
+/// Where a route sends a request: its bank, and the banks to try in order while
+/// that bank has no link up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Destination {
+    /// The bank the route names.
+    pub bank: BankIndex,
+    /// Its failover list ([`RouteTable::failover`]).
+    pub failover: FailoverId,
 }
 
 /// Prefix count from which the head filter is kept (its 4 MB pay off).
@@ -76,23 +100,65 @@ impl RouteTable {
         RouteTable::default()
     }
 
+    /// The target id of `bank` with `failover`, added if new.
+    fn target(&mut self, bank: BankIndex, failover: &[BankIndex]) -> TargetId {
+        if self.failovers.is_empty() {
+            self.failovers.push(Box::new([]));
+            self.failover_ids.insert(Box::new([]), 0);
+        }
+        let failover = match self.failover_ids.get(failover) {
+            Some(&i) => i,
+            None => {
+                let i = self.failovers.len() as FailoverId;
+                self.failovers.push(failover.into());
+                self.failover_ids.insert(failover.into(), i);
+                i
+            }
+        };
+        let d = Destination { bank, failover };
+        *self.target_ids.entry(d).or_insert_with(|| {
+            self.targets.push(d);
+            (self.targets.len() - 1) as TargetId
+        })
+    }
+
     /// Requests whose DE100 is `receiver` go to `bank`.
     pub fn add_receiver(&mut self, receiver: InstitutionId, bank: BankIndex) {
-        self.receivers.insert(receiver, bank);
+        self.add_receiver_with_failover(receiver, bank, &[]);
+    }
+
+    /// Requests whose DE100 is `receiver` go to `bank`, else to the first bank of
+    /// `failover` with a link up.
+    pub fn add_receiver_with_failover(
+        &mut self,
+        receiver: InstitutionId,
+        bank: BankIndex,
+        failover: &[BankIndex],
+    ) {
+        let target = self.target(bank, failover);
+        self.receivers.insert(receiver, target);
     }
 
     /// Requests without DE100 whose PAN starts with `prefix` go to `bank`.
     pub fn add_prefix(&mut self, prefix: &str, bank: BankIndex) -> Result<(), RouteError> {
+        self.add_prefix_with_failover(prefix, bank, &[])
+    }
+
+    /// Requests without DE100 whose PAN starts with `prefix` go to `bank`, else to
+    /// the first bank of `failover` with a link up.
+    pub fn add_prefix_with_failover(
+        &mut self,
+        prefix: &str,
+        bank: BankIndex,
+        failover: &[BankIndex],
+    ) -> Result<(), RouteError> {
         let value = prefix_value(prefix.as_bytes()).ok_or(RouteError::BadPrefix)?;
         let len = prefix.len() as u8;
-        match self.prefixes.entry((len, value)) {
-            std::collections::hash_map::Entry::Occupied(_) => {
-                return Err(RouteError::DuplicatePrefix(prefix.to_owned()));
-            }
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(bank);
-            }
+        if self.prefixes.contains_key(&(len, value)) {
+            return Err(RouteError::DuplicatePrefix(prefix.to_owned()));
         }
+        let target = self.target(bank, failover);
+        self.prefixes.insert((len, value), target);
         if let Err(at) = self.lengths.binary_search_by(|l| len.cmp(l)) {
             self.lengths.insert(at, len);
         }
@@ -123,8 +189,44 @@ impl RouteTable {
         self.prefixes.len()
     }
 
+    /// The failover list `id` names (empty for 0 or an unknown id).
+    pub fn failover(&self, id: FailoverId) -> &[BankIndex] {
+        self.failovers.get(id as usize).map_or(&[], |f| &f[..])
+    }
+
+    /// Renumbers every bank the table names (a reload maps config positions to
+    /// the daemon's connector slots).
+    pub fn map_banks(&mut self, mut f: impl FnMut(BankIndex) -> BankIndex) {
+        for t in &mut self.targets {
+            t.bank = f(t.bank);
+        }
+        for list in &mut self.failovers {
+            for b in list.iter_mut() {
+                *b = f(*b);
+            }
+        }
+        // Renumbered entries may coincide; the indexes are rebuilt from the lists.
+        self.target_ids = self
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (*d, i as TargetId))
+            .collect();
+        self.failover_ids.clear();
+        for (i, list) in self.failovers.iter().enumerate() {
+            self.failover_ids
+                .entry(list.clone())
+                .or_insert(i as FailoverId);
+        }
+    }
+
     /// The longest prefix route for `pan`.
     pub fn by_pan(&self, pan: &[u8]) -> Option<BankIndex> {
+        self.destination_by_pan(pan).map(|d| d.bank)
+    }
+
+    /// The longest prefix route for `pan`, with its failover list.
+    pub fn destination_by_pan(&self, pan: &[u8]) -> Option<Destination> {
         let mut values = [0u64; PAN_PREFIX_DIGITS_MAX + 1];
         let usable = pan.len().min(PAN_PREFIX_DIGITS_MAX);
         for (i, &b) in pan[..usable].iter().enumerate() {
@@ -141,16 +243,27 @@ impl RouteTable {
             .iter()
             .filter(|&&l| usize::from(l) <= usable)
             .filter(|&&l| usize::from(l) < HEAD_DIGITS || heads & (1 << l) != 0)
-            .find_map(|&l| self.prefixes.get(&(l, values[usize::from(l)])).copied())
+            .find_map(|&l| self.prefixes.get(&(l, values[usize::from(l)])))
+            .and_then(|&t| self.targets.get(t as usize).copied())
     }
 
     /// Routes by DE100 when present, else by DE2.
     pub fn route(&self, de100: Option<&[u8]>, de2: Option<&[u8]>) -> Result<BankIndex, NoRoute> {
+        self.destination(de100, de2).map(|d| d.bank)
+    }
+
+    /// Routes by DE100 when present, else by DE2, with the route's failover list.
+    pub fn destination(
+        &self,
+        de100: Option<&[u8]>,
+        de2: Option<&[u8]>,
+    ) -> Result<Destination, NoRoute> {
         match (de100, de2) {
             (Some(receiver), _) => InstitutionId::from_digits(receiver)
-                .and_then(|id| self.receivers.get(&id).copied())
+                .and_then(|id| self.receivers.get(&id))
+                .and_then(|&t| self.targets.get(t as usize).copied())
                 .ok_or(NoRoute::UnknownReceiver),
-            (None, Some(pan)) => self.by_pan(pan).ok_or(NoRoute::NoPrefixMatch),
+            (None, Some(pan)) => self.destination_by_pan(pan).ok_or(NoRoute::NoPrefixMatch),
             (None, None) => Err(NoRoute::NoRoutingField),
         }
     }
@@ -193,6 +306,25 @@ mod tests {
                 .map(|(_, b)| *b);
             assert_eq!(t.by_pan(pan.as_bytes()), scan, "{pan}");
         }
+    }
+
+    #[test]
+    fn routes_carry_their_failover_lists_through_renumbering() {
+        let mut t = RouteTable::new();
+        t.add_prefix_with_failover("4", 0, &[1, 2]).unwrap();
+        t.add_prefix_with_failover("5", 0, &[]).unwrap();
+        t.add_prefix_with_failover("6", 1, &[1, 2]).unwrap();
+        t.add_receiver_with_failover("200003".parse().unwrap(), 2, &[0]);
+        let d = t.destination(None, Some(b"4111")).unwrap();
+        assert_eq!((d.bank, t.failover(d.failover)), (0, &[1, 2][..]));
+        let d = t.destination(None, Some(b"5111")).unwrap();
+        assert_eq!((d.bank, t.failover(d.failover)), (0, &[][..]));
+        assert_eq!(t.failovers.len(), 3, "lists shared: none, [1, 2], [0]");
+        t.map_banks(|b| b + 10);
+        let d = t.destination(None, Some(b"6111")).unwrap();
+        assert_eq!((d.bank, t.failover(d.failover)), (11, &[11, 12][..]));
+        let d = t.destination(Some(b"200003"), None).unwrap();
+        assert_eq!((d.bank, t.failover(d.failover)), (12, &[10][..]));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 use super::codes::ResponseCode;
 use super::ids::InstitutionId;
-use super::route::{BankIndex, NoRoute, RouteTable};
+use super::route::{BankIndex, FailoverId, NoRoute, RouteTable};
 use crate::money::{currency_from_de49, parse_de4, Amount};
 use crate::wire::{Message, Mti};
 use std::fmt;
@@ -96,6 +96,8 @@ pub enum Admission {
     Forward {
         /// The destination connector.
         bank: BankIndex,
+        /// The route's failover list, for while `bank` has no link up.
+        failover: FailoverId,
         /// The request kind.
         kind: RequestKind,
         /// DE4 with DE49, when the message carries an amount.
@@ -175,10 +177,15 @@ fn admit_inner(
             Some(Amount { minor, currency })
         }
     };
-    let bank = routes
-        .route(msg.field(100), msg.field(2))
+    let to = routes
+        .destination(msg.field(100), msg.field(2))
         .map_err(|e| Admission::Decline(ResponseCode::NoRoute, Reason::NoRoute(e)))?;
-    Ok(Admission::Forward { bank, kind, amount })
+    Ok(Admission::Forward {
+        bank: to.bank,
+        failover: to.failover,
+        kind,
+        amount,
+    })
 }
 
 fn network(msg: &Message) -> Result<Admission, Admission> {

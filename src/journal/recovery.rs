@@ -110,6 +110,10 @@ pub struct Replay {
     recent_since_ms: Option<u64>,
     recent_max: usize,
     recent: std::collections::BTreeMap<u64, RecentRequest>,
+    /// Raw ids of the configured banks, in config order: a forwarded record that
+    /// names its bank's id gets that bank's index in this config (slots of the
+    /// process that wrote it may differ, after reloads or a reordered file).
+    banks: Option<Vec<u64>>,
 }
 
 impl Replay {
@@ -128,10 +132,39 @@ impl Replay {
         }
     }
 
+    /// Maps forwarded records to the banks of the config in force by their ids.
+    pub fn with_banks(mut self, ids: Vec<u64>) -> Replay {
+        self.banks = Some(ids);
+        self
+    }
+
+    /// A forwarded record's (connector index, link STAN), the index resolved by
+    /// the bank id it carries when the replay knows the configured banks (an id
+    /// no bank has gives `u16::MAX`: no configured bank).
+    fn forwarded(&self, r: &Record<'_>) -> Option<(u16, u32)> {
+        let (index, stan) = forwarded_head(r)?;
+        let id = r.body.get(6..14).map(|b| {
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(b);
+            u64::from_le_bytes(raw)
+        });
+        match (&self.banks, id) {
+            (Some(banks), Some(id)) => {
+                let index = banks
+                    .iter()
+                    .position(|&b| b == id)
+                    .map_or(u16::MAX, |i| i as u16);
+                Some((index, stan))
+            }
+            _ => Some((index, stan)),
+        }
+    }
+
     fn remember(&mut self, r: &Record<'_>) {
+        let forwarded = self.forwarded(r);
         if let Some(recent) = self.recent.get_mut(&r.request_id) {
             match r.kind {
-                RecordKind::Forwarded => recent.forwarded = forwarded_head(r),
+                RecordKind::Forwarded => recent.forwarded = forwarded,
                 RecordKind::Outcome => {
                     let head = r.body.get(..3).unwrap_or(b"  \0");
                     recent.outcome = Some(RecentOutcome {
@@ -178,13 +211,21 @@ impl Replay {
                 );
             }
             RecordKind::Forwarded => {
-                self.open.entry(r.request_id).or_default().forwarded = forwarded_head(r);
+                let forwarded = self.forwarded(r);
+                self.open.entry(r.request_id).or_default().forwarded = forwarded;
             }
             RecordKind::Outcome => {
                 self.open.remove(&r.request_id);
             }
             RecordKind::ReversalQueued => {
-                if let Some(forwarded) = forwarded_head(r) {
+                // Queued before its outcome: the open request knows its bank by id.
+                let known = self
+                    .open
+                    .get(&r.request_id)
+                    .and_then(|o| o.forwarded)
+                    .map(|(index, _)| index);
+                if let Some((index, stan)) = forwarded_head(r) {
+                    let forwarded = (known.unwrap_or(index), stan);
                     let request = message(r);
                     let pending = PendingReversal {
                         request_id: r.request_id,

@@ -9,7 +9,7 @@
 use super::journaling::{Journaling, OutcomeSource};
 use super::saf::{Advice, Saf};
 use super::{Awaiting, OriginalStan, Pending, Recent, Reply, Stored};
-use crate::config::Bank;
+use crate::config::{Bank, LINKS_MAX};
 use crate::core::dedup::DuplicateKey;
 use crate::core::inflight::{InflightTable, Stan, TableFull};
 use crate::core::reversal::encode_reversal_advice;
@@ -20,7 +20,7 @@ use crate::telemetry::{ConnectorLatency, LatencyRecorder, Sample};
 use crate::wire::{reencode, Change, Dialect, Encoder, FrameDecoder, Message, Mti};
 use bytes::BytesMut;
 use crossbeam_queue::ArrayQueue;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -35,6 +35,8 @@ use tracing::{debug, error, info};
 const LINK_READ_BUFFER_BYTES: usize = 64 * 1024;
 /// While no link is up, how often a reconnecting link checks for stranded requests.
 const STRANDED_CHECK_INTERVAL_MS: u64 = 20;
+/// How often a retiring link looks whether its last request in flight has ended.
+const RETIRE_POLL: Duration = Duration::from_millis(20);
 
 /// Counters of one connector (also exported as metrics).
 #[derive(Default, Debug)]
@@ -78,7 +80,8 @@ enum Waiter {
 pub struct Connector {
     bank: Bank,
     acquirer_dialect: Arc<Dialect>,
-    tls: Arc<rustls::ClientConfig>,
+    /// The client TLS config new links connect with (a reload may replace it).
+    tls: std::sync::RwLock<Arc<rustls::ClientConfig>>,
     queue: ArrayQueue<Pending>,
     notify: Notify,
     links_up: AtomicUsize,
@@ -88,8 +91,16 @@ pub struct Connector {
     pub stats: ConnectorStats,
     /// Latency histograms (time in the switch, at the bank, total).
     pub latency: ConnectorLatency,
-    /// Requests in flight on each link slot.
+    /// Requests in flight on each link slot ([`LINKS_MAX`] slots).
     inflight_by_link: Vec<AtomicUsize>,
+    /// The link tasks: which slots are taken, each running link's retire token,
+    /// and every task's handle (joined at shutdown).
+    links: Mutex<LinkSet>,
+    /// Whether `/readyz` ignores this bank (a reload may change it).
+    optional: AtomicBool,
+    /// Set when a reload removed or replaced the bank: its links finish what they
+    /// carry and close, and it takes nothing new.
+    retired: AtomicBool,
     /// This connector's index in the daemon's list.
     index: BankIndex,
     /// Where forwards and outcomes are recorded.
@@ -127,15 +138,19 @@ impl Connector {
         } else {
             first_stan
         };
-        let inflight_by_link = (0..bank.links).map(|_| AtomicUsize::new(0)).collect();
+        let inflight_by_link = (0..LINKS_MAX).map(|_| AtomicUsize::new(0)).collect();
         let request_timeout_ms = bank.request_timeout.as_millis() as u64;
         let saf_limits = bank.saf.clone();
+        let optional = bank.optional;
         Arc::new(Connector {
             queue: ArrayQueue::new(bank.queue_depth_max),
             bank,
             acquirer_dialect,
-            tls,
+            tls: std::sync::RwLock::new(tls),
             notify: Notify::new(),
+            links: Mutex::new(LinkSet::default()),
+            optional: AtomicBool::new(optional),
+            retired: AtomicBool::new(false),
             links_up: AtomicUsize::new(0),
             link_changed,
             frame_size_max_bytes,
@@ -163,9 +178,114 @@ impl Connector {
             .store(timeout.as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// The bank's configuration.
+    /// The bank's configuration (as when the connector was made: `links`,
+    /// `request_timeout` and `optional` may since have been changed by a reload).
     pub fn bank(&self) -> &Bank {
         &self.bank
+    }
+
+    /// This connector's slot in the daemon's list.
+    pub fn index(&self) -> BankIndex {
+        self.index
+    }
+
+    /// Whether the switch is ready without a link to this bank.
+    pub fn is_optional(&self) -> bool {
+        self.optional.load(Ordering::Relaxed)
+    }
+
+    /// Whether a reload removed or replaced this bank.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// Puts a reloaded bank's changeable settings in force: the request deadline,
+    /// `optional`, and the number of links.
+    pub fn apply(self: &Arc<Self>, bank: &Bank) {
+        self.set_request_timeout(bank.request_timeout);
+        self.optional.store(bank.optional, Ordering::Relaxed);
+        self.resize_links(bank.links);
+    }
+
+    /// Replaces the client TLS config that new links connect with.
+    pub fn set_tls(&self, tls: Arc<rustls::ClientConfig>) {
+        *self
+            .tls
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = tls;
+    }
+
+    /// The STAN counter's position, for a connector that replaces this one (the
+    /// bank must not see a STAN again).
+    pub fn stan_position(&self) -> u32 {
+        self.next_stan.load(Ordering::Relaxed) % crate::core::inflight::STAN_MAX + 1
+    }
+
+    /// Links running, retiring ones not counted.
+    pub fn links_configured(&self) -> usize {
+        lock(&self.links).active.len()
+    }
+
+    /// Takes the bank out of service: no new request is queued (they are answered
+    /// 91), and every link finishes what it carries, signs off and closes.
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
+        let mut set = lock(&self.links);
+        for (_, retire) in set.active.drain(..) {
+            retire.cancel();
+        }
+        drop(set);
+        self.notify.notify_waiters();
+    }
+
+    /// Runs `n` links (1..=[`LINKS_MAX`]): starts more, or retires the newest; a
+    /// retiring link takes no new request, and closes once its requests in flight
+    /// are answered or timed out.
+    pub fn resize_links(self: &Arc<Self>, n: usize) {
+        let n = n.min(LINKS_MAX);
+        let mut set = lock(&self.links);
+        let Some(shutdown) = set.shutdown.clone() else {
+            return; // not started: spawn_links starts `bank.links`
+        };
+        if self.is_retired() {
+            return;
+        }
+        while set.active.len() > n {
+            if let Some((slot, retire)) = set.active.pop() {
+                info!(bank = %self.bank.id, link = slot, "bank link retiring (reload)");
+                retire.cancel();
+            }
+        }
+        self.notify.notify_waiters();
+        while set.active.len() < n {
+            if !self.spawn_link(&mut set, &shutdown) {
+                crate::log_limited!(warn, bank = %self.bank.id, wanted = n,
+                    "no free link slot while older links retire: fewer links for now");
+                break;
+            }
+        }
+    }
+
+    /// Starts one link on a free slot; false when all slots are taken.
+    fn spawn_link(self: &Arc<Self>, set: &mut LinkSet, shutdown: &CancellationToken) -> bool {
+        let Some(slot) = (0..LINKS_MAX).find(|&i| set.busy & (1 << i) == 0) else {
+            return false;
+        };
+        set.busy |= 1 << slot;
+        let retire = CancellationToken::new();
+        set.active.push((slot, retire.clone()));
+        set.tasks.retain(|t| !t.is_finished());
+        let task = tokio::spawn(self.clone().link_slot(slot, shutdown.clone(), retire));
+        set.tasks.push(task);
+        true
+    }
+
+    /// Waits for every link task to end (after shutdown).
+    pub async fn join_links(&self) {
+        let tasks = std::mem::take(&mut lock(&self.links).tasks);
+        for task in tasks {
+            let _ = task.await;
+        }
     }
 
     /// Links currently up.
@@ -194,7 +314,7 @@ impl Connector {
     /// Hands a request to the bank's links, or answers 91 at once when no link is up
     /// or the queue is full.
     pub fn submit(&self, pending: Pending) {
-        if self.links_up() == 0 {
+        if self.links_up() == 0 || self.is_retired() {
             self.unavailable(pending, "no link up");
             return;
         }
@@ -276,23 +396,58 @@ impl Connector {
         }
     }
 
-    /// Starts one task per configured link; they run until `shutdown`.
-    pub fn spawn_links(
-        self: &Arc<Self>,
-        shutdown: &CancellationToken,
-    ) -> Vec<tokio::task::JoinHandle<()>> {
-        (0..self.bank.links)
-            .map(|index| tokio::spawn(self.clone().link_slot(index, shutdown.clone())))
-            .collect()
+    /// Starts the configured links; they run until `shutdown` (or a reload retires
+    /// them). [`Connector::join_links`] waits for them.
+    pub fn spawn_links(self: &Arc<Self>, shutdown: &CancellationToken) {
+        let mut set = lock(&self.links);
+        set.shutdown = Some(shutdown.clone());
+        for _ in 0..self.bank.links.min(LINKS_MAX) {
+            self.spawn_link(&mut set, shutdown);
+        }
     }
 
-    /// Keeps link `index` connected: connect, run, back off, reconnect.
-    async fn link_slot(self: Arc<Self>, index: usize, shutdown: CancellationToken) {
+    /// Keeps link `index` connected: connect, run, back off, reconnect; ends at
+    /// shutdown or once retired, and frees its slot.
+    async fn link_slot(
+        self: Arc<Self>,
+        index: usize,
+        shutdown: CancellationToken,
+        retire: CancellationToken,
+    ) {
+        self.keep_link(index, &shutdown, &retire).await;
+        let last = {
+            let mut set = lock(&self.links);
+            set.busy &= !(1 << index);
+            set.busy == 0
+        };
+        if self.is_retired() && last {
+            self.drain_stranded();
+            let waiting = self.saf.len();
+            if waiting > 0 {
+                metrics::counter!("switchyard_reversals_parked_total").increment(waiting as u64);
+                error!(bank = %self.bank.id, waiting,
+                    "bank removed by a reload with reversal advices unsent: parked, follow up with the bank (they are in the journal)");
+            }
+        }
+    }
+
+    async fn keep_link(
+        &self,
+        index: usize,
+        shutdown: &CancellationToken,
+        retire: &CancellationToken,
+    ) {
         let mut backoff = self.bank.reconnect_backoff_min;
-        while !shutdown.is_cancelled() {
-            let connected = match self.connect().await {
-                Ok(stream) => self.sign_on(stream).await,
-                Err(e) => Err(e),
+        while !shutdown.is_cancelled() && !retire.is_cancelled() {
+            let connect = async {
+                match self.connect().await {
+                    Ok(stream) => self.sign_on(stream).await,
+                    Err(e) => Err(e),
+                }
+            };
+            let connected = tokio::select! {
+                c = connect => c,
+                _ = retire.cancelled() => return,
             };
             match connected {
                 Ok(stream) => {
@@ -300,11 +455,15 @@ impl Connector {
                     info!(bank = %self.bank.id, link = index, "bank link up");
                     self.links_up.fetch_add(1, Ordering::AcqRel);
                     self.link_changed.notify_waiters();
-                    let why = self.run_link(stream, &shutdown, index).await;
-                    let left = self.links_up.fetch_sub(1, Ordering::AcqRel) - 1;
-                    self.link_changed.notify_waiters();
+                    let up = AtomicBool::new(true);
+                    let why = self.run_link(stream, shutdown, retire, index, &up).await;
+                    self.link_down(&up);
+                    let left = self.links_up();
                     if matches!(why, LinkEnd::Shutdown) {
                         info!(bank = %self.bank.id, link = index, "bank link closed for shutdown");
+                    } else if matches!(why, LinkEnd::Retired) {
+                        info!(bank = %self.bank.id, link = index, "bank link retired: signed off and closed");
+                        return;
                     } else {
                         crate::log_limited!(warn, bank = %self.bank.id, link = index, reason = %why, links_up = left, "bank link down");
                     }
@@ -318,7 +477,19 @@ impl Connector {
             }
             let until = Instant::now() + backoff;
             backoff = (backoff * 2).min(self.bank.reconnect_backoff_max);
-            self.wait_backoff(until, &shutdown).await;
+            tokio::select! {
+                _ = self.wait_backoff(until, shutdown) => {}
+                _ = retire.cancelled() => return,
+            }
+        }
+    }
+
+    /// Counts a link down once (the writer does so when it starts retiring, so
+    /// that nothing new is queued for a bank whose links all retire).
+    fn link_down(&self, up: &AtomicBool) {
+        if up.swap(false, Ordering::AcqRel) {
+            self.links_up.fetch_sub(1, Ordering::AcqRel);
+            self.link_changed.notify_waiters();
         }
     }
 
@@ -418,7 +589,12 @@ impl Connector {
     async fn connect(&self) -> std::io::Result<TlsStream<TcpStream>> {
         let name = rustls::pki_types::ServerName::try_from(self.bank.server_name.clone())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let connector = tokio_rustls::TlsConnector::from(self.tls.clone());
+        let tls = self
+            .tls
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let connector = tokio_rustls::TlsConnector::from(tls);
         let attempt = async {
             let tcp = TcpStream::connect(self.bank.address).await?;
             tcp.set_nodelay(true)?;
@@ -439,7 +615,9 @@ impl Connector {
         &self,
         stream: TlsStream<TcpStream>,
         shutdown: &CancellationToken,
+        retire: &CancellationToken,
         slot: usize,
+        up: &AtomicBool,
     ) -> LinkEnd {
         let (rd, mut wr) = tokio::io::split(stream);
         let link = Link {
@@ -452,10 +630,10 @@ impl Connector {
         };
         let end = tokio::select! {
             end = self.read_loop(&link, rd) => end,
-            end = self.write_loop(&link, &mut wr) => end,
+            end = self.write_loop(&link, &mut wr, retire, up) => end,
             _ = shutdown.cancelled() => LinkEnd::Shutdown,
         };
-        if matches!(end, LinkEnd::Shutdown) {
+        if matches!(end, LinkEnd::Shutdown | LinkEnd::Retired) {
             // Sign off (0800, DE70 002; its answer is not awaited), then TLS
             // close_notify, bounded in time.
             let mut out = BytesMut::new();
@@ -731,10 +909,19 @@ impl Connector {
         }
     }
 
-    async fn write_loop(&self, link: &Link, wr: &mut WriteHalf<TlsStream<TcpStream>>) -> LinkEnd {
+    async fn write_loop(
+        &self,
+        link: &Link,
+        wr: &mut WriteHalf<TlsStream<TcpStream>>,
+        retire: &CancellationToken,
+        up: &AtomicBool,
+    ) -> LinkEnd {
         let mut out = BytesMut::with_capacity(64 * 1024);
         let mut last_write = Instant::now();
         loop {
+            if retire.is_cancelled() {
+                return self.retiring(link, up).await;
+            }
             self.fill_reversals(link, &mut out);
             let journaled = self.fill_batch(link, &mut out);
             if !out.is_empty() {
@@ -761,6 +948,7 @@ impl Connector {
             let advice_due = self.saf.next_due().map_or(far, Instant::from_std);
             tokio::select! {
                 _ = notified => {}
+                _ = retire.cancelled() => {}
                 _ = sleep_until(advice_due), if !self.saf.is_empty() => {}
                 _ = sleep_until(last_write + self.bank.echo_interval) => {
                     if !self.echo(link, &mut out) {
@@ -773,6 +961,22 @@ impl Connector {
                     last_write = Instant::now();
                 }
             }
+        }
+    }
+
+    /// A retiring link: takes nothing new (the queue's other links, or 91 when
+    /// none is left), and ends once its last request in flight is answered or
+    /// timed out by the reader.
+    async fn retiring(&self, link: &Link, up: &AtomicBool) -> LinkEnd {
+        self.link_down(up);
+        if self.links_up() == 0 {
+            self.drain_stranded();
+        }
+        loop {
+            if lock(&link.table).inflight.is_empty() {
+                return LinkEnd::Retired;
+            }
+            tokio::time::sleep(RETIRE_POLL).await;
         }
     }
 
@@ -1012,6 +1216,21 @@ enum LinkEnd {
     Journal,
     #[error("shutdown")]
     Shutdown,
+    #[error("retired by a reload")]
+    Retired,
+}
+
+/// A connector's link tasks.
+#[derive(Default)]
+struct LinkSet {
+    /// The daemon's shutdown token (None until the links are started).
+    shutdown: Option<CancellationToken>,
+    /// Running links: slot and retire token, oldest first.
+    active: Vec<(usize, CancellationToken)>,
+    /// Slots taken, by running or retiring links (bit per slot).
+    busy: u64,
+    /// Task handles, joined at shutdown.
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 #[cfg(test)]

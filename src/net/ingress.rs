@@ -1,12 +1,12 @@
 //! Acquirer sessions: accept mutual TLS, name the institution from its
 //! certificate, read frames, admit or decline, and write answers in batches.
 
-use super::connector::Connector;
 use super::journaling::Journaling;
+use super::live::Live;
 use super::{encode_reply, Awaiting, InstitutionSlot, Pending, Recent, Reply, Stored};
 use crate::config::Config;
 use crate::core::dedup::{content_digest, DuplicateKey, Original, Verdict};
-use crate::core::route::BankIndex;
+use crate::core::route::{BankIndex, FailoverId};
 use crate::core::validate::{admit, Admission, RequestKind};
 use crate::core::{InstitutionId, ResponseCode};
 use crate::tls::connection_identity;
@@ -35,69 +35,47 @@ const SESSION_WRITE_BATCH_MAX: usize = 512;
 
 /// Everything a session needs, shared by all sessions.
 pub struct Ingress {
+    /// The config the switch started with: what a reload cannot change (the
+    /// acquirer dialect and framing, the frame bound).
     config: Arc<Config>,
-    connectors: Vec<Arc<Connector>>,
-    by_certificate: HashMap<String, InstitutionId>,
     connections: AtomicUsize,
     /// Open sessions per institution (entries removed when they reach zero).
     sessions: dashmap::DashMap<InstitutionId, usize>,
-    /// Metric label of each connector (the bank's id), by index.
-    connector_labels: Vec<String>,
     /// Where accepted requests are recorded.
     journaling: Journaling,
     /// The next request id (journal records name requests by it).
     next_request_id: AtomicU64,
     /// Recent requests: retransmissions and reversals are matched here.
     recent: Arc<Recent>,
-    /// Each institution's rate limit, with its counter of refusals.
-    rates: HashMap<InstitutionId, RateLimit>,
-    /// The route table in force (replaced by a reload), and its generation: a
-    /// session keeps its own copy of the `Arc` and looks at the lock only when the
-    /// generation moved (one relaxed load per request).
-    routes: std::sync::RwLock<Arc<crate::core::route::RouteTable>>,
-    routes_generation: AtomicU64,
-}
-
-/// One institution's request rate limit (GCRA, lock-free) and requests in flight.
-struct RateLimit {
-    /// Replaced whole by a reload that changes the institution's rate.
-    limiter: std::sync::RwLock<governor::DefaultDirectRateLimiter>,
-    refused: metrics::Counter,
-    inflight: Arc<AtomicUsize>,
-    inflight_refused: metrics::Counter,
-}
-
-/// The rate limiter of an institution's config.
-fn rate_limiter(i: &crate::config::Institution) -> governor::DefaultDirectRateLimiter {
-    let per_s = std::num::NonZeroU32::new(i.rate_per_s).unwrap_or(std::num::NonZeroU32::MIN);
-    let burst = std::num::NonZeroU32::new(i.rate_burst).unwrap_or(std::num::NonZeroU32::MIN);
-    governor::RateLimiter::direct(governor::Quota::per_second(per_s).allow_burst(burst))
+    /// What a reload replaces (routes, institutions, limits, connectors, TLS),
+    /// and its generation: a session keeps its own copy of the `Arc` and looks at
+    /// the lock only when the generation moved (one relaxed load per request).
+    live: std::sync::RwLock<Arc<Live>>,
+    generation: AtomicU64,
 }
 
 /// Per-session handles on `switchyard_responses_total{institution, connector, code}`,
 /// created on first use so counting an answer is one atomic add, no allocation.
-struct ResponseCounters<'a> {
+struct ResponseCounters {
     institution: String,
-    connector_labels: &'a [String],
     handles: HashMap<(Option<BankIndex>, &'static str), metrics::Counter>,
 }
 
-impl<'a> ResponseCounters<'a> {
-    fn new(institution: InstitutionId, connector_labels: &'a [String]) -> Self {
+impl ResponseCounters {
+    fn new(institution: InstitutionId) -> Self {
         ResponseCounters {
             institution: institution.to_string(),
-            connector_labels,
             handles: HashMap::new(),
         }
     }
 
-    fn count(&mut self, reply: &Reply) {
+    fn count(&mut self, reply: &Reply, live: &Live) {
         let key = (reply.connector(), reply.code_label());
         let handle = self.handles.entry(key).or_insert_with(|| {
             let connector = key
                 .0
-                .and_then(|i| self.connector_labels.get(usize::from(i)).cloned())
-                .unwrap_or_else(|| "none".to_owned());
+                .and_then(|i| live.connector(i))
+                .map_or_else(|| "none".to_owned(), |c| c.bank().id.to_string());
             metrics::counter!(
                 "switchyard_responses_total",
                 "institution" => self.institution.clone(),
@@ -110,79 +88,60 @@ impl<'a> ResponseCounters<'a> {
 }
 
 impl Ingress {
-    /// Shared session state over a validated config and its connectors.
+    /// Shared session state: `config` is the config at start, `live` the first
+    /// generation of what a reload may replace.
     pub fn new(
         config: Arc<Config>,
-        connectors: Vec<Arc<Connector>>,
+        live: Live,
         journaling: Journaling,
         first_request_id: u64,
         recent: Arc<Recent>,
     ) -> Arc<Ingress> {
-        let routes = Arc::new(config.routes.clone());
-        let by_certificate = config.institutions_by_certificate();
-        let rates = config
-            .institutions
-            .iter()
-            .map(|i| {
-                let limit = RateLimit {
-                    limiter: std::sync::RwLock::new(rate_limiter(i)),
-                    refused: metrics::counter!("switchyard_rate_limited_total", "institution" => i.id.to_string()),
-                    inflight: Arc::new(AtomicUsize::new(0)),
-                    inflight_refused: metrics::counter!(
-                        "switchyard_institution_inflight_refused_total",
-                        "institution" => i.id.to_string()
-                    ),
-                };
-                (i.id, limit)
-            })
-            .collect();
-        let connector_labels = config.banks.iter().map(|b| b.id.to_string()).collect();
         Arc::new(Ingress {
             config,
-            connectors,
-            by_certificate,
             connections: AtomicUsize::new(0),
             journaling,
             next_request_id: AtomicU64::new(first_request_id),
             recent,
-            rates,
-            routes: std::sync::RwLock::new(routes),
-            routes_generation: AtomicU64::new(0),
+            live: std::sync::RwLock::new(Arc::new(live)),
+            generation: AtomicU64::new(0),
             sessions: dashmap::DashMap::new(),
-            connector_labels,
         })
     }
 
-    /// Puts the rate limits of `institutions` in force, each with a fresh allowance.
-    pub fn replace_rates(&self, institutions: &[crate::config::Institution]) {
-        for i in institutions {
-            if let Some(rate) = self.rates.get(&i.id) {
-                *rate
-                    .limiter
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = rate_limiter(i);
-            }
+    /// Puts a new generation in force: new connections use it at once, sessions
+    /// from their next request on.
+    pub fn replace_live(&self, live: Live) {
+        *self
+            .live
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(live);
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The generation in force.
+    pub fn live(&self) -> Arc<Live> {
+        self.live
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn current(&self) -> (u64, Arc<Live>) {
+        let generation = self.generation.load(Ordering::Acquire);
+        (generation, self.live())
+    }
+
+    /// A session's copy of the generation, refreshed when it moved.
+    fn refresh(&self, seen: &mut (u64, Arc<Live>)) {
+        if self.generation.load(Ordering::Relaxed) != seen.0 {
+            *seen = self.current();
         }
     }
 
-    /// Puts `routes` in force for every request read from now on (sessions pick it
-    /// up at their next request).
-    pub fn replace_routes(&self, routes: crate::core::route::RouteTable) {
-        *self
-            .routes
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(routes);
-        self.routes_generation.fetch_add(1, Ordering::Release);
-    }
-
-    fn current_routes(&self) -> (u64, Arc<crate::core::route::RouteTable>) {
-        let generation = self.routes_generation.load(Ordering::Acquire);
-        let routes = self
-            .routes
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        (generation, routes)
+    /// The id the next request will get (its journal position).
+    pub fn next_request_id(&self) -> u64 {
+        self.next_request_id.load(Ordering::Relaxed)
     }
 
     /// Open sessions of `institution`.
@@ -215,10 +174,8 @@ impl Ingress {
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
-        tls: Arc<rustls::ServerConfig>,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        let acceptor = TlsAcceptor::from(tls);
         loop {
             let (tcp, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -232,15 +189,18 @@ impl Ingress {
                     }
                 },
             };
-            if self.connections.fetch_add(1, Ordering::AcqRel) >= self.config.connections_max {
+            let live = self.live();
+            let limit = live.config.connections_max;
+            if self.connections.fetch_add(1, Ordering::AcqRel) >= limit {
                 self.connections.fetch_sub(1, Ordering::AcqRel);
                 metrics::counter!("switchyard_connections_refused_total", "reason" => "limit")
                     .increment(1);
-                crate::log_limited!(warn, %peer, limit = self.config.connections_max, "connection refused: limit");
+                crate::log_limited!(warn, %peer, limit, "connection refused: limit");
                 continue;
             }
             let this = self.clone();
-            let acceptor = acceptor.clone();
+            let acceptor = TlsAcceptor::from(live.tls.clone());
+            drop(live);
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
                 this.connection(tcp, peer, acceptor, shutdown).await;
@@ -257,7 +217,8 @@ impl Ingress {
         shutdown: CancellationToken,
     ) {
         let _ = tcp.set_nodelay(true);
-        let handshake = tokio::time::timeout(self.config.handshake_timeout, acceptor.accept(tcp));
+        let limit = self.live().config.handshake_timeout;
+        let handshake = tokio::time::timeout(limit, acceptor.accept(tcp));
         let tls = match handshake.await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
@@ -271,8 +232,10 @@ impl Ingress {
                 return;
             }
         };
+        // The mapping in force after the handshake (a reload may have changed it).
+        let live = self.live();
         let identity = connection_identity(tls.get_ref().1, self.config.identity);
-        let institution = match identity.as_ref().map(|name| self.by_certificate.get(name)) {
+        let institution = match identity.as_ref().map(|name| live.by_certificate.get(name)) {
             Ok(Some(id)) => *id,
             Ok(None) => {
                 metrics::counter!("switchyard_connections_refused_total", "reason" => "unknown_institution")
@@ -288,16 +251,20 @@ impl Ingress {
             }
         };
         let open = self.session_opened(institution);
-        if open > self.config.connections_per_institution_max {
+        let limit = live.config.connections_per_institution_max;
+        let inflight_max = live.config.inflight_per_connection_max;
+        drop(live);
+        if open > limit {
             self.session_closed(institution);
             metrics::counter!("switchyard_connections_refused_total", "reason" => "institution_limit")
                 .increment(1);
-            crate::log_limited!(warn, %peer, %institution, limit = self.config.connections_per_institution_max,
+            crate::log_limited!(warn, %peer, %institution, limit,
                 "connection refused: the institution's connection limit");
             return;
         }
         crate::log_limited!(info, %peer, %institution, sessions = open, "acquirer session open");
-        self.session(tls, institution, &shutdown).await;
+        self.session(tls, institution, inflight_max, &shutdown)
+            .await;
         self.session_closed(institution);
         crate::log_limited!(info, %peer, %institution, "acquirer session closed");
     }
@@ -306,10 +273,11 @@ impl Ingress {
         &self,
         tls: TlsStream<TcpStream>,
         institution: InstitutionId,
+        inflight_max: usize,
         shutdown: &CancellationToken,
     ) {
         let (rd, wr) = tokio::io::split(tls);
-        let (tx, rx) = mpsc::channel::<Reply>(self.config.inflight_per_connection_max);
+        let (tx, rx) = mpsc::channel::<Reply>(inflight_max);
         let reader = self.read_loop(rd, tx, institution, shutdown);
         let writer = self.write_loop(wr, rx, institution);
         tokio::pin!(reader, writer);
@@ -333,7 +301,7 @@ impl Ingress {
         // When the partial frame in `buf` began to arrive (None: nothing partial).
         let mut frame_started: Option<tokio::time::Instant> = None;
         let mut draining = shutdown.is_cancelled();
-        let (mut generation, mut routes) = self.current_routes();
+        let mut live = self.current();
         // Counted when this connection has its limit of requests in flight and
         // is not read further until answers go out (backpressure).
         let backpressure = metrics::counter!(
@@ -363,10 +331,26 @@ impl Ingress {
                 let Ok(permit) = tx.clone().reserve_owned().await else {
                     return;
                 };
-                if self.routes_generation.load(Ordering::Relaxed) != generation {
-                    (generation, routes) = self.current_routes();
+                self.refresh(&mut live);
+                if !live.1.institutions.contains_key(&institution) {
+                    // Removed by a reload: this request is declined 58, and the
+                    // session closes once its answers are out.
+                    metrics::counter!("switchyard_connections_closed_total", "reason" => "institution_removed")
+                        .increment(1);
+                    crate::log_limited!(warn, %institution,
+                        "institution removed by a reload: request declined 58, session closing");
+                    let (msg, e) = Message::decode_partial(&self.config.dialect, frame);
+                    if e.is_none_or(|e| e.location != Location::Mti) && msg.mti().is_request() {
+                        permit.send(Reply::Switch {
+                            request: msg,
+                            code: ResponseCode::NotPermitted,
+                            connector: None,
+                            seq: 0,
+                        });
+                    }
+                    return;
                 }
-                self.on_request(frame, permit, institution, draining, &routes);
+                self.on_request(frame, permit, institution, draining, &live.1);
             }
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(SESSION_READ_BUFFER_BYTES);
@@ -379,12 +363,12 @@ impl Ingress {
                 let wait = if draining {
                     DRAIN_LINGER
                 } else {
-                    self.config.idle_timeout
+                    live.1.config.idle_timeout
                 };
                 tokio::time::Instant::now() + wait
             } else {
                 *frame_started.get_or_insert_with(tokio::time::Instant::now)
-                    + self.config.frame_read_timeout
+                    + live.1.config.frame_read_timeout
             };
             let read = tokio::select! {
                 _ = shutdown.cancelled(), if !draining => {
@@ -423,7 +407,7 @@ impl Ingress {
         permit: mpsc::OwnedPermit<Reply>,
         institution: InstitutionId,
         draining: bool,
-        routes: &crate::core::route::RouteTable,
+        live: &Live,
     ) {
         let (msg, error) = Message::decode_partial(&self.config.dialect, frame);
         if let Some(e) = error {
@@ -441,7 +425,7 @@ impl Ingress {
             });
             return;
         }
-        match admit(&msg, institution, routes) {
+        match admit(&msg, institution, &live.routes) {
             // Shutting down: nothing new is forwarded.
             Admission::Forward { bank, .. } if draining => {
                 metrics::counter!("switchyard_connector_unavailable_total", "reason" => "draining")
@@ -453,7 +437,7 @@ impl Ingress {
                     seq: 0,
                 });
             }
-            Admission::Forward { .. } if !self.within_rate(institution) => {
+            Admission::Forward { .. } if !within_rate(live, institution) => {
                 permit.send(Reply::Switch {
                     request: msg,
                     code: ResponseCode::RateLimited,
@@ -461,8 +445,14 @@ impl Ingress {
                     seq: 0,
                 });
             }
-            Admission::Forward { bank, kind, .. } => {
-                self.forward(msg, permit, institution, bank, kind)
+            Admission::Forward {
+                bank,
+                failover,
+                kind,
+                ..
+            } => {
+                let bank = failover_of(live, bank, failover);
+                self.forward(msg, permit, institution, bank, kind, live)
             }
             Admission::Network(code) => {
                 permit.send(Reply::Switch {
@@ -491,52 +481,6 @@ impl Ingress {
         }
     }
 
-    /// `bank`, or the first of its failover banks with a link up while it has none.
-    fn failover(&self, bank: BankIndex) -> BankIndex {
-        let primary = &self.connectors[usize::from(bank)];
-        if primary.links_up() > 0 {
-            return bank;
-        }
-        let alternate = primary.bank().failover.iter().copied().find(|&b| {
-            self.connectors
-                .get(usize::from(b))
-                .is_some_and(|c| c.links_up() > 0)
-        });
-        match alternate {
-            Some(b) => {
-                metrics::counter!("switchyard_failover_total").increment(1);
-                b
-            }
-            None => bank, // answered 91 at once by the connector
-        }
-    }
-
-    /// A slot among `institution`'s requests in flight, if it is below its limit.
-    fn inflight_slot(&self, institution: InstitutionId) -> Option<InstitutionSlot> {
-        let rate = self.rates.get(&institution)?;
-        let slot = InstitutionSlot::take(&rate.inflight, self.config.inflight_per_institution_max);
-        if slot.is_none() {
-            rate.inflight_refused.increment(1);
-        }
-        slot
-    }
-
-    /// Whether `institution` may send one more request now (its rate limit).
-    fn within_rate(&self, institution: InstitutionId) -> bool {
-        let Some(rate) = self.rates.get(&institution) else {
-            return true; // every configured institution has one
-        };
-        let limiter = rate
-            .limiter
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if limiter.check().is_ok() {
-            return true;
-        }
-        rate.refused.increment(1);
-        false
-    }
-
     /// A request admitted for `bank`: checked against recent requests, journaled,
     /// and queued for its bank (a reversal for the bank that saw its original).
     fn forward(
@@ -546,9 +490,10 @@ impl Ingress {
         institution: InstitutionId,
         bank: BankIndex,
         kind: RequestKind,
+        live: &Live,
     ) {
-        let Some(slot) = self.inflight_slot(institution) else {
-            crate::log_limited!(warn, %institution, limit = self.config.inflight_per_institution_max,
+        let Some(slot) = inflight_slot(live, institution) else {
+            crate::log_limited!(warn, %institution, limit = live.config.inflight_per_institution_max,
                 "institution's requests in flight at the limit: answered 91");
             permit.send(Reply::Switch {
                 request: msg,
@@ -571,13 +516,14 @@ impl Ingress {
                 match self.recent.check(key, digest, received_at, waiter) {
                     Verdict::New(Awaiting::Duplicate { request, reply }) => (request, reply),
                     Verdict::New(Awaiting::Reversal(_)) => return,
-                    verdict => return self.duplicate(verdict, institution),
+                    verdict => return self.duplicate(verdict, institution, live),
                 }
             }
         };
         let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let bank = self.failover(bank);
-        let connector = &self.connectors[usize::from(bank)];
+        let Some(connector) = live.connector(bank) else {
+            return; // routes name configured slots only
+        };
         let pending = Pending {
             request: msg,
             reply: permit,
@@ -602,14 +548,19 @@ impl Ingress {
             return;
         }
         if matches!(kind, RequestKind::Reversal | RequestKind::ReversalAdvice) {
-            self.reverse(pending);
+            self.reverse(pending, live);
         } else {
             connector.submit(pending);
         }
     }
 
     /// Answers a request whose key was seen before.
-    fn duplicate(&self, verdict: Verdict<Awaiting, Stored>, institution: InstitutionId) {
+    fn duplicate(
+        &self,
+        verdict: Verdict<Awaiting, Stored>,
+        institution: InstitutionId,
+        live: &Live,
+    ) {
         let (result, code, waiter) = match verdict {
             Verdict::Answered {
                 answer,
@@ -620,10 +571,9 @@ impl Ingress {
                     .increment(1);
                 debug!(%institution, mti = %request.mti(), "retransmission: original answer sent again");
                 let dialect = match &answer {
-                    Stored::Bank { connector, .. } => self
-                        .connectors
-                        .get(usize::from(*connector))
-                        .map(|c| c.bank().dialect.clone()),
+                    Stored::Bank { connector, .. } => {
+                        live.connector(*connector).map(|c| c.bank().dialect.clone())
+                    }
                     Stored::Switch(_) => None,
                 };
                 let dialect = dialect.unwrap_or_else(|| self.config.dialect.clone());
@@ -657,7 +607,7 @@ impl Ingress {
     /// STAN the bank saw; waits for an original still in flight; answers 00 when the
     /// switch answered the original (never forwarded, or its own reversal advice is
     /// queued) and 25 when the original is not known.
-    fn reverse(&self, pending: Pending) {
+    fn reverse(&self, pending: Pending, live: &Live) {
         let key = |with_rrn| DuplicateKey::of_original(&pending.request, with_rrn);
         let keys = [
             key(true),
@@ -672,7 +622,9 @@ impl Ingress {
                     return;
                 }
                 Original::Done(stored, Awaiting::Reversal(mut p)) => {
-                    let connector = &self.connectors[usize::from(p.bank)];
+                    let Some(connector) = live.connector(p.bank) else {
+                        return;
+                    };
                     match stored {
                         Stored::Bank {
                             connector: to,
@@ -681,9 +633,14 @@ impl Ingress {
                         } => {
                             metrics::counter!("switchyard_reversals_matched_total", "original" => "answered")
                                 .increment(1);
+                            // The bank that saw the original, under its slot now.
+                            let to = live.serving(to);
                             p.bank = to;
                             p.original_link_stan = Some(link_stan);
-                            self.connectors[usize::from(to)].submit(p);
+                            match live.connector(to) {
+                                Some(c) => c.submit(p),
+                                None => connector.decline(p, ResponseCode::DestinationUnavailable),
+                            }
                         }
                         Stored::Switch(_) => {
                             metrics::counter!("switchyard_reversals_matched_total", "original" => "switch_answered")
@@ -694,8 +651,9 @@ impl Ingress {
                     return;
                 }
                 Original::Full(Awaiting::Reversal(p)) => {
-                    let connector = &self.connectors[usize::from(p.bank)];
-                    connector.decline(p, ResponseCode::DestinationUnavailable);
+                    if let Some(connector) = live.connector(p.bank) {
+                        connector.decline(p, ResponseCode::DestinationUnavailable);
+                    }
                     return;
                 }
                 Original::Absent(w) => w,
@@ -706,8 +664,9 @@ impl Ingress {
             metrics::counter!("switchyard_reversals_matched_total", "original" => "not_found")
                 .increment(1);
             crate::log_limited!(warn, acquirer = %p.acquirer, "reversal names no known original: answered 25");
-            let connector = &self.connectors[usize::from(p.bank)];
-            connector.decline(p, ResponseCode::OriginalNotFound);
+            if let Some(connector) = live.connector(p.bank) {
+                connector.decline(p, ResponseCode::OriginalNotFound);
+            }
         }
     }
 
@@ -717,7 +676,8 @@ impl Ingress {
         mut rx: mpsc::Receiver<Reply>,
         institution: InstitutionId,
     ) {
-        let mut counters = ResponseCounters::new(institution, &self.connector_labels);
+        let mut counters = ResponseCounters::new(institution);
+        let mut live = self.current();
         let mut batch = Vec::with_capacity(SESSION_WRITE_BATCH_MAX);
         let mut out = BytesMut::with_capacity(64 * 1024);
         loop {
@@ -733,8 +693,9 @@ impl Ingress {
                 crate::log_limited!(warn, %institution, "journal failed: answers withheld, connection closed");
                 return;
             }
+            self.refresh(&mut live);
             for reply in batch.drain(..) {
-                counters.count(&reply);
+                counters.count(&reply, &live.1);
                 if !encode_reply(&reply, &self.config.dialect, self.config.framing, &mut out) {
                     metrics::counter!("switchyard_encode_failures_total").increment(1);
                     crate::log_limited!(
@@ -747,7 +708,7 @@ impl Ingress {
                 wr.write_all(&out).await?;
                 wr.flush().await
             };
-            match tokio::time::timeout(self.config.write_timeout, written).await {
+            match tokio::time::timeout(live.1.config.write_timeout, written).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     debug!(error = %e, "write to acquirer failed");
@@ -766,4 +727,48 @@ impl Ingress {
             out.clear();
         }
     }
+}
+
+/// `bank`, or the first bank of the route's `failover` list with a link up while
+/// it has none.
+fn failover_of(live: &Live, bank: BankIndex, failover: FailoverId) -> BankIndex {
+    let up = |b: BankIndex| live.connector(b).is_some_and(|c| c.links_up() > 0);
+    if up(bank) {
+        return bank;
+    }
+    match live
+        .routes
+        .failover(failover)
+        .iter()
+        .copied()
+        .find(|&b| up(b))
+    {
+        Some(b) => {
+            metrics::counter!("switchyard_failover_total").increment(1);
+            b
+        }
+        None => bank, // answered 91 at once by the connector
+    }
+}
+
+/// A slot among `institution`'s requests in flight, if it is below its limit.
+fn inflight_slot(live: &Live, institution: InstitutionId) -> Option<InstitutionSlot> {
+    let state = live.institutions.get(&institution)?;
+    let slot = InstitutionSlot::take(&state.inflight, live.config.inflight_per_institution_max);
+    if slot.is_none() {
+        state.inflight_refused.increment(1);
+    }
+    slot
+}
+
+/// Whether `institution` may send one more request now (its rate limit).
+fn within_rate(live: &Live, institution: InstitutionId) -> bool {
+    let Some(state) = live.institutions.get(&institution) else {
+        return true; // every configured institution has one
+    };
+    if state.limiter.check().is_ok() {
+        return true;
+    }
+    state.refused.increment(1);
+    false
 }

@@ -6,6 +6,7 @@
 pub mod connector;
 pub mod ingress;
 pub mod journaling;
+pub mod live;
 pub mod saf;
 
 use crate::core::dedup::DedupTable;

@@ -67,6 +67,9 @@ impl Daemon {
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
+                if std::env::var("DEBUG_DAEMON").is_ok() {
+                    eprintln!("D {line}");
+                }
                 if line.contains("switchyard running")
                     || line.contains("bank link up")
                     || line.contains("reload")
@@ -192,13 +195,31 @@ impl Pki {
 
     /// A client TLS config presenting a certificate for `institution`.
     pub fn client(&self, institution: &str) -> Arc<rustls::ClientConfig> {
+        self.client_with_certificate(institution).1
+    }
+
+    /// A client certificate for `institution` (to revoke later), and a client
+    /// TLS config presenting it.
+    #[allow(dead_code)] // not every test binary revokes certificates
+    pub fn client_with_certificate(
+        &self,
+        institution: &str,
+    ) -> (switchyard::certs::Issued, Arc<rustls::ClientConfig>) {
         let issued = self.ca.issue_client(institution).unwrap();
-        switchyard::tls::client_config(
+        let config = switchyard::tls::client_config(
             &[self.ca.ca_der()],
             issued.chain().unwrap(),
             issued.key().unwrap(),
         )
-        .unwrap()
+        .unwrap();
+        (issued, config)
+    }
+
+    /// Writes `name`, a revocation list of the CA revoking `revoked`.
+    #[allow(dead_code)]
+    pub fn write_crl(&self, dir: &Path, name: &str, revoked: &[&switchyard::certs::Issued]) {
+        let crl = self.ca.revocation_list(revoked).unwrap();
+        std::fs::write(dir.join(name), crl).unwrap();
     }
 }
 
