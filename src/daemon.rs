@@ -297,7 +297,18 @@ impl Switch {
             ));
         }
         // New connectors first; they take over once linked (or after the wait).
-        let mut slots: Vec<Arc<Connector>> = old.connectors.to_vec();
+        // Retired connectors that have stopped leave a tombstone in their slot.
+        let mut slots: Vec<Arc<Connector>> = old
+            .connectors
+            .iter()
+            .map(|c| {
+                if c.is_stopped() && !c.is_tombstone() {
+                    c.tombstone()
+                } else {
+                    c.clone()
+                }
+            })
+            .collect();
         let mut active = Vec::with_capacity(new.banks.len());
         let mut fresh = Vec::new();
         let mut retire = Vec::new();

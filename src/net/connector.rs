@@ -221,6 +221,47 @@ impl Connector {
         self.next_stan.load(Ordering::Relaxed) % crate::core::inflight::STAN_MAX + 1
     }
 
+    /// Whether this retired connector has stopped: no link task left, nothing
+    /// queued. A reload then keeps a [`Connector::tombstone`] in its slot.
+    pub fn is_stopped(&self) -> bool {
+        self.is_retired() && lock(&self.links).busy == 0 && self.queue.is_empty()
+    }
+
+    /// Whether this is a tombstone (the only connectors with no links: the
+    /// config requires at least one).
+    pub fn is_tombstone(&self) -> bool {
+        self.bank.links == 0
+    }
+
+    /// A stand-in for this stopped connector: the same slot, bank id and dialect
+    /// (for the answers and reversals that name the slot), without the memory
+    /// of its queue and histograms. It takes nothing (91).
+    pub fn tombstone(&self) -> Arc<Connector> {
+        let mut bank = self.bank.clone();
+        bank.queue_depth_max = 1;
+        bank.links = 0;
+        let tls = self
+            .tls
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let c = Connector::new(
+            self.index,
+            bank,
+            self.acquirer_dialect.clone(),
+            tls,
+            self.frame_size_max_bytes,
+            self.link_changed.clone(),
+            Bookkeeping {
+                journaling: self.journaling.clone(),
+                recent: self.recent.clone(),
+                first_stan: self.stan_position(),
+            },
+        );
+        c.retired.store(true, Ordering::Release);
+        c
+    }
+
     /// Links running, retiring ones not counted.
     pub fn links_configured(&self) -> usize {
         lock(&self.links).active.len()

@@ -132,11 +132,14 @@ impl Ingress {
         (generation, self.live())
     }
 
-    /// A session's copy of the generation, refreshed when it moved.
-    fn refresh(&self, seen: &mut (u64, Arc<Live>)) {
-        if self.generation.load(Ordering::Relaxed) != seen.0 {
-            *seen = self.current();
+    /// A session's copy of the generation, refreshed when it moved (returns
+    /// whether it did).
+    fn refresh(&self, seen: &mut (u64, Arc<Live>)) -> bool {
+        if self.generation.load(Ordering::Relaxed) == seen.0 {
+            return false;
         }
+        *seen = self.current();
+        true
     }
 
     /// The id the next request will get (its journal position).
@@ -331,8 +334,7 @@ impl Ingress {
                 let Ok(permit) = tx.clone().reserve_owned().await else {
                     return;
                 };
-                self.refresh(&mut live);
-                if !live.1.institutions.contains_key(&institution) {
+                if self.refresh(&mut live) && !live.1.institutions.contains_key(&institution) {
                     // Removed by a reload: this request is declined 58, and the
                     // session closes once its answers are out.
                     metrics::counter!("switchyard_connections_closed_total", "reason" => "institution_removed")
@@ -693,7 +695,7 @@ impl Ingress {
                 crate::log_limited!(warn, %institution, "journal failed: answers withheld, connection closed");
                 return;
             }
-            self.refresh(&mut live);
+            let _ = self.refresh(&mut live);
             for reply in batch.drain(..) {
                 counters.count(&reply, &live.1);
                 if !encode_reply(&reply, &self.config.dialect, self.config.framing, &mut out) {
