@@ -222,6 +222,7 @@ pub fn status(switch: &Switch) -> serde_json::Value {
             "failed": j.has_failed(),
             "segments": segments,
             "bytes": bytes,
+            "queue_depth": j.queue_depth(),
             "durable_seq": j.durable(),
         })
     });

@@ -666,6 +666,7 @@ struct Gauges {
     duplicates: metrics::Gauge,
     journal_segments: metrics::Gauge,
     journal_bytes: metrics::Gauge,
+    journal_queue: metrics::Gauge,
 }
 
 struct ConnectorGauges {
@@ -697,6 +698,7 @@ impl Gauges {
             duplicates: metrics::gauge!("switchyard_duplicates_entries"),
             journal_segments: metrics::gauge!("switchyard_journal_segments"),
             journal_bytes: metrics::gauge!("switchyard_journal_bytes"),
+            journal_queue: metrics::gauge!("switchyard_journal_queue_depth"),
         }
     }
 
@@ -723,6 +725,7 @@ impl Gauges {
             let (segments, bytes) = journal.disk_usage();
             self.journal_segments.set(segments as f64);
             self.journal_bytes.set(bytes as f64);
+            self.journal_queue.set(journal.queue_depth() as f64);
         }
     }
 }

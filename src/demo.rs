@@ -42,6 +42,8 @@ pub struct TestbedOptions {
     pub inflight_per_connection_max: usize,
     /// Idle time before a bank link sends an echo, ms.
     pub echo_interval_ms: u64,
+    /// Bank links' `echo_timeout_ms`.
+    pub echo_timeout_ms: u64,
     /// STAN every bank link starts from.
     pub first_stan: u32,
     /// Journal in a fresh temporary directory with this durability (None: no journal).
@@ -84,6 +86,7 @@ impl Default for TestbedOptions {
             bank_latency: Duration::ZERO,
             inflight_per_connection_max: 1024,
             echo_interval_ms: crate::config::ECHO_INTERVAL_MS_DEFAULT,
+            echo_timeout_ms: crate::config::ECHO_TIMEOUT_MS_DEFAULT,
             first_stan: 1,
             journal: None,
             journal_at: None,
@@ -319,11 +322,12 @@ fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, Socke
         let _ = writeln!(
             t,
             "id = \"{id}\"\naddress = \"{addr}\"\nserver_name = \"bank-{id}\"\nlinks = {}\n\
-             request_timeout_ms = {}\nreconnect_backoff_max_ms = 1000\necho_interval_ms = {}\n\n\
+             request_timeout_ms = {}\nreconnect_backoff_max_ms = 1000\necho_interval_ms = {}\necho_timeout_ms = {}\n\n\
              [[route]]\npan_prefix = \"{}\"\nbank = \"{id}\"\n",
             opts.links,
             opts.request_timeout_ms,
             opts.echo_interval_ms,
+            opts.echo_timeout_ms,
             4 + i
         );
     }

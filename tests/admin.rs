@@ -118,6 +118,7 @@ async fn health_readiness_status_and_metrics() {
     );
     assert_eq!(status["connectors"][0]["answered"], 1, "{body}");
     assert_eq!(status["journal"]["failed"], false, "{body}");
+    assert!(status["journal"]["queue_depth"].is_u64(), "{body}");
 
     let (code, text) = get(admin, "/metrics").await;
     assert_eq!(code, 200);
@@ -137,10 +138,9 @@ async fn health_readiness_status_and_metrics() {
             .any(|k| k.starts_with("switchyard_connector_links_up")),
         "{text}"
     );
-    assert!(
-        m.keys().any(|k| k.starts_with("switchyard_journal_bytes")),
-        "{text}"
-    );
+    for gauge in ["switchyard_journal_bytes", "switchyard_journal_queue_depth"] {
+        assert!(m.keys().any(|k| k.starts_with(gauge)), "{gauge}: {text}");
+    }
 
     // Latency histograms per connector and stage: the payment shows once its
     // link has handed its samples over (within a second).

@@ -481,6 +481,34 @@ async fn idle_bank_links_send_echoes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bank_missing_echoes_is_marked_down_and_routed_around() {
+    let bed = testbed(TestbedOptions {
+        banks: 2,
+        links: 1,
+        echo_interval_ms: 100,
+        echo_timeout_ms: 200,
+        failover: vec![("200002".into(), "200001".into())],
+        ..TestbedOptions::default()
+    })
+    .await;
+    // 200002 stops answering anything, echoes and sign-ons included.
+    bed.banks[1].behavior.set_silent(true);
+    let connector = bed.switch.connectors()[1].clone();
+    eventually("200002 marked down after a missed echo", || {
+        connector.links_up() == 0
+    })
+    .await;
+    let mut c = Client::as_institution(&bed, "100001").await;
+    let a = c
+        .pay(b"000001", b"100001", b"5500000000000004", b"000000001000")
+        .await;
+    assert_eq!(code(&a), b"00", "routed around to 200001");
+    assert_eq!(bed.banks[0].stats.requests.load(Ordering::Relaxed), 1);
+    assert_eq!(bed.banks[1].stats.requests.load(Ordering::Relaxed), 0);
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls12_clients_are_served() {
     let bed = testbed(TestbedOptions {
         banks: 1,

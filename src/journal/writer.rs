@@ -332,6 +332,11 @@ impl Journal {
         Ok(seq)
     }
 
+    /// Records queued for the writer, not yet written.
+    pub fn queue_depth(&self) -> usize {
+        self.queue.records.len()
+    }
+
     /// The highest sequence number known durable (all below it are too).
     pub fn durable(&self) -> u64 {
         *self.durable.borrow()
