@@ -361,8 +361,11 @@ fn main() -> anyhow::Result<()> {
         }
         Command::CheckConfig { config } => {
             let c = Config::load(&config)?;
+            // The files a reload reads again too, with the same errors.
+            switchyard::daemon::TlsSetup::from_files(&c.tls_files)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
             println!(
-                "{}: valid ({} institutions, {} banks, {} PAN prefixes)",
+                "{}: valid, with its TLS files ({} institutions, {} banks, {} PAN prefixes)",
                 config.display(),
                 c.institutions.len(),
                 c.banks.len(),

@@ -180,3 +180,32 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn check_config_reads_the_tls_files_too() {
+    let dir = std::env::temp_dir().join(format!("switchyard-check-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("config")).unwrap();
+    let shipped = include_str!("../config/switchyard.toml");
+    let config = dir.join("config/switchyard.toml");
+    std::fs::write(&config, shipped).unwrap();
+    let run = |args: &[&str]| Command::new(BIN).args(args).output().unwrap();
+    let check = || run(&["check-config", "--config", config.to_str().unwrap()]);
+    let out = check();
+    assert!(!out.status.success(), "no certificates written yet");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("certs/ca.pem"), "{stderr}");
+    let certs = dir.join("certs");
+    let out = run(&[
+        "gen-certs",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        certs.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let out = check();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid, with its TLS files"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
