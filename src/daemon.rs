@@ -740,7 +740,6 @@ pub async fn run(
     tls: TlsSetup,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let grace = config.shutdown_grace;
     let switch = Arc::new(Switch::start(config, tls).map_err(std::io::Error::other)?);
     if let Some((admin, metrics)) = admin {
         let token = switch.shutdown_token();
@@ -765,6 +764,8 @@ pub async fn run(
         }
         _ = shutdown => {}
     }
+    // The grace period in force (a reload may have changed it).
+    let grace = switch.config().shutdown_grace;
     tracing::info!(?grace, "shutting down: answering what is in flight");
     // The listener keeps running (it stops accepting once draining) until drained;
     // a second signal stops at once (the journal makes that safe).
