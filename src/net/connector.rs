@@ -37,6 +37,8 @@ const LINK_READ_BUFFER_BYTES: usize = 64 * 1024;
 const STRANDED_CHECK_INTERVAL_MS: u64 = 20;
 /// How often a retiring link looks whether its last request in flight has ended.
 const RETIRE_POLL: Duration = Duration::from_millis(20);
+/// Longest wait for a bank's answer to a sign-off (else the echo timeout).
+pub const SIGN_OFF_WAIT_MAX: Duration = Duration::from_secs(1);
 
 /// Counters of one connector (also exported as metrics).
 #[derive(Default, Debug)]
@@ -73,6 +75,7 @@ pub struct Bookkeeping {
 enum Waiter {
     Acquirer(Pending),
     Echo,
+    SignOff,
     Reversal(Advice),
 }
 
@@ -671,18 +674,16 @@ impl Connector {
         };
         let end = tokio::select! {
             end = self.read_loop(&link, rd) => end,
-            end = self.write_loop(&link, &mut wr, retire, up) => end,
-            _ = shutdown.cancelled() => LinkEnd::Shutdown,
+            end = self.write_loop(&link, &mut wr, retire, shutdown, up) => end,
+            // The writer signs off at shutdown; past this bound the link closes
+            // anyway (a writer stuck on a bank that does not read).
+            _ = async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(SIGN_OFF_WAIT_MAX * 2).await;
+            } => LinkEnd::Shutdown,
         };
         if matches!(end, LinkEnd::Shutdown | LinkEnd::Retired) {
-            // Sign off (0800, DE70 002; its answer is not awaited), then TLS
-            // close_notify, bounded in time.
-            let mut out = BytesMut::new();
-            if let Some(stan) = Stan::from_value(self.next_stan()) {
-                if self.network_message(b"002", stan, &mut out) {
-                    let _ = write_flush(&mut wr, &out, Duration::from_secs(1)).await;
-                }
-            }
+            // TLS close_notify, bounded in time.
             let _ = timeout(Duration::from_secs(1), wr.shutdown()).await;
         }
         let mut table = lock(&link.table);
@@ -701,7 +702,7 @@ impl Connector {
                     self.unavailable(p, "link lost");
                 }
                 Waiter::Reversal(advice) => self.retry_reversal(advice),
-                Waiter::Echo => {}
+                Waiter::Echo | Waiter::SignOff => {}
             }
         }
         let table = lock(&link.table);
@@ -757,6 +758,11 @@ impl Connector {
                         match waiter {
                             Waiter::Acquirer(p) => self.timed_out(stan, p),
                             Waiter::Echo => return LinkEnd::EchoTimeout,
+                            Waiter::SignOff => {
+                                metrics::counter!("switchyard_sign_offs_total", "result" => "unanswered")
+                                    .increment(1);
+                                crate::log_limited!(warn, bank = %self.bank.id, "sign-off unanswered");
+                            }
                             Waiter::Reversal(advice) => self.retry_reversal(advice),
                         }
                     }
@@ -926,6 +932,15 @@ impl Connector {
                 self.answer(p, ResponseCode::SystemMalfunction, OutcomeSource::Switch);
             }
             Some(Waiter::Echo) => debug!(bank = %self.bank.id, "echo answered"),
+            Some(Waiter::SignOff) => {
+                let result = if answer.field(39) == Some(b"00") {
+                    "answered"
+                } else {
+                    "declined"
+                };
+                metrics::counter!("switchyard_sign_offs_total", "result" => result).increment(1);
+                info!(bank = %self.bank.id, link = link.slot, result, "sign-off answered");
+            }
             Some(Waiter::Reversal(advice)) if answer.mti() == Mti::REVERSAL_ADVICE_RESPONSE => {
                 metrics::counter!("switchyard_reversals_acknowledged_total").increment(1);
                 self.stats.reversals_acked.fetch_add(1, Ordering::Relaxed);
@@ -955,13 +970,17 @@ impl Connector {
         link: &Link,
         wr: &mut WriteHalf<TlsStream<TcpStream>>,
         retire: &CancellationToken,
+        shutdown: &CancellationToken,
         up: &AtomicBool,
     ) -> LinkEnd {
         let mut out = BytesMut::with_capacity(64 * 1024);
         let mut last_write = Instant::now();
         loop {
+            if shutdown.is_cancelled() {
+                return self.sign_off(link, wr, LinkEnd::Shutdown).await;
+            }
             if retire.is_cancelled() {
-                return self.retiring(link, up).await;
+                return self.retiring(link, up, wr, shutdown).await;
             }
             self.fill_reversals(link, &mut out);
             let journaled = self.fill_batch(link, &mut out);
@@ -990,6 +1009,7 @@ impl Connector {
             tokio::select! {
                 _ = notified => {}
                 _ = retire.cancelled() => {}
+                _ = shutdown.cancelled() => {}
                 _ = sleep_until(advice_due), if !self.saf.is_empty() => {}
                 _ = sleep_until(last_write + self.bank.echo_interval) => {
                     if !self.echo(link, &mut out) {
@@ -1008,17 +1028,65 @@ impl Connector {
     /// A retiring link: takes nothing new (the queue's other links, or 91 when
     /// none is left), and ends once its last request in flight is answered or
     /// timed out by the reader.
-    async fn retiring(&self, link: &Link, up: &AtomicBool) -> LinkEnd {
+    async fn retiring(
+        &self,
+        link: &Link,
+        up: &AtomicBool,
+        wr: &mut WriteHalf<TlsStream<TcpStream>>,
+        shutdown: &CancellationToken,
+    ) -> LinkEnd {
         self.link_down(up);
         if self.links_up() == 0 {
             self.drain_stranded();
         }
         loop {
+            if shutdown.is_cancelled() {
+                return self.sign_off(link, wr, LinkEnd::Shutdown).await;
+            }
             if lock(&link.table).inflight.is_empty() {
-                return LinkEnd::Retired;
+                return self.sign_off(link, wr, LinkEnd::Retired).await;
             }
             tokio::time::sleep(RETIRE_POLL).await;
         }
+    }
+
+    /// Signs off (0800, DE70 002) and waits for the bank's 0810, or for the
+    /// sign-off's deadline (the echo timeout, at most [`SIGN_OFF_WAIT_MAX`]);
+    /// the reader takes the answer. Returns `end`.
+    async fn sign_off(
+        &self,
+        link: &Link,
+        wr: &mut WriteHalf<TlsStream<TcpStream>>,
+        end: LinkEnd,
+    ) -> LinkEnd {
+        let wait = self.bank.echo_timeout.min(SIGN_OFF_WAIT_MAX);
+        let now = std::time::Instant::now();
+        let stan = {
+            let mut table = lock(&link.table);
+            let first = self.next_stan();
+            let stan = table
+                .inflight
+                .insert_from(first, now + wait, Waiter::SignOff)
+                .ok();
+            if stan.is_some() && table.sweep_at.is_none_or(|s| now + wait < s) {
+                link.wake_reader.notify_one();
+            }
+            stan
+        };
+        let Some(stan) = stan else {
+            return end; // the link's table is full: close without signing off
+        };
+        let mut out = BytesMut::new();
+        if !self.network_message(b"002", stan, &mut out)
+            || write_flush(wr, &out, wait).await.is_err()
+        {
+            return end;
+        }
+        let until = Instant::now() + wait + RETIRE_POLL;
+        while Instant::now() < until && lock(&link.table).inflight.get(stan).is_some() {
+            tokio::time::sleep(RETIRE_POLL).await;
+        }
+        end
     }
 
     /// Encodes the reversal advices that are due (0420, or 0421 for a repeat) into
