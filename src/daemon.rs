@@ -330,7 +330,11 @@ impl Switch {
                 }
                 BankPlan::Replace(_) | BankPlan::Add => {
                     let first_stan = match step {
-                        BankPlan::Replace(c) => c.stan_position(),
+                        // Past what the old connector may still use while it
+                        // retires (its sign-offs).
+                        BankPlan::Replace(c) => {
+                            (c.stan_position() + REPLACED_STAN_GAP) % STAN_MAX + 1
+                        }
                         _ => next_stan,
                     };
                     let index = slots.len() as crate::core::route::BankIndex;
@@ -578,6 +582,9 @@ async fn reload_on_sighup(switch: Arc<Switch>, path: std::path::PathBuf) {
 /// before putting the new config in force anyway.
 pub const RELOAD_LINK_WAIT: Duration = Duration::from_secs(5);
 
+/// STANs left between a replaced connector's position and its successor's start.
+const REPLACED_STAN_GAP: u32 = 1000;
+
 /// What a reload does with one configured bank.
 enum BankPlan {
     /// Its connector stays; new `links`, deadline and `optional` are applied.
@@ -706,7 +713,7 @@ impl Gauges {
     /// retired connectors are left out (a replacement has the same labels).
     fn publish(&mut self, p: &Published) {
         let live = p.ingress.live();
-        for c in &live.connectors[self.connectors.len()..] {
+        for c in live.connectors.get(self.connectors.len()..).unwrap_or(&[]) {
             self.connectors.push(ConnectorGauges::new(c));
         }
         for (c, g) in live.connectors.iter().zip(&self.connectors) {
