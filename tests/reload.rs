@@ -524,3 +524,103 @@ async fn a_link_retired_by_a_reload_finishes_its_requests_first() {
     daemon.kill();
     b.stop().await;
 }
+
+/// Requests in flight on the load test's connection.
+const LOAD_WINDOW: usize = 32;
+/// Requests the load test sends in all.
+const LOAD_REQUESTS: usize = 3000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_answer_every_request() {
+    let dir = TempDir::new("reload-load");
+    let pki = Pki::write(&dir.0);
+    pki.write_crl(&dir.0, "crl.pem", &[]);
+    let a = Bank::start(&pki, Duration::from_millis(1)).await;
+    let b = Bank::start(&pki, Duration::from_millis(1)).await;
+    let write = |links_a: usize, b_section: &str, to: &str| {
+        config_with(
+            &dir.0,
+            "",
+            &format!(
+                "{}{}{b_section}{}",
+                institution("100001", "100001"),
+                bank("200001", a.addr, links_a),
+                route("4", to, "")
+            ),
+        )
+    };
+    let path = write(1, "", "200001");
+    let mut daemon = Daemon::start(&path);
+    let stream = connect(daemon.addr, &pki.client("100001")).await.unwrap();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = answered.clone();
+    // The load: a window of requests kept full until all are answered.
+    let load = tokio::spawn(async move {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let d = Dialect::iso87_ascii();
+        let decoder = FrameDecoder::new(Framing::U16be, 8192);
+        let mut buf = BytesMut::new();
+        let mut codes = std::collections::HashMap::new();
+        let mut sent = 0;
+        while codes.len() < LOAD_REQUESTS {
+            while sent < LOAD_REQUESTS && sent - codes.len() < LOAD_WINDOW {
+                sent += 1;
+                let frame = daemon::framed(&daemon::payment(sent, "100001", "000000001000"));
+                wr.write_all(&frame).await.unwrap();
+            }
+            let n = tokio::time::timeout(WAIT, rd.read_buf(&mut buf))
+                .await
+                .expect("answers keep coming")
+                .unwrap();
+            assert!(n > 0, "connection closed with {} answered", codes.len());
+            while let Some(f) = decoder.decode(&mut buf).unwrap() {
+                let m = Message::decode(&d, f).unwrap();
+                let stan = String::from_utf8(m.field(11).unwrap().to_vec()).unwrap();
+                let code = String::from_utf8(m.field(39).unwrap().to_vec()).unwrap();
+                assert!(codes.insert(stan, code).is_none(), "answered twice");
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        codes
+    });
+    let b_two_links = bank("200002", b.addr, 2);
+    let b_one_link = bank("200002", b.addr, 1);
+    // Each reload once a few hundred more requests have been answered.
+    let steps: [(usize, &str, &str); 5] = [
+        (3, &b_two_links, "200002"), // B added, routes to B, A grown to 3
+        (1, &b_two_links, "200002"), // A shrunk to 1
+        (1, &b_one_link, "200001"),  // B shrunk, routes back to A
+        (2, "", "200001"),           // B removed, A grown to 2
+        (2, &b_two_links, "200002"), // B added again, routes to B
+    ];
+    for (i, (links_a, b_section, to)) in steps.into_iter().enumerate() {
+        let at = (i + 1) * LOAD_REQUESTS / 7;
+        until("load progressing", || {
+            answered.load(Ordering::Relaxed) >= at
+        })
+        .await;
+        write(links_a, b_section, to);
+        daemon.reload();
+        tokio::task::block_in_place(|| daemon.wait_line("config reloaded"));
+    }
+    let codes = tokio::time::timeout(WAIT, load).await.unwrap().unwrap();
+    let not_approved: Vec<_> = codes.iter().filter(|(_, c)| c.as_str() != "00").collect();
+    assert!(not_approved.is_empty(), "{not_approved:?}");
+    let (to_a, to_b) = (
+        a.stats.requests.load(Ordering::Relaxed),
+        b.stats.requests.load(Ordering::Relaxed),
+    );
+    assert_eq!(
+        to_a + to_b,
+        LOAD_REQUESTS as u64,
+        "each request reached one bank once"
+    );
+    assert!(
+        to_a > 0 && to_b > 0,
+        "both banks carried load: {to_a} and {to_b}"
+    );
+    println!("{LOAD_REQUESTS} requests through five reloads, all approved: {to_a} via 200001, {to_b} via 200002");
+    daemon.kill();
+    a.stop().await;
+    b.stop().await;
+}
