@@ -294,6 +294,7 @@ impl Connector {
         if self.is_retired() {
             return;
         }
+        set.target = n;
         while set.active.len() > n {
             if let Some((slot, retire)) = set.active.pop() {
                 info!(bank = %self.bank.id, link = slot, "bank link retiring (reload)");
@@ -303,8 +304,9 @@ impl Connector {
         self.notify.notify_waiters();
         while set.active.len() < n {
             if !self.spawn_link(&mut set, &shutdown) {
+                // Started as retiring links free their slots (see `link_slot`).
                 crate::log_limited!(warn, bank = %self.bank.id, wanted = n,
-                    "no free link slot while older links retire: fewer links for now");
+                    "no free link slot while older links retire: the rest start as they close");
                 break;
             }
         }
@@ -445,6 +447,7 @@ impl Connector {
     pub fn spawn_links(self: &Arc<Self>, shutdown: &CancellationToken) {
         let mut set = lock(&self.links);
         set.shutdown = Some(shutdown.clone());
+        set.target = self.bank.links.min(LINKS_MAX);
         for _ in 0..self.bank.links.min(LINKS_MAX) {
             self.spawn_link(&mut set, shutdown);
         }
@@ -462,6 +465,10 @@ impl Connector {
         let last = {
             let mut set = lock(&self.links);
             set.busy &= !(1 << index);
+            // A pool grown while all slots were taken gets the slot freed here.
+            if !self.is_retired() && !shutdown.is_cancelled() && set.active.len() < set.target {
+                self.spawn_link(&mut set, &shutdown);
+            }
             set.busy == 0
         };
         if self.is_retired() && last {
@@ -1338,6 +1345,8 @@ struct LinkSet {
     active: Vec<(usize, CancellationToken)>,
     /// Slots taken, by running or retiring links (bit per slot).
     busy: u64,
+    /// Links wanted (`links`, as last applied).
+    target: usize,
     /// Task handles, joined at shutdown.
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
