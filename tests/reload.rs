@@ -521,6 +521,12 @@ async fn a_link_retired_by_a_reload_finishes_its_requests_first() {
         line.contains("switch.framing changed: this needs a restart"),
         "{line}"
     );
+    // A TLS file that cannot be read rejects the reload, naming the file.
+    std::fs::write(&path, &text).unwrap();
+    std::fs::remove_file(dir.0.join("crl.pem")).unwrap();
+    daemon.reload();
+    let line = daemon.wait_line("reload rejected");
+    assert!(line.contains("crl.pem"), "{line}");
     daemon.kill();
     b.stop().await;
 }
