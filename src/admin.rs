@@ -204,6 +204,11 @@ pub fn status(switch: &Switch) -> serde_json::Value {
                 "bank": c.bank().id.to_string(),
                 "links": c.links_configured(),
                 "links_up": c.links_up(),
+                "link_slots": c
+                    .inflight_by_link()
+                    .into_iter()
+                    .map(|(slot, inflight)| serde_json::json!({"slot": slot, "inflight": inflight}))
+                    .collect::<Vec<_>>(),
                 "queue_depth": c.queue_depth(),
                 "inflight": c.inflight(),
                 "reversals_waiting": c.reversals_waiting(),
@@ -232,6 +237,11 @@ pub fn status(switch: &Switch) -> serde_json::Value {
         "readiness": why,
         "draining": switch.is_draining(),
         "sessions": switch.connections(),
+        "sessions_by_institution": switch
+            .sessions_by_institution()
+            .into_iter()
+            .map(|(id, n)| (id.to_string(), serde_json::json!(n)))
+            .collect::<serde_json::Map<_, _>>(),
         "connectors": connectors,
         "journal": journal,
         "duplicates_entries": switch.duplicates_entries(),

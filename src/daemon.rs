@@ -204,6 +204,11 @@ impl Switch {
         self.ingress.connections()
     }
 
+    /// Open acquirer sessions by institution.
+    pub fn sessions_by_institution(&self) -> Vec<(crate::core::InstitutionId, usize)> {
+        self.ingress.sessions_by_institution()
+    }
+
     /// Open acquirer sessions of `institution`.
     pub fn sessions_of(&self, institution: crate::core::InstitutionId) -> usize {
         self.ingress.sessions_of(institution)

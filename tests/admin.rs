@@ -111,6 +111,11 @@ async fn health_readiness_status_and_metrics() {
     let status: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(status["ready"], true, "{body}");
     assert_eq!(status["sessions"], 1, "{body}");
+    assert_eq!(status["sessions_by_institution"]["100001"], 1, "{body}");
+    assert!(
+        status["connectors"][0]["link_slots"][0]["inflight"].is_u64(),
+        "{body}"
+    );
     assert_eq!(status["connectors"][0]["bank"], "200001", "{body}");
     assert!(
         status["connectors"][0]["links_up"].as_u64() >= Some(1),

@@ -344,6 +344,15 @@ impl Connector {
         self.saf.len()
     }
 
+    /// Requests in flight on each running or retiring link: (slot, count).
+    pub fn inflight_by_link(&self) -> Vec<(usize, usize)> {
+        let busy = lock(&self.links).busy;
+        (0..LINKS_MAX)
+            .filter(|&i| busy & (1 << i) != 0)
+            .map(|i| (i, self.inflight_by_link[i].load(Ordering::Relaxed)))
+            .collect()
+    }
+
     /// Requests in flight on all links.
     pub fn inflight(&self) -> usize {
         self.inflight_by_link

@@ -147,6 +147,17 @@ impl Ingress {
         self.next_request_id.load(Ordering::Relaxed)
     }
 
+    /// Open sessions by institution.
+    pub fn sessions_by_institution(&self) -> Vec<(InstitutionId, usize)> {
+        let mut all: Vec<_> = self
+            .sessions
+            .iter()
+            .map(|e| (*e.key(), *e.value()))
+            .collect();
+        all.sort_unstable();
+        all
+    }
+
     /// Open sessions of `institution`.
     pub fn sessions_of(&self, institution: InstitutionId) -> usize {
         self.sessions.get(&institution).map_or(0, |n| *n)
