@@ -317,6 +317,7 @@ impl Switch {
         let mut active = Vec::with_capacity(new.banks.len());
         let mut fresh = Vec::new();
         let mut retire = Vec::new();
+        let mut replaced = Vec::new();
         let mut resized = Vec::new();
         let next_stan = (self.ingress.next_request_id() % u64::from(STAN_MAX)) as u32 + 1;
         for (bank, step) in new.banks.iter().zip(&plan) {
@@ -358,7 +359,7 @@ impl Switch {
                     c.spawn_links(&self.shutdown);
                     fresh.push(c.clone());
                     if let BankPlan::Replace(old) = step {
-                        retire.push(old.clone());
+                        replaced.push((old.clone(), c.clone()));
                     }
                     slots.push(c);
                     index
@@ -386,6 +387,9 @@ impl Switch {
         for c in &retire {
             c.retire();
         }
+        for (old, successor) in replaced {
+            old.retire_into(successor);
+        }
         let mut what = format!(
             "config reloaded: {prefixes} PAN prefixes, {institutions} institutions, {} banks",
             new.banks.len()
@@ -395,7 +399,7 @@ impl Switch {
             .iter()
             .filter(|p| matches!(p, BankPlan::Replace(_)))
             .count();
-        let removed = retire.len() - replaced;
+        let removed = retire.len();
         if added + replaced + removed > 0 {
             what.push_str(&format!(
                 " ({added} added, {replaced} replaced, {removed} removed)"

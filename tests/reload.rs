@@ -592,22 +592,28 @@ async fn reloads_under_load_answer_every_request() {
     let b_two_links = bank("200002", b.addr, 2);
     let b_one_link = bank("200002", b.addr, 1);
     // Each reload once a few hundred more requests have been answered.
-    let steps: [(usize, &str, &str); 5] = [
+    // A link setting changed: a new connector replaces B's while B carries the load.
+    let b_replaced = format!("{b_two_links}echo_interval_ms = 20000\n\n");
+    let steps: [(usize, &str, &str); 6] = [
         (3, &b_two_links, "200002"), // B added, routes to B, A grown to 3
         (1, &b_two_links, "200002"), // A shrunk to 1
         (1, &b_one_link, "200001"),  // B shrunk, routes back to A
         (2, "", "200001"),           // B removed, A grown to 2
         (2, &b_two_links, "200002"), // B added again, routes to B
+        (2, &b_replaced, "200002"),  // B's connector replaced under load
     ];
     for (i, (links_a, b_section, to)) in steps.into_iter().enumerate() {
-        let at = (i + 1) * LOAD_REQUESTS / 7;
+        let at = (i + 1) * LOAD_REQUESTS / 8;
         until("load progressing", || {
             answered.load(Ordering::Relaxed) >= at
         })
         .await;
         write(links_a, b_section, to);
         daemon.reload();
-        tokio::task::block_in_place(|| daemon.wait_line("config reloaded"));
+        let line = tokio::task::block_in_place(|| daemon.wait_line("config reloaded"));
+        if i == 5 {
+            assert!(line.contains("1 replaced"), "{line}");
+        }
     }
     let codes = tokio::time::timeout(WAIT, load).await.unwrap().unwrap();
     let not_approved: Vec<_> = codes.iter().filter(|(_, c)| c.as_str() != "00").collect();
@@ -625,7 +631,7 @@ async fn reloads_under_load_answer_every_request() {
         to_a > 0 && to_b > 0,
         "both banks carried load: {to_a} and {to_b}"
     );
-    println!("{LOAD_REQUESTS} requests through five reloads, all approved: {to_a} via 200001, {to_b} via 200002");
+    println!("{LOAD_REQUESTS} requests through six reloads, all approved: {to_a} via 200001, {to_b} via 200002");
     daemon.kill();
     a.stop().await;
     b.stop().await;

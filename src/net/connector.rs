@@ -104,6 +104,9 @@ pub struct Connector {
     /// Set when a reload removed or replaced the bank: its links finish what they
     /// carry and close, and it takes nothing new.
     retired: AtomicBool,
+    /// The connector that replaced this one (same bank, new link settings): what
+    /// this one is handed after it retired goes there.
+    successor: std::sync::OnceLock<Arc<Connector>>,
     /// This connector's index in the daemon's list.
     index: BankIndex,
     /// Where forwards and outcomes are recorded.
@@ -154,6 +157,7 @@ impl Connector {
             links: Mutex::new(LinkSet::default()),
             optional: AtomicBool::new(optional),
             retired: AtomicBool::new(false),
+            successor: std::sync::OnceLock::new(),
             links_up: AtomicUsize::new(0),
             link_changed,
             frame_size_max_bytes,
@@ -282,6 +286,37 @@ impl Connector {
         self.notify.notify_waiters();
     }
 
+    /// Retires this connector in favour of `successor` (the same bank with new
+    /// link settings): requests queued here, and reversal advices waiting or
+    /// coming back from its retiring links, go to the successor.
+    pub fn retire_into(&self, successor: Arc<Connector>) {
+        let _ = self.successor.set(successor);
+        self.retire();
+        self.hand_over();
+    }
+
+    /// Moves queued requests and waiting reversal advices to the successor, if
+    /// there is one.
+    fn hand_over(&self) {
+        let Some(next) = self.successor.get() else {
+            return;
+        };
+        while let Some(mut p) = self.queue.pop() {
+            p.bank = next.index;
+            next.submit(p);
+        }
+        let now = std::time::Instant::now();
+        let mut advices = Vec::new();
+        self.saf.take_due(
+            now + Duration::from_secs(86_400 * 365),
+            usize::MAX,
+            &mut advices,
+        );
+        for advice in advices {
+            next.push_advice(advice, now);
+        }
+    }
+
     /// Runs `n` links (1..=[`LINKS_MAX`]): starts more, or retires the newest; a
     /// retiring link takes no new request, and closes once its requests in flight
     /// are answered or timed out.
@@ -368,7 +403,13 @@ impl Connector {
 
     /// Hands a request to the bank's links, or answers 91 at once when no link is up
     /// or the queue is full.
-    pub fn submit(&self, pending: Pending) {
+    pub fn submit(&self, mut pending: Pending) {
+        if self.is_retired() {
+            if let Some(next) = self.successor.get() {
+                pending.bank = next.index;
+                return next.submit(pending);
+            }
+        }
         if self.links_up() == 0 || self.is_retired() {
             self.unavailable(pending, "no link up");
             return;
@@ -481,6 +522,7 @@ impl Connector {
             set.busy == 0
         };
         if self.is_retired() && last {
+            self.hand_over();
             self.drain_stranded();
             let waiting = self.saf.len();
             if waiting > 0 {
@@ -889,7 +931,10 @@ impl Connector {
         let now = std::time::Instant::now();
         advice.attempts += 1;
         advice.next_try = now + self.saf.backoff(advice.attempts - 1);
-        self.push_advice(advice, now);
+        match self.successor.get() {
+            Some(next) if self.is_retired() => next.push_advice(advice, now),
+            _ => self.push_advice(advice, now),
+        }
     }
 
     fn on_answer(
