@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer};
 
@@ -43,6 +43,9 @@ pub enum CertError {
     /// accepted, and it must not be empty.
     #[error("client common name {name:?} is empty or has characters outside A-Z a-z 0-9 - . _ :")]
     InvalidCommonName { name: String },
+    /// A CA written by `gen-certs` could not be read back.
+    #[error("cannot read the CA in {}: {problem}", dir.display())]
+    BadCa { dir: PathBuf, problem: String },
 }
 
 /// A certificate and its private key, both as PEM.
@@ -80,8 +83,10 @@ impl Issued {
 /// A throw-away certificate authority for development, tests and the demo. ECDSA P-256 keys;
 /// every certificate is valid from one day ago to two years after the CA was made.
 pub struct DevCa {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-    /// Validity window shared by the CA and every leaf, so no leaf outlives its CA.
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+    ca_der: CertificateDer<'static>,
+    /// Validity window of every leaf: the CA's, so no leaf outlives its CA.
     validity: CertificateParams,
 }
 
@@ -89,7 +94,7 @@ impl std::fmt::Debug for DevCa {
     /// Shows the CA certificate only, never its key.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DevCa")
-            .field("ca_pem", &self.issuer.pem())
+            .field("ca_pem", &self.ca_pem)
             .finish_non_exhaustive()
     }
 }
@@ -121,18 +126,67 @@ impl DevCa {
         params.distinguished_name = common_name(name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
-        Ok(DevCa { issuer, validity })
+        let certified = CertifiedIssuer::self_signed(params.clone(), KeyPair::generate()?)?;
+        let key = KeyPair::from_pem(&certified.key().serialize_pem())?;
+        Ok(DevCa {
+            ca_pem: certified.pem(),
+            ca_der: certified.der().clone(),
+            issuer: Issuer::new(params, key),
+            validity,
+        })
+    }
+
+    /// The CA that [`write_ca`] wrote to `dir` (`ca.pem`, `ca.key`); `None` when
+    /// either file is missing. Leaves it issues are valid from a day ago to the
+    /// CA's own end.
+    pub fn load(dir: &Path) -> Result<Option<DevCa>, CertError> {
+        let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca.key"));
+        if !cert_path.is_file() || !key_path.is_file() {
+            return Ok(None);
+        }
+        let bad = |problem: String| CertError::BadCa {
+            dir: dir.to_path_buf(),
+            problem,
+        };
+        let read =
+            |p: &Path| std::fs::read_to_string(p).map_err(|e| bad(format!("{}: {e}", p.display())));
+        let ca_pem = read(&cert_path)?;
+        let key = KeyPair::from_pem(&read(&key_path)?)?;
+        let ca_der = tls::parse_certs_pem(&ca_pem, "ca.pem")?
+            .into_iter()
+            .next()
+            .ok_or_else(|| bad("ca.pem holds no certificate".into()))?;
+        let (_, x509) = x509_parser::parse_x509_certificate(ca_der.as_ref())
+            .map_err(|e| bad(format!("ca.pem: {e}")))?;
+        let name = x509
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or_else(|| bad("ca.pem has no common name".into()))?
+            .to_owned();
+        let mut validity = params_valid_from_now();
+        validity.not_after = x509.validity().not_after.to_datetime();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name(&name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        Ok(Some(DevCa {
+            issuer: Issuer::new(params, key),
+            ca_pem,
+            ca_der,
+            validity,
+        }))
     }
 
     /// The CA certificate, PEM (what peers put in their trust store).
     pub fn ca_pem(&self) -> String {
-        self.issuer.pem()
+        self.ca_pem.clone()
     }
 
     /// The CA certificate, DER.
     pub fn ca_der(&self) -> CertificateDer<'static> {
-        self.issuer.der().clone()
+        self.ca_der.clone()
     }
 
     /// A server certificate with the given DNS names and IP literals as SANs (for example
@@ -190,7 +244,7 @@ impl DevCa {
         serial[0] |= 0x01; // no leading zero byte
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &*self.issuer)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
@@ -268,11 +322,13 @@ pub fn write_issued(dir: &Path, stem: &str, issued: &Issued) -> Result<(), CertE
     write_file(&dir.join(format!("{stem}.key")), &issued.key_pem, true)
 }
 
-/// Writes `<dir>/ca.pem`, creating `dir` if needed. The CA key is never written: a new dev PKI
-/// is made instead of extending an old one.
+/// Writes `<dir>/ca.pem` and its key `<dir>/ca.key` (mode 0600 on unix), creating `dir` if
+/// needed, so that [`DevCa::load`] can issue more certificates later (an institution added
+/// by a reload).
 pub fn write_ca(dir: &Path, ca: &DevCa) -> Result<(), CertError> {
     create_dir(dir)?;
-    write_file(&dir.join("ca.pem"), &ca.ca_pem(), false)
+    write_file(&dir.join("ca.pem"), &ca.ca_pem(), false)?;
+    write_file(&dir.join("ca.key"), &ca.issuer.key().serialize_pem(), true)
 }
 
 #[cfg(test)]
@@ -390,10 +446,37 @@ mod tests {
             load_key(&dir.0.join("100001.key")).unwrap(),
         )
         .unwrap();
-        let outcome = handshake(server, client, &[IdentitySource::CommonName]).await;
+        let outcome = handshake(server.clone(), client, &[IdentitySource::CommonName]).await;
         let ids = outcome.server.expect("server handshake");
         assert_eq!(ids[0].as_deref(), Ok("100001"));
         assert!(outcome.client_got_greeting);
+
+        // The CA read back from the files issues certificates the same peers trust,
+        // and a CRL of it is accepted (a certificate it revokes is refused).
+        let loaded = DevCa::load(&dir.0)
+            .unwrap()
+            .expect("ca.pem and ca.key written");
+        assert_eq!(loaded.ca_pem(), ca.ca_pem());
+        let later = loaded.issue_client("100009").unwrap();
+        let client =
+            client_config(&ca_certs, later.chain().unwrap(), later.key().unwrap()).unwrap();
+        let outcome = handshake(server, client.clone(), &[IdentitySource::CommonName]).await;
+        assert_eq!(
+            outcome.server.expect("server handshake")[0].as_deref(),
+            Ok("100009")
+        );
+        let crl = dir.0.join("ca.crl.pem");
+        std::fs::write(&crl, loaded.revocation_list(&[&later]).unwrap()).unwrap();
+        let revoking = crate::tls::server_config_with_crls(
+            &ca_certs,
+            load_certs(&dir.0.join("server.pem")).unwrap(),
+            load_key(&dir.0.join("server.key")).unwrap(),
+            crate::tls::load_crls(&crl).unwrap(),
+        )
+        .unwrap();
+        let outcome = handshake(revoking, client, &[IdentitySource::CommonName]).await;
+        assert!(outcome.server.is_err(), "revoked by the loaded CA's list");
+        assert!(DevCa::load(&dir.0.join("nothing")).unwrap().is_none());
     }
 
     #[test]

@@ -585,30 +585,51 @@ fn journal(command: JournalCommand) -> anyhow::Result<()> {
 
 fn gen_certs(out: &Path, config: &Path) -> anyhow::Result<()> {
     let c = Config::load(config)?;
-    let ca = DevCa::new("switchyard development CA")?;
-    certs::write_ca(out, &ca)?;
-    certs::write_issued(
-        out,
-        "switch",
-        &ca.issue_server(&["localhost", "127.0.0.1", "switchyard"])?,
-    )?;
-    certs::write_issued(out, "switch-client", &ca.issue_client("switchyard")?)?;
+    // An existing CA in `out` is extended: only certificates not there yet are
+    // issued (an institution or bank added to the config, for a reload).
+    let (ca, extended) = match DevCa::load(out)? {
+        Some(ca) => (ca, true),
+        None => {
+            let ca = DevCa::new("switchyard development CA")?;
+            certs::write_ca(out, &ca)?;
+            (ca, false)
+        }
+    };
+    let mut written = Vec::new();
+    let mut issue = |stem: &str, make: &dyn Fn() -> Result<certs::Issued, certs::CertError>| {
+        if extended && out.join(format!("{stem}.pem")).is_file() {
+            return Ok::<_, anyhow::Error>(());
+        }
+        certs::write_issued(out, stem, &make()?)?;
+        written.push(stem.to_owned());
+        Ok(())
+    };
+    issue("switch", &|| {
+        ca.issue_server(&["localhost", "127.0.0.1", "switchyard"])
+    })?;
+    issue("switch-client", &|| ca.issue_client("switchyard"))?;
     for inst in &c.institutions {
-        certs::write_issued(
-            out,
-            &inst.certificate_name,
-            &ca.issue_client(&inst.certificate_name)?,
-        )?;
+        issue(&inst.certificate_name, &|| {
+            ca.issue_client(&inst.certificate_name)
+        })?;
     }
     for bank in &c.banks {
         let stem = format!("bank-{}", bank.id);
-        certs::write_issued(out, &stem, &ca.issue_server(&[&bank.server_name])?)?;
+        issue(&stem, &|| ca.issue_server(&[&bank.server_name]))?;
     }
+    let what = if extended {
+        "extended the CA in"
+    } else {
+        "wrote a new CA (ca.pem, ca.key) in"
+    };
     println!(
-        "wrote ca.pem, switch, switch-client, {} institution and {} bank certificates to {}",
-        c.institutions.len(),
-        c.banks.len(),
-        out.display()
+        "{what} {}: {}",
+        out.display(),
+        if written.is_empty() {
+            "no new certificates needed".to_owned()
+        } else {
+            format!("issued {}", written.join(", "))
+        }
     );
     Ok(())
 }

@@ -196,16 +196,38 @@ fn check_config_reads_the_tls_files_too() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("certs/ca.pem"), "{stderr}");
     let certs = dir.join("certs");
-    let out = run(&[
-        "gen-certs",
-        "--config",
-        config.to_str().unwrap(),
-        "--out",
-        certs.to_str().unwrap(),
-    ]);
+    let gen_certs = || {
+        run(&[
+            "gen-certs",
+            "--config",
+            config.to_str().unwrap(),
+            "--out",
+            certs.to_str().unwrap(),
+        ])
+    };
+    let out = gen_certs();
     assert!(out.status.success(), "{out:?}");
     let out = check();
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("valid, with its TLS files"));
+    // An institution added to the config: gen-certs again keeps the CA and every
+    // certificate already there, and issues the new institution's.
+    let read = |name: &str| std::fs::read(certs.join(name)).unwrap();
+    let (ca, switch) = (read("ca.pem"), read("switch.pem"));
+    let added = shipped.replacen(
+        "[[institution]]",
+        "[[institution]]\nid = \"100009\"\n\n[[institution]]",
+        1,
+    );
+    std::fs::write(&config, added).unwrap();
+    let out = gen_certs();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("extended the CA") && stdout.ends_with("issued 100009\n"),
+        "{stdout}"
+    );
+    assert_eq!((read("ca.pem"), read("switch.pem")), (ca, switch), "kept");
+    assert!(certs.join("100009.key").is_file());
     let _ = std::fs::remove_dir_all(&dir);
 }
