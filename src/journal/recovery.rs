@@ -341,4 +341,59 @@ mod tests {
         assert_eq!(pending, vec![4]);
         assert!(summary(&r).starts_with("unfinished: 2 requests"));
     }
+
+    #[test]
+    fn forwarded_records_name_their_bank_by_id_in_the_config_in_force() {
+        let dir = TempDir::new("recovery-banks");
+        let id = |s: &str| s.parse::<crate::core::InstitutionId>().unwrap().to_raw();
+        // (slot in the process that wrote it, STAN, bank id)
+        let fwd = |slot: u16, stan: u32, bank: u64| {
+            let mut h = [0u8; 14];
+            h[..2].copy_from_slice(&slot.to_le_bytes());
+            h[2..6].copy_from_slice(&stan.to_le_bytes());
+            h[6..].copy_from_slice(&bank.to_le_bytes());
+            h
+        };
+        let mut queued = [0u8; 6];
+        queued[..2].copy_from_slice(&5u16.to_le_bytes());
+        queued[2..].copy_from_slice(&9u32.to_le_bytes());
+        let opened = Journal::open(JournalConfig::new(&dir.0)).unwrap();
+        for e in [
+            entry(RecordKind::Accepted, 1, &[0; 8]),
+            entry(RecordKind::Forwarded, 1, &fwd(7, 7, id("200002"))),
+            entry(RecordKind::Accepted, 2, &[0; 8]),
+            entry(RecordKind::Forwarded, 2, &fwd(3, 8, id("200009"))),
+            entry(RecordKind::Accepted, 3, &[0; 8]),
+            entry(RecordKind::Forwarded, 3, &fwd(5, 9, id("200001"))),
+            entry(RecordKind::ReversalQueued, 3, &queued),
+            entry(RecordKind::Outcome, 3, b"68\x02"),
+        ] {
+            opened.journal.append(e).unwrap();
+        }
+        opened.journal.close();
+        // The config now has 200001 first and 200002 second; 200009 is gone.
+        let mut replay = Replay::new().with_banks(vec![id("200001"), id("200002")]);
+        let reopened = Journal::open_with(JournalConfig::new(&dir.0), |_, _, r| replay.record(r));
+        reopened.unwrap().journal.close();
+        let r = replay.finish();
+        let unfinished: Vec<_> = r
+            .unfinished
+            .iter()
+            .map(|u| (u.request_id, u.forwarded))
+            .collect();
+        assert_eq!(
+            unfinished,
+            vec![(1, Some((1, 7))), (2, Some((u16::MAX, 8)))]
+        );
+        let pending: Vec<_> = r
+            .reversals_pending
+            .iter()
+            .map(|p| (p.request_id, p.forwarded))
+            .collect();
+        assert_eq!(
+            pending,
+            vec![(3, (0, 9))],
+            "the queued reversal follows its request's bank"
+        );
+    }
 }
