@@ -2,9 +2,9 @@
 //! and `/metrics` (scraped and parsed), and what it refuses.
 
 mod daemon;
+mod prometheus;
 
 use daemon::{connect, Bank, Daemon, Pki, TempDir, WAIT};
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -64,16 +64,7 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     .await
 }
 
-/// Parses Prometheus text lines into `name{labels}` → value.
-fn parse(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
+use prometheus::parse;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_status_and_metrics() {

@@ -1,20 +1,12 @@
 //! The switch's Prometheus metrics, rendered and parsed after real traffic.
 
+mod prometheus;
+
+use prometheus::parse;
 use std::collections::HashMap;
 use std::time::Duration;
 use switchyard::demo::{Testbed, TestbedOptions};
 use switchyard::loadgen::{self, Identity, LoadOptions};
-
-/// Parses Prometheus text exposition lines into `name{labels}` → value.
-fn parse(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            Some((series.to_owned(), value.parse().ok()?))
-        })
-        .collect()
-}
 
 fn sum(m: &HashMap<String, f64>, name: &str, must_contain: &[&str]) -> f64 {
     m.iter()
