@@ -153,7 +153,7 @@ impl SwitchCore {
         .expect("sample 0200 in the bank's dialect");
         let at_bank = Message::decode(&bank_dialect, wire.freeze()).expect("bank's 0200");
         let mut body = BytesMut::new();
-        switchyard::banksim::answer(&at_bank, &bank_dialect, &mut body).expect("bank's 0210");
+        switchyard_tools::banksim::answer(&at_bank, &bank_dialect, &mut body).expect("bank's 0210");
         let stan_at = Message::decode(&bank_dialect, body.clone().freeze())
             .ok()
             .and_then(|m| m.span(11))

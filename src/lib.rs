@@ -9,18 +9,15 @@
 //!
 //! Layers, one way down: [`money`] and [`core`] (sans-IO: no sockets, no clock) ←
 //! [`config`] ← [`tls`], [`net`] (ingress sessions and bank connectors) ←
-//! [`daemon`] ← the tools ([`banksim`], [`loadgen`], [`demo`]) ← `main.rs`.
+//! [`daemon`] ← `switchyard-cli`. The tools (load generator, bank simulator,
+//! demo, development PKI) live in the `switchyard-tools` crate.
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod banksim;
-pub mod certs;
 pub mod config;
 pub mod core;
 pub mod daemon;
-pub mod demo;
 pub mod journal;
-pub mod loadgen;
 pub mod lograte;
 pub mod money;
 pub mod net;

@@ -183,12 +183,12 @@ fn config_toml(bank_addr: std::net::SocketAddr) -> String {
 
 #[test]
 fn switch_allocations_per_payment() -> anyhow::Result<()> {
-    use switchyard::banksim::{self, BankSimOptions, BankStats, Behavior};
-    use switchyard::certs::DevCa;
     use switchyard::daemon::{Switch, TlsSetup};
-    use switchyard::loadgen::{self, Identity, LoadOptions};
     use switchyard::tls;
     use switchyard::wire::{Dialect, Framing, FRAME_SIZE_MAX_BYTES_DEFAULT};
+    use switchyard_tools::banksim::{self, BankSimOptions, BankStats, Behavior};
+    use switchyard_tools::certs::DevCa;
+    use switchyard_tools::loadgen::{self, Identity, LoadOptions};
     use tokio::net::TcpListener;
     use tokio_util::sync::CancellationToken;
 

@@ -1,12 +1,10 @@
 //! The switch's Prometheus metrics, rendered and parsed after real traffic.
 
-mod prometheus;
-
-use prometheus::parse;
 use std::collections::HashMap;
 use std::time::Duration;
-use switchyard::demo::{Testbed, TestbedOptions};
-use switchyard::loadgen::{self, Identity, LoadOptions};
+use switchyard_tools::demo::{Testbed, TestbedOptions};
+use switchyard_tools::loadgen::{self, Identity, LoadOptions};
+use switchyard_tools::testkit::parse_prometheus as parse;
 
 fn sum(m: &HashMap<String, f64>, name: &str, must_contain: &[&str]) -> f64 {
     m.iter()

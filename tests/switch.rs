@@ -4,8 +4,8 @@ use bytes::{Bytes, BytesMut};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard::demo::{Testbed, TestbedOptions};
 use switchyard::wire::{Dialect, Encoder, FrameDecoder, Framing, Message, Mti};
+use switchyard_tools::demo::{Testbed, TestbedOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -233,7 +233,7 @@ async fn client_without_certificate_is_refused() {
         assert!(c.recv().await.is_none(), "no answer without a certificate");
     }
     // A certificate from another CA is refused too.
-    let other = switchyard::certs::DevCa::new("someone else").unwrap();
+    let other = switchyard_tools::certs::DevCa::new("someone else").unwrap();
     let issued = other.issue_client("100001").unwrap();
     let tls = switchyard::tls::client_config(
         &[bed.ca.ca_der()],

@@ -10,7 +10,7 @@ use rcgen::{
 };
 use rustls::pki_types::{CertificateDer, DnsName, PrivateKeyDer};
 
-use crate::tls;
+use switchyard::tls;
 
 /// How far back certificates are valid from, so that a peer whose clock runs slightly behind
 /// still accepts them: one day, in seconds.
@@ -334,8 +334,8 @@ pub fn write_ca(dir: &Path, ca: &DevCa) -> Result<(), CertError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::tests::handshake;
-    use crate::tls::{
+    use crate::testkit::handshake;
+    use switchyard::tls::{
         client_config, load_certs, load_key, peer_identity, server_config, IdentitySource,
     };
 
@@ -467,11 +467,11 @@ mod tests {
         );
         let crl = dir.0.join("ca.crl.pem");
         std::fs::write(&crl, loaded.revocation_list(&[&later]).unwrap()).unwrap();
-        let revoking = crate::tls::server_config_with_crls(
+        let revoking = switchyard::tls::server_config_with_crls(
             &ca_certs,
             load_certs(&dir.0.join("server.pem")).unwrap(),
             load_key(&dir.0.join("server.key")).unwrap(),
-            crate::tls::load_crls(&crl).unwrap(),
+            switchyard::tls::load_crls(&crl).unwrap(),
         )
         .unwrap();
         let outcome = handshake(revoking, client, &[IdentitySource::CommonName]).await;

@@ -2,11 +2,11 @@
 //! load generator counted, and each currency's positions net to zero.
 
 use std::time::Duration;
-use switchyard::demo::{Testbed, TestbedOptions};
 use switchyard::journal::settlement::settle;
 use switchyard::journal::Fsync;
-use switchyard::loadgen::{self, Identity, LoadOptions};
 use switchyard::wire::Dialect;
+use switchyard_tools::demo::{Testbed, TestbedOptions};
+use switchyard_tools::loadgen::{self, Identity, LoadOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settlement_matches_the_load_and_nets_to_zero() {

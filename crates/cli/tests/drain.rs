@@ -3,17 +3,18 @@
 //! is draining, or 68 at a deadline), the process exits 0, and the journal verifies
 //! with nothing left unfinished.
 
-mod daemon;
-
 use bytes::BytesMut;
-use daemon::{connect, Bank, Daemon, Pki, TempDir, BIN, WAIT};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use switchyard::journal::recovery::recover;
 use switchyard::wire::{Dialect, FrameDecoder, Framing, Message};
+use switchyard_tools::testkit::{self, connect, Bank, Daemon, Pki, TempDir, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The `switchyard` binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
 /// Requests in flight on the client's connection.
 const WINDOW: usize = 32;
@@ -39,12 +40,12 @@ pan_prefix = "4"
 bank = "200001"
 "#
     );
-    daemon::write_config(dir, "shutdown_grace_ms = 20000", "", &rest)
+    testkit::write_config(dir, "shutdown_grace_ms = 20000", "", &rest)
 }
 
 /// Payment `n`, framed.
 fn request(n: usize) -> Vec<u8> {
-    daemon::framed(&daemon::payment(n, "100001", "000000001000"))
+    testkit::framed(&testkit::payment(n, "100001", "000000001000"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,7 +53,7 @@ async fn sigterm_under_load_answers_everything_and_exits_0() {
     let dir = TempDir::new("drain");
     let pki = Pki::write(&dir.0);
     let bank = Bank::start(&pki, Duration::from_millis(20)).await;
-    let mut daemon = Daemon::start(&write_config(&dir.0, bank.addr));
+    let mut daemon = Daemon::start(BIN, &write_config(&dir.0, bank.addr));
     let stream = connect(daemon.addr, &pki.client("100001")).await.unwrap();
     let (mut rd, mut wr) = tokio::io::split(stream);
     let d = Dialect::iso87_ascii();

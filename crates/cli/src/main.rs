@@ -6,14 +6,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard::banksim::{self, BankSimOptions, BankStats, Behavior};
-use switchyard::certs::{self, DevCa};
 use switchyard::config::Config;
 use switchyard::daemon::{self, TlsSetup};
-use switchyard::demo::{self, DemoOptions};
 use switchyard::journal::Fsync;
-use switchyard::loadgen::{self, LoadOptions};
 use switchyard::wire::{Dialect, Framing};
+use switchyard_tools::banksim::{self, BankSimOptions, BankStats, Behavior};
+use switchyard_tools::certs::{self, DevCa};
+use switchyard_tools::demo::{self, DemoOptions};
+use switchyard_tools::loadgen::{self, LoadOptions};
 
 #[derive(Parser)]
 #[command(

@@ -5,16 +5,17 @@
 //! resized, institutions added, renamed and removed, a certificate revoked and
 //! a limit lowered, all by reloads of a running daemon.
 
-mod daemon;
-
 use bytes::BytesMut;
-use daemon::{connect, Bank, Daemon, Pki, TempDir, WAIT};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use switchyard::wire::{Dialect, FrameDecoder, Framing, Message};
+use switchyard_tools::testkit::{self, connect, Bank, Daemon, Pki, TempDir, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The `switchyard` binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
 /// The config file with the route for PAN prefix 4 going to bank `route_to`.
 fn config(dir: &Path, a: SocketAddr, b: SocketAddr, route_to: &str) -> PathBuf {
@@ -39,12 +40,12 @@ pan_prefix = "4"
 bank = "{route_to}"
 "#
     );
-    daemon::write_config(dir, "", "", &rest)
+    testkit::write_config(dir, "", "", &rest)
 }
 
 /// Payment `n`, framed.
 fn payment(n: usize) -> Vec<u8> {
-    daemon::framed(&daemon::payment(n, "100001", "000000001000"))
+    testkit::framed(&testkit::payment(n, "100001", "000000001000"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,7 +55,7 @@ async fn sighup_changes_a_route_without_dropping_anything() {
     let a = Bank::start(&pki, Duration::ZERO).await;
     let b = Bank::start(&pki, Duration::ZERO).await;
     let path = config(&dir.0, a.addr, b.addr, "200001");
-    let mut daemon = Daemon::start(&path);
+    let mut daemon = Daemon::start(BIN, &path);
     daemon.wait_line("bank link up"); // the second bank's link
     let mut s = connect(daemon.addr, &pki.client("100001")).await.unwrap();
     let d = Dialect::iso87_ascii();
@@ -159,7 +160,7 @@ impl Session {
         let d = Dialect::iso87_ascii();
         let decoder = FrameDecoder::new(Framing::U16be, 8192);
         let s = self.s.as_mut()?;
-        let frame = daemon::framed(&daemon::payment(n, acquirer, "000000001000"));
+        let frame = testkit::framed(&testkit::payment(n, acquirer, "000000001000"));
         s.write_all(&frame).await.ok()?;
         loop {
             if let Some(f) = decoder.decode(&mut self.buf).unwrap() {
@@ -196,7 +197,7 @@ async fn until(what: &str, done: impl Fn() -> bool) {
 /// and the CRL file `crl.pem`.
 fn config_with(dir: &Path, limits: &str, rest: &str) -> PathBuf {
     let rest = format!("[limits]\n{limits}\n\n{rest}");
-    daemon::write_config(dir, "", "crl_file = \"crl.pem\"", &rest)
+    testkit::write_config(dir, "", "crl_file = \"crl.pem\"", &rest)
 }
 
 fn institution(id: &str, certificate_name: &str) -> String {
@@ -232,7 +233,7 @@ async fn reload_changes_banks_links_institutions_certificates_and_limits() {
             route("4", "200001", "")
         ),
     );
-    let mut daemon = Daemon::start(&path);
+    let mut daemon = Daemon::start(BIN, &path);
     let mut one = Session::open(daemon.addr, &first).await;
     assert_eq!(
         one.pay(1, "100001").await.unwrap().field(39),
@@ -460,7 +461,7 @@ async fn a_link_retired_by_a_reload_finishes_its_requests_first() {
         )
     };
     let path = write(4);
-    let mut daemon = Daemon::start(&path);
+    let mut daemon = Daemon::start(BIN, &path);
     until("four links", || {
         b.stats.sign_ons.load(Ordering::Relaxed) == 4
     })
@@ -472,7 +473,7 @@ async fn a_link_retired_by_a_reload_finishes_its_requests_first() {
         sessions.push(Session::open(daemon.addr, &pki.client("100001")).await);
     }
     let frames: Vec<_> = (0..8)
-        .map(|n| daemon::framed(&daemon::payment(n + 1, "100001", "000000001000")))
+        .map(|n| testkit::framed(&testkit::payment(n + 1, "100001", "000000001000")))
         .collect();
     for (s, f) in sessions.iter_mut().zip(&frames) {
         s.s.as_mut().unwrap().write_all(f).await.unwrap();
@@ -556,7 +557,7 @@ async fn reloads_under_load_answer_every_request() {
         )
     };
     let path = write(1, "", "200001");
-    let mut daemon = Daemon::start(&path);
+    let mut daemon = Daemon::start(BIN, &path);
     let stream = connect(daemon.addr, &pki.client("100001")).await.unwrap();
     let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let count = answered.clone();
@@ -571,7 +572,7 @@ async fn reloads_under_load_answer_every_request() {
         while codes.len() < LOAD_REQUESTS {
             while sent < LOAD_REQUESTS && sent - codes.len() < LOAD_WINDOW {
                 sent += 1;
-                let frame = daemon::framed(&daemon::payment(sent, "100001", "000000001000"));
+                let frame = testkit::framed(&testkit::payment(sent, "100001", "000000001000"));
                 wr.write_all(&frame).await.unwrap();
             }
             let n = tokio::time::timeout(WAIT, rd.read_buf(&mut buf))

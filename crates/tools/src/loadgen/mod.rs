@@ -54,10 +54,10 @@ use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use crate::core::ResponseCode;
-use crate::money::format_de4;
-use crate::tls;
-use crate::wire::{
+use switchyard::core::ResponseCode;
+use switchyard::money::format_de4;
+use switchyard::tls;
+use switchyard::wire::{
     Dialect, EncodeError, Encoder, FrameDecoder, FrameError, Framing, Message, Mti,
     FRAME_SIZE_MAX_BYTES_DEFAULT,
 };
@@ -1789,7 +1789,7 @@ impl WireClock {
     }
 
     fn at_unix(secs: u64) -> WireClock {
-        let (month, day) = crate::core::datetime::month_day(secs / 86_400);
+        let (month, day) = switchyard::core::datetime::month_day(secs / 86_400);
         let second_of_day = secs % 86_400;
         let mut de7 = [0u8; 10];
         write_digits(month, &mut de7[0..2]);

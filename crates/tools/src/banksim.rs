@@ -23,8 +23,8 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use crate::core::ResponseCode;
-use crate::wire::{
+use switchyard::core::ResponseCode;
+use switchyard::wire::{
     reencode, Change, DecodeError, Dialect, EncodeError, FrameDecoder, FrameError, Framing,
     Message, Mti,
 };
@@ -234,7 +234,7 @@ enum ConnectionError {
 /// returns once their tasks have ended.
 ///
 /// `tls` is built by the caller and should require client certificates
-/// ([`crate::tls::server_config`]). A failed handshake, frame or message closes only that
+/// ([`switchyard::tls::server_config`]). A failed handshake, frame or message closes only that
 /// connection, with a `warn!` naming the error.
 pub async fn serve(
     listener: TcpListener,
@@ -646,7 +646,7 @@ impl XorShift64Star {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::Encoder;
+    use switchyard::wire::Encoder;
 
     fn request(d: &Dialect, mti: Mti, fields: &[(u8, &[u8])]) -> Message {
         let mut out = BytesMut::new();
@@ -776,8 +776,8 @@ mod tests {
     #[tokio::test]
     async fn a_bad_message_closes_only_its_connection() {
         use crate::certs::DevCa;
-        use crate::tls;
         use rustls::pki_types::ServerName;
+        use switchyard::tls;
         use tokio_rustls::TlsConnector;
 
         let ca = DevCa::new("test ca").unwrap();

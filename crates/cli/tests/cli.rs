@@ -186,7 +186,7 @@ fn check_config_reads_the_tls_files_too() {
     let dir = std::env::temp_dir().join(format!("switchyard-check-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("config")).unwrap();
-    let shipped = include_str!("../config/switchyard.toml");
+    let shipped = include_str!("../../../config/switchyard.toml");
     let config = dir.join("config/switchyard.toml");
     std::fs::write(&config, shipped).unwrap();
     let run = |args: &[&str]| Command::new(BIN).args(args).output().unwrap();

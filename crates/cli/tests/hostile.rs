@@ -12,17 +12,18 @@
 //!
 //! Prints the good institution's answer count and the daemon's peak memory.
 
-mod daemon;
-
 use bytes::BytesMut;
-use daemon::{connect, Bank, Daemon, Pki, TempDir, WAIT};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard::wire::{Dialect, FrameDecoder, Framing, Message};
+use switchyard_tools::testkit::{self, connect, Bank, Daemon, Pki, TempDir, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The `switchyard` binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
 /// The daemon's peak resident memory must stay under this, KiB.
 const PEAK_MEMORY_MAX_KIB: u64 = 512 * 1024;
@@ -63,12 +64,12 @@ pan_prefix = "4"
 bank = "200001"
 "#
     );
-    daemon::write_config(dir, "", "handshake_timeout_ms = 1000", &rest)
+    testkit::write_config(dir, "", "handshake_timeout_ms = 1000", &rest)
 }
 
 /// Payment `n` of `acquirer`, framed.
 fn payment(n: usize, acquirer: &str) -> Vec<u8> {
-    daemon::framed(&daemon::payment(n, acquirer, "000000001000"))
+    testkit::framed(&testkit::payment(n, acquirer, "000000001000"))
 }
 
 /// Raw ISO 8583 bytes, framed, that do not match the dialect.
@@ -153,7 +154,7 @@ async fn hostile_traffic_costs_the_good_institution_nothing() {
     let dir = TempDir::new("hostile");
     let pki = Pki::write(&dir.0);
     let bank = Bank::start(&pki, Duration::ZERO).await;
-    let daemon = Daemon::start(&write_config(&dir.0, bank.addr));
+    let daemon = Daemon::start(BIN, &write_config(&dir.0, bank.addr));
     let addr = daemon.addr;
     let good_tls = pki.client("100001");
     let bad_tls = pki.client("100666");
@@ -282,7 +283,7 @@ async fn hostile_traffic_costs_the_good_institution_nothing() {
     attacks.spawn(async move {
         let anonymous =
             switchyard::tls::client_config_anonymous(std::slice::from_ref(&ca_der)).unwrap();
-        let stranger_ca = switchyard::certs::DevCa::new("stranger CA").unwrap();
+        let stranger_ca = switchyard_tools::certs::DevCa::new("stranger CA").unwrap();
         let stranger = stranger_ca.issue_client("100001").unwrap();
         let wrong = switchyard::tls::client_config(
             &[ca_der],

@@ -33,9 +33,10 @@ use switchyard::wire::{Dialect, FrameDecoder, Framing, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore};
 
-mod daemon;
+use switchyard_tools::testkit::{self, connect, Bank, Daemon, Pki, TempDir, WAIT};
 
-use daemon::{connect, Bank, Daemon, Pki, TempDir, WAIT};
+/// The `switchyard` binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
 /// Requests the client sends at most before the kill.
 const TOTAL: usize = 3_000;
@@ -53,7 +54,7 @@ fn request(i: usize) -> Bytes {
     } else {
         "000000001000"
     };
-    daemon::payment(n, "100001", amount)
+    testkit::payment(n, "100001", amount)
 }
 
 /// DE39 and DE38 of an answer.
@@ -153,7 +154,7 @@ pan_prefix = "4"
 bank = "200001"
 "#
     );
-    daemon::write_config(dir, "", "", &rest)
+    testkit::write_config(dir, "", "", &rest)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -170,7 +171,7 @@ async fn a_killed_switch_loses_nothing_and_forwards_nothing_twice() {
     let config = write_config(&dir.0, bank_addr);
 
     // Load, then SIGKILL once KILL_AFTER answers are in.
-    let first = Daemon::start(&config);
+    let first = Daemon::start(BIN, &config);
     let answers = Arc::new(Mutex::new(HashMap::new()));
     let answered = Arc::new(Notify::new());
     let sent = Arc::new(Mutex::new(0usize));
@@ -221,7 +222,7 @@ async fn a_killed_switch_loses_nothing_and_forwards_nothing_twice() {
     );
 
     // Restart on the same journal.
-    let second = Daemon::start(&config);
+    let second = Daemon::start(BIN, &config);
     let d = Dialect::iso87_ascii();
     let bank_saw = |mtis: &[&[u8; 4]]| -> Vec<Message> {
         stats

@@ -3,18 +3,18 @@
 
 use crate::banksim::{self, BankSimOptions, BankStats, Behavior};
 use crate::certs::{self, DevCa};
-use crate::config::Config;
-use crate::daemon::{Switch, TlsSetup};
-use crate::journal::{Fsync, JournalConfig};
 use crate::loadgen::{self, Identity, LoadOptions, Summary};
-use crate::tls;
-use crate::wire::{Dialect, Framing};
 use anyhow::Context;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use switchyard::config::Config;
+use switchyard::daemon::{Switch, TlsSetup};
+use switchyard::journal::{Fsync, JournalConfig};
+use switchyard::tls;
+use switchyard::wire::{Dialect, Framing};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -85,8 +85,8 @@ impl Default for TestbedOptions {
             request_timeout_ms: 5_000,
             bank_latency: Duration::ZERO,
             inflight_per_connection_max: 1024,
-            echo_interval_ms: crate::config::ECHO_INTERVAL_MS_DEFAULT,
-            echo_timeout_ms: crate::config::ECHO_TIMEOUT_MS_DEFAULT,
+            echo_interval_ms: switchyard::config::ECHO_INTERVAL_MS_DEFAULT,
+            echo_timeout_ms: switchyard::config::ECHO_TIMEOUT_MS_DEFAULT,
             first_stan: 1,
             journal: None,
             journal_at: None,
@@ -151,7 +151,7 @@ impl Testbed {
             let sim = BankSimOptions {
                 dialect: dialect.clone(),
                 framing: Framing::U16be,
-                frame_size_max_bytes: crate::config::FRAME_SIZE_MAX_BYTES_DEFAULT,
+                frame_size_max_bytes: switchyard::config::FRAME_SIZE_MAX_BYTES_DEFAULT,
                 seed: 0x5eed_0000 + i as u64,
             };
             let token = stop.clone();

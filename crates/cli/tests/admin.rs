@@ -1,14 +1,11 @@
 //! The admin endpoint of a real `switchyard run`: `/healthz`, `/readyz`, `/status`
 //! and `/metrics` (scraped and parsed), and what it refuses.
 
-mod daemon;
-mod prometheus;
-
-use daemon::{connect, Bank, Daemon, Pki, TempDir, WAIT};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use switchyard::wire::{Dialect, FrameDecoder, Framing, Message};
+use switchyard_tools::testkit::{self, connect, Bank, Daemon, Pki, TempDir, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn write_config(dir: &Path, bank: SocketAddr) -> PathBuf {
@@ -33,7 +30,7 @@ pan_prefix = "4"
 bank = "200001"
 "#
     );
-    daemon::write_config(dir, "", "", &rest)
+    testkit::write_config(dir, "", "", &rest)
 }
 
 /// Sends `request` as is and returns the status code and body.
@@ -64,14 +61,17 @@ async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     .await
 }
 
-use prometheus::parse;
+use switchyard_tools::testkit::parse_prometheus as parse;
+
+/// The `switchyard` binary under test.
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_status_and_metrics() {
     let dir = TempDir::new("admin");
     let pki = Pki::write(&dir.0);
     let bank = Bank::start(&pki, Duration::ZERO).await;
-    let daemon = Daemon::start(&write_config(&dir.0, bank.addr));
+    let daemon = Daemon::start(BIN, &write_config(&dir.0, bank.addr));
     let admin = daemon.admin.expect("admin address in the log");
 
     assert_eq!(get(admin, "/healthz").await, (200, "ok\n".to_owned()));
@@ -80,8 +80,8 @@ async fn health_readiness_status_and_metrics() {
     // One payment, then its traces in /status and /metrics.
     let mut s = connect(daemon.addr, &pki.client("100001")).await.unwrap();
     let d = Dialect::iso87_ascii();
-    let request = daemon::payment(1, "100001", "000000001000");
-    s.write_all(&daemon::framed(&request)).await.unwrap();
+    let request = testkit::payment(1, "100001", "000000001000");
+    s.write_all(&testkit::framed(&request)).await.unwrap();
     let mut buf = bytes::BytesMut::new();
     let frame = loop {
         if let Some(f) = FrameDecoder::new(Framing::U16be, 8192)
@@ -142,7 +142,7 @@ async fn health_readiness_status_and_metrics() {
     // link has handed its samples over (within a second).
     let total = "switchyard_latency_seconds_count{connector=\"200001\",stage=\"total\"}";
     let mut m = m;
-    let limit = std::time::Instant::now() + daemon::WAIT;
+    let limit = std::time::Instant::now() + testkit::WAIT;
     while m.get(total) != Some(&1.0) {
         assert!(std::time::Instant::now() < limit, "{total} not 1 in time");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -174,7 +174,7 @@ async fn health_readiness_status_and_metrics() {
     )
     .unwrap();
     let reload = || {
-        std::process::Command::new(daemon::BIN)
+        std::process::Command::new(BIN)
             .args(["reload", "--admin", &admin.to_string()])
             .output()
             .unwrap()

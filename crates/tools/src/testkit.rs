@@ -1,21 +1,30 @@
-//! Shared by the tests that run the real binary (`switchyard run` as a child
-//! process): a temporary directory, the daemon process and its log, a PKI written
-//! to files, and a simulated bank in the test process.
-#![allow(dead_code)] // each test uses part of it
+//! What the tests share: temporary directories, messages and payments built field by
+//! field, a mutual-TLS test client, a PKI written to files, a simulated bank in the
+//! test process, the daemon as a child process (`switchyard run`), one TLS handshake
+//! observed from both sides, and Prometheus text parsed.
+//!
+//! Test support, not production code: failures panic with what went wrong.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use crate::banksim::{self, BankSimOptions, BankStats, Behavior};
+use crate::certs::{self, DevCa};
 use bytes::{Bytes, BytesMut};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ServerConfig};
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard::banksim::{self, BankSimOptions, BankStats, Behavior};
-use switchyard::certs::{self, DevCa};
+use switchyard::tls::{connection_identity, IdentityError, IdentitySource};
 use switchyard::wire::{Dialect, Encoder, Framing, Mti};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 /// Bound on any single wait; never reached when things work.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -50,10 +59,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts `switchyard run --config CONFIG` and waits until it listens and a
-    /// bank link is up.
-    pub fn start(config: &Path) -> Daemon {
-        let mut child = Command::new(BIN)
+    /// Starts `BIN run --config CONFIG` (`BIN`: the `switchyard` binary, e.g.
+    /// `env!("CARGO_BIN_EXE_switchyard")`) and waits until it listens and a bank
+    /// link is up.
+    pub fn start(bin: &str, config: &Path) -> Daemon {
+        let mut child = Command::new(bin)
             .args(["run", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
@@ -200,11 +210,10 @@ impl Pki {
 
     /// A client certificate for `institution` (to revoke later), and a client
     /// TLS config presenting it.
-    #[allow(dead_code)] // not every test binary revokes certificates
     pub fn client_with_certificate(
         &self,
         institution: &str,
-    ) -> (switchyard::certs::Issued, Arc<rustls::ClientConfig>) {
+    ) -> (certs::Issued, Arc<rustls::ClientConfig>) {
         let issued = self.ca.issue_client(institution).unwrap();
         let config = switchyard::tls::client_config(
             &[self.ca.ca_der()],
@@ -216,8 +225,7 @@ impl Pki {
     }
 
     /// Writes `name`, a revocation list of the CA revoking `revoked`.
-    #[allow(dead_code)]
-    pub fn write_crl(&self, dir: &Path, name: &str, revoked: &[&switchyard::certs::Issued]) {
+    pub fn write_crl(&self, dir: &Path, name: &str, revoked: &[&certs::Issued]) {
         let crl = self.ca.revocation_list(revoked).unwrap();
         std::fs::write(dir.join(name), crl).unwrap();
     }
@@ -347,4 +355,70 @@ pub fn payment(n: usize, acquirer: &str, amount: &str) -> Bytes {
             (49, b"978"),
         ],
     )
+}
+
+/// Parses Prometheus text exposition lines into `name{labels}` → value.
+pub fn parse_prometheus(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+// === one TLS handshake, seen from both sides ===
+
+/// What each side saw of one connection attempt.
+pub struct Outcome {
+    /// The client identity per source as the server read it, or the server's handshake
+    /// error.
+    pub server: Result<Vec<Result<String, IdentityError>>, std::io::Error>,
+    /// Whether the client received the server's greeting after its handshake.
+    pub client_got_greeting: bool,
+}
+
+const GREETING: &[u8] = b"hello";
+
+/// Runs one connection over 127.0.0.1 and reports what both sides saw. The server reads
+/// each of `sources` from the client certificate, then sends a greeting. Both sides are
+/// awaited to completion: no sleeps, no timeouts.
+pub async fn handshake(
+    server: Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    sources: &[IdentitySource],
+) -> Outcome {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let sources = sources.to_vec();
+    let server_task = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut tls = TlsAcceptor::from(server).accept(tcp).await?;
+        let conn = tls.get_ref().1;
+        let ids = sources
+            .iter()
+            .map(|&s| connection_identity(conn, s))
+            .collect::<Vec<_>>();
+        tls.write_all(GREETING).await?;
+        tls.shutdown().await?;
+        Ok::<_, std::io::Error>(ids)
+    });
+
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("localhost").expect("server name");
+    let client_got_greeting = match TlsConnector::from(client).connect(name, tcp).await {
+        Err(_) => false,
+        Ok(mut tls) => {
+            let mut buf = Vec::new();
+            // The server closes after the greeting, or after an alert when it refused us.
+            let read = tls.read_to_end(&mut buf).await;
+            read.is_ok() && buf == GREETING
+        }
+    };
+    let server = server_task.await.expect("server task");
+    Outcome {
+        server,
+        client_got_greeting,
+    }
 }
