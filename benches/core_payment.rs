@@ -30,11 +30,11 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use switchyard::config::{INFLIGHT_PER_LINK_MAX_DEFAULT, REQUEST_TIMEOUT_MS_DEFAULT};
+use switchyard::core::answer::{encode_reply, OriginalStan, Reply};
 use switchyard::core::inflight::{InflightTable, Stan};
 use switchyard::core::route::RouteTable;
 use switchyard::core::validate::{admit, Admission};
 use switchyard::core::InstitutionId;
-use switchyard::net::{encode_reply, OriginalStan, Reply};
 use switchyard::wire::{
     reencode, Change, Dialect, Encoder, FrameDecoder, Framing, Message, Mti,
     FRAME_SIZE_MAX_BYTES_DEFAULT,

@@ -86,43 +86,11 @@ pub const ECHO_INTERVAL_MS_DEFAULT: u64 = 30_000;
 pub const ECHO_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 /// Requests written to a bank link per wake-up (one flush per batch).
 pub const WRITE_BATCH_MAX_DEFAULT: usize = 256;
-/// Reversal advices waiting per bank; past it a new one is parked at once.
-pub const SAF_DEPTH_MAX_DEFAULT: usize = 100_000;
-/// First delay before repeating an unanswered reversal advice.
-pub const REVERSAL_RETRY_MIN_MS_DEFAULT: u64 = 1_000;
-/// Longest delay between repeats.
-pub const REVERSAL_RETRY_MAX_MS_DEFAULT: u64 = 60_000;
-/// Attempts before an advice is parked for manual follow-up.
-pub const REVERSAL_ATTEMPTS_MAX_DEFAULT: u32 = 20;
-/// Age after which an advice is parked.
-pub const REVERSAL_AGE_MAX_S_DEFAULT: u64 = 24 * 3600;
-
-/// Bounds of a bank's reversal store-and-forward queue.
-#[derive(Clone, Debug)]
-pub struct SafLimits {
-    /// Advices waiting.
-    pub depth_max: usize,
-    /// First repeat delay.
-    pub retry_min: Duration,
-    /// Longest repeat delay.
-    pub retry_max: Duration,
-    /// Attempts before parking.
-    pub attempts_max: u32,
-    /// Age before parking.
-    pub age_max: Duration,
-}
-
-impl Default for SafLimits {
-    fn default() -> Self {
-        SafLimits {
-            depth_max: SAF_DEPTH_MAX_DEFAULT,
-            retry_min: Duration::from_millis(REVERSAL_RETRY_MIN_MS_DEFAULT),
-            retry_max: Duration::from_millis(REVERSAL_RETRY_MAX_MS_DEFAULT),
-            attempts_max: REVERSAL_ATTEMPTS_MAX_DEFAULT,
-            age_max: Duration::from_secs(REVERSAL_AGE_MAX_S_DEFAULT),
-        }
-    }
-}
+/// Reversal store-and-forward bounds: defined with the queue they bound.
+pub use crate::core::saf::{
+    SafLimits, REVERSAL_AGE_MAX_S_DEFAULT, REVERSAL_ATTEMPTS_MAX_DEFAULT,
+    REVERSAL_RETRY_MAX_MS_DEFAULT, REVERSAL_RETRY_MIN_MS_DEFAULT, SAF_DEPTH_MAX_DEFAULT,
+};
 
 /// A configuration that cannot be used: which file, which key, what is wrong.
 #[derive(Debug, thiserror::Error)]

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod clock;
 pub mod config;
 pub mod core;
 pub mod daemon;
@@ -21,6 +22,7 @@ pub mod journal;
 pub mod lograte;
 pub mod money;
 pub mod net;
+pub mod sync;
 pub mod telemetry;
 pub mod tls;
 

@@ -185,10 +185,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl<W, A: Clone> DedupTable<W, A> {
     /// A table remembering keys for at least `window` (at most twice that), at most
     /// `capacity` keys, and at most `waiters_max` duplicates (or reversals) waiting
-    /// on one in-flight request.
-    pub fn new(window: Duration, capacity: usize, waiters_max: usize) -> DedupTable<W, A> {
+    /// on one in-flight request; its first generation starts at `now`.
+    pub fn new(
+        window: Duration,
+        capacity: usize,
+        waiters_max: usize,
+        now: Instant,
+    ) -> DedupTable<W, A> {
         let per_shard = capacity.max(1).div_ceil(SHARDS);
-        let now = Instant::now();
         let shards = (0..SHARDS)
             .map(|i| {
                 // Shards turn at different moments, spreading the work of dropping a
@@ -419,8 +423,8 @@ mod tests {
     #[test]
     fn verdicts_over_a_request_life() {
         let window = Duration::from_secs(60);
-        let t: DedupTable<u32, &'static str> = DedupTable::new(window, 100, 2);
-        let t0 = Instant::now(); // the table's generations start before
+        let t0 = Instant::now();
+        let t: DedupTable<u32, &'static str> = DedupTable::new(window, 100, 2, t0);
         let a = msg(Mti::FINANCIAL, b"000001", b"000000001000");
         let key = DuplicateKey::of(&a).unwrap();
         let digest = content_digest(&a);
@@ -462,8 +466,8 @@ mod tests {
     fn bounded_and_late_completions_do_not_linger() {
         let window = Duration::from_secs(10);
         // One key per shard at most.
-        let t: DedupTable<(), ()> = DedupTable::new(window, 1, 1);
         let t0 = Instant::now();
+        let t: DedupTable<(), ()> = DedupTable::new(window, 1, 1, t0);
         let keys: Vec<_> = (0..200u32)
             .map(|i| {
                 msg(
@@ -492,7 +496,7 @@ mod tests {
     fn a_reversal_finds_its_original_by_de90() {
         let t0 = Instant::now();
         let t: DedupTable<&'static str, &'static str> =
-            DedupTable::new(Duration::from_secs(60), 100, 2);
+            DedupTable::new(Duration::from_secs(60), 100, 2, t0);
         let original = msg(Mti::FINANCIAL, b"000042", b"000000001000");
         let key = DuplicateKey::of(&original).unwrap();
         let d = Dialect::iso87_ascii();

@@ -3,7 +3,8 @@
 //! is reserved when it is created; closed segments are pruned by age
 //! (`retention`) and, of earlier opens only, by total size (`size_max_bytes`).
 //!
-//! The daemon journals through `net::journaling`; `switchyard journal verify` and
+//! The switch journals through `core::writeahead` (which keeps the order records
+//! must be durable in); `switchyard journal verify` and
 //! `journal dump` read it.
 
 pub mod dump;
@@ -15,7 +16,7 @@ pub mod writer;
 
 pub use reader::{scan, segments, JournalError, Scan, TornTail};
 pub use record::{Record, RecordKind};
-pub use writer::{AppendError, Entry, Fsync, Journal, JournalConfig, Opened};
+pub use writer::{AppendError, Entry, Fsync, Journal, JournalConfig, Opened, RecordSink};
 
 #[cfg(test)]
 pub(crate) mod testdir {

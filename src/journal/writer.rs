@@ -107,6 +107,20 @@ pub struct Entry {
     pub message: Bytes,
 }
 
+/// Where records are appended: the journal's writer thread, or (in the
+/// simulation) an in-memory journal. `append` never blocks; durability is the
+/// sink's own business (the daemon waits with [`Journal::wait_durable`]).
+pub trait RecordSink: Send + Sync {
+    /// Queues a record; returns its sequence number.
+    fn append(&self, entry: Entry) -> Result<u64, AppendError>;
+}
+
+impl RecordSink for Journal {
+    fn append(&self, entry: Entry) -> Result<u64, AppendError> {
+        Journal::append(self, entry)
+    }
+}
+
 /// Why a record was not accepted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum AppendError {

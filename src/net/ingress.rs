@@ -1,13 +1,16 @@
 //! Acquirer sessions: accept mutual TLS, name the institution from its
 //! certificate, read frames, admit or decline, and write answers in batches.
 
-use super::journaling::Journaling;
+use super::durable::Durable;
 use super::live::Live;
-use super::{encode_reply, Awaiting, InstitutionSlot, Pending, Recent, Reply, Stored};
 use crate::config::Config;
-use crate::core::dedup::{content_digest, DuplicateKey, Original, Verdict};
+use crate::core::answer::{encode_reply, Reply, ReversalRoute};
+use crate::core::books::Books;
+use crate::core::recent::OriginalOf;
+use crate::core::request::{InstitutionSlot, Pending};
 use crate::core::route::{BankIndex, FailoverId};
 use crate::core::validate::{admit, Admission, RequestKind};
+use crate::core::writeahead::OutcomeSource;
 use crate::core::{InstitutionId, ResponseCode};
 use crate::tls::connection_identity;
 use crate::wire::{FrameDecoder, Location, Message};
@@ -38,15 +41,16 @@ pub struct Ingress {
     /// The config the switch started with: what a reload cannot change (the
     /// acquirer dialect and framing, the frame bound).
     config: Arc<Config>,
-    connections: AtomicUsize,
+    /// Acquirer connections open (each held by a [`ConnectionGuard`]).
+    connections: Arc<Connections>,
     /// Open sessions per institution (entries removed when they reach zero).
     sessions: dashmap::DashMap<InstitutionId, usize>,
-    /// Where accepted requests are recorded.
-    journaling: Journaling,
+    /// Where requests are booked: the journal and the duplicates table.
+    books: Books,
+    /// Where a session's answers wait for their outcome records.
+    durable: Durable,
     /// The next request id (journal records name requests by it).
     next_request_id: AtomicU64,
-    /// Recent requests: retransmissions and reversals are matched here.
-    recent: Arc<Recent>,
     /// What a reload replaces (routes, institutions, limits, connectors, TLS),
     /// and its generation: a session keeps its own copy of the `Arc` and looks at
     /// the lock only when the generation moved (one relaxed load per request).
@@ -93,16 +97,16 @@ impl Ingress {
     pub fn new(
         config: Arc<Config>,
         live: Live,
-        journaling: Journaling,
+        books: Books,
+        durable: Durable,
         first_request_id: u64,
-        recent: Arc<Recent>,
     ) -> Arc<Ingress> {
         Arc::new(Ingress {
             config,
-            connections: AtomicUsize::new(0),
-            journaling,
+            connections: Arc::new(Connections::default()),
+            books,
+            durable,
             next_request_id: AtomicU64::new(first_request_id),
-            recent,
             live: std::sync::RwLock::new(Arc::new(live)),
             generation: AtomicU64::new(0),
             sessions: dashmap::DashMap::new(),
@@ -179,7 +183,20 @@ impl Ingress {
 
     /// Acquirer connections open now.
     pub fn connections(&self) -> usize {
-        self.connections.load(Ordering::Relaxed)
+        self.connections.open.load(Ordering::Relaxed)
+    }
+
+    /// Waits until no acquirer connection is open (a graceful shutdown's drain).
+    pub async fn all_closed(&self) {
+        loop {
+            let closed = self.connections.closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.connections() == 0 {
+                return;
+            }
+            closed.await;
+        }
     }
 
     /// Accepts acquirer connections until `shutdown` (the drain token: once it is
@@ -205,20 +222,20 @@ impl Ingress {
             };
             let live = self.live();
             let limit = live.config.connections_max;
-            if self.connections.fetch_add(1, Ordering::AcqRel) >= limit {
-                self.connections.fetch_sub(1, Ordering::AcqRel);
+            let Some(guard) = ConnectionGuard::take(&self.connections, limit) else {
                 metrics::counter!("switchyard_connections_refused_total", "reason" => "limit")
                     .increment(1);
                 crate::log_limited!(warn, %peer, limit, "connection refused: limit");
                 continue;
-            }
+            };
             let this = self.clone();
             let acceptor = TlsAcceptor::from(live.tls.clone());
             drop(live);
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
+                // Held by the task: given back when it ends, even by a panic.
+                let _guard = guard;
                 this.connection(tcp, peer, acceptor, shutdown).await;
-                this.connections.fetch_sub(1, Ordering::AcqRel);
             });
         }
     }
@@ -354,12 +371,7 @@ impl Ingress {
                         "institution removed by a reload: request declined 58, session closing");
                     let (msg, e) = Message::decode_partial(&self.config.dialect, frame);
                     if e.is_none_or(|e| e.location != Location::Mti) && msg.mti().is_request() {
-                        permit.send(Reply::Switch {
-                            request: msg,
-                            code: ResponseCode::NotPermitted,
-                            connector: None,
-                            seq: 0,
-                        });
+                        permit.send(Reply::switch(msg, ResponseCode::NotPermitted));
                     }
                     return;
                 }
@@ -430,12 +442,7 @@ impl Ingress {
                 return; // no answer can be formed; the permit returns unused
             }
             let code = ResponseCode::FormatError;
-            permit.send(Reply::Switch {
-                request: msg,
-                code,
-                connector: None,
-                seq: 0,
-            });
+            permit.send(Reply::switch(msg, code));
             return;
         }
         match admit(&msg, institution, &live.routes) {
@@ -443,20 +450,10 @@ impl Ingress {
             Admission::Forward { bank, .. } if draining => {
                 metrics::counter!("switchyard_connector_unavailable_total", "reason" => "draining")
                     .increment(1);
-                permit.send(Reply::Switch {
-                    request: msg,
-                    code: ResponseCode::DestinationUnavailable,
-                    connector: Some(bank),
-                    seq: 0,
-                });
+                permit.send(Reply::switch(msg, ResponseCode::DestinationUnavailable).via(bank));
             }
             Admission::Forward { .. } if !within_rate(live, institution) => {
-                permit.send(Reply::Switch {
-                    request: msg,
-                    code: ResponseCode::RateLimited,
-                    connector: None,
-                    seq: 0,
-                });
+                permit.send(Reply::switch(msg, ResponseCode::RateLimited));
             }
             Admission::Forward {
                 bank,
@@ -468,23 +465,13 @@ impl Ingress {
                 self.forward(msg, permit, institution, bank, kind, live)
             }
             Admission::Network(code) => {
-                permit.send(Reply::Switch {
-                    request: msg,
-                    code,
-                    connector: None,
-                    seq: 0,
-                });
+                permit.send(Reply::switch(msg, code));
             }
             Admission::Decline(code, reason) => {
                 metrics::counter!("switchyard_declined_total", "code" => code.as_str(), "reason" => reason.as_str())
                     .increment(1);
                 crate::log_limited!(warn, %institution, mti = %msg.mti(), code = %code, %reason, "request declined by the switch");
-                permit.send(Reply::Switch {
-                    request: msg,
-                    code,
-                    connector: None,
-                    seq: 0,
-                });
+                permit.send(Reply::switch(msg, code));
             }
             Admission::Unsolicited => {
                 metrics::counter!("switchyard_rejected_input_total", "reason" => "unsolicited")
@@ -494,8 +481,9 @@ impl Ingress {
         }
     }
 
-    /// A request admitted for `bank`: checked against recent requests, journaled,
-    /// and queued for its bank (a reversal for the bank that saw its original).
+    /// A request admitted for `bank`: its duplicates entry opened (a repeat is
+    /// answered there), journaled as accepted, and queued for its bank (a reversal
+    /// for the bank that saw its original).
     fn forward(
         &self,
         msg: Message,
@@ -508,58 +496,41 @@ impl Ingress {
         let Some(slot) = inflight_slot(live, institution) else {
             crate::log_limited!(warn, %institution, limit = live.config.inflight_per_institution_max,
                 "institution's requests in flight at the limit: answered 91");
-            permit.send(Reply::Switch {
-                request: msg,
-                code: ResponseCode::DestinationUnavailable,
-                connector: Some(bank),
-                seq: 0,
-            });
+            let code = ResponseCode::DestinationUnavailable;
+            permit.send(Reply::switch(msg, code).via(bank));
             return;
         };
-        let received_at = Instant::now();
-        let key = DuplicateKey::of(&msg);
-        let (msg, permit) = match key {
-            None => (msg, permit), // ids too long to key: not tracked
-            Some(key) => {
-                let digest = content_digest(&msg);
-                let waiter = Awaiting::Duplicate {
-                    request: msg,
-                    reply: permit,
-                };
-                match self.recent.check(key, digest, received_at, waiter) {
-                    Verdict::New(Awaiting::Duplicate { request, reply }) => (request, reply),
-                    Verdict::New(Awaiting::Reversal(_)) => return,
-                    verdict => return self.duplicate(verdict, institution, live),
-                }
-            }
-        };
-        let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let Some(connector) = live.connector(bank) else {
             return; // routes name configured slots only
         };
+        let received_at = Instant::now();
+        let dialect_of = |c: BankIndex| live.connector(c).map(|c| c.bank().dialect.clone());
+        let Some(opened) = self.books.recent.open(
+            msg,
+            permit,
+            institution,
+            received_at,
+            dialect_of,
+            &self.config.dialect,
+        ) else {
+            return; // a repeat: answered, or waiting for its original's answer
+        };
         let pending = Pending {
-            request: msg,
-            reply: permit,
+            request: opened.request,
+            reply: opened.reply,
             acquirer: institution,
-            request_id,
+            request_id: self.next_request_id.fetch_add(1, Ordering::Relaxed),
             received_at,
             forwarded_at: received_at,
             bank,
             deadline: received_at + connector.request_timeout(),
-            registered: key.is_some(),
+            registered: opened.registered,
             original_link_stan: None,
             slot,
         };
-        if let Err(e) = self
-            .journaling
-            .accepted(request_id, institution, &pending.request)
-        {
-            metrics::counter!("switchyard_connector_unavailable_total", "reason" => "journal")
-                .increment(1);
-            crate::log_limited!(warn, %institution, error = %e, "request not journaled: answered 91");
-            connector.refuse_unjournaled(pending);
-            return;
-        }
+        let Some(pending) = self.books.accept(pending) else {
+            return; // not journaled: answered 91
+        };
         if matches!(kind, RequestKind::Reversal | RequestKind::ReversalAdvice) {
             self.reverse(pending, live);
         } else {
@@ -567,120 +538,48 @@ impl Ingress {
         }
     }
 
-    /// Answers a request whose key was seen before.
-    fn duplicate(
-        &self,
-        verdict: Verdict<Awaiting, Stored>,
-        institution: InstitutionId,
-        live: &Live,
-    ) {
-        let (result, code, waiter) = match verdict {
-            Verdict::Answered {
-                answer,
-                seq,
-                waiter: Awaiting::Duplicate { request, reply },
-            } => {
-                metrics::counter!("switchyard_duplicates_total", "result" => "answered_again")
+    /// Sends an acquirer's reversal where its original went, with DE90 naming the
+    /// STAN the bank saw (see [`crate::core::answer::Stored::reversal_route`]); waits
+    /// for an original still in flight; answers 00 when the switch answered the
+    /// original, 91 when too many wait on it, and 25 when it is not known. The
+    /// switch's own answers here never pass a connector.
+    fn reverse(&self, pending: Pending, live: &Live) {
+        let (p, code, matched) = match self.books.recent.original(pending) {
+            OriginalOf::Waiting => {
+                metrics::counter!("switchyard_reversals_matched_total", "original" => "in_flight")
                     .increment(1);
-                debug!(%institution, mti = %request.mti(), "retransmission: original answer sent again");
-                let dialect = match &answer {
-                    Stored::Bank { connector, .. } => {
-                        live.connector(*connector).map(|c| c.bank().dialect.clone())
+                return;
+            }
+            OriginalOf::Done(stored, mut p) => match stored.reversal_route() {
+                ReversalRoute::Bank {
+                    connector,
+                    link_stan,
+                } => {
+                    metrics::counter!("switchyard_reversals_matched_total", "original" => "answered")
+                        .increment(1);
+                    // The bank that saw the original, under its slot now.
+                    let to = live.serving(connector);
+                    p.bank = to;
+                    p.original_link_stan = Some(link_stan);
+                    match live.connector(to) {
+                        Some(c) => return c.submit(p),
+                        None => (p, ResponseCode::DestinationUnavailable, None),
                     }
-                    Stored::Switch(_) => None,
-                };
-                let dialect = dialect.unwrap_or_else(|| self.config.dialect.clone());
-                reply.send(answer.reply_to(request, &dialect, seq));
-                return;
-            }
-            Verdict::Waiting => {
-                metrics::counter!("switchyard_duplicates_total", "result" => "waiting")
-                    .increment(1);
-                return;
-            }
-            Verdict::Conflict(w) => ("conflict", ResponseCode::Duplicate, w),
-            Verdict::Full(w) => ("full", ResponseCode::DestinationUnavailable, w),
-            Verdict::New(w) | Verdict::Answered { waiter: w, .. } => {
-                ("unexpected", ResponseCode::SystemMalfunction, w)
+                }
+                ReversalRoute::Approve => (p, ResponseCode::Approved, Some("switch_answered")),
+            },
+            OriginalOf::Full(p) => (p, ResponseCode::DestinationUnavailable, None),
+            OriginalOf::NotFound(p) => {
+                crate::log_limited!(warn, acquirer = %p.acquirer,
+                    "reversal names no known original: answered 25");
+                (p, ResponseCode::OriginalNotFound, Some("not_found"))
             }
         };
-        metrics::counter!("switchyard_duplicates_total", "result" => result).increment(1);
-        crate::log_limited!(warn, %institution, %code, result, "request key seen before with other content, or table full");
-        if let Awaiting::Duplicate { request, reply } = waiter {
-            reply.send(Reply::Switch {
-                request,
-                code,
-                connector: None,
-                seq: 0,
-            });
-        }
-    }
-
-    /// Sends an acquirer's reversal where its original went, with DE90 naming the
-    /// STAN the bank saw; waits for an original still in flight; answers 00 when the
-    /// switch answered the original (never forwarded, or its own reversal advice is
-    /// queued) and 25 when the original is not known.
-    fn reverse(&self, pending: Pending, live: &Live) {
-        let key = |with_rrn| DuplicateKey::of_original(&pending.request, with_rrn);
-        let keys = [
-            key(true),
-            key(false).filter(|_| pending.request.field(37).is_some()),
-        ];
-        let mut waiter = Awaiting::Reversal(pending);
-        for key in keys.into_iter().flatten() {
-            waiter = match self.recent.original(&key, waiter) {
-                Original::Attached => {
-                    metrics::counter!("switchyard_reversals_matched_total", "original" => "in_flight")
-                        .increment(1);
-                    return;
-                }
-                Original::Done(stored, Awaiting::Reversal(mut p)) => {
-                    let Some(connector) = live.connector(p.bank) else {
-                        return;
-                    };
-                    match stored {
-                        Stored::Bank {
-                            connector: to,
-                            link_stan,
-                            ..
-                        } => {
-                            metrics::counter!("switchyard_reversals_matched_total", "original" => "answered")
-                                .increment(1);
-                            // The bank that saw the original, under its slot now.
-                            let to = live.serving(to);
-                            p.bank = to;
-                            p.original_link_stan = Some(link_stan);
-                            match live.connector(to) {
-                                Some(c) => c.submit(p),
-                                None => connector.decline(p, ResponseCode::DestinationUnavailable),
-                            }
-                        }
-                        Stored::Switch(_) => {
-                            metrics::counter!("switchyard_reversals_matched_total", "original" => "switch_answered")
-                                .increment(1);
-                            connector.decline(p, ResponseCode::Approved);
-                        }
-                    }
-                    return;
-                }
-                Original::Full(Awaiting::Reversal(p)) => {
-                    if let Some(connector) = live.connector(p.bank) {
-                        connector.decline(p, ResponseCode::DestinationUnavailable);
-                    }
-                    return;
-                }
-                Original::Absent(w) => w,
-                Original::Done(_, w) | Original::Full(w) => w,
-            };
-        }
-        if let Awaiting::Reversal(p) = waiter {
-            metrics::counter!("switchyard_reversals_matched_total", "original" => "not_found")
+        if let Some(matched) = matched {
+            metrics::counter!("switchyard_reversals_matched_total", "original" => matched)
                 .increment(1);
-            crate::log_limited!(warn, acquirer = %p.acquirer, "reversal names no known original: answered 25");
-            if let Some(connector) = live.connector(p.bank) {
-                connector.decline(p, ResponseCode::OriginalNotFound);
-            }
         }
+        self.books.answer_switch(p, code, OutcomeSource::Switch);
     }
 
     async fn write_loop(
@@ -700,7 +599,7 @@ impl Ingress {
             }
             // Nothing leaves before the outcomes in this batch are durable.
             let seq = batch.iter().map(Reply::seq).max().unwrap_or(0);
-            if !self.journaling.durable(seq).await {
+            if !self.durable.wait(seq).await {
                 metrics::counter!("switchyard_connections_closed_total", "reason" => "journal")
                     .increment(1);
                 crate::log_limited!(warn, %institution, "journal failed: answers withheld, connection closed");
@@ -784,4 +683,36 @@ fn within_rate(live: &Live, institution: InstitutionId) -> bool {
     }
     state.refused.increment(1);
     false
+}
+
+/// Acquirer connections open, and a wake-up when the last one closes.
+#[derive(Default)]
+struct Connections {
+    open: AtomicUsize,
+    closed: tokio::sync::Notify,
+}
+
+/// One open acquirer connection, counted until dropped (a session that panics
+/// gives its place back too).
+struct ConnectionGuard(Arc<Connections>);
+
+impl ConnectionGuard {
+    /// A place among `connections` if fewer than `max` are open.
+    fn take(connections: &Arc<Connections>, max: usize) -> Option<ConnectionGuard> {
+        connections
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ConnectionGuard(connections.clone()))
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.closed.notify_waiters();
+        }
+    }
 }

@@ -5,15 +5,52 @@
 //! advice is queued here, sent on the next link write, repeated as 0421 with
 //! doubling backoff until the bank answers 0430, and parked (logged, counted) after
 //! too many attempts or too long. Each advice is journaled when queued and when
-//! acknowledged; replaying unacknowledged ones after a restart is the next step.
+//! acknowledged; after a restart, recovery (`daemon::recovery`) queues again the
+//! advices the journal shows unacknowledged.
 
-use crate::core::inflight::Stan;
+use super::inflight::Stan;
 use crate::wire::Message;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-pub use crate::config::SafLimits;
+/// Reversal advices waiting per bank; past it a new one is parked at once.
+pub const SAF_DEPTH_MAX_DEFAULT: usize = 100_000;
+/// First delay before repeating an unanswered reversal advice.
+pub const REVERSAL_RETRY_MIN_MS_DEFAULT: u64 = 1_000;
+/// Longest delay between repeats.
+pub const REVERSAL_RETRY_MAX_MS_DEFAULT: u64 = 60_000;
+/// Attempts before an advice is parked for manual follow-up.
+pub const REVERSAL_ATTEMPTS_MAX_DEFAULT: u32 = 20;
+/// Age after which an advice is parked.
+pub const REVERSAL_AGE_MAX_S_DEFAULT: u64 = 24 * 3600;
+
+/// Bounds of a bank's reversal store-and-forward queue.
+#[derive(Clone, Debug)]
+pub struct SafLimits {
+    /// Advices waiting.
+    pub depth_max: usize,
+    /// First repeat delay.
+    pub retry_min: Duration,
+    /// Longest repeat delay.
+    pub retry_max: Duration,
+    /// Attempts before parking.
+    pub attempts_max: u32,
+    /// Age before parking.
+    pub age_max: Duration,
+}
+
+impl Default for SafLimits {
+    fn default() -> Self {
+        SafLimits {
+            depth_max: SAF_DEPTH_MAX_DEFAULT,
+            retry_min: Duration::from_millis(REVERSAL_RETRY_MIN_MS_DEFAULT),
+            retry_max: Duration::from_millis(REVERSAL_RETRY_MAX_MS_DEFAULT),
+            attempts_max: REVERSAL_ATTEMPTS_MAX_DEFAULT,
+            age_max: Duration::from_secs(REVERSAL_AGE_MAX_S_DEFAULT),
+        }
+    }
+}
 
 /// A reversal advice to deliver.
 pub struct Advice {
@@ -131,6 +168,16 @@ impl Saf {
             }
         }
         self.len.store(advices.len(), Ordering::Relaxed);
+    }
+
+    /// Takes every waiting advice, due or not (a retired bank hands them over).
+    pub fn take_all(&self, out: &mut Vec<Advice>) {
+        if self.is_empty() {
+            return;
+        }
+        let mut advices = self.lock();
+        out.append(&mut advices);
+        self.len.store(0, Ordering::Relaxed);
     }
 
     /// When the earliest waiting advice is due.

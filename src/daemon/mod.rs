@@ -1,18 +1,19 @@
 //! The daemon: wires config, TLS, connectors and the acquirer listener together.
 
+pub mod recovery;
+
 use crate::config::{Config, TlsFiles};
-use crate::core::dedup::{content_digest, DuplicateKey};
-use crate::core::inflight::{Stan, STAN_MAX};
-use crate::core::reversal::is_reversal;
-use crate::core::ResponseCode;
-use crate::journal::recovery::{Recovery, Replay};
+use crate::core::bank::BankState;
+use crate::core::books::Books;
+use crate::core::inflight::STAN_MAX;
+use crate::core::recent::Recent;
+use crate::core::writeahead::WriteAhead;
+use crate::journal::recovery::Replay;
 use crate::journal::{Journal, JournalError};
 use crate::net::connector::{Bookkeeping, Connector};
+use crate::net::durable::Durable;
 use crate::net::ingress::Ingress;
-use crate::net::journaling::Journaling;
-use crate::net::journaling::OutcomeSource;
 use crate::net::live::{Live, CONNECTOR_SLOTS_MAX};
-use crate::net::{Recent, Stored};
 use crate::telemetry::{self, PUBLISH_INTERVAL};
 use crate::tls::{self, TlsError};
 use std::future::Future;
@@ -98,20 +99,27 @@ impl Switch {
                 let next = opened.next_seq;
                 let journal = Arc::new(opened.journal);
                 (
-                    Journaling::new(journal.clone()),
+                    WriteAhead::new(journal.clone()),
                     Some(journal),
                     next,
                     Some(recovery),
                 )
             }
-            None => (Journaling::off(), None, 1, None),
+            None => (WriteAhead::off(), None, 1, None),
         };
         let config = Arc::new(config);
         let d = config.duplicates;
-        let recent = Arc::new(Recent::new(d.window, d.entries_max, d.waiters_max));
+        let recent = Arc::new(Recent::new(
+            d.window,
+            d.entries_max,
+            d.waiters_max,
+            std::time::Instant::now(),
+        ));
         if let Some(recovery) = &recovery {
-            restore_recent(&config, &recent, recovery);
+            recovery::restore_recent(&config.dialect, &recent, recovery);
         }
+        let books = Books::new(journaling, recent.clone(), config.dialect.clone());
+        let durable = Durable::new(journal.clone());
         let shutdown = CancellationToken::new();
         let link_changed = Arc::new(Notify::new());
         let connectors: Vec<Arc<Connector>> = config
@@ -127,8 +135,8 @@ impl Switch {
                     config.frame_size_max_bytes,
                     link_changed.clone(),
                     Bookkeeping {
-                        journaling: journaling.clone(),
-                        recent: recent.clone(),
+                        books: books.clone(),
+                        durable: durable.clone(),
                         // Past every STAN used before the restart (each request
                         // took at least one journal sequence number), modulo wrap.
                         first_stan: (first_request_id % u64::from(STAN_MAX)) as u32 + 1,
@@ -140,7 +148,14 @@ impl Switch {
             c.spawn_links(&shutdown);
         }
         if let Some(recovery) = recovery {
-            resume(&config, &connectors, &journaling, &recent, recovery);
+            let banks: Vec<&BankState> = connectors.iter().map(|c| c.state().as_ref()).collect();
+            recovery::resume(
+                &config.dialect,
+                &banks,
+                &books,
+                recovery,
+                std::time::Instant::now(),
+            );
         }
         let active = (0..connectors.len())
             .map(|i| i as crate::core::route::BankIndex)
@@ -152,18 +167,12 @@ impl Switch {
             tls.server.clone(),
             None,
         );
-        let books = Bookkeeping {
-            journaling: journaling.clone(),
-            recent: recent.clone(),
+        let bookkeeping = Bookkeeping {
+            books: books.clone(),
+            durable: durable.clone(),
             first_stan: 1,
         };
-        let ingress = Ingress::new(
-            config.clone(),
-            live,
-            journaling,
-            first_request_id,
-            recent.clone(),
-        );
+        let ingress = Ingress::new(config.clone(), live, books, durable, first_request_id);
         let published = Published {
             ingress: ingress.clone(),
             recent: recent.clone(),
@@ -173,7 +182,7 @@ impl Switch {
         let tasks = std::sync::Mutex::new(tasks);
         Ok(Switch {
             ingress,
-            books,
+            books: bookkeeping,
             reloading: tokio::sync::Mutex::new(()),
             link_changed,
             shutdown,
@@ -388,7 +397,7 @@ impl Switch {
             c.retire();
         }
         for (old, successor) in replaced {
-            old.retire_into(successor);
+            old.retire_into(&successor);
         }
         let mut what = format!(
             "config reloaded: {prefixes} PAN prefixes, {institutions} institutions, {} banks",
@@ -495,67 +504,6 @@ impl Switch {
     }
 }
 
-/// Acts on what the journal shows unfinished after a crash: a request forwarded
-/// without an outcome is closed as timed out (68) and reversed; one never forwarded
-/// is closed as 91 (the bank never saw it); advices not acknowledged are queued
-/// again.
-fn resume(
-    config: &Config,
-    connectors: &[Arc<Connector>],
-    journaling: &Journaling,
-    recent: &Recent,
-    recovery: Recovery,
-) {
-    let decode = |bytes: bytes::Bytes| crate::wire::Message::decode(&config.dialect, bytes).ok();
-    let unfinished: std::collections::HashSet<u64> =
-        recovery.unfinished.iter().map(|u| u.request_id).collect();
-    for u in recovery.unfinished {
-        let Some((bank, stan)) = u.forwarded else {
-            journaling.outcome(u.request_id, b"91", OutcomeSource::Switch, None);
-            continue;
-        };
-        let connector = connectors.get(usize::from(bank));
-        let original = decode(u.request);
-        // An acquirer's reversal left unfinished: the payment it names is reversed,
-        // under the STAN the bank saw the payment with.
-        let link_stan = match &original {
-            Some(m) if is_reversal(m.mti()) => [true, false]
-                .into_iter()
-                .filter_map(|rrn| DuplicateKey::of_original(m, rrn))
-                .find_map(|key| match recent.stored(&key) {
-                    Some(Stored::Bank { link_stan, .. }) => Some(link_stan),
-                    _ => None,
-                }),
-            _ => Stan::from_value(stan),
-        };
-        match (connector, original, link_stan) {
-            (Some(c), Some(original), Some(link_stan)) => {
-                c.resume_reversal(u.request_id, original, link_stan, true);
-            }
-            _ => tracing::error!(
-                request_id = u.request_id,
-                "unfinished request names no configured bank or cannot be decoded: reverse it by hand"
-            ),
-        }
-    }
-    for p in recovery.reversals_pending {
-        if unfinished.contains(&p.request_id) {
-            continue; // queued above with its 68
-        }
-        let (bank, stan) = p.forwarded;
-        let connector = connectors.get(usize::from(bank));
-        match (connector, decode(p.request), Stan::from_value(stan)) {
-            (Some(c), Some(original), Some(link_stan)) => {
-                c.resume_reversal(p.request_id, original, link_stan, false);
-            }
-            _ => tracing::error!(
-                request_id = p.request_id,
-                "pending reversal names no configured bank or cannot be decoded: reverse it by hand"
-            ),
-        }
-    }
-}
-
 /// Reloads the config on every SIGHUP (unix), logging what was applied or why
 /// the new file was rejected.
 async fn reload_on_sighup(switch: Arc<Switch>, path: std::path::PathBuf) {
@@ -612,42 +560,6 @@ fn unix_ms_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Rebuilds the duplicates table from requests the journal shows within the window:
-/// answered ones keep their answer; unfinished ones get the outcome [`resume`] gives
-/// them (68 if forwarded, else 91).
-fn restore_recent(config: &Config, recent: &Recent, recovery: &Recovery) {
-    let mut restored = 0usize;
-    for r in &recovery.recent {
-        let Ok(request) = crate::wire::Message::decode(&config.dialect, r.request.clone()) else {
-            continue;
-        };
-        let Some(key) = DuplicateKey::of(&request) else {
-            continue;
-        };
-        let forwarded = r
-            .forwarded
-            .and_then(|(bank, stan)| Some((bank, Stan::from_value(stan)?)));
-        let stored = match (&r.outcome, forwarded) {
-            (Some(o), Some((connector, link_stan))) if o.source == OutcomeSource::Bank as u8 => {
-                Stored::Bank {
-                    connector,
-                    link_stan,
-                    answer: o.answer.clone(),
-                }
-            }
-            (Some(o), _) => Stored::Switch(
-                ResponseCode::from_de39(&o.de39).unwrap_or(ResponseCode::SystemMalfunction),
-            ),
-            (None, Some(_)) => Stored::Switch(ResponseCode::LateResponse),
-            (None, None) => Stored::Switch(ResponseCode::DestinationUnavailable),
-        };
-        restored += usize::from(recent.restore(key, content_digest(&request), stored, 0));
-    }
-    if restored > 0 {
-        tracing::info!(restored, "duplicates table rebuilt from the journal");
-    }
 }
 
 /// Refreshes gauges once per [`PUBLISH_INTERVAL`] until shutdown.

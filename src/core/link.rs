@@ -1,0 +1,808 @@
+//! One bank link as a sans-IO state machine (in the spirit of quinn-proto's
+//! `Connection`): its in-flight table, STAN allocation, batch filling (requests and
+//! reversal advices), answer matching, deadline expiry, echoes, sign-on and
+//! sign-off, and what becomes of a request the bank may have seen but whose answer
+//! the acquirer will not get (a reversal advice).
+//!
+//! No sockets, no tasks, no clock: time comes in as arguments. The tokio connector
+//! (`net::connector`) is a shell that moves bytes and timers; the simulation
+//! (`tests/simulation/`) drives this same type with a fake clock; the
+//! `core_payment` bench drives it without a journal.
+//!
+//! Its methods come in the four kinds of a quinn-proto state machine:
+//! - getters: [`Link::is_up`], [`Link::inflight`], [`Link::ended`];
+//! - input: [`Link::on_answer`] (a frame from the bank), [`Link::handle_timeout`],
+//!   [`Link::on_link_lost`];
+//! - mutators: [`Link::submit`] (one request into flight), [`Link::retire`],
+//!   [`Link::close`];
+//! - output: [`Link::poll_transmit`] (bytes to write, and the journal record they
+//!   wait for), [`Link::poll_timeout`] (when to call `handle_timeout`), and the
+//!   wake-up flags [`Link::take_wake_writer`] / [`Link::take_wake_reader`] for a
+//!   shell that reads and writes in two futures.
+//!
+//! What a link needs from its bank (the queue it draws requests from, the STAN
+//! counter shared by the bank's links, reversal advices waiting, the journal, where
+//! an answer goes) it asks of a [`LinkEnv`]; `core::bank::BankState` is the
+//! switch's.
+//!
+//! Life of a link: `SigningOn` (0800 DE70 001 sent; the link is up once the bank
+//! answers 00 within the echo timeout) → `Up` (requests and advices flow; an echo,
+//! DE70 301, after `echo_interval` without a write; an echo unanswered within
+//! `echo_timeout` ends the link) → `Retiring` (a reload shrank the pool: nothing new
+//! is taken, requests in flight are answered or time out) → `SigningOff` (0800 DE70
+//! 002, awaited up to min(echo timeout, [`SIGN_OFF_WAIT_MAX`])) → `Ended`.
+
+use super::inflight::{InflightTable, Stan, TableFull};
+use super::reversal::{encode_reversal_advice, rewrite_de90};
+use super::saf::Advice;
+use super::InstitutionId;
+use crate::journal::AppendError;
+use crate::telemetry::Sample;
+use crate::wire::{reencode, Change, Dialect, Encoder, Framing, Message, Mti};
+use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Longest wait for a bank's answer to a sign-off (else the echo timeout).
+pub const SIGN_OFF_WAIT_MAX: Duration = Duration::from_secs(1);
+
+/// DE70 network management codes the switch sends.
+const SIGN_ON: &[u8; 3] = b"001";
+const SIGN_OFF: &[u8; 3] = b"002";
+const ECHO: &[u8; 3] = b"301";
+
+/// A request as a link carries it.
+pub trait LinkRequest {
+    /// The request as the acquirer sent it.
+    fn message(&self) -> &Message;
+    /// When the acquirer must have its answer.
+    fn deadline(&self) -> Instant;
+    /// For an acquirer's reversal: the STAN the bank saw its original under.
+    fn original_link_stan(&self) -> Option<Stan>;
+    /// Notes when the request was encoded for the bank.
+    fn forwarded_at(&mut self, now: Instant);
+    /// When it was received and when forwarded (for latency samples).
+    fn times(&self) -> (Instant, Instant);
+}
+
+/// How a request on a link ended. (Answers dominate; boxing the message would
+/// allocate per answer.)
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum Finish {
+    /// The bank answered, with an MTI that fits the request.
+    Answered {
+        /// The STAN the request carried on the link.
+        stan: Stan,
+        /// The bank's answer.
+        answer: Message,
+    },
+    /// No answer by the deadline (68). The bank may have seen the request: a
+    /// reversal advice goes to it for the payment the bank knows under `reverse`.
+    TimedOut {
+        /// The link STAN to reverse (an acquirer's reversal: its original's).
+        reverse: Stan,
+    },
+    /// The link could not take or keep it (91): `why` names which bound or event,
+    /// for metrics. With `reverse`, the bank may have seen it (the link was lost
+    /// with it in flight) and a reversal advice goes too.
+    Unavailable {
+        /// A static metric label: "expired in queue", "link in-flight table full",
+        /// "journal", "link lost".
+        why: &'static str,
+        /// The link STAN to reverse, when the bank may have seen it.
+        reverse: Option<Stan>,
+    },
+    /// It does not fit the bank's dialect (30); nothing was sent.
+    Unencodable,
+    /// The bank answered with an MTI that does not fit it (96).
+    WrongAnswer {
+        /// The MTI the bank sent.
+        mti: Mti,
+    },
+}
+
+/// What a link asks of its bank (the switch's: `core::bank::BankState`).
+pub trait LinkEnv {
+    /// The requests this link carries.
+    type Request: LinkRequest;
+
+    /// The next STAN candidate, from a counter shared by every link to the bank
+    /// (STANs are unique per bank, and continue across restarts).
+    fn next_stan(&self) -> u32;
+    /// The next request queued for the bank, if any.
+    fn next_request(&self) -> Option<Self::Request>;
+    /// Reversal advices due at `now`, at most `max`, appended to `out`.
+    fn due_advices(&self, now: Instant, max: usize, out: &mut Vec<Advice>);
+    /// When the earliest waiting advice is due.
+    fn next_advice_due(&self) -> Option<Instant>;
+    /// Write-ahead: `request` is about to go to the bank under `stan`; the journal
+    /// sequence returned must be durable before the bytes are written. An error:
+    /// the request is not sent (the link finishes it as unavailable).
+    fn forwarded(&self, request: &Self::Request, stan: Stan) -> Result<u64, AppendError>;
+    /// `request` ended on this link.
+    fn finish(&self, request: Self::Request, how: Finish, now: Instant);
+    /// An answer matched nothing in flight (late, or unknown); `approved`: DE39 00.
+    fn unmatched(&self, stan: Stan, approved: bool);
+    /// The bank acknowledged a reversal advice (0430).
+    fn advice_acked(&self, advice: Advice);
+    /// An advice went unanswered (or its link was lost): try again after a backoff.
+    fn advice_retry(&self, advice: Advice, now: Instant);
+    /// The link's table is full: the advice waits its first backoff step (no
+    /// attempt counted).
+    fn advice_deferred(&self, advice: Advice, now: Instant);
+    /// The advice cannot be encoded for this bank: it is parked.
+    fn advice_unsendable(&self, advice: Advice);
+    /// Link `slot` signed on: it counts as up.
+    fn link_up(&self, slot: usize);
+    /// Link `slot`, up until now, is not any more (lost, retiring, closed).
+    fn link_down(&self, slot: usize);
+    /// Requests and messages in flight on link `slot` now (a gauge).
+    fn inflight(&self, slot: usize, n: usize);
+}
+
+/// Why a link ended, as far as the link itself knows (the shell adds I/O errors).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LinkEnd {
+    /// The bank did not answer the sign-on within the echo timeout.
+    #[error("sign-on unanswered")]
+    SignOnUnanswered,
+    /// The bank answered the sign-on with a code other than 00.
+    #[error("sign-on declined by the bank")]
+    SignOnDeclined,
+    /// The sign-on cannot be encoded in the bank's dialect.
+    #[error("sign-on cannot be encoded in the bank's dialect")]
+    SignOnUnencodable,
+    /// An echo went unanswered (or could not be sent: the table was full).
+    #[error("echo unanswered")]
+    EchoUnanswered,
+    /// Closed for shutdown (signed off).
+    #[error("shutdown")]
+    Shutdown,
+    /// Retired by a reload (signed off once its requests ended).
+    #[error("retired by a reload")]
+    Retired,
+}
+
+/// What a link needs of its bank's settings.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    /// The bank (for log lines).
+    pub bank: InstitutionId,
+    /// The acquirers' dialect (requests arrive in it).
+    pub acquirer_dialect: Arc<Dialect>,
+    /// The bank's dialect.
+    pub dialect: Arc<Dialect>,
+    /// The bank's framing.
+    pub framing: Framing,
+    /// Requests and messages in flight at most.
+    pub inflight_max: usize,
+    /// Requests (and, separately, advices) taken per transmit.
+    pub write_batch_max: usize,
+    /// Time without a write before an echo.
+    pub echo_interval: Duration,
+    /// Time the bank has to answer an echo, a sign-on, a sign-off or an advice.
+    pub echo_timeout: Duration,
+}
+
+/// What a link is waiting on under a STAN (requests dominate; boxing would
+/// allocate per request).
+#[allow(clippy::large_enum_variant)]
+enum Waiter<R> {
+    Request(R),
+    Reversal(Advice),
+    Echo,
+    SignOn,
+    SignOff,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    SigningOn,
+    Up,
+    Retiring,
+    SigningOff(LinkEnd),
+    Ended(LinkEnd),
+}
+
+/// One bank link's state (see the module docs).
+pub struct Link<E: LinkEnv> {
+    config: LinkConfig,
+    /// The link slot (gauges, log lines).
+    slot: usize,
+    state: State,
+    table: InflightTable<Waiter<E::Request>>,
+    /// Network management messages to write, by STAN (their waiters are in the
+    /// table).
+    echo_due: Option<Stan>,
+    sign_off_due: Option<Stan>,
+    /// The echo in flight, if any.
+    echo: Option<Stan>,
+    /// Whether the link counts as up at its bank.
+    counted_up: bool,
+    /// Whether it ever signed on.
+    signed_on: bool,
+    /// When bytes were last handed out for writing.
+    last_transmit: Instant,
+    /// What the shell's timer is set to (the last `poll_timeout`).
+    armed: Option<Instant>,
+    /// Advices due up to here have had the writer woken for them.
+    advices_woken_until: Option<Instant>,
+    wake_writer: bool,
+    wake_reader: bool,
+    /// Reused scratch space.
+    advices: Vec<Advice>,
+    expired: Vec<(Stan, Waiter<E::Request>)>,
+}
+
+impl<E: LinkEnv> Link<E> {
+    /// A link just connected, about to sign on (its first transmit is the 0800).
+    pub fn new(config: LinkConfig, slot: usize, now: Instant) -> Link<E> {
+        Link {
+            table: InflightTable::new(config.inflight_max),
+            config,
+            slot,
+            state: State::SigningOn,
+            echo_due: None,
+            sign_off_due: None,
+            echo: None,
+            counted_up: false,
+            signed_on: false,
+            last_transmit: now,
+            armed: None,
+            advices_woken_until: None,
+            wake_writer: true,
+            wake_reader: true,
+            advices: Vec::new(),
+            expired: Vec::new(),
+        }
+    }
+
+    // === getters ===
+
+    /// Whether the link is signed on and takes requests.
+    pub fn is_up(&self) -> bool {
+        self.state == State::Up
+    }
+
+    /// Whether the bank accepted its sign-on (the link was up at some point).
+    pub fn has_signed_on(&self) -> bool {
+        self.signed_on
+    }
+
+    /// Requests and messages in flight.
+    pub fn inflight(&self) -> usize {
+        self.table.len()
+    }
+
+    /// Why the link ended, once it has: the shell then closes it.
+    pub fn ended(&self) -> Option<LinkEnd> {
+        match self.state {
+            State::Ended(end) => Some(end),
+            _ => None,
+        }
+    }
+
+    /// The link slot.
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
+
+    // === input ===
+
+    /// A frame from the bank: matched by DE11 to what is in flight. Returns the
+    /// latency of the request it answered, if it answered one.
+    pub fn on_answer(&mut self, env: &E, frame: Bytes, now: Instant) -> Option<Sample> {
+        let answer = match Message::decode(&self.config.dialect, frame) {
+            Ok(m) => m,
+            Err(e) => {
+                crate::log_limited!(warn, bank = %self.config.bank, error = %e,
+                    "undecodable message from bank dropped");
+                metrics::counter!("switchyard_bank_bad_messages_total").increment(1);
+                return None;
+            }
+        };
+        let Some(stan) = answer.field(11).and_then(Stan::from_de11) else {
+            crate::log_limited!(warn, bank = %self.config.bank, mti = %answer.mti(),
+                "bank message without a valid DE11");
+            return None;
+        };
+        let waiter = self.table.take(stan);
+        env.inflight(self.slot, self.table.len());
+        let mut sample = None;
+        match waiter {
+            Some(Waiter::Request(p)) if Some(answer.mti()) == p.message().mti().response() => {
+                let (received, forwarded) = p.times();
+                sample = Some(Sample::new(received, forwarded, now));
+                env.finish(p, Finish::Answered { stan, answer }, now);
+            }
+            Some(Waiter::Request(p)) => {
+                crate::log_limited!(warn, bank = %self.config.bank, mti = %answer.mti(),
+                    "bank answer with the wrong MTI");
+                env.finish(p, Finish::WrongAnswer { mti: answer.mti() }, now);
+            }
+            Some(Waiter::Reversal(advice)) if answer.mti() == Mti::REVERSAL_ADVICE_RESPONSE => {
+                env.advice_acked(advice);
+            }
+            Some(Waiter::Reversal(advice)) => {
+                crate::log_limited!(warn, bank = %self.config.bank, mti = %answer.mti(),
+                    "unexpected answer to a reversal advice");
+                env.advice_retry(advice, now);
+            }
+            Some(Waiter::Echo) => {
+                self.echo = None;
+                tracing::debug!(bank = %self.config.bank, "echo answered");
+            }
+            Some(Waiter::SignOn) => self.signed_on(env, &answer),
+            Some(Waiter::SignOff) => {
+                let result = if answer.field(39) == Some(b"00") {
+                    "answered"
+                } else {
+                    "declined"
+                };
+                metrics::counter!("switchyard_sign_offs_total", "result" => result).increment(1);
+                tracing::info!(bank = %self.config.bank, link = self.slot, result, "sign-off answered");
+                self.signed_off();
+            }
+            None => env.unmatched(stan, answer.field(39) == Some(b"00")),
+        }
+        self.check_retired();
+        sample
+    }
+
+    /// Expires what is due at `now`: requests (68, and a reversal advice), advices
+    /// (tried again later), the echo, sign-on or sign-off (the link ends); starts an
+    /// echo after `echo_interval` without a write.
+    pub fn handle_timeout(&mut self, env: &E, now: Instant) {
+        self.armed = None;
+        let mut expired = std::mem::take(&mut self.expired);
+        self.table.expire(now, &mut expired);
+        if !expired.is_empty() {
+            env.inflight(self.slot, self.table.len());
+        }
+        for (stan, waiter) in expired.drain(..) {
+            match waiter {
+                Waiter::Request(p) => {
+                    let reverse = p.original_link_stan().unwrap_or(stan);
+                    env.finish(p, Finish::TimedOut { reverse }, now);
+                }
+                Waiter::Reversal(advice) => env.advice_retry(advice, now),
+                Waiter::Echo => self.end(LinkEnd::EchoUnanswered),
+                Waiter::SignOn => self.end(LinkEnd::SignOnUnanswered),
+                Waiter::SignOff => {
+                    metrics::counter!("switchyard_sign_offs_total", "result" => "unanswered")
+                        .increment(1);
+                    crate::log_limited!(warn, bank = %self.config.bank, "sign-off unanswered");
+                    self.signed_off();
+                }
+            }
+        }
+        self.expired = expired;
+        if self.state == State::Up {
+            if self.echo.is_none() && now >= self.last_transmit + self.config.echo_interval {
+                self.start_echo(env, now);
+            }
+            if env.next_advice_due().is_some_and(|due| due <= now) {
+                self.advices_woken_until = Some(now);
+                self.wake_writer = true;
+            }
+        }
+        self.check_retired();
+    }
+
+    /// The connection is gone: everything in flight ends. Requests get 91 and, as
+    /// the bank may have seen them, a reversal advice; advices are tried again on
+    /// another link or later.
+    pub fn on_link_lost(&mut self, env: &E, now: Instant) {
+        let mut lost = 0u64;
+        let drained: Vec<(Stan, Waiter<E::Request>)> = self.table.drain().collect();
+        for (stan, waiter) in drained {
+            match waiter {
+                Waiter::Request(p) => {
+                    lost += 1;
+                    let reverse = Some(p.original_link_stan().unwrap_or(stan));
+                    let how = Finish::Unavailable {
+                        why: "link lost",
+                        reverse,
+                    };
+                    env.finish(p, how, now);
+                }
+                Waiter::Reversal(advice) => env.advice_retry(advice, now),
+                Waiter::Echo | Waiter::SignOn | Waiter::SignOff => {}
+            }
+        }
+        env.inflight(self.slot, 0);
+        if lost > 0 {
+            crate::log_limited!(warn, bank = %self.config.bank, link = self.slot, lost,
+                "link lost with requests in flight: answered 91; reversal advices queued");
+        }
+        self.count_down(env);
+        if !matches!(self.state, State::Ended(_)) {
+            self.state = State::Ended(match self.state {
+                State::SigningOff(end) => end,
+                _ => LinkEnd::Shutdown,
+            });
+        }
+    }
+
+    // === mutators ===
+
+    /// Puts one request in flight at `now` and encodes it (DE11 its link STAN, a
+    /// reversal's DE90 naming the STAN its original had) into `buf`. Returns the
+    /// journal sequence the bytes wait for (0: none, or the request was finished
+    /// instead: expired in the queue, table full, journal refused, unencodable).
+    pub fn submit(
+        &mut self,
+        env: &E,
+        mut request: E::Request,
+        now: Instant,
+        buf: &mut BytesMut,
+    ) -> u64 {
+        let deadline = request.deadline();
+        if deadline <= now {
+            let how = Finish::Unavailable {
+                why: "expired in queue",
+                reverse: None,
+            };
+            env.finish(request, how, now);
+            return 0;
+        }
+        request.forwarded_at(now);
+        let stan = match self
+            .table
+            .insert_from(env.next_stan(), deadline, Waiter::Request(request))
+        {
+            Ok(stan) => stan,
+            Err(TableFull(Waiter::Request(p))) => {
+                let how = Finish::Unavailable {
+                    why: "link in-flight table full",
+                    reverse: None,
+                };
+                env.finish(p, how, now);
+                return 0;
+            }
+            Err(TableFull(_)) => return 0,
+        };
+        let Some(Waiter::Request(p)) = self.table.get(stan) else {
+            return 0;
+        };
+        // Recorded before the bank can see it, so recovery knows to reverse it.
+        let seq = match env.forwarded(p, stan) {
+            Ok(seq) => seq,
+            Err(e) => {
+                crate::log_limited!(warn, bank = %self.config.bank, error = %e,
+                    "forward not journaled: answered 91");
+                if let Some(Waiter::Request(p)) = self.table.take(stan) {
+                    let how = Finish::Unavailable {
+                        why: "journal",
+                        reverse: None,
+                    };
+                    env.finish(p, how, now);
+                }
+                return 0;
+            }
+        };
+        if !self.encode_request(stan, buf) {
+            if let Some(Waiter::Request(p)) = self.table.take(stan) {
+                crate::log_limited!(warn, bank = %self.config.bank,
+                    "request does not fit the bank's dialect: answered 30");
+                env.finish(p, Finish::Unencodable, now);
+            }
+            return 0;
+        }
+        self.deadline_added(deadline);
+        seq
+    }
+
+    /// A reload shrank the pool: nothing new is taken; once its requests in flight
+    /// have ended the link signs off and ends.
+    pub fn retire(&mut self, env: &E) {
+        match self.state {
+            State::Up => {
+                self.state = State::Retiring;
+                self.count_down(env);
+            }
+            State::SigningOn => self.end(LinkEnd::Retired),
+            _ => {}
+        }
+        self.wake_writer = true;
+    }
+
+    /// Shutdown: sign off now (whatever is still in flight ends as the link
+    /// closes, see [`Link::on_link_lost`]).
+    pub fn close(&mut self, now: Instant) {
+        match self.state {
+            State::SigningOn => self.end(LinkEnd::Shutdown),
+            State::Up | State::Retiring => self.sign_off(LinkEnd::Shutdown, now),
+            State::SigningOff(_) | State::Ended(_) => {}
+        }
+        self.wake_writer = true;
+    }
+
+    // === output ===
+
+    /// Fills `buf` with what is to be written now: a pending sign-on, echo or
+    /// sign-off; when up, the reversal advices due (0420, or 0421 for a repeat, each
+    /// under a new STAN, answered within the echo timeout) and up to
+    /// `write_batch_max` queued requests. `unix_s` is the wall clock (DE7).
+    /// Returns the journal sequence to be durable before `buf` is written (0: none).
+    pub fn poll_transmit(&mut self, env: &E, now: Instant, unix_s: u64, buf: &mut BytesMut) -> u64 {
+        self.wake_writer = false;
+        let start = buf.len();
+        let mut seq = 0;
+        if self.state == State::Retiring && self.table.is_empty() {
+            self.sign_off(LinkEnd::Retired, now);
+        }
+        let de7 = super::datetime::de7(unix_s);
+        if self.state == State::SigningOn && self.table.is_empty() {
+            self.start_sign_on(env, now, &de7, buf);
+        }
+        if let Some(stan) = self.echo_due.take() {
+            // Unencodable: the echo goes unanswered and ends the link, as a lost one.
+            let _ = self.network_message(ECHO, stan, &de7, buf);
+        }
+        if self.state == State::Up {
+            self.fill_advices(env, now, &de7, buf);
+            for _ in 0..self.config.write_batch_max {
+                let Some(request) = env.next_request() else {
+                    break;
+                };
+                seq = seq.max(self.submit(env, request, now, buf));
+            }
+            env.inflight(self.slot, self.table.len());
+        }
+        if let Some(stan) = self.sign_off_due.take() {
+            if !self.network_message(SIGN_OFF, stan, &de7, buf) {
+                self.signed_off();
+            }
+        }
+        if buf.len() > start {
+            self.last_transmit = now;
+        }
+        seq
+    }
+
+    /// When [`Link::handle_timeout`] is next due: the earliest deadline in flight,
+    /// the echo when idle, a reversal advice becoming due.
+    pub fn poll_timeout(&mut self, env: &E) -> Option<Instant> {
+        let mut at = self.table.next_deadline();
+        if self.state == State::Up {
+            if self.echo.is_none() {
+                at = earliest(at, Some(self.last_transmit + self.config.echo_interval));
+            }
+            let due = env
+                .next_advice_due()
+                .filter(|&due| self.advices_woken_until.is_none_or(|w| due > w));
+            at = earliest(at, due);
+        }
+        self.armed = at;
+        self.wake_reader = false;
+        at
+    }
+
+    /// Whether the writer must run (something to transmit, or the link ended).
+    pub fn take_wake_writer(&mut self) -> bool {
+        std::mem::take(&mut self.wake_writer)
+    }
+
+    /// Whether the timer must be set again (a deadline earlier than the one it is
+    /// set to was added).
+    pub fn take_wake_reader(&mut self) -> bool {
+        std::mem::take(&mut self.wake_reader)
+    }
+
+    // === inside ===
+
+    fn end(&mut self, end: LinkEnd) {
+        if !matches!(self.state, State::Ended(_)) {
+            self.state = State::Ended(end);
+        }
+        self.wake_writer = true;
+    }
+
+    fn count_down(&mut self, env: &E) {
+        if std::mem::take(&mut self.counted_up) {
+            env.link_down(self.slot);
+        }
+    }
+
+    fn deadline_added(&mut self, deadline: Instant) {
+        if self.armed.is_none_or(|armed| deadline < armed) {
+            self.wake_reader = true;
+        }
+    }
+
+    fn check_retired(&mut self) {
+        if self.state == State::Retiring && self.table.is_empty() {
+            self.wake_writer = true;
+        }
+    }
+
+    fn start_sign_on(&mut self, env: &E, now: Instant, de7: &[u8; 10], buf: &mut BytesMut) {
+        let deadline = now + self.config.echo_timeout;
+        match self
+            .table
+            .insert_from(env.next_stan(), deadline, Waiter::SignOn)
+        {
+            Ok(stan) => {
+                self.deadline_added(deadline);
+                if !self.network_message(SIGN_ON, stan, de7, buf) {
+                    self.end(LinkEnd::SignOnUnencodable);
+                }
+            }
+            Err(_) => self.end(LinkEnd::SignOnUnanswered),
+        }
+    }
+
+    fn signed_on(&mut self, env: &E, answer: &Message) {
+        if self.state != State::SigningOn {
+            return;
+        }
+        if answer.field(39) != Some(b"00") {
+            self.end(LinkEnd::SignOnDeclined);
+            return;
+        }
+        self.state = State::Up;
+        self.counted_up = true;
+        self.signed_on = true;
+        env.link_up(self.slot);
+        self.wake_writer = true;
+        self.wake_reader = true; // the echo timer starts
+    }
+
+    fn start_echo(&mut self, env: &E, now: Instant) {
+        let deadline = now + self.config.echo_timeout;
+        match self
+            .table
+            .insert_from(env.next_stan(), deadline, Waiter::Echo)
+        {
+            Ok(stan) => {
+                self.echo = Some(stan);
+                self.echo_due = Some(stan);
+                self.deadline_added(deadline);
+                self.wake_writer = true;
+            }
+            Err(_) => self.end(LinkEnd::EchoUnanswered),
+        }
+    }
+
+    /// Sends an 0800 sign-off and ends with `end` once it is answered or its
+    /// deadline passes (a full table: ends at once).
+    fn sign_off(&mut self, end: LinkEnd, now: Instant) {
+        let wait = self.config.echo_timeout.min(SIGN_OFF_WAIT_MAX);
+        let stan = self.table.insert(now + wait, Waiter::SignOff);
+        match stan {
+            Ok(stan) => {
+                self.state = State::SigningOff(end);
+                self.sign_off_due = Some(stan);
+                self.deadline_added(now + wait);
+                self.wake_writer = true;
+            }
+            Err(_) => self.end(end),
+        }
+    }
+
+    fn signed_off(&mut self) {
+        let end = match self.state {
+            State::SigningOff(end) => end,
+            _ => LinkEnd::Shutdown,
+        };
+        self.end(end);
+    }
+
+    /// Encodes the reversal advices that are due into `buf`.
+    fn fill_advices(&mut self, env: &E, now: Instant, de7: &[u8; 10], buf: &mut BytesMut) {
+        if env.next_advice_due().is_none_or(|due| due > now) {
+            return;
+        }
+        let mut due = std::mem::take(&mut self.advices);
+        env.due_advices(now, self.config.write_batch_max, &mut due);
+        let deadline = now + self.config.echo_timeout;
+        for advice in due.drain(..) {
+            let stan =
+                match self
+                    .table
+                    .insert_from(env.next_stan(), deadline, Waiter::Reversal(advice))
+                {
+                    Ok(stan) => stan,
+                    Err(TableFull(Waiter::Reversal(advice))) => {
+                        env.advice_deferred(advice, now);
+                        continue;
+                    }
+                    Err(TableFull(_)) => continue,
+                };
+            let Some(Waiter::Reversal(advice)) = self.table.get(stan) else {
+                continue;
+            };
+            let at = self.config.framing.begin(buf);
+            let encoded = encode_reversal_advice(
+                &advice.original,
+                &self.config.dialect,
+                advice.original_link_stan,
+                stan,
+                de7,
+                advice.attempts > 0,
+                buf,
+            )
+            .is_ok()
+                && self.config.framing.finish(buf, at).is_ok();
+            if !encoded {
+                buf.truncate(at);
+                if let Some(Waiter::Reversal(advice)) = self.table.take(stan) {
+                    env.advice_unsendable(advice);
+                }
+                continue;
+            }
+            self.deadline_added(deadline);
+        }
+        self.advices = due;
+    }
+
+    /// Encodes the request in flight under `stan`, DE11 rewritten (and a reversal's
+    /// DE90), framed, into `buf`; false (nothing appended) if it does not fit.
+    fn encode_request(&self, stan: Stan, buf: &mut BytesMut) -> bool {
+        let Some(Waiter::Request(p)) = self.table.get(stan) else {
+            return false;
+        };
+        let request = p.message();
+        let digits = stan.to_de11();
+        let de90 = p
+            .original_link_stan()
+            .and_then(|s| rewrite_de90(request, s));
+        let set11 = Change::Set(11, &digits);
+        let changes: &[Change<'_>] = match &de90 {
+            Some(de90) => &[set11, Change::Set(90, de90)],
+            None => &[set11],
+        };
+        let framing = self.config.framing;
+        let at = framing.begin(buf);
+        let encoded = reencode(
+            request,
+            &self.config.acquirer_dialect,
+            &self.config.dialect,
+            request.mti(),
+            changes,
+            buf,
+        )
+        .is_ok()
+            && framing.finish(buf, at).is_ok();
+        if !encoded {
+            buf.truncate(at);
+        }
+        encoded
+    }
+
+    /// Encodes an 0800 with DE70 `code` and DE11 `stan`, framed, into `buf`; false
+    /// (nothing appended) if it cannot be encoded.
+    fn network_message(
+        &self,
+        code: &[u8; 3],
+        stan: Stan,
+        de7: &[u8; 10],
+        buf: &mut BytesMut,
+    ) -> bool {
+        let digits = stan.to_de11();
+        let framing = self.config.framing;
+        let at = framing.begin(buf);
+        let mut enc = Encoder::new(&self.config.dialect, buf, Mti::NETWORK);
+        let ok = enc.field(7, de7).is_ok()
+            && enc.field(11, &digits).is_ok()
+            && enc.field(70, code).is_ok();
+        if ok {
+            enc.finish();
+        }
+        let ok = ok && framing.finish(buf, at).is_ok();
+        if !ok {
+            buf.truncate(at);
+        }
+        ok
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
+}

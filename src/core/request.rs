@@ -1,0 +1,98 @@
+//! A request on its way through the switch ([`Pending`]): the message, where its
+//! one answer goes, and what its journal records and deadline need.
+
+use super::answer::Reply;
+use super::inflight::Stan;
+use super::link::LinkRequest;
+use super::route::BankIndex;
+use super::{InstitutionId, ResponseCode};
+use crate::wire::Message;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Where a request's one answer goes: a place reserved on its session's bounded
+/// answer channel before the request was read further, so delivering the answer
+/// never waits and never fails for lack of room. (A tokio channel permit: a sync
+/// primitive, used without a runtime in the simulation; no I/O, no clock.)
+pub type AnswerSlot = tokio::sync::mpsc::OwnedPermit<Reply>;
+
+/// A request admitted for a bank, holding its answer slot. Every `Pending` ends in
+/// exactly one [`Reply`] (or, if its session is gone, in the slot being dropped).
+pub struct Pending {
+    /// The request as the acquirer sent it.
+    pub request: Message,
+    /// Where the answer goes.
+    pub reply: AnswerSlot,
+    /// The sender's institution (from its certificate).
+    pub acquirer: InstitutionId,
+    /// The switch's id for the request (in journal records).
+    pub request_id: u64,
+    /// When the request was read.
+    pub received_at: Instant,
+    /// When its batch was encoded for the bank (set by the link).
+    pub forwarded_at: Instant,
+    /// The connector slot it was routed to.
+    pub bank: BankIndex,
+    /// When the acquirer must have its answer.
+    pub deadline: Instant,
+    /// Whether its key is in the duplicates table (its outcome is recorded there).
+    pub registered: bool,
+    /// For an acquirer's reversal: the STAN the bank saw its original under (DE90
+    /// is rewritten to name it, and a reversal advice for it names the original).
+    pub original_link_stan: Option<Stan>,
+    /// Counts it in its institution's requests in flight until it is dropped.
+    pub slot: InstitutionSlot,
+}
+
+impl Pending {
+    /// Answers `code` without a journal record or a connector: for requests that
+    /// ended before anything was journaled for them.
+    pub fn refuse(self, code: ResponseCode) {
+        self.reply.send(Reply::switch(self.request, code));
+    }
+}
+
+impl LinkRequest for Pending {
+    fn message(&self) -> &Message {
+        &self.request
+    }
+
+    fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn original_link_stan(&self) -> Option<Stan> {
+        self.original_link_stan
+    }
+
+    fn forwarded_at(&mut self, now: Instant) {
+        self.forwarded_at = now;
+    }
+
+    fn times(&self) -> (Instant, Instant) {
+        (self.received_at, self.forwarded_at)
+    }
+}
+
+/// One request in flight of an institution: taken when the request is admitted,
+/// given back when its `Pending` ends (answered, or dropped with its session).
+pub struct InstitutionSlot(Arc<AtomicUsize>);
+
+impl InstitutionSlot {
+    /// Takes a slot of `count` if fewer than `max` are taken.
+    pub fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<InstitutionSlot> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InstitutionSlot(count.clone()))
+    }
+}
+
+impl Drop for InstitutionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}

@@ -1,0 +1,182 @@
+//! The write-ahead order: every journal record the switch writes is written here,
+//! and this is where the order they must be durable in is kept.
+//!
+//! For each request:
+//!
+//! 1. **accepted**, before the request is queued for its bank (an error: the
+//!    request goes no further, 91);
+//! 2. **forwarded** (connector slot, link STAN), before the batch carrying it is
+//!    written to the bank: the link's transmit names the record its bytes wait
+//!    for, so after a crash recovery knows of everything a bank may have seen;
+//! 3. when the bank may have seen a request whose answer the acquirer will not
+//!    get (deadline passed, link lost, a request left unfinished by a crash),
+//!    **reversal queued before the outcome** ([`WriteAhead::reversed`]): a crash
+//!    between the two must leave the reversal pending, never a 68 with no
+//!    reversal (the simulation found the other order losing reversals);
+//! 4. the **outcome** before the answer is released: the answer carries the
+//!    record's sequence number and the session writes it only once durable;
+//! 5. **reversal acknowledged** when the bank answers the advice (0430).
+//!
+//! Records go to a [`RecordSink`]: the journal's writer thread in the daemon, an
+//! in-memory journal in the simulation. Without a journal nothing is recorded and
+//! nothing waits.
+
+use super::inflight::Stan;
+use super::route::BankIndex;
+use super::InstitutionId;
+use crate::journal::{AppendError, Entry, RecordKind, RecordSink};
+use crate::wire::Message;
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// Where an outcome came from (stored in the outcome record).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum OutcomeSource {
+    /// The bank's answer.
+    Bank = 1,
+    /// The switch answered (91 and the like) after accepting the request.
+    Switch = 2,
+    /// The deadline passed (68).
+    Timeout = 3,
+}
+
+/// The sequence an answer waits for when its outcome could not be journaled: never
+/// durable, so the answer is withheld.
+pub const NOT_JOURNALED: u64 = u64::MAX;
+
+/// The journal as the switch writes it; records nothing when there is none.
+#[derive(Clone, Default)]
+pub struct WriteAhead(Option<Arc<dyn RecordSink>>);
+
+impl WriteAhead {
+    /// Records into `sink`.
+    pub fn new(sink: Arc<dyn RecordSink>) -> WriteAhead {
+        WriteAhead(Some(sink))
+    }
+
+    /// No journal.
+    pub fn off() -> WriteAhead {
+        WriteAhead(None)
+    }
+
+    /// Whether records are kept.
+    pub fn is_on(&self) -> bool {
+        self.0.is_some()
+    }
+
+    fn append(
+        &self,
+        kind: RecordKind,
+        request_id: u64,
+        head: &[u8],
+        message: Bytes,
+    ) -> Result<u64, AppendError> {
+        let Some(sink) = &self.0 else { return Ok(0) };
+        let mut h = [0u8; 16];
+        h[..head.len()].copy_from_slice(head);
+        let entry = Entry {
+            kind,
+            request_id,
+            unix_ms: 0, // stamped by the writer
+            head: (h, head.len() as u8),
+            message,
+        };
+        sink.append(entry)
+    }
+
+    /// Order 1: an accepted request (before it is queued). An error means the request
+    /// must not go further: the caller answers 91.
+    pub fn accepted(
+        &self,
+        request_id: u64,
+        acquirer: InstitutionId,
+        request: &Message,
+    ) -> Result<u64, AppendError> {
+        let head = acquirer.to_raw().to_le_bytes();
+        self.append(
+            RecordKind::Accepted,
+            request_id,
+            &head,
+            request.as_bytes().clone(),
+        )
+    }
+
+    /// Order 2: a request about to be written to a bank link under `link_stan`; the
+    /// returned sequence must be durable before the bytes leave.
+    pub fn forwarded(
+        &self,
+        request_id: u64,
+        bank: BankIndex,
+        link_stan: Stan,
+        bank_id: InstitutionId,
+    ) -> Result<u64, AppendError> {
+        let mut head = [0u8; 14];
+        head[..2].copy_from_slice(&bank.to_le_bytes());
+        head[2..6].copy_from_slice(&link_stan.value().to_le_bytes());
+        head[6..].copy_from_slice(&bank_id.to_raw().to_le_bytes());
+        self.append(RecordKind::Forwarded, request_id, &head, Bytes::new())
+    }
+
+    /// Order 3: a reversal advice queued for `request_id` (forwarded by connector `bank`
+    /// under `link_stan`; `original` is the request to reverse), then, when
+    /// `outcome` is given, the request's outcome: in that order. Returns the
+    /// reversal record's result and the outcome's sequence (see
+    /// [`WriteAhead::outcome`]; 0 without an outcome).
+    pub fn reversed(
+        &self,
+        request_id: u64,
+        bank: BankIndex,
+        link_stan: Stan,
+        original: &Message,
+        outcome: Option<(&[u8], OutcomeSource)>,
+    ) -> (Result<u64, AppendError>, u64) {
+        let mut head = [0u8; 6];
+        head[..2].copy_from_slice(&bank.to_le_bytes());
+        head[2..].copy_from_slice(&link_stan.value().to_le_bytes());
+        let queued = self.append(
+            RecordKind::ReversalQueued,
+            request_id,
+            &head,
+            original.as_bytes().clone(),
+        );
+        let seq = match outcome {
+            Some((de39, source)) => self.outcome(request_id, de39, source, None),
+            None => 0,
+        };
+        (queued, seq)
+    }
+
+    /// Order 4: an outcome; returns the sequence number the answer must wait for (0:
+    /// nothing to wait for). A failed append is logged and counted; the answer then
+    /// waits for [`NOT_JOURNALED`], which never becomes durable, and its session
+    /// is closed without answering.
+    pub fn outcome(
+        &self,
+        request_id: u64,
+        de39: &[u8],
+        source: OutcomeSource,
+        answer: Option<&Message>,
+    ) -> u64 {
+        if self.0.is_none() {
+            return 0;
+        }
+        let mut head = [b' ', b' ', source as u8];
+        let n = de39.len().min(2);
+        head[..n].copy_from_slice(&de39[..n]);
+        let message = answer.map_or_else(Bytes::new, |m| m.as_bytes().clone());
+        match self.append(RecordKind::Outcome, request_id, &head, message) {
+            Ok(seq) => seq,
+            Err(e) => {
+                metrics::counter!("switchyard_journal_append_failures_total").increment(1);
+                tracing::error!(request_id, error = %e, "outcome not journaled: the answer is withheld");
+                NOT_JOURNALED
+            }
+        }
+    }
+
+    /// Order 5: the bank acknowledged the reversal of `request_id` (0430).
+    pub fn reversal_acked(&self, request_id: u64) -> Result<u64, AppendError> {
+        self.append(RecordKind::ReversalAcked, request_id, &[], Bytes::new())
+    }
+}

@@ -1,0 +1,11 @@
+//! Small helpers over `std::sync` used across the daemon.
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Locks `m`, taking the data even if a thread panicked while holding it: every
+/// lock in the daemon is held for short, non-awaiting critical sections whose
+/// data stays structurally sound, and one panicked task must not take the
+/// others down with it.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
