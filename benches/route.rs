@@ -21,8 +21,7 @@ const SIZES: [usize; 3] = [10, 10_000, 1_000_000];
 const PAN_COUNT: usize = 1 << 16;
 /// Digits in the PANs looked up.
 const PAN_DIGITS: usize = 16;
-mod common;
-use common::{route_table as table, XorShift};
+use switchyard_tools::corepath::{route_table as table, XorShift};
 
 /// `PAN_COUNT` PANs in random order, exactly half extending a prefix of the table and
 /// half matching no prefix.

@@ -1,8 +1,8 @@
 //! Heap allocations per payment, counted by a wrapping global allocator.
 //!
-//! * `core_payment_is_allocation_free_once_warm`: the sans-IO payment path of
-//!   `benches/core_payment.rs` (included below, so the test checks exactly what the
-//!   benchmark times) makes no allocation at all once its tables and buffers are warm.
+//! * `core_payment_is_allocation_free_once_warm`: the sans-IO payment path
+//!   (`switchyard_tools::corepath`, what the `core_payment` bench times, through the
+//!   shipped bank link) makes no allocation at all once its tables and buffers are warm.
 //! * `switch_allocations_per_payment`: the whole switch over real mutual TLS, on its own
 //!   runtime whose threads are marked, with the simulated bank and the load generator on
 //!   another runtime. Prints allocations per payment on the switch's threads and asserts
@@ -22,10 +22,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-#[allow(dead_code)]
-#[path = "../benches/core_payment.rs"]
-mod core_payment;
 
 // === counting allocator ===
 
@@ -124,7 +120,7 @@ const CORE_MEASURED_PAYMENTS: usize = 10_000;
 
 #[test]
 fn core_payment_is_allocation_free_once_warm() {
-    use core_payment::{request_frames, route_table, SwitchCore, REQUEST_COUNT};
+    use switchyard_tools::corepath::{request_frames, route_table, SwitchCore, REQUEST_COUNT};
     let (routes, prefixes) = route_table(10_000, 0x9e37_79b9_7f4a_7c15);
     let requests = request_frames(&switchyard::wire::Dialect::iso87_ascii(), &prefixes, 7);
     let mut core = SwitchCore::new(routes, &requests[0]);

@@ -533,16 +533,15 @@ impl<E: LinkEnv> Link<E> {
         if self.state == State::Retiring && self.table.is_empty() {
             self.sign_off(LinkEnd::Retired, now);
         }
-        let de7 = super::datetime::de7(unix_s);
         if self.state == State::SigningOn && self.table.is_empty() {
-            self.start_sign_on(env, now, &de7, buf);
+            self.start_sign_on(env, now, unix_s, buf);
         }
         if let Some(stan) = self.echo_due.take() {
             // Unencodable: the echo goes unanswered and ends the link, as a lost one.
-            let _ = self.network_message(ECHO, stan, &de7, buf);
+            let _ = self.network_message(ECHO, stan, unix_s, buf);
         }
         if self.state == State::Up {
-            self.fill_advices(env, now, &de7, buf);
+            self.fill_advices(env, now, unix_s, buf);
             for _ in 0..self.config.write_batch_max {
                 let Some(request) = env.next_request() else {
                     break;
@@ -552,7 +551,7 @@ impl<E: LinkEnv> Link<E> {
             env.inflight(self.slot, self.table.len());
         }
         if let Some(stan) = self.sign_off_due.take() {
-            if !self.network_message(SIGN_OFF, stan, &de7, buf) {
+            if !self.network_message(SIGN_OFF, stan, unix_s, buf) {
                 self.signed_off();
             }
         }
@@ -618,7 +617,7 @@ impl<E: LinkEnv> Link<E> {
         }
     }
 
-    fn start_sign_on(&mut self, env: &E, now: Instant, de7: &[u8; 10], buf: &mut BytesMut) {
+    fn start_sign_on(&mut self, env: &E, now: Instant, unix_s: u64, buf: &mut BytesMut) {
         let deadline = now + self.config.echo_timeout;
         match self
             .table
@@ -626,7 +625,7 @@ impl<E: LinkEnv> Link<E> {
         {
             Ok(stan) => {
                 self.deadline_added(deadline);
-                if !self.network_message(SIGN_ON, stan, de7, buf) {
+                if !self.network_message(SIGN_ON, stan, unix_s, buf) {
                     self.end(LinkEnd::SignOnUnencodable);
                 }
             }
@@ -691,10 +690,11 @@ impl<E: LinkEnv> Link<E> {
     }
 
     /// Encodes the reversal advices that are due into `buf`.
-    fn fill_advices(&mut self, env: &E, now: Instant, de7: &[u8; 10], buf: &mut BytesMut) {
+    fn fill_advices(&mut self, env: &E, now: Instant, unix_s: u64, buf: &mut BytesMut) {
         if env.next_advice_due().is_none_or(|due| due > now) {
             return;
         }
+        let de7 = super::datetime::de7(unix_s);
         let mut due = std::mem::take(&mut self.advices);
         env.due_advices(now, self.config.write_batch_max, &mut due);
         let deadline = now + self.config.echo_timeout;
@@ -720,7 +720,7 @@ impl<E: LinkEnv> Link<E> {
                 &self.config.dialect,
                 advice.original_link_stan,
                 stan,
-                de7,
+                &de7,
                 advice.attempts > 0,
                 buf,
             )
@@ -774,18 +774,13 @@ impl<E: LinkEnv> Link<E> {
 
     /// Encodes an 0800 with DE70 `code` and DE11 `stan`, framed, into `buf`; false
     /// (nothing appended) if it cannot be encoded.
-    fn network_message(
-        &self,
-        code: &[u8; 3],
-        stan: Stan,
-        de7: &[u8; 10],
-        buf: &mut BytesMut,
-    ) -> bool {
+    fn network_message(&self, code: &[u8; 3], stan: Stan, unix_s: u64, buf: &mut BytesMut) -> bool {
         let digits = stan.to_de11();
+        let de7 = super::datetime::de7(unix_s);
         let framing = self.config.framing;
         let at = framing.begin(buf);
         let mut enc = Encoder::new(&self.config.dialect, buf, Mti::NETWORK);
-        let ok = enc.field(7, de7).is_ok()
+        let ok = enc.field(7, &de7).is_ok()
             && enc.field(11, &digits).is_ok()
             && enc.field(70, code).is_ok();
         if ok {
@@ -804,5 +799,444 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, None) => a,
         (None, b) => b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The link driven directly, without sockets or a runtime, against the
+    //! switch's own [`BankState`] (journal off): frames in and out as a bank would
+    //! see them, answers as the acquirer's session would receive them.
+
+    use super::*;
+    use crate::core::answer::{encode_reply, Reply};
+    use crate::core::bank::{BankState, Wake};
+    use crate::core::books::Books;
+    use crate::core::recent::Recent;
+    use crate::core::request::{InstitutionSlot, Pending};
+    use crate::core::writeahead::WriteAhead;
+    use crate::wire::FrameDecoder;
+    use std::sync::atomic::AtomicUsize;
+    use tokio::sync::mpsc;
+
+    struct NoWake;
+
+    impl Wake for NoWake {
+        fn writers(&self) {}
+        fn links_changed(&self) {}
+    }
+
+    /// One link of one bank, the acquirer's answer channel, and a clock.
+    struct Harness {
+        bank: BankState,
+        link: Link<BankState>,
+        dialect: Arc<Dialect>,
+        tx: mpsc::Sender<Reply>,
+        rx: mpsc::Receiver<Reply>,
+        inflight: Arc<AtomicUsize>,
+        t0: Instant,
+        now: Instant,
+        /// Acquirer DE11s handed out.
+        sent: u32,
+    }
+
+    const ECHO_INTERVAL: Duration = Duration::from_secs(30);
+    const ECHO_TIMEOUT: Duration = Duration::from_secs(5);
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+    fn config(bank_extra: &str) -> crate::config::Config {
+        let text = format!(
+            "[switch]\nlisten = \"127.0.0.1:0\"\n\
+             [tls]\nca_file = \"x\"\ncert_file = \"x\"\nkey_file = \"x\"\n\
+             client_cert_file = \"x\"\nclient_key_file = \"x\"\n\
+             [[institution]]\nid = \"100001\"\n\
+             [[bank]]\nid = \"200001\"\naddress = \"127.0.0.1:9\"\nserver_name = \"bank\"\n\
+             request_timeout_ms = {}\necho_interval_ms = {}\necho_timeout_ms = {}\n{bank_extra}\n\
+             [[route]]\npan_prefix = \"4\"\nbank = \"200001\"\n",
+            REQUEST_TIMEOUT.as_millis(),
+            ECHO_INTERVAL.as_millis(),
+            ECHO_TIMEOUT.as_millis(),
+        );
+        crate::config::Config::parse(&text, std::path::Path::new("<link test>")).unwrap()
+    }
+
+    impl Harness {
+        fn new(bank_extra: &str, first_stan: u32) -> Harness {
+            let config = config(bank_extra);
+            let t0 = Instant::now();
+            let dialect = config.dialect.clone();
+            let recent = Arc::new(Recent::new(Duration::from_secs(60), 1000, 4, t0));
+            let books = Books::new(WriteAhead::off(), recent, dialect.clone());
+            let bank = config.banks[0].clone();
+            let bank = BankState::new(
+                0,
+                bank,
+                dialect.clone(),
+                books,
+                first_stan,
+                Arc::new(NoWake),
+            );
+            let link = Link::new(bank.link_config(), 0, t0);
+            let (tx, rx) = mpsc::channel(64);
+            Harness {
+                bank,
+                link,
+                dialect,
+                tx,
+                rx,
+                inflight: Arc::new(AtomicUsize::new(0)),
+                t0,
+                now: t0,
+                sent: 0,
+            }
+        }
+
+        /// A link signed on (its sign-on answered 00 by the bank).
+        fn up(first_stan: u32) -> Harness {
+            let mut h = Harness::new("", first_stan);
+            let sign_on = h.transmit();
+            assert_eq!(sign_on.len(), 1);
+            assert_eq!(sign_on[0].field(70), Some(&b"001"[..]));
+            assert!(!h.link.is_up());
+            h.answer_network(&sign_on[0], b"00");
+            assert!(h.link.is_up() && h.bank.links_up() == 1);
+            h
+        }
+
+        fn advance(&mut self, by: Duration) {
+            self.now += by;
+        }
+
+        /// What the link writes now, as the bank decodes it.
+        fn transmit(&mut self) -> Vec<Message> {
+            let mut buf = BytesMut::new();
+            self.link
+                .poll_transmit(&self.bank, self.now, 1_764_149_400, &mut buf);
+            let decoder = FrameDecoder::new(Framing::U16be, 8192);
+            let mut out = Vec::new();
+            while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+                out.push(Message::decode(&self.dialect, frame).unwrap());
+            }
+            assert!(buf.is_empty());
+            out
+        }
+
+        /// Queues a request of the acquirer (`mti`, DE90 `de90`) for the bank.
+        fn submit(&mut self, mti: Mti, de90: Option<&[u8]>, original_link_stan: Option<Stan>) {
+            self.sent += 1;
+            let stan = format!("{:06}", self.sent);
+            let mut fields: Vec<(u8, &[u8])> = vec![
+                (2, b"4111111111111111"),
+                (3, b"000000"),
+                (4, b"000000001000"),
+                (7, b"1126093000"),
+                (11, stan.as_bytes()),
+                (32, b"100001"),
+                (49, b"978"),
+            ];
+            if let Some(de90) = de90 {
+                fields.push((90, de90));
+            }
+            let request = build(&self.dialect, mti, &fields);
+            let pending = Pending {
+                request,
+                reply: self.tx.clone().try_reserve_owned().unwrap(),
+                acquirer: InstitutionId::from_digits(b"100001").unwrap(),
+                request_id: u64::from(self.sent),
+                received_at: self.now,
+                forwarded_at: self.now,
+                bank: 0,
+                deadline: self.now + REQUEST_TIMEOUT,
+                registered: false,
+                original_link_stan,
+                slot: InstitutionSlot::take(&self.inflight, usize::MAX).unwrap(),
+            };
+            self.bank.submit(pending);
+        }
+
+        /// The bank answers `request` (as it received it) with `de39`.
+        fn answer(&mut self, request: &Message, de39: &[u8]) -> Option<Sample> {
+            let mti = request.mti().response().unwrap();
+            let mut fields: Vec<(u8, &[u8])> = Vec::new();
+            for n in [2u8, 3, 4, 7, 11, 32] {
+                if let Some(v) = request.field(n) {
+                    fields.push((n, v));
+                }
+            }
+            fields.push((39, de39));
+            let answer = build(&self.dialect, mti, &fields);
+            self.link
+                .on_answer(&self.bank, answer.as_bytes().clone(), self.now)
+        }
+
+        fn answer_network(&mut self, request: &Message, de39: &[u8]) {
+            let fields: [(u8, &[u8]); 4] = [
+                (7, request.field(7).unwrap()),
+                (11, request.field(11).unwrap()),
+                (39, de39),
+                (70, request.field(70).unwrap()),
+            ];
+            let answer = build(&self.dialect, Mti::NETWORK_RESPONSE, &fields);
+            self.link
+                .on_answer(&self.bank, answer.as_bytes().clone(), self.now);
+        }
+
+        /// The answers the acquirer received, as (its DE11, DE39).
+        fn replies(&mut self) -> Vec<(String, String)> {
+            let mut out = Vec::new();
+            while let Ok(reply) = self.rx.try_recv() {
+                let mut buf = BytesMut::new();
+                assert!(encode_reply(
+                    &reply,
+                    &self.dialect,
+                    Framing::U16be,
+                    &mut buf
+                ));
+                let frame = FrameDecoder::new(Framing::U16be, 8192)
+                    .decode(&mut buf)
+                    .unwrap()
+                    .unwrap();
+                let m = Message::decode(&self.dialect, frame).unwrap();
+                let text = |n| String::from_utf8_lossy(m.field(n).unwrap_or(b"")).into_owned();
+                out.push((text(11), text(39)));
+            }
+            out
+        }
+    }
+
+    fn build(d: &Dialect, mti: Mti, fields: &[(u8, &[u8])]) -> Message {
+        let mut out = BytesMut::new();
+        let mut enc = Encoder::new(d, &mut out, mti);
+        for &(n, v) in fields {
+            enc.field(n, v).unwrap();
+        }
+        enc.finish();
+        Message::decode(d, out.freeze()).unwrap()
+    }
+
+    fn pair(de11: &str, de39: &str) -> (String, String) {
+        (de11.to_owned(), de39.to_owned())
+    }
+
+    #[test]
+    fn answers_out_of_order_are_matched_by_stan() {
+        let mut h = Harness::up(1);
+        for _ in 0..3 {
+            h.submit(Mti::FINANCIAL, None, None);
+        }
+        let at_bank = h.transmit();
+        let stans: Vec<&[u8]> = at_bank.iter().map(|m| m.field(11).unwrap()).collect();
+        assert_eq!(
+            stans,
+            [b"000002", b"000003", b"000004"],
+            "after the sign-on's 1"
+        );
+        assert_eq!(h.link.inflight(), 3);
+        h.advance(Duration::from_millis(3));
+        assert!(h.answer(&at_bank[2], b"51").is_some());
+        assert!(h.answer(&at_bank[0], b"00").is_some());
+        assert!(h.answer(&at_bank[1], b"05").is_some());
+        // Each acquirer gets its own answer, with its own DE11 back.
+        let replies = h.replies();
+        assert_eq!(
+            replies,
+            [
+                pair("000003", "51"),
+                pair("000001", "00"),
+                pair("000002", "05")
+            ]
+        );
+        assert_eq!(h.link.inflight(), 0);
+        // An answer matching nothing in flight is counted and dropped.
+        assert!(h.answer(&at_bank[0], b"00").is_none());
+        assert_eq!(
+            h.bank
+                .stats
+                .unmatched
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn a_late_answer_after_expiry_leaves_the_advice_queued() {
+        let mut h = Harness::up(1);
+        h.submit(Mti::FINANCIAL, None, None);
+        let at_bank = h.transmit();
+        assert_eq!(h.link.poll_timeout(&h.bank), Some(h.t0 + REQUEST_TIMEOUT));
+        h.advance(REQUEST_TIMEOUT);
+        h.link.handle_timeout(&h.bank, h.now);
+        assert_eq!(h.replies(), [pair("000001", "68")]);
+        assert_eq!(h.bank.reversals_waiting(), 1);
+        // The bank's approval arrives late: dropped, and the advice stays queued.
+        h.advance(Duration::from_millis(10));
+        assert!(h.answer(&at_bank[0], b"00").is_none());
+        assert_eq!(h.bank.reversals_waiting(), 1);
+        assert!(h.replies().is_empty(), "no second answer");
+        // The next write carries it: an 0420 naming the request as the bank saw it.
+        let advices = h.transmit();
+        assert_eq!(advices.len(), 1);
+        assert_eq!(advices[0].mti(), Mti::REVERSAL_ADVICE);
+        let de90 = advices[0].field(90).unwrap();
+        assert_eq!(&de90[..4], b"0200");
+        assert_eq!(&de90[4..10], at_bank[0].field(11).unwrap(), "the link STAN");
+        assert_eq!(&de90[10..20], b"1126093000");
+        // Unanswered within the echo timeout: repeated as an 0421 after a backoff.
+        h.advance(ECHO_TIMEOUT);
+        h.link.handle_timeout(&h.bank, h.now);
+        assert_eq!(h.bank.reversals_waiting(), 1);
+        h.advance(Duration::from_secs(1));
+        h.link.handle_timeout(&h.bank, h.now);
+        let repeat = h.transmit();
+        assert_eq!(repeat[0].mti(), Mti::REVERSAL_ADVICE_REPEAT);
+        let answered = h.answer(&repeat[0], b"00");
+        assert!(answered.is_none(), "no latency sample for an advice");
+        assert_eq!(h.bank.reversals_waiting(), 0);
+        assert_eq!(
+            h.bank
+                .stats
+                .reversals_acked
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+
+    #[test]
+    fn a_lost_link_answers_91_and_queues_advices() {
+        let mut h = Harness::up(1);
+        h.submit(Mti::FINANCIAL, None, None);
+        h.submit(Mti::FINANCIAL, None, None);
+        let at_bank = h.transmit();
+        assert_eq!(at_bank.len(), 2);
+        h.link.on_link_lost(&h.bank, h.now);
+        let mut replies = h.replies();
+        replies.sort();
+        assert_eq!(replies, [pair("000001", "91"), pair("000002", "91")]);
+        assert_eq!(h.bank.reversals_waiting(), 2, "the bank may have seen both");
+        assert_eq!(h.bank.links_up(), 0);
+        // With no link up, a new request is answered 91 at once.
+        h.submit(Mti::FINANCIAL, None, None);
+        assert_eq!(h.replies(), [pair("000003", "91")]);
+    }
+
+    #[test]
+    fn stans_wrap_from_999999_to_1() {
+        let mut h = Harness::up(crate::core::inflight::STAN_MAX - 1);
+        h.submit(Mti::FINANCIAL, None, None);
+        h.submit(Mti::FINANCIAL, None, None);
+        let at_bank = h.transmit();
+        let stans: Vec<&[u8]> = at_bank.iter().map(|m| m.field(11).unwrap()).collect();
+        assert_eq!(stans, [b"999999", b"000001"], "after the sign-on's 999998");
+        h.answer(&at_bank[1], b"00");
+        h.answer(&at_bank[0], b"00");
+        assert_eq!(h.replies(), [pair("000002", "00"), pair("000001", "00")]);
+    }
+
+    #[test]
+    fn a_reversal_of_a_reversal_names_the_original_payment() {
+        let mut h = Harness::up(1);
+        // The acquirer's 0400 names its payment by the acquirer's DE11 (000042);
+        // the bank saw the payment under link STAN 000777.
+        let de90 = b"020000004211260930000000010000100000000000";
+        let original = Stan::from_value(777).unwrap();
+        h.submit(Mti::REVERSAL, Some(de90), Some(original));
+        let at_bank = h.transmit();
+        assert_eq!(at_bank[0].mti(), Mti::REVERSAL);
+        assert_eq!(&at_bank[0].field(90).unwrap()[4..10], b"000777");
+        // No answer: 68 to the acquirer, and the switch reverses the payment itself.
+        h.advance(REQUEST_TIMEOUT);
+        h.link.handle_timeout(&h.bank, h.now);
+        assert_eq!(h.replies(), [pair("000001", "68")]);
+        let advice = h.transmit();
+        assert_eq!(advice[0].mti(), Mti::REVERSAL_ADVICE);
+        let named = advice[0].field(90).unwrap();
+        assert_eq!(&named[..4], b"0200", "the payment, not the 0400");
+        assert_eq!(&named[4..10], b"000777", "under the STAN the bank saw it");
+    }
+
+    #[test]
+    fn sign_on_declined_or_unanswered_ends_the_link() {
+        let mut h = Harness::new("", 1);
+        let sign_on = h.transmit();
+        h.answer_network(&sign_on[0], b"91");
+        assert_eq!(h.link.ended(), Some(LinkEnd::SignOnDeclined));
+        assert_eq!(h.bank.links_up(), 0);
+        let mut h = Harness::new("", 1);
+        h.transmit();
+        assert_eq!(h.link.poll_timeout(&h.bank), Some(h.t0 + ECHO_TIMEOUT));
+        h.advance(ECHO_TIMEOUT);
+        h.link.handle_timeout(&h.bank, h.now);
+        assert_eq!(h.link.ended(), Some(LinkEnd::SignOnUnanswered));
+    }
+
+    #[test]
+    fn an_idle_link_echoes_and_an_unanswered_echo_ends_it() {
+        let mut h = Harness::up(1);
+        assert_eq!(h.link.poll_timeout(&h.bank), Some(h.t0 + ECHO_INTERVAL));
+        h.advance(ECHO_INTERVAL);
+        h.link.handle_timeout(&h.bank, h.now);
+        assert!(h.link.take_wake_writer());
+        let echo = h.transmit();
+        assert_eq!(echo[0].field(70), Some(&b"301"[..]));
+        h.answer_network(&echo[0], b"00");
+        assert_eq!(h.link.poll_timeout(&h.bank), Some(h.now + ECHO_INTERVAL));
+        h.advance(ECHO_INTERVAL);
+        h.link.handle_timeout(&h.bank, h.now);
+        h.transmit();
+        h.advance(ECHO_TIMEOUT);
+        h.link.handle_timeout(&h.bank, h.now);
+        assert_eq!(h.link.ended(), Some(LinkEnd::EchoUnanswered));
+    }
+
+    #[test]
+    fn a_retiring_link_finishes_its_requests_then_signs_off() {
+        let mut h = Harness::up(1);
+        h.submit(Mti::FINANCIAL, None, None);
+        let at_bank = h.transmit();
+        h.link.retire(&h.bank);
+        assert_eq!(h.bank.links_up(), 0, "takes nothing new");
+        assert!(
+            h.transmit().is_empty(),
+            "no sign-off while a request is in flight"
+        );
+        h.answer(&at_bank[0], b"00");
+        assert_eq!(h.replies(), [pair("000001", "00")]);
+        assert!(h.link.take_wake_writer());
+        let sign_off = h.transmit();
+        assert_eq!(sign_off[0].field(70), Some(&b"002"[..]));
+        assert_eq!(h.link.ended(), None);
+        h.answer_network(&sign_off[0], b"00");
+        assert_eq!(h.link.ended(), Some(LinkEnd::Retired));
+    }
+
+    #[test]
+    fn shutdown_signs_off_and_unanswered_sign_off_ends_after_its_wait() {
+        let mut h = Harness::up(1);
+        h.link.close(h.now);
+        let sign_off = h.transmit();
+        assert_eq!(sign_off[0].field(70), Some(&b"002"[..]));
+        let wait = ECHO_TIMEOUT.min(SIGN_OFF_WAIT_MAX);
+        assert_eq!(h.link.poll_timeout(&h.bank), Some(h.now + wait));
+        h.advance(wait);
+        h.link.handle_timeout(&h.bank, h.now);
+        assert_eq!(h.link.ended(), Some(LinkEnd::Shutdown));
+    }
+
+    #[test]
+    fn a_full_table_answers_91_and_an_expired_request_is_not_sent() {
+        let mut h = Harness::new("inflight_per_link_max = 1", 1);
+        let sign_on = h.transmit();
+        h.answer_network(&sign_on[0], b"00");
+        h.submit(Mti::FINANCIAL, None, None);
+        h.submit(Mti::FINANCIAL, None, None);
+        let at_bank = h.transmit();
+        assert_eq!(at_bank.len(), 1, "the table holds one");
+        assert_eq!(h.replies(), [pair("000002", "91")]);
+        h.answer(&at_bank[0], b"00");
+        h.replies();
+        h.submit(Mti::FINANCIAL, None, None);
+        h.advance(REQUEST_TIMEOUT);
+        assert!(h.transmit().is_empty());
+        assert_eq!(h.replies(), [pair("000003", "91")], "expired in the queue");
     }
 }

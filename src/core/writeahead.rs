@@ -180,3 +180,54 @@ impl WriteAhead {
         self.append(RecordKind::ReversalAcked, request_id, &[], Bytes::new())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{Dialect, Encoder, Mti};
+    use bytes::BytesMut;
+    use std::sync::Mutex;
+
+    /// Keeps (kind, request id, head) of every record.
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<(RecordKind, u64, Vec<u8>)>>);
+
+    impl RecordSink for Recorded {
+        fn append(&self, e: Entry) -> Result<u64, AppendError> {
+            let mut records = crate::sync::lock(&self.0);
+            records.push((
+                e.kind,
+                e.request_id,
+                e.head.0[..usize::from(e.head.1)].to_vec(),
+            ));
+            Ok(records.len() as u64)
+        }
+    }
+
+    #[test]
+    fn a_reversal_is_recorded_before_the_outcome_it_comes_with() {
+        let d = Dialect::iso87_ascii();
+        let mut out = BytesMut::new();
+        let mut enc = Encoder::new(&d, &mut out, Mti::FINANCIAL);
+        enc.field(11, b"000001").unwrap();
+        enc.finish();
+        let original = Message::decode(&d, out.freeze()).unwrap();
+        let sink = Arc::new(Recorded::default());
+        let journal = WriteAhead::new(sink.clone());
+        let stan = Stan::from_value(9).unwrap();
+        let outcome = Some((&b"68"[..], OutcomeSource::Timeout));
+        let (queued, seq) = journal.reversed(7, 1, stan, &original, outcome);
+        assert_eq!((queued, seq), (Ok(1), 2));
+        let records = crate::sync::lock(&sink.0).clone();
+        assert_eq!(records[0].0, RecordKind::ReversalQueued);
+        assert_eq!(records[0].2, [1, 0, 9, 0, 0, 0], "connector 1, link STAN 9");
+        assert_eq!(records[1].0, RecordKind::Outcome);
+        assert_eq!(records[1].2, [b'6', b'8', OutcomeSource::Timeout as u8]);
+        assert!(records.iter().all(|r| r.1 == 7));
+        // Without a journal nothing waits.
+        assert_eq!(
+            WriteAhead::off().outcome(7, b"00", OutcomeSource::Bank, None),
+            0
+        );
+    }
+}

@@ -7,6 +7,7 @@
 
 pub mod banksim;
 pub mod certs;
+pub mod corepath;
 pub mod demo;
 pub mod loadgen;
 pub mod testkit;
