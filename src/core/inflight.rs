@@ -119,12 +119,28 @@ impl<T> InflightTable<T> {
         deadline: Instant,
         value: T,
     ) -> Result<Stan, TableFull<T>> {
+        self.insert_from_mut(first, deadline, value)
+            .map(|(stan, _)| stan)
+    }
+
+    /// As [`InflightTable::insert_from`], also returning the value where it now
+    /// lies (no second lookup to use it).
+    pub fn insert_from_mut(
+        &mut self,
+        first: u32,
+        deadline: Instant,
+        value: T,
+    ) -> Result<(Stan, &mut T), TableFull<T>> {
         self.next = first.clamp(1, STAN_MAX);
-        self.insert(deadline, value)
+        self.insert_mut(deadline, value)
     }
 
     /// Gives `value` the next free STAN and remembers it until `deadline`.
     pub fn insert(&mut self, deadline: Instant, value: T) -> Result<Stan, TableFull<T>> {
+        self.insert_mut(deadline, value).map(|(stan, _)| stan)
+    }
+
+    fn insert_mut(&mut self, deadline: Instant, value: T) -> Result<(Stan, &mut T), TableFull<T>> {
         if self.slots.len() >= self.capacity {
             return Err(TableFull(value));
         }
@@ -136,16 +152,14 @@ impl<T> InflightTable<T> {
         self.advance();
         self.generation += 1;
         let generation = self.generation;
-        self.slots.insert(
-            stan,
-            Slot {
-                generation,
-                deadline,
-                value,
-            },
-        );
         self.deadlines.push(Reverse((deadline, stan, generation)));
-        Ok(Stan(stan))
+        let slot = Slot {
+            generation,
+            deadline,
+            value,
+        };
+        let slot = self.slots.entry(stan).insert_entry(slot).into_mut();
+        Ok((Stan(stan), &mut slot.value))
     }
 
     fn advance(&mut self) {

@@ -37,7 +37,6 @@ use super::reversal::{encode_reversal_advice, rewrite_de90};
 use super::saf::Advice;
 use super::InstitutionId;
 use crate::journal::AppendError;
-use crate::telemetry::Sample;
 use crate::wire::{reencode, Change, Dialect, Encoder, Framing, Message, Mti};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
@@ -290,9 +289,10 @@ impl<E: LinkEnv> Link<E> {
 
     // === input ===
 
-    /// A frame from the bank: matched by DE11 to what is in flight. Returns the
-    /// latency of the request it answered, if it answered one.
-    pub fn on_answer(&mut self, env: &E, frame: Bytes, now: Instant) -> Option<Sample> {
+    /// A frame from the bank: matched by DE11 to what is in flight. When it answers
+    /// a request, returns when that request was received and when it was forwarded
+    /// (for the shell's latency sample, `telemetry::Sample::new(.., .., now)`).
+    pub fn on_answer(&mut self, env: &E, frame: Bytes, now: Instant) -> Option<(Instant, Instant)> {
         let answer = match Message::decode(&self.config.dialect, frame) {
             Ok(m) => m,
             Err(e) => {
@@ -312,8 +312,7 @@ impl<E: LinkEnv> Link<E> {
         let mut sample = None;
         match waiter {
             Some(Waiter::Request(p)) if Some(answer.mti()) == p.message().mti().response() => {
-                let (received, forwarded) = p.times();
-                sample = Some(Sample::new(received, forwarded, now));
+                sample = Some(p.times());
                 env.finish(p, Finish::Answered { stan, answer }, now);
             }
             Some(Waiter::Request(p)) => {
@@ -448,27 +447,37 @@ impl<E: LinkEnv> Link<E> {
             return 0;
         }
         request.forwarded_at(now);
-        let stan = match self
-            .table
-            .insert_from(env.next_stan(), deadline, Waiter::Request(request))
-        {
-            Ok(stan) => stan,
-            Err(TableFull(Waiter::Request(p))) => {
-                let how = Finish::Unavailable {
-                    why: "link in-flight table full",
-                    reverse: None,
-                };
-                env.finish(p, how, now);
+        let first = env.next_stan();
+        let (stan, request) =
+            match self
+                .table
+                .insert_from_mut(first, deadline, Waiter::Request(request))
+            {
+                Ok((stan, Waiter::Request(request))) => (stan, &*request),
+                Ok(_) => return 0,
+                Err(TableFull(Waiter::Request(p))) => {
+                    let how = Finish::Unavailable {
+                        why: "link in-flight table full",
+                        reverse: None,
+                    };
+                    env.finish(p, how, now);
+                    return 0;
+                }
+                Err(TableFull(_)) => return 0,
+            };
+        // Recorded before the bank can see it, so recovery knows to reverse it.
+        let journaled = env.forwarded(request, stan);
+        let encoded = journaled.is_ok() && encode_request(&self.config, request, stan, buf);
+        let seq = match journaled {
+            Ok(seq) if encoded => seq,
+            Ok(_) => {
+                if let Some(Waiter::Request(p)) = self.table.take(stan) {
+                    crate::log_limited!(warn, bank = %self.config.bank,
+                        "request does not fit the bank's dialect: answered 30");
+                    env.finish(p, Finish::Unencodable, now);
+                }
                 return 0;
             }
-            Err(TableFull(_)) => return 0,
-        };
-        let Some(Waiter::Request(p)) = self.table.get(stan) else {
-            return 0;
-        };
-        // Recorded before the bank can see it, so recovery knows to reverse it.
-        let seq = match env.forwarded(p, stan) {
-            Ok(seq) => seq,
             Err(e) => {
                 crate::log_limited!(warn, bank = %self.config.bank, error = %e,
                     "forward not journaled: answered 91");
@@ -482,14 +491,6 @@ impl<E: LinkEnv> Link<E> {
                 return 0;
             }
         };
-        if !self.encode_request(stan, buf) {
-            if let Some(Waiter::Request(p)) = self.table.take(stan) {
-                crate::log_limited!(warn, bank = %self.config.bank,
-                    "request does not fit the bank's dialect: answered 30");
-                env.finish(p, Finish::Unencodable, now);
-            }
-            return 0;
-        }
         self.deadline_added(deadline);
         seq
     }
@@ -738,40 +739,6 @@ impl<E: LinkEnv> Link<E> {
         self.advices = due;
     }
 
-    /// Encodes the request in flight under `stan`, DE11 rewritten (and a reversal's
-    /// DE90), framed, into `buf`; false (nothing appended) if it does not fit.
-    fn encode_request(&self, stan: Stan, buf: &mut BytesMut) -> bool {
-        let Some(Waiter::Request(p)) = self.table.get(stan) else {
-            return false;
-        };
-        let request = p.message();
-        let digits = stan.to_de11();
-        let de90 = p
-            .original_link_stan()
-            .and_then(|s| rewrite_de90(request, s));
-        let set11 = Change::Set(11, &digits);
-        let changes: &[Change<'_>] = match &de90 {
-            Some(de90) => &[set11, Change::Set(90, de90)],
-            None => &[set11],
-        };
-        let framing = self.config.framing;
-        let at = framing.begin(buf);
-        let encoded = reencode(
-            request,
-            &self.config.acquirer_dialect,
-            &self.config.dialect,
-            request.mti(),
-            changes,
-            buf,
-        )
-        .is_ok()
-            && framing.finish(buf, at).is_ok();
-        if !encoded {
-            buf.truncate(at);
-        }
-        encoded
-    }
-
     /// Encodes an 0800 with DE70 `code` and DE11 `stan`, framed, into `buf`; false
     /// (nothing appended) if it cannot be encoded.
     fn network_message(&self, code: &[u8; 3], stan: Stan, unix_s: u64, buf: &mut BytesMut) -> bool {
@@ -792,6 +759,42 @@ impl<E: LinkEnv> Link<E> {
         }
         ok
     }
+}
+
+/// Encodes `request` for the bank with DE11 `stan` (and a reversal's DE90 naming
+/// the STAN its original had), framed, into `buf`; false (nothing appended) if it
+/// does not fit the bank's dialect.
+fn encode_request<R: LinkRequest>(
+    config: &LinkConfig,
+    p: &R,
+    stan: Stan,
+    buf: &mut BytesMut,
+) -> bool {
+    let request = p.message();
+    let digits = stan.to_de11();
+    let de90 = p
+        .original_link_stan()
+        .and_then(|s| rewrite_de90(request, s));
+    let set11 = Change::Set(11, &digits);
+    let changes: &[Change<'_>] = match &de90 {
+        Some(de90) => &[set11, Change::Set(90, de90)],
+        None => &[set11],
+    };
+    let at = config.framing.begin(buf);
+    let encoded = reencode(
+        request,
+        &config.acquirer_dialect,
+        &config.dialect,
+        request.mti(),
+        changes,
+        buf,
+    )
+    .is_ok()
+        && config.framing.finish(buf, at).is_ok();
+    if !encoded {
+        buf.truncate(at);
+    }
+    encoded
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -955,7 +958,7 @@ mod tests {
         }
 
         /// The bank answers `request` (as it received it) with `de39`.
-        fn answer(&mut self, request: &Message, de39: &[u8]) -> Option<Sample> {
+        fn answer(&mut self, request: &Message, de39: &[u8]) -> Option<(Instant, Instant)> {
             let mti = request.mti().response().unwrap();
             let mut fields: Vec<(u8, &[u8])> = Vec::new();
             for n in [2u8, 3, 4, 7, 11, 32] {

@@ -17,7 +17,7 @@ use crate::core::link::{Link, LinkEnd, SIGN_OFF_WAIT_MAX};
 use crate::core::route::BankIndex;
 use crate::net::durable::Durable;
 use crate::sync::lock;
-use crate::telemetry::ConnectorLatency;
+use crate::telemetry::{ConnectorLatency, Sample};
 use crate::wire::{Dialect, FrameDecoder};
 use bytes::BytesMut;
 use std::sync::{Arc, Mutex};
@@ -450,8 +450,10 @@ impl Connector {
                         loop {
                             match decoder.decode(&mut buf) {
                                 Ok(Some(frame)) => {
-                                    if let Some(sample) = link.on_answer(&self.state, frame, now) {
-                                        recorder.record(sample);
+                                    if let Some((received, forwarded)) =
+                                        link.on_answer(&self.state, frame, now)
+                                    {
+                                        recorder.record(Sample::new(received, forwarded, now));
                                     }
                                 }
                                 Ok(None) => break,

@@ -208,15 +208,19 @@ impl LinkRequest for CoreRequest {
     }
 }
 
-/// The bank as the link sees it here: one request handed over at a time, no
-/// journal, the answer kept for the acquirer's side.
-#[derive(Default)]
+/// The bank as the link sees it here: requests handed to the link directly, no
+/// journal; an answer is encoded for the acquirer at once, into the session's
+/// write buffer (as the session writer would, without the channel between them).
 pub struct CoreEnv {
     next_stan: Cell<u32>,
     /// The STAN the last request was forwarded under.
     forwarded: Cell<Option<Stan>>,
     queued: RefCell<Option<CoreRequest>>,
-    answered: RefCell<Option<(CoreRequest, Message)>>,
+    acquirer_dialect: Arc<Dialect>,
+    bank_dialect: Arc<Dialect>,
+    /// The session's write buffer, and whether the last answer encoded.
+    session_write: RefCell<BytesMut>,
+    encoded: Cell<Option<bool>>,
 }
 
 impl LinkEnv for CoreEnv {
@@ -244,9 +248,15 @@ impl LinkEnv for CoreEnv {
     }
 
     fn finish(&self, request: CoreRequest, how: Finish, _now: Instant) {
-        if let Finish::Answered { answer, .. } = how {
-            *self.answered.borrow_mut() = Some((request, answer));
-        }
+        let Finish::Answered { answer, .. } = how else {
+            return;
+        };
+        let stan = OriginalStan::of(&request.message);
+        let reply = Reply::bank(stan, answer, self.bank_dialect.clone(), 0, 0);
+        let mut out = self.session_write.borrow_mut();
+        out.clear();
+        let encoded = encode_reply(&reply, &self.acquirer_dialect, FRAMING, &mut out);
+        self.encoded.set(Some(encoded));
     }
 
     fn unmatched(&self, _stan: Stan, _approved: bool) {}
@@ -270,7 +280,6 @@ pub struct SwitchCore {
     link: Link<CoreEnv>,
     env: CoreEnv,
     session_read: BytesMut,
-    session_write: BytesMut,
     link_read: BytesMut,
     link_write: BytesMut,
     /// The bank's framed 0210, DE11 to be patched at `answer_stan_at`.
@@ -323,9 +332,16 @@ impl SwitchCore {
             request_timeout: Duration::from_millis(REQUEST_TIMEOUT_MS_DEFAULT),
             frames: FrameDecoder::new(FRAMING, FRAME_SIZE_MAX_BYTES_DEFAULT),
             link: Link::new(config, 0, Instant::now()),
-            env: CoreEnv::default(),
+            env: CoreEnv {
+                next_stan: Cell::new(0),
+                forwarded: Cell::new(None),
+                queued: RefCell::new(None),
+                acquirer_dialect: acquirer_dialect.clone(),
+                bank_dialect: bank_dialect.clone(),
+                session_write: RefCell::new(BytesMut::with_capacity(BUFFER_BYTES)),
+                encoded: Cell::new(None),
+            },
             session_read: BytesMut::with_capacity(BUFFER_BYTES),
-            session_write: BytesMut::with_capacity(BUFFER_BYTES),
             link_read: BytesMut::with_capacity(BUFFER_BYTES),
             link_write: BytesMut::with_capacity(BUFFER_BYTES),
             answer: answer.to_vec(),
@@ -390,21 +406,22 @@ impl SwitchCore {
             return Err(Failure::NotForwarded);
         };
         let now = Instant::now();
-        *self.env.queued.borrow_mut() = Some(CoreRequest {
+        let request = CoreRequest {
             message: msg,
             deadline: now + self.request_timeout,
-        });
+        };
         // Bank link: STAN, in flight, re-encoded with DE11 = STAN into the write buffer.
         self.link_write.clear();
         self.link
-            .poll_transmit(&self.env, now, UNIX_S, &mut self.link_write);
+            .submit(&self.env, request, now, &mut self.link_write);
         let stan = self.env.forwarded.take().ok_or(Failure::NotSent)?;
         if self.link_write.is_empty() {
             return Err(Failure::NotSent);
         }
         let digits = stan.to_de11();
         // The bank's answer arrives on the link: frame, then the link decodes and
-        // matches it by DE11.
+        // matches it by DE11, and the answer is encoded for the acquirer with its own
+        // DE11.
         let start = self.link_read.len();
         self.link_read.extend_from_slice(&self.answer);
         let patch = start + self.answer_stan_at;
@@ -414,29 +431,10 @@ impl SwitchCore {
             _ => return Err(Failure::Decode),
         };
         self.link.on_answer(&self.env, frame, now);
-        let (request, answer) = self
-            .env
-            .answered
-            .borrow_mut()
-            .take()
-            .ok_or(Failure::Unmatched)?;
-        // Acquirer session: the answer with the acquirer's DE11, framed.
-        let reply = Reply::bank(
-            OriginalStan::of(&request.message),
-            answer,
-            self.bank_dialect.clone(),
-            0,
-            0,
-        );
-        self.session_write.clear();
-        if !encode_reply(
-            &reply,
-            &self.acquirer_dialect,
-            FRAMING,
-            &mut self.session_write,
-        ) {
-            return Err(Failure::Encode);
+        match self.env.encoded.take() {
+            Some(true) => Ok(self.env.session_write.borrow().len()),
+            Some(false) => Err(Failure::Encode),
+            None => Err(Failure::Unmatched),
         }
-        Ok(self.session_write.len())
     }
 }
