@@ -2,39 +2,58 @@
 //! (Prometheus text), `/healthz`, `/readyz` and `/status` (JSON), and `POST
 //! /reload` (what SIGHUP does; `switchyard reload` calls it).
 //!
-//! A deliberately small HTTP/1.1 server: `GET` (and that one `POST`), one request per connection
-//! (`Connection: close`), a bounded request head read within a timeout, and a
-//! bounded number of connections at once; anything else gets 4xx and is closed.
+//! HTTP/1.1 is hyper's; the endpoint keeps its bounds through hyper's settings
+//! and tower layers: a request head of at most `admin.request_head_max_bytes`
+//! (hyper's read buffer; larger: 431), read within `admin.header_read_timeout_ms`
+//! (hyper's header timer), a request done within `admin.request_timeout_ms`
+//! (tower's timeout layer), one request per connection (no keep-alive), and at
+//! most `admin.connections_max` connections at once (more are closed at accept and
+//! counted in `switchyard_admin_refused_total`).
+//!
+//! What the endpoint shows and does it asks of an [`Operator`]: the daemon
+//! implements it (`service`); the endpoint knows nothing else of the daemon.
 
-use crate::daemon::Switch;
-use metrics_exporter_prometheus::PrometheusHandle;
+use crate::config::AdminLimits;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-/// Admin connections served at once; more are closed at accept.
-pub const ADMIN_CONNECTIONS_MAX: usize = 64;
-/// Largest request head read, bytes; a longer one gets 431.
-pub const ADMIN_REQUEST_HEAD_MAX_BYTES: usize = 8 * 1024;
-/// Time a client has to send its request head.
-pub const ADMIN_IO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Time one admin request may take in all (a reload waits up to
-/// [`crate::daemon::RELOAD_LINK_WAIT`] for new banks' links).
-pub const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// What the admin endpoint asks of the daemon.
+pub trait Operator: Send + Sync + 'static {
+    /// Prometheus text exposition of every metric.
+    fn metrics(&self) -> String;
+    /// Whether the switch is ready to serve, and why not (or "ready").
+    fn readiness(&self) -> (bool, String);
+    /// Sessions, connectors, links, queues, journal: a JSON object.
+    fn status(&self) -> serde_json::Value;
+    /// Reloads the config file: what was applied, or why it was rejected; `None`
+    /// when the switch runs without a config file.
+    fn reload(&self) -> impl Future<Output = Option<Result<String, String>>> + Send;
+}
 
 /// Serves the admin endpoint on `listener` until `shutdown`.
-pub async fn serve(
+pub async fn serve<O: Operator>(
     listener: TcpListener,
-    metrics: PrometheusHandle,
-    switch: Arc<Switch>,
-    config_path: Option<std::path::PathBuf>,
+    operator: Arc<O>,
+    limits: AdminLimits,
     shutdown: CancellationToken,
 ) {
-    let config_path = Arc::new(config_path);
-    let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS_MAX));
+    let slots = Arc::new(Semaphore::new(limits.connections_max));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.keep_alive(false)
+        .max_buf_size(limits.request_head_max_bytes)
+        .header_read_timeout(limits.header_read_timeout)
+        .timer(TokioTimer::new());
     loop {
         let (tcp, _) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -51,199 +70,151 @@ pub async fn serve(
             metrics::counter!("switchyard_admin_refused_total").increment(1);
             continue; // dropped: closed
         };
-        let (metrics, switch, path) = (metrics.clone(), switch.clone(), config_path.clone());
+        let operator = operator.clone();
+        let service = tower::ServiceBuilder::new()
+            .layer(tower::timeout::TimeoutLayer::new(limits.request_timeout))
+            .service_fn(move |request| answer(operator.clone(), request));
+        let connection =
+            http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service));
+        // The whole exchange is bounded too (a client that does not read its answer).
+        let bound = limits.header_read_timeout + limits.request_timeout;
         tokio::spawn(async move {
             let _slot = slot;
-            let answering = answer(tcp, &metrics, &switch, path.as_deref());
-            let _ = tokio::time::timeout(ADMIN_REQUEST_TIMEOUT, answering).await;
+            let _ = tokio::time::timeout(bound, connection).await;
         });
     }
 }
 
-async fn answer(
-    mut tcp: TcpStream,
-    metrics: &PrometheusHandle,
-    switch: &Arc<Switch>,
-    config_path: Option<&std::path::Path>,
-) {
-    let mut head = Vec::with_capacity(1024);
-    let read_head = async {
-        let mut buf = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-            if head.len() > ADMIN_REQUEST_HEAD_MAX_BYTES {
-                return Err(true);
-            }
-            match tcp.read(&mut buf).await {
-                Ok(0) | Err(_) => return Err(false),
-                Ok(n) => head.extend_from_slice(&buf[..n]),
-            }
-        }
-        Ok(())
-    };
-    match tokio::time::timeout(ADMIN_IO_TIMEOUT, read_head).await {
-        Ok(Ok(())) => {}
-        Ok(Err(true)) => {
-            let _ = respond(&mut tcp, 431, "text/plain", "request head too large\n").await;
-            return;
-        }
-        Ok(Err(false)) | Err(_) => return,
-    }
-    let line = head.split(|b| *b == b'\r').next().unwrap_or(b"");
-    let mut parts = line.split(|b| *b == b' ');
-    let (method, path) = (parts.next().unwrap_or(b""), parts.next().unwrap_or(b""));
-    let path = path.split(|b| *b == b'?').next().unwrap_or(b"");
-    if method == b"POST" && path == b"/reload" {
+type Answer = Response<Full<Bytes>>;
+
+fn respond(status: StatusCode, content_type: &'static str, body: String) -> Answer {
+    let mut answer = Response::new(Full::new(Bytes::from(body)));
+    *answer.status_mut() = status;
+    answer.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    answer
+}
+
+fn text(status: StatusCode, body: impl Into<String>) -> Answer {
+    respond(status, "text/plain", body.into())
+}
+
+async fn answer<O: Operator>(
+    operator: Arc<O>,
+    request: Request<Incoming>,
+) -> Result<Answer, Infallible> {
+    let path = request.uri().path();
+    if request.method() == Method::POST && path == "/reload" {
         // In a task of its own: a client going away must not cut a reload short.
-        let result = match config_path {
-            Some(p) => {
-                let (switch, p) = (switch.clone(), p.to_owned());
-                let reload = tokio::spawn(async move { switch.reload(&p).await });
-                Some(
-                    reload
-                        .await
-                        .unwrap_or_else(|e| Err(format!("reload failed: {e}"))),
-                )
-            }
-            None => None,
-        };
-        let _ = match result {
+        let reload = tokio::spawn(async move { operator.reload().await });
+        let result = reload
+            .await
+            .unwrap_or_else(|e| Some(Err(format!("reload failed: {e}"))));
+        return Ok(match result {
             Some(Ok(what)) => {
                 tracing::info!("{what} (admin endpoint)");
-                respond(&mut tcp, 200, "text/plain", &format!("{what}\n")).await
+                text(StatusCode::OK, format!("{what}\n"))
             }
             Some(Err(why)) => {
                 tracing::error!("config reload rejected, the running config stays: {why}");
-                respond(&mut tcp, 422, "text/plain", &format!("{why}\n")).await
+                text(StatusCode::UNPROCESSABLE_ENTITY, format!("{why}\n"))
             }
-            None => respond(&mut tcp, 404, "text/plain", "no config file to reload\n").await,
-        };
-        return;
+            None => text(StatusCode::NOT_FOUND, "no config file to reload\n"),
+        });
     }
-    if method != b"GET" {
-        let _ = respond(&mut tcp, 405, "text/plain", "only GET (and POST /reload)\n").await;
-        return;
+    if request.method() != Method::GET {
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET (and POST /reload)\n",
+        ));
     }
-    let _ = match path {
-        b"/metrics" => {
-            switch.publish_metrics();
-            let mut text = metrics.render();
-            let live = switch.connectors();
-            crate::telemetry::render_histograms(
-                &mut text,
-                live.iter().map(|c| (c.bank().id.to_string(), &c.latency)),
-            );
-            respond(&mut tcp, 200, "text/plain; version=0.0.4", &text).await
+    Ok(match path {
+        "/metrics" => respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            operator.metrics(),
+        ),
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => {
+            let (ready, why) = operator.readiness();
+            let status = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            text(status, format!("{why}\n"))
         }
-        b"/healthz" => respond(&mut tcp, 200, "text/plain", "ok\n").await,
-        b"/readyz" => {
-            let (ready, why) = readiness(switch);
-            let status = if ready { 200 } else { 503 };
-            respond(&mut tcp, status, "text/plain", &format!("{why}\n")).await
-        }
-        b"/status" => {
-            let body = status(switch).to_string();
-            respond(&mut tcp, 200, "application/json", &body).await
-        }
-        _ => respond(&mut tcp, 404, "text/plain", "not found\n").await,
-    };
-}
-
-async fn respond(
-    tcp: &mut TcpStream,
-    code: u16,
-    content_type: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let reason = match code {
-        200 => "OK",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        422 => "Unprocessable Content",
-        431 => "Request Header Fields Too Large",
-        _ => "Service Unavailable",
-    };
-    let head = format!(
-        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    tcp.write_all(head.as_bytes()).await?;
-    tcp.write_all(body.as_bytes()).await?;
-    tcp.shutdown().await
-}
-
-/// Ready when not shutting down, the journal (if configured) is open and has not
-/// failed, and every bank not marked `optional` has a link up.
-pub fn readiness(switch: &Switch) -> (bool, String) {
-    if switch.is_draining() {
-        return (false, "shutting down".to_owned());
-    }
-    if switch.journal().is_some_and(|j| j.has_failed()) {
-        return (false, "journal failed".to_owned());
-    }
-    let down: Vec<String> = switch
-        .connectors()
-        .iter()
-        .filter(|c| c.links_up() == 0 && !c.is_optional())
-        .map(|c| c.bank().id.to_string())
-        .collect();
-    if !down.is_empty() {
-        return (false, format!("no link up to bank {}", down.join(", ")));
-    }
-    (true, "ready".to_owned())
-}
-
-/// Sessions, connectors, links, queues, reversal backlog and journal, as JSON.
-pub fn status(switch: &Switch) -> serde_json::Value {
-    let connectors: Vec<serde_json::Value> = switch
-        .connectors()
-        .iter()
-        .map(|c| {
-            let s = &c.stats;
-            let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-            serde_json::json!({
-                "bank": c.bank().id.to_string(),
-                "links": c.links_configured(),
-                "links_up": c.links_up(),
-                "link_slots": c
-                    .inflight_by_link()
-                    .into_iter()
-                    .map(|(slot, inflight)| serde_json::json!({"slot": slot, "inflight": inflight}))
-                    .collect::<Vec<_>>(),
-                "queue_depth": c.queue_depth(),
-                "inflight": c.inflight(),
-                "reversals_waiting": c.reversals_waiting(),
-                "forwarded": n(&s.forwarded),
-                "answered": n(&s.answered),
-                "timed_out": n(&s.timed_out),
-                "unavailable": n(&s.unavailable),
-                "late_answers": n(&s.unmatched),
-                "reversals_acknowledged": n(&s.reversals_acked),
-            })
-        })
-        .collect();
-    let journal = switch.journal().map(|j| {
-        let (segments, bytes) = j.disk_usage();
-        serde_json::json!({
-            "failed": j.has_failed(),
-            "segments": segments,
-            "bytes": bytes,
-            "queue_depth": j.queue_depth(),
-            "durable_seq": j.durable(),
-        })
-    });
-    let (ready, why) = readiness(switch);
-    serde_json::json!({
-        "ready": ready,
-        "readiness": why,
-        "draining": switch.is_draining(),
-        "sessions": switch.connections(),
-        "sessions_by_institution": switch
-            .sessions_by_institution()
-            .into_iter()
-            .map(|(id, n)| (id.to_string(), serde_json::json!(n)))
-            .collect::<serde_json::Map<_, _>>(),
-        "connectors": connectors,
-        "journal": journal,
-        "duplicates_entries": switch.duplicates_entries(),
+        "/status" => respond(
+            StatusCode::OK,
+            "application/json",
+            operator.status().to_string(),
+        ),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
     })
+}
+
+/// Largest answer body `request_reload` reads, bytes.
+const RELOAD_ANSWER_MAX_BYTES: usize = 64 * 1024;
+
+/// Why asking a switch to reload failed (before any answer).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadRequestError {
+    /// The endpoint could not be reached.
+    #[error("admin endpoint {addr}: {source}")]
+    Connect {
+        /// Where.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HTTP exchange failed.
+    #[error("admin endpoint {addr}: {message}")]
+    Http {
+        /// Where.
+        addr: std::net::SocketAddr,
+        /// Why.
+        message: String,
+    },
+    /// No answer in time.
+    #[error("admin endpoint {0}: no answer within {1:?}")]
+    Timeout(std::net::SocketAddr, Duration),
+}
+
+/// `switchyard reload`: `POST /reload` to the admin endpoint at `addr`, within
+/// `limit`. Returns whether the new config was applied, and the endpoint's words.
+pub async fn request_reload(
+    addr: std::net::SocketAddr,
+    limit: Duration,
+) -> Result<(bool, String), ReloadRequestError> {
+    use http_body_util::{BodyExt, Empty, Limited};
+    let http = |e: &dyn std::fmt::Display| ReloadRequestError::Http {
+        addr,
+        message: e.to_string(),
+    };
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|source| ReloadRequestError::Connect { addr, source })?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| http(&e))?;
+        tokio::spawn(connection);
+        let request = Request::post("/reload")
+            .header(hyper::header::HOST, "switchyard")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| http(&e))?;
+        let answer = sender.send_request(request).await.map_err(|e| http(&e))?;
+        let applied = answer.status() == StatusCode::OK;
+        let body = Limited::new(answer.into_body(), RELOAD_ANSWER_MAX_BYTES)
+            .collect()
+            .await
+            .map_err(|e| http(&e))?
+            .to_bytes();
+        Ok((applied, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(limit, exchange)
+        .await
+        .map_err(|_| ReloadRequestError::Timeout(addr, limit))?
 }

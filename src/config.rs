@@ -86,6 +86,17 @@ pub const ECHO_INTERVAL_MS_DEFAULT: u64 = 30_000;
 pub const ECHO_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 /// Requests written to a bank link per wake-up (one flush per batch).
 pub const WRITE_BATCH_MAX_DEFAULT: usize = 256;
+/// Admin connections served at once; more are closed at accept.
+pub const ADMIN_CONNECTIONS_MAX_DEFAULT: usize = 64;
+/// Largest admin request head, bytes (at least 8 KiB: hyper's smallest read buffer);
+/// a longer one is answered 431.
+pub const ADMIN_REQUEST_HEAD_MAX_BYTES_DEFAULT: usize = 8 * 1024;
+/// Time an admin client has to send its request head.
+pub const ADMIN_HEADER_READ_TIMEOUT_MS_DEFAULT: u64 = 5_000;
+/// Time one admin request may take in all (a reload waits up to 5 s for the links
+/// of banks it adds).
+pub const ADMIN_REQUEST_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+
 /// Reversal store-and-forward bounds: defined with the queue they bound.
 pub use crate::core::saf::{
     SafLimits, REVERSAL_AGE_MAX_S_DEFAULT, REVERSAL_ATTEMPTS_MAX_DEFAULT,
@@ -300,10 +311,26 @@ impl Default for DuplicatesSection {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct AdminSection {
     listen: Option<SocketAddr>,
+    connections_max: usize,
+    request_head_max_bytes: usize,
+    header_read_timeout_ms: u64,
+    request_timeout_ms: u64,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        AdminSection {
+            listen: None,
+            connections_max: ADMIN_CONNECTIONS_MAX_DEFAULT,
+            request_head_max_bytes: ADMIN_REQUEST_HEAD_MAX_BYTES_DEFAULT,
+            header_read_timeout_ms: ADMIN_HEADER_READ_TIMEOUT_MS_DEFAULT,
+            request_timeout_ms: ADMIN_REQUEST_TIMEOUT_MS_DEFAULT,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -553,6 +580,30 @@ impl Bank {
     }
 }
 
+/// Bounds of the admin endpoint (`[admin]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AdminLimits {
+    /// Connections served at once; more are closed at accept.
+    pub connections_max: usize,
+    /// Largest request head, bytes; a longer one gets 431.
+    pub request_head_max_bytes: usize,
+    /// Time a client has to send its request head.
+    pub header_read_timeout: Duration,
+    /// Time one request may take in all.
+    pub request_timeout: Duration,
+}
+
+impl Default for AdminLimits {
+    fn default() -> Self {
+        AdminLimits {
+            connections_max: ADMIN_CONNECTIONS_MAX_DEFAULT,
+            request_head_max_bytes: ADMIN_REQUEST_HEAD_MAX_BYTES_DEFAULT,
+            header_read_timeout: Duration::from_millis(ADMIN_HEADER_READ_TIMEOUT_MS_DEFAULT),
+            request_timeout: Duration::from_millis(ADMIN_REQUEST_TIMEOUT_MS_DEFAULT),
+        }
+    }
+}
+
 /// Duplicate detection bounds (`[duplicates]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Duplicates {
@@ -581,6 +632,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin address serving Prometheus `/metrics`; none when absent.
     pub admin_listen: Option<SocketAddr>,
+    /// Bounds of the admin endpoint.
+    pub admin_limits: AdminLimits,
     /// The write-ahead journal; none when the section is absent.
     pub journal: Option<JournalConfig>,
     /// Duplicate detection and reversal matching.
@@ -655,6 +708,7 @@ impl Config {
         };
         check("switch.listen", self.listen == new.listen);
         check("admin.listen", self.admin_listen == new.admin_listen);
+        check("admin (limits)", self.admin_limits == new.admin_limits);
         check(
             "switch.worker_threads",
             self.worker_threads == new.worker_threads,
@@ -743,6 +797,34 @@ impl Checker<'_> {
             .map_err(|_| self.invalid(key, format!("must be 1 to 11 digits, found {value:?}")))
     }
 
+    fn admin(&self, a: &AdminSection) -> Result<AdminLimits, ConfigError> {
+        let ms = |v: u64| Duration::from_millis(v);
+        Ok(AdminLimits {
+            connections_max: self.range("admin.connections_max", a.connections_max, 1, 4096, "")?,
+            request_head_max_bytes: self.range(
+                "admin.request_head_max_bytes",
+                a.request_head_max_bytes,
+                8192,
+                1 << 20,
+                "bytes",
+            )?,
+            header_read_timeout: ms(self.range(
+                "admin.header_read_timeout_ms",
+                a.header_read_timeout_ms,
+                100,
+                600_000,
+                "ms",
+            )?),
+            request_timeout: ms(self.range(
+                "admin.request_timeout_ms",
+                a.request_timeout_ms,
+                1_000,
+                600_000,
+                "ms",
+            )?),
+        })
+    }
+
     fn build(&self, f: File) -> Result<Config, ConfigError> {
         let s = &f.switch;
         let worker_threads = self.range("switch.worker_threads", s.worker_threads, 1, 256, "")?;
@@ -814,6 +896,7 @@ impl Checker<'_> {
             600_000,
             "ms",
         )?;
+        let admin_limits = self.admin(&f.admin)?;
         let dup = &f.duplicates;
         self.range("duplicates.window_s", dup.window_s, 1, 7 * 86_400, "s")?;
         self.range("duplicates.entries_max", dup.entries_max, 1, 1 << 30, "")?;
@@ -877,6 +960,7 @@ impl Checker<'_> {
         Ok(Config {
             listen: s.listen,
             admin_listen: f.admin.listen,
+            admin_limits,
             journal,
             duplicates,
             worker_threads,

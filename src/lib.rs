@@ -7,10 +7,14 @@
 //! answer, and returned to the sender, or answered by the switch itself by its
 //! deadline.
 //!
-//! Layers, one way down: [`money`] and [`core`] (sans-IO: no sockets, no clock) ←
-//! [`config`] ← [`tls`], [`net`] (ingress sessions and bank connectors) ←
-//! [`daemon`] ← `switchyard-cli`. The tools (load generator, bank simulator,
-//! demo, development PKI) live in the `switchyard-tools` crate.
+//! Layers, one way down: [`money`] and [`core`] (sans-IO: no sockets, no clock;
+//! the bank link's state machine is `core::link`) ← [`config`], [`journal`] ←
+//! [`tls`], [`net`] (acquirer sessions, bank connectors: tokio shells around the
+//! core) ← [`daemon`] (the switch as a whole) ← [`service`] (the composition root:
+//! listeners, signals, admin endpoint) ← `switchyard-cli` (`main.rs`, arguments
+//! only). [`admin`] serves HTTP through a narrow [`admin::Operator`] interface.
+//! The tools (load generator, bank simulator, demo, development PKI) live in the
+//! `switchyard-tools` crate. `docs/architecture.md` has the whole picture.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -22,6 +26,7 @@ pub mod journal;
 pub mod lograte;
 pub mod money;
 pub mod net;
+pub mod service;
 pub mod sync;
 pub mod telemetry;
 pub mod tls;

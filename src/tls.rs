@@ -346,3 +346,36 @@ pub fn connection_identity(
         .ok_or(IdentityError::NoPeerCertificate)?;
     peer_identity(leaf, source)
 }
+
+/// TLS configurations of the switch: towards acquirers and towards banks.
+#[derive(Clone)]
+pub struct TlsSetup {
+    /// Server side, requiring client certificates from the configured CA.
+    pub server: Arc<ServerConfig>,
+    /// Client side, presenting the switch's client certificate to banks.
+    pub client: Arc<ClientConfig>,
+}
+
+impl TlsSetup {
+    /// Loads the certificate files named in the config (what `check-config` and a
+    /// reload read too).
+    pub fn from_files(files: &crate::config::TlsFiles) -> Result<TlsSetup, TlsError> {
+        let ca = load_certs(&files.ca_file)?;
+        let crls = match &files.crl_file {
+            Some(path) => load_crls(path)?,
+            None => Vec::new(),
+        };
+        let server = server_config_with_crls(
+            &ca,
+            load_certs(&files.cert_file)?,
+            load_key(&files.key_file)?,
+            crls,
+        )?;
+        let client = client_config(
+            &ca,
+            load_certs(&files.client_cert_file)?,
+            load_key(&files.client_key_file)?,
+        )?;
+        Ok(TlsSetup { server, client })
+    }
+}

@@ -179,8 +179,9 @@ fn config_toml(bank_addr: std::net::SocketAddr) -> String {
 
 #[test]
 fn switch_allocations_per_payment() -> anyhow::Result<()> {
-    use switchyard::daemon::{Switch, TlsSetup};
+    use switchyard::daemon::Switch;
     use switchyard::tls;
+    use switchyard::tls::TlsSetup;
     use switchyard::wire::{Dialect, Framing, FRAME_SIZE_MAX_BYTES_DEFAULT};
     use switchyard_tools::banksim::{self, BankSimOptions, BankStats, Behavior};
     use switchyard_tools::certs::DevCa;

@@ -1190,13 +1190,10 @@ async fn readiness_waits_for_every_bank_not_marked_optional() {
         ..TestbedOptions::default()
     };
     let bed = testbed(down(false)).await;
-    let (ready, why) = switchyard::admin::readiness(&bed.switch);
+    let (ready, why) = bed.switch.readiness();
     assert!(!ready && why == "no link up to bank 200002", "{why}");
     bed.stop().await;
     let bed = testbed(down(true)).await;
-    assert_eq!(
-        switchyard::admin::readiness(&bed.switch),
-        (true, "ready".to_owned())
-    );
+    assert_eq!(bed.switch.readiness(), (true, "ready".to_owned()));
     bed.stop().await;
 }

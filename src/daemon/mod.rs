@@ -1,8 +1,14 @@
-//! The daemon: wires config, TLS, connectors and the acquirer listener together.
+//! The switch as a whole ([`Switch`]): the journal opened and replayed, the
+//! duplicates table rebuilt, a connector per bank, the acquirer sessions; its
+//! readiness and status; reload (`reload.rs`, planned by a pure function), start-up
+//! recovery (`recovery.rs`), gauges (`gauges.rs`), graceful drain and shutdown.
+//! `service` runs it from a config file with signals and the admin endpoint.
 
+pub mod gauges;
 pub mod recovery;
+pub mod reload;
 
-use crate::config::{Config, TlsFiles};
+use crate::config::Config;
 use crate::core::bank::BankState;
 use crate::core::books::Books;
 use crate::core::inflight::STAN_MAX;
@@ -13,47 +19,14 @@ use crate::journal::{Journal, JournalError};
 use crate::net::connector::{Bookkeeping, Connector};
 use crate::net::durable::Durable;
 use crate::net::ingress::Ingress;
-use crate::net::live::{Live, CONNECTOR_SLOTS_MAX};
-use crate::telemetry::{self, PUBLISH_INTERVAL};
-use crate::tls::{self, TlsError};
-use std::future::Future;
+use crate::net::live::Live;
+use crate::tls::TlsSetup;
+use gauges::{publish_loop, Gauges, Published};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-
-/// TLS configurations of the switch: towards acquirers and towards banks.
-#[derive(Clone)]
-pub struct TlsSetup {
-    /// Server side, requiring client certificates from the configured CA.
-    pub server: Arc<rustls::ServerConfig>,
-    /// Client side, presenting the switch's client certificate to banks.
-    pub client: Arc<rustls::ClientConfig>,
-}
-
-impl TlsSetup {
-    /// Loads the certificate files named in the config.
-    pub fn from_files(files: &TlsFiles) -> Result<TlsSetup, TlsError> {
-        let ca = tls::load_certs(&files.ca_file)?;
-        let crls = match &files.crl_file {
-            Some(path) => tls::load_crls(path)?,
-            None => Vec::new(),
-        };
-        let server = tls::server_config_with_crls(
-            &ca,
-            tls::load_certs(&files.cert_file)?,
-            tls::load_key(&files.key_file)?,
-            crls,
-        )?;
-        let client = tls::client_config(
-            &ca,
-            tls::load_certs(&files.client_cert_file)?,
-            tls::load_key(&files.client_key_file)?,
-        )?;
-        Ok(TlsSetup { server, client })
-    }
-}
 
 /// A running switch: connectors started, ready to serve a listener.
 pub struct Switch {
@@ -80,7 +53,7 @@ impl Switch {
             Some(jc) => {
                 // One pass: the checking scan feeds the replay.
                 let window_ms = config.duplicates.window.as_millis() as u64;
-                let since = unix_ms_now().saturating_sub(window_ms);
+                let since = crate::clock::unix_ms().saturating_sub(window_ms);
                 let banks = config.banks.iter().map(|b| b.id.to_raw()).collect();
                 let mut replay =
                     Replay::remembering(since, config.duplicates.entries_max).with_banks(banks);
@@ -249,183 +222,6 @@ impl Switch {
         self.shutdown.clone()
     }
 
-    /// Reloads the config file at `path` (SIGHUP, `switchyard reload`). The whole
-    /// file is validated as `check-config` does, and the TLS files it names are
-    /// read again; an invalid file, or one changing what only a restart can (see
-    /// [`Config::restart_only_changes`]), is rejected whole and the running config
-    /// stays. Otherwise everything else is put in force without closing a
-    /// connection or dropping a request in flight: routes, failover lists,
-    /// institutions and their certificate names and rate limits, limits, request
-    /// deadlines, TLS certificates and revocation lists (for new handshakes), and
-    /// the banks: added ones are connected (waiting up to [`RELOAD_LINK_WAIT`] for
-    /// a first link), removed ones retired (their links finish what they carry,
-    /// sign off and close), and resized ones start or retire links. A bank whose
-    /// link settings changed gets a new connector, which takes over once linked.
-    pub async fn reload(&self, path: &std::path::Path) -> Result<String, String> {
-        let _one_at_a_time = self.reloading.lock().await;
-        let result = self.try_reload(path).await;
-        let label = if result.is_ok() {
-            "applied"
-        } else {
-            "rejected"
-        };
-        metrics::counter!("switchyard_config_reloads_total", "result" => label).increment(1);
-        result
-    }
-
-    async fn try_reload(&self, path: &std::path::Path) -> Result<String, String> {
-        let new = Config::load(path).map_err(|e| e.to_string())?;
-        let old = self.ingress.live();
-        let fixed = old.config.restart_only_changes(&new);
-        if !fixed.is_empty() {
-            return Err(format!(
-                "{}: {} changed: this needs a restart",
-                path.display(),
-                fixed.join(", ")
-            ));
-        }
-        let tls =
-            TlsSetup::from_files(&new.tls_files).map_err(|e| format!("{}: {e}", path.display()))?;
-        // Each configured bank: its running connector, or a new one.
-        let mut plan = Vec::with_capacity(new.banks.len());
-        for bank in &new.banks {
-            let running = old
-                .active_connectors()
-                .find(|c| c.bank().id == bank.id)
-                .cloned();
-            plan.push(match running {
-                Some(c) if c.bank().same_link_settings(bank) => BankPlan::Keep(c),
-                Some(c) => BankPlan::Replace(c),
-                None => BankPlan::Add,
-            });
-        }
-        let added = plan
-            .iter()
-            .filter(|p| !matches!(p, BankPlan::Keep(_)))
-            .count();
-        if old.connectors.len() + added > CONNECTOR_SLOTS_MAX {
-            return Err(format!(
-                "{}: {added} banks added or replaced would pass the {CONNECTOR_SLOTS_MAX} \
-                 connector slots this process keeps: restart to renumber",
-                path.display()
-            ));
-        }
-        // New connectors first; they take over once linked (or after the wait).
-        // Retired connectors that have stopped leave a tombstone in their slot.
-        let mut slots: Vec<Arc<Connector>> = old
-            .connectors
-            .iter()
-            .map(|c| {
-                if c.is_stopped() && !c.is_tombstone() {
-                    c.tombstone()
-                } else {
-                    c.clone()
-                }
-            })
-            .collect();
-        let mut active = Vec::with_capacity(new.banks.len());
-        let mut fresh = Vec::new();
-        let mut retire = Vec::new();
-        let mut replaced = Vec::new();
-        let mut resized = Vec::new();
-        let next_stan = (self.ingress.next_request_id() % u64::from(STAN_MAX)) as u32 + 1;
-        for (bank, step) in new.banks.iter().zip(&plan) {
-            let index = match step {
-                BankPlan::Keep(c) => {
-                    c.set_tls(tls.client.clone());
-                    if c.links_configured() != bank.links {
-                        resized.push(format!(
-                            "{} {}→{}",
-                            bank.id,
-                            c.links_configured(),
-                            bank.links
-                        ));
-                    }
-                    c.index()
-                }
-                BankPlan::Replace(_) | BankPlan::Add => {
-                    let first_stan = match step {
-                        // Past what the old connector may still use while it
-                        // retires (its sign-offs).
-                        BankPlan::Replace(c) => {
-                            (c.stan_position() + REPLACED_STAN_GAP) % STAN_MAX + 1
-                        }
-                        _ => next_stan,
-                    };
-                    let index = slots.len() as crate::core::route::BankIndex;
-                    let c = Connector::new(
-                        index,
-                        bank.clone(),
-                        new.dialect.clone(),
-                        tls.client.clone(),
-                        new.frame_size_max_bytes,
-                        self.link_changed.clone(),
-                        Bookkeeping {
-                            first_stan,
-                            ..self.books.clone()
-                        },
-                    );
-                    c.spawn_links(&self.shutdown);
-                    fresh.push(c.clone());
-                    if let BankPlan::Replace(old) = step {
-                        replaced.push((old.clone(), c.clone()));
-                    }
-                    slots.push(c);
-                    index
-                }
-            };
-            active.push(index);
-        }
-        for c in old.active_connectors() {
-            if !new.banks.iter().any(|b| b.id == c.bank().id) {
-                retire.push(c.clone());
-            }
-        }
-        let unlinked = self.wait_linked(&fresh, RELOAD_LINK_WAIT).await;
-        let new = Arc::new(new);
-        let live = Live::new(new.clone(), slots.into(), active, tls.server, Some(&old));
-        let prefixes = live.routes.prefix_count();
-        let institutions = live.institutions.len();
-        // In force from here: new connections at once, sessions at their next request.
-        self.ingress.replace_live(live);
-        for (bank, step) in new.banks.iter().zip(&plan) {
-            if let BankPlan::Keep(c) = step {
-                c.apply(bank);
-            }
-        }
-        for c in &retire {
-            c.retire();
-        }
-        for (old, successor) in replaced {
-            old.retire_into(&successor);
-        }
-        let mut what = format!(
-            "config reloaded: {prefixes} PAN prefixes, {institutions} institutions, {} banks",
-            new.banks.len()
-        );
-        let added = plan.iter().filter(|p| matches!(p, BankPlan::Add)).count();
-        let replaced = plan
-            .iter()
-            .filter(|p| matches!(p, BankPlan::Replace(_)))
-            .count();
-        let removed = retire.len();
-        if added + replaced + removed > 0 {
-            what.push_str(&format!(
-                " ({added} added, {replaced} replaced, {removed} removed)"
-            ));
-        }
-        if !resized.is_empty() {
-            what.push_str(&format!("; links resized: {}", resized.join(", ")));
-        }
-        if !unlinked.is_empty() {
-            what.push_str(&format!(
-                "; no link up yet to {} (requests to it fail over or get 91 until one is)",
-                unlinked.join(", ")
-            ));
-        }
-        Ok(what)
-    }
-
     /// Waits until each of `connectors` has a link up, or `limit` passes; returns
     /// the ids of those still without one.
     async fn wait_linked(&self, connectors: &[Arc<Connector>], limit: Duration) -> Vec<String> {
@@ -449,6 +245,96 @@ impl Switch {
             .collect()
     }
 
+    /// Ready when not shutting down, the journal (if configured) is open and has
+    /// not failed, and every bank not marked `optional` has a link up; else why not.
+    pub fn readiness(&self) -> (bool, String) {
+        if self.is_draining() {
+            return (false, "shutting down".to_owned());
+        }
+        if self.journal().is_some_and(|j| j.has_failed()) {
+            return (false, "journal failed".to_owned());
+        }
+        let down: Vec<String> = self
+            .connectors()
+            .iter()
+            .filter(|c| c.links_up() == 0 && !c.is_optional())
+            .map(|c| c.bank().id.to_string())
+            .collect();
+        if !down.is_empty() {
+            return (false, format!("no link up to bank {}", down.join(", ")));
+        }
+        (true, "ready".to_owned())
+    }
+
+    /// Sessions, connectors, links, queues, reversal backlog and journal, as JSON.
+    pub fn status(&self) -> serde_json::Value {
+        let n = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let connectors: Vec<serde_json::Value> = self
+            .connectors()
+            .iter()
+            .map(|c| {
+                let s = &c.stats;
+                serde_json::json!({
+                    "bank": c.bank().id.to_string(),
+                    "links": c.links_configured(),
+                    "links_up": c.links_up(),
+                    "link_slots": c
+                        .inflight_by_link()
+                        .into_iter()
+                        .map(|(slot, inflight)| serde_json::json!({"slot": slot, "inflight": inflight}))
+                        .collect::<Vec<_>>(),
+                    "queue_depth": c.queue_depth(),
+                    "inflight": c.inflight(),
+                    "reversals_waiting": c.reversals_waiting(),
+                    "forwarded": n(&s.forwarded),
+                    "answered": n(&s.answered),
+                    "timed_out": n(&s.timed_out),
+                    "unavailable": n(&s.unavailable),
+                    "late_answers": n(&s.unmatched),
+                    "reversals_acknowledged": n(&s.reversals_acked),
+                })
+            })
+            .collect();
+        let journal = self.journal().map(|j| {
+            let (segments, bytes) = j.disk_usage();
+            serde_json::json!({
+                "failed": j.has_failed(),
+                "segments": segments,
+                "bytes": bytes,
+                "queue_depth": j.queue_depth(),
+                "durable_seq": j.durable(),
+            })
+        });
+        let (ready, why) = self.readiness();
+        serde_json::json!({
+            "ready": ready,
+            "readiness": why,
+            "draining": self.is_draining(),
+            "sessions": self.connections(),
+            "sessions_by_institution": self
+                .sessions_by_institution()
+                .into_iter()
+                .map(|(id, n)| (id.to_string(), serde_json::json!(n)))
+                .collect::<serde_json::Map<_, _>>(),
+            "connectors": connectors,
+            "journal": journal,
+            "duplicates_entries": self.duplicates_entries(),
+        })
+    }
+
+    /// Prometheus text: what `metrics` recorded (`handle`), with the gauges
+    /// published now and the connectors' latency histograms.
+    pub fn metrics_text(&self, handle: &metrics_exporter_prometheus::PrometheusHandle) -> String {
+        self.publish_metrics();
+        let mut text = handle.render();
+        let live = self.connectors();
+        crate::telemetry::render_histograms(
+            &mut text,
+            live.iter().map(|c| (c.bank().id.to_string(), &c.latency)),
+        );
+        text
+    }
+
     /// Whether a graceful shutdown has started.
     pub fn is_draining(&self) -> bool {
         self.draining.is_cancelled()
@@ -465,15 +351,9 @@ impl Switch {
     /// Gives up waiting after `grace`. Returns whether every session ended in time.
     pub async fn drain(&self, grace: Duration) -> bool {
         self.draining.cancel();
-        let deadline = tokio::time::Instant::now() + grace;
-        let mut drained = false;
-        while tokio::time::Instant::now() < deadline {
-            if self.ingress.connections() == 0 {
-                drained = true;
-                break;
-            }
-            tokio::time::sleep(DRAIN_POLL).await;
-        }
+        let drained = tokio::time::timeout(grace, self.ingress.all_closed())
+            .await
+            .is_ok();
         if !drained {
             tracing::warn!(
                 sessions = self.ingress.connections(),
@@ -489,7 +369,7 @@ impl Switch {
     pub async fn shutdown(&self) {
         self.draining.cancel();
         self.shutdown.cancel();
-        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        let tasks = std::mem::take(&mut *crate::sync::lock(&self.tasks));
         for task in tasks {
             let _ = task.await;
         }
@@ -501,232 +381,5 @@ impl Switch {
             // Whatever is queued is written and synced before the writer stops.
             journal.close();
         }
-    }
-}
-
-/// Reloads the config on every SIGHUP (unix), logging what was applied or why
-/// the new file was rejected.
-async fn reload_on_sighup(switch: Arc<Switch>, path: std::path::PathBuf) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("SIGHUP cannot be watched: no reload on signal");
-            return;
-        };
-        let token = switch.shutdown_token();
-        loop {
-            tokio::select! {
-                _ = token.cancelled() => return,
-                got = hup.recv() => if got.is_none() { return },
-            }
-            match switch.reload(&path).await {
-                Ok(what) => tracing::info!(config = %path.display(), "{what}"),
-                Err(why) => tracing::error!(
-                    config = %path.display(),
-                    "config reload rejected, the running config stays: {why}"
-                ),
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = (switch, path);
-    }
-}
-
-/// How long a reload waits for a bank it adds (or replaces) to have a link up
-/// before putting the new config in force anyway.
-pub const RELOAD_LINK_WAIT: Duration = Duration::from_secs(5);
-
-/// STANs left between a replaced connector's position and its successor's start.
-const REPLACED_STAN_GAP: u32 = 1000;
-
-/// What a reload does with one configured bank.
-enum BankPlan {
-    /// Its connector stays; new `links`, deadline and `optional` are applied.
-    Keep(Arc<Connector>),
-    /// Its link settings changed: a new connector takes over from this one.
-    Replace(Arc<Connector>),
-    /// A bank the running config does not have.
-    Add,
-}
-
-/// How often a draining switch checks whether its sessions have ended.
-const DRAIN_POLL: Duration = Duration::from_millis(20);
-
-/// Wall-clock time now, in milliseconds since the Unix epoch.
-fn unix_ms_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Refreshes gauges once per [`PUBLISH_INTERVAL`] until shutdown.
-/// What the gauges are read from.
-struct Published {
-    ingress: Arc<Ingress>,
-    recent: Arc<Recent>,
-    journal: Option<Arc<Journal>>,
-}
-
-async fn publish_loop(p: Published, shutdown: CancellationToken) {
-    let mut gauges = Gauges::new();
-    let mut tick = tokio::time::interval(PUBLISH_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {
-                // Keys past the window go even where no request comes to expire them.
-                p.recent.expire(std::time::Instant::now());
-                gauges.publish(&p);
-            }
-        }
-    }
-}
-
-/// Every gauge the switch publishes, registered once: latency quantiles, queue
-/// depth, requests in flight and links up per connector, acquirer connections.
-struct Gauges {
-    connectors: Vec<ConnectorGauges>,
-    connections: metrics::Gauge,
-    duplicates: metrics::Gauge,
-    journal_segments: metrics::Gauge,
-    journal_bytes: metrics::Gauge,
-    journal_queue: metrics::Gauge,
-}
-
-struct ConnectorGauges {
-    latency: telemetry::LatencyGauges,
-    queue_depth: metrics::Gauge,
-    inflight: metrics::Gauge,
-    links_up: metrics::Gauge,
-    saf_depth: metrics::Gauge,
-}
-
-impl ConnectorGauges {
-    fn new(c: &Connector) -> ConnectorGauges {
-        let label = c.bank().id.to_string();
-        ConnectorGauges {
-            latency: telemetry::LatencyGauges::new(&label),
-            queue_depth: metrics::gauge!("switchyard_connector_queue_depth", "connector" => label.clone()),
-            inflight: metrics::gauge!("switchyard_connector_inflight", "connector" => label.clone()),
-            links_up: metrics::gauge!("switchyard_connector_links_up", "connector" => label.clone()),
-            saf_depth: metrics::gauge!("switchyard_reversals_waiting", "connector" => label),
-        }
-    }
-}
-
-impl Gauges {
-    fn new() -> Gauges {
-        Gauges {
-            connectors: Vec::new(),
-            connections: metrics::gauge!("switchyard_acquirer_connections"),
-            duplicates: metrics::gauge!("switchyard_duplicates_entries"),
-            journal_segments: metrics::gauge!("switchyard_journal_segments"),
-            journal_bytes: metrics::gauge!("switchyard_journal_bytes"),
-            journal_queue: metrics::gauge!("switchyard_journal_queue_depth"),
-        }
-    }
-
-    /// Sets every gauge; connector slots a reload added get theirs first, and
-    /// retired connectors are left out (a replacement has the same labels).
-    fn publish(&mut self, p: &Published) {
-        let live = p.ingress.live();
-        for c in live.connectors.get(self.connectors.len()..).unwrap_or(&[]) {
-            self.connectors.push(ConnectorGauges::new(c));
-        }
-        for (c, g) in live.connectors.iter().zip(&self.connectors) {
-            if c.is_retired() {
-                continue;
-            }
-            g.latency.set(&c.latency);
-            g.queue_depth.set(c.queue_depth() as f64);
-            g.inflight.set(c.inflight() as f64);
-            g.links_up.set(c.links_up() as f64);
-            g.saf_depth.set(c.reversals_waiting() as f64);
-        }
-        self.connections.set(p.ingress.connections() as f64);
-        self.duplicates.set(p.recent.len() as f64);
-        if let Some(journal) = &p.journal {
-            let (segments, bytes) = journal.disk_usage();
-            self.journal_segments.set(segments as f64);
-            self.journal_bytes.set(bytes as f64);
-            self.journal_queue.set(journal.queue_depth() as f64);
-        }
-    }
-}
-
-/// Runs the switch on an already bound listener until `shutdown` resolves
-/// (testable entry point: tests bind `127.0.0.1:0`).
-pub async fn run(
-    listener: TcpListener,
-    admin: Option<(TcpListener, metrics_exporter_prometheus::PrometheusHandle)>,
-    config_path: Option<std::path::PathBuf>,
-    config: Config,
-    tls: TlsSetup,
-    shutdown: impl Future<Output = ()>,
-) -> std::io::Result<()> {
-    let switch = Arc::new(Switch::start(config, tls).map_err(std::io::Error::other)?);
-    if let Some((admin, metrics)) = admin {
-        let token = switch.shutdown_token();
-        let path = config_path.clone();
-        tokio::spawn(crate::admin::serve(
-            admin,
-            metrics,
-            switch.clone(),
-            path,
-            token,
-        ));
-    }
-    if let Some(path) = config_path {
-        tokio::spawn(reload_on_sighup(switch.clone(), path));
-    }
-    let serving = switch.serve(listener);
-    tokio::pin!(serving);
-    tokio::select! {
-        r = &mut serving => {
-            switch.shutdown().await;
-            return r;
-        }
-        _ = shutdown => {}
-    }
-    // The grace period in force (a reload may have changed it).
-    let grace = switch.config().shutdown_grace;
-    tracing::info!(?grace, "shutting down: answering what is in flight");
-    // The listener keeps running (it stops accepting once draining) until drained;
-    // a second signal stops at once (the journal makes that safe).
-    let drained = tokio::select! {
-        drained = switch.drain(grace) => drained,
-        _ = terminate_signal() => {
-            tracing::warn!("second signal: stopping at once");
-            std::process::exit(1);
-        }
-    };
-    tracing::info!(drained, "switchyard stopped");
-    Ok(())
-}
-
-/// Resolves on SIGINT or SIGTERM.
-pub async fn terminate_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }

@@ -7,7 +7,18 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::path::Path;
 
-/// A one-paragraph report of a scan.
+/// `switchyard journal verify`: every record of every segment checked; what the
+/// journal holds and what is left unfinished in it.
+pub fn verify(dir: &Path) -> Result<String, super::JournalError> {
+    let (s, recovery) = super::recovery::recover(dir)?;
+    Ok(format!(
+        "{}\n{}",
+        report(dir, &s),
+        super::recovery::summary(&recovery)
+    ))
+}
+
+/// A one-paragraph account of a scan: segments, records, torn tail.
 pub fn report(dir: &Path, s: &Scan) -> String {
     let mut out = format!(
         "journal {}: {} segments, {} records",

@@ -61,6 +61,58 @@ impl Settlement {
     pub fn balanced(&self) -> bool {
         self.balance.values().all(|b| b.is_zero())
     }
+
+    /// The settlement as a table for a person (`from` and `to` as given).
+    pub fn table(&self, from: &str, to: &str) -> String {
+        use std::fmt::Write as _;
+        let mut t = String::new();
+        let _ = writeln!(
+            t,
+            "settlement {from} .. {to} ({} records read)",
+            self.records
+        );
+        let _ = writeln!(
+            t,
+            "{:<36} {:>9} {:>18} {:>9} {:>18} {:>18}",
+            "acquirer -> issuer currency", "approved", "sum", "reversed", "sum", "net"
+        );
+        for (pair, p) in &self.pairs {
+            let _ = writeln!(
+                t,
+                "{pair:<36} {:>9} {:>18} {:>9} {:>18} {:>18}",
+                p.approved, p.approved_sum, p.reversed, p.reversed_sum, p.net
+            );
+        }
+        let _ = writeln!(t, "net positions (positive: to receive)");
+        for (who, net) in &self.positions {
+            let _ = writeln!(t, "  {who:<24} {net:>18}");
+        }
+        for (currency, sum) in &self.balance {
+            let _ = writeln!(t, "  {currency}: positions sum to {sum}");
+        }
+        t
+    }
+}
+
+/// Why a time given for a settlement window is not one.
+#[derive(Debug, thiserror::Error)]
+pub enum TimeError {
+    /// Neither Unix ms nor an RFC 3339 time.
+    #[error("expected Unix ms or an RFC 3339 time (YYYY-MM-DDTHH:MM:SS[.fff]Z): {0}")]
+    Format(#[from] time::error::Parse),
+    /// Before 1970.
+    #[error("before 1970")]
+    BeforeEpoch,
+}
+
+/// Unix ms from `1234567890123` or an RFC 3339 time (`2026-11-30T00:00:00Z`,
+/// `2026-11-30T01:00:00.5+01:00`).
+pub fn parse_time(text: &str) -> Result<u64, TimeError> {
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(ms);
+    }
+    let at = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)?;
+    u64::try_from(at.unix_timestamp_nanos() / 1_000_000).map_err(|_| TimeError::BeforeEpoch)
 }
 
 /// A request accepted within the window, until its outcome.
@@ -174,4 +226,41 @@ fn accepted(r: &Record<'_>, dialect: &Dialect) -> Option<Open> {
         amount: Decimal::new(minor, u32::from(currency.exponent)),
         currency: currency.alpha,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_unix_ms_or_rfc_3339() {
+        assert_eq!(parse_time("1764460800123").unwrap(), 1_764_460_800_123);
+        assert_eq!(
+            parse_time("2025-11-30T00:00:00Z").unwrap(),
+            1_764_460_800_000
+        );
+        assert_eq!(
+            parse_time("2025-11-30T00:00:00.25Z").unwrap(),
+            1_764_460_800_250
+        );
+        assert_eq!(
+            parse_time("2025-11-30T01:00:00+01:00").unwrap(),
+            1_764_460_800_000
+        );
+        assert!(matches!(
+            parse_time("1969-12-31T23:59:59Z"),
+            Err(TimeError::BeforeEpoch)
+        ));
+        // Not a panic: non-ASCII where the fraction goes, and other junk.
+        for bad in [
+            "2024-01-01T00:00:00.ééZ",
+            "2024-13-01T00:00:00Z",
+            "é",
+            "",
+            "2024-01-01",
+        ] {
+            let e = parse_time(bad).unwrap_err();
+            assert!(e.to_string().starts_with("expected Unix ms"), "{bad}: {e}");
+        }
+    }
 }

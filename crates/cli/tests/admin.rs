@@ -211,3 +211,63 @@ async fn health_readiness_status_and_metrics() {
     }
     daemon.kill();
 }
+
+/// Reads until the server closes the connection (or resets it); what it sent.
+async fn until_closed(tcp: &mut tokio::net::TcpStream) -> String {
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut got))
+        .await
+        .expect("the switch closes the connection in time");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_endpoint_keeps_its_bounds() {
+    let dir = TempDir::new("admin-bounds");
+    let pki = Pki::write(&dir.0);
+    let bank = Bank::start(&pki, Duration::ZERO).await;
+    let rest = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\nconnections_max = 2\nheader_read_timeout_ms = 2000\n\
+         request_head_max_bytes = 8192\n\n\
+         [[institution]]\nid = \"100001\"\n\n\
+         [[bank]]\nid = \"200001\"\naddress = \"{}\"\nserver_name = \"bank\"\n\n\
+         [[route]]\npan_prefix = \"4\"\nbank = \"200001\"\n",
+        bank.addr
+    );
+    let daemon = Daemon::start(BIN, &testkit::write_config(&dir.0, "", "", &rest));
+    let admin = daemon.admin.expect("admin endpoint");
+    // Slow requests: two clients that never finish their request head hold both
+    // connection slots...
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+        tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: sw")
+            .await
+            .unwrap();
+        slow.push(tcp);
+    }
+    // ... so a third connection is closed at once, unanswered (the endpoint takes
+    // a slot at accept, before reading anything; it accepts in order).
+    let mut third = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let _ = third.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await;
+    assert_eq!(
+        until_closed(&mut third).await,
+        "",
+        "refused at the connection bound"
+    );
+    // The slow ones are cut off once their head is overdue, without an answer.
+    for tcp in &mut slow {
+        let answer = until_closed(tcp).await;
+        assert!(!answer.contains("200 OK"), "{answer}");
+    }
+    // Room again; the refusal was counted.
+    let (code, metrics) = get(admin, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(parse(&metrics)["switchyard_admin_refused_total"] >= 1.0);
+    // An oversized head is answered 431.
+    let huge = format!("GET /status HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9_000));
+    assert_eq!(http(admin, &huge).await.0, 431);
+    assert_eq!(get(admin, "/healthz").await, (200, "ok\n".to_owned()));
+    daemon.kill();
+    bank.stop().await;
+}

@@ -643,6 +643,28 @@ impl XorShift64Star {
     }
 }
 
+/// `switchyard bank-sim`: a simulated bank on `listen` until `shutdown`, with the
+/// certificate `<certs_dir>/<name>.pem` (and `.key`) and the CA `<certs_dir>/ca.pem`.
+pub async fn serve_from_dir(
+    listen: std::net::SocketAddr,
+    certs_dir: &std::path::Path,
+    name: &str,
+    opts: BankSimOptions,
+    behavior: Arc<Behavior>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    use switchyard::tls;
+    let ca = tls::load_certs(&certs_dir.join("ca.pem"))?;
+    let chain = tls::load_certs(&certs_dir.join(format!("{name}.pem")))?;
+    let key = tls::load_key(&certs_dir.join(format!("{name}.key")))?;
+    let server = tls::server_config(&ca, chain, key)?;
+    let listener = TcpListener::bind(listen).await?;
+    tracing::info!(%listen, %name, "bank simulator running");
+    let stats = Arc::new(BankStats::default());
+    serve(listener, server, opts, behavior, stats, shutdown).await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -331,6 +331,59 @@ pub fn write_ca(dir: &Path, ca: &DevCa) -> Result<(), CertError> {
     write_file(&dir.join("ca.key"), &ca.issuer.key().serialize_pem(), true)
 }
 
+/// `switchyard gen-certs`: a development CA in `out` (or the one already there,
+/// extended) and a certificate for the switch, its client side, every institution
+/// and every bank of the config at `config`. Returns what it wrote.
+pub fn gen_certs(out: &Path, config: &Path) -> anyhow::Result<String> {
+    let c = switchyard::config::Config::load(config)?;
+    // An existing CA in `out` is extended: only certificates not there yet are
+    // issued (an institution or bank added to the config, for a reload).
+    let (ca, extended) = match DevCa::load(out)? {
+        Some(ca) => (ca, true),
+        None => {
+            let ca = DevCa::new("switchyard development CA")?;
+            write_ca(out, &ca)?;
+            (ca, false)
+        }
+    };
+    let mut written = Vec::new();
+    let mut issue = |stem: &str, make: &dyn Fn() -> Result<Issued, CertError>| {
+        if extended && out.join(format!("{stem}.pem")).is_file() {
+            return Ok::<_, anyhow::Error>(());
+        }
+        write_issued(out, stem, &make()?)?;
+        written.push(stem.to_owned());
+        Ok(())
+    };
+    issue("switch", &|| {
+        ca.issue_server(&["localhost", "127.0.0.1", "switchyard"])
+    })?;
+    issue("switch-client", &|| ca.issue_client("switchyard"))?;
+    for inst in &c.institutions {
+        issue(&inst.certificate_name, &|| {
+            ca.issue_client(&inst.certificate_name)
+        })?;
+    }
+    for bank in &c.banks {
+        let stem = format!("bank-{}", bank.id);
+        issue(&stem, &|| ca.issue_server(&[&bank.server_name]))?;
+    }
+    let what = if extended {
+        "extended the CA in"
+    } else {
+        "wrote a new CA (ca.pem, ca.key) in"
+    };
+    Ok(format!(
+        "{what} {}: {}",
+        out.display(),
+        if written.is_empty() {
+            "no new certificates needed".to_owned()
+        } else {
+            format!("issued {}", written.join(", "))
+        }
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

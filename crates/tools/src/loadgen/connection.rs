@@ -1,7 +1,7 @@
 //! One connection: its writer and reader, the requests in flight, and building requests.
 
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -667,22 +667,13 @@ pub(super) struct WireClock {
 
 impl WireClock {
     pub(super) fn now() -> WireClock {
-        let secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        WireClock::at_unix(secs)
+        WireClock::at_unix(switchyard::clock::unix_s())
     }
 
     fn at_unix(secs: u64) -> WireClock {
-        let (month, day) = switchyard::core::datetime::month_day(secs / 86_400);
-        let second_of_day = secs % 86_400;
-        let mut de7 = [0u8; 10];
-        write_digits(month, &mut de7[0..2]);
-        write_digits(day, &mut de7[2..4]);
-        write_digits(second_of_day / 3600, &mut de7[4..6]);
-        write_digits(second_of_day / 60 % 60, &mut de7[6..8]);
-        write_digits(second_of_day % 60, &mut de7[8..10]);
-        WireClock { de7 }
+        WireClock {
+            de7: switchyard::core::datetime::de7(secs),
+        }
     }
 }
 

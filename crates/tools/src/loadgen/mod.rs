@@ -453,6 +453,39 @@ async fn connect(
     )
 }
 
+/// Where `switchyard loadgen` reports besides its summary.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// The summary as one JSON object instead of text.
+    pub json: bool,
+    /// Write the latency distribution in HdrHistogram's .hgrm text format (ms).
+    pub hgrm: Option<std::path::PathBuf>,
+    /// Write an SVG chart of latency by percentile.
+    pub plot: Option<std::path::PathBuf>,
+}
+
+/// `switchyard loadgen`: runs `opts`, writes the files `report` asks for, warns on
+/// stderr when the generator fell behind its schedule, and returns the summary to
+/// print.
+pub async fn run_and_report(opts: LoadOptions, report: &Report) -> anyhow::Result<String> {
+    let summary = run(opts).await?;
+    if let Some(warning) = summary.behind_warning() {
+        eprintln!("warning: {warning}");
+    }
+    if let Some(path) = &report.hgrm {
+        std::fs::write(path, hgrm_text(&summary.histogram))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &report.plot {
+        write_plot(path, &summary).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(if report.json {
+        summary.full_json()
+    } else {
+        summary.render()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

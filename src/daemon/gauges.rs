@@ -1,0 +1,107 @@
+//! Gauges: published once a second (and before each scrape), read from the
+//! sessions, the connectors, the duplicates table and the journal.
+
+use crate::core::recent::Recent;
+use crate::journal::Journal;
+use crate::net::connector::Connector;
+use crate::net::ingress::Ingress;
+use crate::telemetry::{self, PUBLISH_INTERVAL};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// What the gauges are read from.
+pub(super) struct Published {
+    pub(super) ingress: Arc<Ingress>,
+    pub(super) recent: Arc<Recent>,
+    pub(super) journal: Option<Arc<Journal>>,
+}
+
+/// Refreshes gauges once per [`PUBLISH_INTERVAL`] until shutdown, and expires the
+/// duplicates table's old keys.
+pub(super) async fn publish_loop(p: Published, shutdown: CancellationToken) {
+    let mut gauges = Gauges::new();
+    let mut tick = tokio::time::interval(PUBLISH_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                // Keys past the window go even where no request comes to expire them.
+                p.recent.expire(std::time::Instant::now());
+                gauges.publish(&p);
+            }
+        }
+    }
+}
+
+/// Every gauge the switch publishes, registered once: latency quantiles, queue
+/// depth, requests in flight and links up per connector, acquirer connections.
+pub(super) struct Gauges {
+    connectors: Vec<ConnectorGauges>,
+    connections: metrics::Gauge,
+    duplicates: metrics::Gauge,
+    journal_segments: metrics::Gauge,
+    journal_bytes: metrics::Gauge,
+    journal_queue: metrics::Gauge,
+}
+
+struct ConnectorGauges {
+    latency: telemetry::LatencyGauges,
+    queue_depth: metrics::Gauge,
+    inflight: metrics::Gauge,
+    links_up: metrics::Gauge,
+    saf_depth: metrics::Gauge,
+}
+
+impl ConnectorGauges {
+    fn new(c: &Connector) -> ConnectorGauges {
+        let label = c.bank().id.to_string();
+        ConnectorGauges {
+            latency: telemetry::LatencyGauges::new(&label),
+            queue_depth: metrics::gauge!("switchyard_connector_queue_depth", "connector" => label.clone()),
+            inflight: metrics::gauge!("switchyard_connector_inflight", "connector" => label.clone()),
+            links_up: metrics::gauge!("switchyard_connector_links_up", "connector" => label.clone()),
+            saf_depth: metrics::gauge!("switchyard_reversals_waiting", "connector" => label),
+        }
+    }
+}
+
+impl Gauges {
+    pub(super) fn new() -> Gauges {
+        Gauges {
+            connectors: Vec::new(),
+            connections: metrics::gauge!("switchyard_acquirer_connections"),
+            duplicates: metrics::gauge!("switchyard_duplicates_entries"),
+            journal_segments: metrics::gauge!("switchyard_journal_segments"),
+            journal_bytes: metrics::gauge!("switchyard_journal_bytes"),
+            journal_queue: metrics::gauge!("switchyard_journal_queue_depth"),
+        }
+    }
+
+    /// Sets every gauge; connector slots a reload added get theirs first, and
+    /// retired connectors are left out (a replacement has the same labels).
+    pub(super) fn publish(&mut self, p: &Published) {
+        let live = p.ingress.live();
+        for c in live.connectors.get(self.connectors.len()..).unwrap_or(&[]) {
+            self.connectors.push(ConnectorGauges::new(c));
+        }
+        for (c, g) in live.connectors.iter().zip(&self.connectors) {
+            if c.is_retired() {
+                continue;
+            }
+            g.latency.set(&c.latency);
+            g.queue_depth.set(c.queue_depth() as f64);
+            g.inflight.set(c.inflight() as f64);
+            g.links_up.set(c.links_up() as f64);
+            g.saf_depth.set(c.reversals_waiting() as f64);
+        }
+        self.connections.set(p.ingress.connections() as f64);
+        self.duplicates.set(p.recent.len() as f64);
+        if let Some(journal) = &p.journal {
+            let (segments, bytes) = journal.disk_usage();
+            self.journal_segments.set(segments as f64);
+            self.journal_bytes.set(bytes as f64);
+            self.journal_queue.set(journal.queue_depth() as f64);
+        }
+    }
+}

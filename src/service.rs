@@ -1,0 +1,261 @@
+//! The composition root: runs the switch from a config file (`switchyard run`):
+//! binds the listeners, installs the metrics recorder, starts the [`Switch`],
+//! serves the admin endpoint, reloads on SIGHUP, and drains on SIGTERM/SIGINT
+//! (a second signal stops at once). Errors are returned, never a process exit:
+//! `main` decides the exit code.
+
+use crate::admin::{self, Operator};
+use crate::config::Config;
+use crate::daemon::Switch;
+use crate::journal::JournalError;
+use crate::tls::{TlsError, TlsSetup};
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// How a run of the switch ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// Every session ended within the grace period.
+    Drained,
+    /// The grace period ran out with sessions open (they were closed).
+    GraceOver,
+    /// A second signal during the drain: stop at once (the journal makes that
+    /// safe; the caller exits without waiting for anything).
+    Interrupted,
+    /// The acquirer listener failed.
+    ListenerFailed,
+}
+
+/// Why the switch could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// A listener could not be bound.
+    #[error("binding {what} {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Its address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The metrics recorder could not be installed.
+    #[error("metrics recorder: {0}")]
+    Metrics(String),
+    /// The TLS files could not be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The journal could not be opened.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+/// The admin endpoint's view of the daemon.
+struct Admin {
+    switch: Arc<Switch>,
+    metrics: PrometheusHandle,
+    config_path: Option<PathBuf>,
+}
+
+impl Operator for Admin {
+    fn metrics(&self) -> String {
+        self.switch.metrics_text(&self.metrics)
+    }
+
+    fn readiness(&self) -> (bool, String) {
+        self.switch.readiness()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        self.switch.status()
+    }
+
+    async fn reload(&self) -> Option<Result<String, String>> {
+        let path = self.config_path.as_ref()?;
+        Some(self.switch.reload(path).await)
+    }
+}
+
+/// Why `check-config` refuses a config.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The file itself (its error names the file and the key).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A TLS file it names.
+    #[error("{file}: {source}")]
+    Tls {
+        /// The config file.
+        file: String,
+        /// What is wrong with the TLS file.
+        source: TlsError,
+    },
+}
+
+/// `switchyard check-config`: validates the config file at `path` and the TLS
+/// files it names (the same checks a reload makes); what it holds, when valid.
+pub fn check_config(path: &std::path::Path) -> Result<String, CheckError> {
+    let c = Config::load(path)?;
+    TlsSetup::from_files(&c.tls_files).map_err(|source| CheckError::Tls {
+        file: path.display().to_string(),
+        source,
+    })?;
+    Ok(format!(
+        "{}: valid, with its TLS files ({} institutions, {} banks, {} PAN prefixes)",
+        path.display(),
+        c.institutions.len(),
+        c.banks.len(),
+        c.routes.prefix_count()
+    ))
+}
+
+/// `switchyard run`: the switch from `config` (read from `path`) until SIGTERM or
+/// SIGINT.
+pub async fn run_file(path: PathBuf, config: Config) -> Result<Stopped, ServiceError> {
+    let tls = TlsSetup::from_files(&config.tls_files)?;
+    let admin = match config.admin_listen {
+        Some(addr) => {
+            let metrics = crate::telemetry::install_recorder()
+                .map_err(|e| ServiceError::Metrics(e.to_string()))?;
+            let listener = bind("the admin endpoint", addr).await?;
+            Some((listener, metrics))
+        }
+        None => None,
+    };
+    let listener = bind("the acquirer listener", config.listen).await?;
+    let listen = listener.local_addr().unwrap_or(config.listen);
+    let admin_addr = admin
+        .as_ref()
+        .and_then(|(l, _)| l.local_addr().ok())
+        .map_or_else(|| "none".to_owned(), |a| a.to_string());
+    if admin.is_some() {
+        tracing::info!(admin = %admin_addr, "admin endpoint: http://{admin_addr}/metrics, /healthz, /readyz, /status");
+    }
+    tracing::info!(%listen, admin = %admin_addr, banks = config.banks.len(), "switchyard running");
+    run(listener, admin, Some(path), config, tls, terminate_signal()).await
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServiceError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServiceError::Bind { what, addr, source })
+}
+
+/// Runs the switch on an already bound listener until `shutdown` resolves, then
+/// drains it (testable entry point: tests bind `127.0.0.1:0`). With `admin`, serves
+/// the admin endpoint; with `config_path`, reloads it on SIGHUP and `POST /reload`.
+pub async fn run(
+    listener: TcpListener,
+    admin: Option<(TcpListener, PrometheusHandle)>,
+    config_path: Option<PathBuf>,
+    config: Config,
+    tls: TlsSetup,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Stopped, ServiceError> {
+    let limits = config.admin_limits;
+    let switch = Arc::new(Switch::start(config, tls)?);
+    if let Some((listener, metrics)) = admin {
+        let operator = Arc::new(Admin {
+            switch: switch.clone(),
+            metrics,
+            config_path: config_path.clone(),
+        });
+        let token = switch.shutdown_token();
+        tokio::spawn(admin::serve(listener, operator, limits, token));
+    }
+    if let Some(path) = config_path {
+        tokio::spawn(reload_on_sighup(switch.clone(), path));
+    }
+    let serving = switch.serve(listener);
+    tokio::pin!(serving);
+    tokio::select! {
+        served = &mut serving => {
+            if let Err(e) = served {
+                tracing::error!(error = %e, "acquirer listener failed");
+            }
+            switch.shutdown().await;
+            return Ok(Stopped::ListenerFailed);
+        }
+        _ = shutdown => {}
+    }
+    // The grace period in force (a reload may have changed it).
+    let grace = switch.config().shutdown_grace;
+    tracing::info!(?grace, "shutting down: answering what is in flight");
+    // The listener keeps running (it stops accepting once draining) until drained;
+    // a second signal stops at once.
+    let stopped = tokio::select! {
+        drained = switch.drain(grace) => if drained { Stopped::Drained } else { Stopped::GraceOver },
+        _ = terminate_signal() => {
+            tracing::warn!("second signal: stopping at once");
+            return Ok(Stopped::Interrupted);
+        }
+    };
+    tracing::info!(drained = stopped == Stopped::Drained, "switchyard stopped");
+    Ok(stopped)
+}
+
+/// Reloads the config on every SIGHUP (unix), logging what was applied or why
+/// the new file was rejected.
+async fn reload_on_sighup(switch: Arc<Switch>, path: PathBuf) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("SIGHUP cannot be watched: no reload on signal");
+            return;
+        };
+        let token = switch.shutdown_token();
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                got = hup.recv() => if got.is_none() { return },
+            }
+            match switch.reload(&path).await {
+                Ok(what) => tracing::info!(config = %path.display(), "{what}"),
+                Err(why) => tracing::error!(
+                    config = %path.display(),
+                    "config reload rejected, the running config stays: {why}"
+                ),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (switch, path);
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn terminate_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A multi-threaded runtime with `workers` worker threads.
+pub fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+}
