@@ -22,6 +22,8 @@ pub mod clock;
 pub mod config;
 pub mod core;
 pub mod daemon;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod journal;
 pub mod lograte;
 pub mod money;

@@ -8,18 +8,16 @@
 //! change to [`seeds`]):
 //! `cargo test --test fuzz_corpus -- --ignored write_seed_corpus`.
 
-#[path = "../crates/wire/tests/corpus_runner/mod.rs"]
-mod corpus_runner;
-mod fuzz_checks_switch;
-use corpus_runner::Check;
+use switchyard::fuzzing as fuzz_checks_switch;
+use switchyard::wire::corpus::{self as corpus_runner, Check};
+use switchyard_tools::testkit::{self, TempDir};
 
-use bytes::BytesMut;
 use fuzz_checks_switch::Walk;
 use std::path::{Path, PathBuf};
 use switchyard::config::{Config, ConfigError};
 use switchyard::journal::reader::{scan, JournalError, SEGMENT_PREFIX, SEGMENT_SUFFIX};
 use switchyard::journal::record::{self, Record, RecordError, RecordKind, RECORD_LEN_MAX};
-use switchyard::wire::{Dialect, Encoder, Mti};
+use switchyard::wire::Mti;
 
 /// Fuzz targets and their checks.
 const TARGETS: [(&str, Check); 2] = [
@@ -83,28 +81,6 @@ fn write_seed_corpus() {
 }
 
 // === journal corpus as a segment ===
-
-/// A fresh directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let unique = format!("switchyard-{name}-{}-{now}", std::process::id());
-        let path = std::env::temp_dir().join(unique);
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// What `scan` must make of a single segment holding `data`, from the record walk
 /// and the reader's rules: sequence numbers grow; zeros after the last record are
@@ -430,16 +406,7 @@ fn config_seeds() -> Vec<(&'static str, Vec<u8>, Outcome)> {
 
 /// Messages for record bodies, as the switch would journal them.
 fn message(mti: Mti, fields: &[(u8, &[u8])]) -> Vec<u8> {
-    let d = Dialect::iso87_ascii();
-    let mut out = BytesMut::new();
-    let mut enc = Encoder::new(&d, &mut out, mti);
-    for &(n, value) in fields {
-        if let Err(e) = enc.field(n, value) {
-            panic!("seed {mti} field {n}: {e}");
-        }
-    }
-    enc.finish();
-    out.to_vec()
+    testkit::message(mti, fields).to_vec()
 }
 
 fn request() -> Vec<u8> {

@@ -1,102 +1,18 @@
 //! End-to-end tests over real mutual TLS on 127.0.0.1:0, certificates made in the test.
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard::wire::{Dialect, Encoder, FrameDecoder, Framing, Message, Mti};
+use switchyard::wire::{Dialect, Encoder, Message, Mti};
 use switchyard_tools::demo::{Testbed, TestbedOptions};
+use switchyard_tools::testkit::{payment_fields, Client, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 
-/// Bound on any single wait in these tests; never reached when things work.
-const WAIT: Duration = Duration::from_secs(20);
-
-struct Client {
-    stream: TlsStream<TcpStream>,
-    buf: BytesMut,
-    dialect: Dialect,
-}
-
-impl Client {
-    async fn connect(bed: &Testbed, tls: Arc<rustls::ClientConfig>) -> std::io::Result<Client> {
-        let tcp = TcpStream::connect(bed.switch_addr).await?;
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let stream = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await?;
-        Ok(Client {
-            stream,
-            buf: BytesMut::new(),
-            dialect: Dialect::iso87_ascii(),
-        })
-    }
-
-    async fn as_institution(bed: &Testbed, id: &str) -> Client {
-        Client::connect(bed, bed.client_tls(id).unwrap())
-            .await
-            .unwrap()
-    }
-
-    async fn send_raw(&mut self, message: &[u8]) {
-        let mut out = BytesMut::new();
-        Framing::U16be.write(&mut out, message).unwrap();
-        self.stream.write_all(&out).await.unwrap();
-        self.stream.flush().await.unwrap();
-    }
-
-    async fn send(&mut self, mti: Mti, fields: &[(u8, &[u8])]) {
-        let mut out = BytesMut::new();
-        let mut enc = Encoder::new(&self.dialect, &mut out, mti);
-        for (n, v) in fields {
-            enc.field(*n, v).unwrap();
-        }
-        enc.finish();
-        self.send_raw(&out).await;
-    }
-
-    /// The next answer, or None if the switch closed the connection.
-    async fn recv(&mut self) -> Option<Message> {
-        let decoder = FrameDecoder::new(Framing::U16be, 8192);
-        let read = async {
-            loop {
-                if let Some(frame) = decoder.decode(&mut self.buf).unwrap() {
-                    return Some(frame);
-                }
-                match self.stream.read_buf(&mut self.buf).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(_) => {}
-                }
-            }
-        };
-        let frame: Bytes = tokio::time::timeout(WAIT, read)
-            .await
-            .expect("answer in time")?;
-        Some(Message::decode(&self.dialect, frame).expect("switch answers decode"))
-    }
-}
-
-fn payment<'a>(
-    stan: &'a [u8],
-    acquirer: &'a [u8],
-    pan: &'a [u8],
-    amount: &'a [u8],
-) -> Vec<(u8, &'a [u8])> {
-    vec![
-        (2, pan),
-        (3, b"000000"),
-        (4, amount),
-        (7, b"1125120000"),
-        (11, stan),
-        (12, b"120000"),
-        (13, b"1125"),
-        (32, acquirer),
-        (37, b"532912000001"),
-        (41, b"TERM0001"),
-        (42, b"MERCHANT0000001"),
-        (49, b"978"),
-    ]
+/// A client of `bed` presenting a certificate for institution `id`.
+async fn client(bed: &Testbed, id: &str) -> Client {
+    let tls = bed.client_tls(id).unwrap();
+    Client::connect(bed.switch_addr, tls).await.unwrap()
 }
 
 /// Polls `done` every 10 ms until it holds, for at most [`WAIT`]; `what` names it on
@@ -123,10 +39,10 @@ async fn testbed(opts: TestbedOptions) -> Testbed {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn approve_decline_and_field_echo() {
     let bed = testbed(TestbedOptions::default()).await;
-    let mut c = Client::as_institution(&bed, "100001").await;
+    let mut c = client(&bed, "100001").await;
     c.send(
         Mti::FINANCIAL,
-        &payment(b"000042", b"100001", b"4111111111111111", b"000000001000"),
+        &payment_fields(b"000042", b"100001", b"4111111111111111", b"000000001000"),
     )
     .await;
     let a = c.recv().await.unwrap();
@@ -147,7 +63,7 @@ async fn approve_decline_and_field_echo() {
 
     c.send(
         Mti::FINANCIAL,
-        &payment(b"000043", b"100001", b"5500000000000004", b"000000001051"),
+        &payment_fields(b"000043", b"100001", b"5500000000000004", b"000000001051"),
     )
     .await;
     let d = c.recv().await.unwrap();
@@ -159,7 +75,7 @@ async fn approve_decline_and_field_echo() {
     );
 
     // DE100 beats the PAN prefix.
-    let mut f = payment(b"000044", b"100001", b"4111111111111111", b"000000002000");
+    let mut f = payment_fields(b"000044", b"100001", b"4111111111111111", b"000000002000");
     f.push((100, b"200003"));
     c.send(Mti::AUTHORIZATION, &f).await;
     let r = c.recv().await.unwrap();
@@ -174,10 +90,10 @@ async fn approve_decline_and_field_echo() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switch_declines_no_route_wrong_acquirer_and_answers_echo() {
     let bed = testbed(TestbedOptions::default()).await;
-    let mut c = Client::as_institution(&bed, "100002").await;
+    let mut c = client(&bed, "100002").await;
     c.send(
         Mti::FINANCIAL,
-        &payment(b"000001", b"100002", b"9999999999999999", b"000000001000"),
+        &payment_fields(b"000001", b"100002", b"9999999999999999", b"000000001000"),
     )
     .await;
     let a = c.recv().await.unwrap();
@@ -189,7 +105,7 @@ async fn switch_declines_no_route_wrong_acquirer_and_answers_echo() {
     // DE32 names another institution than the certificate.
     c.send(
         Mti::FINANCIAL,
-        &payment(b"000002", b"100001", b"4111111111111111", b"000000001000"),
+        &payment_fields(b"000002", b"100001", b"4111111111111111", b"000000001000"),
     )
     .await;
     let a = c.recv().await.unwrap();
@@ -224,7 +140,7 @@ async fn client_without_certificate_is_refused() {
     let anonymous = switchyard::tls::client_config_anonymous(&[bed.ca.ca_der()]).unwrap();
     // TLS 1.3: the client may finish its side before the server's refusal arrives, so
     // the refusal shows either at connect or at the first read.
-    if let Ok(mut c) = Client::connect(&bed, anonymous).await {
+    if let Ok(mut c) = Client::connect(bed.switch_addr, anonymous).await {
         c.send(
             Mti::NETWORK,
             &[(7, b"1125120000"), (11, b"000001"), (70, b"301")],
@@ -241,7 +157,7 @@ async fn client_without_certificate_is_refused() {
         issued.key().unwrap(),
     )
     .unwrap();
-    if let Ok(mut c) = Client::connect(&bed, tls).await {
+    if let Ok(mut c) = Client::connect(bed.switch_addr, tls).await {
         c.send(
             Mti::NETWORK,
             &[(7, b"1125120000"), (11, b"000001"), (70, b"301")],
@@ -253,7 +169,7 @@ async fn client_without_certificate_is_refused() {
         );
     }
     // A valid certificate for an institution not in config is refused after the handshake.
-    let mut c = Client::as_institution(&bed, "100999").await;
+    let mut c = client(&bed, "100999").await;
     c.send(
         Mti::NETWORK,
         &[(7, b"1125120000"), (11, b"000001"), (70, b"301")],
@@ -274,8 +190,8 @@ async fn bank_down_answers_91_without_waiting_for_the_deadline() {
     };
     let bed = testbed(opts).await;
     let down = bed.banks_down[0].clone();
-    let mut c = Client::as_institution(&bed, "100001").await;
-    let mut f = payment(b"000007", b"100001", b"4111111111111111", b"000000001000");
+    let mut c = client(&bed, "100001").await;
+    let mut f = payment_fields(b"000007", b"100001", b"4111111111111111", b"000000001000");
     f.push((100, down.as_bytes()));
     c.send(Mti::FINANCIAL, &f).await;
     let a = c.recv().await.unwrap();
@@ -301,10 +217,10 @@ async fn silent_bank_gets_68_at_deadline_and_late_answer_is_dropped() {
         ..TestbedOptions::default()
     };
     let bed = testbed(opts).await;
-    let mut c = Client::as_institution(&bed, "100001").await;
+    let mut c = client(&bed, "100001").await;
     c.send(
         Mti::FINANCIAL,
-        &payment(b"000100", b"100001", b"4111111111111111", b"000000001000"),
+        &payment_fields(b"000100", b"100001", b"4111111111111111", b"000000001000"),
     )
     .await;
     let a = c.recv().await.unwrap();
@@ -336,8 +252,8 @@ async fn silent_bank_gets_68_at_deadline_and_late_answer_is_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_input_on_one_connection_does_not_disturb_another() {
     let bed = testbed(TestbedOptions::default()).await;
-    let mut good = Client::as_institution(&bed, "100001").await;
-    let mut bad = Client::as_institution(&bed, "100002").await;
+    let mut good = client(&bed, "100001").await;
+    let mut bad = client(&bed, "100002").await;
     // A bitmap announcing DE2 with a length beyond its maximum: answered 30, DE11 absent.
     let mut msg = b"0200".to_vec();
     msg.extend_from_slice(&[0x40, 0, 0, 0, 0, 0, 0, 0]);
@@ -366,7 +282,7 @@ async fn malformed_input_on_one_connection_does_not_disturb_another() {
         let stan = format!("{:06}", 200 + i);
         good.send(
             Mti::FINANCIAL,
-            &payment(
+            &payment_fields(
                 stan.as_bytes(),
                 b"100001",
                 b"4111111111111111",
@@ -379,46 +295,21 @@ async fn malformed_input_on_one_connection_does_not_disturb_another() {
     }
     // Random bytes then an oversized length header: the bad connection is closed.
     bad.send_raw(&[0xde, 0xad, 0xbe, 0xef]).await;
-    bad.stream.write_all(&[0xff, 0xff, 1, 2, 3]).await.unwrap();
-    let _ = bad.stream.flush().await;
+    bad.stream()
+        .write_all(&[0xff, 0xff, 1, 2, 3])
+        .await
+        .unwrap();
+    let _ = bad.stream().flush().await;
     while bad.recv_any().await.is_some() {}
     // And the good one still is served.
     good.send(
         Mti::FINANCIAL,
-        &payment(b"000999", b"100001", b"4111111111111111", b"000000001000"),
+        &payment_fields(b"000999", b"100001", b"4111111111111111", b"000000001000"),
     )
     .await;
     assert_eq!(code(&good.recv().await.unwrap()), b"00");
     assert!(bed.switch.connectors()[0].links_up() > 0);
     bed.stop().await;
-}
-
-impl Client {
-    /// Sends a 0200 built by `payment` and returns the answer.
-    async fn pay(&mut self, stan: &[u8], acquirer: &[u8], pan: &[u8], amount: &[u8]) -> Message {
-        self.send(Mti::FINANCIAL, &payment(stan, acquirer, pan, amount))
-            .await;
-        self.recv().await.expect("an answer")
-    }
-
-    /// Any next frame (decoded or not), None on close.
-    async fn recv_any(&mut self) -> Option<Bytes> {
-        let decoder = FrameDecoder::new(Framing::U16be, 8192);
-        let read = async {
-            loop {
-                if let Ok(Some(frame)) = decoder.decode(&mut self.buf) {
-                    return Some(frame);
-                }
-                match self.stream.read_buf(&mut self.buf).await {
-                    Ok(0) | Err(_) => return None,
-                    Ok(_) => {}
-                }
-            }
-        };
-        tokio::time::timeout(WAIT, read)
-            .await
-            .expect("close in time")
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -430,12 +321,12 @@ async fn stan_wraps_around_on_a_bank_link() {
         ..TestbedOptions::default()
     };
     let bed = testbed(opts).await;
-    let mut c = Client::as_institution(&bed, "100001").await;
+    let mut c = client(&bed, "100001").await;
     let mut seen_at_bank = Vec::new();
     for stan in [b"000010", b"000011", b"000012", b"000013"] {
         c.send(
             Mti::FINANCIAL,
-            &payment(stan, b"100001", b"4111111111111111", b"000000001000"),
+            &payment_fields(stan, b"100001", b"4111111111111111", b"000000001000"),
         )
         .await;
         let a = c.recv().await.unwrap();
@@ -498,7 +389,7 @@ async fn a_bank_missing_echoes_is_marked_down_and_routed_around() {
         connector.links_up() == 0
     })
     .await;
-    let mut c = Client::as_institution(&bed, "100001").await;
+    let mut c = client(&bed, "100001").await;
     let a = c
         .pay(b"000001", b"100001", b"5500000000000004", b"000000001000")
         .await;
@@ -524,9 +415,11 @@ async fn tls12_clients_are_served() {
         .with_root_certificates(roots)
         .with_client_auth_cert(issued.chain().unwrap(), issued.key().unwrap())
         .unwrap();
-    let mut c = Client::connect(&bed, Arc::new(tls12)).await.unwrap();
+    let mut c = Client::connect(bed.switch_addr, Arc::new(tls12))
+        .await
+        .unwrap();
     assert_eq!(
-        c.stream.get_ref().1.protocol_version(),
+        c.stream().get_ref().1.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_2)
     );
     assert_eq!(
@@ -552,7 +445,7 @@ async fn journaled_answers_are_recorded_before_release() {
     };
     let bed = testbed(opts).await;
     let dir = bed.journal_dir.clone().unwrap();
-    let mut c = Client::as_institution(&bed, "100001").await;
+    let mut c = client(&bed, "100001").await;
     let visa = b"4111111111111111";
     // Approved, declined by the bank, timed out (silent bank), and a switch decline
     // before admission (92), which is not journaled.
@@ -594,7 +487,7 @@ async fn a_failed_journal_refuses_new_requests_with_91() {
         ..TestbedOptions::default()
     };
     let bed = testbed(opts).await;
-    let mut c = Client::as_institution(&bed, "100001").await;
+    let mut c = client(&bed, "100001").await;
     assert_eq!(
         code(
             &c.pay(b"000001", b"100001", b"4111111111111111", b"000000001000")
@@ -605,7 +498,7 @@ async fn a_failed_journal_refuses_new_requests_with_91() {
     bed.switch.journal().unwrap().simulate_failure();
     c.send(
         Mti::FINANCIAL,
-        &payment(b"000002", b"100001", b"4111111111111111", b"000000001000"),
+        &payment_fields(b"000002", b"100001", b"4111111111111111", b"000000001000"),
     )
     .await;
     let a = c.recv().await.unwrap();
@@ -631,7 +524,7 @@ async fn a_late_bank_gets_a_reversal_advice_and_acknowledges_it() {
         ..TestbedOptions::default()
     };
     let bed = testbed(opts).await;
-    let mut c = Client::as_institution(&bed, "100001").await;
+    let mut c = client(&bed, "100001").await;
     let a = c
         .pay(b"000050", b"100001", b"4111111111111111", b"000000001000")
         .await;
@@ -674,7 +567,7 @@ async fn after_a_crash_forwarded_requests_without_outcome_are_reversed() {
     let d = Dialect::iso87_ascii();
     let mut request = BytesMut::new();
     let mut enc = Encoder::new(&d, &mut request, Mti::FINANCIAL);
-    for (n, v) in payment(b"000777", b"100001", b"4111111111111111", b"000000004200") {
+    for (n, v) in payment_fields(b"000777", b"100001", b"4111111111111111", b"000000004200") {
         enc.field(n, v).unwrap();
     }
     enc.finish();
@@ -755,8 +648,8 @@ async fn retransmissions_get_the_original_answer_and_reach_the_bank_once() {
     })
     .await;
     bed.banks[0].stats.log.enable(1000);
-    let mut c = Client::as_institution(&bed, "100001").await;
-    let request = payment(b"000042", b"100001", b"4111111111111111", b"000000001000");
+    let mut c = client(&bed, "100001").await;
+    let request = payment_fields(b"000042", b"100001", b"4111111111111111", b"000000001000");
     c.send(Mti::FINANCIAL, &request).await;
     let first = c.recv().await.unwrap();
     assert_eq!(code(&first), b"00");
@@ -773,7 +666,7 @@ async fn retransmissions_get_the_original_answer_and_reach_the_bank_once() {
         );
     }
     // Same key, other content: 94, not forwarded.
-    let changed = payment(b"000042", b"100001", b"4111111111111111", b"000000009999");
+    let changed = payment_fields(b"000042", b"100001", b"4111111111111111", b"000000009999");
     c.send(Mti::FINANCIAL, &changed).await;
     assert_eq!(code(&c.recv().await.unwrap()), b"94");
     // An unrelated request proves everything before it reached the bank already.
@@ -798,8 +691,8 @@ async fn a_retransmission_in_flight_is_answered_once_with_the_same_answer() {
     })
     .await;
     bed.banks[0].stats.log.enable(1000);
-    let mut c = Client::as_institution(&bed, "100001").await;
-    let request = payment(b"000077", b"100001", b"4111111111111111", b"000000001000");
+    let mut c = client(&bed, "100001").await;
+    let request = payment_fields(b"000077", b"100001", b"4111111111111111", b"000000001000");
     c.send(Mti::FINANCIAL, &request).await;
     c.send(Mti::FINANCIAL, &request).await;
     let a = c.recv().await.unwrap();
@@ -835,7 +728,7 @@ async fn an_acquirer_reversal_reaches_the_bank_under_the_stan_it_saw() {
     })
     .await;
     bed.banks[0].stats.log.enable(1000);
-    let mut c = Client::as_institution(&bed, "100001").await;
+    let mut c = client(&bed, "100001").await;
     let pan = b"4111111111111111";
     assert_eq!(
         code(&c.pay(b"000042", b"100001", pan, b"000000001000").await),
@@ -882,7 +775,7 @@ async fn stans_are_unique_per_bank_across_its_links() {
     })
     .await;
     bed.banks[0].stats.log.enable(1000);
-    let mut c = Client::as_institution(&bed, "100001").await;
+    let mut c = client(&bed, "100001").await;
     let stans: Vec<[u8; 6]> = (0..200u32)
         .map(|i| {
             let mut s = [b'0'; 6];
@@ -893,7 +786,7 @@ async fn stans_are_unique_per_bank_across_its_links() {
     for stan in &stans {
         c.send(
             Mti::FINANCIAL,
-            &payment(stan, b"100001", b"4111111111111111", b"000000001000"),
+            &payment_fields(stan, b"100001", b"4111111111111111", b"000000001000"),
         )
         .await;
     }
@@ -917,7 +810,7 @@ async fn closed_by_switch(c: &mut Client) -> bool {
     let mut buf = [0u8; 1024];
     let read = async {
         loop {
-            match c.stream.read(&mut buf).await {
+            match c.stream().read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
@@ -937,12 +830,12 @@ async fn idle_and_trickling_connections_are_cut_off_and_others_keep_working() {
         ..TestbedOptions::default()
     })
     .await;
-    let mut idle = Client::as_institution(&bed, "100001").await;
-    let mut trickle = Client::as_institution(&bed, "100001").await;
-    let mut good = Client::as_institution(&bed, "100001").await;
+    let mut idle = client(&bed, "100001").await;
+    let mut trickle = client(&bed, "100001").await;
+    let mut good = client(&bed, "100001").await;
     // Two bytes of a frame header and one of the message, then nothing.
-    trickle.stream.write_all(&[0, 120, b'0']).await.unwrap();
-    trickle.stream.flush().await.unwrap();
+    trickle.stream().write_all(&[0, 120, b'0']).await.unwrap();
+    trickle.stream().flush().await.unwrap();
     let cut_off = tokio::spawn(async move {
         let trickle_cut = closed_by_switch(&mut trickle).await;
         let idle_cut = closed_by_switch(&mut idle).await;
@@ -980,8 +873,8 @@ async fn connections_beyond_the_institution_limit_are_refused() {
         ..TestbedOptions::default()
     })
     .await;
-    let mut a = Client::as_institution(&bed, "100001").await;
-    let mut b = Client::as_institution(&bed, "100001").await;
+    let mut a = client(&bed, "100001").await;
+    let mut b = client(&bed, "100001").await;
     // Both counted once each has been served.
     for c in [&mut a, &mut b] {
         assert_eq!(
@@ -992,13 +885,13 @@ async fn connections_beyond_the_institution_limit_are_refused() {
             b"00"
         );
     }
-    let mut third = Client::as_institution(&bed, "100001").await;
+    let mut third = client(&bed, "100001").await;
     assert!(
         closed_by_switch(&mut third).await,
         "third connection refused"
     );
     // Another institution is not affected.
-    let mut other = Client::as_institution(&bed, "100002").await;
+    let mut other = client(&bed, "100002").await;
     assert_eq!(
         code(
             &other
@@ -1019,7 +912,7 @@ async fn requests_over_the_institution_rate_get_65_at_once() {
         ..TestbedOptions::default()
     })
     .await;
-    let mut c = Client::as_institution(&bed, "100001").await;
+    let mut c = client(&bed, "100001").await;
     let mut codes = Vec::new();
     let started = std::time::Instant::now();
     for i in 0..10u32 {
@@ -1048,7 +941,7 @@ async fn requests_over_the_institution_rate_get_65_at_once() {
     .await;
     assert_eq!(code(&c.recv().await.unwrap()), b"00");
     // Another institution has its own allowance.
-    let mut other = Client::as_institution(&bed, "100002").await;
+    let mut other = client(&bed, "100002").await;
     assert_eq!(
         code(
             &other
@@ -1070,17 +963,17 @@ async fn requests_beyond_the_institution_inflight_limit_get_91_at_once() {
     .await;
     // The bank holds its answers until the third request has been refused.
     bed.banks[0].behavior.stall_for(WAIT);
-    let mut a = Client::as_institution(&bed, "100001").await;
-    let mut b = Client::as_institution(&bed, "100001").await;
+    let mut a = client(&bed, "100001").await;
+    let mut b = client(&bed, "100001").await;
     let pan = b"4111111111111111";
     a.send(
         Mti::FINANCIAL,
-        &payment(b"000001", b"100001", pan, b"000000001000"),
+        &payment_fields(b"000001", b"100001", pan, b"000000001000"),
     )
     .await;
     a.send(
         Mti::FINANCIAL,
-        &payment(b"000002", b"100001", pan, b"000000001000"),
+        &payment_fields(b"000002", b"100001", pan, b"000000001000"),
     )
     .await;
     // Two in flight on the other connection: the third is refused at once.
@@ -1116,7 +1009,7 @@ async fn links_sign_on_before_use_and_sign_off_at_shutdown() {
     let connector = bed.switch.connectors()[0].clone();
     eventually("both links up", || connector.links_up() == 2).await;
     assert_eq!(stats.sign_ons.load(Ordering::Relaxed), 2);
-    let mut c = Client::as_institution(&bed, "100001").await;
+    let mut c = client(&bed, "100001").await;
     assert_eq!(
         code(
             &c.pay(b"000001", b"100001", b"4111111111111111", b"000000001000")
@@ -1143,7 +1036,7 @@ async fn a_bank_without_links_fails_over_to_its_alternate() {
         ..TestbedOptions::default()
     })
     .await;
-    let mut c = Client::as_institution(&bed, "100001").await;
+    let mut c = client(&bed, "100001").await;
     // PAN prefix 5 routes to 200002, which has no host running: 200001 takes it.
     let a = c
         .pay(b"000001", b"100001", b"5500000000000004", b"000000001000")
@@ -1162,7 +1055,7 @@ async fn a_route_fails_over_by_its_own_list() {
         ..TestbedOptions::default()
     })
     .await;
-    let mut c = Client::as_institution(&bed, "100001").await;
+    let mut c = client(&bed, "100001").await;
     // 200002 has no host running. PAN prefix 55 routes there with a failover
     // list: 200001 takes it. Prefix 5 routes there without one: 91 at once.
     let a = c

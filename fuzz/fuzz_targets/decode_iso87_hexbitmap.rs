@@ -1,8 +1,4 @@
-//! Fuzz target: see `fuzz_checks::decode_iso87_hexbitmap` in crates/wire/tests/fuzz_checks/mod.rs.
+//! Fuzz target: `switchyard_wire::fuzzing::decode_iso87_hexbitmap` (crates/wire/src/fuzzing.rs).
 #![no_main]
 
-#[allow(dead_code)]
-#[path = "../../crates/wire/tests/fuzz_checks/mod.rs"]
-mod fuzz_checks;
-
-libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_checks::decode_iso87_hexbitmap(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| switchyard_wire::fuzzing::decode_iso87_hexbitmap(data));

@@ -1,8 +1,4 @@
-//! Fuzz target: see `fuzz_checks::frame_decoder` in crates/wire/tests/fuzz_checks/mod.rs.
+//! Fuzz target: `switchyard_wire::fuzzing::frame_decoder` (crates/wire/src/fuzzing.rs).
 #![no_main]
 
-#[allow(dead_code)]
-#[path = "../../crates/wire/tests/fuzz_checks/mod.rs"]
-mod fuzz_checks;
-
-libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_checks::frame_decoder(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| switchyard_wire::fuzzing::frame_decoder(data));

@@ -156,10 +156,10 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::testdir::TempDir;
     use crate::journal::{Entry, Journal, JournalConfig};
     use crate::wire::{Encoder, Mti};
     use bytes::BytesMut;
+    use switchyard_tools::testkit::TempDir;
 
     #[test]
     fn dump_masks_card_numbers_and_verify_counts() {

@@ -17,29 +17,3 @@ pub mod writer;
 pub use reader::{scan, segments, JournalError, Scan, TornTail};
 pub use record::{Record, RecordKind};
 pub use writer::{AppendError, Entry, Fsync, Journal, JournalConfig, Opened, RecordSink};
-
-#[cfg(test)]
-pub(crate) mod testdir {
-    use std::path::PathBuf;
-
-    /// A fresh directory under the system temp dir, removed on drop.
-    pub struct TempDir(pub PathBuf);
-
-    impl TempDir {
-        pub fn new(name: &str) -> TempDir {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            let unique = format!("switchyard-{name}-{}-{now}", std::process::id());
-            let path = std::env::temp_dir().join(unique);
-            let _ = std::fs::remove_dir_all(&path);
-            TempDir(path)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}

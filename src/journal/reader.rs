@@ -220,7 +220,7 @@ pub fn truncate(torn: &TornTail) -> Result<(), JournalError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::testdir::TempDir;
+    use switchyard_tools::testkit::TempDir;
 
     /// Records `seqs` encoded back to back.
     fn records(seqs: std::ops::RangeInclusive<u64>) -> Vec<u8> {

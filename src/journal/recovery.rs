@@ -290,9 +290,9 @@ pub fn summary(r: &Recovery) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::testdir::TempDir;
     use crate::journal::{Entry, Journal, JournalConfig};
     use bytes::Bytes;
+    use switchyard_tools::testkit::TempDir;
 
     fn entry(kind: RecordKind, request_id: u64, head: &[u8]) -> Entry {
         let mut h = [0u8; 16];

@@ -832,8 +832,8 @@ impl WriterState {
 mod tests {
     use super::*;
     use crate::journal::reader::scan;
-    use crate::journal::testdir::TempDir;
     use std::io::Write;
+    use switchyard_tools::testkit::TempDir;
 
     /// A record stamped by the writer (now), so retention keeps it.
     fn entry(i: u64) -> Entry {

@@ -4,13 +4,14 @@
 //! DE32 they saw), and acknowledge them (sometimes the 0430 is lost or late).
 //! After `traffic` they are reliable.
 
-use crate::model::{build, digits, Event, Sim, ACQUIRER, FRAME_MAX_BYTES};
+use crate::model::{digits, Event, Sim, ACQUIRER, FRAME_MAX_BYTES};
 use crate::scenario::ms;
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use switchyard::config::ECHO_TIMEOUT_MS_DEFAULT;
 use switchyard::wire::{FrameDecoder, Framing, Message, Mti};
+use switchyard_tools::testkit::decoded;
 
 /// What a bank saw of one request (by DE37).
 #[derive(Default)]
@@ -112,7 +113,7 @@ impl Sim {
             fields.push((70, v));
         }
         let delay = self.rng.micros(50, 2_000);
-        Some((delay, build(&self.dialect, Mti::NETWORK_RESPONSE, &fields)))
+        Some((delay, decoded(Mti::NETWORK_RESPONSE, &fields)))
     }
 
     fn bank_request(&mut self, bank: usize, msg: &Message) -> Option<(Duration, Message)> {
@@ -156,10 +157,7 @@ impl Sim {
                 fields.push((n, v));
             }
         }
-        Some((
-            delay,
-            build(&self.dialect, Mti::FINANCIAL_RESPONSE, &fields),
-        ))
+        Some((delay, decoded(Mti::FINANCIAL_RESPONSE, &fields)))
     }
 
     fn bank_advice(&mut self, bank: usize, msg: &Message) -> Option<(Duration, Message)> {
@@ -204,9 +202,6 @@ impl Sim {
         }
         fields.push((39, b"00"));
         fields.push((90, &de90));
-        Some((
-            delay,
-            build(&self.dialect, Mti::REVERSAL_ADVICE_RESPONSE, &fields),
-        ))
+        Some((delay, decoded(Mti::REVERSAL_ADVICE_RESPONSE, &fields)))
     }
 }

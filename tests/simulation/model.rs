@@ -29,7 +29,8 @@ use switchyard::journal::record::{self, Record, RecordKind};
 use switchyard::journal::recovery::{Recovery, Replay};
 use switchyard::journal::{AppendError, Entry, RecordSink};
 use switchyard::sync::lock;
-use switchyard::wire::{Dialect, Encoder, FrameDecoder, Framing, Message, Mti};
+use switchyard::wire::{Dialect, FrameDecoder, Framing, Message, Mti};
+use switchyard_tools::testkit::decoded;
 use tokio::sync::mpsc;
 
 /// Events one seed may take before it counts as not quiescing.
@@ -386,16 +387,6 @@ pub struct Sim {
     pub violations: Vec<String>,
     pub stats: Stats,
     pub trace: Option<Vec<String>>,
-}
-
-pub fn build(d: &Dialect, mti: Mti, fields: &[(u8, &[u8])]) -> Message {
-    let mut out = BytesMut::new();
-    let mut enc = Encoder::new(d, &mut out, mti);
-    for &(n, v) in fields {
-        enc.field(n, v).expect("simulated message fits the dialect");
-    }
-    enc.finish();
-    Message::decode(d, out.freeze()).expect("simulated message decodes")
 }
 
 pub fn digits(field: Option<&[u8]>) -> u64 {
@@ -1002,8 +993,7 @@ impl Sim {
         let amount = format!("{:012}", self.rng.between(1, 500_000));
         let rrn_digits = format!("{rrn:012}");
         let receiver = format!("20000{}", bank + 1);
-        let request = build(
-            &self.dialect,
+        let request = decoded(
             Mti::FINANCIAL,
             &[
                 (2, b"4111111111111111"),

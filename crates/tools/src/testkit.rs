@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard::tls::{connection_identity, IdentityError, IdentitySource};
-use switchyard::wire::{Dialect, Encoder, Framing, Mti};
+use switchyard::wire::{Dialect, Encoder, FrameDecoder, Framing, Message, Mti};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -28,18 +28,26 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 /// Bound on any single wait; never reached when things work.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// A fresh directory under the system temp dir, removed on drop.
+/// A fresh, empty directory under the system temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
+    /// A new directory whose name starts with `switchyard-<name>-` (unique in the
+    /// process and across processes).
     pub fn new(name: &str) -> TempDir {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let dir =
-            std::env::temp_dir().join(format!("switchyard-{name}-{}-{now}", std::process::id()));
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = switchyard::clock::unix_ms();
+        let unique = format!("switchyard-{name}-{}-{now}-{n}", std::process::id());
+        let dir = std::env::temp_dir().join(unique);
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         TempDir(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
     }
 }
 
@@ -300,6 +308,92 @@ pub async fn connect(
         .await
 }
 
+/// The test client: one mutual-TLS connection of an acquirer to the switch,
+/// sending framed messages (default dialect, `u16be`) and reading answers.
+pub struct Client {
+    stream: tokio_rustls::client::TlsStream<TcpStream>,
+    buf: BytesMut,
+}
+
+impl Client {
+    /// Connects to the switch at `addr` presenting `tls`'s certificate.
+    pub async fn connect(addr: SocketAddr, tls: Arc<ClientConfig>) -> std::io::Result<Client> {
+        Ok(Client {
+            stream: connect(addr, &tls).await?,
+            buf: BytesMut::new(),
+        })
+    }
+
+    /// Sends `message` (unframed) in a frame.
+    pub async fn send_raw(&mut self, message: &[u8]) {
+        self.stream.write_all(&framed(message)).await.unwrap();
+        self.stream.flush().await.unwrap();
+    }
+
+    /// Sends a message built from `fields`.
+    pub async fn send(&mut self, mti: Mti, fields: &[(u8, &[u8])]) {
+        self.send_raw(&message(mti, fields)).await;
+    }
+
+    /// The next answer (within [`WAIT`]), or None if the switch closed the
+    /// connection.
+    pub async fn recv(&mut self) -> Option<Message> {
+        let decoder = FrameDecoder::new(Framing::U16be, 8192);
+        let read = async {
+            loop {
+                if let Some(frame) = decoder.decode(&mut self.buf).unwrap() {
+                    return Some(frame);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let frame = tokio::time::timeout(WAIT, read)
+            .await
+            .expect("answer in time")?;
+        Some(Message::decode(dialect(), frame).expect("switch answers decode"))
+    }
+
+    /// Sends a 0200 of [`payment_fields`] and returns its answer.
+    pub async fn pay(
+        &mut self,
+        stan: &[u8],
+        acquirer: &[u8],
+        pan: &[u8],
+        amount: &[u8],
+    ) -> Message {
+        self.send(Mti::FINANCIAL, &payment_fields(stan, acquirer, pan, amount))
+            .await;
+        self.recv().await.expect("an answer")
+    }
+
+    /// The next frame, whether or not it decodes (within [`WAIT`]); None on close.
+    pub async fn recv_any(&mut self) -> Option<Bytes> {
+        let decoder = FrameDecoder::new(Framing::U16be, 8192);
+        let read = async {
+            loop {
+                if let Ok(Some(frame)) = decoder.decode(&mut self.buf) {
+                    return Some(frame);
+                }
+                match self.stream.read_buf(&mut self.buf).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, read)
+            .await
+            .expect("an answer or close in time")
+    }
+
+    /// The TLS stream, for what the client methods do not do.
+    pub fn stream(&mut self) -> &mut tokio_rustls::client::TlsStream<TcpStream> {
+        &mut self.stream
+    }
+}
+
 /// A config file for `switchyard run` in `dir` (`switchyard.toml`): the listener on
 /// 127.0.0.1:0 and the TLS files [`Pki::write`] wrote, `switch` and `tls` extra
 /// lines in those sections, then `rest` (institutions, banks, routes, …).
@@ -314,11 +408,45 @@ pub fn write_config(dir: &Path, switch: &str, tls: &str, rest: &str) -> PathBuf 
     path
 }
 
+/// A message built field by field in the default dialect, decoded (values must
+/// fit the dialect).
+pub fn decoded(mti: Mti, fields: &[(u8, &[u8])]) -> Message {
+    Message::decode(dialect(), message(mti, fields)).expect("test message decodes")
+}
+
+/// The default dialect, parsed once (parsing it costs milliseconds in debug builds).
+pub fn dialect() -> &'static Dialect {
+    static DIALECT: std::sync::OnceLock<Dialect> = std::sync::OnceLock::new();
+    DIALECT.get_or_init(Dialect::iso87_ascii)
+}
+
+/// The fields of a typical 0200 (purchase) from `acquirer`: card `pan`, DE11
+/// `stan`, DE4 `amount`, fixed DE7, DE12/13, DE37, DE41/42 and DE49 (978).
+pub fn payment_fields<'a>(
+    stan: &'a [u8],
+    acquirer: &'a [u8],
+    pan: &'a [u8],
+    amount: &'a [u8],
+) -> Vec<(u8, &'a [u8])> {
+    vec![
+        (2, pan),
+        (3, b"000000"),
+        (4, amount),
+        (7, b"1125120000"),
+        (11, stan),
+        (12, b"120000"),
+        (13, b"1125"),
+        (32, acquirer),
+        (37, b"532912000001"),
+        (41, b"TERM0001"),
+        (42, b"MERCHANT0000001"),
+        (49, b"978"),
+    ]
+}
+
 /// A message built field by field (values as given, not checked), unframed.
 pub fn message(mti: Mti, fields: &[(u8, &[u8])]) -> Bytes {
-    // Built once: parsing the dialect per message costs milliseconds in debug builds.
-    static DIALECT: std::sync::OnceLock<Dialect> = std::sync::OnceLock::new();
-    let d = DIALECT.get_or_init(Dialect::iso87_ascii);
+    let d = dialect();
     let mut out = BytesMut::new();
     let mut enc = Encoder::new(d, &mut out, mti);
     for (n, v) in fields {

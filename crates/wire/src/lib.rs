@@ -13,10 +13,14 @@
 //!   before any memory is reserved for it.
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "fuzzing")]
+pub mod corpus;
 mod dialect;
 mod encode;
 mod error;
 mod frame;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 mod mask;
 mod message;
 

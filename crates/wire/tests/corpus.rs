@@ -6,9 +6,8 @@
 //! change to [`seeds`]):
 //! `cargo test -p switchyard-wire --test corpus -- --ignored write_seed_corpus`.
 
-mod corpus_runner;
-mod fuzz_checks;
-use corpus_runner::Check;
+use switchyard_wire::corpus::{self as corpus_runner, Check};
+use switchyard_wire::fuzzing as fuzz_checks;
 
 use bytes::BytesMut;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! inside the input, framing over any chunking, and translation between dialects.
 
 #[allow(dead_code)]
-mod fuzz_checks;
+use switchyard_wire::fuzzing as fuzz_checks;
 
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;

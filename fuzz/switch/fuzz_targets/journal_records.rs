@@ -1,8 +1,4 @@
-//! Fuzz target: see `fuzz_checks_switch::journal_records` in tests/fuzz_checks_switch/mod.rs.
+//! Fuzz target: `switchyard::fuzzing::journal_records` (src/fuzzing.rs).
 #![no_main]
 
-#[allow(dead_code)]
-#[path = "../../../tests/fuzz_checks_switch/mod.rs"]
-mod fuzz_checks_switch;
-
-libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_checks_switch::journal_records(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| switchyard::fuzzing::journal_records(data));

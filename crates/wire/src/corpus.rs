@@ -1,7 +1,6 @@
 //! Runs the files of a fuzz corpus folder through a target's checks; shared by the
 //! codec's corpus test (`crates/wire/tests/corpus.rs`) and the switch's
-//! (`tests/fuzz_corpus.rs`, which includes this file by path).
-#![allow(dead_code)] // each includer uses part of it
+//! (`tests/fuzz_corpus.rs`). Built with the `fuzzing` feature only.
 
 use std::path::{Path, PathBuf};
 

@@ -1,18 +1,16 @@
-//! Checks shared by the fuzz targets (`fuzz/fuzz_targets/*.rs`) and the tests
-//! (`tests/corpus.rs`, `tests/props.rs`), so every committed corpus file also runs
-//! under `cargo test`.
-//!
-//! The fuzz crate includes this file with `#[path = ...] mod fuzz_checks;`; it lives
-//! in a folder so that cargo does not build it as a test crate of its own. It uses
-//! only `switchyard_wire`, `bytes` and std. Failures are panics: a fuzzer reports
-//! them as crashes and proptest shrinks them.
+//! Checks the fuzz targets run (`fuzz/fuzz_targets/*.rs` are thin wrappers around
+//! these functions), shared with the tests (`tests/corpus.rs`, `tests/props.rs`) so
+//! every committed corpus file also runs under `cargo test`. Built with the
+//! `fuzzing` feature only; [`corpus`](crate::corpus) runs a corpus folder through
+//! them. Failures are panics: a fuzzer reports them as crashes and proptest
+//! shrinks them.
 
-use bytes::{Bytes, BytesMut};
-use std::sync::OnceLock;
-use switchyard_wire::{
+use crate::{
     reencode, BitmapEncoding, DecodeError, DecodeErrorKind, Dialect, Encoding, FrameDecoder,
     FrameError, Framing, LengthKind, Message, FRAME_SIZE_MAX_BYTES_DEFAULT,
 };
+use bytes::{Bytes, BytesMut};
+use std::sync::OnceLock;
 
 /// Frame bounds tried by [`frame_decoder`]: the default and one small enough that
 /// ordinary inputs hit it.

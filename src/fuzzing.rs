@@ -1,22 +1,19 @@
-//! Checks shared by the switch's fuzz targets (`fuzz/switch/fuzz_targets/*.rs`) and
-//! `tests/fuzz_corpus.rs`, so every committed corpus file also runs under
-//! `cargo test`.
-//!
-//! The fuzz crate includes this file with `#[path = ...] mod fuzz_checks_switch;`;
-//! it lives in a folder so that cargo does not build it as a test crate of its own.
-//! It uses only `switchyard`, `toml`, `crc32c` and std (all dependencies of the
-//! switch already). Failures are panics, which a fuzzer reports as crashes.
+//! Checks the switch's fuzz targets run (`fuzz/switch/fuzz_targets/*.rs` are thin
+//! wrappers around [`config_parse`] and [`journal_records`]), shared with
+//! `tests/fuzz_corpus.rs` so every committed corpus file also runs under `cargo
+//! test`. Built with the `fuzzing` feature only. Failures are panics, which a
+//! fuzzer reports as crashes.
 
-use std::collections::BTreeSet;
-use std::path::Path;
-use switchyard::config::{Config, ConfigError};
-use switchyard::core::route::BankIndex;
-use switchyard::core::InstitutionId;
-use switchyard::journal::record::{
+use crate::config::{Config, ConfigError};
+use crate::core::route::BankIndex;
+use crate::core::InstitutionId;
+use crate::journal::record::{
     self, Record, RecordError, RecordKind, FIXED_BYTES, LEN_BYTES, RECORD_LEN_MAX,
 };
-use switchyard::journal::recovery::{self, Replay};
-use switchyard::wire::Dialect;
+use crate::journal::recovery::{self, Replay};
+use crate::wire::Dialect;
+use std::collections::BTreeSet;
+use std::path::Path;
 
 /// The name a fuzzed config is parsed under (it anchors relative paths at the
 /// working directory).
@@ -166,7 +163,7 @@ pub fn check_config(table: &toml::Table, c: &Config) {
     );
     for (i, bank) in c.banks.iter().enumerate() {
         assert!(!bank.server_name.is_empty(), "bank {} server_name", bank.id);
-        assert!((1..=switchyard::config::LINKS_MAX).contains(&bank.links));
+        assert!((1..=crate::config::LINKS_MAX).contains(&bank.links));
         assert!(bank.reconnect_backoff_min <= bank.reconnect_backoff_max);
         assert!(bank.saf.retry_min <= bank.saf.retry_max);
         assert!(bank.saf.attempts_max >= 1);
