@@ -8,7 +8,7 @@ use crate::config::{Config, ConfigError};
 use crate::core::route::BankIndex;
 use crate::core::InstitutionId;
 use crate::journal::record::{
-    self, Record, RecordError, RecordKind, FIXED_BYTES, LEN_BYTES, RECORD_LEN_MAX,
+    self, Record, RecordError, RecordKind, FIXED_BYTES, LEN_BYTES, RECORD_LEN_MAX_BYTES,
 };
 use crate::journal::recovery::{self, Replay};
 use crate::wire::Dialect;
@@ -259,7 +259,7 @@ pub fn with_checksums_repaired(data: &[u8]) -> Vec<u8> {
     while out.len() - at >= LEN_BYTES {
         let len = u32_at(&out, at) as usize;
         let end = at + LEN_BYTES + len;
-        if !(FIXED_BYTES..=RECORD_LEN_MAX).contains(&len) || end > out.len() {
+        if !(FIXED_BYTES..=RECORD_LEN_MAX_BYTES).contains(&len) || end > out.len() {
             break;
         }
         let crc = checksum(&out[at..end]);
@@ -355,7 +355,7 @@ fn check_record_error(rest: &[u8], e: RecordError) {
         RecordError::BadLength { len } => {
             assert_eq!(len, u32_at(rest, 0), "{e:?}");
             assert!(
-                !(FIXED_BYTES..=RECORD_LEN_MAX).contains(&(len as usize)),
+                !(FIXED_BYTES..=RECORD_LEN_MAX_BYTES).contains(&(len as usize)),
                 "{e:?}"
             );
         }

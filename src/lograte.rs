@@ -28,10 +28,7 @@ impl LogRate {
     /// Whether a line may be written now; `Some(n)` with the number of lines
     /// suppressed since the last one written.
     pub fn allow(&self) -> Option<u64> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        self.allow_at(now)
+        self.allow_at(crate::clock::unix_s())
     }
 
     fn allow_at(&self, second: u64) -> Option<u64> {

@@ -127,10 +127,7 @@ impl ConnectorLatency {
 
     /// Runs `f` on the merged histograms (since start).
     pub fn with<R>(&self, f: impl FnOnce(&Stages) -> R) -> R {
-        let merged = self
-            .merged
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let merged = crate::sync::lock(&self.merged);
         f(merged
             .as_deref()
             .unwrap_or_else(|| NO_SAMPLES.get_or_init(Stages::default)))
@@ -167,11 +164,7 @@ impl LatencyRecorder<'_> {
     /// Hands samples to the connector now.
     pub fn flush(&mut self, now: Instant) {
         if self.local.count() > 0 {
-            let mut merged = self
-                .shared
-                .merged
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut merged = crate::sync::lock(&self.shared.merged);
             merged.get_or_insert_with(Box::default).add(&self.local);
             drop(merged);
             self.local.reset();

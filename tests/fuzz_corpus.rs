@@ -16,7 +16,7 @@ use fuzz_checks_switch::Walk;
 use std::path::{Path, PathBuf};
 use switchyard::config::{Config, ConfigError};
 use switchyard::journal::reader::{scan, JournalError, SEGMENT_PREFIX, SEGMENT_SUFFIX};
-use switchyard::journal::record::{self, Record, RecordError, RecordKind, RECORD_LEN_MAX};
+use switchyard::journal::record::{self, Record, RecordError, RecordKind, RECORD_LEN_MAX_BYTES};
 use switchyard::wire::Mti;
 
 /// Fuzz targets and their checks.
@@ -535,7 +535,7 @@ fn journal_seeds() -> Vec<(&'static str, Vec<u8>, JournalOutcome)> {
     flipped[first.len() + 20] ^= 0x01; // the second record's request id
     seeds.push(("bad-crc", flipped, (1, Some(bad_crc))));
     let mut oversized = first.clone();
-    oversized.extend_from_slice(&(RECORD_LEN_MAX as u32 + 1).to_le_bytes());
+    oversized.extend_from_slice(&(RECORD_LEN_MAX_BYTES as u32 + 1).to_le_bytes());
     oversized.extend_from_slice(&[0xab; 64]);
     seeds.push(("oversized-length", oversized, (1, Some(bad_len))));
     let mut huge = u32::MAX.to_le_bytes().to_vec();

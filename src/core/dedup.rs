@@ -178,9 +178,7 @@ type Locked<W, A> = CachePadded<Mutex<Shard<W, A>>>;
 /// Shards of a table (a power of two).
 const SHARDS: usize = 32;
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
+use crate::sync::lock;
 
 impl<W, A: Clone> DedupTable<W, A> {
     /// A table remembering keys for at least `window` (at most twice that), at most

@@ -124,9 +124,7 @@ impl Saf {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Advice>> {
-        self.advices
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::lock(&self.advices)
     }
 
     /// Queues an advice (first attempt or a retry); `Err` when it must be parked.

@@ -19,7 +19,7 @@ pub const FIXED_BYTES: usize = 4 + 8 + 1 + 8 + 8;
 /// Largest body: one ISO 8583 message of the largest frame plus a little metadata.
 pub const BODY_SIZE_MAX_BYTES: usize = 65_535 + 64;
 /// Largest value of `len`.
-pub const RECORD_LEN_MAX: usize = FIXED_BYTES + BODY_SIZE_MAX_BYTES;
+pub const RECORD_LEN_MAX_BYTES: usize = FIXED_BYTES + BODY_SIZE_MAX_BYTES;
 
 /// What a record says happened to a request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -138,7 +138,7 @@ impl fmt::Display for RecordError {
             RecordError::BadLength { len } => {
                 write!(
                     f,
-                    "expected a length of {}..={RECORD_LEN_MAX}, found {len}",
+                    "expected a length of {}..={RECORD_LEN_MAX_BYTES}, found {len}",
                     FIXED_BYTES
                 )
             }
@@ -199,7 +199,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Record<'_>, usize)>, RecordError> {
     }
     let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
     let n = len as usize;
-    if !(FIXED_BYTES..=RECORD_LEN_MAX).contains(&n) {
+    if !(FIXED_BYTES..=RECORD_LEN_MAX_BYTES).contains(&n) {
         return Err(RecordError::BadLength { len });
     }
     let total = LEN_BYTES + n;
@@ -274,7 +274,7 @@ mod tests {
             ));
         }
         assert_eq!(decode(&[]), Ok(None));
-        let huge = (RECORD_LEN_MAX as u32 + 1).to_le_bytes();
+        let huge = (RECORD_LEN_MAX_BYTES as u32 + 1).to_le_bytes();
         assert!(matches!(decode(&huge), Err(RecordError::BadLength { .. })));
         assert!(matches!(
             decode(&[0, 0, 0, 0]),

@@ -185,12 +185,6 @@ pub struct Opened {
     pub next_seq: u64,
 }
 
-fn unix_now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 impl Journal {
     /// Opens (creating) the journal in `config.dir`: checks every existing record,
     /// truncates a torn tail, prunes old segments, and starts a new segment after
@@ -214,7 +208,7 @@ impl Journal {
         config: JournalConfig,
         visit: impl FnMut(&Path, u64, &Record<'_>),
     ) -> Result<Opened, JournalError> {
-        Journal::open_at(config, visit, unix_now_ms())
+        Journal::open_at(config, visit, crate::clock::unix_ms())
     }
 
     /// [`Journal::open_with`] with the time pruning at open compares against.
@@ -327,10 +321,7 @@ impl Journal {
         }
         // Sequence numbers are given in queue order under this short lock, so the
         // writer sees them ascending.
-        let mut guard = self
-            .sender
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut guard = crate::sync::lock(&self.sender);
         let Some(sender) = guard.as_mut() else {
             return Err(AppendError::Failed);
         };
@@ -394,20 +385,12 @@ impl Journal {
 
     /// Stops accepting, writes and syncs what is queued, and waits for the writer.
     pub fn close(&self) {
-        let sender = self
-            .sender
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let sender = crate::sync::lock(&self.sender).take();
         self.queue.closed.store(true, Ordering::SeqCst);
         if let Some(sender) = sender {
             sender.writer.unpark();
         }
-        let thread = self
-            .thread
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        let thread = crate::sync::lock(&self.thread).take();
         if let Some(thread) = thread {
             let _ = thread.join();
         }
@@ -705,7 +688,7 @@ impl WriterState {
     fn run(mut self, queue: &Queue) {
         let mut body = Vec::with_capacity(BODY_SIZE_MAX_BYTES);
         loop {
-            self.batch_unix_ms = unix_now_ms();
+            self.batch_unix_ms = crate::clock::unix_ms();
             let mut last_seq = None;
             let mut count = 0;
             let mut newest = 0;
@@ -807,7 +790,7 @@ impl WriterState {
         self.durable.send_replace(last_seq);
         self.segments.wrote(self.segment_bytes, newest_unix_ms);
         if self.segment_bytes >= self.config.segment_size_max_bytes {
-            self.rotate(last_seq + 1, unix_now_ms())?;
+            self.rotate(last_seq + 1, crate::clock::unix_ms())?;
         }
         Ok(())
     }
@@ -1107,7 +1090,7 @@ mod tests {
     fn rotation_prunes_closed_segments_past_retention() {
         let dir = TempDir::new("age-rotate");
         let opened = Journal::open(small(&dir.0)).unwrap();
-        let old = unix_now_ms() - 3 * DAY_MS;
+        let old = crate::clock::unix_ms() - 3 * DAY_MS;
         for i in 0..300 {
             opened.journal.append(stamped(i, old + i)).unwrap();
         }
@@ -1125,7 +1108,7 @@ mod tests {
         assert!(first > 1, "segments of old records only were pruned");
         assert!(first <= 301, "no recent record was: first left {first}");
         assert_eq!(last, 600);
-        let recent = unix_now_ms() - DAY_MS;
+        let recent = crate::clock::unix_ms() - DAY_MS;
         assert!(per_segment.iter().all(|(_, newest)| *newest > recent));
     }
 
@@ -1136,7 +1119,8 @@ mod tests {
         let before = firsts(&dir.0);
         assert!(before.len() > 3);
         // Today: every segment is recent; nothing goes.
-        let opened = Journal::open_at(small(&dir.0), |_, _, _| {}, unix_now_ms()).unwrap();
+        let opened =
+            Journal::open_at(small(&dir.0), |_, _, _| {}, crate::clock::unix_ms()).unwrap();
         opened.journal.close();
         drop(opened);
         // (An empty last segment, left by a rotation at the end, is pruned and
@@ -1149,7 +1133,7 @@ mod tests {
         // Three days on: the records are still visited, then every closed
         // segment is pruned; the new one is kept.
         let mut visited = 0;
-        let later = unix_now_ms() + 3 * DAY_MS;
+        let later = crate::clock::unix_ms() + 3 * DAY_MS;
         let opened = Journal::open_at(small(&dir.0), |_, _, _| visited += 1, later).unwrap();
         assert_eq!(visited, 500);
         assert_eq!(firsts(&dir.0), vec![501]);
@@ -1287,7 +1271,7 @@ mod tests {
             size_max_bytes: 100,
             ..JournalConfig::new(&dir.0)
         };
-        let now = unix_now_ms();
+        let now = crate::clock::unix_ms();
         let mut s = closed(
             &dir.0,
             &[

@@ -147,10 +147,7 @@ impl Connector {
 
     /// Replaces the client TLS config that new links connect with.
     pub fn set_tls(&self, tls: Arc<rustls::ClientConfig>) {
-        *self
-            .tls
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = tls;
+        *crate::sync::write(&self.tls) = tls;
     }
 
     /// Whether this retired connector has stopped: no link task left, nothing
@@ -172,11 +169,7 @@ impl Connector {
         let mut bank = self.bank().clone();
         bank.queue_depth_max = 1;
         bank.links = 0;
-        let tls = self
-            .tls
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let tls = crate::sync::read(&self.tls).clone();
         let c = Connector::new(
             self.index(),
             bank,
@@ -370,11 +363,7 @@ impl Connector {
         let bank = self.bank();
         let name = rustls::pki_types::ServerName::try_from(bank.server_name.clone())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let tls = self
-            .tls
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let tls = crate::sync::read(&self.tls).clone();
         let connector = tokio_rustls::TlsConnector::from(tls);
         let attempt = async {
             let tcp = TcpStream::connect(bank.address).await?;

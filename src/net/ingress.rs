@@ -116,19 +116,13 @@ impl Ingress {
     /// Puts a new generation in force: new connections use it at once, sessions
     /// from their next request on.
     pub fn replace_live(&self, live: Live) {
-        *self
-            .live
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(live);
+        *crate::sync::write(&self.live) = Arc::new(live);
         self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// The generation in force.
     pub fn live(&self) -> Arc<Live> {
-        self.live
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        crate::sync::read(&self.live).clone()
     }
 
     fn current(&self) -> (u64, Arc<Live>) {

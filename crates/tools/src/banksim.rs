@@ -44,7 +44,7 @@ const STALL_CHECK_MS: u64 = 10;
 /// One million: the unit of [`Behavior::set_drop_per_million`].
 const PER_MILLION: u32 = 1_000_000;
 /// Longest simulated answer delay, in microseconds (one hour); longer settings are clamped.
-pub const LATENCY_MAX_US: u64 = 3_600_000_000;
+pub const ANSWER_DELAY_MAX_US: u64 = 3_600_000_000;
 
 // === Behavior ===
 
@@ -75,7 +75,7 @@ impl Behavior {
     }
 
     /// Sets the delay between receiving a request and releasing its answer (clamped to
-    /// [`LATENCY_MAX_US`]).
+    /// [`ANSWER_DELAY_MAX_US`]).
     pub fn set_latency(&self, latency: Duration) {
         self.latency_us
             .store(duration_us(latency), Ordering::Relaxed);
@@ -107,7 +107,7 @@ impl Behavior {
         self.silent.store(silent, Ordering::Relaxed);
     }
 
-    /// Stalls every connection for `stall` from now (clamped to [`LATENCY_MAX_US`]): no answer
+    /// Stalls every connection for `stall` from now (clamped to [`ANSWER_DELAY_MAX_US`]): no answer
     /// is written until it ends, then all answers that fell due meanwhile are released together
     /// (one write per connection). Requests keep being read and answered into the pending
     /// buffer meanwhile (up to [`PENDING_BYTES_MAX`]), like a host that pauses, e.g. for a
@@ -134,7 +134,7 @@ impl Default for Behavior {
 }
 
 fn duration_us(d: Duration) -> u64 {
-    u64::try_from(d.as_micros()).map_or(LATENCY_MAX_US, |us| us.min(LATENCY_MAX_US))
+    u64::try_from(d.as_micros()).map_or(ANSWER_DELAY_MAX_US, |us| us.min(ANSWER_DELAY_MAX_US))
 }
 
 // === options and statistics ===
@@ -195,10 +195,7 @@ impl MessageLog {
         if max == 0 {
             return;
         }
-        let mut messages = self
-            .messages
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut messages = switchyard::sync::lock(&self.messages);
         if messages.len() < max {
             messages.push(message.clone());
         }
@@ -206,10 +203,7 @@ impl MessageLog {
 
     /// The messages kept so far, in arrival order.
     pub fn messages(&self) -> Vec<Bytes> {
-        self.messages
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        switchyard::sync::lock(&self.messages).clone()
     }
 }
 
@@ -322,7 +316,7 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Pending> {
         // A panic while holding the lock is a bug elsewhere; the buffer is still usable.
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+        switchyard::sync::lock(&self.pending)
     }
 }
 
@@ -454,7 +448,7 @@ async fn write_loop(
     behavior: &Behavior,
 ) -> Result<(), ConnectionError> {
     loop {
-        // Bounded: a stall lasts at most LATENCY_MAX_US; the connection task is cancelled at
+        // Bounded: a stall lasts at most ANSWER_DELAY_MAX_US; the connection task is cancelled at
         // shutdown. Re-checked every STALL_CHECK_MS so that ending a stall early takes effect.
         if let Some(until) = behavior.stalled_until() {
             let check = Instant::now() + Duration::from_millis(STALL_CHECK_MS);

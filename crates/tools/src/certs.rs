@@ -2,7 +2,7 @@
 //! tests without openssl. Not for production: keys live in memory and on disk unencrypted.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
@@ -14,9 +14,9 @@ use switchyard::tls;
 
 /// How far back certificates are valid from, so that a peer whose clock runs slightly behind
 /// still accepts them: one day, in seconds.
-const VALIDITY_BACKDATE_SECS: u64 = 24 * 60 * 60;
+const VALIDITY_BACKDATE_S: u64 = 24 * 60 * 60;
 /// How long certificates stay valid from now: two years (730 days), in seconds.
-const VALIDITY_AHEAD_SECS: u64 = 730 * 24 * 60 * 60;
+const VALIDITY_AHEAD_S: u64 = 730 * 24 * 60 * 60;
 /// Prefix of the URI SAN that names an institution in client certificates.
 pub const INSTITUTION_URN_PREFIX: &str = "urn:switchyard:institution:";
 
@@ -102,13 +102,11 @@ impl std::fmt::Debug for DevCa {
 /// Parameters with the validity window set to [now - 1 day, now + 2 years].
 fn params_valid_from_now() -> CertificateParams {
     // A clock before 1970 is a broken machine; certificates then start at the epoch.
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let now = Duration::from_millis(switchyard::clock::unix_ms());
     let epoch = rcgen::date_time_ymd(1970, 1, 1);
     let mut params = CertificateParams::default();
-    params.not_before = epoch + now.saturating_sub(Duration::from_secs(VALIDITY_BACKDATE_SECS));
-    params.not_after = epoch + now + Duration::from_secs(VALIDITY_AHEAD_SECS);
+    params.not_before = epoch + now.saturating_sub(Duration::from_secs(VALIDITY_BACKDATE_S));
+    params.not_after = epoch + now + Duration::from_secs(VALIDITY_AHEAD_S);
     params
 }
 
@@ -255,11 +253,9 @@ impl DevCa {
     /// A certificate revocation list, PEM, signed by this CA, naming `revoked`; valid
     /// from a day ago for thirty days.
     pub fn revocation_list(&self, revoked: &[&Issued]) -> Result<String, CertError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = Duration::from_millis(switchyard::clock::unix_ms());
         let epoch = rcgen::date_time_ymd(1970, 1, 1);
-        let this_update = epoch + now.saturating_sub(Duration::from_secs(VALIDITY_BACKDATE_SECS));
+        let this_update = epoch + now.saturating_sub(Duration::from_secs(VALIDITY_BACKDATE_S));
         let params = rcgen::CertificateRevocationListParams {
             this_update,
             next_update: epoch + now + Duration::from_secs(30 * 86_400),

@@ -188,10 +188,10 @@ impl Testbed {
             bank.first_stan = opts.first_stan;
         }
         let journal_dir = opts.journal.map(|fsync| {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            let name = format!("switchyard-journal-{}-{now}", std::process::id());
+            static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let now = switchyard::clock::unix_ms();
+            let name = format!("switchyard-journal-{}-{now}-{n}", std::process::id());
             let dir = opts
                 .journal_at
                 .clone()

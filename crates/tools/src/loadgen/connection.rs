@@ -14,15 +14,14 @@ use switchyard::wire::{
     FRAME_SIZE_MAX_BYTES_DEFAULT,
 };
 
-use super::progress::{lock_recovering, Recent};
+use super::progress::Recent;
 use super::schedule::intended_offset;
 use super::summary::{classify, Outcome, Tally};
 use super::{ConnectionError, Plan, Stream, CLOSE_TIMEOUT_MS, LATENCY_MAX_US, LIVE_FLUSH_MS};
+use switchyard::core::inflight::STAN_MAX;
 
 /// Free space kept in the read buffer before each read, in bytes.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
-/// Largest STAN (DE11 is n6); STANs run 1..=999,999 and wrap.
-const STAN_MAX: u32 = 999_999;
 /// RRNs (DE37) are 12 digits.
 const RRN_MODULUS: u64 = 1_000_000_000_000;
 const TERMINAL_ID: &[u8] = b"TERM0001";
@@ -133,7 +132,7 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, ConnState> {
         // Reader and writer run in one task, so the lock is never contended.
-        lock_recovering(&self.state)
+        switchyard::sync::lock(&self.state)
     }
 }
 

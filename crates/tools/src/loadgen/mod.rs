@@ -77,9 +77,10 @@ pub const CONNECTIONS_MAX: usize = 10_000;
 /// Largest open-loop rate, in requests per second over all connections.
 pub const RATE_MAX: u64 = 10_000_000;
 /// Longest run: warmup + duration + answer timeout, in seconds (one week).
-pub const RUN_MAX_SECS: u64 = 7 * 86_400;
-/// Largest latency the histograms record, in microseconds (60 s); longer ones are clamped.
-pub const LATENCY_MAX_US: u64 = 60_000_000;
+pub const RUN_MAX_S: u64 = 7 * 86_400;
+/// Largest latency the histograms record, in microseconds (60 s, as the switch's own
+/// histograms); longer ones are clamped.
+pub use switchyard::telemetry::LATENCY_MAX_US;
 /// Open loop: a send lagging its intended time by more than this (at any rate, a backlog of
 /// more than 1 s of requests) means the generator fell behind, in milliseconds.
 pub const BEHIND_LAG_MS: u64 = 1_000;
@@ -347,8 +348,8 @@ fn check_options(opts: &LoadOptions, pans: &[String]) -> anyhow::Result<()> {
     }
     let run = opts.warmup.checked_add(opts.duration);
     let run = run.and_then(|r| r.checked_add(opts.answer_timeout));
-    if run.is_none_or(|r| r > Duration::from_secs(RUN_MAX_SECS)) {
-        bail!("warmup + duration + answer timeout must be at most {RUN_MAX_SECS} s");
+    if run.is_none_or(|r| r > Duration::from_secs(RUN_MAX_S)) {
+        bail!("warmup + duration + answer timeout must be at most {RUN_MAX_S} s");
     }
     // Encode one request with each value so a bad one is reported before any connection.
     let first_destination = opts.destinations.first().map(String::as_bytes);

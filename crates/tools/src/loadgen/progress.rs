@@ -1,7 +1,7 @@
 //! Live progress: recent figures handed over by the connections, one line per second.
 
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -43,11 +43,6 @@ impl Recent {
     }
 }
 
-pub(super) fn lock_recovering<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding the lock is a bug elsewhere; the figures are still usable.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// Prints a progress line on stderr every [`PROGRESS_INTERVAL_MS`] until `stop` fires (or,
 /// at the latest, shortly after the run must have ended).
 pub(super) async fn report_progress(plan: Arc<Plan>, mut stop: oneshot::Receiver<()>) {
@@ -65,7 +60,7 @@ pub(super) async fn report_progress(plan: Arc<Plan>, mut stop: oneshot::Receiver
         next += period;
         let now = Instant::now();
         // Held for one copy of a small histogram; connections only ever `try_lock` it.
-        recent.absorb(&mut lock_recovering(&plan.live));
+        recent.absorb(&mut switchyard::sync::lock(&plan.live));
         let interval_answers = recent.latency.len();
         answers += interval_answers;
         errors += recent.errors;
