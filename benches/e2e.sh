@@ -6,6 +6,7 @@
 #
 #   bash benches/e2e.sh                       # defaults below
 #   RUNS=5 DURATION=10 CONNECTIONS=8 WINDOW=64 bash benches/e2e.sh
+#   OTHER_BIN=/path/to/older/switchyard bash benches/e2e.sh   # a second build beside
 #
 # Prints a table of throughput and latency percentiles (medians over RUNS
 # alternating runs) and the ratio switchyard / HAProxy. Everything listens on
@@ -25,10 +26,15 @@ load() { # $1 = port
 }
 
 : >"$WORK/switchyard.runs"
+: >"$WORK/other.runs"
 : >"$WORK/haproxy.runs"
 for run in $(seq "$RUNS"); do
     echo "run $run/$RUNS: switchyard" >&2
     load "$SWITCH_PORT" >>"$WORK/switchyard.runs"
+    if [ -n "$OTHER_BIN" ]; then
+        echo "run $run/$RUNS: switchyard ($OTHER_BIN)" >&2
+        load "$OTHER_PORT" >>"$WORK/other.runs"
+    fi
     echo "run $run/$RUNS: haproxy" >&2
     load "$HAPROXY_PORT" >>"$WORK/haproxy.runs"
 done
@@ -51,10 +57,17 @@ printf '| %-22s | %12s | %8s | %8s | %9s | %6s |\n' path "payments/s" "p50 µs" 
 printf '|%s|%s|%s|%s|%s|%s|\n' "------------------------" "--------------" "----------" \
     "----------" "-----------" "--------"
 row "switchyard" "$WORK/switchyard.runs"
+if [ -n "$OTHER_BIN" ]; then row "switchyard (other)" "$WORK/other.runs"; fi
 row "HAProxy (TCP, mTLS)" "$WORK/haproxy.runs"
 ratio=$(jq -n --argjson a "$(median "$WORK/switchyard.runs" .tps)" \
     --argjson b "$(median "$WORK/haproxy.runs" .tps)" '$a / $b * 100 | round / 100')
 echo
 echo "throughput ratio switchyard / HAProxy: $ratio"
+if [ -n "$OTHER_BIN" ]; then
+    other=$(jq -n --argjson a "$(median "$WORK/switchyard.runs" .tps)" \
+        --argjson b "$(median "$WORK/other.runs" .tps)" '$a / $b * 100 | round / 100')
+    echo "throughput ratio switchyard / other ($OTHER_BIN): $other;" \
+        "other per run $(jq -c -s 'map(.tps | round)' "$WORK/other.runs")"
+fi
 echo "per-run JSON: switchyard $(jq -c -s 'map(.tps | round)' "$WORK/switchyard.runs")," \
     "haproxy $(jq -c -s 'map(.tps | round)' "$WORK/haproxy.runs")"

@@ -10,6 +10,11 @@ LINKS=${LINKS:-2}
 BANK_PORT=${BANK_PORT:-19101}
 SWITCH_PORT=${SWITCH_PORT:-18583}
 HAPROXY_PORT=${HAPROXY_PORT:-18584}
+# Another build of switchyard to run beside this one, on its own port (e.g. the
+# build before a change, for a side-by-side comparison); empty: none.
+OTHER_BIN=${OTHER_BIN:-}
+OTHER_PORT=${OTHER_PORT:-18585}
+OTHER_ADMIN_PORT=${OTHER_ADMIN_PORT:-19465}
 
 WITH_HAPROXY=${WITH_HAPROXY:-}
 JOURNAL=${JOURNAL:-} # empty: no journal; "batch" or "off": a journal in the work directory
@@ -115,11 +120,19 @@ CFG
 PIDS+=($!)
 "$BIN" run --config "$WORK/switchyard.toml" 2>"$WORK/switch.log" &
 PIDS+=($!)
+if [ -n "$OTHER_BIN" ]; then
+    sed -e "s/127.0.0.1:$SWITCH_PORT/127.0.0.1:$OTHER_PORT/" \
+        -e "s/127.0.0.1:${ADMIN_PORT:-19464}/127.0.0.1:$OTHER_ADMIN_PORT/" \
+        -e 's/^dir = "journal"/dir = "journal-other"/' \
+        "$WORK/switchyard.toml" >"$WORK/other.toml"
+    "$OTHER_BIN" run --config "$WORK/other.toml" 2>"$WORK/other.log" &
+    PIDS+=($!)
+fi
 if [ -n "$WITH_HAPROXY" ]; then
     haproxy -f "$WORK/haproxy.cfg" 2>"$WORK/haproxy.log" &
     PIDS+=($!)
 fi
-for port in "$BANK_PORT" "$SWITCH_PORT" ${WITH_HAPROXY:+"$HAPROXY_PORT"}; do
+for port in "$BANK_PORT" "$SWITCH_PORT" ${WITH_HAPROXY:+"$HAPROXY_PORT"} ${OTHER_BIN:+"$OTHER_PORT"}; do
     up=""
     for _ in $(seq 600); do
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && up=1 && break

@@ -543,13 +543,20 @@ impl<E: LinkEnv> Link<E> {
         }
         if self.state == State::Up {
             self.fill_advices(env, now, unix_s, buf);
-            for _ in 0..self.config.write_batch_max {
+            let mut taken = 0;
+            while taken < self.config.write_batch_max {
                 let Some(request) = env.next_request() else {
                     break;
                 };
+                taken += 1;
                 seq = seq.max(self.submit(env, request, now, buf));
             }
             env.inflight(self.slot, self.table.len());
+            // A full batch (even one whose requests were all answered at once, a
+            // full table's 91s writing nothing): the queue may hold more.
+            if taken == self.config.write_batch_max {
+                self.wake_writer = true;
+            }
         }
         if let Some(stan) = self.sign_off_due.take() {
             if !self.network_message(SIGN_OFF, stan, unix_s, buf) {
@@ -580,7 +587,9 @@ impl<E: LinkEnv> Link<E> {
         at
     }
 
-    /// Whether the writer must run (something to transmit, or the link ended).
+    /// Whether the writer must run (something to transmit, more queued than one
+    /// transmit takes, or the link ended). A writer checks it after
+    /// [`Link::poll_transmit`] too: no bytes does not mean nothing left to do.
     pub fn take_wake_writer(&mut self) -> bool {
         std::mem::take(&mut self.wake_writer)
     }
@@ -698,6 +707,9 @@ impl<E: LinkEnv> Link<E> {
         let de7 = super::datetime::de7(unix_s);
         let mut due = std::mem::take(&mut self.advices);
         env.due_advices(now, self.config.write_batch_max, &mut due);
+        if due.len() == self.config.write_batch_max {
+            self.wake_writer = true; // more may be due
+        }
         let deadline = now + self.config.echo_timeout;
         for advice in due.drain(..) {
             let stan =
@@ -1223,6 +1235,31 @@ mod tests {
         h.advance(wait);
         h.link.handle_timeout(&h.bank, h.now);
         assert_eq!(h.link.ended(), Some(LinkEnd::Shutdown));
+    }
+
+    #[test]
+    fn a_full_batch_that_writes_nothing_still_asks_for_the_writer() {
+        let mut h = Harness::new("inflight_per_link_max = 1\nwrite_batch_max = 1", 1);
+        let sign_on = h.transmit();
+        h.answer_network(&sign_on[0], b"00");
+        for _ in 0..3 {
+            h.submit(Mti::FINANCIAL, None, None);
+        }
+        assert_eq!(
+            h.transmit().len(),
+            1,
+            "one per batch, and the table holds one"
+        );
+        assert!(h.link.take_wake_writer(), "a full batch: more may wait");
+        // The table is full: the next request is answered 91 and nothing is written,
+        // yet the writer must look again, for the third.
+        assert!(h.transmit().is_empty());
+        assert!(h.link.take_wake_writer());
+        assert!(h.transmit().is_empty());
+        assert_eq!(h.replies(), [pair("000002", "91"), pair("000003", "91")]);
+        assert!(h.link.take_wake_writer(), "still a full batch");
+        assert!(h.transmit().is_empty());
+        assert!(!h.link.take_wake_writer(), "the queue is empty");
     }
 
     #[test]

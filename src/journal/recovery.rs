@@ -1,7 +1,7 @@
 //! What a journal says was left unfinished: requests accepted or forwarded without
 //! an outcome, and reversal advices queued without an acknowledgement.
 //!
-//! The daemon acts on it at start-up (`daemon::resume`): requests forwarded without
+//! The daemon acts on it at start-up (`daemon::recovery::resume`): requests forwarded without
 //! an outcome are closed as 68 and reversed, unacknowledged advices are queued again.
 //! `journal verify` prints it.
 

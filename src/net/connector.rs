@@ -486,11 +486,22 @@ impl Connector {
         shutdown: &CancellationToken,
     ) -> Ended {
         let mut out = BytesMut::with_capacity(LINK_WRITE_BUFFER_BYTES);
-        let (mut retiring, mut closing) = (false, false);
+        let mut flags = Flags::default();
         loop {
+            // While there is work, no wake-up is registered (producers' `notify_one`
+            // then stores a permit instead of taking the waiters' lock).
+            match self
+                .write_once(shell, wr, retire, shutdown, &mut flags, &mut out)
+                .await
+            {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(end) => return end,
+            }
+            // Nothing to write: registered first, then one more look, so that
+            // nothing queued in between is missed. Only a link that takes
+            // requests waits for them.
             let up = lock(&shell.link).is_up();
-            // Registered before looking, so that no wake-up between the look and
-            // the wait is lost. Only a link that takes requests waits for them.
             let queued = self.writers.notified();
             let woken = shell.wake_writer.notified();
             tokio::pin!(queued, woken);
@@ -498,46 +509,79 @@ impl Connector {
                 queued.as_mut().enable();
             }
             woken.as_mut().enable();
-            let (seq, end) = {
-                let mut link = lock(&shell.link);
-                let now = std::time::Instant::now();
-                if shutdown.is_cancelled() && !closing {
-                    closing = true;
-                    link.close(now);
-                }
-                if retire.is_cancelled() && !retiring {
-                    retiring = true;
-                    link.retire(&self.state);
-                }
-                let seq = link.poll_transmit(&self.state, now, crate::clock::unix_s(), &mut out);
-                if link.take_wake_reader() {
-                    shell.wake_reader.notify_one();
-                }
-                (seq, link.ended())
-            };
-            if !out.is_empty() {
-                // Write-ahead: the bank sees no request before its forwarded record
-                // (and so its accepted record) is durable.
-                if !self.durable.wait(seq).await {
-                    return Ended::Journal;
-                }
-                if let Err(e) = write_flush(wr, &out, self.request_timeout()).await {
-                    return Ended::Io(e);
-                }
-                out.clear();
-                continue;
-            }
-            if let Some(end) = end {
-                return Ended::Link(end);
+            match self
+                .write_once(shell, wr, retire, shutdown, &mut flags, &mut out)
+                .await
+            {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(end) => return end,
             }
             tokio::select! {
                 _ = &mut queued, if up => {}
                 _ = &mut woken => {}
-                _ = retire.cancelled(), if !retiring => {}
-                _ = shutdown.cancelled(), if !closing => {}
+                _ = retire.cancelled(), if !flags.retiring => {}
+                _ = shutdown.cancelled(), if !flags.closing => {}
             }
         }
     }
+
+    /// Tells the link of a retirement or shutdown, takes what it has to write and
+    /// writes it once the journal records it names are durable. Ok(true): it wrote
+    /// a batch, or took work that may leave more; Ok(false): nothing to do; Err:
+    /// the link ended.
+    async fn write_once(
+        &self,
+        shell: &LinkShell,
+        wr: &mut WriteHalf<TlsStream<TcpStream>>,
+        retire: &CancellationToken,
+        shutdown: &CancellationToken,
+        flags: &mut Flags,
+        out: &mut BytesMut,
+    ) -> Result<bool, Ended> {
+        let state = {
+            let mut link = lock(&shell.link);
+            let now = std::time::Instant::now();
+            if shutdown.is_cancelled() && !flags.closing {
+                flags.closing = true;
+                link.close(now);
+            }
+            if retire.is_cancelled() && !flags.retiring {
+                flags.retiring = true;
+                link.retire(&self.state);
+            }
+            let seq = link.poll_transmit(&self.state, now, crate::clock::unix_s(), out);
+            if link.take_wake_reader() {
+                shell.wake_reader.notify_one();
+            }
+            (seq, link.ended(), link.take_wake_writer())
+        };
+        let (seq, end, more) = state;
+        if out.is_empty() {
+            return match end {
+                Some(end) => Err(Ended::Link(end)),
+                // A full batch answered without writing (a full table): look again.
+                None => Ok(more),
+            };
+        }
+        // Write-ahead: the bank sees no request before its forwarded record (and so
+        // its accepted record) is durable.
+        if !self.durable.wait(seq).await {
+            return Err(Ended::Journal);
+        }
+        if let Err(e) = write_flush(wr, out, self.request_timeout()).await {
+            return Err(Ended::Io(e));
+        }
+        out.clear();
+        Ok(true)
+    }
+}
+
+/// What a link writer has told its link already.
+#[derive(Default)]
+struct Flags {
+    retiring: bool,
+    closing: bool,
 }
 
 /// One connected link: its state machine and how its two futures wake each other.

@@ -307,9 +307,9 @@ fn forwarding_before_durable_loses_a_reversal() {
     first_failure(Policy::NO_WRITE_AHEAD);
 }
 
-/// Journaling the resumed 68 before ReversalQueued (as `Connector::resume_reversal`
-/// does in this tree, [`Policy::DAEMON`]) loses the reversal when the switch crashes
-/// again between the two records: the simulation must see it.
+/// Journaling a 68 before its ReversalQueued (as `Connector::resume_reversal` once
+/// did; `WriteAhead::reversed` now writes the advice first) loses the reversal when
+/// the switch crashes between the two records: the simulation must see it.
 #[test]
 fn resumed_68_before_reversal_queued_loses_a_reversal() {
     first_failure(Policy::SIXTY_EIGHT_FIRST);

@@ -576,6 +576,14 @@ impl Sim {
     /// appending, answers released once durable, writers woken, timers set, ended
     /// links reconnected, a commit started.
     fn after_event(&mut self) {
+        if self.sw.is_some() {
+            // Ended links first: their requests end too, in this same event.
+            for bank in 0..self.sc.banks.len() {
+                for link in 0..self.sc.banks[bank].links {
+                    self.after_link(bank, link);
+                }
+            }
+        }
         let crashed = lock(&self.journal).crashed.take();
         if let Some(torn) = crashed {
             return self.crash(torn);
@@ -592,11 +600,6 @@ impl Sim {
         let woken = std::mem::take(&mut lock(&self.sw().wakes).writers);
         for bank in woken {
             self.wake_bank(bank);
-        }
-        for bank in 0..self.sc.banks.len() {
-            for link in 0..self.sc.banks[bank].links {
-                self.after_link(bank, link);
-            }
         }
         let mut j = lock(&self.journal);
         if j.ends.len() > j.durable && !j.committing {

@@ -227,7 +227,7 @@ async fn the_endpoint_keeps_its_bounds() {
     let pki = Pki::write(&dir.0);
     let bank = Bank::start(&pki, Duration::ZERO).await;
     let rest = format!(
-        "[admin]\nlisten = \"127.0.0.1:0\"\nconnections_max = 2\nheader_read_timeout_ms = 2000\n\
+        "[admin]\nlisten = \"127.0.0.1:0\"\nconnections_max = 2\nheader_read_timeout_ms = 3000\n\
          request_head_max_bytes = 8192\n\n\
          [[institution]]\nid = \"100001\"\n\n\
          [[bank]]\nid = \"200001\"\naddress = \"{}\"\nserver_name = \"bank\"\n\n\
