@@ -119,6 +119,7 @@ CFG
     2>"$WORK/bank.log" &
 PIDS+=($!)
 "$BIN" run --config "$WORK/switchyard.toml" 2>"$WORK/switch.log" &
+SWITCH_PID=$!
 PIDS+=($!)
 if [ -n "$OTHER_BIN" ]; then
     sed -e "s/127.0.0.1:$SWITCH_PORT/127.0.0.1:$OTHER_PORT/" \
@@ -126,10 +127,12 @@ if [ -n "$OTHER_BIN" ]; then
         -e 's/^dir = "journal"/dir = "journal-other"/' \
         "$WORK/switchyard.toml" >"$WORK/other.toml"
     "$OTHER_BIN" run --config "$WORK/other.toml" 2>"$WORK/other.log" &
+    OTHER_PID=$!
     PIDS+=($!)
 fi
 if [ -n "$WITH_HAPROXY" ]; then
     haproxy -f "$WORK/haproxy.cfg" 2>"$WORK/haproxy.log" &
+    HAPROXY_PID=$!
     PIDS+=($!)
 fi
 for port in "$BANK_PORT" "$SWITCH_PORT" ${WITH_HAPROXY:+"$HAPROXY_PORT"} ${OTHER_BIN:+"$OTHER_PORT"}; do
