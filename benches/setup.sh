@@ -55,10 +55,11 @@ client_cert_file = "certs/switch-client.pem"
 client_key_file = "certs/switch-client.key"
 [limits]
 connections_max = 20000
-# Sized for the bench's rate: the table holds rate x window keys.
+# Bounded by memory (the shipped default, 2 GiB): past rate x window keys the
+# window shrinks.
 [duplicates]
 window_s = $DUP_WINDOW_S
-entries_max = 8000000
+memory_max_bytes = ${DUP_MEMORY_MAX_BYTES:-2147483648}
 [admin]
 listen = "127.0.0.1:${ADMIN_PORT:-19464}"
 # Rate limits far above what two cores can do (the default is 20,000/s).

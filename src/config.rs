@@ -30,10 +30,13 @@ pub const INFLIGHT_PER_CONNECTION_MAX_DEFAULT: usize = 1024;
 /// retransmission within it gets the original answer, a reversal within it is
 /// matched to its original by DE90.
 pub const DUPLICATE_WINDOW_S_DEFAULT: u64 = 300;
-/// Keys remembered at most (about 300 bytes each with the stored answer). Size it
-/// at least peak requests per second × the window; at the bound new requests are
-/// answered 91.
-pub const DUPLICATE_ENTRIES_MAX_DEFAULT: usize = 2_000_000;
+/// Memory the duplicates table may use, bytes (2 GiB): about 47 bytes a key with a
+/// journal (bank answers are read back from it), so 45 million keys, 150,000
+/// payments a second over a 300 s window. Past it the oldest answered keys are
+/// evicted early (the window shrinks); `check-config` prints the rate it holds.
+pub const DUPLICATE_MEMORY_MAX_BYTES_DEFAULT: usize = 2 << 30;
+/// Least `duplicates.memory_max_bytes` (1 MiB).
+pub const DUPLICATE_MEMORY_MIN_BYTES: usize = 1 << 20;
 /// Retransmissions (or reversals) waiting on one request still in flight; past it
 /// they are answered 91.
 pub const DUPLICATE_WAITERS_MAX_DEFAULT: usize = 4;
@@ -297,7 +300,9 @@ fn d_journal_size() -> u64 {
 #[serde(deny_unknown_fields, default)]
 struct DuplicatesSection {
     window_s: u64,
-    entries_max: usize,
+    memory_max_bytes: usize,
+    /// Replaced by `memory_max_bytes`: named in the error when still present.
+    entries_max: Option<usize>,
     waiters_max: usize,
 }
 
@@ -305,7 +310,8 @@ impl Default for DuplicatesSection {
     fn default() -> Self {
         DuplicatesSection {
             window_s: DUPLICATE_WINDOW_S_DEFAULT,
-            entries_max: DUPLICATE_ENTRIES_MAX_DEFAULT,
+            memory_max_bytes: DUPLICATE_MEMORY_MAX_BYTES_DEFAULT,
+            entries_max: None,
             waiters_max: DUPLICATE_WAITERS_MAX_DEFAULT,
         }
     }
@@ -609,8 +615,8 @@ impl Default for AdminLimits {
 pub struct Duplicates {
     /// How long keys are remembered.
     pub window: Duration,
-    /// Keys remembered at most.
-    pub entries_max: usize,
+    /// Memory the table may use, bytes (its keys and, without a journal, answers).
+    pub memory_max_bytes: usize,
     /// Duplicates waiting on one request in flight.
     pub waiters_max: usize,
 }
@@ -619,7 +625,7 @@ impl Default for Duplicates {
     fn default() -> Self {
         Duplicates {
             window: Duration::from_secs(DUPLICATE_WINDOW_S_DEFAULT),
-            entries_max: DUPLICATE_ENTRIES_MAX_DEFAULT,
+            memory_max_bytes: DUPLICATE_MEMORY_MAX_BYTES_DEFAULT,
             waiters_max: DUPLICATE_WAITERS_MAX_DEFAULT,
         }
     }
@@ -899,11 +905,23 @@ impl Checker<'_> {
         let admin_limits = self.admin(&f.admin)?;
         let dup = &f.duplicates;
         self.range("duplicates.window_s", dup.window_s, 1, 7 * 86_400, "s")?;
-        self.range("duplicates.entries_max", dup.entries_max, 1, 1 << 30, "")?;
+        if dup.entries_max.is_some() {
+            return Err(self.invalid(
+                "duplicates.entries_max",
+                "replaced by duplicates.memory_max_bytes (the table is bounded by memory)",
+            ));
+        }
+        self.range(
+            "duplicates.memory_max_bytes",
+            dup.memory_max_bytes,
+            DUPLICATE_MEMORY_MIN_BYTES,
+            1 << 40,
+            "bytes",
+        )?;
         self.range("duplicates.waiters_max", dup.waiters_max, 0, 1024, "")?;
         let duplicates = Duplicates {
             window: Duration::from_secs(dup.window_s),
-            entries_max: dup.entries_max,
+            memory_max_bytes: dup.memory_max_bytes,
             waiters_max: dup.waiters_max,
         };
         self.range("bank", f.bank.len(), 0, BANKS_MAX, "entries")?;

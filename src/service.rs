@@ -105,12 +105,34 @@ pub fn check_config(path: &std::path::Path) -> Result<String, CheckError> {
         source,
     })?;
     Ok(format!(
-        "{}: valid, with its TLS files ({} institutions, {} banks, {} PAN prefixes)",
+        "{}: valid, with its TLS files ({} institutions, {} banks, {} PAN prefixes)\n{}",
         path.display(),
         c.institutions.len(),
         c.banks.len(),
-        c.routes.prefix_count()
+        c.routes.prefix_count(),
+        duplicates_capacity(&c)
     ))
+}
+
+/// What the duplicates table holds within its memory bound: keys, bytes a key,
+/// and the sustained rate its full window holds (past it, the window shrinks).
+fn duplicates_capacity(c: &Config) -> String {
+    let d = c.duplicates;
+    let journaled = c.journal.is_some();
+    let keys = crate::core::dedup::capacity_for(d.memory_max_bytes, !journaled);
+    let window_s = d.window.as_secs().max(1);
+    let answers = if journaled {
+        "bank answers read back from the journal"
+    } else {
+        "answers kept in memory (no journal): fewer keys when answers are large"
+    };
+    format!(
+        "duplicates: {keys} keys in {} MiB ({} bytes a key, {answers}); a {window_s} s \
+         window holds {} requests/s sustained, past which answered keys are evicted early",
+        d.memory_max_bytes >> 20,
+        d.memory_max_bytes / keys.max(1),
+        keys as u64 / window_s
+    )
 }
 
 /// `switchyard run`: the switch from `config` (read from `path`) until SIGTERM or

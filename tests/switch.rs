@@ -624,6 +624,7 @@ async fn after_a_crash_forwarded_requests_without_outcome_are_reversed() {
     })
     .await;
     bed.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The messages of `mti` a bank received (its log must be enabled).
@@ -764,6 +765,90 @@ async fn an_acquirer_reversal_reaches_the_bank_under_the_stan_it_saw() {
     assert_eq!(code(&c.recv().await.unwrap()), b"25");
     assert_eq!(bank_saw(&bed, 0, b"0400").len(), 1);
     bed.stop().await;
+}
+
+/// With a journal the duplicates table keeps no bank answer: a retransmission is
+/// answered from the outcome record read back from the journal, and a reversal is
+/// routed by what the table keeps, before and after a restart on the same journal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_journal_retransmissions_and_reversals_match_across_a_restart() {
+    use switchyard::journal::Fsync;
+    let dir = std::env::temp_dir().join(format!("switchyard-readback-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let opts = || TestbedOptions {
+        banks: 1,
+        links: 1,
+        journal: Some(Fsync::Batch),
+        journal_at: Some(dir.clone()),
+        ..TestbedOptions::default()
+    };
+    let pan = b"4111111111111111";
+    let pay = |stan| payment_fields(stan, b"100001", pan, b"000000001000");
+    // DE90 of the payment with DE11 `stan` (DE7 and acquirer as `payment_fields`).
+    let de90 = |stan: &[u8]| {
+        let mut d = *b"020000000011251200000000010000100000000000";
+        d[4..10].copy_from_slice(stan);
+        d
+    };
+
+    let bed = testbed(opts()).await;
+    bed.banks[0].stats.log.enable(1000);
+    let mut c = client(&bed, "100001").await;
+    let mut approvals = Vec::new();
+    for stan in [b"000042", b"000043", b"000044"] {
+        let answer = c.pay(stan, b"100001", pan, b"000000001000").await;
+        assert_eq!(code(&answer), b"00");
+        approvals.push(answer.field(38).expect("DE38").to_vec());
+    }
+    let link_stans: Vec<Vec<u8>> = bank_saw(&bed, 0, b"0200")
+        .iter()
+        .map(|m| m.field(11).unwrap().to_vec())
+        .collect();
+    c.send(Mti::FINANCIAL, &pay(b"000042")).await;
+    let again = c.recv().await.unwrap();
+    assert_eq!(
+        (code(&again), again.field(38), again.field(11)),
+        (&b"00"[..], Some(&approvals[0][..]), Some(&b"000042"[..])),
+        "read back from the journal"
+    );
+    let d90 = de90(b"000043");
+    c.send(Mti::REVERSAL, &reversal(b"000050", &d90, pan)).await;
+    assert_eq!(code(&c.recv().await.unwrap()), b"00");
+    let reversals = bank_saw(&bed, 0, b"0400");
+    assert_eq!(reversals.len(), 1);
+    assert_eq!(&reversals[0].field(90).unwrap()[4..10], &link_stans[1][..]);
+    assert_eq!(
+        bank_saw(&bed, 0, b"0200").len(),
+        3,
+        "the repeat was not forwarded"
+    );
+    drop(c);
+    bed.stop().await;
+
+    // Restarted on the same journal, with a fresh bank: nothing more forwarded
+    // for the repeat; the reversal reaches the bank under the STAN it saw before.
+    let bed = testbed(opts()).await;
+    bed.banks[0].stats.log.enable(1000);
+    let mut c = client(&bed, "100001").await;
+    for (i, stan) in [b"000042", b"000044"].into_iter().enumerate() {
+        c.send(Mti::FINANCIAL, &pay(stan)).await;
+        let again = c.recv().await.unwrap();
+        assert_eq!(
+            (code(&again), again.field(38)),
+            (&b"00"[..], Some(&approvals[i * 2][..])),
+            "DE11 {stan:?} after the restart"
+        );
+    }
+    let d90 = de90(b"000044");
+    c.send(Mti::REVERSAL, &reversal(b"000051", &d90, pan)).await;
+    assert_eq!(code(&c.recv().await.unwrap()), b"00");
+    let reversals = bank_saw(&bed, 0, b"0400");
+    assert_eq!(reversals.len(), 1);
+    assert_eq!(&reversals[0].field(90).unwrap()[4..10], &link_stans[2][..]);
+    assert!(bank_saw(&bed, 0, b"0200").is_empty());
+    drop(c);
+    bed.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -218,8 +218,10 @@ pub enum Stored {
         connector: BankIndex,
         /// The STAN the request carried on its link.
         link_stan: Stan,
-        /// The answer as the bank sent it.
-        answer: Bytes,
+        /// The answer as the bank sent it; `None` where only the journal keeps it
+        /// (the duplicates table does not hold it when there is a journal: see
+        /// `core::recent`).
+        answer: Option<Bytes>,
     },
     /// The switch answered with this code (a timeout, 91, …).
     Switch(ResponseCode),
@@ -266,15 +268,15 @@ impl Stored {
         match self {
             Stored::Bank {
                 connector, answer, ..
-            } => match Message::decode(bank_dialect, answer.clone()) {
-                Ok(answer) => Reply::bank(
+            } => match answer.clone().map(|a| Message::decode(bank_dialect, a)) {
+                Some(Ok(answer)) => Reply::bank(
                     OriginalStan::of(&request),
                     answer,
                     bank_dialect.clone(),
                     *connector,
                     seq,
                 ),
-                Err(_) => Reply::switch(request, ResponseCode::SystemMalfunction)
+                Some(Err(_)) | None => Reply::switch(request, ResponseCode::SystemMalfunction)
                     .via(*connector)
                     .after(seq),
             },
@@ -333,7 +335,7 @@ mod tests {
         let bank = Stored::Bank {
             connector: 2,
             link_stan: stan,
-            answer: Bytes::new(),
+            answer: None,
         };
         assert_eq!(
             bank.reversal_route(),

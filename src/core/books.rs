@@ -67,11 +67,11 @@ impl Books {
     /// completes its duplicates entry. Reversals that waited on it are answered 00:
     /// the request never reached a bank, or the switch reverses it itself.
     pub fn settle_switch(&self, p: Pending, code: ResponseCode, seq: u64) {
-        if p.registered {
+        if let Some(entry) = p.entry {
             let stored = Stored::Switch(code);
             let waiting = self
                 .recent
-                .complete(&p.request, &stored, seq, &self.acquirer_dialect);
+                .complete(entry, &stored, seq, &self.acquirer_dialect);
             for reversal in waiting {
                 // `Stored::Switch` routes every reversal to `Approve`.
                 self.answer_switch(reversal, ResponseCode::Approved, OutcomeSource::Switch);
@@ -100,13 +100,13 @@ impl Books {
             .journal
             .outcome(p.request_id, de39, OutcomeSource::Bank, Some(&answer));
         let mut reversals = Vec::new();
-        if p.registered {
+        if let Some(entry) = p.entry {
             let stored = Stored::Bank {
                 connector,
                 link_stan,
-                answer: answer.as_bytes().clone(),
+                answer: Some(answer.as_bytes().clone()),
             };
-            reversals = self.recent.complete(&p.request, &stored, seq, dialect);
+            reversals = self.recent.complete(entry, &stored, seq, dialect);
             for r in &mut reversals {
                 r.original_link_stan = Some(link_stan);
             }

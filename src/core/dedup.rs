@@ -3,24 +3,44 @@
 //! An identical retransmission of a completed request gets the original answer
 //! again; one still in flight waits and is answered once, with the same answer,
 //! when the outcome is known; the same key with different content is a conflict
-//! (the switch answers 94). Keys are kept for a time window (between one and two
-//! windows: two generations per shard), up to a bound; at the bound a new request
-//! is refused (the caller answers 91).
+//! (the switch answers 94). The same table finds the original of an acquirer's 0400
+//! reversal: DE90 names the original's DE11 and DE7, the reversal carries the
+//! acquirer's DE32 (and usually the original's DE37), which together are the
+//! original's key.
 //!
-//! The same table finds the original of an acquirer's 0400 reversal: DE90 names the
-//! original's DE11 and DE7, the reversal carries the acquirer's DE32 (and usually
-//! the original's DE37), which together are the original's key.
+//! **Sized by memory, not by a count.** A key is a fixed 40-byte slot (a keyed
+//! 96-bit digest of the key, the content digest, the insertion second, the outcome
+//! packed into 16 bytes) in a ring kept in arrival order, plus its share of a hash
+//! index of 4-byte slot numbers. The bank's answer itself is not kept when there is
+//! a journal: a retransmission's answer is read back from the outcome record whose
+//! sequence number the slot holds (see `core::recent`). Without a journal the answer
+//! is kept in memory beside the slot, and counted against the same bound.
+//!
+//! Keys are remembered for the window (to the second). When a shard reaches its
+//! bound, its oldest *answered* keys are evicted early, so the window shrinks under
+//! load instead of requests being refused; the shortest window any shard still
+//! guarantees is [`DedupTable::effective_window`]. A request still in flight is
+//! never evicted (its slot moves to the back of the ring); only when every key of
+//! a shard is in flight does a new request get `Full` (the caller answers 91).
 //!
 //! Keys come from acquirers, so they are hashed with the standard library's
 //! randomly keyed SipHash, not the switch's fast hasher. The table is split into
 //! shards, each behind its own short lock (never held across an `.await`).
 
+use super::answer::Stored;
 use super::fxhash::FxHasher;
+use super::inflight::Stan;
+use super::route::BankIndex;
+use super::ResponseCode;
+use crate::sync::lock;
 use crate::wire::Message;
+use bytes::Bytes;
 use crossbeam_utils::CachePadded;
 use hashbrown::HashTable;
 use std::collections::hash_map::RandomState;
+use std::collections::VecDeque;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -104,16 +124,27 @@ pub fn content_digest(msg: &Message) -> u64 {
     h.finish()
 }
 
+/// A key as the table holds it: 64 bits of keyed SipHash (placing it in its shard
+/// and index) and 32 more bits checking it (two distinct keys held at once are
+/// taken for one with a chance of about one in 2^96 per pair).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Digest {
+    hash: u64,
+    check: u32,
+}
+
 /// What to do with a request, given what the table knows of its key.
 #[derive(Debug)]
-pub enum Verdict<W, A> {
-    /// First time seen: process it; the table now holds it as in flight.
-    New(W),
+pub enum Verdict<W> {
+    /// First time seen: process it; the table holds it as in flight until
+    /// [`DedupTable::complete`] is called with the handle.
+    New(W, EntryHandle),
     /// Seen and answered: send this answer again, once journal record `seq` is
-    /// durable (0: nothing to wait for).
+    /// durable (0: nothing to wait for). A bank's answer without its bytes
+    /// (`answer: None`) is read back from that record.
     Answered {
-        /// The stored answer.
-        answer: A,
+        /// What the original ended with.
+        stored: Stored,
         /// The journal record of the outcome.
         seq: u64,
         /// The retransmission.
@@ -123,109 +154,280 @@ pub enum Verdict<W, A> {
     Waiting,
     /// Same key, different content: answer 94.
     Conflict(W),
-    /// The table is at its bound, or too many waiters on the key: answer 91.
+    /// Every key of the shard is in flight, or too many waiters on the key: 91.
     Full(W),
 }
 
 /// What the table knows of the original a reversal names.
 #[derive(Debug)]
-pub enum Original<W, A> {
+pub enum Original<W> {
     /// Still in flight: the waiter is kept and returned by `complete`.
     Attached,
-    /// Answered with this.
-    Done(A, W),
+    /// Answered with this (a bank's answer without its bytes when there is a
+    /// journal: a reversal needs only where the original went).
+    Done(Stored, W),
     /// Not (or no longer) known.
     Absent(W),
     /// Too many waiters on it already.
     Full(W),
 }
 
-enum State<W, A> {
-    InFlight(Vec<W>),
-    Done { answer: A, seq: u64 },
+/// A request's entry while it is in flight: completes it without hashing again.
+/// Valid until [`DedupTable::complete`] consumes it (an entry in flight is never
+/// evicted, so the handle never dangles).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryHandle {
+    shard: u16,
+    in_flight: u32,
 }
 
-struct Entry<W, A> {
-    key: DuplicateKey,
+// === slot layout ===
+
+/// `Slot::state`: the top two bits say what the rest is.
+const TAG_SHIFT: u32 = 62;
+const TAG_IN_FLIGHT: u64 = 0;
+const TAG_SWITCH: u64 = 1;
+const TAG_BANK: u64 = 2;
+/// The response code (an index into [`ResponseCode::ALL`]) of a switch answer.
+const CODE_SHIFT: u32 = 54;
+/// Journal sequence numbers kept: 54 bits (570 years at a million records a second);
+/// all ones stands for `u64::MAX` (an outcome that was never journaled).
+const SEQ_MASK: u64 = (1 << CODE_SHIFT) - 1;
+
+/// One key: 40 bytes, in arrival order in its shard's ring.
+#[derive(Clone, Copy)]
+struct Slot {
     hash: u64,
-    digest: u64,
-    state: State<W, A>,
+    check: u32,
+    /// Seconds since the table's epoch when the key arrived.
+    at_s: u32,
+    content: u64,
+    /// Tag, then: the in-flight record's index; or the code and the outcome's seq.
+    state: u64,
+    /// A bank's answer: the connector (bits 32..48) and the link STAN (bits 0..32).
+    route: u64,
 }
 
-/// One shard: keys in two generations. New keys go into `current`; every
-/// `window` the generations turn (`previous` is dropped, `current` becomes
-/// `previous`), so a key is remembered between one and two windows, and expiry
-/// costs nothing per request (no per-key removal, no tombstones in the table).
-struct Shard<W, A> {
-    current: HashTable<Entry<W, A>>,
-    previous: HashTable<Entry<W, A>>,
-    /// When `current` started.
-    turned_at: Instant,
-    capacity: usize,
+impl Slot {
+    fn tag(&self) -> u64 {
+        self.state >> TAG_SHIFT
+    }
+
+    fn in_flight(&self) -> Option<u32> {
+        (self.tag() == TAG_IN_FLIGHT).then_some(self.state as u32)
+    }
+
+    fn seq(&self) -> u64 {
+        match self.state & SEQ_MASK {
+            SEQ_MASK => u64::MAX,
+            seq => seq,
+        }
+    }
+
+    /// Packs what `stored` needs kept (not a bank answer's bytes) and `seq`.
+    fn settle(&mut self, stored: &Stored, seq: u64) {
+        let seq = seq.min(SEQ_MASK);
+        match stored {
+            Stored::Switch(code) => {
+                let index = ResponseCode::ALL
+                    .iter()
+                    .position(|c| c == code)
+                    .unwrap_or(0);
+                self.state = TAG_SWITCH << TAG_SHIFT | (index as u64) << CODE_SHIFT | seq;
+                self.route = 0;
+            }
+            Stored::Bank {
+                connector,
+                link_stan,
+                ..
+            } => {
+                self.state = TAG_BANK << TAG_SHIFT | seq;
+                self.route = u64::from(*connector) << 32 | u64::from(link_stan.value());
+            }
+        }
+    }
+
+    /// What the slot keeps of an answered request (`answer`: its bytes, when kept
+    /// in memory), or `None` while in flight.
+    fn stored(&self, answer: Option<&Bytes>) -> Option<Stored> {
+        match self.tag() {
+            TAG_SWITCH => {
+                let index = (self.state >> CODE_SHIFT & 0xff) as usize;
+                let code = ResponseCode::ALL.get(index).copied();
+                Some(Stored::Switch(
+                    code.unwrap_or(ResponseCode::SystemMalfunction),
+                ))
+            }
+            TAG_BANK => Some(Stored::Bank {
+                connector: (self.route >> 32) as BankIndex,
+                link_stan: Stan::from_value(self.route as u32)?,
+                answer: answer.cloned(),
+            }),
+            _ => None,
+        }
+    }
 }
 
-/// Keys within the window, bounded, split into shards.
-pub struct DedupTable<W, A> {
-    shards: Box<[Locked<W, A>]>,
-    hasher: RandomState,
-    window: Duration,
-    waiters_max: usize,
-}
-
-/// A shard behind its own lock, on its own cache lines.
-type Locked<W, A> = CachePadded<Mutex<Shard<W, A>>>;
-
+/// Bytes of one slot.
+pub const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
+/// Bytes a key costs beside its slot when answers are kept in memory (the handle
+/// of the answer's bytes; the bytes themselves are counted as they come).
+const KEPT_ANSWER_BYTES: usize = std::mem::size_of::<Option<Bytes>>();
+/// Bytes of one bucket of a shard's index: a slot number and hashbrown's control byte.
+const INDEX_BUCKET_BYTES: usize = 4 + 1;
 /// Shards of a table (a power of two).
-const SHARDS: usize = 32;
+pub const SHARDS: usize = 32;
 
-use crate::sync::lock;
+/// Keys one shard holds within `budget` bytes when each costs `slot_cost` bytes
+/// besides the index. The index is a hashbrown table of `buckets` (a power of two)
+/// kept at most 7/16 full: there, hashbrown rehashes in place instead of growing,
+/// and removals leave almost no tombstones, so the index never outgrows `buckets`
+/// and never stalls a shard to clean up.
+fn shard_capacity(budget: usize, slot_cost: usize) -> usize {
+    let mut best = 0;
+    let mut buckets = 16usize;
+    while let Some(index) = buckets
+        .checked_mul(INDEX_BUCKET_BYTES)
+        .filter(|&b| b + 16 < budget)
+    {
+        let by_index = buckets / 8 * 7 / 2;
+        let by_bytes = (budget - index - 16) / slot_cost;
+        best = best.max(by_index.min(by_bytes));
+        buckets *= 2;
+    }
+    best
+}
 
-impl<W, A: Clone> DedupTable<W, A> {
-    /// A table remembering keys for at least `window` (at most twice that), at most
-    /// `capacity` keys, and at most `waiters_max` duplicates (or reversals) waiting
-    /// on one in-flight request; its first generation starts at `now`.
+/// Keys a table of `memory_max_bytes` holds (answers kept in memory or not).
+pub fn capacity_for(memory_max_bytes: usize, keep_answers: bool) -> usize {
+    let budget = memory_max_bytes / SHARDS;
+    let capacity = if keep_answers {
+        shard_capacity(budget / 2, SLOT_BYTES + KEPT_ANSWER_BYTES)
+    } else {
+        shard_capacity(budget, SLOT_BYTES)
+    };
+    capacity * SHARDS
+}
+
+// === the table ===
+
+/// An in-flight request's record: where its slot is now, and what waits for it.
+struct InFlight<W> {
+    /// Its slot's number (`u32::MAX`: this record is free).
+    number: u32,
+    waiters: Vec<W>,
+}
+
+/// One shard: slots in arrival order (a ring numbered by wrapping `u32`s), an index
+/// from digest to slot number, and the records of the requests in flight.
+struct Shard<W> {
+    index: HashTable<u32>,
+    slots: VecDeque<Slot>,
+    /// The bank answers' bytes, beside their slots (only when answers are kept in
+    /// memory: no journal).
+    answers: VecDeque<Option<Bytes>>,
+    answer_bytes: usize,
+    /// The number of `slots[0]`.
+    front: u32,
+    in_flight: Vec<InFlight<W>>,
+    free: Vec<u32>,
+    in_flight_count: usize,
+    /// Slots held at most.
+    capacity: usize,
+    /// Bytes of kept answers at most.
+    answer_bytes_max: usize,
+    /// The arrival second of the newest key evicted before its window passed.
+    evicted_at_s: Option<u32>,
+}
+
+/// Keys within the window, bounded by memory, split into shards.
+pub struct DedupTable<W> {
+    shards: Box<[CachePadded<Mutex<Shard<W>>>]>,
+    hasher: RandomState,
+    window_s: u32,
+    waiters_max: usize,
+    keep_answers: bool,
+    /// Slot times count seconds from here.
+    epoch: Instant,
+    evicted_early: AtomicU64,
+}
+
+impl<W> DedupTable<W> {
+    /// A table remembering keys for `window`, within `memory_max_bytes` (see
+    /// [`capacity_for`]), with at most `waiters_max` retransmissions (or reversals)
+    /// waiting on one request in flight. `keep_answers`: bank answers are kept in
+    /// memory (no journal to read them back from). Times before `now` minus the
+    /// window count as that moment.
     pub fn new(
         window: Duration,
-        capacity: usize,
+        memory_max_bytes: usize,
         waiters_max: usize,
+        keep_answers: bool,
         now: Instant,
-    ) -> DedupTable<W, A> {
-        let per_shard = capacity.max(1).div_ceil(SHARDS);
+    ) -> DedupTable<W> {
+        let budget = memory_max_bytes / SHARDS;
+        let (capacity, answer_bytes_max) = if keep_answers {
+            let slots = shard_capacity(budget / 2, SLOT_BYTES + KEPT_ANSWER_BYTES);
+            (slots, budget / 2)
+        } else {
+            (shard_capacity(budget, SLOT_BYTES), 0)
+        };
         let shards = (0..SHARDS)
-            .map(|i| {
-                // Shards turn at different moments, spreading the work of dropping a
-                // generation over the window.
-                let stagger = window / SHARDS as u32 * i as u32;
+            .map(|_| {
                 CachePadded::new(Mutex::new(Shard {
-                    current: HashTable::new(),
-                    previous: HashTable::new(),
-                    turned_at: now.checked_sub(stagger).unwrap_or(now),
-                    capacity: per_shard,
+                    index: HashTable::new(),
+                    slots: VecDeque::new(),
+                    answers: VecDeque::new(),
+                    answer_bytes: 0,
+                    front: 0,
+                    in_flight: Vec::new(),
+                    free: Vec::new(),
+                    in_flight_count: 0,
+                    capacity: capacity.max(1),
+                    answer_bytes_max,
+                    evicted_at_s: None,
                 }))
             })
             .collect();
         DedupTable {
             shards,
             hasher: RandomState::new(),
-            window,
+            window_s: u32::try_from(window.as_secs().max(1)).unwrap_or(u32::MAX),
             waiters_max,
+            keep_answers,
+            epoch: now.checked_sub(window).unwrap_or(now),
+            evicted_early: AtomicU64::new(0),
         }
     }
 
-    /// The window keys are remembered for (at least).
+    /// The window keys are remembered for when memory allows.
     pub fn window(&self) -> Duration {
-        self.window
+        Duration::from_secs(self.window_s.into())
+    }
+
+    /// The window the table guarantees at `now`: a key that arrived within it is
+    /// still held in every shard. Shorter than [`DedupTable::window`] while keys
+    /// are being evicted early.
+    pub fn effective_window(&self, now: Instant) -> Duration {
+        let now_s = self.secs(now);
+        let shortest = self
+            .shards
+            .iter()
+            .filter_map(|s| lock(s).evicted_at_s)
+            .filter(|&at| now_s < at.saturating_add(self.window_s))
+            .map(|at| now_s - at)
+            .min();
+        Duration::from_secs(shortest.unwrap_or(self.window_s).into())
+    }
+
+    /// Keys evicted before their window passed, since the table was made.
+    pub fn evicted_early(&self) -> u64 {
+        self.evicted_early.load(Ordering::Relaxed)
     }
 
     /// Keys held.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| {
-                let s = lock(s);
-                s.current.len() + s.previous.len()
-            })
-            .sum()
+        self.shards.iter().map(|s| lock(s).slots.len()).sum()
     }
 
     /// Whether no key is held.
@@ -233,149 +435,348 @@ impl<W, A: Clone> DedupTable<W, A> {
         self.len() == 0
     }
 
-    fn shard(&self, key: &DuplicateKey) -> (u64, &Mutex<Shard<W, A>>) {
-        let hash = self.hasher.hash_one(key);
-        // Inside a shard, hashbrown places a key by the hash's low bits and tags it
-        // with the top 7: the shard is picked by bits used by neither (picking it by
-        // the top bits left tags with 2 bits of entropy, and every probe compared
-        // keys; that cost a quarter of the switch's CPU).
-        (hash, &self.shards[(hash >> 40) as usize % SHARDS])
+    /// Keys held at most.
+    pub fn capacity(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).capacity).sum()
     }
 
-    /// Classifies a request with `key` and `digest` arriving at `now`.
-    pub fn check(&self, key: DuplicateKey, digest: u64, now: Instant, waiter: W) -> Verdict<W, A> {
-        let (hash, shard) = self.shard(&key);
-        let mut guard = lock(shard);
-        guard.turn(now, self.window);
-        let shard = &mut *guard;
-        let full = shard.current.len() + shard.previous.len() >= shard.capacity;
-        let verdict = match shard.find_mut(hash, &key) {
-            None if full => Verdict::Full(waiter),
-            None => {
-                shard.insert(hash, key, digest, State::InFlight(Vec::new()));
-                Verdict::New(waiter)
-            }
-            Some(e) if e.digest != digest => Verdict::Conflict(waiter),
-            Some(e) => match &mut e.state {
-                State::Done { answer, seq } => Verdict::Answered {
-                    answer: answer.clone(),
-                    seq: *seq,
+    /// Bytes the table holds for its keys now: slots, index, kept answers (the
+    /// records of requests in flight, bounded by the requests in flight, aside).
+    pub fn bytes(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                let s = lock(s);
+                s.slots.capacity() * SLOT_BYTES
+                    + s.answers.capacity() * KEPT_ANSWER_BYTES
+                    + s.answer_bytes
+                    + s.index.allocation_size()
+            })
+            .sum()
+    }
+
+    fn secs(&self, at: Instant) -> u32 {
+        let s = at.saturating_duration_since(self.epoch).as_secs();
+        u32::try_from(s).unwrap_or(u32::MAX)
+    }
+
+    fn digest(&self, key: &DuplicateKey) -> Digest {
+        let mut check = FxHasher::default();
+        check.write(&key.bytes[..usize::from(key.len)]);
+        Digest {
+            hash: self.hasher.hash_one(key),
+            check: (check.finish() >> 32) as u32,
+        }
+    }
+
+    fn shard(&self, d: Digest) -> (u16, &Mutex<Shard<W>>) {
+        // Inside a shard, hashbrown places a key by the hash's low bits and tags it
+        // with the top 7: the shard is picked by bits used by neither.
+        let i = (d.hash >> 40) as usize % SHARDS;
+        (i as u16, &self.shards[i])
+    }
+
+    /// Classifies a request with `key` and `content` digest arriving at `now`.
+    pub fn check(&self, key: &DuplicateKey, content: u64, now: Instant, waiter: W) -> Verdict<W> {
+        let d = self.digest(key);
+        let now_s = self.secs(now);
+        let (shard_index, shard) = self.shard(d);
+        let mut s = lock(shard);
+        s.expire(now_s, self.window_s, self.keep_answers);
+        let Some(number) = s.find(d) else {
+            return match s.open(d, content, now_s, self) {
+                Some(in_flight) => Verdict::New(
                     waiter,
-                },
-                State::InFlight(waiting) if waiting.len() >= self.waiters_max => {
-                    Verdict::Full(waiter)
-                }
-                State::InFlight(waiting) => {
-                    waiting.push(waiter);
-                    Verdict::Waiting
-                }
-            },
+                    EntryHandle {
+                        shard: shard_index,
+                        in_flight,
+                    },
+                ),
+                None => Verdict::Full(waiter),
+            };
         };
-        verdict
+        let (slot, answer) = s.get(number);
+        if slot.content != content {
+            return Verdict::Conflict(waiter);
+        }
+        if let Some(stored) = slot.stored(answer) {
+            let seq = slot.seq();
+            return Verdict::Answered {
+                stored,
+                seq,
+                waiter,
+            };
+        }
+        match s.attach(&slot, waiter, self.waiters_max) {
+            Ok(()) => Verdict::Waiting,
+            Err(waiter) => Verdict::Full(waiter),
+        }
     }
 
     /// Looks up the original named by a reversal; while it is in flight, `waiter`
     /// is attached to it and returned by its `complete`.
-    pub fn original(&self, key: &DuplicateKey, waiter: W) -> Original<W, A> {
-        let (hash, shard) = self.shard(key);
-        let mut shard = lock(shard);
-        let Some(e) = shard.find_mut(hash, key) else {
+    pub fn original(&self, key: &DuplicateKey, waiter: W) -> Original<W> {
+        let d = self.digest(key);
+        let mut s = lock(self.shard(d).1);
+        let Some(number) = s.find(d) else {
             return Original::Absent(waiter);
         };
-        match &mut e.state {
-            State::Done { answer, .. } => Original::Done(answer.clone(), waiter),
-            State::InFlight(waiting) if waiting.len() >= self.waiters_max => Original::Full(waiter),
-            State::InFlight(waiting) => {
-                waiting.push(waiter);
-                Original::Attached
-            }
+        let (slot, answer) = s.get(number);
+        if let Some(stored) = slot.stored(answer) {
+            return Original::Done(stored, waiter);
+        }
+        match s.attach(&slot, waiter, self.waiters_max) {
+            Ok(()) => Original::Attached,
+            Err(waiter) => Original::Full(waiter),
         }
     }
 
-    /// The stored answer of `key`, if it was answered.
-    pub fn stored(&self, key: &DuplicateKey) -> Option<A> {
-        let (hash, shard) = self.shard(key);
-        let mut shard = lock(shard);
-        match &shard.find_mut(hash, key)?.state {
-            State::Done { answer, .. } => Some(answer.clone()),
-            State::InFlight(_) => None,
-        }
+    /// What the request with `key` ended with, and its outcome's seq, if answered.
+    pub fn stored(&self, key: &DuplicateKey) -> Option<(Stored, u64)> {
+        let d = self.digest(key);
+        let s = lock(self.shard(d).1);
+        let (slot, answer) = s.get(s.find(d)?);
+        Some((slot.stored(answer)?, slot.seq()))
     }
 
-    /// Records the answer of the request with `key` (released once journal record
-    /// `seq` is durable); returns what waited for it.
-    pub fn complete(&self, key: &DuplicateKey, answer: A, seq: u64) -> Vec<W> {
-        let (hash, shard) = self.shard(key);
-        let mut shard = lock(shard);
-        let Some(e) = shard.find_mut(hash, key) else {
+    /// Records the outcome of the request `entry` was opened for (released once
+    /// journal record `seq` is durable); returns what waited for it.
+    pub fn complete(&self, entry: EntryHandle, stored: &Stored, seq: u64) -> Vec<W> {
+        let Some(shard) = self.shards.get(usize::from(entry.shard)) else {
             return Vec::new();
         };
-        match std::mem::replace(&mut e.state, State::Done { answer, seq }) {
-            State::InFlight(waiters) => waiters,
-            State::Done { .. } => Vec::new(),
-        }
+        let mut s = lock(shard);
+        s.complete(entry.in_flight, stored, seq, self)
     }
 
-    /// Adds a request answered before a restart (from the journal). Returns false
-    /// when its shard is full or the key is already held.
-    pub fn restore(&self, key: DuplicateKey, digest: u64, answer: A, seq: u64) -> bool {
-        let (hash, shard) = self.shard(&key);
-        let mut shard = lock(shard);
-        let full = shard.current.len() + shard.previous.len() >= shard.capacity;
-        if full || shard.find_mut(hash, &key).is_some() {
-            return false;
+    /// Adds a request that arrived at `at` before a restart (read from the
+    /// journal), in flight: it is completed like any other. `None` when its key
+    /// is already held or its shard is all in flight.
+    pub fn restore(&self, key: &DuplicateKey, content: u64, at: Instant) -> Option<EntryHandle> {
+        let d = self.digest(key);
+        let at_s = self.secs(at);
+        let (shard, locked) = self.shard(d);
+        let mut s = lock(locked);
+        s.expire(at_s, self.window_s, self.keep_answers);
+        if s.find(d).is_some() {
+            return None;
         }
-        shard.insert(hash, key, digest, State::Done { answer, seq });
-        true
+        let in_flight = s.open(d, content, at_s, self)?;
+        Some(EntryHandle { shard, in_flight })
     }
 
-    /// Turns the generations of shards whose window has passed, so memory is given
-    /// back even where no request comes (the daemon calls it once a second).
+    /// Forgets keys past the window even where no request comes (the daemon calls
+    /// it once a second).
     pub fn expire(&self, now: Instant) {
+        let now_s = self.secs(now);
         for shard in self.shards.iter() {
-            lock(shard).turn(now, self.window);
+            lock(shard).expire(now_s, self.window_s, self.keep_answers);
         }
     }
 }
 
-impl<W, A> Shard<W, A> {
-    fn find_mut(&mut self, hash: u64, key: &DuplicateKey) -> Option<&mut Entry<W, A>> {
+impl<W> Shard<W> {
+    fn position(&self, number: u32) -> usize {
+        number.wrapping_sub(self.front) as usize
+    }
+
+    fn get(&self, number: u32) -> (Slot, Option<&Bytes>) {
+        let at = self.position(number);
+        let answer = self.answers.get(at).and_then(Option::as_ref);
+        (self.slots[at], answer)
+    }
+
+    fn find(&self, d: Digest) -> Option<u32> {
+        let (slots, front) = (&self.slots, self.front);
+        self.index
+            .find(d.hash, |&n| {
+                let s = &slots[n.wrapping_sub(front) as usize];
+                s.hash == d.hash && s.check == d.check
+            })
+            .copied()
+    }
+
+    /// Appends `slot` (and its kept answer) at the back of the ring and indexes it.
+    fn push(&mut self, slot: Slot, answer: Option<Bytes>, keep_answers: bool) -> u32 {
+        let number = self.front.wrapping_add(self.slots.len() as u32);
+        if self.slots.len() == self.slots.capacity() {
+            // Grow by doubling, but never past the bound.
+            let want = (self.slots.len() * 2).clamp(16, self.capacity.max(16));
+            self.slots.reserve_exact(want - self.slots.len());
+            if keep_answers {
+                self.answers.reserve_exact(want - self.answers.len());
+            }
+        }
+        self.slots.push_back(slot);
+        if keep_answers {
+            self.answer_bytes += answer.as_ref().map_or(0, Bytes::len);
+            self.answers.push_back(answer);
+        }
         let Shard {
-            current, previous, ..
+            index,
+            slots,
+            front,
+            ..
         } = self;
-        match current.find_mut(hash, |e| e.key == *key) {
-            Some(e) => Some(e),
-            None => previous.find_mut(hash, |e| e.key == *key),
+        let front = *front;
+        index.insert_unique(slot.hash, number, |&n| {
+            slots[n.wrapping_sub(front) as usize].hash
+        });
+        number
+    }
+
+    /// Takes the oldest slot off the ring. One in flight goes to the back (its
+    /// record follows it) and `None` comes back; otherwise the removed slot.
+    fn pop(&mut self, keep_answers: bool) -> Option<Slot> {
+        let slot = self.slots.pop_front()?;
+        let answer = self.answers.pop_front().flatten();
+        let number = self.front;
+        self.front = self.front.wrapping_add(1);
+        let found = self.index.find_entry(slot.hash, |&n| n == number);
+        match slot.in_flight() {
+            Some(record) => {
+                if let Ok(entry) = found {
+                    entry.remove();
+                }
+                self.answer_bytes -= answer.as_ref().map_or(0, Bytes::len);
+                let moved = self.push(slot, answer, keep_answers);
+                if let Some(r) = self.in_flight.get_mut(record as usize) {
+                    r.number = moved;
+                }
+                None
+            }
+            None => {
+                if let Ok(entry) = found {
+                    entry.remove();
+                }
+                self.answer_bytes -= answer.as_ref().map_or(0, Bytes::len);
+                Some(slot)
+            }
         }
     }
 
-    fn insert(&mut self, hash: u64, key: DuplicateKey, digest: u64, state: State<W, A>) {
-        let entry = Entry {
-            key,
-            hash,
-            digest,
-            state,
+    /// Drops the answered keys whose window has passed.
+    fn expire(&mut self, now_s: u32, window_s: u32, keep: bool) {
+        // Each slot is looked at once at most (those in flight move to the back).
+        for _ in 0..self.slots.len() {
+            match self.slots.front() {
+                Some(s) if s.at_s.saturating_add(window_s) <= now_s => {
+                    self.pop(keep);
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Evicts the oldest answered keys while the shard is over its bounds (`one_more`:
+    /// with room for one more key), counting those whose window had not passed at
+    /// `now_s`; false when every key is in flight.
+    fn make_room<T>(&mut self, now_s: u32, one_more: bool, table: &DedupTable<T>) -> bool {
+        let keep = table.keep_answers;
+        loop {
+            let full = one_more && self.slots.len() >= self.capacity;
+            let answers_over = keep && self.answer_bytes > self.answer_bytes_max;
+            if !full && !answers_over {
+                return true;
+            }
+            if self.in_flight_count >= self.slots.len() {
+                return false;
+            }
+            let Some(gone) = self.pop(keep) else {
+                continue; // in flight: moved to the back
+            };
+            if gone.at_s.saturating_add(table.window_s) > now_s {
+                table.evicted_early.fetch_add(1, Ordering::Relaxed);
+                self.evicted_at_s = Some(self.evicted_at_s.unwrap_or(0).max(gone.at_s));
+            }
+        }
+    }
+
+    /// Opens a new key in flight; returns its record's index, or `None` when the
+    /// shard is all in flight.
+    fn open<T>(
+        &mut self,
+        d: Digest,
+        content: u64,
+        now_s: u32,
+        table: &DedupTable<T>,
+    ) -> Option<u32> {
+        if !self.make_room(now_s, true, table) {
+            return None;
+        }
+        let record = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.in_flight.push(InFlight {
+                    number: u32::MAX,
+                    waiters: Vec::new(),
+                });
+                (self.in_flight.len() - 1) as u32
+            }
         };
-        self.current.insert_unique(hash, entry, |e| e.hash);
+        let slot = Slot {
+            hash: d.hash,
+            check: d.check,
+            at_s: now_s,
+            content,
+            state: TAG_IN_FLIGHT << TAG_SHIFT | u64::from(record),
+            route: 0,
+        };
+        let number = self.push(slot, None, table.keep_answers);
+        self.in_flight[record as usize].number = number;
+        self.in_flight_count += 1;
+        Some(record)
     }
 
-    /// Turns the generations when `current` is a window old: the older generation's
-    /// answered keys are dropped in place and its table, keeping its memory (no
-    /// allocation, no page faults in a steady state) and the requests still in
-    /// flight (their waiters must be answered), becomes `current`.
-    fn turn(&mut self, now: Instant, window: Duration) {
-        if now < self.turned_at + window {
-            return;
+    /// Keeps `waiter` on the in-flight request of `slot`, within `waiters_max`.
+    fn attach(&mut self, slot: &Slot, waiter: W, waiters_max: usize) -> Result<(), W> {
+        match slot
+            .in_flight()
+            .and_then(|r| self.in_flight.get_mut(r as usize))
+        {
+            Some(r) if r.waiters.len() < waiters_max => {
+                r.waiters.push(waiter);
+                Ok(())
+            }
+            _ => Err(waiter),
         }
-        // Two windows passed with no request: the newer generation goes too.
-        if now >= self.turned_at + window * 2 {
-            self.previous
-                .retain(|e| matches!(e.state, State::InFlight(_)));
+    }
+
+    fn complete<T>(
+        &mut self,
+        record: u32,
+        stored: &Stored,
+        seq: u64,
+        table: &DedupTable<T>,
+    ) -> Vec<W> {
+        let Some(r) = self.in_flight.get_mut(record as usize) else {
+            return Vec::new();
+        };
+        let number = std::mem::replace(&mut r.number, u32::MAX);
+        if number == u32::MAX {
+            debug_assert!(false, "an entry completed twice");
+            return Vec::new();
         }
-        self.turned_at = now;
-        std::mem::swap(&mut self.current, &mut self.previous);
-        self.current
-            .retain(|e| matches!(e.state, State::InFlight(_)));
+        let waiters = std::mem::take(&mut r.waiters);
+        self.free.push(record);
+        self.in_flight_count -= 1;
+        let at = self.position(number);
+        self.slots[at].settle(stored, seq);
+        if table.keep_answers {
+            if let Stored::Bank {
+                answer: Some(bytes),
+                ..
+            } = stored
+            {
+                self.answer_bytes += bytes.len();
+                self.answers[at] = Some(bytes.clone());
+            }
+            // No clock here: early evictions are judged against the key's arrival,
+            // which may count one as on time that was a little early.
+            let now_s = self.slots[at].at_s;
+            self.make_room(now_s, false, table);
+        }
+        waiters
     }
 }
 
@@ -402,6 +803,28 @@ mod tests {
         Message::decode(&d, out.freeze()).unwrap()
     }
 
+    /// Key `i` of a run of distinct keys (DE11 and DE37 vary).
+    fn key(i: u32) -> DuplicateKey {
+        let mut k = DuplicateKey {
+            bytes: [0; KEY_BYTES],
+            len: 0,
+        };
+        k.push(b"100001", 11).unwrap();
+        k.push(format!("{:06}", i % 1_000_000).as_bytes(), 6)
+            .unwrap();
+        k.push(b"1126093000", 10).unwrap();
+        k.push(format!("{i:012}").as_bytes(), 12).unwrap();
+        k
+    }
+
+    fn bank(seq_stan: u32) -> Stored {
+        Stored::Bank {
+            connector: 3,
+            link_stan: Stan::from_value(seq_stan).unwrap(),
+            answer: Some(Bytes::from_static(b"0210 answer")),
+        }
+    }
+
     #[test]
     fn keys_and_digests() {
         let a = msg(Mti::FINANCIAL, b"000001", b"000000001000");
@@ -416,85 +839,180 @@ mod tests {
             "0201 repeats its 0200"
         );
         assert_ne!(content_digest(&a), content_digest(&changed));
+        assert_eq!(SLOT_BYTES, 40);
     }
 
     #[test]
     fn verdicts_over_a_request_life() {
         let window = Duration::from_secs(60);
         let t0 = Instant::now();
-        let t: DedupTable<u32, &'static str> = DedupTable::new(window, 100, 2, t0);
-        let a = msg(Mti::FINANCIAL, b"000001", b"000000001000");
-        let key = DuplicateKey::of(&a).unwrap();
-        let digest = content_digest(&a);
-        assert!(matches!(t.check(key, digest, t0, 1), Verdict::New(1)));
-        assert!(matches!(t.check(key, digest, t0, 2), Verdict::Waiting));
-        assert!(matches!(t.check(key, digest, t0, 3), Verdict::Waiting));
+        let t: DedupTable<u32> = DedupTable::new(window, 1 << 20, 2, false, t0);
+        let k = key(1);
+        let Verdict::New(1, entry) = t.check(&k, 7, t0, 1) else {
+            panic!("new")
+        };
+        assert!(matches!(t.check(&k, 7, t0, 2), Verdict::Waiting));
+        assert!(matches!(t.check(&k, 7, t0, 3), Verdict::Waiting));
         assert!(
-            matches!(t.check(key, digest, t0, 4), Verdict::Full(4)),
+            matches!(t.check(&k, 7, t0, 4), Verdict::Full(4)),
             "waiters bounded"
         );
-        assert!(matches!(
-            t.check(key, digest ^ 1, t0, 5),
-            Verdict::Conflict(5)
-        ));
-        assert_eq!(t.complete(&key, "0210 answer", 7), vec![2, 3]);
-        match t.check(key, digest, t0 + Duration::from_secs(1), 6) {
+        assert!(matches!(t.check(&k, 8, t0, 5), Verdict::Conflict(5)));
+        assert_eq!(t.complete(entry, &bank(42), 7), vec![2, 3]);
+        match t.check(&k, 7, t0 + Duration::from_secs(1), 6) {
             Verdict::Answered {
-                answer: "0210 answer",
+                stored:
+                    Stored::Bank {
+                        connector: 3,
+                        link_stan,
+                        answer: None,
+                    },
                 seq: 7,
                 waiter: 6,
-            } => {}
-            other => panic!("{other:?}"),
+            } if link_stan.value() == 42 => {}
+            other => panic!("a journaled table keeps route and seq only: {other:?}"),
         }
+        t.expire(t0 + window - Duration::from_secs(1));
+        assert_eq!(t.len(), 1, "remembered for the window");
         t.expire(t0 + window);
-        assert_eq!(t.len(), 1, "remembered for at least the window");
-        assert!(matches!(
-            t.check(key, digest, t0 + window, 8),
-            Verdict::Answered { waiter: 8, .. }
-        ));
-        t.expire(t0 + window * 2);
-        assert!(t.is_empty(), "forgotten after two windows");
-        assert!(matches!(
-            t.check(key, digest, t0 + window * 2, 7),
-            Verdict::New(7)
-        ));
+        assert!(t.is_empty(), "forgotten once it passed");
+        assert!(matches!(t.check(&k, 7, t0 + window, 9), Verdict::New(9, _)));
+        assert_eq!(t.evicted_early(), 0);
+        assert_eq!(t.effective_window(t0 + window), window);
     }
 
     #[test]
-    fn bounded_and_late_completions_do_not_linger() {
-        let window = Duration::from_secs(10);
-        // One key per shard at most.
+    fn without_a_journal_answers_are_kept_and_switch_codes_always() {
         let t0 = Instant::now();
-        let t: DedupTable<(), ()> = DedupTable::new(window, 1, 1, t0);
-        let keys: Vec<_> = (0..200u32)
-            .map(|i| {
-                msg(
-                    Mti::FINANCIAL,
-                    format!("{i:06}").as_bytes(),
-                    b"000000001000",
-                )
-            })
-            .collect();
-        let k = |i: usize| DuplicateKey::of(&keys[i]).unwrap();
-        let d = |i: usize| content_digest(&keys[i]);
-        let new: Vec<usize> = (0..200)
-            .filter(|&i| matches!(t.check(k(i), d(i), t0, ()), Verdict::New(())))
-            .collect();
-        assert!(new.len() <= SHARDS, "capacity per shard: {}", new.len());
-        assert!(new.len() > 1);
-        // Still in flight past two windows: kept until it completes.
-        t.expire(t0 + window * 3);
-        assert_eq!(t.len(), new.len());
-        t.complete(&k(new[0]), (), 0);
-        t.expire(t0 + window * 6);
-        assert_eq!(t.len(), new.len() - 1, "answered: gone; in flight: kept");
+        let t: DedupTable<()> = DedupTable::new(Duration::from_secs(60), 1 << 20, 2, true, t0);
+        let Verdict::New((), a) = t.check(&key(1), 1, t0, ()) else {
+            panic!()
+        };
+        let Verdict::New((), b) = t.check(&key(2), 2, t0, ()) else {
+            panic!()
+        };
+        t.complete(a, &bank(5), 11);
+        t.complete(b, &Stored::Switch(ResponseCode::LateResponse), u64::MAX);
+        match t.stored(&key(1)) {
+            Some((
+                Stored::Bank {
+                    answer: Some(a), ..
+                },
+                11,
+            )) => assert_eq!(&a[..], b"0210 answer"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            t.stored(&key(2)),
+            Some((Stored::Switch(ResponseCode::LateResponse), u64::MAX))
+        ));
+    }
+
+    /// Fills a small table far past its bound: the oldest answered keys go early,
+    /// the effective window shrinks and is reported, keys in flight stay, and only
+    /// a shard entirely in flight refuses.
+    #[test]
+    fn past_its_bound_the_table_evicts_the_oldest_answered_keys_early() {
+        let window = Duration::from_secs(300);
+        let t0 = Instant::now();
+        let t: DedupTable<()> = DedupTable::new(window, 1 << 20, 1, false, t0);
+        let capacity = t.capacity();
+        assert_eq!(capacity, capacity_for(1 << 20, false));
+        // In flight from the start: never evicted, whatever comes after.
+        let mut held = Vec::new();
+        for i in 0..64 {
+            let Verdict::New((), e) = t.check(&key(i), 1, t0, ()) else {
+                panic!()
+            };
+            held.push(e);
+        }
+        // Then three times the bound in keys over 100 s, each answered at once.
+        let n = capacity as u32 * 3;
+        for i in 64..n {
+            let at = t0 + Duration::from_millis(u64::from(i) * 100_000 / u64::from(n));
+            match t.check(&key(i), 1, at, ()) {
+                Verdict::New((), e) => {
+                    t.complete(e, &Stored::Switch(ResponseCode::Approved), 0);
+                }
+                other => panic!("key {i}: {other:?}"),
+            }
+        }
+        let now = t0 + Duration::from_secs(100);
+        assert!(t.len() <= capacity, "{} > {capacity}", t.len());
+        assert!(t.evicted_early() >= u64::from(n) - capacity as u64 - 64);
+        let effective = t.effective_window(now);
+        assert!(effective < Duration::from_secs(100), "{effective:?}");
+        assert!(effective > Duration::ZERO);
+        // The newest keys are all still known; the oldest answered are not.
+        for i in n - 100..n {
+            assert!(t.stored(&key(i)).is_some(), "key {i}");
+        }
+        assert!(t.stored(&key(64)).is_none());
+        // Those in flight were kept and complete normally.
+        for (i, e) in held.into_iter().enumerate() {
+            assert!(matches!(
+                t.check(&key(i as u32), 1, now, ()),
+                Verdict::Full(()) | Verdict::Waiting
+            ));
+            t.complete(e, &Stored::Switch(ResponseCode::Approved), 0);
+            assert!(t.stored(&key(i as u32)).is_some(), "in-flight key {i} kept");
+        }
+        // Memory stays within the bound, at ≤ 64 bytes a key.
+        assert!(t.bytes() <= 1 << 20, "{} bytes", t.bytes());
+        let per_key = t.bytes() / t.len();
+        assert!(per_key <= 64, "{per_key} bytes a key");
+        // Once the window passes with no eviction, the full window is back.
+        assert_eq!(t.effective_window(now + window), window);
+    }
+
+    #[test]
+    fn a_shard_entirely_in_flight_refuses_new_keys() {
+        let t0 = Instant::now();
+        let t: DedupTable<()> = DedupTable::new(Duration::from_secs(60), 1 << 20, 1, false, t0);
+        let per_shard = t.capacity() / SHARDS;
+        let mut full = 0;
+        let mut opened = Vec::new();
+        for i in 0..(t.capacity() as u32 * 2) {
+            match t.check(&key(i), 1, t0, ()) {
+                Verdict::New((), e) => opened.push(e),
+                Verdict::Full(()) => full += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(opened.len(), per_shard * SHARDS, "every slot in flight");
+        assert!(full > 0);
+        assert_eq!(t.evicted_early(), 0, "nothing in flight is evicted");
+        // One answered key frees room for one new key in its shard.
+        let first = opened[0];
+        t.complete(first, &Stored::Switch(ResponseCode::Approved), 0);
+        let taken = (t.capacity() as u32 * 2..t.capacity() as u32 * 4)
+            .filter(|&i| matches!(t.check(&key(i), 1, t0, ()), Verdict::New(..)))
+            .count();
+        assert_eq!(taken, 1);
+        assert_eq!(t.evicted_early(), 1);
+    }
+
+    #[test]
+    fn keys_restored_with_their_past_arrival_expire_on_time() {
+        let window = Duration::from_secs(60);
+        let now = Instant::now() + window * 2;
+        let t: DedupTable<()> = DedupTable::new(window, 1 << 20, 1, false, now);
+        let e = t
+            .restore(&key(1), 1, now - Duration::from_secs(50))
+            .unwrap();
+        assert!(t.restore(&key(1), 1, now).is_none(), "already held");
+        t.complete(e, &bank(9), 3);
+        t.expire(now);
+        assert!(matches!(t.stored(&key(1)), Some((_, 3))));
+        t.expire(now + Duration::from_secs(10));
+        assert!(t.is_empty(), "its window counted from its arrival");
     }
 
     #[test]
     fn a_reversal_finds_its_original_by_de90() {
         let t0 = Instant::now();
-        let t: DedupTable<&'static str, &'static str> =
-            DedupTable::new(Duration::from_secs(60), 100, 2, t0);
+        let t: DedupTable<&'static str> =
+            DedupTable::new(Duration::from_secs(60), 1 << 20, 2, false, t0);
         let original = msg(Mti::FINANCIAL, b"000042", b"000000001000");
         let key = DuplicateKey::of(&original).unwrap();
         let d = Dialect::iso87_ascii();
@@ -516,16 +1034,21 @@ mod tests {
         let named = DuplicateKey::of_original(&reversal, true).unwrap();
         assert_eq!(named, key, "DE32 + DE90 STAN and DE7 + DE37");
         assert!(matches!(t.original(&named, "r"), Original::Absent("r")));
-        assert!(matches!(
-            t.check(key, content_digest(&original), t0, "o"),
-            Verdict::New("o")
-        ));
+        let Verdict::New("o", entry) = t.check(&key, content_digest(&original), t0, "o") else {
+            panic!()
+        };
         assert!(matches!(t.original(&named, "r"), Original::Attached));
-        assert_eq!(t.complete(&key, "answered", 1), vec!["r"]);
-        assert!(matches!(
-            t.original(&named, "r2"),
-            Original::Done("answered", "r2")
-        ));
+        assert_eq!(t.complete(entry, &bank(77), 1), vec!["r"]);
+        match t.original(&named, "r2") {
+            Original::Done(stored, "r2") => assert_eq!(
+                stored.reversal_route(),
+                super::super::answer::ReversalRoute::Bank {
+                    connector: 3,
+                    link_stan: Stan::from_value(77).unwrap()
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
         let without_rrn = DuplicateKey::of_original(&reversal, false).unwrap();
         assert_ne!(without_rrn, key);
     }

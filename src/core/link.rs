@@ -880,7 +880,7 @@ mod tests {
             let config = config(bank_extra);
             let t0 = Instant::now();
             let dialect = config.dialect.clone();
-            let recent = Arc::new(Recent::new(Duration::from_secs(60), 1000, 4, t0));
+            let recent = Arc::new(Recent::new(Duration::from_secs(60), 1 << 20, 4, false, t0));
             let books = Books::new(WriteAhead::off(), recent, dialect.clone());
             let bank = config.banks[0].clone();
             let bank = BankState::new(
@@ -962,7 +962,7 @@ mod tests {
                 forwarded_at: self.now,
                 bank: 0,
                 deadline: self.now + REQUEST_TIMEOUT,
-                registered: false,
+                entry: None,
                 original_link_stan,
                 slot: InstitutionSlot::take(&self.inflight, usize::MAX).unwrap(),
             };

@@ -4,16 +4,41 @@
 //! completed with its outcome ([`Recent::complete`], which answers the
 //! retransmissions that waited and hands back the reversals for routing).
 //!
-//! The table itself (keys, generations, bounds) is [`super::dedup::DedupTable`].
+//! The table itself (keys, memory bound, early eviction) is
+//! [`super::dedup::DedupTable`]. With a journal the table keeps no bank answer: a
+//! retransmission of a request the bank answered is answered from the outcome
+//! record, read back by an [`AnswerReader`] off the session's task.
 
 use super::answer::{Reply, Stored};
-use super::dedup::{content_digest, DedupTable, DuplicateKey, Original, Verdict};
+use super::dedup::{content_digest, DedupTable, DuplicateKey, EntryHandle, Original, Verdict};
 use super::request::{AnswerSlot, Pending};
 use super::route::BankIndex;
 use super::{InstitutionId, ResponseCode};
 use crate::wire::{Dialect, Message};
-use std::sync::Arc;
+use bytes::Bytes;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
+
+/// What became of reading an answer back from the journal.
+pub enum ReadBack {
+    /// The bank's answer, as stored in its outcome record.
+    Answer(Bytes),
+    /// The record could not be read (pruned, I/O error, or the journal failed).
+    Failed,
+    /// Too many reads under way already (the reader's bound).
+    Busy,
+}
+
+/// Called once with what reading an answer back gave.
+pub type ReadDone = Box<dyn FnOnce(ReadBack) + Send>;
+
+/// Reads bank answers back from the journal for retransmissions.
+pub trait AnswerReader: Send + Sync {
+    /// Reads the answer in outcome record `seq` (once it is durable) and calls
+    /// `done` with it, later and off the caller's task, or at once with
+    /// [`ReadBack::Busy`] at the reader's bound.
+    fn read(&self, seq: u64, done: ReadDone);
+}
 
 /// What waits on a request still in flight.
 pub enum Awaiting {
@@ -28,15 +53,15 @@ pub enum Awaiting {
     Reversal(Pending),
 }
 
-/// A request that [`Recent::open`] lets through: its entry is open (`registered`:
-/// false when its ids are too long to key, and it is not tracked).
+/// A request that [`Recent::open`] lets through, with its entry in the table (none
+/// when its ids are too long to key: it is not tracked).
 pub struct Opened {
     /// The request.
     pub request: Message,
     /// Its answer slot.
     pub reply: AnswerSlot,
-    /// Whether its key is in the table (its outcome must complete it).
-    pub registered: bool,
+    /// Its entry: its outcome must complete it.
+    pub entry: Option<EntryHandle>,
 }
 
 /// What [`Recent::original`] found of the original a reversal names.
@@ -52,14 +77,38 @@ pub enum OriginalOf {
 }
 
 /// Recent requests by duplicate key: retransmissions and reversals find them here.
-pub struct Recent(DedupTable<Awaiting, Stored>);
+pub struct Recent {
+    table: DedupTable<Awaiting>,
+    /// Reads bank answers back when the table does not keep them (a journal).
+    reader: OnceLock<Arc<dyn AnswerReader>>,
+}
 
 impl Recent {
-    /// Keys kept at least `window` (at most twice that), at most `entries_max`, and at
-    /// most `waiters_max` retransmissions or reversals waiting on one request; the
-    /// window's first generation starts at `now`.
-    pub fn new(window: Duration, entries_max: usize, waiters_max: usize, now: Instant) -> Recent {
-        Recent(DedupTable::new(window, entries_max, waiters_max, now))
+    /// Keys kept for `window` within `memory_max_bytes` (the window shrinks when
+    /// they do not fit), at most `waiters_max` retransmissions or reversals waiting
+    /// on one request. `journaled`: bank answers are read back from the journal (by
+    /// the reader given to [`Recent::read_answers_with`]) instead of being kept.
+    pub fn new(
+        window: Duration,
+        memory_max_bytes: usize,
+        waiters_max: usize,
+        journaled: bool,
+        now: Instant,
+    ) -> Recent {
+        Recent {
+            table: DedupTable::new(window, memory_max_bytes, waiters_max, !journaled, now),
+            reader: OnceLock::new(),
+        }
+    }
+
+    /// Reads bank answers back with `reader` (set once, when the journal is open).
+    pub fn read_answers_with(&self, reader: Arc<dyn AnswerReader>) {
+        let _ = self.reader.set(reader);
+    }
+
+    /// The table, for its gauges.
+    pub fn table(&self) -> &DedupTable<Awaiting> {
+        &self.table
     }
 
     /// Opens the entry of `request` (from `institution`, arriving at `now`). A new
@@ -80,33 +129,33 @@ impl Recent {
             return Some(Opened {
                 request,
                 reply,
-                registered: false,
+                entry: None,
             });
         };
         let digest = content_digest(&request);
         let waiter = Awaiting::Duplicate { request, reply };
-        let (result, code, waiter) = match self.0.check(key, digest, now, waiter) {
-            Verdict::New(Awaiting::Duplicate { request, reply }) => {
+        let (result, code, waiter) = match self.table.check(&key, digest, now, waiter) {
+            Verdict::New(Awaiting::Duplicate { request, reply }, entry) => {
                 return Some(Opened {
                     request,
                     reply,
-                    registered: true,
+                    entry: Some(entry),
                 })
             }
             Verdict::Answered {
-                answer,
+                stored,
                 seq,
                 waiter: Awaiting::Duplicate { request, reply },
             } => {
                 metrics::counter!("switchyard_duplicates_total", "result" => "answered_again")
                     .increment(1);
                 tracing::debug!(%institution, mti = %request.mti(), "retransmission: original answer sent again");
-                let dialect = match &answer {
+                let dialect = match &stored {
                     Stored::Bank { connector, .. } => dialect_of(*connector),
                     Stored::Switch(_) => None,
                 };
                 let dialect = dialect.unwrap_or_else(|| fallback.clone());
-                reply.send(answer.reply_to(request, &dialect, seq));
+                self.answer_again(stored, seq, request, reply, dialect);
                 return None;
             }
             Verdict::Waiting => {
@@ -116,7 +165,7 @@ impl Recent {
             }
             Verdict::Conflict(w) => ("conflict", ResponseCode::Duplicate, w),
             Verdict::Full(w) => ("full", ResponseCode::DestinationUnavailable, w),
-            Verdict::New(w) | Verdict::Answered { waiter: w, .. } => {
+            Verdict::New(w, _) | Verdict::Answered { waiter: w, .. } => {
                 ("unexpected", ResponseCode::SystemMalfunction, w)
             }
         };
@@ -127,6 +176,59 @@ impl Recent {
             reply.send(Reply::switch(request, code));
         }
         None
+    }
+
+    /// Sends a retransmission the original's answer again: at once when the table
+    /// kept it, else once read back from outcome record `seq` (off this task; 96
+    /// when it cannot be read, 91 when too many reads are under way).
+    fn answer_again(
+        &self,
+        stored: Stored,
+        seq: u64,
+        request: Message,
+        reply: AnswerSlot,
+        dialect: Arc<Dialect>,
+    ) {
+        let (connector, link_stan) = match stored {
+            Stored::Bank {
+                connector,
+                link_stan,
+                answer: None,
+            } => (connector, link_stan),
+            kept => {
+                reply.send(kept.reply_to(request, &dialect, seq));
+                return;
+            }
+        };
+        let Some(reader) = self.reader.get() else {
+            let code = ResponseCode::SystemMalfunction;
+            reply.send(Reply::switch(request, code).via(connector).after(seq));
+            return;
+        };
+        reader.read(
+            seq,
+            Box::new(move |read| {
+                let code = match read {
+                    ReadBack::Answer(answer) => {
+                        let stored = Stored::Bank {
+                            connector,
+                            link_stan,
+                            answer: Some(answer),
+                        };
+                        reply.send(stored.reply_to(request, &dialect, seq));
+                        return;
+                    }
+                    ReadBack::Failed => ResponseCode::SystemMalfunction,
+                    ReadBack::Busy => ResponseCode::DestinationUnavailable,
+                };
+                metrics::counter!("switchyard_duplicates_read_back_failures_total",
+                    "code" => code.as_str())
+                .increment(1);
+                crate::log_limited!(warn, seq, %code,
+                    "retransmission: the original answer could not be read back from the journal");
+                reply.send(Reply::switch(request, code).via(connector).after(seq));
+            }),
+        );
     }
 
     /// Finds the original that reversal `p` names (by DE32, DE90's STAN and DE7,
@@ -140,7 +242,7 @@ impl Recent {
         ];
         let mut waiter = Awaiting::Reversal(p);
         for key in keys.into_iter().flatten() {
-            waiter = match self.0.original(&key, waiter) {
+            waiter = match self.table.original(&key, waiter) {
                 Original::Attached => return OriginalOf::Waiting,
                 Original::Done(stored, Awaiting::Reversal(p)) => {
                     return OriginalOf::Done(stored, p)
@@ -161,25 +263,23 @@ impl Recent {
         [true, false]
             .into_iter()
             .filter_map(|rrn| DuplicateKey::of_original(request, rrn))
-            .find_map(|key| self.0.stored(&key))
+            .find_map(|key| self.table.stored(&key))
+            .map(|(stored, _)| stored)
     }
 
-    /// Completes the entry of `request` with its outcome (the answer released once
+    /// Completes `entry` with its request's outcome (the answer released once
     /// record `seq` is durable): retransmissions that waited get the same answer
     /// (`bank_dialect`: the dialect of a `Stored::Bank` answer); the reversals that
     /// waited are returned, to be routed by [`Stored::reversal_route`].
     pub fn complete(
         &self,
-        request: &Message,
+        entry: EntryHandle,
         stored: &Stored,
         seq: u64,
         bank_dialect: &Arc<Dialect>,
     ) -> Vec<Pending> {
-        let Some(key) = DuplicateKey::of(request) else {
-            return Vec::new();
-        };
         let mut reversals = Vec::new();
-        for waiter in self.0.complete(&key, stored.clone(), seq) {
+        for waiter in self.table.complete(entry, stored, seq) {
             match waiter {
                 Awaiting::Duplicate { request, reply } => {
                     metrics::counter!("switchyard_duplicates_total", "result" => "answered_once")
@@ -192,27 +292,31 @@ impl Recent {
         reversals
     }
 
-    /// Adds a request answered before a restart (from the journal). False when its
-    /// shard is full or the key is already held.
-    pub fn restore(&self, request: &Message, stored: Stored) -> bool {
-        let Some(key) = DuplicateKey::of(request) else {
-            return false;
-        };
-        self.0.restore(key, content_digest(request), stored, 0)
+    /// Opens the entry of a request accepted at `at` before a restart (from the
+    /// journal), to be completed with its outcome. `None` when its ids do not key
+    /// it, its key is already held, or its shard is all in flight.
+    pub fn restore(&self, request: &Message, at: Instant) -> Option<EntryHandle> {
+        let key = DuplicateKey::of(request)?;
+        self.table.restore(&key, content_digest(request), at)
+    }
+
+    /// Completes an entry opened by [`Recent::restore`] (nothing waits on it).
+    pub fn restored(&self, entry: EntryHandle, stored: &Stored, seq: u64) {
+        self.table.complete(entry, stored, seq);
     }
 
     /// Drops keys past the window even where no request comes (once a second).
     pub fn expire(&self, now: Instant) {
-        self.0.expire(now);
+        self.table.expire(now);
     }
 
     /// Keys held.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.table.len()
     }
 
     /// Whether no key is held.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.table.is_empty()
     }
 }

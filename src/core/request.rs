@@ -36,8 +36,8 @@ pub struct Pending {
     pub bank: BankIndex,
     /// When the acquirer must have its answer.
     pub deadline: Instant,
-    /// Whether its key is in the duplicates table (its outcome is recorded there).
-    pub registered: bool,
+    /// Its entry in the duplicates table (its outcome is recorded there), if keyed.
+    pub entry: Option<super::dedup::EntryHandle>,
     /// For an acquirer's reversal: the STAN the bank saw its original under (DE90
     /// is rewritten to name it, and a reversal advice for it names the original).
     pub original_link_stan: Option<Stan>,

@@ -40,6 +40,12 @@ pub(super) struct Gauges {
     connectors: Vec<ConnectorGauges>,
     connections: metrics::Gauge,
     duplicates: metrics::Gauge,
+    duplicates_capacity: metrics::Gauge,
+    duplicates_bytes: metrics::Gauge,
+    duplicates_window: metrics::Gauge,
+    duplicates_evicted: metrics::Counter,
+    /// Early evictions as of the last publication.
+    evicted_before: u64,
     journal_segments: metrics::Gauge,
     journal_bytes: metrics::Gauge,
     journal_queue: metrics::Gauge,
@@ -72,6 +78,11 @@ impl Gauges {
             connectors: Vec::new(),
             connections: metrics::gauge!("switchyard_acquirer_connections"),
             duplicates: metrics::gauge!("switchyard_duplicates_entries"),
+            duplicates_capacity: metrics::gauge!("switchyard_duplicates_capacity"),
+            duplicates_bytes: metrics::gauge!("switchyard_duplicates_bytes"),
+            duplicates_window: metrics::gauge!("switchyard_duplicates_window_seconds"),
+            duplicates_evicted: metrics::counter!("switchyard_duplicates_evicted_early_total"),
+            evicted_before: 0,
             journal_segments: metrics::gauge!("switchyard_journal_segments"),
             journal_bytes: metrics::gauge!("switchyard_journal_bytes"),
             journal_queue: metrics::gauge!("switchyard_journal_queue_depth"),
@@ -96,12 +107,37 @@ impl Gauges {
             g.saf_depth.set(c.reversals_waiting() as f64);
         }
         self.connections.set(p.ingress.connections() as f64);
-        self.duplicates.set(p.recent.len() as f64);
+        self.publish_duplicates(&p.recent);
         if let Some(journal) = &p.journal {
             let (segments, bytes) = journal.disk_usage();
             self.journal_segments.set(segments as f64);
             self.journal_bytes.set(bytes as f64);
             self.journal_queue.set(journal.queue_depth() as f64);
         }
+    }
+
+    /// The duplicates table: keys, bound, memory, the window it guarantees, and
+    /// early evictions (warned of, rate-limited, while they happen).
+    fn publish_duplicates(&mut self, recent: &Recent) {
+        let table = recent.table();
+        let now = std::time::Instant::now();
+        let window = table.effective_window(now);
+        self.duplicates.set(table.len() as f64);
+        self.duplicates_capacity.set(table.capacity() as f64);
+        self.duplicates_bytes.set(table.bytes() as f64);
+        self.duplicates_window.set(window.as_secs() as f64);
+        let evicted = table.evicted_early();
+        self.duplicates_evicted.absolute(evicted);
+        if evicted > self.evicted_before {
+            crate::log_limited!(
+                warn,
+                evicted_early = evicted - self.evicted_before,
+                effective_window_s = window.as_secs(),
+                window_s = table.window().as_secs(),
+                "duplicates table full (duplicates.memory_max_bytes): answered keys evicted \
+                 before their window passed"
+            );
+        }
+        self.evicted_before = evicted;
     }
 }

@@ -17,7 +17,7 @@ use crate::core::writeahead::WriteAhead;
 use crate::journal::recovery::Replay;
 use crate::journal::{Journal, JournalError};
 use crate::net::connector::{Bookkeeping, Connector};
-use crate::net::durable::Durable;
+use crate::net::durable::{Durable, JournalAnswers};
 use crate::net::ingress::Ingress;
 use crate::net::live::Live;
 use crate::tls::TlsSetup;
@@ -49,15 +49,32 @@ impl Switch {
     /// truncated) and starts every bank connector's links (call inside a tokio
     /// runtime).
     pub fn start(config: Config, tls: TlsSetup) -> Result<Switch, JournalError> {
+        let d = config.duplicates;
+        let recent = Arc::new(Recent::new(
+            d.window,
+            d.memory_max_bytes,
+            d.waiters_max,
+            config.journal.is_some(),
+            std::time::Instant::now(),
+        ));
         let (journaling, journal, first_request_id, recovery) = match &config.journal {
             Some(jc) => {
-                // One pass: the checking scan feeds the replay.
-                let window_ms = config.duplicates.window.as_millis() as u64;
-                let since = crate::clock::unix_ms().saturating_sub(window_ms);
-                let banks = config.banks.iter().map(|b| b.id.to_raw()).collect();
-                let mut replay =
-                    Replay::remembering(since, config.duplicates.entries_max).with_banks(banks);
-                let opened = Journal::open_with(jc.clone(), |_, _, r| replay.record(r))?;
+                // One pass: the checking scan feeds the replay and rebuilds the
+                // duplicates table.
+                let banks: Vec<u64> = config.banks.iter().map(|b| b.id.to_raw()).collect();
+                let mut replay = Replay::new().with_banks(banks.clone());
+                let mut rebuild = recovery::Rebuild::new(
+                    &recent,
+                    &config.dialect,
+                    banks,
+                    std::time::Instant::now(),
+                    crate::clock::unix_ms(),
+                );
+                let opened = Journal::open_with(jc.clone(), |_, _, r| {
+                    replay.record(r);
+                    rebuild.record(r);
+                })?;
+                rebuild.finish();
                 let recovery = replay.finish();
                 tracing::info!(
                     "{}",
@@ -71,6 +88,7 @@ impl Switch {
                 }
                 let next = opened.next_seq;
                 let journal = Arc::new(opened.journal);
+                recent.read_answers_with(Arc::new(JournalAnswers::new(journal.clone())));
                 (
                     WriteAhead::new(journal.clone()),
                     Some(journal),
@@ -81,16 +99,6 @@ impl Switch {
             None => (WriteAhead::off(), None, 1, None),
         };
         let config = Arc::new(config);
-        let d = config.duplicates;
-        let recent = Arc::new(Recent::new(
-            d.window,
-            d.entries_max,
-            d.waiters_max,
-            std::time::Instant::now(),
-        ));
-        if let Some(recovery) = &recovery {
-            recovery::restore_recent(&config.dialect, &recent, recovery);
-        }
         let books = Books::new(journaling, recent.clone(), config.dialect.clone());
         let durable = Durable::new(journal.clone());
         let shutdown = CancellationToken::new();

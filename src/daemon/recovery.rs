@@ -10,14 +10,18 @@
 use crate::core::answer::{ReversalRoute, Stored};
 use crate::core::bank::BankState;
 use crate::core::books::Books;
+use crate::core::dedup::EntryHandle;
 use crate::core::inflight::Stan;
 use crate::core::recent::Recent;
 use crate::core::reversal::is_reversal;
 use crate::core::writeahead::OutcomeSource;
 use crate::core::ResponseCode;
-use crate::journal::recovery::Recovery;
+use crate::journal::recovery::{forwarded_to, Recovery};
+use crate::journal::{Record, RecordKind};
 use crate::wire::{Dialect, Message};
-use std::time::Instant;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 /// Acts on what the journal shows unfinished after a crash: a request forwarded
 /// without an outcome is closed as timed out (68) and reversed; one never forwarded
@@ -81,35 +85,113 @@ pub fn resume(
     }
 }
 
-/// Rebuilds the duplicates table from requests the journal shows within the window:
-/// answered ones keep their answer; unfinished ones get the outcome [`resume`] gives
-/// them (68 if forwarded, else 91).
-pub fn restore_recent(dialect: &Dialect, recent: &Recent, recovery: &Recovery) {
-    let mut restored = 0usize;
-    for r in &recovery.recent {
-        let Ok(request) = Message::decode(dialect, r.request.clone()) else {
-            continue;
-        };
-        let forwarded = r
-            .forwarded
-            .and_then(|(bank, stan)| Some((bank, Stan::from_value(stan)?)));
-        let stored = match (&r.outcome, forwarded) {
-            (Some(o), Some((connector, link_stan))) if o.source == OutcomeSource::Bank as u8 => {
-                Stored::Bank {
-                    connector,
-                    link_stan,
-                    answer: o.answer.clone(),
+/// Rebuilds the duplicates table from the journal as its records are read at open,
+/// within the table's memory bound: a request accepted within the window is opened
+/// in the table at its recorded time and completed by its outcome record (whose
+/// sequence number locates a bank's answer for retransmissions); requests left
+/// without an outcome get the one [`resume`] gives them (68 if forwarded, else 91).
+/// Only requests still without an outcome are held aside while reading.
+pub struct Rebuild<'a> {
+    recent: &'a Recent,
+    dialect: &'a Dialect,
+    /// Raw ids of the configured banks, in config order.
+    banks: Vec<u64>,
+    since_unix_ms: u64,
+    now: Instant,
+    now_unix_ms: u64,
+    open: HashMap<u64, (EntryHandle, Option<(u16, u32)>)>,
+    restored: usize,
+}
+
+impl<'a> Rebuild<'a> {
+    /// Rebuilds `recent` (keys within its window of `now`, `now_unix_ms` on the
+    /// wall clock) from requests in `dialect` forwarded to `banks` (raw ids, in
+    /// config order).
+    pub fn new(
+        recent: &'a Recent,
+        dialect: &'a Dialect,
+        banks: Vec<u64>,
+        now: Instant,
+        now_unix_ms: u64,
+    ) -> Rebuild<'a> {
+        let window_ms = recent.table().window().as_millis() as u64;
+        Rebuild {
+            recent,
+            dialect,
+            banks,
+            since_unix_ms: now_unix_ms.saturating_sub(window_ms),
+            now,
+            now_unix_ms,
+            open: HashMap::new(),
+            restored: 0,
+        }
+    }
+
+    /// Takes the next record in journal order.
+    pub fn record(&mut self, r: &Record<'_>) {
+        match r.kind {
+            RecordKind::Accepted if r.unix_ms >= self.since_unix_ms => {
+                let body = r.body.get(r.kind.head_len()..).unwrap_or_default();
+                let Ok(request) = Message::decode(self.dialect, Bytes::copy_from_slice(body))
+                else {
+                    return;
+                };
+                let ago = Duration::from_millis(self.now_unix_ms.saturating_sub(r.unix_ms));
+                let at = self.now.checked_sub(ago).unwrap_or(self.now);
+                if let Some(entry) = self.recent.restore(&request, at) {
+                    self.open.insert(r.request_id, (entry, None));
                 }
             }
-            (Some(o), _) => Stored::Switch(
-                ResponseCode::from_de39(&o.de39).unwrap_or(ResponseCode::SystemMalfunction),
-            ),
-            (None, Some(_)) => Stored::Switch(ResponseCode::LateResponse),
-            (None, None) => Stored::Switch(ResponseCode::DestinationUnavailable),
-        };
-        restored += usize::from(recent.restore(&request, stored));
+            RecordKind::Forwarded => {
+                if let Some((_, forwarded)) = self.open.get_mut(&r.request_id) {
+                    *forwarded = forwarded_to(r, Some(&self.banks));
+                }
+            }
+            RecordKind::Outcome => {
+                let Some((entry, forwarded)) = self.open.remove(&r.request_id) else {
+                    return;
+                };
+                let head = r.body.get(..3).unwrap_or(b"  \0");
+                let route =
+                    forwarded.and_then(|(bank, stan)| Some((bank, Stan::from_value(stan)?)));
+                let stored = match route {
+                    Some((connector, link_stan)) if head[2] == OutcomeSource::Bank as u8 => {
+                        Stored::Bank {
+                            connector,
+                            link_stan,
+                            answer: None,
+                        }
+                    }
+                    _ => Stored::Switch(
+                        ResponseCode::from_de39(&head[..2])
+                            .unwrap_or(ResponseCode::SystemMalfunction),
+                    ),
+                };
+                self.recent.restored(entry, &stored, r.seq);
+                self.restored += 1;
+            }
+            _ => {}
+        }
     }
-    if restored > 0 {
-        tracing::info!(restored, "duplicates table rebuilt from the journal");
+
+    /// Completes what had no outcome and reports what was rebuilt.
+    pub fn finish(self) {
+        let unfinished = self.open.len();
+        for (entry, forwarded) in self.open.into_values() {
+            let code = match forwarded {
+                Some(_) => ResponseCode::LateResponse,
+                None => ResponseCode::DestinationUnavailable,
+            };
+            self.recent.restored(entry, &Stored::Switch(code), 0);
+        }
+        self.recent.expire(self.now);
+        if self.restored + unfinished > 0 {
+            tracing::info!(
+                restored = self.restored,
+                unfinished,
+                keys = self.recent.len(),
+                "duplicates table rebuilt from the journal"
+            );
+        }
     }
 }

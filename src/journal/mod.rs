@@ -8,12 +8,14 @@
 //! `journal dump` read it.
 
 pub mod dump;
+pub mod lookup;
 pub mod reader;
 pub mod record;
 pub mod recovery;
 pub mod settlement;
 pub mod writer;
 
+pub use lookup::Lookup;
 pub use reader::{scan, segments, JournalError, Scan, TornTail};
 pub use record::{Record, RecordKind};
 pub use writer::{AppendError, Entry, Fsync, Journal, JournalConfig, Opened, RecordSink};

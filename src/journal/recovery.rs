@@ -33,34 +33,6 @@ pub struct PendingReversal {
     pub request: Bytes,
 }
 
-/// How a recent request ended, from its outcome record.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RecentOutcome {
-    /// DE39 of the answer.
-    pub de39: [u8; 2],
-    /// Who answered (`OutcomeSource` as stored: 1 bank, 2 switch, 3 timeout).
-    pub source: u8,
-    /// The bank's answer as it sent it (empty for switch answers).
-    pub answer: Bytes,
-}
-
-/// A request accepted within the duplicates window: the daemon rebuilds its
-/// duplicates table from these, so retransmissions and reversals are still matched
-/// after a restart.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RecentRequest {
-    /// The switch's id for it.
-    pub request_id: u64,
-    /// When it was accepted (the record's wall-clock stamp).
-    pub unix_ms: u64,
-    /// The request as the acquirer sent it.
-    pub request: Bytes,
-    /// Where it was forwarded (connector index, link STAN), if it was.
-    pub forwarded: Option<(u16, u32)>,
-    /// Its outcome, if one was recorded.
-    pub outcome: Option<RecentOutcome>,
-}
-
 /// Unfinished business found in a journal.
 #[derive(Clone, Debug, Default)]
 pub struct Recovery {
@@ -68,9 +40,6 @@ pub struct Recovery {
     pub unfinished: Vec<Unfinished>,
     /// Reversal advices queued but not acknowledged, in request id order.
     pub reversals_pending: Vec<PendingReversal>,
-    /// Requests accepted since the cutoff given to [`Replay::remembering`], in
-    /// request id order.
-    pub recent: Vec<RecentRequest>,
 }
 
 impl Recovery {
@@ -99,6 +68,28 @@ fn forwarded_head(r: &Record<'_>) -> Option<(u16, u32)> {
     ))
 }
 
+/// A forwarded record's (connector index, link STAN), the index resolved by the
+/// bank id it carries when `banks` (the raw ids of the configured banks, in config
+/// order) is given: an id no bank has gives `u16::MAX` (no configured bank).
+pub fn forwarded_to(r: &Record<'_>, banks: Option<&[u64]>) -> Option<(u16, u32)> {
+    let (index, stan) = forwarded_head(r)?;
+    let id = r.body.get(6..14).map(|b| {
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(b);
+        u64::from_le_bytes(raw)
+    });
+    match (banks, id) {
+        (Some(banks), Some(id)) => {
+            let index = banks
+                .iter()
+                .position(|&b| b == id)
+                .map_or(u16::MAX, |i| i as u16);
+            Some((index, stan))
+        }
+        _ => Some((index, stan)),
+    }
+}
+
 /// Builds a [`Recovery`] from records fed in journal order (from a scan, or from
 /// records held in memory, as the simulation test does). Memory grows with the
 /// unfinished requests only: finished ones are dropped as records arrive.
@@ -106,10 +97,6 @@ fn forwarded_head(r: &Record<'_>) -> Option<(u16, u32)> {
 pub struct Replay {
     open: HashMap<u64, State>,
     reversals: HashMap<u64, PendingReversal>,
-    /// Accepted at or after this time (unix ms) are remembered, newest `recent_max`.
-    recent_since_ms: Option<u64>,
-    recent_max: usize,
-    recent: std::collections::BTreeMap<u64, RecentRequest>,
     /// Raw ids of the configured banks, in config order: a forwarded record that
     /// names its bank's id gets that bank's index in this config (slots of the
     /// process that wrote it may differ, after reloads or a reordered file).
@@ -122,84 +109,18 @@ impl Replay {
         Replay::default()
     }
 
-    /// An empty replay that also remembers requests accepted at or after
-    /// `since_unix_ms`, at most the newest `max` of them.
-    pub fn remembering(since_unix_ms: u64, max: usize) -> Replay {
-        Replay {
-            recent_since_ms: Some(since_unix_ms),
-            recent_max: max,
-            ..Replay::default()
-        }
-    }
-
     /// Maps forwarded records to the banks of the config in force by their ids.
     pub fn with_banks(mut self, ids: Vec<u64>) -> Replay {
         self.banks = Some(ids);
         self
     }
 
-    /// A forwarded record's (connector index, link STAN), the index resolved by
-    /// the bank id it carries when the replay knows the configured banks (an id
-    /// no bank has gives `u16::MAX`: no configured bank).
     fn forwarded(&self, r: &Record<'_>) -> Option<(u16, u32)> {
-        let (index, stan) = forwarded_head(r)?;
-        let id = r.body.get(6..14).map(|b| {
-            let mut raw = [0u8; 8];
-            raw.copy_from_slice(b);
-            u64::from_le_bytes(raw)
-        });
-        match (&self.banks, id) {
-            (Some(banks), Some(id)) => {
-                let index = banks
-                    .iter()
-                    .position(|&b| b == id)
-                    .map_or(u16::MAX, |i| i as u16);
-                Some((index, stan))
-            }
-            _ => Some((index, stan)),
-        }
-    }
-
-    fn remember(&mut self, r: &Record<'_>) {
-        let forwarded = self.forwarded(r);
-        if let Some(recent) = self.recent.get_mut(&r.request_id) {
-            match r.kind {
-                RecordKind::Forwarded => recent.forwarded = forwarded,
-                RecordKind::Outcome => {
-                    let head = r.body.get(..3).unwrap_or(b"  \0");
-                    recent.outcome = Some(RecentOutcome {
-                        de39: [head[0], head[1]],
-                        source: head[2],
-                        answer: message(r),
-                    });
-                }
-                _ => {}
-            }
-            return;
-        }
-        let since = self.recent_since_ms.unwrap_or(u64::MAX);
-        if r.kind == RecordKind::Accepted && r.unix_ms >= since && self.recent_max > 0 {
-            self.recent.insert(
-                r.request_id,
-                RecentRequest {
-                    request_id: r.request_id,
-                    unix_ms: r.unix_ms,
-                    request: message(r),
-                    forwarded: None,
-                    outcome: None,
-                },
-            );
-            if self.recent.len() > self.recent_max {
-                self.recent.pop_first();
-            }
-        }
+        forwarded_to(r, self.banks.as_deref())
     }
 
     /// Takes the next record in journal order.
     pub fn record(&mut self, r: &Record<'_>) {
-        if self.recent_since_ms.is_some() {
-            self.remember(r);
-        }
         match r.kind {
             RecordKind::Accepted => {
                 self.open.insert(
@@ -258,7 +179,6 @@ impl Replay {
         Recovery {
             unfinished,
             reversals_pending,
-            recent: self.recent.into_values().collect(),
         }
     }
 }

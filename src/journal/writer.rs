@@ -10,6 +10,7 @@
 //! on each rotation: by age (`retention`), then by size (`size_max_bytes`); when
 //! the bound is reached and nothing may be pruned, the journal refuses appends.
 
+use super::lookup::{Lookup, POINT_STRIDE_BYTES};
 use super::reader::{self, JournalError, Scan, SEGMENT_PREFIX, SEGMENT_SUFFIX};
 use super::record::{self, Record, RecordKind, BODY_SIZE_MAX_BYTES};
 use bytes::Bytes;
@@ -169,6 +170,7 @@ pub struct Journal {
     /// Set (before `failed`) when the size bound stopped the writer.
     full: Arc<AtomicBool>,
     usage: Arc<Usage>,
+    lookup: Arc<Lookup>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -224,7 +226,9 @@ impl Journal {
         std::fs::create_dir_all(&config.dir).map_err(io(&config.dir))?;
         // Per segment holding records: the end of its last record, its newest time.
         let mut seen: Vec<Seen> = Vec::new();
+        let lookup = Arc::new(Lookup::new());
         let recovered = reader::scan(&config.dir, |path, offset, r| {
+            lookup.note(path, r.seq, offset);
             let end = offset + (record::LEN_BYTES + record::FIXED_BYTES + r.body.len()) as u64;
             match seen.last_mut() {
                 Some(s) if s.path.as_os_str() == path.as_os_str() => {
@@ -243,7 +247,7 @@ impl Journal {
             reader::truncate(torn)?;
         }
         let usage = Arc::new(Usage::default());
-        let mut segments = Segments::load(&config.dir, &seen, usage.clone())?;
+        let mut segments = Segments::load(&config.dir, &seen, usage.clone(), lookup.clone())?;
         segments
             .prune(&config, now_ms, config.segment_size_max_bytes)
             .map_err(|full| JournalError::Full {
@@ -280,6 +284,9 @@ impl Journal {
             segments,
             preallocate,
             buf: Vec::with_capacity(1 << 20),
+            batch_first_seq: 0,
+            last_point: None,
+            lookup: lookup.clone(),
             durable: durable_tx,
             failed: failed.clone(),
             full: full.clone(),
@@ -299,6 +306,7 @@ impl Journal {
             failed,
             full,
             usage,
+            lookup,
             thread: Mutex::new(Some(thread)),
         };
         Ok(Opened {
@@ -335,6 +343,11 @@ impl Journal {
             sender.writer.unpark();
         }
         Ok(seq)
+    }
+
+    /// Where its records lie: reads one back by its sequence number.
+    pub fn lookup(&self) -> &Lookup {
+        &self.lookup
     }
 
     /// Records queued for the writer, not yet written.
@@ -441,6 +454,8 @@ struct Segments {
     closed_bytes: u64,
     current: Option<Segment>,
     usage: Arc<Usage>,
+    /// Forgets the segments deleted.
+    lookup: Arc<Lookup>,
     /// The highest first sequence number of a segment found at open (0: none).
     first_seq_max: u64,
 }
@@ -449,13 +464,19 @@ impl Segments {
     /// The segments of `dir` after the scan at open (`seen`, in segment order):
     /// every one is closed and of an earlier open. The zeros a segment's
     /// preallocation left after its last record are cut off.
-    fn load(dir: &Path, seen: &[Seen], usage: Arc<Usage>) -> Result<Segments, JournalError> {
+    fn load(
+        dir: &Path,
+        seen: &[Seen],
+        usage: Arc<Usage>,
+        lookup: Arc<Lookup>,
+    ) -> Result<Segments, JournalError> {
         let mut segments = Segments {
             dir: dir.to_owned(),
             closed: VecDeque::new(),
             closed_bytes: 0,
             current: None,
             usage,
+            lookup,
             first_seq_max: 0,
         };
         let mut seen = seen.iter().peekable();
@@ -590,6 +611,7 @@ impl Segments {
             }
         }
         self.closed_bytes -= s.bytes;
+        self.lookup.forget(&s.path);
         tracing::info!(
             path = %s.path.display(),
             age_s = ?age_s,
@@ -678,6 +700,11 @@ struct WriterState {
     /// it cannot).
     preallocate: bool,
     buf: Vec<u8>,
+    /// The first record in `buf`.
+    batch_first_seq: u64,
+    /// The offset of the current segment's last index point.
+    last_point: Option<u64>,
+    lookup: Arc<Lookup>,
     durable: watch::Sender<u64>,
     failed: Arc<AtomicBool>,
     full: Arc<AtomicBool>,
@@ -752,6 +779,9 @@ impl WriterState {
     }
 
     fn add(&mut self, (seq, entry): (u64, Entry), body: &mut Vec<u8>, newest: &mut u64) -> u64 {
+        if self.buf.is_empty() {
+            self.batch_first_seq = seq;
+        }
         body.clear();
         body.extend_from_slice(&entry.head.0[..usize::from(entry.head.1)]);
         body.extend_from_slice(&entry.message);
@@ -785,6 +815,14 @@ impl WriterState {
         if self.config.fsync == Fsync::Batch {
             self.file.sync_data().map_err(io)?;
         }
+        // Indexed before it counts as durable: a reader waits for that.
+        let at = self.segment_bytes;
+        if self.last_point.is_none_or(|p| at >= p + POINT_STRIDE_BYTES) {
+            if let Some(current) = &self.segments.current {
+                self.lookup.note(&current.path, self.batch_first_seq, at);
+            }
+            self.last_point = Some(at);
+        }
         self.segment_bytes += self.buf.len() as u64;
         self.buf.clear();
         self.durable.send_replace(last_seq);
@@ -806,6 +844,7 @@ impl WriterState {
             new_segment(&self.config.dir, first_seq, reserve, &mut self.preallocate)?;
         self.file = file;
         self.segment_bytes = 0;
+        self.last_point = None;
         self.segments.start(path, bytes);
         Ok(())
     }
@@ -1217,6 +1256,7 @@ mod tests {
             closed_bytes: 0,
             current: None,
             usage: Arc::default(),
+            lookup: Arc::default(),
             first_seq_max: 0,
         };
         for (i, &(bytes, newest_unix_ms, this_open)) in specs.iter().enumerate() {

@@ -518,7 +518,7 @@ impl Ingress {
             forwarded_at: received_at,
             bank,
             deadline: received_at + connector.request_timeout(),
-            registered: opened.registered,
+            entry: opened.entry,
             original_link_stan: None,
             slot,
         };

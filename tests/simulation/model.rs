@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use switchyard::config::{
-    Bank, SafLimits, CONNECT_TIMEOUT_MS_DEFAULT, DUPLICATE_ENTRIES_MAX_DEFAULT,
+    Bank, SafLimits, CONNECT_TIMEOUT_MS_DEFAULT, DUPLICATE_MEMORY_MAX_BYTES_DEFAULT,
     DUPLICATE_WAITERS_MAX_DEFAULT, DUPLICATE_WINDOW_S_DEFAULT, ECHO_TIMEOUT_MS_DEFAULT,
     RECONNECT_BACKOFF_MAX_MS_DEFAULT, RECONNECT_BACKOFF_MIN_MS_DEFAULT,
 };
@@ -25,6 +25,7 @@ use switchyard::core::recent::Recent;
 use switchyard::core::request::{InstitutionSlot, Pending};
 use switchyard::core::writeahead::{OutcomeSource, WriteAhead};
 use switchyard::core::InstitutionId;
+use switchyard::daemon::recovery::Rebuild;
 use switchyard::journal::record::{self, Record, RecordKind};
 use switchyard::journal::recovery::{Recovery, Replay};
 use switchyard::journal::{AppendError, Entry, RecordSink};
@@ -802,9 +803,15 @@ impl Sim {
     }
 
     /// Reads the journal as `Journal::open` and `recover` do: every record checked, a
-    /// torn tail cut off; returns what `Replay` found.
-    fn read_journal(&mut self) -> Recovery {
-        let mut replay = Replay::remembering(0, DUPLICATE_ENTRIES_MAX_DEFAULT);
+    /// torn tail cut off, the duplicates table `recent` rebuilt; returns what
+    /// `Replay` found.
+    fn read_journal(&mut self, recent: &Recent) -> Recovery {
+        let mut replay = Replay::new();
+        let banks = (0..self.sc.banks.len())
+            .map(|b| self.bank_config(b).id.to_raw())
+            .collect();
+        let now_unix_ms = SIM_EPOCH_S * 1000 + self.now.as_millis() as u64;
+        let mut rebuild = Rebuild::new(recent, &self.dialect, banks, self.instant(), now_unix_ms);
         let mut oracle = Oracle::default();
         let mut j = lock(&self.journal);
         let mut at = 0;
@@ -820,6 +827,7 @@ impl Sim {
                     }
                     last_seq = r.seq;
                     replay.record(&r);
+                    rebuild.record(&r);
                     oracle.record(&r);
                     at += size;
                 }
@@ -841,6 +849,7 @@ impl Sim {
         j.bytes.truncate(at);
         j.torn = None;
         drop(j);
+        rebuild.finish();
         for v in violations {
             self.violation(v);
         }
@@ -890,7 +899,14 @@ impl Sim {
     /// the duplicates table rebuilt, the banks' STANs past the journal's position,
     /// unfinished business resumed, links connecting.
     fn restart_switch(&mut self, first: bool) {
-        let recovery = self.read_journal();
+        let recent = Arc::new(Recent::new(
+            Duration::from_secs(DUPLICATE_WINDOW_S_DEFAULT),
+            DUPLICATE_MEMORY_MAX_BYTES_DEFAULT,
+            DUPLICATE_WAITERS_MAX_DEFAULT,
+            true,
+            self.instant(),
+        ));
+        let recovery = self.read_journal(&recent);
         let last_seq = {
             let mut j = lock(&self.journal);
             // The whole surviving journal is durable (Journal::open).
@@ -898,13 +914,6 @@ impl Sim {
             j.ends.len() as u64
         };
         let now = self.instant();
-        let recent = Arc::new(Recent::new(
-            Duration::from_secs(DUPLICATE_WINDOW_S_DEFAULT),
-            DUPLICATE_ENTRIES_MAX_DEFAULT,
-            DUPLICATE_WAITERS_MAX_DEFAULT,
-            now,
-        ));
-        switchyard::daemon::recovery::restore_recent(&self.dialect, &recent, &recovery);
         let journal = WriteAhead::new(Arc::new(Sink(self.journal.clone())));
         let books = Books::new(journal, recent, self.dialect.clone());
         let wakes = Arc::new(Mutex::new(Wakes::default()));
@@ -1039,7 +1048,7 @@ impl Sim {
             forwarded_at: instant,
             bank: bank as u16,
             deadline: instant + timeout,
-            registered: opened.registered,
+            entry: opened.entry,
             original_link_stan: None,
             slot: InstitutionSlot::take(&sw.inflight, usize::MAX).expect("slot"),
         };

@@ -41,7 +41,7 @@ write_timeout_ms = 1000
 
 [duplicates]
 window_s = 60
-entries_max = 200000
+memory_max_bytes = 67108864
 
 [[institution]]
 id = "100001"

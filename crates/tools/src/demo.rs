@@ -49,13 +49,13 @@ pub struct TestbedOptions {
     pub first_stan: u32,
     /// Journal in a fresh temporary directory with this durability (None: no journal).
     pub journal: Option<Fsync>,
-    /// Use this journal directory instead of a fresh one (it is still removed by
-    /// [`Testbed::stop`]); for restart tests.
+    /// Use this journal directory instead of a fresh one; for restart tests. It is
+    /// the caller's: [`Testbed::stop`] leaves it in place.
     pub journal_at: Option<std::path::PathBuf>,
     /// Seconds request keys are remembered (`[duplicates] window_s`). Short by
     /// default: the demo runs at hundreds of thousands of requests per second,
-    /// and the table must hold rate × window keys (at most
-    /// [`DEMO_DUPLICATE_ENTRIES_MAX`]).
+    /// and the table holds rate × window keys (within
+    /// [`DEMO_DUPLICATE_MEMORY_MAX_BYTES`]; past it the window shrinks).
     pub duplicate_window_s: u64,
     /// `[limits]` keys written as they are (e.g. `idle_timeout_ms = 300`), one per
     /// line, for tests of the session limits.
@@ -73,8 +73,9 @@ pub struct TestbedOptions {
     pub optional: Vec<String>,
 }
 
-/// Keys the test bed's duplicates table holds at most (about 300 bytes each).
-pub const DEMO_DUPLICATE_ENTRIES_MAX: usize = 4_000_000;
+/// Memory the test bed's duplicates table may use (1 GiB; taken as keys come, not
+/// at start-up).
+pub const DEMO_DUPLICATE_MEMORY_MAX_BYTES: usize = 1 << 30;
 
 impl Default for TestbedOptions {
     fn default() -> Self {
@@ -128,8 +129,11 @@ pub struct Testbed {
     pub switch: Arc<Switch>,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// The journal's temporary directory, removed by [`Testbed::stop`].
+    /// The journal's directory.
     pub journal_dir: Option<std::path::PathBuf>,
+    /// Whether [`Testbed::stop`] removes it (a fresh temporary one, not the
+    /// caller's `journal_at`).
+    remove_journal: bool,
 }
 
 impl Testbed {
@@ -241,6 +245,7 @@ impl Testbed {
             stop,
             tasks,
             journal_dir,
+            remove_journal: opts.journal_at.is_none(),
         })
     }
 
@@ -270,7 +275,7 @@ impl Testbed {
         for task in self.tasks {
             let _ = task.await;
         }
-        if let Some(dir) = &self.journal_dir {
+        if let Some(dir) = self.journal_dir.as_ref().filter(|_| self.remove_journal) {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
@@ -293,7 +298,7 @@ fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, Socke
     );
     let _ = writeln!(
         t,
-        "[duplicates]\nwindow_s = {}\nentries_max = {DEMO_DUPLICATE_ENTRIES_MAX}\n",
+        "[duplicates]\nwindow_s = {}\nmemory_max_bytes = {DEMO_DUPLICATE_MEMORY_MAX_BYTES}\n",
         opts.duplicate_window_s
     );
     for id in &opts.institutions {
