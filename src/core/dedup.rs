@@ -600,8 +600,9 @@ impl<W> Shard<W> {
     fn push(&mut self, slot: Slot, answer: Option<Bytes>, keep_answers: bool) -> u32 {
         let number = self.front.wrapping_add(self.slots.len() as u32);
         if self.slots.len() == self.slots.capacity() {
-            // Grow by doubling, but never past the bound.
-            let want = (self.slots.len() * 2).clamp(16, self.capacity.max(16));
+            // Grow by a quarter, never past the bound: at most a quarter of the
+            // ring is ever unused (its pages are touched as the ring turns).
+            let want = (self.slots.len() + self.slots.len() / 4).clamp(16, self.capacity.max(16));
             self.slots.reserve_exact(want - self.slots.len());
             if keep_answers {
                 self.answers.reserve_exact(want - self.answers.len());
