@@ -30,8 +30,8 @@ pub const INFLIGHT_PER_CONNECTION_MAX_DEFAULT: usize = 1024;
 /// retransmission within it gets the original answer, a reversal within it is
 /// matched to its original by DE90.
 pub const DUPLICATE_WINDOW_S_DEFAULT: u64 = 300;
-/// Memory the duplicates table may use, bytes (2 GiB): about 47 bytes a key with a
-/// journal (bank answers are read back from it), so 45 million keys, 150,000
+/// Memory the duplicates table may use, bytes (2 GiB): 46 bytes a key with a
+/// journal (bank answers are read back from it), so 46 million keys, 153,000
 /// payments a second over a 300 s window. Past it the oldest answered keys are
 /// evicted early (the window shrinks); `check-config` prints the rate it holds.
 pub const DUPLICATE_MEMORY_MAX_BYTES_DEFAULT: usize = 2 << 30;

@@ -8,9 +8,9 @@
 //! acquirer's DE32 (and usually the original's DE37), which together are the
 //! original's key.
 //!
-//! **Sized by memory, not by a count.** A key is a fixed 40-byte slot (a keyed
-//! 96-bit digest of the key, the content digest, the insertion second, the outcome
-//! packed into 16 bytes) in a ring kept in arrival order, plus its share of a hash
+//! **Sized by memory, not by a count.** A key is a fixed 32-byte slot (a keyed
+//! 96-bit digest of the key, a 32-bit content digest, the insertion second, the
+//! outcome packed into 12 bytes) in a ring kept in arrival order, plus its share of a hash
 //! index of 4-byte slot numbers. The bank's answer itself is not kept when there is
 //! a journal: a retransmission's answer is read back from the outcome record whose
 //! sequence number the slot holds (see `core::recent`). Without a journal the answer
@@ -183,42 +183,76 @@ pub struct EntryHandle {
 
 // === slot layout ===
 
-/// `Slot::state`: the top two bits say what the rest is.
-const TAG_SHIFT: u32 = 62;
-const TAG_IN_FLIGHT: u64 = 0;
-const TAG_SWITCH: u64 = 1;
-const TAG_BANK: u64 = 2;
-/// The response code (an index into [`ResponseCode::ALL`]) of a switch answer.
-const CODE_SHIFT: u32 = 54;
-/// Journal sequence numbers kept: 54 bits (570 years at a million records a second);
-/// all ones stands for `u64::MAX` (an outcome that was never journaled).
-const SEQ_MASK: u64 = (1 << CODE_SHIFT) - 1;
+/// A slot's outcome, 96 bits: a 2-bit tag at the top, then the journal sequence
+/// number of the outcome record (54 bits: 570 years at a million records a second;
+/// all ones stands for `u64::MAX`, an outcome never journaled), then 40 bits of
+/// detail: the in-flight record's index, the switch's code (an index into
+/// [`ResponseCode::ALL`]), or the connector (16 bits) and link STAN (24 bits) a
+/// bank's answer came through.
+const TAG_SHIFT: u32 = 94;
+const TAG_IN_FLIGHT: u128 = 0;
+const TAG_SWITCH: u128 = 1;
+const TAG_BANK: u128 = 2;
+const SEQ_SHIFT: u32 = 40;
+const SEQ_MASK: u64 = (1 << 54) - 1;
+const DETAIL_MASK: u128 = (1 << SEQ_SHIFT) - 1;
+const STAN_BITS: u32 = 24;
+const _: () = assert!(super::inflight::STAN_MAX < 1 << STAN_BITS);
 
-/// One key: 40 bytes, in arrival order in its shard's ring.
+/// One key: 32 bytes, in arrival order in its shard's ring. Its content digest is
+/// kept to 32 bits: a request reusing a key with other content passes for a
+/// retransmission (gets the original's answer instead of 94) once in 2^32.
 #[derive(Clone, Copy)]
 struct Slot {
-    hash: u64,
+    /// The index's hash, in two halves (4-byte alignment keeps the slot at 32).
+    hash: [u32; 2],
     check: u32,
     /// Seconds since the table's epoch when the key arrived.
     at_s: u32,
-    content: u64,
-    /// Tag, then: the in-flight record's index; or the code and the outcome's seq.
-    state: u64,
-    /// A bank's answer: the connector (bits 32..48) and the link STAN (bits 0..32).
-    route: u64,
+    content: u32,
+    outcome: [u32; 3],
 }
 
 impl Slot {
-    fn tag(&self) -> u64 {
-        self.state >> TAG_SHIFT
+    fn new(d: Digest, content: u64, at_s: u32, record: u32) -> Slot {
+        let mut slot = Slot {
+            hash: [d.hash as u32, (d.hash >> 32) as u32],
+            check: d.check,
+            at_s,
+            content: fold(content),
+            outcome: [0; 3],
+        };
+        slot.set(TAG_IN_FLIGHT << TAG_SHIFT | u128::from(record));
+        slot
+    }
+
+    fn hash(&self) -> u64 {
+        u64::from(self.hash[1]) << 32 | u64::from(self.hash[0])
+    }
+
+    fn is(&self, d: Digest) -> bool {
+        self.hash() == d.hash && self.check == d.check
+    }
+
+    fn get(&self) -> u128 {
+        let [a, b, c] = self.outcome;
+        u128::from(c) << 64 | u128::from(b) << 32 | u128::from(a)
+    }
+
+    fn set(&mut self, o: u128) {
+        self.outcome = [o as u32, (o >> 32) as u32, (o >> 64) as u32];
+    }
+
+    fn tag(&self) -> u128 {
+        self.get() >> TAG_SHIFT
     }
 
     fn in_flight(&self) -> Option<u32> {
-        (self.tag() == TAG_IN_FLIGHT).then_some(self.state as u32)
+        (self.tag() == TAG_IN_FLIGHT).then_some(self.get() as u32)
     }
 
     fn seq(&self) -> u64 {
-        match self.state & SEQ_MASK {
+        match (self.get() >> SEQ_SHIFT) as u64 & SEQ_MASK {
             SEQ_MASK => u64::MAX,
             seq => seq,
         }
@@ -226,46 +260,48 @@ impl Slot {
 
     /// Packs what `stored` needs kept (not a bank answer's bytes) and `seq`.
     fn settle(&mut self, stored: &Stored, seq: u64) {
-        let seq = seq.min(SEQ_MASK);
-        match stored {
+        let seq = u128::from(seq.min(SEQ_MASK)) << SEQ_SHIFT;
+        let (tag, detail) = match stored {
             Stored::Switch(code) => {
-                let index = ResponseCode::ALL
-                    .iter()
-                    .position(|c| c == code)
-                    .unwrap_or(0);
-                self.state = TAG_SWITCH << TAG_SHIFT | (index as u64) << CODE_SHIFT | seq;
-                self.route = 0;
+                let index = ResponseCode::ALL.iter().position(|c| c == code);
+                (TAG_SWITCH, index.unwrap_or(0) as u128)
             }
             Stored::Bank {
                 connector,
                 link_stan,
                 ..
             } => {
-                self.state = TAG_BANK << TAG_SHIFT | seq;
-                self.route = u64::from(*connector) << 32 | u64::from(link_stan.value());
+                let route = u64::from(*connector) << STAN_BITS | u64::from(link_stan.value());
+                (TAG_BANK, u128::from(route))
             }
-        }
+        };
+        self.set(tag << TAG_SHIFT | seq | detail);
     }
 
     /// What the slot keeps of an answered request (`answer`: its bytes, when kept
     /// in memory), or `None` while in flight.
     fn stored(&self, answer: Option<&Bytes>) -> Option<Stored> {
+        let detail = (self.get() & DETAIL_MASK) as u64;
         match self.tag() {
             TAG_SWITCH => {
-                let index = (self.state >> CODE_SHIFT & 0xff) as usize;
-                let code = ResponseCode::ALL.get(index).copied();
+                let code = ResponseCode::ALL.get(detail as usize).copied();
                 Some(Stored::Switch(
                     code.unwrap_or(ResponseCode::SystemMalfunction),
                 ))
             }
             TAG_BANK => Some(Stored::Bank {
-                connector: (self.route >> 32) as BankIndex,
-                link_stan: Stan::from_value(self.route as u32)?,
+                connector: (detail >> STAN_BITS) as BankIndex,
+                link_stan: Stan::from_value((detail & ((1 << STAN_BITS) - 1)) as u32)?,
                 answer: answer.cloned(),
             }),
             _ => None,
         }
     }
+}
+
+/// A content digest as a slot keeps it.
+fn fold(content: u64) -> u32 {
+    (content ^ content >> 32) as u32
 }
 
 /// Bytes of one slot.
@@ -496,7 +532,7 @@ impl<W> DedupTable<W> {
             };
         };
         let (slot, answer) = s.get(number);
-        if slot.content != content {
+        if slot.content != fold(content) {
             return Verdict::Conflict(waiter);
         }
         if let Some(stored) = slot.stored(answer) {
@@ -589,10 +625,7 @@ impl<W> Shard<W> {
     fn find(&self, d: Digest) -> Option<u32> {
         let (slots, front) = (&self.slots, self.front);
         self.index
-            .find(d.hash, |&n| {
-                let s = &slots[n.wrapping_sub(front) as usize];
-                s.hash == d.hash && s.check == d.check
-            })
+            .find(d.hash, |&n| slots[n.wrapping_sub(front) as usize].is(d))
             .copied()
     }
 
@@ -600,9 +633,9 @@ impl<W> Shard<W> {
     fn push(&mut self, slot: Slot, answer: Option<Bytes>, keep_answers: bool) -> u32 {
         let number = self.front.wrapping_add(self.slots.len() as u32);
         if self.slots.len() == self.slots.capacity() {
-            // Grow by a quarter, never past the bound: at most a quarter of the
+            // Grow by an eighth, never past the bound: at most an eighth of the
             // ring is ever unused (its pages are touched as the ring turns).
-            let want = (self.slots.len() + self.slots.len() / 4).clamp(16, self.capacity.max(16));
+            let want = (self.slots.len() + self.slots.len() / 8).clamp(16, self.capacity.max(16));
             self.slots.reserve_exact(want - self.slots.len());
             if keep_answers {
                 self.answers.reserve_exact(want - self.answers.len());
@@ -620,8 +653,8 @@ impl<W> Shard<W> {
             ..
         } = self;
         let front = *front;
-        index.insert_unique(slot.hash, number, |&n| {
-            slots[n.wrapping_sub(front) as usize].hash
+        index.insert_unique(slot.hash(), number, |&n| {
+            slots[n.wrapping_sub(front) as usize].hash()
         });
         number
     }
@@ -633,7 +666,7 @@ impl<W> Shard<W> {
         let answer = self.answers.pop_front().flatten();
         let number = self.front;
         self.front = self.front.wrapping_add(1);
-        let found = self.index.find_entry(slot.hash, |&n| n == number);
+        let found = self.index.find_entry(slot.hash(), |&n| n == number);
         match slot.in_flight() {
             Some(record) => {
                 if let Ok(entry) = found {
@@ -715,14 +748,7 @@ impl<W> Shard<W> {
                 (self.in_flight.len() - 1) as u32
             }
         };
-        let slot = Slot {
-            hash: d.hash,
-            check: d.check,
-            at_s: now_s,
-            content,
-            state: TAG_IN_FLIGHT << TAG_SHIFT | u64::from(record),
-            route: 0,
-        };
+        let slot = Slot::new(d, content, now_s, record);
         let number = self.push(slot, None, table.keep_answers);
         self.in_flight[record as usize].number = number;
         self.in_flight_count += 1;
@@ -840,7 +866,7 @@ mod tests {
             "0201 repeats its 0200"
         );
         assert_ne!(content_digest(&a), content_digest(&changed));
-        assert_eq!(SLOT_BYTES, 40);
+        assert_eq!(SLOT_BYTES, 32);
     }
 
     #[test]

@@ -22,7 +22,7 @@
 //!   the duplicates table of `core::recent`) into a `RecordSink` over an in-memory
 //!   journal of real `journal::record` records;
 //! - after each crash, `journal::recovery::Replay` over the records that survive,
-//!   then `daemon::recovery::{restore_recent, resume}`, as `Switch::start` does;
+//!   then `daemon::recovery::{Rebuild, resume}`, as `Switch::start` does;
 //! - `core::answer::encode_reply` for what the acquirer receives (its own DE11
 //!   restored), released once the outcome record is durable.
 //!
