@@ -13,6 +13,7 @@ pub mod reader;
 pub mod record;
 pub mod recovery;
 pub mod settlement;
+pub mod spare;
 pub mod writer;
 
 pub use lookup::Lookup;

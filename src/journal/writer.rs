@@ -13,6 +13,7 @@
 use super::lookup::{Lookup, POINT_STRIDE_BYTES};
 use super::reader::{self, JournalError, Scan, SEGMENT_PREFIX, SEGMENT_SUFFIX};
 use super::record::{self, Record, RecordKind, BODY_SIZE_MAX_BYTES};
+use super::spare::Spare;
 use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use std::collections::VecDeque;
@@ -171,7 +172,9 @@ pub struct Journal {
     full: Arc<AtomicBool>,
     usage: Arc<Usage>,
     lookup: Arc<Lookup>,
+    spare: Arc<Spare>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    spare_thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 /// What opening found: the scan of the existing records (after any torn tail was
@@ -224,6 +227,7 @@ impl Journal {
             move |source| JournalError::Io { path, source }
         };
         std::fs::create_dir_all(&config.dir).map_err(io(&config.dir))?;
+        let (spare, spare_thread) = Spare::start(&config.dir).map_err(io(&config.dir))?;
         // Per segment holding records: the end of its last record, its newest time.
         let mut seen: Vec<Seen> = Vec::new();
         let lookup = Arc::new(Lookup::new());
@@ -287,11 +291,13 @@ impl Journal {
             batch_first_seq: 0,
             last_point: None,
             lookup: lookup.clone(),
+            spare: spare.clone(),
             durable: durable_tx,
             failed: failed.clone(),
             full: full.clone(),
             batch_unix_ms: 0,
         };
+        state.want_spare();
         let thread = std::thread::Builder::new()
             .name("journal".into())
             .spawn(move || state.run(&writer_queue))
@@ -307,7 +313,9 @@ impl Journal {
             full,
             usage,
             lookup,
+            spare,
             thread: Mutex::new(Some(thread)),
+            spare_thread: Mutex::new(Some(spare_thread)),
         };
         Ok(Opened {
             journal,
@@ -404,6 +412,11 @@ impl Journal {
             sender.writer.unpark();
         }
         let thread = crate::sync::lock(&self.thread).take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+        self.spare.close();
+        let thread = crate::sync::lock(&self.spare_thread).take();
         if let Some(thread) = thread {
             let _ = thread.join();
         }
@@ -637,7 +650,7 @@ fn new_segment(
     reserve: u64,
     preallocate: &mut bool,
 ) -> Result<(File, PathBuf, u64), JournalError> {
-    let path = dir.join(format!("{SEGMENT_PREFIX}{first_seq:020}{SEGMENT_SUFFIX}"));
+    let path = segment_path(dir, first_seq);
     let io = |source| JournalError::Io {
         path: path.clone(),
         source,
@@ -678,6 +691,11 @@ fn new_segment(
     Ok((file, path, bytes))
 }
 
+/// The path of the segment starting at `first_seq`.
+fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+    dir.join(format!("{SEGMENT_PREFIX}{first_seq:020}{SEGMENT_SUFFIX}"))
+}
+
 /// Why the writer stops.
 enum Stop {
     Io(JournalError),
@@ -705,6 +723,8 @@ struct WriterState {
     /// The offset of the current segment's last index point.
     last_point: Option<u64>,
     lookup: Arc<Lookup>,
+    /// The next segment, zero-filled ahead of time.
+    spare: Arc<Spare>,
     durable: watch::Sender<u64>,
     failed: Arc<AtomicBool>,
     full: Arc<AtomicBool>,
@@ -840,13 +860,36 @@ impl WriterState {
         self.segments
             .prune(&self.config, now_ms, reserve)
             .map_err(Stop::Full)?;
-        let (file, path, bytes) =
-            new_segment(&self.config.dir, first_seq, reserve, &mut self.preallocate)?;
+        let path = segment_path(&self.config.dir, first_seq);
+        let (file, path, bytes) = match self.spare.take(&path, reserve) {
+            Some(file) => {
+                metrics::counter!("switchyard_journal_segments_created_total", "how" => "zeroed")
+                    .increment(1);
+                (file, path, reserve)
+            }
+            None => {
+                metrics::counter!("switchyard_journal_segments_created_total", "how" => "reserved")
+                    .increment(1);
+                new_segment(&self.config.dir, first_seq, reserve, &mut self.preallocate)?
+            }
+        };
         self.file = file;
         self.segment_bytes = 0;
         self.last_point = None;
         self.segments.start(path, bytes);
+        self.want_spare();
         Ok(())
+    }
+
+    /// Asks for the next segment to be made ready when the size bound leaves room
+    /// for it beside the segments kept and the current one.
+    fn want_spare(&self) {
+        let reserve = self.config.segment_size_max_bytes;
+        let s = &self.segments;
+        let current = s.current.as_ref().map_or(0, |c| c.bytes);
+        if s.closed_bytes + current + reserve <= self.config.size_max_bytes && reserve > 0 {
+            self.spare.want(reserve);
+        }
     }
 }
 
@@ -941,6 +984,55 @@ mod tests {
         assert_eq!(visited, expected);
         assert_eq!(visited.len(), 500);
         assert_eq!(opened.recovered.records, 500);
+    }
+
+    #[tokio::test]
+    async fn rotation_takes_the_zero_filled_spare_when_it_is_ready() {
+        let dir = TempDir::new("spare");
+        std::fs::create_dir_all(&dir.0).unwrap();
+        std::fs::write(
+            dir.0.join(super::super::spare::SPARE_NAME),
+            b"left half filled",
+        )
+        .unwrap();
+        let config = JournalConfig {
+            segment_size_max_bytes: 256 * 1024,
+            ..JournalConfig::new(&dir.0)
+        };
+        let journal = Journal::open(config.clone()).unwrap().journal;
+        use std::os::unix::fs::MetadataExt;
+        let spare = dir.0.join(super::super::spare::SPARE_NAME);
+        let mut taken: Option<u64> = None;
+        for round in 0..4u64 {
+            // A spare ready again means the last rotation is done.
+            while !journal.spare.is_ready() {
+                tokio::task::yield_now().await;
+            }
+            if let Some(inode) = taken {
+                let segments = crate::journal::segments(&dir.0).unwrap();
+                let newest = &segments.last().unwrap().1;
+                assert_eq!(std::fs::metadata(newest).unwrap().ino(), inode, "the spare");
+            }
+            if round == 3 {
+                break;
+            }
+            taken = Some(std::fs::metadata(&spare).unwrap().ino());
+            // Fill the current segment past its size: the last commit rotates.
+            let mut last = 0;
+            let mut written = 0;
+            while written < 256 * 1024 {
+                let e = entry(round * 10_000 + written as u64);
+                written += record::LEN_BYTES + record::FIXED_BYTES + 8 + e.message.len();
+                last = journal.append(e).unwrap();
+            }
+            assert!(journal.wait_durable(last).await);
+        }
+        let segments = crate::journal::segments(&dir.0).unwrap();
+        assert_eq!(segments.len(), 4, "{segments:?}");
+        drop(journal);
+        let reopened = Journal::open(config).unwrap();
+        assert!(reopened.recovered.torn_tail.is_none());
+        assert!(reopened.recovered.records > 0);
     }
 
     #[test]
