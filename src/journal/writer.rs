@@ -1002,21 +1002,11 @@ mod tests {
         let journal = Journal::open(config.clone()).unwrap().journal;
         use std::os::unix::fs::MetadataExt;
         let spare = dir.0.join(super::super::spare::SPARE_NAME);
-        let mut taken: Option<u64> = None;
-        for round in 0..4u64 {
-            // A spare ready again means the last rotation is done.
+        for round in 0..3u64 {
             while !journal.spare.is_ready() {
                 tokio::task::yield_now().await;
             }
-            if let Some(inode) = taken {
-                let segments = crate::journal::segments(&dir.0).unwrap();
-                let newest = &segments.last().unwrap().1;
-                assert_eq!(std::fs::metadata(newest).unwrap().ino(), inode, "the spare");
-            }
-            if round == 3 {
-                break;
-            }
-            taken = Some(std::fs::metadata(&spare).unwrap().ino());
+            let taken = std::fs::metadata(&spare).unwrap().ino();
             // Fill the current segment past its size: the last commit rotates.
             let mut last = 0;
             let mut written = 0;
@@ -1026,6 +1016,15 @@ mod tests {
                 last = journal.append(e).unwrap();
             }
             assert!(journal.wait_durable(last).await);
+            // The rotation follows the commit.
+            let newest = loop {
+                let segments = crate::journal::segments(&dir.0).unwrap();
+                if segments.len() == round as usize + 2 {
+                    break segments.last().unwrap().1.clone();
+                }
+                tokio::task::yield_now().await;
+            };
+            assert_eq!(std::fs::metadata(newest).unwrap().ino(), taken, "the spare");
         }
         let segments = crate::journal::segments(&dir.0).unwrap();
         assert_eq!(segments.len(), 4, "{segments:?}");

@@ -34,6 +34,10 @@ use tracing::{debug, info};
 const LINK_READ_BUFFER_BYTES: usize = 64 * 1024;
 /// Write buffer of one bank link, bytes (grows to a batch if need be).
 const LINK_WRITE_BUFFER_BYTES: usize = 64 * 1024;
+/// Batches a link encodes ahead while earlier ones wait for the journal. Each
+/// holds at most `write_batch_max` requests (and the link's in-flight table bounds
+/// them all), so this bounds buffers, not requests.
+const LINK_PIPELINE_BATCHES_MAX: usize = 4;
 /// Longest a link waits for the TLS close_notify to go out when it closes.
 const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
 
@@ -485,40 +489,61 @@ impl Connector {
         retire: &CancellationToken,
         shutdown: &CancellationToken,
     ) -> Ended {
-        let mut out = BytesMut::with_capacity(LINK_WRITE_BUFFER_BYTES);
         let mut flags = Flags::default();
+        let mut pipeline = Pipeline::default();
         loop {
-            // While there is work, no wake-up is registered (producers' `notify_one`
-            // then stores a permit instead of taking the waiters' lock).
-            match self
-                .write_once(shell, wr, retire, shutdown, &mut flags, &mut out)
-                .await
-            {
-                Ok(true) => continue,
-                Ok(false) => {}
+            // Encode what there is while earlier batches wait for the journal:
+            // their forwarded records join the next group commit at once.
+            let (more, end) = match self.fill(shell, retire, shutdown, &mut flags, &mut pipeline) {
+                Ok(state) => state,
                 Err(end) => return end,
+            };
+            if more {
+                continue;
             }
-            // Nothing to write: registered first, then one more look, so that
-            // nothing queued in between is missed. Only a link that takes
-            // requests waits for them.
+            if let Err(end) = self.write_durable(wr, &mut pipeline).await {
+                return end;
+            }
+            if let Some(end) = end {
+                if pipeline.is_empty() {
+                    return Ended::Link(end);
+                }
+                // Written once durable, then the link ends.
+                let Some(seq) = pipeline.last_seq() else {
+                    return Ended::Link(end);
+                };
+                if !self.durable.wait(seq).await {
+                    return Ended::Journal;
+                }
+                continue;
+            }
+            // Nothing more to encode now: wait for work, for the oldest batch to be
+            // durable, or for a retirement or shutdown. Wake-ups are registered
+            // first, then one more look, so that nothing queued in between is
+            // missed. Only a link that takes requests waits for them.
             let up = lock(&shell.link).is_up();
             let queued = self.writers.notified();
             let woken = shell.wake_writer.notified();
             tokio::pin!(queued, woken);
-            if up {
+            let room = !pipeline.is_full();
+            if up && room {
                 queued.as_mut().enable();
             }
             woken.as_mut().enable();
-            match self
-                .write_once(shell, wr, retire, shutdown, &mut flags, &mut out)
-                .await
-            {
-                Ok(true) => continue,
-                Ok(false) => {}
+            match self.fill(shell, retire, shutdown, &mut flags, &mut pipeline) {
+                Ok((true, _)) => continue,
+                Ok((false, Some(_))) => continue, // handled at the top
+                Ok((false, None)) => {}
                 Err(end) => return end,
             }
+            let oldest = pipeline.first_seq();
             tokio::select! {
-                _ = &mut queued, if up => {}
+                durable = self.durable.wait(oldest.unwrap_or(0)), if oldest.is_some() => {
+                    if !durable {
+                        return Ended::Journal;
+                    }
+                }
+                _ = &mut queued, if up && room => {}
                 _ = &mut woken => {}
                 _ = retire.cancelled(), if !flags.retiring => {}
                 _ = shutdown.cancelled(), if !flags.closing => {}
@@ -526,54 +551,125 @@ impl Connector {
         }
     }
 
-    /// Tells the link of a retirement or shutdown, takes what it has to write and
-    /// writes it once the journal records it names are durable. Ok(true): it wrote
-    /// a batch, or took work that may leave more; Ok(false): nothing to do; Err:
-    /// the link ended.
-    async fn write_once(
+    /// Tells the link of a retirement or shutdown and takes what it has to write,
+    /// batch after batch, into the pipeline while there is room. Returns whether a
+    /// full batch was answered without writing (look again), and the link's end
+    /// once nothing more will come.
+    fn fill(
         &self,
         shell: &LinkShell,
-        wr: &mut WriteHalf<TlsStream<TcpStream>>,
         retire: &CancellationToken,
         shutdown: &CancellationToken,
         flags: &mut Flags,
-        out: &mut BytesMut,
-    ) -> Result<bool, Ended> {
-        let state = {
-            let mut link = lock(&shell.link);
-            let now = std::time::Instant::now();
-            if shutdown.is_cancelled() && !flags.closing {
-                flags.closing = true;
-                link.close(now);
-            }
-            if retire.is_cancelled() && !flags.retiring {
-                flags.retiring = true;
-                link.retire(&self.state);
-            }
-            let seq = link.poll_transmit(&self.state, now, crate::clock::unix_s(), out);
-            if link.take_wake_reader() {
-                shell.wake_reader.notify_one();
-            }
-            (seq, link.ended(), link.take_wake_writer())
-        };
-        let (seq, end, more) = state;
-        if out.is_empty() {
-            return match end {
-                Some(end) => Err(Ended::Link(end)),
-                // A full batch answered without writing (a full table): look again.
-                None => Ok(more),
+        pipeline: &mut Pipeline,
+    ) -> Result<(bool, Option<LinkEnd>), Ended> {
+        while !pipeline.is_full() {
+            let mut out = pipeline.buffer();
+            let (seq, end, more) = {
+                let mut link = lock(&shell.link);
+                let now = std::time::Instant::now();
+                if shutdown.is_cancelled() && !flags.closing {
+                    flags.closing = true;
+                    link.close(now);
+                }
+                if retire.is_cancelled() && !flags.retiring {
+                    flags.retiring = true;
+                    link.retire(&self.state);
+                }
+                let seq = link.poll_transmit(&self.state, now, crate::clock::unix_s(), &mut out);
+                if link.take_wake_reader() {
+                    shell.wake_reader.notify_one();
+                }
+                (seq, link.ended(), link.take_wake_writer())
             };
+            if out.is_empty() {
+                pipeline.recycle(out);
+                // A full batch answered without writing (a full table): look again.
+                return Ok((more && end.is_none(), end));
+            }
+            pipeline.push(seq, out);
         }
-        // Write-ahead: the bank sees no request before its forwarded record (and so
-        // its accepted record) is durable.
-        if !self.durable.wait(seq).await {
-            return Err(Ended::Journal);
+        Ok((false, None))
+    }
+
+    /// Writes, in order and with one flush, every batch whose journal records are
+    /// durable (the bank sees no request before its forwarded record, and so its
+    /// accepted record, is durable).
+    async fn write_durable(
+        &self,
+        wr: &mut WriteHalf<TlsStream<TcpStream>>,
+        pipeline: &mut Pipeline,
+    ) -> Result<(), Ended> {
+        let mut wrote = false;
+        while let Some(seq) = pipeline.first_seq() {
+            match self.durable.is_durable(seq) {
+                Some(true) => {}
+                Some(false) => break,
+                None => return Err(Ended::Journal),
+            }
+            let Some(out) = pipeline.pop() else { break };
+            let written = timeout(self.request_timeout(), wr.write_all(&out)).await;
+            pipeline.recycle(out);
+            match written {
+                Ok(Ok(())) => wrote = true,
+                Ok(Err(e)) => return Err(Ended::Io(e)),
+                Err(_) => return Err(Ended::Io(write_timed_out())),
+            }
         }
-        if let Err(e) = write_flush(wr, out, self.request_timeout()).await {
-            return Err(Ended::Io(e));
+        if wrote {
+            if let Err(e) = write_flush(wr, &[], self.request_timeout()).await {
+                return Err(Ended::Io(e));
+            }
         }
+        Ok(())
+    }
+}
+
+/// Batches a link has encoded, in order, waiting for their journal records to be
+/// durable before they are written; bounded by [`LINK_PIPELINE_BATCHES_MAX`].
+/// Emptied buffers are kept for the next batches (no allocation per batch).
+#[derive(Default)]
+struct Pipeline {
+    batches: std::collections::VecDeque<(u64, BytesMut)>,
+    free: Vec<BytesMut>,
+}
+
+impl Pipeline {
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    fn is_full(&self) -> bool {
+        self.batches.len() >= LINK_PIPELINE_BATCHES_MAX
+    }
+
+    fn first_seq(&self) -> Option<u64> {
+        self.batches.front().map(|b| b.0)
+    }
+
+    fn last_seq(&self) -> Option<u64> {
+        self.batches.iter().map(|b| b.0).max()
+    }
+
+    fn buffer(&mut self) -> BytesMut {
+        self.free
+            .pop()
+            .unwrap_or_else(|| BytesMut::with_capacity(LINK_WRITE_BUFFER_BYTES))
+    }
+
+    fn push(&mut self, seq: u64, out: BytesMut) {
+        self.batches.push_back((seq, out));
+    }
+
+    fn pop(&mut self) -> Option<BytesMut> {
+        self.batches.pop_front().map(|b| b.1)
+    }
+
+    fn recycle(&mut self, mut out: BytesMut) {
         out.clear();
-        Ok(true)
+        if self.free.len() < LINK_PIPELINE_BATCHES_MAX {
+            self.free.push(out);
+        }
     }
 }
 
@@ -616,11 +712,13 @@ async fn write_flush<W: AsyncWriteExt + Unpin>(
     };
     match timeout(limit, write).await {
         Ok(result) => result,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "bank not reading",
-        )),
+        Err(_) => Err(write_timed_out()),
     }
+}
+
+/// A bank that did not take a batch in time.
+fn write_timed_out() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, "bank not reading")
 }
 
 /// Why a link ended.

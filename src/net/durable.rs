@@ -18,6 +18,18 @@ impl Durable {
         Durable(journal)
     }
 
+    /// Whether record `seq` is durable now (`None`: it never will be: the journal
+    /// failed or the record was never written).
+    pub fn is_durable(&self, seq: u64) -> Option<bool> {
+        match &self.0 {
+            None => Some(true),
+            Some(_) if seq == 0 => Some(true),
+            Some(_) if seq == NOT_JOURNALED => None,
+            Some(j) if j.has_failed() => None,
+            Some(j) => Some(j.durable() >= seq),
+        }
+    }
+
     /// Waits until record `seq` is durable; true at once without a journal or for
     /// seq 0, false when the journal failed or the record was never written.
     pub async fn wait(&self, seq: u64) -> bool {
