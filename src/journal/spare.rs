@@ -12,7 +12,7 @@
 //! new segment is reserved with `fallocate` as before.
 
 use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
@@ -21,6 +21,8 @@ pub const SPARE_NAME: &str = "spare-segment.tmp";
 
 /// Zeros written per call while filling.
 const FILL_CHUNK_BYTES: usize = 1 << 20;
+/// Alignment of the zeros' buffer for direct I/O.
+const DIRECT_ALIGN_BYTES: usize = 4096;
 /// Bytes filled between syncs: the fill is flushed in steps so that no single
 /// flush stalls the device for the writer's own syncs.
 const FILL_SYNC_BYTES: u64 = 8 << 20;
@@ -86,10 +88,13 @@ impl Spare {
             return None;
         };
         drop(state);
+        drop(file);
+        // Opened again for the writer's appends (the fill may have used direct I/O).
         let renamed = std::fs::rename(self.dir.join(SPARE_NAME), path)
-            .and_then(|()| File::open(&self.dir)?.sync_all());
+            .and_then(|()| File::open(&self.dir)?.sync_all())
+            .and_then(|()| OpenOptions::new().write(true).open(path));
         match renamed {
-            Ok(()) => Some(file),
+            Ok(file) => Some(file),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e,
                     "journal: spare segment not used");
@@ -152,19 +157,33 @@ impl Spare {
     /// `None` when the journal closed meanwhile.
     fn fill(&self, bytes: u64) -> std::io::Result<Option<File>> {
         let path = self.dir.join(SPARE_NAME);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)?;
-        let zeros = vec![0u8; FILL_CHUNK_BYTES];
+        let open = |direct: bool| {
+            let mut o = OpenOptions::new();
+            o.write(true).create(true).truncate(true);
+            if direct {
+                // The zeros go to the disk without passing the page cache (no copy
+                // per page), where the filesystem allows it.
+                o.custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32);
+            }
+            o.open(&path)
+        };
+        let mut file = open(true).or_else(|_| open(false))?;
+        // An aligned block of zeros, as direct I/O needs (4 KiB covers the
+        // devices in use; a misaligned write fails and falls back below).
+        let block = vec![0u8; FILL_CHUNK_BYTES + DIRECT_ALIGN_BYTES];
+        let at = block.as_ptr().align_offset(DIRECT_ALIGN_BYTES);
+        let zeros = &block[at..at + FILL_CHUNK_BYTES];
         let mut written = 0u64;
         while written < bytes {
             if matches!(*crate::sync::lock(&self.state), State::Closed) {
                 return Ok(None);
             }
             let n = (bytes - written).min(FILL_CHUNK_BYTES as u64) as usize;
-            file.write_all(&zeros[..n])?;
+            if file.write_all_at(&zeros[..n], written).is_err() {
+                // Direct I/O refused (alignment, filesystem): buffered from here.
+                file = OpenOptions::new().write(true).open(&path)?;
+                file.write_all_at(&zeros[..n], written)?;
+            }
             written += n as u64;
             if written % FILL_SYNC_BYTES == 0 {
                 file.sync_data()?;

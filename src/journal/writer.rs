@@ -882,8 +882,12 @@ impl WriterState {
     }
 
     /// Asks for the next segment to be made ready when the size bound leaves room
-    /// for it beside the segments kept and the current one.
+    /// for it beside the segments kept and the current one. Not without syncs
+    /// (`fsync = "off"`): there zero-filling would only cost.
     fn want_spare(&self) {
+        if self.config.fsync == Fsync::Off {
+            return;
+        }
         let reserve = self.config.segment_size_max_bytes;
         let s = &self.segments;
         let current = s.current.as_ref().map_or(0, |c| c.bytes);
