@@ -157,19 +157,26 @@ impl std::error::Error for RecordError {}
 
 /// Appends one record to `out`; returns its size in bytes.
 pub fn encode(out: &mut Vec<u8>, record: &Record<'_>) -> usize {
-    debug_assert!(
-        record.body.len() <= BODY_SIZE_MAX_BYTES,
-        "caller bounds the body"
-    );
+    encode_parts(out, record, &[record.body])
+}
+
+/// Appends one record whose body is `parts` one after the other (the record's own
+/// `body` is not used): the writer's head and message go in without first being
+/// copied together.
+pub fn encode_parts(out: &mut Vec<u8>, record: &Record<'_>, parts: &[&[u8]]) -> usize {
+    let body_len: usize = parts.iter().map(|p| p.len()).sum();
+    debug_assert!(body_len <= BODY_SIZE_MAX_BYTES, "caller bounds the body");
     let start = out.len();
-    let len = (FIXED_BYTES + record.body.len()) as u32;
+    let len = (FIXED_BYTES + body_len) as u32;
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&record.seq.to_le_bytes());
     out.push(record.kind as u8);
     out.extend_from_slice(&record.request_id.to_le_bytes());
     out.extend_from_slice(&record.unix_ms.to_le_bytes());
-    out.extend_from_slice(record.body);
+    for part in parts {
+        out.extend_from_slice(part);
+    }
     let crc = checksum(&out[start..start + 4], &out[start + 8..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     out.len() - start

@@ -733,7 +733,6 @@ struct WriterState {
 
 impl WriterState {
     fn run(mut self, queue: &Queue) {
-        let mut body = Vec::with_capacity(BODY_SIZE_MAX_BYTES);
         loop {
             self.batch_unix_ms = crate::clock::unix_ms();
             let mut last_seq = None;
@@ -743,7 +742,7 @@ impl WriterState {
                 let Some(entry) = queue.records.pop() else {
                     break;
                 };
-                last_seq = Some(self.add(entry, &mut body, &mut newest));
+                last_seq = Some(self.add(entry, &mut newest));
                 count += 1;
             }
             // A small batch may wait a moment for company (group commit).
@@ -753,7 +752,7 @@ impl WriterState {
                     let Some(entry) = queue.records.pop() else {
                         break;
                     };
-                    last_seq = Some(self.add(entry, &mut body, &mut newest));
+                    last_seq = Some(self.add(entry, &mut newest));
                     count += 1;
                 }
             }
@@ -798,13 +797,10 @@ impl WriterState {
         self.durable.send_modify(|_| {});
     }
 
-    fn add(&mut self, (seq, entry): (u64, Entry), body: &mut Vec<u8>, newest: &mut u64) -> u64 {
+    fn add(&mut self, (seq, entry): (u64, Entry), newest: &mut u64) -> u64 {
         if self.buf.is_empty() {
             self.batch_first_seq = seq;
         }
-        body.clear();
-        body.extend_from_slice(&entry.head.0[..usize::from(entry.head.1)]);
-        body.extend_from_slice(&entry.message);
         let unix_ms = if entry.unix_ms == 0 {
             self.batch_unix_ms
         } else {
@@ -816,9 +812,10 @@ impl WriterState {
             kind: entry.kind,
             request_id: entry.request_id,
             unix_ms,
-            body,
+            body: &[],
         };
-        record::encode(&mut self.buf, &r);
+        let head = &entry.head.0[..usize::from(entry.head.1)];
+        record::encode_parts(&mut self.buf, &r, &[head, &entry.message]);
         seq
     }
 
