@@ -55,6 +55,8 @@ client_cert_file = "certs/switch-client.pem"
 client_key_file = "certs/switch-client.key"
 [limits]
 connections_max = 20000
+# Two institutions share the load generator's connections: 10,000 each at most.
+connections_per_institution_max = 10000
 # Bounded by memory (the shipped default, 2 GiB): past rate x window keys the
 # window shrinks.
 [duplicates]
