@@ -102,7 +102,7 @@ async fn demo_serve_answers_a_standard_client() {
         .spawn()
         .expect("start demo --serve");
     let stdout = child.stdout.take().unwrap();
-    let _guard = KillOnDrop(child);
+    let _guard = KillOnDrop(Some(child));
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
     let info: serde_json::Value = serde_json::from_str(&line).expect("one JSON line");
@@ -171,13 +171,32 @@ async fn demo_serve_answers_a_standard_client() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Stops the served demo even when an assertion fails.
-struct KillOnDrop(std::process::Child);
+/// Stops the served demo even when an assertion fails: SIGTERM, so that it stops
+/// as an operator's would and removes its temporary journal; SIGKILL if it has not
+/// exited within 10 s.
+struct KillOnDrop(Option<std::process::Child>);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let Some(mut child) = self.0.take() else {
+            return;
+        };
+        let pid = child.id();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        let (exited, waiting) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = exited.send(child.wait());
+        });
+        if waiting
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .is_err()
+        {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
     }
 }
 

@@ -276,6 +276,11 @@ impl Testbed {
             let _ = task.await;
         }
         if let Some(dir) = self.journal_dir.as_ref().filter(|_| self.remove_journal) {
+            // Its threads stopped first (the spare segment's helper may be
+            // creating a file in it).
+            if let Some(journal) = self.switch.journal() {
+                journal.close();
+            }
             let _ = std::fs::remove_dir_all(dir);
         }
     }
