@@ -232,18 +232,25 @@ impl Journal {
         let mut seen: Vec<Seen> = Vec::new();
         let lookup = Arc::new(Lookup::new());
         let recovered = reader::scan(&config.dir, |path, offset, r| {
-            lookup.note(path, r.seq, offset);
             let end = offset + (record::LEN_BYTES + record::FIXED_BYTES + r.body.len()) as u64;
             match seen.last_mut() {
                 Some(s) if s.path.as_os_str() == path.as_os_str() => {
                     s.end = end;
                     s.newest_unix_ms = s.newest_unix_ms.max(r.unix_ms);
+                    if offset >= s.point + POINT_STRIDE_BYTES {
+                        s.point = offset;
+                        lookup.note(path, r.seq, offset);
+                    }
                 }
-                _ => seen.push(Seen {
-                    path: path.to_owned(),
-                    end,
-                    newest_unix_ms: r.unix_ms,
-                }),
+                _ => {
+                    lookup.note(path, r.seq, offset);
+                    seen.push(Seen {
+                        path: path.to_owned(),
+                        end,
+                        newest_unix_ms: r.unix_ms,
+                        point: offset,
+                    });
+                }
             }
             visit(path, offset, r);
         })?;
@@ -435,6 +442,8 @@ struct Seen {
     /// Where its last record ends: anything after it is zeros (checked by the scan).
     end: u64,
     newest_unix_ms: u64,
+    /// The offset of its last index point (see `Lookup`).
+    point: u64,
 }
 
 /// A segment as pruning sees it.
