@@ -666,27 +666,18 @@ impl<W> Shard<W> {
         let answer = self.answers.pop_front().flatten();
         let number = self.front;
         self.front = self.front.wrapping_add(1);
-        let found = self.index.find_entry(slot.hash(), |&n| n == number);
-        match slot.in_flight() {
-            Some(record) => {
-                if let Ok(entry) = found {
-                    entry.remove();
-                }
-                self.answer_bytes -= answer.as_ref().map_or(0, Bytes::len);
-                let moved = self.push(slot, answer, keep_answers);
-                if let Some(r) = self.in_flight.get_mut(record as usize) {
-                    r.number = moved;
-                }
-                None
-            }
-            None => {
-                if let Ok(entry) = found {
-                    entry.remove();
-                }
-                self.answer_bytes -= answer.as_ref().map_or(0, Bytes::len);
-                Some(slot)
-            }
+        if let Ok(entry) = self.index.find_entry(slot.hash(), |&n| n == number) {
+            entry.remove();
         }
+        self.answer_bytes -= answer.as_ref().map_or(0, Bytes::len);
+        let Some(record) = slot.in_flight() else {
+            return Some(slot);
+        };
+        let moved = self.push(slot, answer, keep_answers);
+        if let Some(r) = self.in_flight.get_mut(record as usize) {
+            r.number = moved;
+        }
+        None
     }
 
     /// Drops the answered keys whose window has passed.

@@ -22,6 +22,23 @@ pub const POINT_STRIDE_BYTES: u64 = 256 * 1024;
 /// Bytes read at a time while scanning forward: room for the largest record.
 const READ_CHUNK_BYTES: usize = 2 * (record::LEN_BYTES + RECORD_LEN_MAX_BYTES);
 
+/// When the next index point of a segment is due: at its first record, then at the
+/// first record a stride past the last point. One per segment being read or
+/// written (a fresh one for each segment).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stride(Option<u64>);
+
+impl Stride {
+    /// Whether a record at `offset` takes a point (and if so, it counts as taken).
+    pub fn due(&mut self, offset: u64) -> bool {
+        let due = self.0.is_none_or(|at| offset >= at + POINT_STRIDE_BYTES);
+        if due {
+            self.0 = Some(offset);
+        }
+        due
+    }
+}
+
 /// A segment's index: its first sequence number, its file, and its points
 /// (sequence number, byte offset of that record), ascending.
 struct Indexed {
@@ -42,25 +59,17 @@ impl Lookup {
         Lookup::default()
     }
 
-    /// Notes record `seq` at `offset` of the segment `path`: kept as a point when
-    /// it is the segment's first or lies a stride past the last point. Records must
-    /// come in journal order.
+    /// Adds an index point: record `seq` lies at `offset` of the segment `path`.
+    /// Points must come in journal order, and where a [`Stride`] says one is due.
     pub fn note(&self, path: &Path, seq: u64, offset: u64) {
         let mut segments = crate::sync::lock(&self.segments);
-        if segments.last().is_none_or(|s| s.path != path) {
-            segments.push(Indexed {
+        match segments.last_mut() {
+            Some(s) if s.path == path => s.points.push((seq, offset)),
+            _ => segments.push(Indexed {
                 first_seq: seq,
                 path: path.to_owned(),
-                points: Vec::new(),
-            });
-        }
-        let Some(s) = segments.last_mut() else { return };
-        let due = s
-            .points
-            .last()
-            .is_none_or(|&(_, at)| offset >= at + POINT_STRIDE_BYTES);
-        if due {
-            s.points.push((seq, offset));
+                points: vec![(seq, offset)],
+            }),
         }
     }
 

@@ -32,8 +32,8 @@ enum State {
     Idle,
     /// A spare of this many bytes is wanted.
     Wanted(u64),
-    /// Ready: the file (open for writing) and its length.
-    Ready(File, u64),
+    /// Ready, this many bytes long.
+    Ready(u64),
     /// The journal is closing.
     Closed,
 }
@@ -78,18 +78,12 @@ impl Spare {
     /// directory synced), its file open for writing. `None` at once otherwise.
     pub fn take(&self, path: &Path, bytes: u64) -> Option<File> {
         let mut state = crate::sync::lock(&self.state);
-        let State::Ready(_, len) = &*state else {
-            return None;
-        };
-        if *len != bytes || path.exists() {
-            return None; // a segment is never written over
+        if !matches!(*state, State::Ready(len) if len == bytes) || path.exists() {
+            return None; // not ready, or the wrong size; a segment is never written over
         }
-        let State::Ready(file, _) = std::mem::replace(&mut *state, State::Idle) else {
-            return None;
-        };
+        *state = State::Idle;
         drop(state);
-        drop(file);
-        // Opened again for the writer's appends (the fill may have used direct I/O).
+        // Opened for the writer's appends (the fill may have used direct I/O).
         let renamed = std::fs::rename(self.dir.join(SPARE_NAME), path)
             .and_then(|()| File::open(&self.dir)?.sync_all())
             .and_then(|()| OpenOptions::new().write(true).open(path));
@@ -133,13 +127,13 @@ impl Spare {
                 }
             };
             match self.fill(bytes) {
-                Ok(Some(file)) => {
+                Ok(true) => {
                     let mut state = crate::sync::lock(&self.state);
                     if matches!(*state, State::Wanted(_)) {
-                        *state = State::Ready(file, bytes);
+                        *state = State::Ready(bytes);
                     }
                 }
-                Ok(None) => return, // closed while filling
+                Ok(false) => return, // closed while filling
                 Err(e) => {
                     crate::log_limited!(warn, dir = %self.dir.display(), error = %e,
                         "journal: cannot prepare a spare segment; segments are reserved with fallocate");
@@ -154,8 +148,8 @@ impl Spare {
     }
 
     /// Writes `bytes` of zeros to the spare file and syncs it and the directory;
-    /// `None` when the journal closed meanwhile.
-    fn fill(&self, bytes: u64) -> std::io::Result<Option<File>> {
+    /// false when the journal closed meanwhile.
+    fn fill(&self, bytes: u64) -> std::io::Result<bool> {
         let path = self.dir.join(SPARE_NAME);
         let open = |direct: bool| {
             let mut o = OpenOptions::new();
@@ -176,7 +170,7 @@ impl Spare {
         let mut written = 0u64;
         while written < bytes {
             if matches!(*crate::sync::lock(&self.state), State::Closed) {
-                return Ok(None);
+                return Ok(false);
             }
             let n = (bytes - written).min(FILL_CHUNK_BYTES as u64) as usize;
             if file.write_all_at(&zeros[..n], written).is_err() {
@@ -191,6 +185,6 @@ impl Spare {
         }
         file.sync_all()?;
         File::open(&self.dir)?.sync_all()?;
-        Ok(Some(file))
+        Ok(true)
     }
 }

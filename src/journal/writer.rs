@@ -10,7 +10,7 @@
 //! on each rotation: by age (`retention`), then by size (`size_max_bytes`); when
 //! the bound is reached and nothing may be pruned, the journal refuses appends.
 
-use super::lookup::{Lookup, POINT_STRIDE_BYTES};
+use super::lookup::{Lookup, Stride};
 use super::reader::{self, JournalError, Scan, SEGMENT_PREFIX, SEGMENT_SUFFIX};
 use super::record::{self, Record, RecordKind, BODY_SIZE_MAX_BYTES};
 use super::spare::Spare;
@@ -237,18 +237,20 @@ impl Journal {
                 Some(s) if s.path.as_os_str() == path.as_os_str() => {
                     s.end = end;
                     s.newest_unix_ms = s.newest_unix_ms.max(r.unix_ms);
-                    if offset >= s.point + POINT_STRIDE_BYTES {
-                        s.point = offset;
+                    if s.points.due(offset) {
                         lookup.note(path, r.seq, offset);
                     }
                 }
                 _ => {
-                    lookup.note(path, r.seq, offset);
+                    let mut points = Stride::default();
+                    if points.due(offset) {
+                        lookup.note(path, r.seq, offset);
+                    }
                     seen.push(Seen {
                         path: path.to_owned(),
                         end,
                         newest_unix_ms: r.unix_ms,
-                        point: offset,
+                        points,
                     });
                 }
             }
@@ -296,7 +298,7 @@ impl Journal {
             preallocate,
             buf: Vec::with_capacity(1 << 20),
             batch_first_seq: 0,
-            last_point: None,
+            points: Stride::default(),
             lookup: lookup.clone(),
             spare: spare.clone(),
             durable: durable_tx,
@@ -442,8 +444,8 @@ struct Seen {
     /// Where its last record ends: anything after it is zeros (checked by the scan).
     end: u64,
     newest_unix_ms: u64,
-    /// The offset of its last index point (see `Lookup`).
-    point: u64,
+    /// When its next index point is due.
+    points: Stride,
 }
 
 /// A segment as pruning sees it.
@@ -729,8 +731,8 @@ struct WriterState {
     buf: Vec<u8>,
     /// The first record in `buf`.
     batch_first_seq: u64,
-    /// The offset of the current segment's last index point.
-    last_point: Option<u64>,
+    /// When the current segment's next index point is due.
+    points: Stride,
     lookup: Arc<Lookup>,
     /// The next segment, zero-filled ahead of time.
     spare: Arc<Spare>,
@@ -843,11 +845,10 @@ impl WriterState {
         }
         // Indexed before it counts as durable: a reader waits for that.
         let at = self.segment_bytes;
-        if self.last_point.is_none_or(|p| at >= p + POINT_STRIDE_BYTES) {
+        if self.points.due(at) {
             if let Some(current) = &self.segments.current {
                 self.lookup.note(&current.path, self.batch_first_seq, at);
             }
-            self.last_point = Some(at);
         }
         self.segment_bytes += self.buf.len() as u64;
         self.buf.clear();
@@ -881,7 +882,7 @@ impl WriterState {
         };
         self.file = file;
         self.segment_bytes = 0;
-        self.last_point = None;
+        self.points = Stride::default();
         self.segments.start(path, bytes);
         self.want_spare();
         Ok(())
