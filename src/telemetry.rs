@@ -43,11 +43,13 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// Latencies from the three instants of a payment.
-    pub fn new(received: Instant, forwarded: Instant, answered: Instant) -> Sample {
+    /// Latencies from the three instants of a payment: received from the
+    /// acquirer, written to the bank (after its journal records were durable),
+    /// its answer read.
+    pub fn new(received: Instant, written: Instant, answered: Instant) -> Sample {
         let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(LATENCY_MAX_US);
         let total_us = us(answered.saturating_duration_since(received));
-        let bank_us = us(answered.saturating_duration_since(forwarded));
+        let bank_us = us(answered.saturating_duration_since(written));
         Sample {
             switch_us: total_us.saturating_sub(bank_us),
             bank_us,

@@ -290,8 +290,9 @@ impl<E: LinkEnv> Link<E> {
     // === input ===
 
     /// A frame from the bank: matched by DE11 to what is in flight. When it answers
-    /// a request, returns when that request was received and when it was forwarded
-    /// (for the shell's latency sample, `telemetry::Sample::new(.., .., now)`).
+    /// a request, returns when that request was received and when its batch was
+    /// encoded (the shell knows when that batch was written, for its latency
+    /// sample, `telemetry::Sample::new(.., .., now)`).
     pub fn on_answer(&mut self, env: &E, frame: Bytes, now: Instant) -> Option<(Instant, Instant)> {
         let answer = match Message::decode(&self.config.dialect, frame) {
             Ok(m) => m,

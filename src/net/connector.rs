@@ -38,6 +38,9 @@ const LINK_WRITE_BUFFER_BYTES: usize = 64 * 1024;
 /// holds at most `write_batch_max` requests (and the link's in-flight table bounds
 /// them all), so this bounds buffers, not requests.
 const LINK_PIPELINE_BATCHES_MAX: usize = 4;
+/// Batches whose written instant a link remembers for latency samples (32 bytes
+/// each). An answer to an older batch counts from when it was encoded.
+const LINK_BATCH_TIMES_MAX: usize = 4_096;
 /// Longest a link waits for the TLS close_notify to go out when it closes.
 const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
 
@@ -402,6 +405,7 @@ impl Connector {
             )),
             wake_reader: Notify::new(),
             wake_writer: Notify::new(),
+            batch_times: Mutex::new(BatchTimes::default()),
         };
         let end = tokio::select! {
             end = self.read_loop(&link, rd) => end,
@@ -440,19 +444,22 @@ impl Connector {
                     Ok(_) => {
                         let now = std::time::Instant::now();
                         let mut link = lock(&shell.link);
+                        let times = lock(&shell.batch_times);
                         loop {
                             match decoder.decode(&mut buf) {
                                 Ok(Some(frame)) => {
-                                    if let Some((received, forwarded)) =
+                                    if let Some((received, encoded)) =
                                         link.on_answer(&self.state, frame, now)
                                     {
-                                        recorder.record(Sample::new(received, forwarded, now));
+                                        let written = times.written(encoded);
+                                        recorder.record(Sample::new(received, written, now));
                                     }
                                 }
                                 Ok(None) => break,
                                 Err(e) => return Ended::Frame(e),
                             }
                         }
+                        drop(times);
                         if let Some(end) = shell.after(&mut link) {
                             return Ended::Link(end);
                         }
@@ -501,7 +508,7 @@ impl Connector {
             if more {
                 continue;
             }
-            if let Err(end) = self.write_durable(wr, &mut pipeline).await {
+            if let Err(end) = self.write_durable(shell, wr, &mut pipeline).await {
                 return end;
             }
             if let Some(end) = end {
@@ -565,9 +572,9 @@ impl Connector {
     ) -> Result<(bool, Option<LinkEnd>), Ended> {
         while !pipeline.is_full() {
             let mut out = pipeline.buffer();
+            let now = std::time::Instant::now();
             let (seq, end, more) = {
                 let mut link = lock(&shell.link);
-                let now = std::time::Instant::now();
                 if shutdown.is_cancelled() && !flags.closing {
                     flags.closing = true;
                     link.close(now);
@@ -587,36 +594,52 @@ impl Connector {
                 // A full batch answered without writing (a full table): look again.
                 return Ok((more && end.is_none(), end));
             }
-            pipeline.push(seq, out);
+            pipeline.push(seq, now, out);
         }
         Ok((false, None))
     }
 
     /// Writes, in order and with one flush, every batch whose journal records are
     /// durable (the bank sees no request before its forwarded record, and so its
-    /// accepted record, is durable).
+    /// accepted record, is durable), and notes when they went out.
     async fn write_durable(
         &self,
+        shell: &LinkShell,
         wr: &mut WriteHalf<TlsStream<TcpStream>>,
         pipeline: &mut Pipeline,
     ) -> Result<(), Ended> {
-        let mut wrote = false;
+        let mut encoded = [None; LINK_PIPELINE_BATCHES_MAX];
+        let mut wrote = 0;
         while let Some(seq) = pipeline.first_seq() {
             match self.durable.is_durable(seq) {
                 Some(true) => {}
                 Some(false) => break,
                 None => return Err(Ended::Journal),
             }
-            let Some(out) = pipeline.pop() else { break };
+            let Some((at, out)) = pipeline.pop() else {
+                break;
+            };
             let written = timeout(self.request_timeout(), wr.write_all(&out)).await;
             pipeline.recycle(out);
             match written {
-                Ok(Ok(())) => wrote = true,
+                Ok(Ok(())) => {
+                    // The pipeline holds at most as many batches as this has room.
+                    encoded[wrote % LINK_PIPELINE_BATCHES_MAX] = Some(at);
+                    wrote += 1;
+                }
                 Ok(Err(e)) => return Err(Ended::Io(e)),
                 Err(_) => return Err(Ended::Io(write_timed_out())),
             }
         }
-        if wrote {
+        if wrote > 0 {
+            // Noted before the flush: the reader may see an answer while it runs.
+            let now = std::time::Instant::now();
+            {
+                let mut times = lock(&shell.batch_times);
+                for at in encoded.into_iter().flatten() {
+                    times.note(at, now);
+                }
+            }
             if let Err(e) = write_flush(wr, &[], self.request_timeout()).await {
                 return Err(Ended::Io(e));
             }
@@ -630,7 +653,8 @@ impl Connector {
 /// Emptied buffers are kept for the next batches (no allocation per batch).
 #[derive(Default)]
 struct Pipeline {
-    batches: std::collections::VecDeque<(u64, BytesMut)>,
+    /// Each batch: the journal record it waits for, when it was encoded, its bytes.
+    batches: std::collections::VecDeque<(u64, std::time::Instant, BytesMut)>,
     free: Vec<BytesMut>,
 }
 
@@ -657,12 +681,12 @@ impl Pipeline {
             .unwrap_or_else(|| BytesMut::with_capacity(LINK_WRITE_BUFFER_BYTES))
     }
 
-    fn push(&mut self, seq: u64, out: BytesMut) {
-        self.batches.push_back((seq, out));
+    fn push(&mut self, seq: u64, encoded: std::time::Instant, out: BytesMut) {
+        self.batches.push_back((seq, encoded, out));
     }
 
-    fn pop(&mut self) -> Option<BytesMut> {
-        self.batches.pop_front().map(|b| b.1)
+    fn pop(&mut self) -> Option<(std::time::Instant, BytesMut)> {
+        self.batches.pop_front().map(|b| (b.1, b.2))
     }
 
     fn recycle(&mut self, mut out: BytesMut) {
@@ -685,6 +709,34 @@ struct LinkShell {
     link: Mutex<Link<BankState>>,
     wake_reader: Notify,
     wake_writer: Notify,
+    /// When recent batches went out (the reader and writer share one task).
+    batch_times: Mutex<BatchTimes>,
+}
+
+/// When a link's recent batches were encoded and when written to the bank, so
+/// that the time a batch waited for the journal counts as the switch's, not the
+/// bank's. Requests of one batch share its encoded instant (`Link::poll_transmit`
+/// stamps them all with one); batches are written in the order encoded. Bounded
+/// by [`LINK_BATCH_TIMES_MAX`].
+#[derive(Default)]
+struct BatchTimes(std::collections::VecDeque<(std::time::Instant, std::time::Instant)>);
+
+impl BatchTimes {
+    fn note(&mut self, encoded: std::time::Instant, written: std::time::Instant) {
+        if self.0.len() >= LINK_BATCH_TIMES_MAX {
+            self.0.pop_front();
+        }
+        self.0.push_back((encoded, written));
+    }
+
+    /// When the batch encoded at `encoded` was written; `encoded` itself when the
+    /// batch is too old to be remembered.
+    fn written(&self, encoded: std::time::Instant) -> std::time::Instant {
+        match self.0.binary_search_by(|b| b.0.cmp(&encoded)) {
+            Ok(i) => self.0[i].1,
+            Err(_) => encoded,
+        }
+    }
 }
 
 impl LinkShell {
@@ -749,4 +801,25 @@ struct LinkSet {
     target: usize,
     /// Task handles, joined at shutdown.
     tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_times_give_when_a_batch_went_out_within_their_bound() {
+        let t0 = std::time::Instant::now();
+        let at = |us: u64| t0 + Duration::from_micros(us);
+        let mut times = BatchTimes::default();
+        for i in 0..LINK_BATCH_TIMES_MAX as u64 + 10 {
+            times.note(at(i * 10), at(i * 10 + 5));
+        }
+        assert_eq!(times.0.len(), LINK_BATCH_TIMES_MAX);
+        // A remembered batch: its written instant.
+        assert_eq!(times.written(at(100 * 10)), at(100 * 10 + 5));
+        // Forgotten (the oldest ten) or never written: counts from encoding.
+        assert_eq!(times.written(at(30)), at(30));
+        assert_eq!(times.written(at(7)), at(7));
+    }
 }
