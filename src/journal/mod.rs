@@ -8,6 +8,7 @@
 //! `journal dump` read it.
 
 pub mod dump;
+mod durable;
 pub mod lookup;
 pub mod reader;
 pub mod record;

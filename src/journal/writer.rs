@@ -10,6 +10,7 @@
 //! on each rotation: by age (`retention`), then by size (`size_max_bytes`); when
 //! the bound is reached and nothing may be pruned, the journal refuses appends.
 
+use super::durable::DurablePoint;
 use super::lookup::{Lookup, Stride};
 use super::reader::{self, JournalError, Scan, SEGMENT_PREFIX, SEGMENT_SUFFIX};
 use super::record::{self, Record, RecordKind, BODY_SIZE_MAX_BYTES};
@@ -23,7 +24,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
 
 /// Records queued for the writer thread; a full queue refuses new records (the
 /// switch answers 91) rather than buffering without bound.
@@ -166,9 +166,9 @@ struct Usage {
 pub struct Journal {
     sender: Mutex<Option<Sender>>,
     queue: Arc<Queue>,
-    durable: watch::Receiver<u64>,
-    failed: Arc<AtomicBool>,
-    /// Set (before `failed`) when the size bound stopped the writer.
+    /// What is durable, whether the journal failed, and who waits.
+    point: Arc<DurablePoint>,
+    /// Set (before the journal counts as failed) when the size bound stopped the writer.
     full: Arc<AtomicBool>,
     usage: Arc<Usage>,
     lookup: Arc<Lookup>,
@@ -287,8 +287,7 @@ impl Journal {
             closed: AtomicBool::new(false),
         });
         let writer_queue = queue.clone();
-        let (durable_tx, durable) = watch::channel(next_seq - 1);
-        let failed = Arc::new(AtomicBool::new(false));
+        let point = Arc::new(DurablePoint::new(next_seq - 1));
         let full = Arc::new(AtomicBool::new(false));
         let state = WriterState {
             config,
@@ -301,8 +300,8 @@ impl Journal {
             points: Stride::default(),
             lookup: lookup.clone(),
             spare: spare.clone(),
-            durable: durable_tx,
-            failed: failed.clone(),
+            point: point.clone(),
+            woken: Vec::new(),
             full: full.clone(),
             batch_unix_ms: 0,
         };
@@ -317,8 +316,7 @@ impl Journal {
                 writer: thread.thread().clone(),
             })),
             queue,
-            durable,
-            failed,
+            point,
             full,
             usage,
             lookup,
@@ -338,7 +336,7 @@ impl Journal {
         if usize::from(entry.head.1) + entry.message.len() > BODY_SIZE_MAX_BYTES {
             return Err(AppendError::TooLarge);
         }
-        if self.failed.load(Ordering::Acquire) {
+        if self.point.has_failed() {
             if self.full.load(Ordering::Acquire) {
                 return Err(AppendError::SizeBound);
             }
@@ -374,28 +372,23 @@ impl Journal {
 
     /// The highest sequence number known durable (all below it are too).
     pub fn durable(&self) -> u64 {
-        *self.durable.borrow()
+        self.point.get()
     }
 
     /// Waits until `seq` is durable; false if the journal failed first.
     pub async fn wait_durable(&self, seq: u64) -> bool {
-        let mut rx = self.durable.clone();
-        let failed = &self.failed;
-        rx.wait_for(|d| *d >= seq || failed.load(Ordering::Acquire))
-            .await
-            .is_ok()
-            && !self.failed.load(Ordering::Acquire)
+        self.point.wait(seq).await
     }
 
     /// Marks the journal failed as a write or sync failure would (for tests of the
     /// switch's behaviour on a full or broken disk).
     pub fn simulate_failure(&self) {
-        self.failed.store(true, Ordering::Release);
+        self.point.fail();
     }
 
     /// Whether a write or sync failed, or the size bound was reached.
     pub fn has_failed(&self) -> bool {
-        self.failed.load(Ordering::Acquire)
+        self.point.has_failed()
     }
 
     /// Whether the size bound (`size_max_bytes`) stopped the journal (it then
@@ -736,8 +729,9 @@ struct WriterState {
     lookup: Arc<Lookup>,
     /// The next segment, zero-filled ahead of time.
     spare: Arc<Spare>,
-    durable: watch::Sender<u64>,
-    failed: Arc<AtomicBool>,
+    point: Arc<DurablePoint>,
+    /// Wakers taken by a commit (kept: no allocation per commit).
+    woken: Vec<std::task::Waker>,
     full: Arc<AtomicBool>,
     batch_unix_ms: u64,
 }
@@ -804,8 +798,7 @@ impl WriterState {
 
     /// Marks the journal failed and wakes the waiters to see it.
     fn stop(&self) {
-        self.failed.store(true, Ordering::Release);
-        self.durable.send_modify(|_| {});
+        self.point.fail();
     }
 
     fn add(&mut self, (seq, entry): (u64, Entry), newest: &mut u64) -> u64 {
@@ -852,7 +845,7 @@ impl WriterState {
         }
         self.segment_bytes += self.buf.len() as u64;
         self.buf.clear();
-        self.durable.send_replace(last_seq);
+        self.point.publish(last_seq, &mut self.woken);
         self.segments.wrote(self.segment_bytes, newest_unix_ms);
         if self.segment_bytes >= self.config.segment_size_max_bytes {
             self.rotate(last_seq + 1, crate::clock::unix_ms())?;
