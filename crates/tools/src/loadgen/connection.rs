@@ -1,11 +1,13 @@
 //! One connection: its writer and reader, the requests in flight, and building requests.
 
-use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::sync::{Arc, TryLockError};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::Notify;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
 use switchyard::money::format_de4;
@@ -28,34 +30,392 @@ const TERMINAL_ID: &[u8] = b"TERM0001";
 const MERCHANT_ID: &[u8] = b"MERCHANT0000001";
 const PROCESSING_CODE_PURCHASE: &[u8] = b"000000";
 
-pub(super) async fn connection(plan: Arc<Plan>, index: usize, stream: Stream) -> Tally {
-    let (reader, writer) = tokio::io::split(stream);
-    let shared = Shared {
-        state: Mutex::new(ConnState::new(&plan, index)),
-        freed: Notify::new(),
+/// A task's share of the run: its connections, each with one read and at most one write
+/// in flight, one timer for the task (the earliest send due among its connections, or
+/// housekeeping), one tally. Returns the task's tally.
+pub(super) async fn group(plan: Arc<Plan>, members: Vec<(usize, Stream)>) -> Tally {
+    let first = members.first().map_or(0, |m| m.0);
+    let mut g = Group {
+        books: Books::new(&plan, first),
+        members: Vec::with_capacity(members.len()),
+        due: BinaryHeap::with_capacity(members.len()),
+        ready: Vec::with_capacity(members.len()),
     };
-    let result = tokio::select! {
-        read = read_loop(reader, &shared, &plan) => read,
-        write = write_loop(writer, &shared, &plan) => write,
+    let mut reads = FuturesUnordered::new();
+    let mut writes = FuturesUnordered::new();
+    for (slot, (index, stream)) in members.into_iter().enumerate() {
+        let (reader, writer) = tokio::io::split(stream);
+        reads.push(read_some(
+            slot,
+            reader,
+            BytesMut::with_capacity(READ_CHUNK_BYTES),
+        ));
+        g.members.push(Member {
+            state: ConnState::new(&plan, index),
+            writer: Some(writer),
+            out: BytesMut::new(),
+            spare: None,
+            sending: Sending::Ready,
+            failed: false,
+        });
+        g.ready.push(slot);
+    }
+    // Closed loop: sending stops at `send_until`; open loop: a backlog held up by a full
+    // window may still be sent until `drain_until`.
+    let limit = match plan.opts.rate {
+        None => plan.send_until,
+        Some(_) => plan.drain_until,
     };
-    let mut state = shared.state.into_inner().unwrap_or_else(|e| e.into_inner());
-    let failed = result.is_err();
-    if let Err(e) = result {
-        tracing::warn!(connection = index, error = %e, "load generator: connection failed");
-        let in_flight = state.abandon();
-        state.tally.errors += 1 + in_flight;
+    let timer = tokio::time::sleep_until(plan.start);
+    tokio::pin!(timer);
+    loop {
+        let now = Instant::now();
+        g.housekeeping(&plan, now);
+        if now >= plan.drain_until {
+            break;
+        }
+        while g.due.peek().is_some_and(|d| d.0 .0 <= now) {
+            if let Some(Reverse((_, slot))) = g.due.pop() {
+                g.ready.push(slot);
+            }
+        }
+        let sending = now < limit;
+        for slot in std::mem::take(&mut g.ready) {
+            g.send(&plan, slot, now, sending);
+            if let Some(write) = g.start_write(&plan, slot) {
+                writes.push(write);
+            }
+        }
+        if g.finished(sending) && writes.is_empty() {
+            break;
+        }
+        let mut wake = g.books.next_housekeeping(&plan).min(plan.drain_until);
+        if sending {
+            wake = wake.min(limit);
+        }
+        if let Some(Reverse((at, _))) = g.due.peek() {
+            wake = wake.min(*at);
+        }
+        timer.as_mut().reset(wake);
+        tokio::select! {
+            biased;
+            Some((slot, reader, mut input, read)) = reads.next() => {
+                let now = Instant::now();
+                match g.on_read(&plan, slot, &mut input, read, now) {
+                    Ok(()) => reads.push(read_some(slot, reader, input)),
+                    Err(e) => g.fail(slot, &e),
+                }
+            }
+            Some((slot, writer, out, written)) = writes.next() => {
+                g.wrote(slot, writer, out, written);
+            }
+            () = &mut timer => {}
+        }
     }
-    if let Some(rate) = plan.opts.rate {
-        let unsent = plan
-            .scheduled_measured(rate, index)
-            .saturating_sub(state.tally.sent);
-        state.tally.unsent = unsent;
-        state.tally.behind = unsent > 0 && !failed;
+    g.finish(&plan).await
+}
+
+/// Reads what there is on one connection; gives the reader and buffer back.
+async fn read_some(
+    slot: usize,
+    mut reader: ReadHalf<Stream>,
+    mut input: BytesMut,
+) -> (usize, ReadHalf<Stream>, BytesMut, std::io::Result<usize>) {
+    if input.capacity() - input.len() < READ_CHUNK_BYTES / 4 {
+        input.reserve(READ_CHUNK_BYTES);
     }
-    if plan.opts.progress {
-        state.flush_live(&plan);
+    let read = reader.read_buf(&mut input).await;
+    (slot, reader, input, read)
+}
+
+/// A write ended: the connection, its writer and buffer back, how it went.
+type Wrote = (
+    usize,
+    WriteHalf<Stream>,
+    BytesMut,
+    Result<(), ConnectionError>,
+);
+
+/// Writes one burst on one connection with one flush, at the latest by `until`.
+async fn write_burst(
+    slot: usize,
+    mut writer: WriteHalf<Stream>,
+    out: BytesMut,
+    until: Instant,
+) -> Wrote {
+    let burst = async {
+        writer.write_all(&out).await?;
+        writer.flush().await
+    };
+    let written = match tokio::time::timeout_at(until, burst).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ConnectionError::Io(e)),
+        Err(_) => Err(ConnectionError::WriteStalled),
+    };
+    (slot, writer, out, written)
+}
+
+/// Whether a connection has more to send.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sending {
+    /// Looked at when due or when an answer frees its window.
+    Ready,
+    /// Window full: looked at again when an answer (or the expiry scan) frees a slot.
+    WindowFull,
+    /// Nothing more to send.
+    Done,
+}
+
+/// One connection of a group.
+struct Member {
+    state: ConnState,
+    /// `None` while a write is in flight (or once failed).
+    writer: Option<WriteHalf<Stream>>,
+    /// Encoded, not yet handed to a write.
+    out: BytesMut,
+    /// The buffer of the last write, kept for the next.
+    spare: Option<BytesMut>,
+    sending: Sending,
+    failed: bool,
+}
+
+/// A task's connections and what they share.
+struct Group {
+    books: Books,
+    members: Vec<Member>,
+    /// Open loop: when each waiting connection's next request is due (one entry each).
+    due: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// Connections to look at now.
+    ready: Vec<usize>,
+}
+
+impl Group {
+    /// Encodes what connection `slot` has to send now (closed loop: fills its window;
+    /// open loop: what is due) and notes when to look at it again.
+    fn send(&mut self, plan: &Plan, slot: usize, now: Instant, sending: bool) {
+        let m = &mut self.members[slot];
+        if m.failed || m.sending == Sending::Done {
+            return;
+        }
+        if !sending {
+            m.sending = Sending::Done;
+            return;
+        }
+        let next = match plan.opts.rate {
+            None => m
+                .state
+                .fill(plan, now, &mut m.out, &mut self.books)
+                .map(|()| Next::WindowFull),
+            Some(rate) => m
+                .state
+                .send_due(plan, rate, now, &mut m.out, &mut self.books),
+        };
+        match next {
+            Ok(Next::At(at)) => {
+                m.sending = Sending::Ready;
+                self.due.push(Reverse((at, slot)));
+            }
+            Ok(Next::WindowFull) => m.sending = Sending::WindowFull,
+            Ok(Next::Done) => m.sending = Sending::Done,
+            Err(e) => self.fail(slot, &e),
+        }
     }
-    state.tally
+
+    /// Hands connection `slot`'s encoded requests to a write unless one is in flight
+    /// (they then go with the next).
+    fn start_write(
+        &mut self,
+        plan: &Plan,
+        slot: usize,
+    ) -> Option<impl std::future::Future<Output = Wrote>> {
+        let m = &mut self.members[slot];
+        if m.failed || m.out.is_empty() {
+            return None;
+        }
+        let writer = m.writer.take()?;
+        let next = m.spare.take().unwrap_or_default();
+        let out = std::mem::replace(&mut m.out, next);
+        Some(write_burst(slot, writer, out, plan.drain_until))
+    }
+
+    /// A write on `slot` ended.
+    fn wrote(
+        &mut self,
+        slot: usize,
+        writer: WriteHalf<Stream>,
+        mut out: BytesMut,
+        written: Result<(), ConnectionError>,
+    ) {
+        if let Err(e) = written {
+            self.fail(slot, &e);
+            return;
+        }
+        let m = &mut self.members[slot];
+        if m.failed {
+            return;
+        }
+        out.clear();
+        m.spare = Some(out);
+        m.writer = Some(writer);
+        if !m.out.is_empty() {
+            // Encoded while the last write was in flight: written now.
+            self.ready.push(slot);
+        }
+    }
+
+    /// Counts the answers read on `slot`; an error when the connection failed or closed.
+    fn on_read(
+        &mut self,
+        plan: &Plan,
+        slot: usize,
+        input: &mut BytesMut,
+        read: std::io::Result<usize>,
+        now: Instant,
+    ) -> Result<(), ConnectionError> {
+        if read? == 0 {
+            return Err(ConnectionError::Closed);
+        }
+        let max = FRAME_SIZE_MAX_BYTES_DEFAULT.max(plan.opts.dialect.message_size_max_bytes());
+        let frames = FrameDecoder::new(plan.opts.framing, max);
+        let in_period = now >= plan.measure_from;
+        let timeout = plan.opts.answer_timeout;
+        let books = &mut self.books;
+        let m = &mut self.members[slot];
+        while let Some(frame) = frames.decode(input)? {
+            match Message::decode(&plan.opts.dialect, frame) {
+                Ok(answer) => m.state.on_answer(&answer, now, in_period, timeout, books),
+                Err(e) => {
+                    books.recent.errors += 1;
+                    if in_period {
+                        books.tally.errors += 1;
+                    }
+                    if !books.warned_decode {
+                        books.warned_decode = true;
+                        tracing::warn!(error = %e, "load generator: undecodable answer");
+                    }
+                }
+            }
+        }
+        // Closed loop refills at once; open loop only a connection its window held up.
+        if plan.opts.rate.is_none() || m.sending == Sending::WindowFull {
+            self.ready.push(slot);
+        }
+        Ok(())
+    }
+
+    /// Connection `slot` failed: what it had in flight counts as errors.
+    fn fail(&mut self, slot: usize, e: &ConnectionError) {
+        let m = &mut self.members[slot];
+        if m.failed {
+            return;
+        }
+        tracing::warn!(connection = m.state.index, error = %e, "load generator: connection failed");
+        m.failed = true;
+        m.writer = None;
+        let in_flight = m.state.abandon();
+        self.books.tally.errors += 1 + in_flight;
+    }
+
+    /// Scans for timed-out requests (freeing windows) and hands recent figures to the
+    /// progress reporter, each when its time has come.
+    fn housekeeping(&mut self, plan: &Plan, now: Instant) {
+        if now >= self.books.next_scan {
+            for (slot, m) in self.members.iter_mut().enumerate() {
+                if m.state
+                    .expire(now, plan.opts.answer_timeout, &mut self.books)
+                    && m.sending == Sending::WindowFull
+                {
+                    self.ready.push(slot);
+                }
+            }
+            self.books.next_scan = now + plan.expiry_tick;
+        }
+        if plan.opts.progress && now >= self.books.next_flush {
+            self.books.flush_live(plan);
+            self.books.next_flush = now + Duration::from_millis(LIVE_FLUSH_MS);
+        }
+    }
+
+    /// Whether every connection is done: nothing more to send (`sending`: sending may
+    /// go on) and nothing in flight.
+    fn finished(&self, sending: bool) -> bool {
+        self.members.iter().all(|m| {
+            m.failed
+                || (m.state.in_flight == 0
+                    && (!sending || m.sending == Sending::Done)
+                    && m.out.is_empty())
+        })
+    }
+
+    /// Ends the run: what is still in flight counts as timeouts, unsent requests are
+    /// counted, connections are closed.
+    async fn finish(mut self, plan: &Plan) -> Tally {
+        let close = Duration::from_millis(CLOSE_TIMEOUT_MS);
+        for m in &mut self.members {
+            if !m.failed {
+                let left = m.state.abandon();
+                self.books.tally.timeouts += left;
+            }
+            if let Some(rate) = plan.opts.rate {
+                let unsent = plan
+                    .scheduled_measured(rate, m.state.index as usize)
+                    .saturating_sub(m.state.sent_measured);
+                self.books.tally.unsent += unsent;
+                self.books.tally.behind |= unsent > 0 && !m.failed;
+            }
+            if let Some(mut writer) = m.writer.take() {
+                let _ = tokio::time::timeout(close, writer.shutdown()).await;
+            }
+        }
+        if plan.opts.progress {
+            self.books.flush_live(plan);
+        }
+        self.books.tally
+    }
+}
+
+/// What a group counts for all its connections.
+struct Books {
+    tally: Tally,
+    /// Not yet handed to the progress reporter.
+    recent: Recent,
+    next_scan: Instant,
+    next_flush: Instant,
+    /// Whether an undecodable answer was already logged (once per task is enough).
+    warned_decode: bool,
+}
+
+impl Books {
+    fn new(plan: &Plan, first: usize) -> Books {
+        // Stagger the progress hand-overs of the tasks over the flush interval.
+        let stagger = LIVE_FLUSH_MS * first as u64 / plan.opts.connections as u64;
+        Books {
+            tally: Tally::new(&plan.templates),
+            recent: Recent::new(&plan.templates),
+            next_scan: plan.start,
+            next_flush: plan.start + Duration::from_millis(stagger),
+            warned_decode: false,
+        }
+    }
+
+    /// When housekeeping is next due.
+    fn next_housekeeping(&self, plan: &Plan) -> Instant {
+        if plan.opts.progress {
+            self.next_scan.min(self.next_flush)
+        } else {
+            self.next_scan
+        }
+    }
+
+    /// Adds the recent figures to the shared ones, unless another task or the reporter
+    /// holds the lock: then they wait for the next flush (never blocks).
+    fn flush_live(&mut self, plan: &Plan) {
+        match plan.live.try_lock() {
+            Ok(mut live) => live.absorb(&mut self.recent),
+            Err(TryLockError::Poisoned(e)) => e.into_inner().absorb(&mut self.recent),
+            Err(TryLockError::WouldBlock) => {}
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -103,7 +463,7 @@ enum Matched {
 }
 
 /// Requests in flight on one connection, indexed by STAN modulo a power of two at least
-/// twice the window, plus the tally.
+/// twice the window.
 struct ConnState {
     slots: Vec<Slot>,
     in_flight: usize,
@@ -114,26 +474,8 @@ struct ConnState {
     next_due: u64,
     index: u64,
     connections: u64,
-    tally: Tally,
-    /// Not yet handed to the progress reporter.
-    recent: Recent,
-    next_scan: Instant,
-    next_flush: Instant,
-    /// Whether an undecodable answer was already logged (once per connection is enough).
-    warned_decode: bool,
-}
-
-struct Shared {
-    state: Mutex<ConnState>,
-    /// Reader → writer: window slots were freed.
-    freed: Notify,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, ConnState> {
-        // Reader and writer run in one task, so the lock is never contended.
-        switchyard::sync::lock(&self.state)
-    }
+    /// Open loop: requests sent (intended) in the measured period on this connection.
+    sent_measured: u64,
 }
 
 impl ConnState {
@@ -143,8 +485,6 @@ impl ConnState {
         // do not send the same STAN in the same second.
         let spacing = STAN_MAX as usize / plan.opts.connections;
         let first = 1 + (index * spacing) % STAN_MAX as usize;
-        // Stagger the progress hand-overs of the connections over the flush interval.
-        let stagger = LIVE_FLUSH_MS * index as u64 / plan.opts.connections as u64;
         ConnState {
             slots: vec![
                 Slot {
@@ -159,11 +499,7 @@ impl ConnState {
             next_due: 0,
             index: index as u64,
             connections: plan.opts.connections as u64,
-            tally: Tally::new(&plan.templates),
-            recent: Recent::new(&plan.templates),
-            next_scan: plan.start,
-            next_flush: plan.start + Duration::from_millis(stagger),
-            warned_decode: false,
+            sent_measured: 0,
         }
     }
 
@@ -192,6 +528,7 @@ impl ConnState {
         clock: &WireClock,
         stamp: Instant,
         out: &mut BytesMut,
+        books: &mut Books,
     ) -> Result<(), ConnectionError> {
         let opts = &plan.opts;
         let identity = &opts.identities[self.index as usize % opts.identities.len()];
@@ -223,7 +560,8 @@ impl ConnState {
         self.seq += 1;
         self.in_flight += 1;
         if measured {
-            self.tally.sent += 1;
+            books.tally.sent += 1;
+            self.sent_measured += 1;
         }
         Ok(())
     }
@@ -234,6 +572,7 @@ impl ConnState {
         plan: &Plan,
         now: Instant,
         out: &mut BytesMut,
+        books: &mut Books,
     ) -> Result<(), ConnectionError> {
         let free = plan.opts.window.saturating_sub(self.in_flight);
         if free == 0 {
@@ -241,7 +580,7 @@ impl ConnState {
         }
         let clock = WireClock::now();
         for _ in 0..free {
-            self.push_request(plan, &clock, now, out)?;
+            self.push_request(plan, &clock, now, out, books)?;
         }
         Ok(())
     }
@@ -255,6 +594,7 @@ impl ConnState {
         rate: u64,
         now: Instant,
         out: &mut BytesMut,
+        books: &mut Books,
     ) -> Result<Next, ConnectionError> {
         let clock = WireClock::now();
         let (connections, index) = (plan.opts.connections, self.index as usize);
@@ -271,68 +611,39 @@ impl ConnState {
             if self.in_flight >= plan.opts.window {
                 return Ok(Next::WindowFull);
             }
-            self.push_request(plan, &clock, intended, out)?;
+            self.push_request(plan, &clock, intended, out, books)?;
             self.next_due += 1;
             if intended >= plan.measure_from {
                 let lag_us = u64::try_from(now.saturating_duration_since(intended).as_micros());
                 let lag_us = lag_us.unwrap_or(LATENCY_MAX_US).min(LATENCY_MAX_US);
-                self.tally.send_lag.saturating_record(lag_us);
+                books.tally.send_lag.saturating_record(lag_us);
                 if now >= plan.send_until {
-                    self.tally.sent_late += 1;
+                    books.tally.sent_late += 1;
                 }
             }
         }
     }
 
-    /// Scans for timed-out requests and hands recent figures to the progress reporter, each
-    /// when its time has come.
-    fn housekeeping(&mut self, plan: &Plan, now: Instant) {
-        if now >= self.next_scan {
-            self.expire(now, plan.opts.answer_timeout);
-            self.next_scan = now + plan.expiry_tick;
-        }
-        if plan.opts.progress && now >= self.next_flush {
-            self.flush_live(plan);
-            self.next_flush = now + Duration::from_millis(LIVE_FLUSH_MS);
-        }
-    }
-
-    /// When housekeeping is next due.
-    fn next_housekeeping(&self, plan: &Plan) -> Instant {
-        if plan.opts.progress {
-            self.next_scan.min(self.next_flush)
-        } else {
-            self.next_scan
-        }
-    }
-
-    /// Adds the recent figures to the shared ones, unless another connection or the
-    /// reporter holds the lock: then they wait for the next flush (never blocks).
-    fn flush_live(&mut self, plan: &Plan) {
-        match plan.live.try_lock() {
-            Ok(mut live) => live.absorb(&mut self.recent),
-            Err(TryLockError::Poisoned(e)) => e.into_inner().absorb(&mut self.recent),
-            Err(TryLockError::WouldBlock) => {}
-        }
-    }
-
-    /// Counts requests sent `timeout` or longer before `now` as timeouts, freeing their slots.
-    fn expire(&mut self, now: Instant, timeout: Duration) {
+    /// Counts requests sent `timeout` or longer before `now` as timeouts, freeing their
+    /// slots; says whether it freed any.
+    fn expire(&mut self, now: Instant, timeout: Duration, books: &mut Books) -> bool {
         if self.in_flight == 0 {
-            return;
+            return false;
         }
+        let before = self.in_flight;
         for slot in &mut self.slots {
             if let SlotState::InFlight { sent, measured, .. } = slot.state {
                 if now.saturating_duration_since(sent) >= timeout {
                     slot.state = SlotState::TimedOut;
                     self.in_flight -= 1;
-                    self.recent.timeouts += 1;
+                    books.recent.timeouts += 1;
                     if measured {
-                        self.tally.timeouts += 1;
+                        books.tally.timeouts += 1;
                     }
                 }
             }
         }
+        self.in_flight < before
     }
 
     /// Forgets every request in flight (the connection failed, or the run ended); returns how
@@ -353,18 +664,25 @@ impl ConnState {
     /// the answer arrived in or after the measured period (for answers that match nothing).
     /// An answer `timeout` or more after its (intended) send time counts as a timeout, as the
     /// expiry scan would have counted it.
-    fn on_answer(&mut self, answer: &Message, now: Instant, in_period: bool, timeout: Duration) {
+    fn on_answer(
+        &mut self,
+        answer: &Message,
+        now: Instant,
+        in_period: bool,
+        timeout: Duration,
+        books: &mut Books,
+    ) {
         let de39 = answer.field(39).and_then(|c| <[u8; 2]>::try_from(c).ok());
         let (sent, measured) = match self.take_request(answer, in_period) {
             Matched::Request { sent, measured } => (sent, measured),
             // Already counted as a timeout: one outcome per request.
             Matched::Late => return,
             Matched::Stray { measured } => {
-                self.recent.errors += 1;
+                books.recent.errors += 1;
                 if measured {
-                    self.tally.errors += 1;
+                    books.tally.errors += 1;
                     if let Some(code) = de39 {
-                        self.tally.count_code(code, 1);
+                        books.tally.count_code(code, 1);
                     }
                 }
                 return;
@@ -372,32 +690,32 @@ impl ConnState {
         };
         let waited = now.saturating_duration_since(sent);
         if waited >= timeout {
-            self.recent.timeouts += 1;
-            self.tally.timeouts += u64::from(measured);
+            books.recent.timeouts += 1;
+            books.tally.timeouts += u64::from(measured);
             return;
         }
         let micros = u64::try_from(waited.as_micros());
         let micros = micros.unwrap_or(LATENCY_MAX_US).clamp(1, LATENCY_MAX_US);
-        self.recent.latency.saturating_record(micros);
+        books.recent.latency.saturating_record(micros);
         let outcome = de39.map_or(Outcome::Error, |c| classify(&c));
         match outcome {
-            Outcome::Error => self.recent.errors += 1,
-            Outcome::Timeout => self.recent.timeouts += 1,
+            Outcome::Error => books.recent.errors += 1,
+            Outcome::Timeout => books.recent.timeouts += 1,
             Outcome::Approved | Outcome::Declined => {}
         }
         if !measured {
             return;
         }
-        self.tally.answered += 1;
-        self.tally.latency.saturating_record(micros);
+        books.tally.answered += 1;
+        books.tally.latency.saturating_record(micros);
         if let Some(code) = de39 {
-            self.tally.count_code(code, 1);
+            books.tally.count_code(code, 1);
         }
         match outcome {
-            Outcome::Approved => self.tally.approved += 1,
-            Outcome::Declined => self.tally.declined += 1,
-            Outcome::Timeout => self.tally.timeouts += 1,
-            Outcome::Error => self.tally.errors += 1,
+            Outcome::Approved => books.tally.approved += 1,
+            Outcome::Declined => books.tally.declined += 1,
+            Outcome::Timeout => books.tally.timeouts += 1,
+            Outcome::Error => books.tally.errors += 1,
         }
     }
 
@@ -438,128 +756,6 @@ impl ConnState {
             }
             SlotState::Free => stray,
         }
-    }
-}
-
-/// Sends until the end of the measured period — closed loop: keeps the window full; open
-/// loop: follows the schedule — then waits for outstanding answers until `drain_until`
-/// (those left count as timeouts) and closes the connection.
-async fn write_loop(
-    mut writer: impl AsyncWrite + Unpin,
-    shared: &Shared,
-    plan: &Plan,
-) -> Result<(), ConnectionError> {
-    let mut out = BytesMut::with_capacity(plan.opts.window.min(1024) * 256);
-    // Closed loop: sending stops at `send_until`; open loop: a backlog held up by a full
-    // window may still be sent until `drain_until`.
-    let limit = match plan.opts.rate {
-        None => plan.send_until,
-        Some(_) => plan.drain_until,
-    };
-    loop {
-        let now = Instant::now();
-        if now >= limit {
-            break;
-        }
-        let (next, wake) = {
-            let mut state = shared.lock();
-            state.housekeeping(plan, now);
-            let next = match plan.opts.rate {
-                None => state.fill(plan, now, &mut out).map(|()| Next::WindowFull)?,
-                Some(rate) => state.send_due(plan, rate, now, &mut out)?,
-            };
-            (next, state.next_housekeeping(plan).min(limit))
-        };
-        if !out.is_empty() {
-            // One write and one flush for everything due.
-            let burst = async {
-                writer.write_all(&out).await?;
-                writer.flush().await
-            };
-            tokio::time::timeout_at(plan.drain_until, burst)
-                .await
-                .map_err(|_| ConnectionError::WriteStalled)??;
-            out.clear();
-            continue;
-        }
-        match next {
-            Next::Done => break,
-            Next::At(at) => tokio::time::sleep_until(at.min(wake)).await,
-            Next::WindowFull => tokio::select! {
-                () = shared.freed.notified() => {}
-                () = tokio::time::sleep_until(wake) => {}
-            },
-        }
-    }
-    drain(shared, plan).await;
-    let close = Duration::from_millis(CLOSE_TIMEOUT_MS);
-    let _ = tokio::time::timeout(close, writer.shutdown()).await;
-    Ok(())
-}
-
-/// Waits until every request in flight is answered or timed out, at the latest until
-/// `drain_until`; those still in flight then count as timeouts.
-async fn drain(shared: &Shared, plan: &Plan) {
-    loop {
-        let now = Instant::now();
-        let wake = {
-            let mut state = shared.lock();
-            state.housekeeping(plan, now);
-            if state.in_flight == 0 {
-                return;
-            }
-            if now >= plan.drain_until {
-                let left = state.abandon();
-                state.tally.timeouts += left;
-                return;
-            }
-            state.next_housekeeping(plan).min(plan.drain_until)
-        };
-        tokio::select! {
-            () = shared.freed.notified() => {}
-            () = tokio::time::sleep_until(wake) => {}
-        }
-    }
-}
-
-/// Reads answers and counts them, one lock and one wake-up of the writer per read.
-/// Returns only on error: the peer closing the connection is one.
-async fn read_loop(
-    mut reader: impl AsyncRead + Unpin,
-    shared: &Shared,
-    plan: &Plan,
-) -> Result<(), ConnectionError> {
-    let max = FRAME_SIZE_MAX_BYTES_DEFAULT.max(plan.opts.dialect.message_size_max_bytes());
-    let frames = FrameDecoder::new(plan.opts.framing, max);
-    let mut input = BytesMut::with_capacity(READ_CHUNK_BYTES);
-    let timeout = plan.opts.answer_timeout;
-    loop {
-        if input.capacity() - input.len() < READ_CHUNK_BYTES / 4 {
-            input.reserve(READ_CHUNK_BYTES);
-        }
-        if reader.read_buf(&mut input).await? == 0 {
-            return Err(ConnectionError::Closed);
-        }
-        let now = Instant::now();
-        let in_period = now >= plan.measure_from;
-        let mut state = shared.lock();
-        while let Some(frame) = frames.decode(&mut input)? {
-            match Message::decode(&plan.opts.dialect, frame) {
-                Ok(answer) => state.on_answer(&answer, now, in_period, timeout),
-                Err(e) => {
-                    state.recent.errors += 1;
-                    if in_period {
-                        state.tally.errors += 1;
-                    }
-                    if !state.warned_decode {
-                        state.warned_decode = true;
-                        tracing::warn!(error = %e, "load generator: undecodable answer");
-                    }
-                }
-            }
-        }
-        drop(state);
-        shared.freed.notify_one();
     }
 }
 

@@ -18,9 +18,9 @@
 //! 1 ms (plus scheduling delay) after a request's intended time, and sends every request then
 //! due in one write and one flush. That delay is part of the reported latency — a client on
 //! this schedule would see it too — and is reported on its own as `send_lag_us`, so the
-//! generator's share can be told from the server's. Connections sleep until their next
-//! intended time rather than ticking every millisecond, so at low rates the delay stays at the
-//! timer's resolution. If sends lag more than [`BEHIND_LAG_MS`] (1 s of requests), or requests
+//! generator's share can be told from the server's. Tasks sleep until the next intended time
+//! of any of their connections rather than ticking every millisecond, so at low rates the
+//! delay stays at the timer's resolution. If sends lag more than [`BEHIND_LAG_MS`] (1 s of requests), or requests
 //! of the measured period are never sent, the summary says `behind`.
 //!
 //! Warmup: load runs for `warmup` first without being recorded. Counts and histograms cover
@@ -31,7 +31,14 @@
 //! timeout. A connection that fails counts one error, plus one per measured request it had in
 //! flight.
 //!
-//! Live progress (`progress`): each connection hands its recent latencies and counts to a
+//! Tasks: up to [`LOAD_TASKS_MIN`] connections get a task each; beyond that each task
+//! drives several (at most [`CONNECTIONS_PER_TASK_MAX`]): one timer (a heap of its
+//! connections' next intended times), one read in flight per connection and at most one
+//! write, one tally and one set of histograms. So 10,000 connections are about 160 tasks
+//! with a few megabytes of histograms, and the generator keeps its schedule where one task
+//! (and 200 KB of histograms) per connection fell seconds behind.
+//!
+//! Live progress (`progress`): each task hands its recent latencies and counts to a
 //! shared accumulator every [`LIVE_FLUSH_MS`] with `try_lock` (never waiting on it); a task
 //! prints one line per second on stderr.
 
@@ -64,7 +71,7 @@ use tokio_rustls::TlsConnector;
 use switchyard::tls;
 use switchyard::wire::{Dialect, EncodeError, FrameError, Framing};
 
-use connection::{connection, RequestValues, WireClock};
+use connection::{group, RequestValues, WireClock};
 use progress::{report_progress, Recent};
 use summary::Tally;
 
@@ -74,6 +81,13 @@ pub const CONNECT_TIMEOUT_MS: u64 = 10_000;
 pub const WINDOW_MAX: usize = 100_000;
 /// Largest number of connections one run opens.
 pub const CONNECTIONS_MAX: usize = 10_000;
+/// Connections one load task drives at most: they share its timer (the earliest send
+/// due among them), its tally and its histograms, so that 10,000 connections cost
+/// about 160 tasks, not 10,000, and a few megabytes of histograms, not two gigabytes.
+pub const CONNECTIONS_PER_TASK_MAX: usize = 64;
+/// Tasks the connections are spread over before tasks take several each (enough to
+/// keep every worker thread busy).
+pub const LOAD_TASKS_MIN: usize = 16;
 /// Largest open-loop rate, in requests per second over all connections.
 pub const RATE_MAX: u64 = 10_000_000;
 /// Longest run: warmup + duration + answer timeout, in seconds (one week).
@@ -292,12 +306,10 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
         (None, None)
     };
     let mut total = Tally::new(&plan.templates);
-    let mut tasks = JoinSet::new();
+    let mut open = Vec::with_capacity(streams.len());
     for (index, stream) in streams.into_iter().enumerate() {
         match stream {
-            Ok(stream) => {
-                tasks.spawn(connection(plan.clone(), index, stream));
-            }
+            Ok(stream) => open.push((index, stream)),
             Err(e) => {
                 tracing::warn!(connection = index, error = %e, "load generator: cannot connect");
                 total.errors += 1;
@@ -306,6 +318,13 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
                 }
             }
         }
+    }
+    let mut tasks = JoinSet::new();
+    let per_task = connections_per_task(open.len());
+    let mut open = open.into_iter().peekable();
+    while open.peek().is_some() {
+        let members: Vec<_> = open.by_ref().take(per_task).collect();
+        tasks.spawn(group(plan.clone(), members));
     }
     while let Some(joined) = tasks.join_next().await {
         match joined {
@@ -323,6 +342,15 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
         let _ = task.await;
     }
     Ok(total.summary(&plan, begun.elapsed()))
+}
+
+/// How many connections each load task drives: one each up to [`LOAD_TASKS_MIN`]
+/// connections, then as many as it takes to keep to that many tasks, up to
+/// [`CONNECTIONS_PER_TASK_MAX`] each (more tasks beyond that).
+fn connections_per_task(connections: usize) -> usize {
+    connections
+        .div_ceil(LOAD_TASKS_MIN)
+        .clamp(1, CONNECTIONS_PER_TASK_MAX)
 }
 
 fn check_options(opts: &LoadOptions, pans: &[String]) -> anyhow::Result<()> {
@@ -739,6 +767,45 @@ mod tests {
             "{answered} answered; {shown}"
         );
         assert_eq!(summary.warmup_ms, 300);
+        bank.stop().await;
+    }
+
+    /// Connections spread over tasks of several each keep the open loop's schedule
+    /// exactly (as `open_loop_sends_its_schedule`) and the closed loop's windows full.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_connections_share_tasks_and_keep_the_schedule() {
+        assert_eq!(connections_per_task(8), 1);
+        assert_eq!(connections_per_task(1_000), 63);
+        assert_eq!(
+            connections_per_task(CONNECTIONS_MAX),
+            CONNECTIONS_PER_TASK_MAX
+        );
+        let (bank, identity) = bank(Arc::new(Behavior::default())).await;
+        let mut opts = options(bank.addr, identity.clone());
+        opts.connections = 100; // 7 a task
+        opts.rate = Some(2000);
+        opts.warmup = Duration::from_millis(200);
+        opts.duration = Duration::from_millis(500);
+        let summary = run(opts).await.unwrap();
+        let shown = summary.render();
+        assert_eq!(summary.sent + summary.unsent, 1000, "{shown}");
+        assert_eq!(summary.errors + summary.timeouts, 0, "{shown}");
+        assert_eq!(summary.sent, summary.approved + summary.declined, "{shown}");
+        assert_eq!(bank.stats.connections.load(Ordering::Relaxed), 100);
+        assert_eq!(
+            bank.stats.answered.load(Ordering::Relaxed),
+            summary.sent + 400,
+            "{shown}"
+        );
+        // Closed loop: every connection of a task keeps its window full.
+        let mut opts = options(bank.addr, identity);
+        opts.connections = 40;
+        opts.duration = Duration::from_millis(300);
+        let summary = run(opts).await.unwrap();
+        let shown = summary.render();
+        assert!(summary.sent >= 40 * 8, "{shown}");
+        assert_eq!(summary.errors + summary.timeouts, 0, "{shown}");
+        assert_eq!(summary.sent, summary.approved + summary.declined, "{shown}");
         bank.stop().await;
     }
 
