@@ -452,7 +452,9 @@ impl Connector {
                                         link.on_answer(&self.state, frame, now)
                                     {
                                         let written = times.written(encoded);
-                                        recorder.record(Sample::new(received, written, now));
+                                        recorder.record(Sample::new(
+                                            received, encoded, written, now,
+                                        ));
                                     }
                                 }
                                 Ok(None) => break,

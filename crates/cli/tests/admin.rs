@@ -148,7 +148,7 @@ async fn health_readiness_status_and_metrics() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         m = parse(&get(admin, "/metrics").await.1);
     }
-    for stage in ["switch", "bank", "total"] {
+    for stage in ["switch", "bank", "total", "journal"] {
         let series = format!("connector=\"200001\",stage=\"{stage}\"");
         let inf = m[&format!("switchyard_latency_seconds_bucket{{{series},le=\"+Inf\"}}")];
         let count = m[&format!("switchyard_latency_seconds_count{{{series}}}")];
