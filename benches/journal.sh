@@ -104,8 +104,8 @@ echo
 jq -n --argjson a "$(median "$WORK/batch.runs" .tps)" --argjson b "$(median "$WORK/off.runs" .tps)" \
     -r '"fsync = batch against fsync = off: \((1 - $a / $b) * 1000 | round / 10)% less throughput"'
 jq -r '"open loop at \(.rate)/s (half of the batch maximum), fsync = batch: achieved \(.tps | floor)/s, p50 \(.latency_us.p50) µs, p99 \(.latency_us.p99) µs, p99.9 \(.latency_us.p999) µs, max \(.latency_us.max) µs, errors \(.errors + .timeouts)"' "$WORK/half.json"
-for stage in switch bank total; do
-    printf '  stage %-6s (µs) p50 / p99 / p99.9: %s\n' "$stage" \
+for stage in switch journal bank total; do
+    printf '  stage %-7s (µs) p50 / p99 / p99.9: %s\n' "$stage" \
         "$(for q in 0.5 0.99 0.999; do echo "$stages" | awk -v s="$stage" -v q="$q" '$1 == s && $2 == q {print $3}'; done | paste -sd/ | sed 's|/| / |g')"
 done
 for mode in none off batch; do

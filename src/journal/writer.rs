@@ -32,6 +32,8 @@ pub const QUEUE_DEPTH_MAX_DEFAULT: usize = 65_536;
 pub const BATCH_RECORDS_MAX_DEFAULT: usize = 4_096;
 /// Longest wait for more records before a commit, µs.
 pub const BATCH_DELAY_US_DEFAULT: u64 = 20;
+/// The page size commits are padded to (see `WriterState::commit`).
+const PAGE_BYTES: u64 = 4096;
 /// Longest sleep of an idle writer between checks (it is also woken by appends).
 const IDLE_PARK: Duration = Duration::from_millis(50);
 /// Segment size at which a new segment starts, bytes; also the space reserved for
@@ -829,10 +831,21 @@ impl WriterState {
             path: dir.clone(),
             source,
         };
+        // Whole pages, within the segment's reserved space: a buffered write
+        // that ends inside a page the page cache does not hold makes the kernel
+        // read that page from disk first (the spare segment's blocks were
+        // written with zeros, so they are not unwritten extents the kernel
+        // could zero-fill). The zeros written after the last record are what
+        // the file holds there already; the next commit writes over them.
+        let len = self.buf.len();
+        let end = self.segment_bytes + len as u64;
+        let reserved = self.segments.current.as_ref().map_or(0, |c| c.bytes);
+        let padded = end.next_multiple_of(PAGE_BYTES).min(reserved.max(end));
+        self.buf.resize(len + (padded - end) as usize, 0);
         // Positioned: the file may be longer than what was written (reserved).
-        self.file
-            .write_all_at(&self.buf, self.segment_bytes)
-            .map_err(io)?;
+        let written = self.file.write_all_at(&self.buf, self.segment_bytes);
+        self.buf.truncate(len);
+        written.map_err(io)?;
         if self.config.fsync == Fsync::Batch {
             self.file.sync_data().map_err(io)?;
         }
