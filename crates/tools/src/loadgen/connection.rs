@@ -57,8 +57,9 @@ pub(super) async fn group(plan: Arc<Plan>, members: Vec<(usize, Stream)>) -> Tal
             spare: None,
             sending: Sending::Ready,
             failed: false,
+            queued: false,
         });
-        g.ready.push(slot);
+        g.look_at(slot);
     }
     // Closed loop: sending stops at `send_until`; open loop: a backlog held up by a full
     // window may still be sent until `drain_until`.
@@ -76,11 +77,12 @@ pub(super) async fn group(plan: Arc<Plan>, members: Vec<(usize, Stream)>) -> Tal
         }
         while g.due.peek().is_some_and(|d| d.0 .0 <= now) {
             if let Some(Reverse((_, slot))) = g.due.pop() {
-                g.ready.push(slot);
+                g.look_at(slot);
             }
         }
         let sending = now < limit;
         for slot in std::mem::take(&mut g.ready) {
+            g.members[slot].queued = false;
             g.send(&plan, slot, now, sending);
             if let Some(write) = g.start_write(&plan, slot) {
                 writes.push(write);
@@ -108,6 +110,10 @@ pub(super) async fn group(plan: Arc<Plan>, members: Vec<(usize, Stream)>) -> Tal
             }
             Some((slot, writer, out, written)) = writes.next() => {
                 g.wrote(slot, writer, out, written);
+                // Encoded while that write was in flight: written now.
+                if let Some(write) = g.start_write(&plan, slot) {
+                    writes.push(write);
+                }
             }
             () = &mut timer => {}
         }
@@ -177,19 +183,32 @@ struct Member {
     spare: Option<BytesMut>,
     sending: Sending,
     failed: bool,
+    /// In `Group::ready` already.
+    queued: bool,
 }
 
 /// A task's connections and what they share.
 struct Group {
     books: Books,
     members: Vec<Member>,
-    /// Open loop: when each waiting connection's next request is due (one entry each).
+    /// Open loop: when each waiting connection's next request is due (one entry each:
+    /// a connection gets one only from `send`, and is looked at again only once it
+    /// is taken out, or while its window is full and it has none).
     due: BinaryHeap<Reverse<(Instant, usize)>>,
     /// Connections to look at now.
     ready: Vec<usize>,
 }
 
 impl Group {
+    /// Has connection `slot` looked at in this round (once, however many reasons).
+    fn look_at(&mut self, slot: usize) {
+        let m = &mut self.members[slot];
+        if !m.queued {
+            m.queued = true;
+            self.ready.push(slot);
+        }
+    }
+
     /// Encodes what connection `slot` has to send now (closed loop: fills its window;
     /// open loop: what is due) and notes when to look at it again.
     fn send(&mut self, plan: &Plan, slot: usize, now: Instant, sending: bool) {
@@ -257,10 +276,6 @@ impl Group {
         out.clear();
         m.spare = Some(out);
         m.writer = Some(writer);
-        if !m.out.is_empty() {
-            // Encoded while the last write was in flight: written now.
-            self.ready.push(slot);
-        }
     }
 
     /// Counts the answers read on `slot`; an error when the connection failed or closed.
@@ -298,7 +313,7 @@ impl Group {
         }
         // Closed loop refills at once; open loop only a connection its window held up.
         if plan.opts.rate.is_none() || m.sending == Sending::WindowFull {
-            self.ready.push(slot);
+            self.look_at(slot);
         }
         Ok(())
     }
@@ -324,7 +339,9 @@ impl Group {
                 if m.state
                     .expire(now, plan.opts.answer_timeout, &mut self.books)
                     && m.sending == Sending::WindowFull
+                    && !m.queued
                 {
+                    m.queued = true;
                     self.ready.push(slot);
                 }
             }
