@@ -767,6 +767,23 @@ async fn an_acquirer_reversal_reaches_the_bank_under_the_stan_it_saw() {
     bed.stop().await;
 }
 
+/// Sends a reversal (DE11 `stan`, DE90 `de90`) and checks that it is approved and
+/// that bank 0 saw one 0400, naming `link_stan`: the STAN it saw the original under.
+async fn reversed_at_the_bank(
+    bed: &Testbed,
+    c: &mut Client,
+    stan: &[u8],
+    de90: &[u8],
+    pan: &[u8],
+    link_stan: &[u8],
+) {
+    c.send(Mti::REVERSAL, &reversal(stan, de90, pan)).await;
+    assert_eq!(code(&c.recv().await.unwrap()), b"00");
+    let reversals = bank_saw(bed, 0, b"0400");
+    assert_eq!(reversals.len(), 1);
+    assert_eq!(&reversals[0].field(90).unwrap()[4..10], link_stan);
+}
+
 /// With a journal the duplicates table keeps no bank answer: a retransmission is
 /// answered from the outcome record read back from the journal, and a reversal is
 /// routed by what the table keeps, before and after a restart on the same journal.
@@ -812,11 +829,7 @@ async fn with_a_journal_retransmissions_and_reversals_match_across_a_restart() {
         "read back from the journal"
     );
     let d90 = de90(b"000043");
-    c.send(Mti::REVERSAL, &reversal(b"000050", &d90, pan)).await;
-    assert_eq!(code(&c.recv().await.unwrap()), b"00");
-    let reversals = bank_saw(&bed, 0, b"0400");
-    assert_eq!(reversals.len(), 1);
-    assert_eq!(&reversals[0].field(90).unwrap()[4..10], &link_stans[1][..]);
+    reversed_at_the_bank(&bed, &mut c, b"000050", &d90, pan, &link_stans[1]).await;
     assert_eq!(
         bank_saw(&bed, 0, b"0200").len(),
         3,
@@ -840,11 +853,7 @@ async fn with_a_journal_retransmissions_and_reversals_match_across_a_restart() {
         );
     }
     let d90 = de90(b"000044");
-    c.send(Mti::REVERSAL, &reversal(b"000051", &d90, pan)).await;
-    assert_eq!(code(&c.recv().await.unwrap()), b"00");
-    let reversals = bank_saw(&bed, 0, b"0400");
-    assert_eq!(reversals.len(), 1);
-    assert_eq!(&reversals[0].field(90).unwrap()[4..10], &link_stans[2][..]);
+    reversed_at_the_bank(&bed, &mut c, b"000051", &d90, pan, &link_stans[2]).await;
     assert!(bank_saw(&bed, 0, b"0200").is_empty());
     drop(c);
     bed.stop().await;

@@ -610,38 +610,29 @@ impl Connector {
         wr: &mut WriteHalf<TlsStream<TcpStream>>,
         pipeline: &mut Pipeline,
     ) -> Result<(), Ended> {
-        let mut encoded = [None; LINK_PIPELINE_BATCHES_MAX];
-        let mut wrote = 0;
+        let mut wrote = false;
         while let Some(seq) = pipeline.first_seq() {
             match self.durable.is_durable(seq) {
                 Some(true) => {}
                 Some(false) => break,
                 None => return Err(Ended::Journal),
             }
-            let Some((at, out)) = pipeline.pop() else {
+            let Some((encoded, out)) = pipeline.pop() else {
                 break;
             };
             let written = timeout(self.request_timeout(), wr.write_all(&out)).await;
             pipeline.recycle(out);
             match written {
+                // Noted before the flush: the reader may see an answer while it runs.
                 Ok(Ok(())) => {
-                    // The pipeline holds at most as many batches as this has room.
-                    encoded[wrote % LINK_PIPELINE_BATCHES_MAX] = Some(at);
-                    wrote += 1;
+                    lock(&shell.batch_times).note(encoded, std::time::Instant::now());
+                    wrote = true;
                 }
                 Ok(Err(e)) => return Err(Ended::Io(e)),
                 Err(_) => return Err(Ended::Io(write_timed_out())),
             }
         }
-        if wrote > 0 {
-            // Noted before the flush: the reader may see an answer while it runs.
-            let now = std::time::Instant::now();
-            {
-                let mut times = lock(&shell.batch_times);
-                for at in encoded.into_iter().flatten() {
-                    times.note(at, now);
-                }
-            }
+        if wrote {
             if let Err(e) = write_flush(wr, &[], self.request_timeout()).await {
                 return Err(Ended::Io(e));
             }

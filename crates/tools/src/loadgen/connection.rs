@@ -1,4 +1,5 @@
-//! One connection: its writer and reader, the requests in flight, and building requests.
+//! A task's connections: their reads and writes, one timer for all, the requests in flight
+//! on each, and building requests.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
