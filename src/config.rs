@@ -272,10 +272,15 @@ struct JournalSection {
     retention_s: u64,
     #[serde(default = "d_journal_size")]
     size_max_bytes: u64,
+    #[serde(default = "d_true")]
+    direct_io: bool,
 }
 
 fn d_fsync() -> Fsync {
     Fsync::Batch
+}
+fn d_true() -> bool {
+    true
 }
 fn d_journal_queue() -> usize {
     crate::journal::writer::QUEUE_DEPTH_MAX_DEFAULT
@@ -1059,6 +1064,7 @@ impl Checker<'_> {
             segment_size_max_bytes: segment,
             retention: Duration::from_secs(j.retention_s),
             size_max_bytes: j.size_max_bytes,
+            direct_io: j.direct_io,
         })
     }
 

@@ -10,6 +10,7 @@
 pub mod dump;
 mod durable;
 pub mod lookup;
+mod pages;
 pub mod reader;
 pub mod record;
 pub mod recovery;

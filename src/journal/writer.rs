@@ -12,6 +12,7 @@
 
 use super::durable::DurablePoint;
 use super::lookup::{Lookup, Stride};
+use super::pages::SegmentFile;
 use super::reader::{self, JournalError, Scan, SEGMENT_PREFIX, SEGMENT_SUFFIX};
 use super::record::{self, Record, RecordKind, BODY_SIZE_MAX_BYTES};
 use super::spare::Spare;
@@ -19,7 +20,6 @@ use bytes::Bytes;
 use crossbeam_queue::ArrayQueue;
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,8 +32,6 @@ pub const QUEUE_DEPTH_MAX_DEFAULT: usize = 65_536;
 pub const BATCH_RECORDS_MAX_DEFAULT: usize = 4_096;
 /// Longest wait for more records before a commit, µs.
 pub const BATCH_DELAY_US_DEFAULT: u64 = 20;
-/// The page size commits are padded to (see `WriterState::commit`).
-const PAGE_BYTES: u64 = 4096;
 /// Longest sleep of an idle writer between checks (it is also woken by appends).
 const IDLE_PARK: Duration = Duration::from_millis(50);
 /// Segment size at which a new segment starts, bytes; also the space reserved for
@@ -78,9 +76,17 @@ pub struct JournalConfig {
     /// Bound on all segments together (the one being written and its reservation
     /// included), bytes.
     pub size_max_bytes: u64,
+    /// With `fsync = "batch"`: write segments with `O_DIRECT | O_DSYNC` where the
+    /// filesystem allows it (see `journal::pages`); false: buffered writes and
+    /// `fdatasync` (also the fallback).
+    pub direct_io: bool,
 }
 
 impl JournalConfig {
+    fn wants_direct(&self) -> bool {
+        self.direct_io && self.fsync == Fsync::Batch
+    }
+
     /// Defaults for `dir`.
     pub fn new(dir: impl Into<PathBuf>) -> JournalConfig {
         JournalConfig {
@@ -92,6 +98,7 @@ impl JournalConfig {
             segment_size_max_bytes: SEGMENT_SIZE_MAX_BYTES_DEFAULT,
             retention: Duration::from_secs(RETENTION_S_DEFAULT),
             size_max_bytes: SIZE_MAX_BYTES_DEFAULT,
+            direct_io: true,
         }
     }
 }
@@ -282,6 +289,15 @@ impl Journal {
             config.segment_size_max_bytes,
             &mut preallocate,
         )?;
+        let file = SegmentFile::new(file, &path, config.wants_direct());
+        if config.fsync == Fsync::Batch {
+            if file.is_direct() {
+                tracing::info!(dir = %config.dir.display(), "journal: direct synchronous writes");
+            } else {
+                tracing::info!(dir = %config.dir.display(),
+                    "journal: buffered writes and fdatasync (direct I/O off or not supported here)");
+            }
+        }
         segments.start(path, reserved);
         let queue = Arc::new(Queue {
             records: ArrayQueue::new(config.queue_depth_max.max(1)),
@@ -716,7 +732,7 @@ impl From<JournalError> for Stop {
 
 struct WriterState {
     config: JournalConfig,
-    file: File,
+    file: SegmentFile,
     /// Bytes written to the current segment: where the next batch goes.
     segment_bytes: u64,
     segments: Segments,
@@ -831,24 +847,12 @@ impl WriterState {
             path: dir.clone(),
             source,
         };
-        // Whole pages, within the segment's reserved space: a buffered write
-        // that ends inside a page the page cache does not hold makes the kernel
-        // read that page from disk first (the spare segment's blocks were
-        // written with zeros, so they are not unwritten extents the kernel
-        // could zero-fill). The zeros written after the last record are what
-        // the file holds there already; the next commit writes over them.
-        let len = self.buf.len();
-        let end = self.segment_bytes + len as u64;
-        let reserved = self.segments.current.as_ref().map_or(0, |c| c.bytes);
-        let padded = end.next_multiple_of(PAGE_BYTES).min(reserved.max(end));
-        self.buf.resize(len + (padded - end) as usize, 0);
         // Positioned: the file may be longer than what was written (reserved).
-        let written = self.file.write_all_at(&self.buf, self.segment_bytes);
-        self.buf.truncate(len);
-        written.map_err(io)?;
-        if self.config.fsync == Fsync::Batch {
-            self.file.sync_data().map_err(io)?;
-        }
+        let reserved = self.segments.current.as_ref().map_or(0, |c| c.bytes);
+        let sync = self.config.fsync == Fsync::Batch;
+        self.file
+            .commit(&mut self.buf, self.segment_bytes, reserved, sync)
+            .map_err(io)?;
         // Indexed before it counts as durable: a reader waits for that.
         let at = self.segment_bytes;
         if self.points.due(at) {
@@ -886,7 +890,7 @@ impl WriterState {
                 new_segment(&self.config.dir, first_seq, reserve, &mut self.preallocate)?
             }
         };
-        self.file = file;
+        self.file = SegmentFile::new(file, &path, self.config.wants_direct());
         self.segment_bytes = 0;
         self.points = Stride::default();
         self.segments.start(path, bytes);
@@ -915,6 +919,7 @@ mod tests {
     use super::*;
     use crate::journal::reader::scan;
     use std::io::Write;
+    use std::os::unix::fs::FileExt;
     use switchyard_tools::testkit::TempDir;
 
     /// A record stamped by the writer (now), so retention keeps it.
