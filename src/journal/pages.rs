@@ -14,11 +14,20 @@
 //! that page's earlier bytes again (kept in `tail`), then pads its last page with
 //! zeros: the zeros are what the segment holds there already (reserved or
 //! zero-filled), and the reader takes them as the end.
+//!
+//! A device whose logical blocks are larger than a page refuses such a write
+//! (`EINVAL`): the segment then falls back, for good, to buffered writes and
+//! `fdatasync` (logged once), retrying the same commit, rather than stopping
+//! the journal.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Whether the fall-back from direct writes was logged (once per process).
+static FALLBACK_WARNED: AtomicBool = AtomicBool::new(false);
 
 /// The alignment and size unit of a direct write (covers 512-byte and 4 KiB
 /// logical blocks); commits are padded to it in either mode.
@@ -35,6 +44,8 @@ pub(super) struct SegmentFile {
     tail: Vec<u8>,
     /// Direct only: room for one commit plus the alignment slack.
     staging: Vec<u8>,
+    /// Direct only: the segment opened for buffered writes, kept for a fall-back.
+    buffered: Option<File>,
 }
 
 impl SegmentFile {
@@ -58,12 +69,14 @@ impl SegmentFile {
                 direct: true,
                 tail: Vec::with_capacity(PAGE),
                 staging: Vec::new(),
+                buffered: Some(file),
             },
             None => SegmentFile {
                 file,
                 direct: false,
                 tail: Vec::new(),
                 staging: Vec::new(),
+                buffered: None,
             },
         }
     }
@@ -85,7 +98,12 @@ impl SegmentFile {
         sync: bool,
     ) -> io::Result<()> {
         if self.direct {
-            return self.commit_direct(records, at);
+            match self.commit_direct(records, at) {
+                Err(e) if e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) => {
+                    self.fall_back(&e);
+                }
+                done => return done,
+            }
         }
         // Whole pages, within the segment's reserved space: a buffered write
         // that ends inside a page the page cache does not hold makes the kernel
@@ -104,6 +122,22 @@ impl SegmentFile {
             self.file.sync_data()?;
         }
         Ok(())
+    }
+
+    /// Direct writes refused: buffered writes from now on. The commit is retried
+    /// whole; whatever part of it the direct write did put down holds the same
+    /// bytes.
+    fn fall_back(&mut self, e: &io::Error) {
+        if let Some(buffered) = self.buffered.take() {
+            self.file = buffered;
+        }
+        self.direct = false;
+        self.tail = Vec::new();
+        self.staging = Vec::new();
+        if !FALLBACK_WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(error = %e,
+                "journal: direct writes refused by the device; buffered writes and fdatasync instead");
+        }
     }
 
     fn commit_direct(&mut self, records: &[u8], at: u64) -> io::Result<()> {
@@ -163,5 +197,32 @@ mod tests {
             );
             assert!(on_disk[expected.len()..].iter().all(|&b| b == 0));
         }
+    }
+
+    /// Falling back to buffered writes in the middle of a segment (the device
+    /// refused a direct write) keeps the stream whole.
+    #[test]
+    fn a_fall_back_mid_segment_keeps_the_stream() {
+        let dir = switchyard_tools::testkit::TempDir::new("pages-fallback");
+        let path = dir.path().join("segment");
+        let reserved = 16 * PAGE_BYTES;
+        let file = File::create(&path).unwrap();
+        file.set_len(reserved).unwrap();
+        let mut segment = SegmentFile::new(file, &path, true);
+        let mut expected = Vec::new();
+        for (i, size) in [3000usize, 5000, 100, 2500].iter().enumerate() {
+            if i == 2 {
+                let einval = io::Error::from_raw_os_error(rustix::io::Errno::INVAL.raw_os_error());
+                segment.fall_back(&einval);
+                assert!(!segment.is_direct());
+            }
+            let mut records: Vec<u8> = (0..*size).map(|k| (i * 7 + k % 13) as u8 | 1).collect();
+            let at = expected.len() as u64;
+            segment.commit(&mut records, at, reserved, true).unwrap();
+            expected.extend_from_slice(&records);
+        }
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[..expected.len()], &expected[..]);
+        assert!(on_disk[expected.len()..].iter().all(|&b| b == 0));
     }
 }
