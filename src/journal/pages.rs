@@ -34,6 +34,16 @@ static FALLBACK_WARNED: AtomicBool = AtomicBool::new(false);
 pub(super) const PAGE_BYTES: u64 = 4096;
 const PAGE: usize = PAGE_BYTES as usize;
 
+/// `len` bytes of `buf` starting at a page boundary in memory, as direct I/O
+/// needs; `buf` grows to hold them (the window may move when it does).
+pub(super) fn aligned(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len + PAGE {
+        buf.resize(len + PAGE, 0);
+    }
+    let at = buf.as_ptr().align_offset(PAGE);
+    &mut buf[at..at + len]
+}
+
 /// The segment file being written.
 pub(super) struct SegmentFile {
     file: File,
@@ -146,13 +156,7 @@ impl SegmentFile {
         debug_assert_eq!(carried, self.tail.len(), "tail holds the partial page");
         let end = at + records.len() as u64;
         let total = (end.next_multiple_of(PAGE_BYTES) - start) as usize;
-        // An aligned window into `staging`: recomputed each time, as growing the
-        // vector may move it.
-        if self.staging.len() < total + PAGE {
-            self.staging.resize(total + PAGE, 0);
-        }
-        let offset = self.staging.as_ptr().align_offset(PAGE);
-        let window = &mut self.staging[offset..offset + total];
+        let window = aligned(&mut self.staging, total);
         window[..carried].copy_from_slice(&self.tail);
         window[carried..carried + records.len()].copy_from_slice(records);
         window[carried + records.len()..].fill(0);

@@ -21,8 +21,6 @@ pub const SPARE_NAME: &str = "spare-segment.tmp";
 
 /// Zeros written per call while filling.
 const FILL_CHUNK_BYTES: usize = 1 << 20;
-/// Alignment of the zeros' buffer for direct I/O.
-const DIRECT_ALIGN_BYTES: usize = 4096;
 /// Bytes filled between syncs: the fill is flushed in steps so that no single
 /// flush stalls the device for the writer's own syncs.
 const FILL_SYNC_BYTES: u64 = 8 << 20;
@@ -164,9 +162,8 @@ impl Spare {
         let mut file = open(true).or_else(|_| open(false))?;
         // An aligned block of zeros, as direct I/O needs (4 KiB covers the
         // devices in use; a misaligned write fails and falls back below).
-        let block = vec![0u8; FILL_CHUNK_BYTES + DIRECT_ALIGN_BYTES];
-        let at = block.as_ptr().align_offset(DIRECT_ALIGN_BYTES);
-        let zeros = &block[at..at + FILL_CHUNK_BYTES];
+        let mut block = Vec::new();
+        let zeros: &[u8] = super::pages::aligned(&mut block, FILL_CHUNK_BYTES);
         let mut written = 0u64;
         while written < bytes {
             if matches!(*crate::sync::lock(&self.state), State::Closed) {
