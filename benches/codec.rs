@@ -1,9 +1,11 @@
 //! Codec benchmarks: the work the switch does per message on its hot path.
 //!
-//! * `decode`: index a typical 0200 (13 fields, secondary bitmap).
+//! * `decode`: index a typical 0200 (13 fields, secondary bitmap), in each
+//!   shipped dialect (BCD and EBCDIC convert to the canonical form first).
 //! * `encode`: write the same 0200 into a reused buffer.
 //! * `forward`: decode, then re-encode with a new STAN (DE11), as the switch does
-//!   when it forwards a request to a bank.
+//!   when it forwards a request to a bank: same dialect (copy and patch), and
+//!   across dialects (ASCII to hex bitmaps, ASCII to BCD, BCD to EBCDIC).
 //! * `frames`: split a read buffer of 64 framed 0200s and decode each.
 //!
 //! Run with `cargo bench --bench codec`; `cargo test --bench codec` runs each once.
@@ -36,7 +38,12 @@ const PURCHASE_0200: &[(u8, &[u8])] = &[
 /// Messages per read buffer in the `frames` benchmark.
 const FRAMES_PER_BUFFER: usize = 64;
 
-const DIALECTS: [&str; 2] = ["iso87-ascii", "iso87-hexbitmap"];
+const DIALECTS: [&str; 4] = [
+    "iso87-ascii",
+    "iso87-hexbitmap",
+    "iso87-binary",
+    "iso87-ebcdic",
+];
 
 fn dialect(name: &str) -> Dialect {
     Dialect::builtin(name).unwrap_or_else(|| panic!("built-in dialect {name}"))
@@ -91,16 +98,24 @@ fn forward(c: &mut Criterion) {
     let mut group = c.benchmark_group("forward");
     let ascii = dialect("iso87-ascii");
     let hex = dialect("iso87-hexbitmap");
-    let wire = purchase(&ascii);
-    group.throughput(Throughput::Bytes(wire.len() as u64));
-    for (label, to) in [("iso87-ascii", &ascii), ("iso87-ascii-to-hexbitmap", &hex)] {
+    let binary = dialect("iso87-binary");
+    let ebcdic = dialect("iso87-ebcdic");
+    let pairs = [
+        ("iso87-ascii", &ascii, &ascii),
+        ("iso87-ascii-to-hexbitmap", &ascii, &hex),
+        ("iso87-ascii-to-binary", &ascii, &binary),
+        ("iso87-binary-to-ebcdic", &binary, &ebcdic),
+    ];
+    for (label, from, to) in pairs {
+        let wire = purchase(from);
+        group.throughput(Throughput::Bytes(wire.len() as u64));
         let mut out = BytesMut::with_capacity(1024);
         group.bench_function(label, |b| {
             b.iter(|| {
                 out.clear();
-                let msg = Message::decode(&ascii, black_box(wire.clone())).ok()?;
+                let msg = Message::decode(from, black_box(wire.clone())).ok()?;
                 let changes = [Change::Set(11, b"000987")];
-                reencode(&msg, &ascii, to, msg.mti(), &changes, &mut out).ok()
+                reencode(&msg, from, to, msg.mti(), &changes, &mut out).ok()
             })
         });
     }

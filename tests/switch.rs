@@ -629,13 +629,17 @@ async fn after_a_crash_forwarded_requests_without_outcome_are_reversed() {
 
 /// The messages of `mti` a bank received (its log must be enabled).
 fn bank_saw(bed: &Testbed, bank: usize, mti: &[u8; 4]) -> Vec<Message> {
-    let d = Dialect::iso87_ascii();
+    bank_saw_in(bed, bank, mti, &Dialect::iso87_ascii())
+}
+
+/// What bank `bank`, speaking dialect `d`, received with MTI `mti`.
+fn bank_saw_in(bed: &Testbed, bank: usize, mti: &[u8; 4], d: &Dialect) -> Vec<Message> {
     bed.banks[bank]
         .stats
         .log
         .messages()
         .into_iter()
-        .filter_map(|m| Message::decode(&d, m).ok())
+        .filter_map(|m| Message::decode(d, m).ok())
         .filter(|m| m.mti().as_bytes() == mti)
         .collect()
 }
@@ -1182,5 +1186,72 @@ async fn readiness_waits_for_every_bank_not_marked_optional() {
     bed.stop().await;
     let bed = testbed(down(true)).await;
     assert_eq!(bed.switch.readiness(), (true, "ready".to_owned()));
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ascii_acquirer_pays_a_bcd_bank_and_an_ebcdic_bank() {
+    let bed = testbed(TestbedOptions {
+        banks: 2,
+        links: 1,
+        first_stan: 700,
+        bank_dialects: vec!["iso87-binary".into(), "iso87-ebcdic".into()],
+        ..TestbedOptions::default()
+    })
+    .await;
+    for bank in &bed.banks {
+        bank.stats.log.enable(1000);
+    }
+    let mut c = client(&bed, "100001").await;
+    // PAN prefix 4: the BCD bank. An odd-length PAN, padded on the wire.
+    let pan = b"4111111111111111113";
+    let a = c.pay(b"000042", b"100001", pan, b"000000001000").await;
+    assert_eq!((a.mti(), code(&a)), (Mti::FINANCIAL_RESPONSE, &b"00"[..]));
+    assert_eq!(
+        a.field(11),
+        Some(&b"000042"[..]),
+        "acquirer's STAN restored"
+    );
+    assert_eq!(a.field(2), Some(&pan[..]));
+    assert_eq!(a.field(38).map(|v| v.len()), Some(6), "approval code");
+    let raw = bed.banks[0].stats.log.messages();
+    assert_eq!(
+        &raw[raw.len() - 1][..2],
+        &[0x02, 0x00],
+        "BCD MTI on the wire"
+    );
+    let binary = Dialect::builtin("iso87-binary").unwrap();
+    let seen = bank_saw_in(&bed, 0, b"0200", &binary);
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].field(2), Some(&pan[..]));
+    assert_eq!(seen[0].field(4), Some(&b"000000001000"[..]));
+    let link_stan = seen[0].field(11).unwrap().to_vec();
+
+    // The reversal reaches the BCD bank with DE90 naming the link STAN.
+    let de90 = b"020000004211251200000000010000100000000000";
+    c.send(Mti::REVERSAL, &reversal(b"000050", de90, pan)).await;
+    let r = c.recv().await.unwrap();
+    assert_eq!(
+        (r.mti(), code(&r), r.field(11)),
+        (Mti::REVERSAL_RESPONSE, &b"00"[..], Some(&b"000050"[..]))
+    );
+    let reversals = bank_saw_in(&bed, 0, b"0400", &binary);
+    assert_eq!(reversals.len(), 1);
+    assert_eq!(&reversals[0].field(90).unwrap()[4..10], &link_stan[..]);
+
+    // PAN prefix 5: the EBCDIC bank declines (amount ending 51).
+    let d = c
+        .pay(b"000043", b"100001", b"5500000000000004", b"000000001051")
+        .await;
+    assert_eq!((code(&d), d.field(11)), (&b"51"[..], Some(&b"000043"[..])));
+    let raw = bed.banks[1].stats.log.messages();
+    let last = &raw[raw.len() - 1];
+    assert_eq!(
+        &last[..4],
+        &[0xf0, 0xf2, 0xf0, 0xf0],
+        "EBCDIC MTI on the wire"
+    );
+    let ebcdic = Dialect::builtin("iso87-ebcdic").unwrap();
+    assert_eq!(bank_saw_in(&bed, 1, b"0200", &ebcdic).len(), 1);
     bed.stop().await;
 }

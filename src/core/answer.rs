@@ -268,7 +268,10 @@ impl Stored {
         match self {
             Stored::Bank {
                 connector, answer, ..
-            } => match answer.clone().map(|a| Message::decode(bank_dialect, a)) {
+            } => match answer
+                .clone()
+                .map(|a| Message::decode_canonical(bank_dialect, a))
+            {
                 Some(Ok(answer)) => Reply::bank(
                     OriginalStan::of(&request),
                     answer,

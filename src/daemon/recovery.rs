@@ -34,7 +34,7 @@ pub fn resume(
     recovery: Recovery,
     now: Instant,
 ) {
-    let decode = |bytes: bytes::Bytes| Message::decode(dialect, bytes).ok();
+    let decode = |bytes: bytes::Bytes| Message::decode_canonical(dialect, bytes).ok();
     let unfinished: std::collections::HashSet<u64> =
         recovery.unfinished.iter().map(|u| u.request_id).collect();
     for u in recovery.unfinished {
@@ -132,7 +132,8 @@ impl<'a> Rebuild<'a> {
         match r.kind {
             RecordKind::Accepted if r.unix_ms >= self.since_unix_ms => {
                 let body = r.body.get(r.kind.head_len()..).unwrap_or_default();
-                let Ok(request) = Message::decode(self.dialect, Bytes::copy_from_slice(body))
+                let Ok(request) =
+                    Message::decode_canonical(self.dialect, Bytes::copy_from_slice(body))
                 else {
                     return;
                 };

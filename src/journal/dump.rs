@@ -98,7 +98,7 @@ fn text_line(r: &Record<'_>, dialect: &Dialect) -> String {
         let _ = write!(line, " head={}", hex(head));
     }
     if !message.is_empty() {
-        match Message::decode(dialect, bytes::Bytes::copy_from_slice(message)) {
+        match Message::decode_canonical(dialect, bytes::Bytes::copy_from_slice(message)) {
             Ok(m) => {
                 let _ = write!(line, " {m:?}");
             }
@@ -125,7 +125,7 @@ fn json_line(r: &Record<'_>, dialect: &Dialect) -> String {
         "head": hex(head),
     });
     if !message.is_empty() {
-        match Message::decode(dialect, bytes::Bytes::copy_from_slice(message)) {
+        match Message::decode_canonical(dialect, bytes::Bytes::copy_from_slice(message)) {
             Ok(m) => {
                 let fields: serde_json::Map<String, serde_json::Value> = m
                     .fields()

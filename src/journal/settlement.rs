@@ -210,7 +210,8 @@ fn record(
 fn accepted(r: &Record<'_>, dialect: &Dialect) -> Option<Open> {
     let raw = u64::from_le_bytes(r.body.get(..8)?.try_into().ok()?);
     let acquirer = InstitutionId::from_raw(raw)?;
-    let message = Message::decode(dialect, Bytes::copy_from_slice(r.body.get(8..)?)).ok()?;
+    let message =
+        Message::decode_canonical(dialect, Bytes::copy_from_slice(r.body.get(8..)?)).ok()?;
     let kind: i8 = match &message.mti().0 {
         b"0200" | b"0201" => 1,
         b"0400" | b"0401" | b"0420" | b"0421" => 2,

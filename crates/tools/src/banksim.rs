@@ -391,8 +391,10 @@ impl Connection {
         let dialect = &*self.opts.dialect;
         let framing = self.opts.framing;
         while let Some(frame) = frames.decode(input)? {
+            // Kept as it arrived on the wire (the message's bytes are its
+            // canonical form under a BCD or EBCDIC dialect).
+            self.stats.log.push(&frame);
             let request = Message::decode(dialect, frame)?;
-            self.stats.log.push(request.as_bytes());
             let network = request.mti().as_bytes()[..3] == *b"080";
             if !network {
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);

@@ -71,6 +71,9 @@ pub struct TestbedOptions {
     pub routes: Vec<String>,
     /// Banks written with `optional = true` (readiness does not wait for them).
     pub optional: Vec<String>,
+    /// Dialect (built-in name or file) of simulated bank `i`, written into its
+    /// `[[bank]] dialect`; banks past the list speak `iso87-ascii`.
+    pub bank_dialects: Vec<String>,
 }
 
 /// Memory the test bed's duplicates table may use (1 GiB; taken as keys come, not
@@ -99,6 +102,7 @@ impl Default for TestbedOptions {
             failover: Vec::new(),
             routes: Vec::new(),
             optional: Vec::new(),
+            bank_dialects: Vec::new(),
         }
     }
 }
@@ -143,9 +147,12 @@ impl Testbed {
         let ca_der = vec![ca.ca_der()];
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
-        let dialect = Arc::new(Dialect::iso87_ascii());
         let mut banks = Vec::new();
         for i in 0..opts.banks {
+            let dialect = Arc::new(match opts.bank_dialects.get(i) {
+                Some(name) => Dialect::load(name)?,
+                None => Dialect::iso87_ascii(),
+            });
             let id = format!("{}", 200_001 + i);
             let issued = ca.issue_server(&[&format!("bank-{id}")])?;
             let server = tls::server_config(&ca_der, issued.chain()?, issued.key()?)?;
@@ -325,9 +332,13 @@ fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, Socke
             .map(|(_, to)| format!("\"{to}\""))
             .collect();
         let optional = opts.optional.iter().any(|o| o == id);
+        let dialect = opts
+            .bank_dialects
+            .get(i)
+            .map_or("iso87-ascii", String::as_str);
         let _ = writeln!(
             t,
-            "[[bank]]\nfailover = [{}]\noptional = {optional}",
+            "[[bank]]\nfailover = [{}]\noptional = {optional}\ndialect = \"{dialect}\"",
             failover.join(", ")
         );
         let _ = writeln!(

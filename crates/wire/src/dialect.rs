@@ -1,5 +1,6 @@
 //! Dialects: which fields exist, their types, length kinds, bounds and encodings.
 
+pub use crate::ebcdic::CodePage;
 use serde::Deserialize;
 use std::fmt;
 use std::path::Path;
@@ -171,6 +172,12 @@ pub enum Encoding {
     Binary,
     /// Two ASCII hex characters per byte (binary fields in hex dialects).
     Hex,
+    /// Packed BCD: two digits per byte (numeric and track fields); an odd count
+    /// is padded with one nibble (the dialect's `bcd_pad` side and
+    /// `bcd_filler`).
+    Bcd,
+    /// One EBCDIC character per unit, in the dialect's `code_page`.
+    Ebcdic,
 }
 
 impl Encoding {
@@ -179,9 +186,133 @@ impl Encoding {
     pub fn wire_len(self, units: usize) -> usize {
         match self {
             Encoding::Hex => units * 2,
-            Encoding::Ascii | Encoding::Binary => units,
+            Encoding::Bcd => units.div_ceil(2),
+            Encoding::Ascii | Encoding::Binary | Encoding::Ebcdic => units,
         }
     }
+
+    /// How a decoded [`Message`](crate::Message) holds the value: text read from
+    /// BCD or EBCDIC is held as ASCII (Latin-1); binary and hex stay as they are.
+    #[inline]
+    pub fn value(self) -> Encoding {
+        match self {
+            Encoding::Bcd | Encoding::Ebcdic => Encoding::Ascii,
+            e => e,
+        }
+    }
+}
+
+/// How the message type indicator is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtiEncoding {
+    /// Four ASCII digits.
+    Ascii,
+    /// Two bytes of packed BCD (`0x02 0x00` for 0200).
+    Bcd,
+    /// Four EBCDIC digits.
+    Ebcdic,
+}
+
+impl MtiEncoding {
+    /// Wire bytes of the MTI.
+    pub fn wire_len(self) -> usize {
+        match self {
+            MtiEncoding::Bcd => 2,
+            MtiEncoding::Ascii | MtiEncoding::Ebcdic => 4,
+        }
+    }
+}
+
+/// How a variable field's length prefix is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrefixEncoding {
+    /// ASCII digits: 2 for LLVAR, 3 for LLLVAR.
+    Ascii,
+    /// Packed BCD: 1 byte for LLVAR (`0x19`), 2 bytes for LLLVAR (`0x01 0x23`).
+    Bcd,
+    /// Unsigned big-endian binary: 1 byte for LLVAR, 2 bytes for LLLVAR.
+    Binary,
+    /// EBCDIC digits: 2 for LLVAR, 3 for LLLVAR.
+    Ebcdic,
+}
+
+impl PrefixEncoding {
+    /// Wire bytes of a prefix of this kind.
+    pub fn wire_len(self, kind: LengthKind) -> usize {
+        match (self, kind) {
+            (_, LengthKind::Fixed) => 0,
+            (PrefixEncoding::Ascii | PrefixEncoding::Ebcdic, k) => k.prefix_digits(),
+            (PrefixEncoding::Bcd | PrefixEncoding::Binary, LengthKind::LlVar) => 1,
+            (PrefixEncoding::Bcd | PrefixEncoding::Binary, LengthKind::LllVar) => 2,
+        }
+    }
+}
+
+/// What a BCD field's length prefix counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LengthCounts {
+    /// Digits (nibbles): a 19-digit PAN has length 19 in 10 bytes.
+    Digits,
+    /// Bytes: the same PAN has length 10; with filler `F` a pad nibble is not a
+    /// digit, with filler `0` it is read as one.
+    Bytes,
+}
+
+/// Which side of an odd-length BCD value carries the pad nibble.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PadSide {
+    /// `123` is `0x01 0x23` (with filler 0).
+    Left,
+    /// `123` is `0x12 0x30` (with filler 0).
+    Right,
+}
+
+/// The pad nibble of odd-length BCD values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Deserialize)]
+pub enum Filler {
+    /// Nibble 0.
+    #[serde(rename = "0")]
+    Zero,
+    /// Nibble F.
+    #[serde(rename = "F", alias = "f")]
+    F,
+}
+
+impl Filler {
+    /// The nibble's value.
+    pub fn nibble(self) -> u8 {
+        match self {
+            Filler::Zero => 0,
+            Filler::F => 0xf,
+        }
+    }
+}
+
+/// A field's wire details beyond its value encoding, resolved from the field's
+/// own settings and the dialect's defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FieldWire {
+    /// How the length prefix is written.
+    pub prefix: PrefixEncoding,
+    /// What the prefix counts (BCD fields).
+    pub counts: LengthCounts,
+    /// Pad side of odd BCD values.
+    pub pad: PadSide,
+    /// Pad nibble of odd BCD values.
+    pub filler: Filler,
+}
+
+impl FieldWire {
+    const ASCII: FieldWire = FieldWire {
+        prefix: PrefixEncoding::Ascii,
+        counts: LengthCounts::Digits,
+        pad: PadSide::Left,
+        filler: Filler::Zero,
+    };
 }
 
 /// How the primary and secondary bitmaps are written.
@@ -192,6 +323,10 @@ pub enum BitmapEncoding {
     Binary,
     /// 16 ASCII hex characters per bitmap.
     Hex,
+    /// 16 EBCDIC hex characters per bitmap (`0`-`9` are 0xF0-0xF9, `A`-`F`
+    /// 0xC1-0xC6).
+    #[serde(rename = "hex-ebcdic")]
+    HexEbcdic,
 }
 
 impl BitmapEncoding {
@@ -199,16 +334,9 @@ impl BitmapEncoding {
     pub fn wire_len(self) -> usize {
         match self {
             BitmapEncoding::Binary => 8,
-            BitmapEncoding::Hex => 16,
+            BitmapEncoding::Hex | BitmapEncoding::HexEbcdic => 16,
         }
     }
-}
-
-/// Only ASCII digits are supported for MTIs and length prefixes in this version.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum AsciiOnly {
-    Ascii,
 }
 
 /// One field of a dialect.
@@ -228,6 +356,18 @@ pub struct FieldSpec {
     pub max: u16,
     /// Wire encoding of the value.
     pub encoding: Encoding,
+    /// Length prefix encoding of this field, if not the dialect's.
+    #[serde(default)]
+    pub length_prefix_encoding: Option<PrefixEncoding>,
+    /// What a BCD field's prefix counts, if not the dialect's.
+    #[serde(default)]
+    pub length_counts: Option<LengthCounts>,
+    /// Pad side of odd BCD values, if not the dialect's.
+    #[serde(default)]
+    pub bcd_pad: Option<PadSide>,
+    /// Pad nibble of odd BCD values, if not the dialect's.
+    #[serde(default)]
+    pub bcd_filler: Option<Filler>,
 }
 
 #[derive(Deserialize)]
@@ -236,11 +376,18 @@ struct DialectFile {
     name: String,
     #[serde(default)]
     description: String,
-    #[allow(dead_code)]
-    mti_encoding: AsciiOnly,
+    mti_encoding: MtiEncoding,
     bitmap_encoding: BitmapEncoding,
-    #[allow(dead_code)]
-    length_prefix_encoding: AsciiOnly,
+    length_prefix_encoding: PrefixEncoding,
+    /// Required when anything is EBCDIC.
+    #[serde(default)]
+    code_page: Option<CodePage>,
+    #[serde(default)]
+    length_counts: Option<LengthCounts>,
+    #[serde(default)]
+    bcd_pad: Option<PadSide>,
+    #[serde(default)]
+    bcd_filler: Option<Filler>,
     field: Vec<FieldSpec>,
 }
 
@@ -273,6 +420,14 @@ pub enum DialectError {
         /// What is wrong.
         problem: &'static str,
     },
+    /// A dialect-wide setting is inconsistent.
+    #[error("dialect {origin}: {problem}")]
+    Layout {
+        /// Path or name of the dialect.
+        origin: String,
+        /// What is wrong.
+        problem: &'static str,
+    },
 }
 
 /// Largest dialect file read, bytes.
@@ -284,9 +439,19 @@ pub struct Dialect {
     fingerprint: u64,
     name: String,
     description: String,
+    mti: MtiEncoding,
     bitmap: BitmapEncoding,
+    code_page: Option<CodePage>,
     /// Indexed by field number; index 0 unused.
     fields: Vec<Option<FieldSpec>>,
+    /// Each field's resolved wire details, indexed like `fields`.
+    wire: Vec<FieldWire>,
+    /// For a dialect whose wire form is not the form messages are held in (BCD,
+    /// EBCDIC, non-ASCII MTI or length prefixes): the same fields with ASCII
+    /// text, ASCII prefixes, an ASCII MTI and binary bitmaps. Decoding converts
+    /// into it and encoding out of it (`transcode`); `None`: the dialect is its
+    /// own canonical form and messages are used as they arrive.
+    canonical: Option<std::sync::Arc<Dialect>>,
 }
 
 /// Dialects compiled into the binary: (name, TOML text).
@@ -299,6 +464,14 @@ pub const BUILTIN_DIALECTS: &[(&str, &str)] = &[
         "iso87-hexbitmap",
         include_str!("../../../config/iso8583/iso87-hexbitmap.toml"),
     ),
+    (
+        "iso87-binary",
+        include_str!("../../../config/iso8583/iso87-binary.toml"),
+    ),
+    (
+        "iso87-ebcdic",
+        include_str!("../../../config/iso8583/iso87-ebcdic.toml"),
+    ),
 ];
 
 impl Dialect {
@@ -309,6 +482,20 @@ impl Dialect {
             source: Box::new(e),
         })?;
         let mut fields: Vec<Option<FieldSpec>> = vec![None; 129];
+        let layout = |problem| DialectError::Layout {
+            origin: origin.to_owned(),
+            problem,
+        };
+        let defaults = FieldWire {
+            prefix: file.length_prefix_encoding,
+            counts: file.length_counts.unwrap_or(LengthCounts::Digits),
+            pad: file.bcd_pad.unwrap_or(PadSide::Left),
+            filler: file.bcd_filler.unwrap_or(Filler::Zero),
+        };
+        let mut wire = vec![defaults; 129];
+        let mut ebcdic = file.mti_encoding == MtiEncoding::Ebcdic
+            || file.bitmap_encoding == BitmapEncoding::HexEbcdic
+            || file.length_prefix_encoding == PrefixEncoding::Ebcdic;
         for spec in file.field {
             let problem = check_spec(&spec, file.bitmap_encoding);
             let number = spec.number;
@@ -327,19 +514,123 @@ impl Dialect {
                     problem: "defined twice",
                 });
             }
+            let w = &mut wire[usize::from(number)];
+            w.prefix = spec.length_prefix_encoding.unwrap_or(w.prefix);
+            w.counts = spec.length_counts.unwrap_or(w.counts);
+            w.pad = spec.bcd_pad.unwrap_or(w.pad);
+            w.filler = spec.bcd_filler.unwrap_or(w.filler);
+            ebcdic |= spec.encoding == Encoding::Ebcdic
+                || (spec.length != LengthKind::Fixed && w.prefix == PrefixEncoding::Ebcdic);
             *slot = Some(spec);
         }
-        let fingerprint = fingerprint(file.bitmap_encoding, &fields);
-        Ok(Dialect {
-            fingerprint,
+        if ebcdic && file.code_page.is_none() {
+            return Err(layout(
+                "code_page (cp037, cp500 or cp1047) is required when anything is EBCDIC",
+            ));
+        }
+        let mut d = Dialect {
+            fingerprint: 0,
             name: file.name,
             description: file.description,
+            mti: file.mti_encoding,
             bitmap: file.bitmap_encoding,
+            code_page: file.code_page,
             fields,
-        })
+            wire,
+            canonical: None,
+        };
+        if d.needs_transcoding() {
+            d.canonical = Some(std::sync::Arc::new(d.canonical_twin()));
+        }
+        d.fingerprint = d.layout_hash();
+        Ok(d)
     }
 
-    /// A dialect shipped with switchyard, by name (`iso87-ascii`, `iso87-hexbitmap`).
+    /// Whether the wire form differs from the form messages are held in.
+    fn needs_transcoding(&self) -> bool {
+        self.mti != MtiEncoding::Ascii
+            || self.bitmap == BitmapEncoding::HexEbcdic
+            || self.fields.iter().zip(&self.wire).any(|(f, w)| {
+                f.as_ref().is_some_and(|f| {
+                    matches!(f.encoding, Encoding::Bcd | Encoding::Ebcdic)
+                        || (f.length != LengthKind::Fixed && w.prefix != PrefixEncoding::Ascii)
+                })
+            })
+    }
+
+    /// The same fields held as ASCII text with ASCII prefixes, an ASCII MTI and
+    /// binary bitmaps.
+    fn canonical_twin(&self) -> Dialect {
+        let fields = self
+            .fields
+            .iter()
+            .map(|f| {
+                f.as_ref().map(|f| {
+                    let mut f = f.clone();
+                    f.encoding = if f.number == 1 {
+                        Encoding::Binary
+                    } else {
+                        f.encoding.value()
+                    };
+                    f.length_prefix_encoding = None;
+                    f.length_counts = None;
+                    f.bcd_pad = None;
+                    f.bcd_filler = None;
+                    f
+                })
+            })
+            .collect();
+        let mut twin = Dialect {
+            fingerprint: 0,
+            name: self.name.clone(),
+            description: self.description.clone(),
+            mti: MtiEncoding::Ascii,
+            bitmap: BitmapEncoding::Binary,
+            code_page: None,
+            fields,
+            wire: vec![FieldWire::ASCII; 129],
+            canonical: None,
+        };
+        twin.fingerprint = twin.layout_hash();
+        twin
+    }
+
+    /// The form messages of this dialect are held in once decoded (itself for
+    /// ASCII dialects): [`Message`](crate::Message) values, journal records
+    /// and re-encoding all use it.
+    #[inline]
+    pub fn canonical(&self) -> &Dialect {
+        self.canonical.as_deref().unwrap_or(self)
+    }
+
+    /// Whether decoding and encoding convert between the wire and
+    /// [`Dialect::canonical`] (one copy of the message each way).
+    #[inline]
+    pub fn is_transcoded(&self) -> bool {
+        self.canonical.is_some()
+    }
+
+    /// How the MTI is written.
+    pub fn mti_encoding(&self) -> MtiEncoding {
+        self.mti
+    }
+
+    /// The EBCDIC code page, when anything is EBCDIC.
+    pub fn code_page(&self) -> Option<CodePage> {
+        self.code_page
+    }
+
+    /// Field `number`'s resolved length prefix and BCD details.
+    #[inline]
+    pub fn field_wire(&self, number: u8) -> FieldWire {
+        self.wire
+            .get(usize::from(number))
+            .copied()
+            .unwrap_or(FieldWire::ASCII)
+    }
+
+    /// A dialect shipped with switchyard, by name (`iso87-ascii`, `iso87-hexbitmap`,
+    /// `iso87-binary`, `iso87-ebcdic`).
     pub fn builtin(name: &str) -> Option<Dialect> {
         let (_, text) = BUILTIN_DIALECTS.iter().find(|(n, _)| *n == name)?;
         // The built-in files are tested to parse; a failure here is a build bug.
@@ -416,29 +707,40 @@ impl Dialect {
         let fields: usize = self
             .fields
             .iter()
-            .flatten()
-            .map(|f| f.length.prefix_digits() + f.encoding.wire_len(usize::from(f.max)))
+            .zip(&self.wire)
+            .filter_map(|(f, w)| f.as_ref().map(|f| (f, w)))
+            .map(|(f, w)| w.prefix.wire_len(f.length) + f.encoding.wire_len(usize::from(f.max)))
             .sum();
-        4 + self.bitmap.wire_len() + fields
+        self.mti.wire_len() + self.bitmap.wire_len() + fields
     }
-}
 
-fn fingerprint(bitmap: BitmapEncoding, fields: &[Option<FieldSpec>]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    // SipHash with fixed keys: the same layout gives the same value in every process.
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (bitmap as u8).hash(&mut h);
-    for f in fields.iter().flatten() {
-        (
-            f.number,
-            f.ty as u8,
-            f.length as u8,
-            f.max,
-            f.encoding as u8,
-        )
-            .hash(&mut h);
+    /// A hash of the wire layout (not names): SipHash with fixed keys, so the
+    /// same layout gives the same value in every process.
+    fn layout_hash(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (self.bitmap as u8).hash(&mut h);
+        if self.is_transcoded() {
+            // Only dialects with more than ASCII hash these, so the ASCII
+            // dialects' fingerprints are as before.
+            (self.mti, self.code_page).hash(&mut h);
+        }
+        for (f, w) in self.fields.iter().zip(&self.wire) {
+            let Some(f) = f else { continue };
+            (
+                f.number,
+                f.ty as u8,
+                f.length as u8,
+                f.max,
+                f.encoding as u8,
+            )
+                .hash(&mut h);
+            if self.is_transcoded() {
+                w.hash(&mut h);
+            }
+        }
+        h.finish()
     }
-    h.finish()
 }
 
 fn check_spec(spec: &FieldSpec, bitmap: BitmapEncoding) -> Option<&'static str> {
@@ -456,16 +758,26 @@ fn check_spec(spec: &FieldSpec, bitmap: BitmapEncoding) -> Option<&'static str> 
     }
     let binary = spec.ty == FieldType::B;
     match (binary, spec.encoding) {
-        (true, Encoding::Ascii) => return Some("type b needs encoding binary or hex"),
+        (true, Encoding::Ascii | Encoding::Ebcdic | Encoding::Bcd) => {
+            return Some("type b needs encoding binary or hex")
+        }
         (false, Encoding::Binary | Encoding::Hex) => {
             return Some("only type b may use binary or hex encoding")
         }
+        (false, Encoding::Bcd) if !matches!(spec.ty, FieldType::N | FieldType::Z) => {
+            return Some("bcd encoding needs type n or z")
+        }
         _ => {}
+    }
+    if spec.encoding != Encoding::Bcd
+        && (spec.length_counts.is_some() || spec.bcd_pad.is_some() || spec.bcd_filler.is_some())
+    {
+        return Some("length_counts, bcd_pad and bcd_filler apply to bcd fields only");
     }
     if spec.number == 1 {
         let expected = match bitmap {
             BitmapEncoding::Binary => Encoding::Binary,
-            BitmapEncoding::Hex => Encoding::Hex,
+            BitmapEncoding::Hex | BitmapEncoding::HexEbcdic => Encoding::Hex,
         };
         if !binary || spec.length != LengthKind::Fixed || spec.max != 8 || spec.encoding != expected
         {

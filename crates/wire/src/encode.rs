@@ -13,7 +13,10 @@ const HEX: &[u8; 16] = b"0123456789ABCDEF";
 /// removed by [`Encoder::finish`] when no field above 64 was written. On error the
 /// buffer holds a partial message: truncate it to [`Encoder::start`].
 pub struct Encoder<'a> {
+    /// The canonical form the message is built in.
     dialect: &'a Dialect,
+    /// The dialect to convert it to in [`Encoder::finish`], when transcoded.
+    wire: Option<&'a Dialect>,
     out: &'a mut BytesMut,
     start: usize,
     bits: u128,
@@ -22,13 +25,20 @@ pub struct Encoder<'a> {
 
 impl<'a> Encoder<'a> {
     /// Starts a message with `mti` at the end of `out`.
+    ///
+    /// Under a transcoded dialect ([`Dialect::is_transcoded`]) values are given in
+    /// its canonical form (ASCII text, as [`Message::field`] returns them) and the
+    /// wire form is written by [`Encoder::finish`].
     pub fn new(dialect: &'a Dialect, out: &'a mut BytesMut, mti: Mti) -> Encoder<'a> {
+        let wire = dialect.is_transcoded().then_some(dialect);
+        let dialect = dialect.canonical();
         let start = out.len();
         out.put_slice(mti.as_bytes());
         let bitmap = dialect.bitmap_encoding().wire_len();
         out.put_bytes(0, 2 * bitmap);
         Encoder {
             dialect,
+            wire,
             out,
             start,
             bits: 0,
@@ -41,7 +51,8 @@ impl<'a> Encoder<'a> {
         self.start
     }
 
-    /// Appends field `n` whose value is already in this dialect's wire encoding.
+    /// Appends field `n` whose value is already in this dialect's value encoding
+    /// ([`Encoding::value`]: ASCII for text, raw bytes or hex for binary).
     pub fn field(&mut self, n: u8, value: &[u8]) -> Result<(), EncodeError> {
         let encoding = self
             .dialect
@@ -58,9 +69,16 @@ impl<'a> Encoder<'a> {
         from: Encoding,
     ) -> Result<(), EncodeError> {
         let err = |kind| EncodeError { field: n, kind };
+        let from = from.value();
         let Some(spec) = self.dialect.field(n).filter(|_| (2..=128).contains(&n)) else {
             return Err(err(EncodeErrorKind::UndefinedField));
         };
+        if let Some(wire_spec) = self.wire.and_then(|w| w.field(n)) {
+            if let Some(offset) = crate::transcode::representable(wire_spec, value) {
+                let found = value[offset];
+                return Err(err(EncodeErrorKind::Unrepresentable { offset, found }));
+            }
+        }
         if n <= self.last {
             return Err(err(EncodeErrorKind::OutOfOrder {
                 previous: self.last,
@@ -69,7 +87,7 @@ impl<'a> Encoder<'a> {
         let units = match from {
             Encoding::Hex if value.len() % 2 != 0 => return Err(err(EncodeErrorKind::BadHex)),
             Encoding::Hex => value.len() / 2,
-            Encoding::Ascii | Encoding::Binary => value.len(),
+            Encoding::Ascii | Encoding::Binary | Encoding::Bcd | Encoding::Ebcdic => value.len(),
         };
         match spec.length {
             LengthKind::Fixed if units != usize::from(spec.max) => {
@@ -119,8 +137,23 @@ impl<'a> Encoder<'a> {
         Ok(())
     }
 
-    /// Writes the bitmaps and returns the message length in bytes.
+    /// Writes the bitmaps and returns the message length in bytes; under a
+    /// transcoded dialect, converts the message to its wire form.
     pub fn finish(self) -> usize {
+        let (wire, start) = (self.wire, self.start);
+        let out = self.finish_canonical();
+        match wire {
+            None => out.len() - start,
+            // Values were checked to be representable as they were added, so the
+            // conversion cannot fail; if it did, nothing is left of the message.
+            Some(d) => transcode_tail(d, out, start).unwrap_or_else(|_| {
+                out.truncate(start);
+                0
+            }),
+        }
+    }
+
+    fn finish_canonical(self) -> &'a mut BytesMut {
         let encoding = self.dialect.bitmap_encoding();
         let width = encoding.wire_len();
         let at = self.start + 4;
@@ -139,8 +172,27 @@ impl<'a> Encoder<'a> {
             self.out.truncate(end - width);
         }
         write_bitmap(&mut self.out[at..at + width], primary, encoding);
-        self.out.len() - self.start
+        self.out
     }
+}
+
+thread_local! {
+    /// The canonical form of the message being converted (reused: no allocation
+    /// per message once grown).
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Converts `out[start..]`, a message in `d`'s canonical form, to `d`'s wire
+/// form in place; returns its wire length.
+fn transcode_tail(d: &Dialect, out: &mut BytesMut, start: usize) -> Result<usize, EncodeError> {
+    SCRATCH.with(|scratch| {
+        let mut scratch = scratch.borrow_mut();
+        scratch.clear();
+        scratch.extend_from_slice(&out[start..]);
+        out.truncate(start);
+        crate::transcode::from_canonical(d, &scratch, out)?;
+        Ok(out.len() - start)
+    })
 }
 
 #[inline]
@@ -151,7 +203,9 @@ fn digit(v: usize) -> u8 {
 fn write_bitmap(dst: &mut [u8], value: u64, encoding: BitmapEncoding) {
     match encoding {
         BitmapEncoding::Binary => dst.copy_from_slice(&value.to_be_bytes()),
-        BitmapEncoding::Hex => {
+        // The canonical form's bitmaps are binary; hex in EBCDIC is written by
+        // the conversion.
+        BitmapEncoding::Hex | BitmapEncoding::HexEbcdic => {
             for (i, slot) in dst.iter_mut().enumerate() {
                 *slot = HEX[((value >> (60 - 4 * i)) & 15) as usize];
             }
@@ -187,13 +241,24 @@ pub fn reencode(
     changes: &[Change<'_>],
     out: &mut BytesMut,
 ) -> Result<usize, EncodeError> {
-    if from.fingerprint() == to.fingerprint() {
-        if let Some(len) = patch(msg, mti, changes, out) {
-            return Ok(len);
-        }
-    }
     let before = out.len();
-    let result = reencode_inner(msg, from, to, mti, changes, out);
+    // Between canonical forms: copy and patch when the layouts are equal, else
+    // field by field; then to the target's wire form when it differs.
+    let (from, canonical_to) = (from.canonical(), to.canonical());
+    let patched = (from.fingerprint() == canonical_to.fingerprint())
+        .then(|| patch(msg, mti, changes, out))
+        .flatten();
+    let result = match patched {
+        Some(len) => Ok(len),
+        None => reencode_inner(msg, from, canonical_to, mti, changes, out),
+    }
+    .and_then(|len| {
+        if to.is_transcoded() {
+            transcode_tail(to, out, before)
+        } else {
+            Ok(len)
+        }
+    });
     if result.is_err() {
         out.truncate(before);
     }
@@ -261,7 +326,9 @@ fn reencode_inner(
         match (set, msg.field(n)) {
             (Some(value), _) => enc.field(n, value)?,
             (None, Some(value)) => {
-                let encoding = from.field(n).map_or(Encoding::Ascii, |s| s.encoding);
+                let encoding = from
+                    .field(n)
+                    .map_or(Encoding::Ascii, |s| s.encoding.value());
                 enc.field_converted(n, value, encoding)?;
             }
             (None, None) => {}

@@ -87,6 +87,12 @@ pub enum DecodeErrorKind {
         /// How many.
         count: usize,
     },
+    /// A BCD byte holds a nibble that is not a digit (or a track separator in a
+    /// `z` field), or a pad nibble that is not the dialect's filler.
+    BadBcd {
+        /// The offending byte.
+        found: u8,
+    },
     /// Frame larger than the codec can index (65,535 bytes).
     MessageTooLarge {
         /// Message size in bytes.
@@ -148,6 +154,9 @@ impl fmt::Display for DecodeError {
             DecodeErrorKind::TrailingBytes { count } => {
                 write!(f, "expected no more bytes, found {count}")
             }
+            DecodeErrorKind::BadBcd { found } => {
+                write!(f, "expected packed BCD digits, found byte 0x{found:02x}")
+            }
             DecodeErrorKind::MessageTooLarge { size } => {
                 write!(f, "expected at most 65535 bytes, found {size}")
             }
@@ -183,6 +192,16 @@ pub enum EncodeErrorKind {
     },
     /// A hex value to convert holds a non-hex character or an odd count.
     BadHex,
+    /// A value the field's wire encoding cannot carry (a letter in a BCD field).
+    Unrepresentable {
+        /// Offset of the byte within the value.
+        offset: usize,
+        /// The byte.
+        found: u8,
+    },
+    /// A message in the canonical form ended early or was inconsistent (a bug:
+    /// the encoder writes that form itself).
+    Malformed,
 }
 
 /// A value that does not fit its field.
@@ -212,6 +231,12 @@ impl fmt::Display for EncodeError {
                 write!(f, "expected exactly {expected} units, found {found}")
             }
             EncodeErrorKind::BadHex => f.write_str("expected an even count of hex digits"),
+            EncodeErrorKind::Unrepresentable { offset, found } => write!(
+                f,
+                "the wire encoding cannot carry {} at value offset {offset}",
+                Byte(found)
+            ),
+            EncodeErrorKind::Malformed => f.write_str("malformed canonical message"),
         }
     }
 }

@@ -28,6 +28,16 @@ pub fn decode_iso87_hexbitmap(data: &[u8]) {
     check_decode(iso87_hexbitmap(), data);
 }
 
+/// `fuzz_targets/decode_iso87_binary.rs`: BCD MTI, numerics and length prefixes.
+pub fn decode_iso87_binary(data: &[u8]) {
+    check_decode_transcoded(iso87_binary(), data);
+}
+
+/// `fuzz_targets/decode_iso87_ebcdic.rs`: EBCDIC MTI, text and length prefixes.
+pub fn decode_iso87_ebcdic(data: &[u8]) {
+    check_decode_transcoded(iso87_ebcdic(), data);
+}
+
 /// `fuzz_targets/frame_decoder.rs`: both framings, two bounds, fed whole and in
 /// chunks of 1 to 7 bytes (chosen by the first byte); both feeds must agree.
 pub fn frame_decoder(data: &[u8]) {
@@ -63,6 +73,18 @@ pub fn iso87_hexbitmap() -> &'static Dialect {
     DIALECT.get_or_init(|| builtin("iso87-hexbitmap"))
 }
 
+/// The built-in `iso87-binary` dialect, parsed once.
+pub fn iso87_binary() -> &'static Dialect {
+    static DIALECT: OnceLock<Dialect> = OnceLock::new();
+    DIALECT.get_or_init(|| builtin("iso87-binary"))
+}
+
+/// The built-in `iso87-ebcdic` dialect, parsed once.
+pub fn iso87_ebcdic() -> &'static Dialect {
+    static DIALECT: OnceLock<Dialect> = OnceLock::new();
+    DIALECT.get_or_init(|| builtin("iso87-ebcdic"))
+}
+
 fn builtin(name: &str) -> Dialect {
     match Dialect::builtin(name) {
         Some(d) => d,
@@ -85,6 +107,66 @@ pub fn check_decode(dialect: &Dialect, data: &[u8]) {
             let _ = e.to_string();
         }
         None => check_reencode(dialect, data, &msg),
+    }
+}
+
+/// Decodes `data` under a dialect converted to its canonical form (BCD, EBCDIC):
+/// decoded values match their canonical definitions, errors name a byte of the
+/// input, and a message that decodes fully re-encodes to the same values, byte
+/// for byte equal to `data` when its bitmaps are minimal (decoding is strict:
+/// one wire form per message).
+pub fn check_decode_transcoded(dialect: &Dialect, data: &[u8]) {
+    let (msg, err) = Message::decode_partial(dialect, Bytes::copy_from_slice(data));
+    let _ = format!("{msg:?}");
+    let canonical = dialect.canonical();
+    for (n, value) in msg.fields() {
+        check_value(canonical, n, value);
+    }
+    let Some(e) = err else {
+        let out = reencode_same(dialect, &msg);
+        let again = match Message::decode(dialect, out.clone()) {
+            Ok(m) => m,
+            Err(e) => panic!("re-encoded message does not decode: {e}"),
+        };
+        assert_eq!(again.mti(), msg.mti(), "MTI survives re-encoding");
+        assert!(
+            msg.fields().eq(again.fields()),
+            "field values survive re-encoding"
+        );
+        let high_field = msg.fields().any(|(n, _)| n > 64);
+        if msg.has(1) == high_field {
+            assert_eq!(&out[..], data, "strict decoding: the same wire bytes");
+        }
+        return;
+    };
+    let _ = e.to_string();
+    assert!(e.offset <= data.len(), "error {e:?} past the input");
+    let at = data.get(e.offset).copied();
+    let names_the_byte = |found: u8| {
+        at == Some(found)
+            || at
+                .zip(dialect.code_page())
+                .is_some_and(|(b, cp)| cp.to_latin1(b) == found)
+    };
+    match e.kind {
+        DecodeErrorKind::Truncated { needed, available } => {
+            assert!(needed > available, "{e:?}");
+            assert_eq!(e.offset + available, data.len(), "{e:?}");
+        }
+        DecodeErrorKind::TrailingBytes { count } => {
+            assert_eq!(e.offset + count, data.len(), "{e:?}");
+        }
+        DecodeErrorKind::BadMti { found }
+        | DecodeErrorKind::BadLengthPrefix { found }
+        | DecodeErrorKind::BadCharacter { found, .. }
+        | DecodeErrorKind::BadHex { found }
+        | DecodeErrorKind::BadBcd { found } => {
+            assert!(names_the_byte(found), "{e:?} names the byte at its offset");
+        }
+        DecodeErrorKind::LengthTooLong { .. } | DecodeErrorKind::MessageTooLarge { .. } => {
+            assert!(e.offset < data.len(), "{e:?}");
+        }
+        DecodeErrorKind::UndefinedField => {}
     }
 }
 
@@ -130,7 +212,8 @@ pub fn check_partial(dialect: &Dialect, data: &[u8], msg: &Message, err: Option<
         DecodeErrorKind::BadMti { found }
         | DecodeErrorKind::BadLengthPrefix { found }
         | DecodeErrorKind::BadCharacter { found, .. }
-        | DecodeErrorKind::BadHex { found } => {
+        | DecodeErrorKind::BadHex { found }
+        | DecodeErrorKind::BadBcd { found } => {
             assert_eq!(
                 data.get(e.offset),
                 Some(&found),
@@ -160,7 +243,8 @@ pub fn check_value(dialect: &Dialect, n: u8, value: &[u8]) {
     let Some(spec) = dialect.field(n) else {
         panic!("field {n} decoded but not defined by {}", dialect.name());
     };
-    let max_wire = spec.encoding.wire_len(usize::from(spec.max));
+    // Values are held in the canonical form.
+    let max_wire = spec.encoding.value().wire_len(usize::from(spec.max));
     match spec.length {
         LengthKind::Fixed => assert_eq!(value.len(), max_wire, "field {n}: fixed length"),
         LengthKind::LlVar | LengthKind::LllVar => {
@@ -171,7 +255,7 @@ pub fn check_value(dialect: &Dialect, n: u8, value: &[u8]) {
             );
         }
     }
-    match spec.encoding {
+    match spec.encoding.value() {
         Encoding::Binary => {}
         Encoding::Hex => {
             assert!(value.len() % 2 == 0, "field {n}: odd hex length");
@@ -180,7 +264,7 @@ pub fn check_value(dialect: &Dialect, n: u8, value: &[u8]) {
                 "field {n}: not hex"
             );
         }
-        Encoding::Ascii => {
+        Encoding::Ascii | Encoding::Bcd | Encoding::Ebcdic => {
             for (i, &b) in value.iter().enumerate() {
                 assert!(
                     spec.ty.allows(i, b),

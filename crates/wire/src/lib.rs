@@ -16,6 +16,7 @@
 #[cfg(feature = "fuzzing")]
 pub mod corpus;
 mod dialect;
+mod ebcdic;
 mod encode;
 mod error;
 mod frame;
@@ -23,10 +24,12 @@ mod frame;
 pub mod fuzzing;
 mod mask;
 mod message;
+mod transcode;
 
 pub use dialect::{
-    BitmapEncoding, Dialect, DialectError, Encoding, FieldSpec, FieldType, LengthKind,
-    BUILTIN_DIALECTS, DIALECT_FILE_SIZE_MAX_BYTES,
+    BitmapEncoding, CodePage, Dialect, DialectError, Encoding, FieldSpec, FieldType, FieldWire,
+    Filler, LengthCounts, LengthKind, MtiEncoding, PadSide, PrefixEncoding, BUILTIN_DIALECTS,
+    DIALECT_FILE_SIZE_MAX_BYTES,
 };
 pub use encode::{reencode, Change, Encoder};
 pub use error::{DecodeError, DecodeErrorKind, EncodeError, EncodeErrorKind, Location};

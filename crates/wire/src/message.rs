@@ -197,7 +197,8 @@ fn read_bitmap(
             word.copy_from_slice(raw);
             Ok(u64::from_be_bytes(word))
         }
-        BitmapEncoding::Hex => {
+        // Hex in EBCDIC never reaches here: it is converted to the canonical form.
+        BitmapEncoding::Hex | BitmapEncoding::HexEbcdic => {
             let mut value = 0u64;
             for (i, &b) in raw.iter().enumerate() {
                 let Some(v) = hex_value(b) else {
@@ -226,7 +227,34 @@ impl Message {
 
     /// Decodes as far as the message is valid: the fields before the first error are
     /// available (so a format-error answer can echo the STAN), with the error.
+    ///
+    /// Under a dialect with BCD, EBCDIC or binary parts ([`Dialect::is_transcoded`])
+    /// the message is converted into its canonical form first (one copy), checked
+    /// on the wire bytes so errors name wire offsets; [`Message::as_bytes`] is then
+    /// the canonical form.
     pub fn decode_partial(dialect: &Dialect, bytes: Bytes) -> (Message, Option<DecodeError>) {
+        if dialect.is_transcoded() {
+            let mut canonical = Vec::with_capacity(bytes.len() * 2);
+            let wire_error = crate::transcode::to_canonical(dialect, &bytes, &mut canonical).err();
+            let (msg, error) = Message::decode_canonical_partial(dialect, canonical.into());
+            // A wire error comes first; the canonical form cannot fail where the
+            // wire form passed, but say so if it did.
+            return (msg, wire_error.or(error));
+        }
+        Message::decode_canonical_partial(dialect, bytes)
+    }
+
+    /// Decodes a message held in `dialect`'s canonical form (as [`Message::as_bytes`]
+    /// gives it, e.g. read back from the journal): no conversion.
+    pub fn decode_canonical(dialect: &Dialect, bytes: Bytes) -> Result<Message, DecodeError> {
+        match Message::decode_canonical_partial(dialect, bytes) {
+            (msg, None) => Ok(msg),
+            (_, Some(err)) => Err(err),
+        }
+    }
+
+    fn decode_canonical_partial(dialect: &Dialect, bytes: Bytes) -> (Message, Option<DecodeError>) {
+        let dialect = dialect.canonical();
         let mut msg = Message {
             bytes,
             mti: Mti(*b"0000"),
@@ -374,7 +402,8 @@ impl Message {
         self.has(n).then(|| self.span_at(rank(self.present, n)))
     }
 
-    /// The whole message as received.
+    /// The whole message as received, or for a transcoded dialect its canonical
+    /// form ([`Dialect::canonical`]).
     pub fn as_bytes(&self) -> &Bytes {
         &self.bytes
     }
@@ -446,7 +475,8 @@ fn read_field(dialect: &Dialect, cur: &mut Cursor<'_>, n: u8) -> Result<Span, De
             .iter()
             .position(|&b| hex_value(b).is_none())
             .map(|i| (i, DecodeErrorKind::BadHex { found: value[i] })),
-        Encoding::Ascii => spec
+        // BCD and EBCDIC never reach here: they are converted to ASCII first.
+        Encoding::Ascii | Encoding::Bcd | Encoding::Ebcdic => spec
             .ty
             .first_invalid(value)
             .map(|i| (i, value[i]))

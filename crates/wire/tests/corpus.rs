@@ -14,13 +14,15 @@ use std::path::{Path, PathBuf};
 use switchyard_wire::{Dialect, Encoder, Encoding, Framing, Mti};
 
 /// Fuzz targets and their checks.
-const TARGETS: [(&str, Check); 3] = [
+const TARGETS: [(&str, Check); 5] = [
     ("frame_decoder", fuzz_checks::frame_decoder),
     ("decode_iso87_ascii", fuzz_checks::decode_iso87_ascii),
     (
         "decode_iso87_hexbitmap",
         fuzz_checks::decode_iso87_hexbitmap,
     ),
+    ("decode_iso87_binary", fuzz_checks::decode_iso87_binary),
+    ("decode_iso87_ebcdic", fuzz_checks::decode_iso87_ebcdic),
 ];
 
 fn corpus_dir() -> PathBuf {
@@ -44,6 +46,16 @@ fn corpus_decode_iso87_ascii() {
 #[test]
 fn corpus_decode_iso87_hexbitmap() {
     run_target("decode_iso87_hexbitmap");
+}
+
+#[test]
+fn corpus_decode_iso87_binary() {
+    run_target("decode_iso87_binary");
+}
+
+#[test]
+fn corpus_decode_iso87_ebcdic() {
+    run_target("decode_iso87_ebcdic");
 }
 
 /// The committed seeds are the ones [`seeds`] describes (fuzzing may add more files).
@@ -270,6 +282,46 @@ fn frame_seeds() -> Vec<(String, Vec<u8>)> {
     ]
 }
 
+/// Seeds of a dialect converted to its canonical form: each message kind, and
+/// the same cut short, with bytes after it, and with a byte in DE3 broken (a
+/// non-digit BCD nibble, or an EBCDIC letter in a numeric field).
+fn transcoded_seeds(d: &Dialect) -> Vec<(String, Vec<u8>)> {
+    let purchase = build(d, Mti::FINANCIAL, PURCHASE_0200);
+    let mut trailing = purchase.clone();
+    trailing.extend_from_slice(&[0xf0, 0x00, 0x12]);
+    let mut broken = purchase.clone();
+    // DE3 follows the MTI, the two bitmaps and DE2 (prefix and 16 digits).
+    let de3 = d.mti_encoding().wire_len()
+        + 16
+        + d.field_wire(2)
+            .prefix
+            .wire_len(switchyard_wire::LengthKind::LlVar)
+        + d.field(2).map_or(0, |s| s.encoding.wire_len(16));
+    broken[de3] = 0xc1;
+    vec![
+        ("0200-purchase".to_owned(), purchase.clone()),
+        (
+            "0210-approved".to_owned(),
+            build(d, Mti::FINANCIAL_RESPONSE, APPROVED_0210),
+        ),
+        ("0800-echo".to_owned(), build(d, Mti::NETWORK, ECHO_0800)),
+        (
+            "0100-chip-pin".to_owned(),
+            build(d, Mti::AUTHORIZATION, CHIP_PIN_0100),
+        ),
+        (
+            "0420-reversal".to_owned(),
+            build(d, Mti::REVERSAL_ADVICE, REVERSAL_0420),
+        ),
+        (
+            "truncated".to_owned(),
+            purchase[..purchase.len() - 5].to_vec(),
+        ),
+        ("trailing-bytes".to_owned(), trailing),
+        ("bad-de3".to_owned(), broken),
+    ]
+}
+
 /// Every seed: (target, file name, contents).
 fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut all = Vec::new();
@@ -281,6 +333,12 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     }
     for (name, bytes) in decode_seeds(fuzz_checks::iso87_hexbitmap()) {
         all.push(("decode_iso87_hexbitmap", name, bytes));
+    }
+    for (name, bytes) in transcoded_seeds(fuzz_checks::iso87_binary()) {
+        all.push(("decode_iso87_binary", name, bytes));
+    }
+    for (name, bytes) in transcoded_seeds(fuzz_checks::iso87_ebcdic()) {
+        all.push(("decode_iso87_ebcdic", name, bytes));
     }
     all
 }
