@@ -7,7 +7,7 @@ use crate::core::route::{BankIndex, RouteTable};
 use crate::core::InstitutionId;
 use crate::journal::{Fsync, JournalConfig};
 use crate::tls::IdentitySource;
-use crate::wire::{Dialect, Framing};
+use crate::wire::{Dialect, Framing, Header, MessageHeader, HEADER_BYTES_MAX, TPDU_BYTES};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -203,8 +203,22 @@ struct SwitchSection {
     dialect: String,
     #[serde(default = "d_framing")]
     framing: Framing,
+    #[serde(default)]
+    header: HeaderKind,
+    #[serde(default)]
+    header_bytes: Option<usize>,
     #[serde(default = "d_grace")]
     shutdown_grace_ms: u64,
+}
+
+/// What comes between a frame's length and the message (`header = …`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum HeaderKind {
+    #[default]
+    None,
+    Tpdu,
+    Fixed,
 }
 
 fn d_grace() -> u64 {
@@ -378,6 +392,10 @@ struct BankSection {
     dialect: String,
     #[serde(default = "d_framing")]
     framing: Framing,
+    #[serde(default)]
+    header: HeaderKind,
+    #[serde(default)]
+    header_hex: Option<String>,
     #[serde(default = "d_queue")]
     queue_depth_max: usize,
     #[serde(default = "d_inflight_link")]
@@ -537,6 +555,10 @@ pub struct Bank {
     pub dialect: Arc<Dialect>,
     /// Framing on the links.
     pub framing: Framing,
+    /// Header between a frame's length and the message on the links.
+    pub header: MessageHeader,
+    /// The header the switch writes before each message to the bank (`header_hex`).
+    pub header_sent: Header,
     /// Connector queue bound; full → 91.
     pub queue_depth_max: usize,
     /// In-flight bound per link.
@@ -577,7 +599,7 @@ impl Bank {
             && self.address == other.address
             && self.server_name == other.server_name
             && self.dialect.fingerprint() == other.dialect.fingerprint()
-            && format!("{:?}", self.framing) == format!("{:?}", other.framing)
+            && self.framing == other.framing
             && self.queue_depth_max == other.queue_depth_max
             && self.inflight_per_link_max == other.inflight_per_link_max
             && self.connect_timeout == other.connect_timeout
@@ -657,6 +679,9 @@ pub struct Config {
     pub dialect: Arc<Dialect>,
     /// Framing on acquirer connections.
     pub framing: Framing,
+    /// Header between a frame's length and the message on acquirer connections;
+    /// answers carry the request's back (a TPDU with its addresses swapped).
+    pub header: MessageHeader,
     /// Certificate files (unused when TLS material is given in memory).
     pub tls_files: TlsFiles,
     /// Which certificate field names the institution.
@@ -728,10 +753,7 @@ impl Config {
             "switch.dialect",
             self.dialect.fingerprint() == new.dialect.fingerprint(),
         );
-        check(
-            "switch.framing",
-            format!("{:?}", self.framing) == format!("{:?}", new.framing),
-        );
+        check("switch.framing", self.framing == new.framing);
         check(
             "limits.frame_size_max_bytes",
             self.frame_size_max_bytes == new.frame_size_max_bytes,
@@ -788,6 +810,63 @@ impl Checker<'_> {
             Some(dir) if p.is_relative() => dir.join(p),
             _ => p.to_owned(),
         }
+    }
+
+    /// `[switch] header` and `header_bytes`.
+    fn listener_header(&self, s: &SwitchSection) -> Result<MessageHeader, ConfigError> {
+        match (s.header, s.header_bytes) {
+            (HeaderKind::None, None) => Ok(MessageHeader::None),
+            (HeaderKind::Tpdu, None) => Ok(MessageHeader::Tpdu),
+            (HeaderKind::Fixed, Some(n)) => {
+                let n = self.range("switch.header_bytes", n, 1, HEADER_BYTES_MAX, "bytes")?;
+                Ok(MessageHeader::Fixed(n as u8))
+            }
+            (HeaderKind::Fixed, None) => {
+                Err(self.invalid("switch.header_bytes", "required with header = \"fixed\""))
+            }
+            (_, Some(_)) => {
+                Err(self.invalid("switch.header_bytes", "only with header = \"fixed\""))
+            }
+        }
+    }
+
+    /// A bank's `header` and `header_hex` (the bytes sent before each message).
+    fn bank_header(
+        &self,
+        key: &str,
+        b: &BankSection,
+    ) -> Result<(MessageHeader, Header), ConfigError> {
+        let bytes = match &b.header_hex {
+            None if b.header == HeaderKind::None => {
+                return Ok((MessageHeader::None, Header::default()))
+            }
+            None => {
+                return Err(self.invalid(key, "required with a header (the bytes sent, in hex)"))
+            }
+            Some(_) if b.header == HeaderKind::None => {
+                return Err(self.invalid(key, "only with header = \"tpdu\" or \"fixed\""))
+            }
+            Some(hex) => parse_hex(hex).ok_or_else(|| {
+                self.invalid(
+                    key,
+                    format!("expected an even count of hex digits, found {hex:?}"),
+                )
+            })?,
+        };
+        let header = match b.header {
+            HeaderKind::Tpdu if bytes.len() != TPDU_BYTES => {
+                return Err(
+                    self.invalid(key, format!("a TPDU is {TPDU_BYTES} bytes (10 hex digits)"))
+                )
+            }
+            HeaderKind::Tpdu => MessageHeader::Tpdu,
+            _ => {
+                let n = self.range(key, bytes.len(), 1, HEADER_BYTES_MAX, "bytes")?;
+                MessageHeader::Fixed(n as u8)
+            }
+        };
+        let sent = Header::from_slice(&bytes).ok_or_else(|| self.invalid(key, "too long"))?;
+        Ok((header, sent))
     }
 
     fn dialect(&self, key: &str, name: &str) -> Result<Arc<Dialect>, ConfigError> {
@@ -996,6 +1075,7 @@ impl Checker<'_> {
             )?),
             dialect,
             framing: s.framing,
+            header: self.listener_header(s)?,
             tls_files: TlsFiles {
                 ca_file: self.path(&t.ca_file),
                 cert_file: self.path(&t.cert_file),
@@ -1162,6 +1242,7 @@ impl Checker<'_> {
         self.range(&k("echo_timeout_ms"), b.echo_timeout_ms, 10, 120_000, "ms")?;
         self.range(&k("write_batch_max"), b.write_batch_max, 1, 65_536, "")?;
         let _ = frame_max;
+        let header = self.bank_header(&k("header_hex"), b)?;
         Ok(Bank {
             id,
             name: b.name.clone(),
@@ -1170,6 +1251,8 @@ impl Checker<'_> {
             links: b.links,
             dialect: self.dialect(&k("dialect"), &b.dialect)?,
             framing: b.framing,
+            header: header.0,
+            header_sent: header.1,
             queue_depth_max: b.queue_depth_max,
             inflight_per_link_max: b.inflight_per_link_max,
             request_timeout: ms(b.request_timeout_ms),
@@ -1286,6 +1369,17 @@ impl Checker<'_> {
         }
         Ok(())
     }
+}
+
+/// Bytes of an even count of hex digits.
+fn parse_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 || !text.is_ascii() {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).ok())
+        .collect()
 }
 
 #[cfg(test)]

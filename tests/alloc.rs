@@ -212,6 +212,7 @@ fn switch_allocations_per_payment() -> anyhow::Result<()> {
         let sim = BankSimOptions {
             dialect: dialect.clone(),
             framing: Framing::U16be,
+            header: switchyard::wire::MessageHeader::None,
             frame_size_max_bytes: FRAME_SIZE_MAX_BYTES_DEFAULT,
             seed: 1,
         };

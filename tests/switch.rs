@@ -4,8 +4,8 @@ use bytes::BytesMut;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard::wire::{Dialect, Encoder, Message, Mti};
-use switchyard_tools::demo::{Testbed, TestbedOptions};
+use switchyard::wire::{Dialect, Encoder, Framing, Message, MessageHeader, Mti};
+use switchyard_tools::demo::{Speaks, Testbed, TestbedOptions};
 use switchyard_tools::testkit::{payment_fields, Client, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -1191,11 +1191,25 @@ async fn readiness_waits_for_every_bank_not_marked_optional() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ascii_acquirer_pays_a_bcd_bank_and_an_ebcdic_bank() {
+    // The BCD bank behind a BCD length and a TPDU, the EBCDIC bank behind an
+    // inclusive length and a 6-byte header: the simulated banks strip them and
+    // send them back on their answers, which the switch strips in turn.
     let bed = testbed(TestbedOptions {
         banks: 2,
         links: 1,
         first_stan: 700,
-        bank_dialects: vec!["iso87-binary".into(), "iso87-ebcdic".into()],
+        bank_speaks: vec![
+            Speaks {
+                dialect: "iso87-binary".into(),
+                framing: Framing::Bcd2,
+                header: MessageHeader::Tpdu,
+            },
+            Speaks {
+                dialect: "iso87-ebcdic".into(),
+                framing: Framing::U16beInclusive,
+                header: MessageHeader::Fixed(6),
+            },
+        ],
         ..TestbedOptions::default()
     })
     .await;

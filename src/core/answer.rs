@@ -124,15 +124,18 @@ impl Reply {
     }
 }
 
-/// Appends one framed answer to `out`. Returns false (and appends nothing) when the
+/// Appends one framed answer to `out`, `header` (a TPDU, or nothing) between the
+/// frame's length and the message. Returns false (and appends nothing) when the
 /// answer could not be encoded; the caller counts it.
 pub fn encode_reply(
     reply: &Reply,
     dialect: &Dialect,
     framing: Framing,
+    header: &[u8],
     out: &mut BytesMut,
 ) -> bool {
     let at = framing.begin(out);
+    out.extend_from_slice(header);
     let ok = match reply {
         Reply::Bank {
             stan,
@@ -319,7 +322,7 @@ mod tests {
         assert_eq!((reply.connector(), reply.seq()), (Some(3), 9));
         assert_eq!(reply.code_label(), "92");
         let mut out = BytesMut::new();
-        assert!(encode_reply(&reply, &d, Framing::U16be, &mut out));
+        assert!(encode_reply(&reply, &d, Framing::U16be, &[], &mut out));
         let frame = FrameDecoder::new(Framing::U16be, 8192)
             .decode(&mut out)
             .unwrap()

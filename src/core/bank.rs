@@ -123,6 +123,7 @@ impl BankState {
             acquirer_dialect: self.acquirer_dialect.clone(),
             dialect: self.bank.dialect.clone(),
             framing: self.bank.framing,
+            header: (self.bank.header, self.bank.header_sent),
             inflight_max: self.bank.inflight_per_link_max,
             write_batch_max: self.bank.write_batch_max,
             echo_interval: self.bank.echo_interval,

@@ -37,7 +37,9 @@ use super::reversal::{encode_reversal_advice, rewrite_de90};
 use super::saf::Advice;
 use super::InstitutionId;
 use crate::journal::AppendError;
-use crate::wire::{reencode, Change, Dialect, Encoder, Framing, Message, Mti};
+use crate::wire::{
+    reencode, Change, Dialect, Encoder, Framing, Header, Message, MessageHeader, Mti,
+};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -174,6 +176,9 @@ pub struct LinkConfig {
     pub dialect: Arc<Dialect>,
     /// The bank's framing.
     pub framing: Framing,
+    /// The header between a frame's length and the message (a TPDU), and what the
+    /// switch writes there.
+    pub header: (MessageHeader, Header),
     /// Requests and messages in flight at most.
     pub inflight_max: usize,
     /// Requests (and, separately, advices) taken per transmit.
@@ -182,6 +187,16 @@ pub struct LinkConfig {
     pub echo_interval: Duration,
     /// Time the bank has to answer an echo, a sign-on, a sign-off or an advice.
     pub echo_timeout: Duration,
+}
+
+impl LinkConfig {
+    /// Starts a frame at the end of `buf`: its length (filled in by
+    /// `framing.finish`) and the header; returns the frame's offset.
+    fn begin(&self, buf: &mut BytesMut) -> usize {
+        let at = self.framing.begin(buf);
+        buf.extend_from_slice(self.header.1.as_bytes());
+        at
+    }
 }
 
 /// What a link is waiting on under a STAN (requests dominate; boxing would
@@ -293,7 +308,18 @@ impl<E: LinkEnv> Link<E> {
     /// a request, returns when that request was received and when its batch was
     /// encoded (the shell knows when that batch was written, for its latency
     /// sample, `telemetry::Sample::new(.., .., now)`).
-    pub fn on_answer(&mut self, env: &E, frame: Bytes, now: Instant) -> Option<(Instant, Instant)> {
+    pub fn on_answer(
+        &mut self,
+        env: &E,
+        mut frame: Bytes,
+        now: Instant,
+    ) -> Option<(Instant, Instant)> {
+        if self.config.header.0.split(&mut frame).is_none() {
+            crate::log_limited!(warn, bank = %self.config.bank, header = self.config.header.0.kind(),
+                "bank message shorter than its header dropped");
+            metrics::counter!("switchyard_bank_bad_messages_total").increment(1);
+            return None;
+        }
         let answer = match Message::decode(&self.config.dialect, frame) {
             Ok(m) => m,
             Err(e) => {
@@ -728,7 +754,7 @@ impl<E: LinkEnv> Link<E> {
             let Some(Waiter::Reversal(advice)) = self.table.get(stan) else {
                 continue;
             };
-            let at = self.config.framing.begin(buf);
+            let at = self.config.begin(buf);
             let encoded = encode_reversal_advice(
                 &advice.original,
                 &self.config.dialect,
@@ -758,7 +784,7 @@ impl<E: LinkEnv> Link<E> {
         let digits = stan.to_de11();
         let de7 = super::datetime::de7(unix_s);
         let framing = self.config.framing;
-        let at = framing.begin(buf);
+        let at = self.config.begin(buf);
         let mut enc = Encoder::new(&self.config.dialect, buf, Mti::NETWORK);
         let ok = enc.field(7, &de7).is_ok()
             && enc.field(11, &digits).is_ok()
@@ -793,7 +819,7 @@ fn encode_request<R: LinkRequest>(
         Some(de90) => &[set11, Change::Set(90, de90)],
         None => &[set11],
     };
-    let at = config.framing.begin(buf);
+    let at = config.begin(buf);
     let encoded = reencode(
         request,
         &config.acquirer_dialect,
@@ -825,10 +851,11 @@ mod tests {
     //! see them, answers as the acquirer's session would receive them.
 
     use super::*;
-    use crate::core::answer::{encode_reply, Reply};
+    use crate::core::answer::encode_reply;
     use crate::core::bank::{BankState, Wake};
     use crate::core::books::Books;
     use crate::core::recent::Recent;
+    use crate::core::request::Answer;
     use crate::core::request::{InstitutionSlot, Pending};
     use crate::core::writeahead::WriteAhead;
     use crate::wire::FrameDecoder;
@@ -847,8 +874,8 @@ mod tests {
         bank: BankState,
         link: Link<BankState>,
         dialect: Arc<Dialect>,
-        tx: mpsc::Sender<Reply>,
-        rx: mpsc::Receiver<Reply>,
+        tx: mpsc::Sender<Answer>,
+        rx: mpsc::Receiver<Answer>,
         inflight: Arc<AtomicUsize>,
         t0: Instant,
         now: Instant,
@@ -956,7 +983,7 @@ mod tests {
             let request = build(&self.dialect, mti, &fields);
             let pending = Pending {
                 request,
-                reply: self.tx.clone().try_reserve_owned().unwrap(),
+                reply: self.tx.clone().try_reserve_owned().unwrap().into(),
                 acquirer: InstitutionId::from_digits(b"100001").unwrap(),
                 request_id: u64::from(self.sent),
                 received_at: self.now,
@@ -1000,12 +1027,13 @@ mod tests {
         /// The answers the acquirer received, as (its DE11, DE39).
         fn replies(&mut self) -> Vec<(String, String)> {
             let mut out = Vec::new();
-            while let Ok(reply) = self.rx.try_recv() {
+            while let Ok(Answer { reply, .. }) = self.rx.try_recv() {
                 let mut buf = BytesMut::new();
                 assert!(encode_reply(
                     &reply,
                     &self.dialect,
                     Framing::U16be,
+                    &[],
                     &mut buf
                 ));
                 let frame = FrameDecoder::new(Framing::U16be, 8192)

@@ -6,16 +6,51 @@ use super::inflight::Stan;
 use super::link::LinkRequest;
 use super::route::BankIndex;
 use super::{InstitutionId, ResponseCode};
-use crate::wire::Message;
+use crate::wire::{Header, Message};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Where a request's one answer goes: a place reserved on its session's bounded
 /// answer channel before the request was read further, so delivering the answer
-/// never waits and never fails for lack of room. (A tokio channel permit: a sync
-/// primitive, used without a runtime in the simulation; no I/O, no clock.)
-pub type AnswerSlot = tokio::sync::mpsc::OwnedPermit<Reply>;
+/// never waits and never fails for lack of room, with the header (TPDU) the
+/// answer carries back. (A tokio channel permit: a sync primitive, used without
+/// a runtime in the simulation; no I/O, no clock.)
+pub struct AnswerSlot {
+    permit: tokio::sync::mpsc::OwnedPermit<Answer>,
+    header: Header,
+}
+
+/// An answer as its session writes it: the header before the message, and the
+/// reply.
+pub struct Answer {
+    /// Written between the frame's length and the message (empty: none).
+    pub header: Header,
+    /// The answer.
+    pub reply: Reply,
+}
+
+impl AnswerSlot {
+    /// The slot `permit`, answering with `header`.
+    pub fn new(permit: tokio::sync::mpsc::OwnedPermit<Answer>, header: Header) -> AnswerSlot {
+        AnswerSlot { permit, header }
+    }
+
+    /// Delivers the answer.
+    pub fn send(self, reply: Reply) {
+        self.permit.send(Answer {
+            header: self.header,
+            reply,
+        });
+    }
+}
+
+impl From<tokio::sync::mpsc::OwnedPermit<Answer>> for AnswerSlot {
+    /// A slot whose answer carries no header.
+    fn from(permit: tokio::sync::mpsc::OwnedPermit<Answer>) -> AnswerSlot {
+        AnswerSlot::new(permit, Header::default())
+    }
+}
 
 /// A request admitted for a bank, holding its answer slot. Every `Pending` ends in
 /// exactly one [`Reply`] (or, if its session is gone, in the slot being dropped).

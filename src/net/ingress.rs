@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::core::answer::{encode_reply, Reply, ReversalRoute};
 use crate::core::books::Books;
 use crate::core::recent::OriginalOf;
-use crate::core::request::{InstitutionSlot, Pending};
+use crate::core::request::{Answer, AnswerSlot, InstitutionSlot, Pending};
 use crate::core::route::{BankIndex, FailoverId};
 use crate::core::validate::{admit, Admission, RequestKind};
 use crate::core::writeahead::OutcomeSource;
@@ -302,7 +302,7 @@ impl Ingress {
         shutdown: &CancellationToken,
     ) {
         let (rd, wr) = tokio::io::split(tls);
-        let (tx, rx) = mpsc::channel::<Reply>(inflight_max);
+        let (tx, rx) = mpsc::channel::<Answer>(inflight_max);
         let reader = self.read_loop(rd, tx, institution, shutdown);
         let writer = self.write_loop(wr, rx, institution);
         tokio::pin!(reader, writer);
@@ -317,7 +317,7 @@ impl Ingress {
     async fn read_loop(
         &self,
         mut rd: tokio::io::ReadHalf<TlsStream<TcpStream>>,
-        tx: mpsc::Sender<Reply>,
+        tx: mpsc::Sender<Answer>,
         institution: InstitutionId,
         shutdown: &CancellationToken,
     ) {
@@ -335,7 +335,7 @@ impl Ingress {
         );
         loop {
             loop {
-                let frame = match decoder.decode(&mut buf) {
+                let mut frame = match decoder.decode(&mut buf) {
                     Ok(Some(frame)) => {
                         frame_started = None; // what is left is a new frame
                         frame
@@ -353,9 +353,18 @@ impl Ingress {
                 if tx.capacity() == 0 {
                     backpressure.increment(1);
                 }
+                // The header (TPDU) before the message; its answer carries it back.
+                let Some(header) = self.config.header.split(&mut frame) else {
+                    metrics::counter!("switchyard_rejected_input_total", "reason" => "header")
+                        .increment(1);
+                    crate::log_limited!(warn, %institution, header = self.config.header.kind(),
+                        bytes = frame.len(), "frame shorter than its header: dropped");
+                    continue;
+                };
                 let Ok(permit) = tx.clone().reserve_owned().await else {
                     return;
                 };
+                let permit = AnswerSlot::new(permit, header);
                 if self.refresh(&mut live) && !live.1.institutions.contains_key(&institution) {
                     // Removed by a reload: this request is declined 58, and the
                     // session closes once its answers are out.
@@ -423,7 +432,7 @@ impl Ingress {
     fn on_request(
         &self,
         frame: bytes::Bytes,
-        permit: mpsc::OwnedPermit<Reply>,
+        permit: AnswerSlot,
         institution: InstitutionId,
         draining: bool,
         live: &Live,
@@ -481,7 +490,7 @@ impl Ingress {
     fn forward(
         &self,
         msg: Message,
-        permit: mpsc::OwnedPermit<Reply>,
+        permit: AnswerSlot,
         institution: InstitutionId,
         bank: BankIndex,
         kind: RequestKind,
@@ -579,7 +588,7 @@ impl Ingress {
     async fn write_loop(
         &self,
         mut wr: tokio::io::WriteHalf<TlsStream<TcpStream>>,
-        mut rx: mpsc::Receiver<Reply>,
+        mut rx: mpsc::Receiver<Answer>,
         institution: InstitutionId,
     ) {
         let mut counters = ResponseCounters::new(institution);
@@ -592,7 +601,7 @@ impl Ingress {
                 return;
             }
             // Nothing leaves before the outcomes in this batch are durable.
-            let seq = batch.iter().map(Reply::seq).max().unwrap_or(0);
+            let seq = batch.iter().map(|a| a.reply.seq()).max().unwrap_or(0);
             if !self.durable.wait(seq).await {
                 metrics::counter!("switchyard_connections_closed_total", "reason" => "journal")
                     .increment(1);
@@ -600,9 +609,10 @@ impl Ingress {
                 return;
             }
             let _ = self.refresh(&mut live);
-            for reply in batch.drain(..) {
+            for Answer { header, reply } in batch.drain(..) {
                 counters.count(&reply, &live.1);
-                if !encode_reply(&reply, &self.config.dialect, self.config.framing, &mut out) {
+                let (dialect, framing) = (&self.config.dialect, self.config.framing);
+                if !encode_reply(&reply, dialect, framing, header.as_bytes(), &mut out) {
                     metrics::counter!("switchyard_encode_failures_total").increment(1);
                     crate::log_limited!(
                         warn,

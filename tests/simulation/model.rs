@@ -22,7 +22,7 @@ use switchyard::core::books::Books;
 use switchyard::core::inflight::{Stan, STAN_MAX};
 use switchyard::core::link::Link;
 use switchyard::core::recent::Recent;
-use switchyard::core::request::{InstitutionSlot, Pending};
+use switchyard::core::request::{Answer as Delivered, InstitutionSlot, Pending};
 use switchyard::core::writeahead::{OutcomeSource, WriteAhead};
 use switchyard::core::InstitutionId;
 use switchyard::daemon::recovery::Rebuild;
@@ -30,7 +30,7 @@ use switchyard::journal::record::{self, Record, RecordKind};
 use switchyard::journal::recovery::{Recovery, Replay};
 use switchyard::journal::{AppendError, Entry, RecordSink};
 use switchyard::sync::lock;
-use switchyard::wire::{Dialect, FrameDecoder, Framing, Message, Mti};
+use switchyard::wire::{Dialect, FrameDecoder, Framing, Header, Message, MessageHeader, Mti};
 use switchyard_tools::testkit::decoded;
 use tokio::sync::mpsc;
 
@@ -255,8 +255,8 @@ pub struct Switch {
     /// When a bank-wide writer wake-up is due (coalesced as `Notify` does).
     writer_at: Vec<Option<Duration>>,
     /// The acquirer session's answer channel.
-    tx: mpsc::Sender<Reply>,
-    rx: mpsc::Receiver<Reply>,
+    tx: mpsc::Sender<Delivered>,
+    rx: mpsc::Receiver<Delivered>,
     /// Answers waiting for their outcome record to be durable, with when the switch
     /// decided them.
     pub replies: Vec<(u64, Reply, Duration)>,
@@ -593,7 +593,7 @@ impl Sim {
             return;
         }
         let now = self.now;
-        while let Ok(reply) = self.sw().rx.try_recv() {
+        while let Ok(Delivered { reply, .. }) = self.sw().rx.try_recv() {
             let seq = reply.seq();
             self.sw().replies.push((seq, reply, now));
         }
@@ -879,6 +879,8 @@ impl Sim {
             links: profile.links,
             dialect: self.dialect.clone(),
             framing: Framing::U16be,
+            header: MessageHeader::None,
+            header_sent: Header::default(),
             queue_depth_max: self.sc.queue_depth_max,
             inflight_per_link_max: self.sc.inflight_per_link_max,
             request_timeout: profile.request_timeout,
@@ -1033,7 +1035,12 @@ impl Sim {
         // accepted record, then the bank's queue.
         let (acquirer, dialect) = (self.acquirer, self.dialect.clone());
         let sw = self.sw();
-        let permit = sw.tx.clone().try_reserve_owned().expect("answer slot");
+        let permit = sw
+            .tx
+            .clone()
+            .try_reserve_owned()
+            .expect("answer slot")
+            .into();
         let opened = sw
             .books
             .recent
@@ -1060,7 +1067,7 @@ impl Sim {
 
     fn deliver(&mut self, reply: Reply, decided: Duration) {
         let mut out = BytesMut::new();
-        if !encode_reply(&reply, &self.dialect, Framing::U16be, &mut out) {
+        if !encode_reply(&reply, &self.dialect, Framing::U16be, &[], &mut out) {
             return self.violation("an answer could not be encoded".into());
         }
         let frame = FrameDecoder::new(Framing::U16be, FRAME_MAX_BYTES).decode(&mut out);

@@ -11,7 +11,7 @@ use switchyard::config::{Config, FRAME_SIZE_MAX_BYTES_DEFAULT};
 use switchyard::journal::settlement::{self, parse_time};
 use switchyard::journal::{dump, Fsync};
 use switchyard::service::{self, Stopped};
-use switchyard::wire::{Dialect, Framing};
+use switchyard::wire::{Dialect, Framing, MessageHeader, HEADER_BYTES_MAX};
 use switchyard_tools::banksim::{self, BankSimOptions, Behavior};
 use switchyard_tools::certs;
 use switchyard_tools::demo::{self, DemoOptions};
@@ -104,9 +104,13 @@ struct BankSimArgs {
     /// Dialect name or file.
     #[arg(long, default_value = "iso87-ascii")]
     dialect: String,
-    /// Framing: u16be or ascii4.
+    /// Framing: u16be, u16be-inclusive, ascii4, hex4 or bcd2.
     #[arg(long, default_value = "u16be", value_parser = parse_framing)]
     framing: Framing,
+    /// Header after the length: none, tpdu (5 bytes, answered with its addresses
+    /// swapped) or fixed:N (N bytes, echoed).
+    #[arg(long, default_value = "none", value_parser = parse_header)]
+    header: MessageHeader,
 }
 
 #[derive(clap::Args)]
@@ -255,10 +259,21 @@ impl JournalMode {
 }
 
 fn parse_framing(s: &str) -> Result<Framing, String> {
+    s.parse()
+}
+
+fn parse_header(s: &str) -> Result<MessageHeader, String> {
     match s {
-        "u16be" => Ok(Framing::U16be),
-        "ascii4" => Ok(Framing::Ascii4),
-        _ => Err(format!("expected u16be or ascii4, found {s:?}")),
+        "none" => Ok(MessageHeader::None),
+        "tpdu" => Ok(MessageHeader::Tpdu),
+        _ => s
+            .strip_prefix("fixed:")
+            .and_then(|n| n.parse::<u8>().ok())
+            .filter(|n| (1..=HEADER_BYTES_MAX).contains(&usize::from(*n)))
+            .map(MessageHeader::Fixed)
+            .ok_or_else(|| {
+                format!("expected none, tpdu or fixed:N (N 1..={HEADER_BYTES_MAX}), found {s:?}")
+            }),
     }
 }
 
@@ -363,6 +378,7 @@ fn bank_sim(a: BankSimArgs) -> anyhow::Result<()> {
     let opts = BankSimOptions {
         dialect: Arc::new(Dialect::load(&a.dialect)?),
         framing: a.framing,
+        header: a.header,
         frame_size_max_bytes: FRAME_SIZE_MAX_BYTES_DEFAULT,
         seed: 1,
     };

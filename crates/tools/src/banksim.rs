@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use switchyard::core::ResponseCode;
 use switchyard::wire::{
     reencode, Change, DecodeError, Dialect, EncodeError, FrameDecoder, FrameError, Framing,
-    Message, Mti,
+    Message, MessageHeader, Mti,
 };
 
 /// How long a client has to complete the TLS handshake, in milliseconds.
@@ -146,6 +146,9 @@ pub struct BankSimOptions {
     pub dialect: Arc<Dialect>,
     /// Length header of each message.
     pub framing: Framing,
+    /// Header between the length and the message (a TPDU); answers carry the
+    /// request's back (a TPDU with its addresses swapped).
+    pub header: MessageHeader,
     /// Largest accepted message (without header), in bytes; a larger frame closes the
     /// connection.
     pub frame_size_max_bytes: usize,
@@ -391,6 +394,14 @@ impl Connection {
         let dialect = &*self.opts.dialect;
         let framing = self.opts.framing;
         while let Some(frame) = frames.decode(input)? {
+            let mut frame = frame;
+            let Some(echo) = self.opts.header.split(&mut frame) else {
+                tracing::warn!(
+                    header = self.opts.header.kind(),
+                    "bank simulator: message shorter than its header"
+                );
+                continue;
+            };
             // Kept as it arrived on the wire (the message's bytes are its
             // canonical form under a BCD or EBCDIC dialect).
             self.stats.log.push(&frame);
@@ -418,6 +429,7 @@ impl Connection {
                 continue;
             }
             let header = framing.begin(out);
+            out.extend_from_slice(echo.as_bytes());
             if answer(&request, dialect, out).is_none() {
                 out.truncate(header);
                 tracing::warn!(mti = %request.mti(), "bank simulator: cannot encode an answer");
@@ -812,6 +824,7 @@ mod tests {
         let opts = BankSimOptions {
             dialect: dialect.clone(),
             framing: Framing::U16be,
+            header: switchyard::wire::MessageHeader::None,
             frame_size_max_bytes: 4096,
             seed: 1,
         };

@@ -255,7 +255,7 @@ impl LinkEnv for CoreEnv {
         let reply = Reply::bank(stan, answer, self.bank_dialect.clone(), 0, 0);
         let mut out = self.session_write.borrow_mut();
         out.clear();
-        let encoded = encode_reply(&reply, &self.acquirer_dialect, FRAMING, &mut out);
+        let encoded = encode_reply(&reply, &self.acquirer_dialect, FRAMING, &[], &mut out);
         self.encoded.set(Some(encoded));
     }
 
@@ -321,6 +321,7 @@ impl SwitchCore {
             acquirer_dialect: acquirer_dialect.clone(),
             dialect: bank_dialect.clone(),
             framing: FRAMING,
+            header: Default::default(),
             inflight_max: INFLIGHT_PER_LINK_MAX_DEFAULT,
             write_batch_max: WRITE_BATCH_MAX_DEFAULT,
             echo_interval: Duration::from_millis(ECHO_INTERVAL_MS_DEFAULT),

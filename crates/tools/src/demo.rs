@@ -15,7 +15,7 @@ use switchyard::daemon::Switch;
 use switchyard::journal::{Fsync, JournalConfig};
 use switchyard::tls;
 use switchyard::tls::TlsSetup;
-use switchyard::wire::{Dialect, Framing};
+use switchyard::wire::{Dialect, Framing, MessageHeader};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -71,9 +71,59 @@ pub struct TestbedOptions {
     pub routes: Vec<String>,
     /// Banks written with `optional = true` (readiness does not wait for them).
     pub optional: Vec<String>,
-    /// Dialect (built-in name or file) of simulated bank `i`, written into its
-    /// `[[bank]] dialect`; banks past the list speak `iso87-ascii`.
-    pub bank_dialects: Vec<String>,
+    /// How acquirers speak to the switch (`[switch] dialect`, `framing`, `header`).
+    pub acquirers: Speaks,
+    /// How simulated bank `i` speaks (its `[[bank]] dialect`, `framing`,
+    /// `header`); banks past the list speak as [`Speaks::default`].
+    pub bank_speaks: Vec<Speaks>,
+}
+
+/// A dialect, a framing and a header: how one side talks to the switch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Speaks {
+    /// Dialect name or file.
+    pub dialect: String,
+    /// Length header.
+    pub framing: Framing,
+    /// What comes between the length and the message.
+    pub header: MessageHeader,
+}
+
+impl Default for Speaks {
+    /// `iso87-ascii`, `u16be`, no header.
+    fn default() -> Speaks {
+        Speaks {
+            dialect: "iso87-ascii".to_owned(),
+            framing: Framing::U16be,
+            header: MessageHeader::None,
+        }
+    }
+}
+
+impl Speaks {
+    /// The config keys saying this (`dialect`, `framing`, `header`…); `sent`: for
+    /// a bank, the header bytes the switch writes (a TPDU to NII 0001).
+    fn toml(&self, bank: bool) -> String {
+        let mut t = format!(
+            "dialect = \"{}\"\nframing = \"{}\"\nheader = \"{}\"\n",
+            self.dialect,
+            self.framing,
+            self.header.kind()
+        );
+        match (self.header, bank) {
+            (MessageHeader::None, _) => {}
+            (MessageHeader::Tpdu, true) => t.push_str("header_hex = \"6000010000\"\n"),
+            (MessageHeader::Tpdu, false) => {}
+            (MessageHeader::Fixed(n), true) => {
+                let hex: String = (0..n).map(|i| format!("{:02X}", 0x41 + i % 26)).collect();
+                let _ = writeln!(t, "header_hex = \"{hex}\"");
+            }
+            (MessageHeader::Fixed(n), false) => {
+                let _ = writeln!(t, "header_bytes = {n}");
+            }
+        }
+        t
+    }
 }
 
 /// Memory the test bed's duplicates table may use (1 GiB; taken as keys come, not
@@ -102,7 +152,8 @@ impl Default for TestbedOptions {
             failover: Vec::new(),
             routes: Vec::new(),
             optional: Vec::new(),
-            bank_dialects: Vec::new(),
+            acquirers: Speaks::default(),
+            bank_speaks: Vec::new(),
         }
     }
 }
@@ -149,10 +200,8 @@ impl Testbed {
         let mut tasks = Vec::new();
         let mut banks = Vec::new();
         for i in 0..opts.banks {
-            let dialect = Arc::new(match opts.bank_dialects.get(i) {
-                Some(name) => Dialect::load(name)?,
-                None => Dialect::iso87_ascii(),
-            });
+            let speaks = opts.bank_speaks.get(i).cloned().unwrap_or_default();
+            let dialect = Arc::new(Dialect::load(&speaks.dialect)?);
             let id = format!("{}", 200_001 + i);
             let issued = ca.issue_server(&[&format!("bank-{id}")])?;
             let server = tls::server_config(&ca_der, issued.chain()?, issued.key()?)?;
@@ -162,7 +211,8 @@ impl Testbed {
             let stats = Arc::new(BankStats::default());
             let sim = BankSimOptions {
                 dialect: dialect.clone(),
-                framing: Framing::U16be,
+                framing: speaks.framing,
+                header: speaks.header,
                 frame_size_max_bytes: switchyard::config::FRAME_SIZE_MAX_BYTES_DEFAULT,
                 seed: 0x5eed_0000 + i as u64,
             };
@@ -295,7 +345,11 @@ impl Testbed {
 
 fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, SocketAddr)]) -> String {
     let mut t = String::new();
-    let _ = writeln!(t, "[switch]\nlisten = \"127.0.0.1:0\"\n");
+    let _ = writeln!(
+        t,
+        "[switch]\nlisten = \"127.0.0.1:0\"\n{}",
+        opts.acquirers.toml(false)
+    );
     // TLS material is given in memory; the file keys are required but unused.
     let _ = writeln!(
         t,
@@ -332,14 +386,12 @@ fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, Socke
             .map(|(_, to)| format!("\"{to}\""))
             .collect();
         let optional = opts.optional.iter().any(|o| o == id);
-        let dialect = opts
-            .bank_dialects
-            .get(i)
-            .map_or("iso87-ascii", String::as_str);
+        let speaks = opts.bank_speaks.get(i).cloned().unwrap_or_default();
         let _ = writeln!(
             t,
-            "[[bank]]\nfailover = [{}]\noptional = {optional}\ndialect = \"{dialect}\"",
-            failover.join(", ")
+            "[[bank]]\nfailover = [{}]\noptional = {optional}\n{}",
+            failover.join(", "),
+            speaks.toml(true)
         );
         let _ = writeln!(
             t,

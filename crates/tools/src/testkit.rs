@@ -269,6 +269,7 @@ impl Bank {
             BankSimOptions {
                 dialect: Arc::new(Dialect::iso87_ascii()),
                 framing: Framing::U16be,
+                header: switchyard::wire::MessageHeader::None,
                 frame_size_max_bytes: 8192,
                 seed: 1,
             },
@@ -549,4 +550,31 @@ pub async fn handshake(
         server,
         client_got_greeting,
     }
+}
+
+/// The Python of the pinned oracle environment (pyiso8583 and the cp1047
+/// codec), made by `.ci/oracle-venv` when missing.
+pub fn oracle_python() -> PathBuf {
+    static READY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    READY
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+            let python = root.join(".venv-oracle/bin/python");
+            let ready = Command::new(&python)
+                .args(["-c", "import iso8583, ebcdic"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ready {
+                let status = Command::new("bash")
+                    .arg(root.join(".ci/oracle-venv"))
+                    .status()
+                    .expect("run .ci/oracle-venv");
+                assert!(
+                    status.success(),
+                    ".ci/oracle-venv could not make the pyiso8583 environment"
+                );
+            }
+            python
+        })
+        .clone()
 }

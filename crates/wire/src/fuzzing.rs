@@ -38,11 +38,11 @@ pub fn decode_iso87_ebcdic(data: &[u8]) {
     check_decode_transcoded(iso87_ebcdic(), data);
 }
 
-/// `fuzz_targets/frame_decoder.rs`: both framings, two bounds, fed whole and in
+/// `fuzz_targets/frame_decoder.rs`: every framing, two bounds, fed whole and in
 /// chunks of 1 to 7 bytes (chosen by the first byte); both feeds must agree.
 pub fn frame_decoder(data: &[u8]) {
     let chunk_bytes = 1 + usize::from(data.first().copied().unwrap_or(0) % 7);
-    for framing in [Framing::U16be, Framing::Ascii4] {
+    for framing in Framing::ALL {
         for bound in FRAME_BOUNDS_BYTES {
             let dec = FrameDecoder::new(framing, bound);
             let whole = run_frames(&dec, data, &[data.len().max(1)]);

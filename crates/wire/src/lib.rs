@@ -33,6 +33,9 @@ pub use dialect::{
 };
 pub use encode::{reencode, Change, Encoder};
 pub use error::{DecodeError, DecodeErrorKind, EncodeError, EncodeErrorKind, Location};
-pub use frame::{FrameDecoder, FrameError, Framing, FRAME_SIZE_MAX_BYTES_DEFAULT};
+pub use frame::{
+    FrameDecoder, FrameError, Framing, Header, MessageHeader, FRAME_SIZE_MAX_BYTES_DEFAULT,
+    HEADER_BYTES_MAX, TPDU_BYTES,
+};
 pub use mask::{field_for_log, mask_pan, LoggedField, MaskedPan};
 pub use message::{Message, Mti, Span, FIELD_COUNT};

@@ -279,6 +279,19 @@ fn frame_seeds() -> Vec<(String, Vec<u8>)> {
             vec![0xff, 0xff, b'9', b'9', b'9', b'9'],
         ),
         ("ascii4-over-small-bound".to_owned(), over_small_bound),
+        (
+            "u16be-inclusive-0200-0800".to_owned(),
+            framed(Framing::U16beInclusive, &pair_ascii),
+        ),
+        (
+            "hex4-0200-0800".to_owned(),
+            framed(Framing::Hex4, &pair_hex),
+        ),
+        (
+            "bcd2-0200-0800".to_owned(),
+            framed(Framing::Bcd2, &pair_ascii),
+        ),
+        ("bcd2-bad-header".to_owned(), vec![0x00, 0x1a, b'x']),
     ]
 }
 

@@ -565,6 +565,7 @@ mod tests {
         let opts = BankSimOptions {
             dialect: Arc::new(Dialect::iso87_ascii()),
             framing: Framing::U16be,
+            header: switchyard::wire::MessageHeader::None,
             frame_size_max_bytes: FRAME_SIZE_MAX_BYTES_DEFAULT,
             seed: 42,
         };
