@@ -600,6 +600,8 @@ impl Bank {
             && self.server_name == other.server_name
             && self.dialect.fingerprint() == other.dialect.fingerprint()
             && self.framing == other.framing
+            && self.header == other.header
+            && self.header_sent == other.header_sent
             && self.queue_depth_max == other.queue_depth_max
             && self.inflight_per_link_max == other.inflight_per_link_max
             && self.connect_timeout == other.connect_timeout
@@ -754,6 +756,7 @@ impl Config {
             self.dialect.fingerprint() == new.dialect.fingerprint(),
         );
         check("switch.framing", self.framing == new.framing);
+        check("switch.header", self.header == new.header);
         check(
             "limits.frame_size_max_bytes",
             self.frame_size_max_bytes == new.frame_size_max_bytes,
@@ -1413,6 +1416,60 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.starts_with("s.toml: "), "{err}");
+    }
+
+    #[test]
+    fn framings_and_headers_are_checked() {
+        let parse = |text: &str| Config::parse(text, Path::new("s.toml"));
+        let tpdu = SHIPPED.replacen("header = \"none\"", "header = \"tpdu\"", 1);
+        let tpdu = tpdu.replacen("framing = \"u16be\"", "framing = \"bcd2\"", 1);
+        let c = parse(&tpdu).unwrap();
+        assert_eq!((c.framing, c.header), (Framing::Bcd2, MessageHeader::Tpdu));
+        let fixed = SHIPPED.replacen("header = \"none\"", "header = \"fixed\"", 1);
+        let err = parse(&fixed).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "s.toml: switch.header_bytes: required with header = \"fixed\""
+        );
+        let fixed = fixed.replacen(
+            "header = \"fixed\"",
+            "header = \"fixed\"\nheader_bytes = 12",
+            1,
+        );
+        assert_eq!(parse(&fixed).unwrap().header, MessageHeader::Fixed(12));
+        let bank = |extra: &str| {
+            SHIPPED.replacen(
+                "server_name = \"bank-200001\"",
+                &format!("server_name = \"bank-200001\"\n{extra}"),
+                1,
+            )
+        };
+        let err = parse(&bank("header_hex = \"6000010000\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("header = \"tpdu\""), "{err}");
+        let text = bank("header_hex = \"60000100\"");
+        let text = replace_bank_header(&text, "tpdu");
+        let err = parse(&text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "s.toml: bank[0].header_hex: a TPDU is 5 bytes (10 hex digits)"
+        );
+        let text = replace_bank_header(&bank("header_hex = \"6000010000\""), "tpdu");
+        let c = parse(&text).unwrap();
+        assert_eq!(c.banks[0].header, MessageHeader::Tpdu);
+        assert_eq!(c.banks[0].header_sent.as_bytes(), &[0x60, 0, 1, 0, 0]);
+    }
+
+    /// The first bank's `header = "none"` (the second in the file) set to `kind`.
+    fn replace_bank_header(text: &str, kind: &str) -> String {
+        let first = text.find("header = \"none\"").unwrap() + 1;
+        let at = first + text[first..].find("header = \"none\"").unwrap();
+        format!(
+            "{}header = \"{kind}\"{}",
+            &text[..at],
+            &text[at + "header = \"none\"".len()..]
+        )
     }
 
     #[test]

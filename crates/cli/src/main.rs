@@ -182,6 +182,17 @@ struct DemoArgs {
     /// With --serve: where to write ca.pem and the institutions' certificates.
     #[arg(long, default_value = "demo-certs")]
     certs_dir: PathBuf,
+    /// With --serve: the acquirers' dialect (a shipped name or a file).
+    #[arg(long, default_value = "iso87-ascii")]
+    dialect: String,
+    /// With --serve: the acquirers' framing (u16be, u16be-inclusive, ascii4,
+    /// hex4, bcd2).
+    #[arg(long, default_value = "u16be", value_parser = parse_framing)]
+    framing: Framing,
+    /// With --serve: acquirers send a 5-byte TPDU before each message (answered
+    /// with its addresses swapped).
+    #[arg(long)]
+    tpdu: bool,
     /// Acquirer connections of the built-in load.
     #[arg(long, default_value_t = 8)]
     connections: usize,
@@ -423,8 +434,18 @@ fn demo(a: DemoArgs) -> anyhow::Result<()> {
     let journal = a.journal.fsync();
     if a.serve {
         let shutdown = service::terminate_signal();
+        let acquirers = demo::Speaks {
+            dialect: a.dialect,
+            framing: a.framing,
+            header: if a.tpdu {
+                MessageHeader::Tpdu
+            } else {
+                MessageHeader::None
+            },
+        };
         return rt.block_on(demo::serve_demo(
             &a.certs_dir,
+            acquirers,
             bank_latency,
             journal,
             shutdown,

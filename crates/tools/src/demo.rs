@@ -460,13 +460,16 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<Summary> {
 /// prints one JSON line, and serves until `shutdown`.
 pub async fn serve_demo(
     dir: &Path,
+    acquirers: Speaks,
     bank_latency: Duration,
     journal: Option<Fsync>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let speaks = acquirers.clone();
     let bed = Testbed::start(TestbedOptions {
         bank_latency,
         journal,
+        acquirers,
         ..TestbedOptions::default()
     })
     .await?;
@@ -477,6 +480,9 @@ pub async fn serve_demo(
         "listen": bed.switch_addr.to_string(),
         "institutions": institutions,
         "destinations": bed.banks.iter().map(|b| b.id.clone()).collect::<Vec<_>>(),
+        "dialect": speaks.dialect,
+        "framing": speaks.framing.as_str(),
+        "header": speaks.header.kind(),
     });
     println!("{line}");
     shutdown.await;
