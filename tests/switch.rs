@@ -1253,6 +1253,16 @@ async fn an_ascii_acquirer_pays_a_bcd_bank_and_an_ebcdic_bank() {
     assert_eq!(reversals.len(), 1);
     assert_eq!(&reversals[0].field(90).unwrap()[4..10], &link_stan[..]);
 
+    // Track 2 with sentinels is valid ASCII (z) but BCD cannot carry ';' or
+    // '?': answered 30, and the bank sees nothing.
+    let mut f = payment_fields(b"000046", b"100001", pan, b"000000001000");
+    f.push((35, b";4111111111111111113=2512101?"));
+    f.sort_by_key(|(n, _)| *n);
+    c.send(Mti::FINANCIAL, &f).await;
+    let r = c.recv().await.unwrap();
+    assert_eq!((code(&r), r.field(11)), (&b"30"[..], Some(&b"000046"[..])));
+    assert_eq!(bank_saw_in(&bed, 0, b"0200", &binary).len(), 1);
+
     // PAN prefix 5: the EBCDIC bank declines (amount ending 51).
     let d = c
         .pay(b"000043", b"100001", b"5500000000000004", b"000000001051")

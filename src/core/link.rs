@@ -38,7 +38,7 @@ use super::saf::Advice;
 use super::InstitutionId;
 use crate::journal::AppendError;
 use crate::wire::{
-    reencode, Change, Dialect, Encoder, Framing, Header, Message, MessageHeader, Mti,
+    reencode, Change, Dialect, EncodeError, Encoder, Framing, Header, Message, MessageHeader, Mti,
 };
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
@@ -494,12 +494,19 @@ impl<E: LinkEnv> Link<E> {
             };
         // Recorded before the bank can see it, so recovery knows to reverse it.
         let journaled = env.forwarded(request, stan);
-        let encoded = journaled.is_ok() && encode_request(&self.config, request, stan, buf);
+        let encoded = match journaled {
+            Ok(_) => encode_request(&self.config, request, stan, buf),
+            Err(_) => Ok(()),
+        };
         let seq = match journaled {
-            Ok(seq) if encoded => seq,
+            Ok(seq) if encoded.is_ok() => seq,
             Ok(_) => {
                 if let Some(Waiter::Request(p)) = self.table.take(stan) {
+                    let error = encoded.err().flatten();
                     crate::log_limited!(warn, bank = %self.config.bank,
+                        field = error.map_or(0, |e| e.field),
+                        error = %error.map_or_else(|| "too large for the frame".to_owned(), |e| e.to_string()),
+                        from = self.config.acquirer_dialect.name(), to = self.config.dialect.name(),
                         "request does not fit the bank's dialect: answered 30");
                     env.finish(p, Finish::Unencodable, now);
                 }
@@ -803,12 +810,15 @@ impl<E: LinkEnv> Link<E> {
 /// Encodes `request` for the bank with DE11 `stan` (and a reversal's DE90 naming
 /// the STAN its original had), framed, into `buf`; false (nothing appended) if it
 /// does not fit the bank's dialect.
+/// Encodes `p` for the bank under `stan`, framed, into `buf`; on failure nothing is
+/// appended and the error names the field the bank's dialect cannot carry (None:
+/// the message is too large for the frame).
 fn encode_request<R: LinkRequest>(
     config: &LinkConfig,
     p: &R,
     stan: Stan,
     buf: &mut BytesMut,
-) -> bool {
+) -> Result<(), Option<EncodeError>> {
     let request = p.message();
     let digits = stan.to_de11();
     let de90 = p
@@ -828,9 +838,9 @@ fn encode_request<R: LinkRequest>(
         changes,
         buf,
     )
-    .is_ok()
-        && config.framing.finish(buf, at).is_ok();
-    if !encoded {
+    .map_err(Some)
+    .and_then(|_| config.framing.finish(buf, at).map_err(|_| None));
+    if encoded.is_err() {
         buf.truncate(at);
     }
     encoded

@@ -58,6 +58,11 @@ enum Command {
         #[arg(long, default_value = "config/switchyard.toml")]
         config: PathBuf,
     },
+    /// List the shipped dialects, or print one's interface definition.
+    Dialect {
+        #[command(subcommand)]
+        command: DialectCommand,
+    },
     /// Run a simulated bank host (mutual TLS).
     BankSim(BankSimArgs),
     /// Drive load at a switch (closed loop, or open loop with --rate) and report throughput
@@ -111,6 +116,21 @@ struct BankSimArgs {
     /// swapped) or fixed:N (N bytes, echoed).
     #[arg(long, default_value = "none", value_parser = parse_header)]
     header: MessageHeader,
+}
+
+#[derive(clap::Subcommand)]
+enum DialectCommand {
+    /// The dialects built into the binary, with their descriptions.
+    List,
+    /// A dialect's settings and field table: what to hand a bank connecting for
+    /// the first time.
+    Show {
+        /// A shipped dialect's name or a dialect file.
+        dialect: String,
+        /// As Markdown (a list of settings and a table).
+        #[arg(long)]
+        markdown: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -337,6 +357,20 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Settlement(args) => settlement(args),
+        Command::Dialect { command } => {
+            match command {
+                DialectCommand::List => {
+                    for (name, _) in switchyard::wire::BUILTIN_DIALECTS {
+                        let d = Dialect::load(name)?;
+                        println!("{name:<18} {}", d.description());
+                    }
+                }
+                DialectCommand::Show { dialect, markdown } => {
+                    print!("{}", Dialect::load(&dialect)?.describe(markdown));
+                }
+            }
+            Ok(())
+        }
         Command::BankSim(args) => bank_sim(args),
         Command::Loadgen(args) => loadgen(args),
         Command::Demo(args) => demo(args),

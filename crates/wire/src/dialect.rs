@@ -702,6 +702,121 @@ impl Dialect {
             .and_then(Option::as_ref)
     }
 
+    /// The interface definition an operator hands a bank: the dialect's wire
+    /// settings, then one row per field (number, name, type, length rule, how the
+    /// value and its length prefix are written). `markdown`: as a Markdown table;
+    /// otherwise aligned text.
+    pub fn describe(&self, markdown: bool) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let bitmap = match self.bitmap {
+            BitmapEncoding::Binary => "8 bytes each",
+            BitmapEncoding::Hex => "16 ASCII hex characters each",
+            BitmapEncoding::HexEbcdic => "16 EBCDIC hex characters each",
+        };
+        let mti = match self.mti {
+            MtiEncoding::Ascii => "4 ASCII digits",
+            MtiEncoding::Bcd => "2 bytes packed BCD",
+            MtiEncoding::Ebcdic => "4 EBCDIC digits",
+        };
+        let settings = [
+            ("dialect", self.name.clone()),
+            ("description", self.description.clone()),
+            ("MTI", mti.to_owned()),
+            ("bitmaps", bitmap.to_owned()),
+            (
+                "code page",
+                self.code_page
+                    .map_or("none".to_owned(), |c| c.as_str().to_owned()),
+            ),
+            (
+                "largest message",
+                format!("{} bytes", self.message_size_max_bytes()),
+            ),
+        ];
+        let rows = self.fields.iter().zip(&self.wire).filter_map(|(f, w)| {
+            let f = f.as_ref()?;
+            let length = match f.length {
+                LengthKind::Fixed => format!("fixed {}", f.max),
+                LengthKind::LlVar => format!("LLVAR ..{}", f.max),
+                LengthKind::LllVar => format!("LLLVAR ..{}", f.max),
+            };
+            let mut encoding = format!("{:?}", f.encoding).to_lowercase();
+            if f.encoding == Encoding::Bcd {
+                let pad = match w.pad {
+                    PadSide::Left => "left",
+                    PadSide::Right => "right",
+                };
+                let _ = write!(encoding, ", odd padded {pad} with {:X}", w.filler.nibble());
+            }
+            let prefix = match f.length {
+                LengthKind::Fixed => "-".to_owned(),
+                _ => {
+                    let mut p = format!("{:?}", w.prefix).to_lowercase();
+                    if f.encoding == Encoding::Bcd && w.counts == LengthCounts::Bytes {
+                        p.push_str(", counts bytes");
+                    }
+                    p
+                }
+            };
+            let ty = match f.ty {
+                FieldType::XN => "x+n".to_owned(),
+                t => format!("{t:?}").to_lowercase(),
+            };
+            Some([
+                f.number.to_string(),
+                f.name.clone(),
+                ty,
+                length,
+                encoding,
+                prefix,
+            ])
+        });
+        let head = [
+            "field",
+            "name",
+            "type",
+            "length",
+            "encoding",
+            "length prefix",
+        ];
+        if markdown {
+            for (k, v) in settings {
+                let _ = writeln!(out, "- **{k}**: {v}");
+            }
+            let _ = writeln!(out, "\n| {} |", head.join(" | "));
+            let _ = writeln!(out, "|{}", "---|".repeat(head.len()));
+            for r in rows {
+                let cells: Vec<String> = r.iter().map(|c| c.replace('|', "\\|")).collect();
+                let _ = writeln!(out, "| {} |", cells.join(" | "));
+            }
+        } else {
+            for (k, v) in settings {
+                let _ = writeln!(out, "{k:<16} {v}");
+            }
+            let _ = writeln!(out);
+            let rows: Vec<[String; 6]> = rows.collect();
+            let mut widths = head.map(str::len);
+            for r in &rows {
+                for (w, c) in widths.iter_mut().zip(r) {
+                    *w = (*w).max(c.chars().count());
+                }
+            }
+            let line = |cells: [&str; 6]| {
+                let mut l = String::new();
+                for (c, w) in cells.iter().zip(widths) {
+                    let _ = write!(l, "{c:<w$}  ");
+                }
+                l.trim_end().to_owned()
+            };
+            let _ = writeln!(out, "{}", line(head));
+            for r in &rows {
+                let _ = writeln!(out, "{}", line(r.each_ref().map(String::as_str)));
+            }
+        }
+        out
+    }
+
     /// Largest wire size of any single message under this dialect, in bytes.
     pub fn message_size_max_bytes(&self) -> usize {
         let fields: usize = self
@@ -835,6 +950,28 @@ mod tests {
                 assert_eq!(ty.first_invalid(&two), expected, "{ty:?} {b}");
             }
         }
+    }
+
+    #[test]
+    fn descriptions_list_every_field_with_its_encodings() {
+        let d = Dialect::builtin("iso87-binary").unwrap();
+        let text = d.describe(false);
+        assert!(
+            text.contains("MTI              2 bytes packed BCD"),
+            "{text}"
+        );
+        let pan = text.lines().find(|l| l.starts_with("2 ")).unwrap();
+        assert!(
+            pan.contains("LLVAR ..19") && pan.contains("bcd, odd padded left with 0"),
+            "{pan}"
+        );
+        let md = Dialect::builtin("iso87-ebcdic").unwrap().describe(true);
+        assert!(md.contains("- **code page**: cp1047"), "{md}");
+        assert_eq!(
+            md.lines().filter(|l| l.starts_with("| ")).count(),
+            1 + 128,
+            "{md}"
+        );
     }
 
     #[test]
