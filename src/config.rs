@@ -191,6 +191,40 @@ struct File {
     bank: Vec<BankSection>,
     #[serde(default)]
     route: Vec<RouteSection>,
+    #[serde(default)]
+    listener: Vec<ListenerSection>,
+}
+
+/// A further acquirer listener (`[[listener]]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListenerSection {
+    listen: SocketAddr,
+    #[serde(default = "d_dialect")]
+    dialect: String,
+    #[serde(default = "d_framing")]
+    framing: Framing,
+    #[serde(default)]
+    header: HeaderKind,
+    #[serde(default)]
+    header_bytes: Option<usize>,
+}
+
+/// Most acquirer listeners (`[switch]` and the `[[listener]]` entries).
+pub const LISTENERS_MAX: usize = 16;
+
+/// Where acquirers connect, and how they speak there.
+#[derive(Clone, Debug)]
+pub struct Listener {
+    /// Address.
+    pub listen: SocketAddr,
+    /// Message profile.
+    pub dialect: Arc<Dialect>,
+    /// Length header.
+    pub framing: Framing,
+    /// Header between the length and the message; answers carry the request's
+    /// back (a TPDU with its addresses swapped).
+    pub header: MessageHeader,
 }
 
 #[derive(Debug, Deserialize)]
@@ -663,8 +697,13 @@ impl Default for Duplicates {
 /// A validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Acquirer listener address.
+    /// Acquirer listener address (the first of [`Config::listeners`]).
     pub listen: SocketAddr,
+    /// Every acquirer listener: `[switch]` first, then each `[[listener]]`. Their
+    /// dialects share one field layout (they may differ in encodings, framing and
+    /// header): inside the switch a request is held in that layout's canonical
+    /// form.
+    pub listeners: Vec<Listener>,
     /// Admin address serving Prometheus `/metrics`; none when absent.
     pub admin_listen: Option<SocketAddr>,
     /// Bounds of the admin endpoint.
@@ -757,6 +796,21 @@ impl Config {
         );
         check("switch.framing", self.framing == new.framing);
         check("switch.header", self.header == new.header);
+        let same = |a: &Listener, b: &Listener| {
+            a.listen == b.listen
+                && a.dialect.fingerprint() == b.dialect.fingerprint()
+                && a.framing == b.framing
+                && a.header == b.header
+        };
+        check(
+            "listener",
+            self.listeners.len() == new.listeners.len()
+                && self
+                    .listeners
+                    .iter()
+                    .zip(&new.listeners)
+                    .all(|(a, b)| same(a, b)),
+        );
         check(
             "limits.frame_size_max_bytes",
             self.frame_size_max_bytes == new.frame_size_max_bytes,
@@ -815,21 +869,68 @@ impl Checker<'_> {
         }
     }
 
-    /// `[switch] header` and `header_bytes`.
-    fn listener_header(&self, s: &SwitchSection) -> Result<MessageHeader, ConfigError> {
-        match (s.header, s.header_bytes) {
+    /// `[switch]` then each `[[listener]]`: addresses distinct, one field layout.
+    fn listeners(&self, f: &File, dialect: &Arc<Dialect>) -> Result<Vec<Listener>, ConfigError> {
+        let s = &f.switch;
+        let mut all = vec![Listener {
+            listen: s.listen,
+            dialect: dialect.clone(),
+            framing: s.framing,
+            header: self.header_of("switch", s.header, s.header_bytes)?,
+        }];
+        if f.listener.len() + 1 > LISTENERS_MAX {
+            return Err(self.invalid(
+                "listener",
+                format!("at most {} [[listener]] entries", LISTENERS_MAX - 1),
+            ));
+        }
+        for (i, l) in f.listener.iter().enumerate() {
+            let key = |k: &str| format!("listener[{i}].{k}");
+            // Port 0 (any free port, in tests) may repeat.
+            if l.listen.port() != 0 && all.iter().any(|o| o.listen == l.listen) {
+                return Err(
+                    self.invalid(key("listen"), format!("{} is listened on twice", l.listen))
+                );
+            }
+            let d = self.dialect(&key("dialect"), &l.dialect)?;
+            if d.canonical().fingerprint() != dialect.canonical().fingerprint() {
+                return Err(self.invalid(
+                    key("dialect"),
+                    format!(
+                        "{} lays out its fields unlike switch.dialect {}: listeners may differ in \
+                         encodings, framing and header, not in field types and lengths",
+                        d.name(),
+                        dialect.name()
+                    ),
+                ));
+            }
+            all.push(Listener {
+                listen: l.listen,
+                dialect: d,
+                framing: l.framing,
+                header: self.header_of(&format!("listener[{i}]"), l.header, l.header_bytes)?,
+            });
+        }
+        Ok(all)
+    }
+
+    /// A listener's `header` and `header_bytes` (`section` names it in errors).
+    fn header_of(
+        &self,
+        section: &str,
+        header: HeaderKind,
+        bytes: Option<usize>,
+    ) -> Result<MessageHeader, ConfigError> {
+        let key = format!("{section}.header_bytes");
+        match (header, bytes) {
             (HeaderKind::None, None) => Ok(MessageHeader::None),
             (HeaderKind::Tpdu, None) => Ok(MessageHeader::Tpdu),
             (HeaderKind::Fixed, Some(n)) => {
-                let n = self.range("switch.header_bytes", n, 1, HEADER_BYTES_MAX, "bytes")?;
+                let n = self.range(&key, n, 1, HEADER_BYTES_MAX, "bytes")?;
                 Ok(MessageHeader::Fixed(n as u8))
             }
-            (HeaderKind::Fixed, None) => {
-                Err(self.invalid("switch.header_bytes", "required with header = \"fixed\""))
-            }
-            (_, Some(_)) => {
-                Err(self.invalid("switch.header_bytes", "only with header = \"fixed\""))
-            }
+            (HeaderKind::Fixed, None) => Err(self.invalid(key, "required with header = \"fixed\"")),
+            (_, Some(_)) => Err(self.invalid(key, "only with header = \"fixed\"")),
         }
     }
 
@@ -1064,6 +1165,7 @@ impl Checker<'_> {
         }
         Ok(Config {
             listen: s.listen,
+            listeners: self.listeners(&f, &dialect)?,
             admin_listen: f.admin.listen,
             admin_limits,
             journal,
@@ -1078,7 +1180,7 @@ impl Checker<'_> {
             )?),
             dialect,
             framing: s.framing,
-            header: self.listener_header(s)?,
+            header: self.header_of("switch", s.header, s.header_bytes)?,
             tls_files: TlsFiles {
                 ca_file: self.path(&t.ca_file),
                 cert_file: self.path(&t.cert_file),
@@ -1470,6 +1572,31 @@ mod tests {
             &text[..at],
             &text[at + "header = \"none\"".len()..]
         )
+    }
+
+    #[test]
+    fn listeners_share_one_field_layout() {
+        let parse = |text: &str| Config::parse(text, Path::new("s.toml"));
+        let c = parse(SHIPPED).unwrap();
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners[1].dialect.name(), "iso87-binary");
+        assert_eq!(
+            (c.listeners[1].framing, c.listeners[1].header),
+            (Framing::Bcd2, MessageHeader::Tpdu)
+        );
+        let hex = SHIPPED.replacen(
+            "dialect = \"iso87-binary\"",
+            "dialect = \"iso87-hexbitmap\"",
+            1,
+        );
+        let err = parse(&hex).unwrap_err().to_string();
+        assert!(
+            err.starts_with("s.toml: listener[0].dialect: iso87-hexbitmap lays out its fields"),
+            "{err}"
+        );
+        let twice = format!("{SHIPPED}\n[[listener]]\nlisten = \"127.0.0.1:8583\"\n");
+        let err = parse(&twice).unwrap_err().to_string();
+        assert!(err.contains("listener[1].listen"), "{err}");
     }
 
     #[test]

@@ -148,8 +148,18 @@ pub async fn run_file(path: PathBuf, config: Config) -> Result<Stopped, ServiceE
         }
         None => None,
     };
-    let listener = bind("the acquirer listener", config.listen).await?;
-    let listen = listener.local_addr().unwrap_or(config.listen);
+    let mut listeners = Vec::with_capacity(config.listeners.len());
+    for l in &config.listeners {
+        let bound = bind("an acquirer listener", l.listen).await?;
+        let at = bound.local_addr().unwrap_or(l.listen);
+        tracing::info!(listen = %at, dialect = l.dialect.name(), framing = %l.framing,
+            header = l.header.kind(), "acquirer listener");
+        listeners.push(bound);
+    }
+    let listen = listeners
+        .first()
+        .and_then(|l| l.local_addr().ok())
+        .unwrap_or(config.listen);
     let admin_addr = admin
         .as_ref()
         .and_then(|(l, _)| l.local_addr().ok())
@@ -158,7 +168,15 @@ pub async fn run_file(path: PathBuf, config: Config) -> Result<Stopped, ServiceE
         tracing::info!(admin = %admin_addr, "admin endpoint: http://{admin_addr}/metrics, /healthz, /readyz, /status");
     }
     tracing::info!(%listen, admin = %admin_addr, banks = config.banks.len(), "switchyard running");
-    run(listener, admin, Some(path), config, tls, terminate_signal()).await
+    run(
+        listeners,
+        admin,
+        Some(path),
+        config,
+        tls,
+        terminate_signal(),
+    )
+    .await
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServiceError> {
@@ -167,11 +185,12 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Servi
         .map_err(|source| ServiceError::Bind { what, addr, source })
 }
 
-/// Runs the switch on an already bound listener until `shutdown` resolves, then
-/// drains it (testable entry point: tests bind `127.0.0.1:0`). With `admin`, serves
-/// the admin endpoint; with `config_path`, reloads it on SIGHUP and `POST /reload`.
+/// Runs the switch on already bound listeners (those of [`Config::listeners`], in
+/// order) until `shutdown` resolves, then drains it (testable entry point: tests
+/// bind `127.0.0.1:0`). With `admin`, serves the admin endpoint; with
+/// `config_path`, reloads it on SIGHUP and `POST /reload`.
 pub async fn run(
-    listener: TcpListener,
+    listeners: Vec<TcpListener>,
     admin: Option<(TcpListener, PrometheusHandle)>,
     config_path: Option<PathBuf>,
     config: Config,
@@ -192,7 +211,7 @@ pub async fn run(
     if let Some(path) = config_path {
         tokio::spawn(reload_on_sighup(switch.clone(), path));
     }
-    let serving = switch.serve(listener);
+    let serving = switch.serve_all(listeners);
     tokio::pin!(serving);
     tokio::select! {
         served = &mut serving => {

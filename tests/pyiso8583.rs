@@ -164,21 +164,27 @@ fn pyiso8583_decodes_what_we_encode() {
 /// Runs the pyiso8583 acquirer against a test bed whose acquirers speak `acquirers`
 /// and whose banks speak `banks`.
 async fn pyiso8583_acquirer(acquirers: Speaks, banks: Vec<Speaks>) {
-    let tpdu = match acquirers.header {
-        MessageHeader::None => false,
-        MessageHeader::Tpdu => true,
-        MessageHeader::Fixed(_) => panic!("the client sends a TPDU or nothing"),
-    };
-    let (dialect, framing) = (acquirers.dialect.clone(), acquirers.framing);
     let bed = Testbed::start(TestbedOptions {
         banks: 2,
         links: 1,
-        acquirers,
+        acquirers: acquirers.clone(),
         bank_speaks: banks,
         ..TestbedOptions::default()
     })
     .await
     .expect("test bed starts");
+    run_client(&bed, bed.switch_addr, &acquirers).await;
+    bed.stop().await;
+}
+
+/// The pyiso8583 acquirer against `addr`, a listener of `bed` speaking as `speaks`.
+async fn run_client(bed: &Testbed, addr: std::net::SocketAddr, speaks: &Speaks) {
+    let tpdu = match speaks.header {
+        MessageHeader::None => false,
+        MessageHeader::Tpdu => true,
+        MessageHeader::Fixed(_) => panic!("the client sends a TPDU or nothing"),
+    };
+    let (dialect, framing) = (speaks.dialect.clone(), speaks.framing);
     let dir = tempdir();
     certs::write_ca(&dir, &bed.ca).expect("ca.pem");
     let client = bed.ca.issue_client("100001").expect("client certificate");
@@ -186,7 +192,7 @@ async fn pyiso8583_acquirer(acquirers: Speaks, banks: Vec<Speaks>) {
     let mut cmd = Command::new(oracle_python());
     cmd.arg(oracle_dir().join("pyiso8583_client.py"))
         .arg("--addr")
-        .arg(bed.switch_addr.to_string())
+        .arg(addr.to_string())
         .arg("--certs")
         .arg(&dir)
         .arg("--dialect")
@@ -196,13 +202,17 @@ async fn pyiso8583_acquirer(acquirers: Speaks, banks: Vec<Speaks>) {
     if tpdu {
         cmd.arg("--tpdu");
     }
+    // Each run its own STANs: on one test bed they are new requests, not
+    // retransmissions.
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let run = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    cmd.arg("--stan").arg((100 + run * 10).to_string());
     // The client bounds each read itself (30 s), so this ends.
     let out = tokio::task::spawn_blocking(move || cmd.output())
         .await
         .expect("client task")
         .expect("run the pyiso8583 client");
     let _ = std::fs::remove_dir_all(&dir);
-    bed.stop().await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && stdout.lines().count() == 4,
@@ -253,4 +263,27 @@ async fn a_bcd_acquirer_with_a_tpdu_pays_an_ebcdic_bank_and_a_bcd_bank() {
         ],
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_listeners_in_three_dialects_serve_side_by_side() {
+    let listeners = [
+        speaks("iso87-ascii", Framing::U16be, MessageHeader::None),
+        speaks("iso87-binary", Framing::Bcd2, MessageHeader::Tpdu),
+        speaks("iso87-ebcdic", Framing::Hex4, MessageHeader::None),
+    ];
+    let bed = Testbed::start(TestbedOptions {
+        banks: 2,
+        links: 1,
+        acquirers: listeners[0].clone(),
+        more_listeners: listeners[1..].to_vec(),
+        ..TestbedOptions::default()
+    })
+    .await
+    .expect("test bed starts");
+    assert_eq!(bed.listener_addrs.len(), 3);
+    for (addr, speaks) in bed.listener_addrs.clone().iter().zip(&listeners) {
+        run_client(&bed, *addr, speaks).await;
+    }
+    bed.stop().await;
 }

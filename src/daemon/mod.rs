@@ -219,10 +219,33 @@ impl Switch {
         self.wait_linked(&self.connectors(), limit).await.is_empty()
     }
 
-    /// Serves acquirers on `listener` until [`Switch::shutdown`] is called.
+    /// Serves acquirers on `listener` (the first of the config's listeners: its
+    /// dialect, framing and header) until [`Switch::shutdown`] is called.
     pub async fn serve(&self, listener: TcpListener) -> std::io::Result<()> {
-        let serving = self.ingress.clone().serve(listener, self.draining.clone());
-        serving.await
+        self.serve_all(vec![listener]).await
+    }
+
+    /// Serves acquirers on each of `listeners`, the `n`th speaking as the config's
+    /// `n`th listener, until [`Switch::shutdown`] is called; the first that fails
+    /// ends it.
+    pub async fn serve_all(&self, listeners: Vec<TcpListener>) -> std::io::Result<()> {
+        let configured = self.ingress.listeners();
+        let mut set = tokio::task::JoinSet::new();
+        for (index, listener) in listeners.into_iter().enumerate().take(configured) {
+            set.spawn(
+                self.ingress
+                    .clone()
+                    .serve(listener, index, self.draining.clone()),
+            );
+        }
+        while let Some(done) = set.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(e) => return Err(std::io::Error::other(e)),
+            }
+        }
+        Ok(())
     }
 
     /// A token cancelled at shutdown.

@@ -3,7 +3,7 @@
 
 use super::durable::Durable;
 use super::live::Live;
-use crate::config::Config;
+use crate::config::{Config, Listener};
 use crate::core::answer::{encode_reply, Reply, ReversalRoute};
 use crate::core::books::Books;
 use crate::core::recent::OriginalOf;
@@ -120,6 +120,11 @@ impl Ingress {
         self.generation.fetch_add(1, Ordering::Release);
     }
 
+    /// How many listeners the config the switch started with names.
+    pub fn listeners(&self) -> usize {
+        self.config.listeners.len()
+    }
+
     /// The generation in force.
     pub fn live(&self) -> Arc<Live> {
         crate::sync::read(&self.live).clone()
@@ -196,9 +201,13 @@ impl Ingress {
     /// Accepts acquirer connections until `shutdown` (the drain token: once it is
     /// cancelled, no connection is accepted, sessions answer new requests 91, and
     /// each closes once its requests in flight are answered).
+    ///
+    /// `index` names the listener in [`Config::listeners`]: its dialect, framing
+    /// and header are the sessions'.
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
+        index: usize,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
         loop {
@@ -229,7 +238,7 @@ impl Ingress {
             tokio::spawn(async move {
                 // Held by the task: given back when it ends, even by a panic.
                 let _guard = guard;
-                this.connection(tcp, peer, acceptor, shutdown).await;
+                this.connection(tcp, peer, acceptor, index, shutdown).await;
             });
         }
     }
@@ -239,6 +248,7 @@ impl Ingress {
         tcp: TcpStream,
         peer: SocketAddr,
         acceptor: TlsAcceptor,
+        index: usize,
         shutdown: CancellationToken,
     ) {
         let _ = tcp.set_nodelay(true);
@@ -288,7 +298,8 @@ impl Ingress {
             return;
         }
         crate::log_limited!(info, %peer, %institution, sessions = open, "acquirer session open");
-        self.session(tls, institution, inflight_max, &shutdown)
+        let wire = &self.config.listeners[index];
+        self.session(tls, institution, inflight_max, wire, &shutdown)
             .await;
         self.session_closed(institution);
         crate::log_limited!(info, %peer, %institution, "acquirer session closed");
@@ -299,12 +310,13 @@ impl Ingress {
         tls: TlsStream<TcpStream>,
         institution: InstitutionId,
         inflight_max: usize,
+        wire: &Listener,
         shutdown: &CancellationToken,
     ) {
         let (rd, wr) = tokio::io::split(tls);
         let (tx, rx) = mpsc::channel::<Answer>(inflight_max);
-        let reader = self.read_loop(rd, tx, institution, shutdown);
-        let writer = self.write_loop(wr, rx, institution);
+        let reader = self.read_loop(rd, tx, institution, wire, shutdown);
+        let writer = self.write_loop(wr, rx, institution, wire);
         tokio::pin!(reader, writer);
         tokio::select! {
             // The peer stopped reading or went away: nothing more can reach it.
@@ -319,9 +331,10 @@ impl Ingress {
         mut rd: tokio::io::ReadHalf<TlsStream<TcpStream>>,
         tx: mpsc::Sender<Answer>,
         institution: InstitutionId,
+        wire: &Listener,
         shutdown: &CancellationToken,
     ) {
-        let decoder = FrameDecoder::new(self.config.framing, self.config.frame_size_max_bytes);
+        let decoder = FrameDecoder::new(wire.framing, self.config.frame_size_max_bytes);
         let mut buf = BytesMut::with_capacity(SESSION_READ_BUFFER_BYTES);
         // When the partial frame in `buf` began to arrive (None: nothing partial).
         let mut frame_started: Option<tokio::time::Instant> = None;
@@ -354,10 +367,10 @@ impl Ingress {
                     backpressure.increment(1);
                 }
                 // The header (TPDU) before the message; its answer carries it back.
-                let Some(header) = self.config.header.split(&mut frame) else {
+                let Some(header) = wire.header.split(&mut frame) else {
                     metrics::counter!("switchyard_rejected_input_total", "reason" => "header")
                         .increment(1);
-                    crate::log_limited!(warn, %institution, header = self.config.header.kind(),
+                    crate::log_limited!(warn, %institution, header = wire.header.kind(),
                         bytes = frame.len(), "frame shorter than its header: dropped");
                     continue;
                 };
@@ -372,13 +385,13 @@ impl Ingress {
                         .increment(1);
                     crate::log_limited!(warn, %institution,
                         "institution removed by a reload: request declined 58, session closing");
-                    let (msg, e) = Message::decode_partial(&self.config.dialect, frame);
+                    let (msg, e) = Message::decode_partial(&wire.dialect, frame);
                     if e.is_none_or(|e| e.location != Location::Mti) && msg.mti().is_request() {
                         permit.send(Reply::switch(msg, ResponseCode::NotPermitted));
                     }
                     return;
                 }
-                self.on_request(frame, permit, institution, draining, &live.1);
+                self.on_request(frame, permit, institution, wire, draining, &live.1);
             }
             if buf.capacity() - buf.len() < 4096 {
                 buf.reserve(SESSION_READ_BUFFER_BYTES);
@@ -434,10 +447,11 @@ impl Ingress {
         frame: bytes::Bytes,
         permit: AnswerSlot,
         institution: InstitutionId,
+        wire: &Listener,
         draining: bool,
         live: &Live,
     ) {
-        let (msg, error) = Message::decode_partial(&self.config.dialect, frame);
+        let (msg, error) = Message::decode_partial(&wire.dialect, frame);
         if let Some(e) = error {
             metrics::counter!("switchyard_rejected_input_total", "reason" => "format").increment(1);
             crate::log_limited!(warn, %institution, error = %e, "request does not match the dialect");
@@ -465,7 +479,7 @@ impl Ingress {
                 ..
             } => {
                 let bank = failover_of(live, bank, failover);
-                self.forward(msg, permit, institution, bank, kind, live)
+                self.forward(msg, permit, institution, (bank, kind), wire, live)
             }
             Admission::Network(code) => {
                 permit.send(Reply::switch(msg, code));
@@ -492,8 +506,8 @@ impl Ingress {
         msg: Message,
         permit: AnswerSlot,
         institution: InstitutionId,
-        bank: BankIndex,
-        kind: RequestKind,
+        (bank, kind): (BankIndex, RequestKind),
+        wire: &Listener,
         live: &Live,
     ) {
         let Some(slot) = inflight_slot(live, institution) else {
@@ -514,7 +528,7 @@ impl Ingress {
             institution,
             received_at,
             dialect_of,
-            &self.config.dialect,
+            &wire.dialect,
         ) else {
             return; // a repeat: answered, or waiting for its original's answer
         };
@@ -590,6 +604,7 @@ impl Ingress {
         mut wr: tokio::io::WriteHalf<TlsStream<TcpStream>>,
         mut rx: mpsc::Receiver<Answer>,
         institution: InstitutionId,
+        wire: &Listener,
     ) {
         let mut counters = ResponseCounters::new(institution);
         let mut live = self.current();
@@ -611,7 +626,7 @@ impl Ingress {
             let _ = self.refresh(&mut live);
             for Answer { header, reply } in batch.drain(..) {
                 counters.count(&reply, &live.1);
-                let (dialect, framing) = (&self.config.dialect, self.config.framing);
+                let (dialect, framing) = (&wire.dialect, wire.framing);
                 if !encode_reply(&reply, dialect, framing, header.as_bytes(), &mut out) {
                     metrics::counter!("switchyard_encode_failures_total").increment(1);
                     crate::log_limited!(

@@ -76,6 +76,9 @@ pub struct TestbedOptions {
     /// How simulated bank `i` speaks (its `[[bank]] dialect`, `framing`,
     /// `header`); banks past the list speak as [`Speaks::default`].
     pub bank_speaks: Vec<Speaks>,
+    /// More acquirer listeners (`[[listener]]`), each speaking its way; their
+    /// addresses are [`Testbed::listener_addrs`] after the first.
+    pub more_listeners: Vec<Speaks>,
 }
 
 /// A dialect, a framing and a header: how one side talks to the switch.
@@ -154,6 +157,7 @@ impl Default for TestbedOptions {
             optional: Vec::new(),
             acquirers: Speaks::default(),
             bank_speaks: Vec::new(),
+            more_listeners: Vec::new(),
         }
     }
 }
@@ -174,8 +178,11 @@ pub struct SimBank {
 pub struct Testbed {
     /// The CA that signed everything.
     pub ca: DevCa,
-    /// Where the switch listens for acquirers.
+    /// Where the switch listens for acquirers (the first listener).
     pub switch_addr: SocketAddr,
+    /// Every acquirer listener's address: `switch_addr`, then those of
+    /// [`TestbedOptions::more_listeners`].
+    pub listener_addrs: Vec<SocketAddr>,
     /// The simulated banks, then the configured-but-down banks' ids.
     pub banks: Vec<SimBank>,
     /// Ids of banks configured without a running host.
@@ -269,12 +276,18 @@ impl Testbed {
             server: tls::server_config(&ca_der, server_cert.chain()?, server_cert.key()?)?,
             client: tls::client_config(&ca_der, client_cert.chain()?, client_cert.key()?)?,
         };
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let switch_addr = listener.local_addr()?;
+        let mut listeners = Vec::new();
+        let mut listener_addrs = Vec::new();
+        for _ in 0..=opts.more_listeners.len() {
+            let listener = TcpListener::bind("127.0.0.1:0").await?;
+            listener_addrs.push(listener.local_addr()?);
+            listeners.push(listener);
+        }
+        let switch_addr = listener_addrs[0];
         let switch = Arc::new(Switch::start(config, setup)?);
         let serving = switch.clone();
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = serving.serve(listener).await {
+            if let Err(e) = serving.serve_all(listeners).await {
                 tracing::error!(error = %e, "switch listener failed");
             }
         }));
@@ -296,6 +309,7 @@ impl Testbed {
         Ok(Testbed {
             ca,
             switch_addr,
+            listener_addrs,
             banks,
             banks_down,
             switch,
@@ -350,6 +364,13 @@ fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, Socke
         "[switch]\nlisten = \"127.0.0.1:0\"\n{}",
         opts.acquirers.toml(false)
     );
+    for l in &opts.more_listeners {
+        let _ = writeln!(
+            t,
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\n{}",
+            l.toml(false)
+        );
+    }
     // TLS material is given in memory; the file keys are required but unused.
     let _ = writeln!(
         t,

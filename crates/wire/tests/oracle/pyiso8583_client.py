@@ -69,6 +69,7 @@ def main():
     p.add_argument("--dialect", required=True)
     p.add_argument("--framing", default="u16be")
     p.add_argument("--tpdu", action="store_true")
+    p.add_argument("--stan", type=int, default=42, help="first DE11; four are used")
     a = p.parse_args()
     spec = spec_of(load(a.dialect))
     certs = pathlib.Path(a.certs)
@@ -101,14 +102,15 @@ def main():
         "32": a.institution, "37": "532912000001", "41": "TERM0001",
         "42": "MERCHANT0000001", "49": "978",
     }
-    approve = dict(base, t="0200", **{"2": "4111111111111111", "4": "000000001000", "11": "000042"})
+    stan = [f"{(a.stan + i) % 1000000:06d}" for i in range(4)]
+    approve = dict(base, t="0200", **{"2": "4111111111111111", "4": "000000001000", "11": stan[0]})
     exchange("approve", approve, "0210", "00")
-    decline = dict(base, t="0200", **{"2": "5500000000000004", "4": "000000001051", "11": "000043"})
+    decline = dict(base, t="0200", **{"2": "5500000000000004", "4": "000000001051", "11": stan[1]})
     exchange("decline", decline, "0210", "51")
-    echo = {"t": "0800", "7": "1130120000", "11": "000044", "70": "301"}
+    echo = {"t": "0800", "7": "1130120000", "11": stan[2], "70": "301"}
     exchange("echo", echo, "0810", "00")
-    de90 = "0200" + "000042" + "1130120000" + "00000100001" + "00000000000"
-    reversal = dict(approve, t="0400", **{"11": "000045", "90": de90})
+    de90 = "0200" + stan[0] + "1130120000" + "00000100001" + "00000000000"
+    reversal = dict(approve, t="0400", **{"11": stan[3], "90": de90})
     exchange("reversal", reversal, "0410", "00")
 
 
