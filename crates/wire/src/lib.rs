@@ -3,14 +3,18 @@
 //! Everything here works on bytes and values only: no sockets, no clock, no
 //! async runtime, so the codec can be tested, benchmarked and fuzzed alone.
 //!
-//! * [`Dialect`] describes every field of a message profile and is loaded from a
-//!   TOML file (two are built in, see [`Dialect::builtin`]).
+//! * [`Dialect`] describes every field of a message profile and its encodings
+//!   (ASCII, BCD, EBCDIC, binary, hex) and is loaded from a TOML file (four are
+//!   built in, see [`Dialect::builtin`]). A dialect with anything but ASCII is
+//!   converted once to its canonical form on decode and back on encode
+//!   (`transcode`).
 //! * [`Message::decode`] checks a whole message against the dialect and records
 //!   where each field lies in the frame: field bytes are borrowed, never copied.
 //! * [`Encoder`] writes a message into a reused buffer, fields in ascending order.
-//! * [`FrameDecoder`] splits a byte stream into frames (2-byte big-endian or
-//!   4-digit ASCII length headers), checking the declared length against its bound
-//!   before any memory is reserved for it.
+//! * [`FrameDecoder`] splits a byte stream into frames (see [`Framing`]: binary,
+//!   ASCII, hex or BCD length headers), checking the declared length against its
+//!   bound before any memory is reserved for it; [`MessageHeader`] takes a TPDU
+//!   or fixed header off the front of a frame.
 #![forbid(unsafe_code)]
 
 #[cfg(feature = "fuzzing")]
