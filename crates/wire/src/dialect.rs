@@ -1,6 +1,7 @@
 //! Dialects: which fields exist, their types, length kinds, bounds and encodings.
 
 pub use crate::ebcdic::CodePage;
+pub use crate::tlv::Tlv;
 use serde::Deserialize;
 use std::fmt;
 use std::path::Path;
@@ -368,6 +369,10 @@ pub struct FieldSpec {
     /// Pad nibble of odd BCD values, if not the dialect's.
     #[serde(default)]
     pub bcd_filler: Option<Filler>,
+    /// The value's structure, checked on decode (`"ber"`: BER-TLV, on binary
+    /// fields; `"tagN-lenM"`: ASCII tags and lengths, on text fields).
+    #[serde(default)]
+    pub tlv: Option<Tlv>,
 }
 
 #[derive(Deserialize)]
@@ -742,6 +747,9 @@ impl Dialect {
                 LengthKind::LllVar => format!("LLLVAR ..{}", f.max),
             };
             let mut encoding = format!("{:?}", f.encoding).to_lowercase();
+            if let Some(t) = f.tlv {
+                let _ = write!(encoding, ", {} structure", t.name());
+            }
             if f.encoding == Encoding::Bcd {
                 let pad = match w.pad {
                     PadSide::Left => "left",
@@ -853,6 +861,9 @@ impl Dialect {
             if self.is_transcoded() {
                 w.hash(&mut h);
             }
+            if let Some(t) = f.tlv {
+                t.hash(&mut h);
+            }
         }
         h.finish()
     }
@@ -888,6 +899,14 @@ fn check_spec(spec: &FieldSpec, bitmap: BitmapEncoding) -> Option<&'static str> 
         && (spec.length_counts.is_some() || spec.bcd_pad.is_some() || spec.bcd_filler.is_some())
     {
         return Some("length_counts, bcd_pad and bcd_filler apply to bcd fields only");
+    }
+    match (spec.tlv, spec.encoding) {
+        (Some(Tlv::Ber), Encoding::Binary) | (None, _) => {}
+        (Some(Tlv::Ber), _) => return Some("tlv = \"ber\" needs type b with encoding binary"),
+        (Some(Tlv::TagLength { .. }), Encoding::Ascii | Encoding::Ebcdic) if !binary => {}
+        (Some(Tlv::TagLength { .. }), _) => {
+            return Some("tlv = \"tagN-lenM\" needs a text field in ascii or ebcdic")
+        }
     }
     if spec.number == 1 {
         let expected = match bitmap {

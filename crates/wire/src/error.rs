@@ -93,6 +93,14 @@ pub enum DecodeErrorKind {
         /// The offending byte.
         found: u8,
     },
+    /// A structured field (BER-TLV, tag-length) is malformed; the offset is the
+    /// element's first byte.
+    BadTlv {
+        /// The element's tag.
+        tag: u32,
+        /// What is wrong.
+        problem: crate::tlv::TlvProblem,
+    },
     /// Frame larger than the codec can index (65,535 bytes).
     MessageTooLarge {
         /// Message size in bytes.
@@ -156,6 +164,9 @@ impl fmt::Display for DecodeError {
             }
             DecodeErrorKind::BadBcd { found } => {
                 write!(f, "expected packed BCD digits, found byte 0x{found:02x}")
+            }
+            DecodeErrorKind::BadTlv { tag, problem } => {
+                write!(f, "{}", crate::tlv::TlvError { tag, problem })
             }
             DecodeErrorKind::MessageTooLarge { size } => {
                 write!(f, "expected at most 65535 bytes, found {size}")

@@ -163,7 +163,9 @@ pub fn check_decode_transcoded(dialect: &Dialect, data: &[u8]) {
         | DecodeErrorKind::BadBcd { found } => {
             assert!(names_the_byte(found), "{e:?} names the byte at its offset");
         }
-        DecodeErrorKind::LengthTooLong { .. } | DecodeErrorKind::MessageTooLarge { .. } => {
+        DecodeErrorKind::LengthTooLong { .. }
+        | DecodeErrorKind::MessageTooLarge { .. }
+        | DecodeErrorKind::BadTlv { .. } => {
             assert!(e.offset < data.len(), "{e:?}");
         }
         DecodeErrorKind::UndefinedField => {}
@@ -220,7 +222,9 @@ pub fn check_partial(dialect: &Dialect, data: &[u8], msg: &Message, err: Option<
                 "{e:?} names the byte at its offset"
             );
         }
-        DecodeErrorKind::LengthTooLong { .. } | DecodeErrorKind::MessageTooLarge { .. } => {
+        DecodeErrorKind::LengthTooLong { .. }
+        | DecodeErrorKind::MessageTooLarge { .. }
+        | DecodeErrorKind::BadTlv { .. } => {
             assert!(e.offset < data.len(), "{e:?}");
         }
         DecodeErrorKind::UndefinedField => {}

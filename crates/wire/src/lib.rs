@@ -28,11 +28,12 @@ mod frame;
 pub mod fuzzing;
 mod mask;
 mod message;
+mod tlv;
 mod transcode;
 
 pub use dialect::{
     BitmapEncoding, CodePage, Dialect, DialectError, Encoding, FieldSpec, FieldType, FieldWire,
-    Filler, LengthCounts, LengthKind, MtiEncoding, PadSide, PrefixEncoding, BUILTIN_DIALECTS,
+    Filler, LengthCounts, LengthKind, MtiEncoding, PadSide, PrefixEncoding, Tlv, BUILTIN_DIALECTS,
     DIALECT_FILE_SIZE_MAX_BYTES,
 };
 pub use encode::{reencode, Change, Encoder};
@@ -43,3 +44,4 @@ pub use frame::{
 };
 pub use mask::{field_for_log, mask_pan, LoggedField, MaskedPan};
 pub use message::{Message, Mti, Span, FIELD_COUNT};
+pub use tlv::{TlvError, TlvProblem};

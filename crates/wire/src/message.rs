@@ -490,6 +490,14 @@ fn read_field(dialect: &Dialect, cur: &mut Cursor<'_>, n: u8) -> Result<Span, De
                 )
             }),
     };
+    let bad = bad.or_else(|| {
+        let (i, e) = spec.tlv?.check(value)?;
+        let kind = DecodeErrorKind::BadTlv {
+            tag: e.tag,
+            problem: e.problem,
+        };
+        Some((i, kind))
+    });
     if let Some((i, kind)) = bad {
         return Err(DecodeError {
             location,

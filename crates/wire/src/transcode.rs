@@ -282,6 +282,14 @@ fn field_to_canonical(
             return Err(err(location, offset, kind));
         }
     }
+    if let Some((i, e)) = spec.tlv.and_then(|t| t.check(&out[value_at..])) {
+        // TLV fields are binary, ASCII or EBCDIC: a byte on the wire a byte held.
+        let kind = DecodeErrorKind::BadTlv {
+            tag: e.tag,
+            problem: e.problem,
+        };
+        return Err(err(location, start + i, kind));
+    }
     if spec.length != LengthKind::Fixed {
         // The canonical prefix counts units: hex characters come two a byte.
         let units = if spec.encoding == Encoding::Hex {

@@ -11,7 +11,7 @@ use proptest::sample::{select, Index};
 use proptest::test_runner::TestCaseError;
 use switchyard_wire::{
     reencode, BitmapEncoding, Change, DecodeErrorKind, Dialect, Encoder, Encoding, FieldSpec,
-    FieldType, FrameDecoder, Framing, LengthKind, Location, Message, Mti,
+    FieldType, FrameDecoder, Framing, LengthKind, Location, Message, Mti, Tlv,
     FRAME_SIZE_MAX_BYTES_DEFAULT,
 };
 
@@ -85,6 +85,24 @@ fn value(spec: &FieldSpec, shape: Shape) -> BoxedStrategy<Vec<u8>> {
         }
     };
     let (ty, encoding) = (spec.ty, spec.encoding);
+    if spec.tlv == Some(Tlv::Ber) {
+        return units
+            .prop_flat_map(|units| prop::collection::vec(any::<u8>(), units).prop_map(ber_from))
+            .boxed();
+    }
+    if spec.number == 55 && encoding == Encoding::Hex {
+        // DE55 is BER-TLV where it is binary: its hex twin carries the same
+        // structure, so translations between the dialects decode on both sides.
+        return units
+            .prop_flat_map(|units| prop::collection::vec(any::<u8>(), units))
+            .prop_map(|raw| {
+                ber_from(raw)
+                    .iter()
+                    .flat_map(|b| format!("{b:02X}").into_bytes())
+                    .collect()
+            })
+            .boxed();
+    }
     units
         .prop_flat_map(move |units| match (ty, encoding) {
             (_, Encoding::Hex) => prop::collection::vec(select(HEX_DIGITS), 2 * units).boxed(),
@@ -97,6 +115,23 @@ fn value(spec: &FieldSpec, shape: Shape) -> BoxedStrategy<Vec<u8>> {
             _ => prop::collection::vec(unit(ty), units).boxed(),
         })
         .boxed()
+}
+
+/// Well-formed BER-TLV of exactly `raw.len()` bytes, its lengths, tags and values
+/// drawn from `raw`: one-byte tags, short lengths, a 0x00 pad when one byte is left.
+fn ber_from(raw: Vec<u8>) -> Vec<u8> {
+    const TAGS: [u8; 5] = [0x5a, 0x82, 0x95, 0x9a, 0x9c];
+    let n = raw.len();
+    let mut out = Vec::with_capacity(n);
+    while n - out.len() >= 2 {
+        let at = out.len();
+        let len = (usize::from(raw[at]) % 128).min(n - at - 2);
+        out.push(TAGS[usize::from(raw[at + 1]) % TAGS.len()]);
+        out.push(len as u8);
+        out.extend_from_slice(&raw[at + 2..at + 2 + len]);
+    }
+    out.resize(n, 0);
+    out
 }
 
 /// A valid message of `dialect`: random MTI digits and a random set of fields 2..=128.
