@@ -980,9 +980,14 @@ impl Checker<'_> {
         let path = self.path(Path::new(name));
         let text = read_bounded(&path, DIALECT_FILE_SIZE_MAX_BYTES)
             .map_err(|e| self.invalid(key, format!("{}: {e}", path.display())))?;
-        Dialect::from_toml(&text, &path.to_string_lossy())
-            .map(Arc::new)
-            .map_err(|e| self.invalid(key, e.to_string()))
+        let origin = path.to_string_lossy();
+        if origin.ends_with(".xml") {
+            Dialect::from_jpos_xml(&text, &origin)
+        } else {
+            Dialect::from_toml(&text, &origin)
+        }
+        .map(Arc::new)
+        .map_err(|e| self.invalid(key, e.to_string()))
     }
 
     fn id(&self, key: &str, value: &str) -> Result<InstitutionId, ConfigError> {

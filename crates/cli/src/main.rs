@@ -173,6 +173,15 @@ struct LoadgenArgs {
     /// Every Nth request of a connection gets a declining amount; 0: never.
     #[arg(long, default_value_t = 20)]
     decline_every: u32,
+    /// The switch listener's dialect (a shipped name or a file).
+    #[arg(long, default_value = "iso87-ascii")]
+    dialect: String,
+    /// The listener's framing: u16be, u16be-inclusive, ascii4, hex4 or bcd2.
+    #[arg(long, default_value = "u16be", value_parser = parse_framing)]
+    framing: Framing,
+    /// Header after the length: none, tpdu or fixed:N.
+    #[arg(long, default_value = "none", value_parser = parse_header)]
+    header: MessageHeader,
     /// Print the summary as one JSON object (progress still goes to stderr).
     #[arg(long)]
     json: bool,
@@ -449,6 +458,9 @@ fn loadgen(a: LoadgenArgs) -> anyhow::Result<()> {
         answer_timeout: Duration::from_millis(a.timeout_ms),
         progress: !a.no_progress,
         decline_every: a.decline_every,
+        dialect: Arc::new(Dialect::load(&a.dialect)?),
+        framing: a.framing,
+        header: a.header,
         ..LoadOptions::new(a.target, &a.server_name, identities)
     };
     let report = Report {

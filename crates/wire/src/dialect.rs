@@ -375,25 +375,26 @@ pub struct FieldSpec {
     pub tlv: Option<Tlv>,
 }
 
+/// A dialect as a file states it (TOML, or built from a jPOS packager).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DialectFile {
-    name: String,
+pub(crate) struct DialectFile {
+    pub(crate) name: String,
     #[serde(default)]
-    description: String,
-    mti_encoding: MtiEncoding,
-    bitmap_encoding: BitmapEncoding,
-    length_prefix_encoding: PrefixEncoding,
+    pub(crate) description: String,
+    pub(crate) mti_encoding: MtiEncoding,
+    pub(crate) bitmap_encoding: BitmapEncoding,
+    pub(crate) length_prefix_encoding: PrefixEncoding,
     /// Required when anything is EBCDIC.
     #[serde(default)]
-    code_page: Option<CodePage>,
+    pub(crate) code_page: Option<CodePage>,
     #[serde(default)]
-    length_counts: Option<LengthCounts>,
+    pub(crate) length_counts: Option<LengthCounts>,
     #[serde(default)]
-    bcd_pad: Option<PadSide>,
+    pub(crate) bcd_pad: Option<PadSide>,
     #[serde(default)]
-    bcd_filler: Option<Filler>,
-    field: Vec<FieldSpec>,
+    pub(crate) bcd_filler: Option<Filler>,
+    pub(crate) field: Vec<FieldSpec>,
 }
 
 /// Why a dialect file was refused.
@@ -424,6 +425,17 @@ pub enum DialectError {
         field: u16,
         /// What is wrong.
         problem: &'static str,
+    },
+    /// A jPOS packager file that is not XML, or uses a class or attribute that
+    /// does not map.
+    #[error("dialect {origin}: line {line}: {problem}")]
+    Xml {
+        /// Path or name of the dialect.
+        origin: String,
+        /// 1-based line of the element (0: the document as a whole).
+        line: u32,
+        /// What is wrong.
+        problem: String,
     },
     /// A dialect-wide setting is inconsistent.
     #[error("dialect {origin}: {problem}")]
@@ -486,6 +498,16 @@ impl Dialect {
             origin: origin.to_owned(),
             source: Box::new(e),
         })?;
+        Dialect::from_file(file, origin)
+    }
+
+    /// Reads a jPOS GenericPackager XML file's text as a dialect (the classes it
+    /// maps: README, "jPOS packager files"); `origin` names it in errors.
+    pub fn from_jpos_xml(text: &str, origin: &str) -> Result<Dialect, DialectError> {
+        Dialect::from_file(crate::jpos::read(text, origin)?, origin)
+    }
+
+    pub(crate) fn from_file(file: DialectFile, origin: &str) -> Result<Dialect, DialectError> {
         let mut fields: Vec<Option<FieldSpec>> = vec![None; 129];
         let layout = |problem| DialectError::Layout {
             origin: origin.to_owned(),
@@ -642,8 +664,9 @@ impl Dialect {
         Dialect::from_toml(text, name).ok()
     }
 
-    /// A built-in dialect by name, else a TOML file at that path (a regular file of
-    /// at most [`DIALECT_FILE_SIZE_MAX_BYTES`]).
+    /// A built-in dialect by name, else a file at that path (a regular file of at
+    /// most [`DIALECT_FILE_SIZE_MAX_BYTES`]): a jPOS GenericPackager when its name
+    /// ends in `.xml`, else TOML.
     pub fn load(name_or_path: &str) -> Result<Dialect, DialectError> {
         if let Some(d) = Dialect::builtin(name_or_path) {
             return Ok(d);
@@ -667,6 +690,9 @@ impl Dialect {
             &mut text,
         )
         .map_err(io)?;
+        if name_or_path.ends_with(".xml") {
+            return Dialect::from_jpos_xml(&text, name_or_path);
+        }
         Dialect::from_toml(&text, name_or_path)
     }
 

@@ -38,6 +38,44 @@ pub fn decode_iso87_ebcdic(data: &[u8]) {
     check_decode_transcoded(iso87_ebcdic(), data);
 }
 
+/// `fuzz_targets/dialect_jpos_xml.rs`: any text read as a jPOS GenericPackager
+/// file gives a dialect or a typed error, never a panic; a dialect it gives
+/// describes itself, and carries an echo (DE7, DE11, DE70) when it defines those
+/// fields as the 1987 directory does.
+pub fn dialect_jpos_xml(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let d = match Dialect::from_jpos_xml(text, "fuzz.xml") {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = e.to_string();
+            return;
+        }
+    };
+    let _ = d.describe(true);
+    let _ = d.describe(false);
+    // The encoder takes values as given (they come from decoded messages): only
+    // an echo whose values fit the fields' types must decode.
+    let echo: [(u8, &[u8]); 3] = [(7, b"1130120000"), (11, b"000001"), (70, b"301")];
+    let fits = echo.iter().all(|(n, _)| {
+        d.canonical()
+            .field(*n)
+            .is_some_and(|f| f.ty == crate::FieldType::N)
+    });
+    let mut out = BytesMut::new();
+    let mut enc = crate::Encoder::new(&d, &mut out, crate::Mti::NETWORK);
+    let ok = fits && echo.iter().all(|(n, v)| enc.field(*n, v).is_ok());
+    if ok {
+        enc.finish();
+        let msg = match Message::decode(&d, out.freeze()) {
+            Ok(m) => m,
+            Err(e) => panic!("an echo the dialect encoded does not decode: {e}"),
+        };
+        assert_eq!(msg.field(11), Some(&b"000001"[..]));
+    }
+}
+
 /// `fuzz_targets/frame_decoder.rs`: every framing, two bounds, fed whole and in
 /// chunks of 1 to 7 bytes (chosen by the first byte); both feeds must agree.
 pub fn frame_decoder(data: &[u8]) {

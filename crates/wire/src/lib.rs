@@ -26,6 +26,7 @@ mod error;
 mod frame;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+mod jpos;
 mod mask;
 mod message;
 mod tlv;

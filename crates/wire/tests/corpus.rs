@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use switchyard_wire::{Dialect, Encoder, Encoding, Framing, Mti};
 
 /// Fuzz targets and their checks.
-const TARGETS: [(&str, Check); 5] = [
+const TARGETS: [(&str, Check); 6] = [
+    ("dialect_jpos_xml", fuzz_checks::dialect_jpos_xml),
     ("frame_decoder", fuzz_checks::frame_decoder),
     ("decode_iso87_ascii", fuzz_checks::decode_iso87_ascii),
     (
@@ -46,6 +47,11 @@ fn corpus_decode_iso87_ascii() {
 #[test]
 fn corpus_decode_iso87_hexbitmap() {
     run_target("decode_iso87_hexbitmap");
+}
+
+#[test]
+fn corpus_dialect_jpos_xml() {
+    run_target("dialect_jpos_xml");
 }
 
 #[test]
@@ -347,6 +353,34 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     for (name, bytes) in decode_seeds(fuzz_checks::iso87_hexbitmap()) {
         all.push(("decode_iso87_hexbitmap", name, bytes));
     }
+    let example = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../config/iso8583/example-jpos-packager.xml");
+    let example = std::fs::read(&example).unwrap_or_else(|e| panic!("{}: {e}", example.display()));
+    let small = b"<isopackager>\n<isofield id=\"0\" length=\"4\" name=\"MTI\" class=\"org.jpos.iso.IFE_NUMERIC\"/>\n\
+<isofield id=\"1\" length=\"16\" name=\"BITMAP\" class=\"org.jpos.iso.IFE_BITMAP\"/>\n\
+<isofield id=\"7\" length=\"10\" name=\"DE7\" class=\"org.jpos.iso.IFE_NUMERIC\"/>\n\
+<isofield id=\"11\" length=\"6\" name=\"STAN\" class=\"org.jpos.iso.IFB_NUMERIC\"/>\n\
+<isofield id=\"70\" length=\"3\" name=\"NMIC\" class=\"org.jpos.iso.IFA_NUMERIC\"/>\n</isopackager>\n"
+        .to_vec();
+    let variant = |from: &str, to: &str| {
+        String::from_utf8_lossy(&small)
+            .replace(from, to)
+            .into_bytes()
+    };
+    let ascii = variant("IFE_", "IFA_");
+    let unknown = variant("IFB_NUMERIC", "IFX_NUMERIC");
+    let truncated = small[..small.len() / 2].to_vec();
+    let ber_on_text = variant(
+        "<isofield id=\"70\"",
+        "<isofieldpackager id=\"55\" length=\"9\" name=\"ICC\" class=\"org.jpos.iso.IFA_LLCHAR\" \
+         packager=\"org.jpos.tlv.packager.bertlv.BERTLVAsciiHexPackager\"/>\n<isofield id=\"70\"",
+    );
+    all.push(("dialect_jpos_xml", "example".to_owned(), example));
+    all.push(("dialect_jpos_xml", "ebcdic-echo".to_owned(), small));
+    all.push(("dialect_jpos_xml", "ascii-echo".to_owned(), ascii));
+    all.push(("dialect_jpos_xml", "unknown-class".to_owned(), unknown));
+    all.push(("dialect_jpos_xml", "truncated".to_owned(), truncated));
+    all.push(("dialect_jpos_xml", "ber-on-text".to_owned(), ber_on_text));
     for (name, bytes) in transcoded_seeds(fuzz_checks::iso87_binary()) {
         all.push(("decode_iso87_binary", name, bytes));
     }

@@ -69,7 +69,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use switchyard::tls;
-use switchyard::wire::{Dialect, EncodeError, FrameError, Framing};
+use switchyard::wire::{Dialect, EncodeError, FrameError, Framing, Header, MessageHeader};
 
 use connection::{group, RequestValues, WireClock};
 use progress::{report_progress, Recent};
@@ -162,6 +162,9 @@ pub struct LoadOptions {
     pub dialect: Arc<Dialect>,
     /// Length header of each message.
     pub framing: Framing,
+    /// Header between the length and each message: a TPDU (`60 0001 0000`) or a
+    /// fixed header (ASCII zeros); the answers' is read past.
+    pub header: MessageHeader,
     /// DE49, ISO 4217 numeric, e.g. `*b"978"`.
     pub currency: [u8; 3],
     /// Every Nth request of a connection uses an amount ending in 51 (the bank simulator
@@ -190,9 +193,22 @@ impl LoadOptions {
             progress: false,
             dialect: Arc::new(Dialect::iso87_ascii()),
             framing: Framing::U16be,
+            header: MessageHeader::None,
             currency: *b"978",
             decline_every: 20,
         }
+    }
+}
+
+impl LoadOptions {
+    /// The bytes sent as [`LoadOptions::header`].
+    pub fn header_sent(&self) -> Header {
+        let bytes: &[u8] = match self.header {
+            MessageHeader::None => &[],
+            MessageHeader::Tpdu => &[0x60, 0x00, 0x01, 0x00, 0x00],
+            MessageHeader::Fixed(n) => &b"00000000000000000000000000000000"[..usize::from(n)],
+        };
+        Header::from_slice(bytes).unwrap_or_default()
     }
 }
 
@@ -394,6 +410,7 @@ fn check_options(opts: &LoadOptions, pans: &[String]) -> anyhow::Result<()> {
         values.encode(
             &opts.dialect,
             opts.framing,
+            opts.header_sent().as_bytes(),
             &WireClock::now(),
             &mut BytesMut::new(),
         )
