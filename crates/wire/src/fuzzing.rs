@@ -93,6 +93,52 @@ pub fn frame_decoder(data: &[u8]) {
                 whole.frames.iter().all(|f| f.len() <= bound),
                 "frame over the bound"
             );
+            for frame in &whole.frames {
+                check_headers(frame);
+            }
+        }
+    }
+}
+
+/// A TPDU and fixed headers taken off a frame: the rest is the frame after them,
+/// a TPDU comes back with its addresses swapped, a fixed header unchanged, and a
+/// frame too short for its header is refused and left whole.
+fn check_headers(frame: &Bytes) {
+    let headers = [
+        crate::MessageHeader::Tpdu,
+        crate::MessageHeader::Fixed(1),
+        crate::MessageHeader::Fixed(7),
+        crate::MessageHeader::Fixed(32),
+    ];
+    for header in headers {
+        let mut rest = frame.clone();
+        match header.split(&mut rest) {
+            None => {
+                assert!(
+                    frame.len() < header.len(),
+                    "{header:?} refused a long frame"
+                );
+                assert_eq!(&rest, frame, "a refused frame is left whole");
+            }
+            Some(back) => {
+                let n = header.len();
+                assert_eq!(
+                    &rest[..],
+                    &frame[n..],
+                    "{header:?}: the rest follows the header"
+                );
+                let sent = &frame[..n];
+                let expected: Vec<u8> = if header == crate::MessageHeader::Tpdu {
+                    [&sent[..1], &sent[3..5], &sent[1..3]].concat()
+                } else {
+                    sent.to_vec()
+                };
+                assert_eq!(
+                    back.as_bytes(),
+                    &expected[..],
+                    "{header:?}: the answer's header"
+                );
+            }
         }
     }
 }
