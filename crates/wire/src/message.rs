@@ -236,24 +236,30 @@ impl Message {
         if dialect.is_transcoded() {
             let mut canonical = Vec::with_capacity(bytes.len() * 2);
             let wire_error = crate::transcode::to_canonical(dialect, &bytes, &mut canonical).err();
-            let (msg, error) = Message::decode_canonical_partial(dialect, canonical.into());
+            // Checked as it was converted: indexed without checking the values again.
+            let (msg, error) =
+                Message::decode_canonical_partial(dialect, canonical.into(), Values::Trusted);
             // A wire error comes first; the canonical form cannot fail where the
             // wire form passed, but say so if it did.
             return (msg, wire_error.or(error));
         }
-        Message::decode_canonical_partial(dialect, bytes)
+        Message::decode_canonical_partial(dialect, bytes, Values::Check)
     }
 
     /// Decodes a message held in `dialect`'s canonical form (as [`Message::as_bytes`]
     /// gives it, e.g. read back from the journal): no conversion.
     pub fn decode_canonical(dialect: &Dialect, bytes: Bytes) -> Result<Message, DecodeError> {
-        match Message::decode_canonical_partial(dialect, bytes) {
+        match Message::decode_canonical_partial(dialect, bytes, Values::Check) {
             (msg, None) => Ok(msg),
             (_, Some(err)) => Err(err),
         }
     }
 
-    fn decode_canonical_partial(dialect: &Dialect, bytes: Bytes) -> (Message, Option<DecodeError>) {
+    fn decode_canonical_partial(
+        dialect: &Dialect,
+        bytes: Bytes,
+        values: Values,
+    ) -> (Message, Option<DecodeError>) {
         let dialect = dialect.canonical();
         let mut msg = Message {
             bytes,
@@ -263,12 +269,12 @@ impl Message {
             spill: None,
             complete: false,
         };
-        let err = msg.index(dialect).err();
+        let err = msg.index(dialect, values).err();
         msg.complete = err.is_none();
         (msg, err)
     }
 
-    fn index(&mut self, dialect: &Dialect) -> Result<(), DecodeError> {
+    fn index(&mut self, dialect: &Dialect, values: Values) -> Result<(), DecodeError> {
         let size = self.bytes.len();
         if size > usize::from(u16::MAX) {
             let kind = DecodeErrorKind::MessageTooLarge { size };
@@ -312,7 +318,7 @@ impl Message {
         while rest != 0 {
             let n = (rest.leading_zeros() + 1) as u8;
             rest &= !bit(n);
-            let span = read_field(dialect, &mut cur, n)?;
+            let span = read_field(dialect, &mut cur, n, values)?;
             self.push_span(span);
             self.present |= bit(n);
         }
@@ -425,7 +431,22 @@ impl Message {
     }
 }
 
-fn read_field(dialect: &Dialect, cur: &mut Cursor<'_>, n: u8) -> Result<Span, DecodeError> {
+/// Whether field values are checked against their types while indexing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Values {
+    /// Check each value (bytes as they arrived, or read back from storage).
+    Check,
+    /// The bytes were just made by `transcode::to_canonical`, which checked
+    /// every value on the wire: index only.
+    Trusted,
+}
+
+fn read_field(
+    dialect: &Dialect,
+    cur: &mut Cursor<'_>,
+    n: u8,
+    values: Values,
+) -> Result<Span, DecodeError> {
     let location = Location::Field(n);
     let Some(spec) = dialect.field(n) else {
         let kind = DecodeErrorKind::UndefinedField;
@@ -470,6 +491,7 @@ fn read_field(dialect: &Dialect, cur: &mut Cursor<'_>, n: u8) -> Result<Span, De
     let start = cur.take(location, wire)?;
     let value = &cur.buf[start..cur.pos];
     let bad = match spec.encoding {
+        _ if values == Values::Trusted => None,
         Encoding::Binary => None,
         Encoding::Hex => value
             .iter()
@@ -491,7 +513,8 @@ fn read_field(dialect: &Dialect, cur: &mut Cursor<'_>, n: u8) -> Result<Span, De
             }),
     };
     let bad = bad.or_else(|| {
-        let (i, e) = spec.tlv?.check(value)?;
+        let tlv = spec.tlv.filter(|_| values == Values::Check)?;
+        let (i, e) = tlv.check(value)?;
         let kind = DecodeErrorKind::BadTlv {
             tag: e.tag,
             problem: e.problem,

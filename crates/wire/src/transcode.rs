@@ -115,7 +115,13 @@ pub(crate) fn to_canonical(d: &Dialect, wire: &[u8], out: &mut Vec<u8>) -> Resul
         let Some(spec) = d.field(n) else {
             return Err(err(location, cur.pos, DecodeErrorKind::UndefinedField));
         };
-        field_to_canonical(spec, d.field_wire(n), cp, &mut cur, location, out)?;
+        // A field that fails leaves nothing behind: the partial form holds only
+        // the fields checked before it.
+        let mark = out.len();
+        if let Err(e) = field_to_canonical(spec, d.field_wire(n), cp, &mut cur, location, out) {
+            out.truncate(mark);
+            return Err(e);
+        }
     }
     if cur.pos != wire.len() {
         let kind = DecodeErrorKind::TrailingBytes {
