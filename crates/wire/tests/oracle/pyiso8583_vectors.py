@@ -17,7 +17,10 @@ crates/wire/tests/golden.rs; crates/wire/tests/pyiso8583.rs runs `check` and
 import json
 import pathlib
 import sys
-import tomllib
+try:
+    import tomllib
+except ImportError:  # Python before 3.11: the same parser from PyPI
+    import tomli as tomllib
 
 import ebcdic  # noqa: F401  registers the cp1047 codec
 import iso8583
