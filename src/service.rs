@@ -104,12 +104,27 @@ pub fn check_config(path: &std::path::Path) -> Result<String, CheckError> {
         file: path.display().to_string(),
         source,
     })?;
+    let listeners: Vec<String> = c
+        .listeners
+        .iter()
+        .map(|l| {
+            format!(
+                "{} ({}, {}, header {})",
+                l.listen,
+                l.dialect.name(),
+                l.framing,
+                l.header.kind()
+            )
+        })
+        .collect();
     Ok(format!(
-        "{}: valid, with its TLS files ({} institutions, {} banks, {} PAN prefixes)\n{}",
+        "{}: valid, with its TLS files ({} institutions, {} banks, {} PAN prefixes)\n\
+         acquirer listeners: {}\n{}",
         path.display(),
         c.institutions.len(),
         c.banks.len(),
         c.routes.prefix_count(),
+        listeners.join("; "),
         duplicates_capacity(&c)
     ))
 }
