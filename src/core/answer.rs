@@ -177,9 +177,9 @@ fn encode_switch_answer(
             ok &= enc.field(n, value).is_ok();
         }
     }
-    if ok {
-        enc.finish();
-    } else {
+    // finish() is 0 only when the wire conversion failed (it has truncated).
+    let ok = ok && enc.finish() > 0;
+    if !ok {
         out.truncate(start);
     }
     ok

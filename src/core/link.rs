@@ -796,9 +796,8 @@ impl<E: LinkEnv> Link<E> {
         let ok = enc.field(7, &de7).is_ok()
             && enc.field(11, &digits).is_ok()
             && enc.field(70, code).is_ok();
-        if ok {
-            enc.finish();
-        }
+        // finish() is 0 only when the wire conversion failed.
+        let ok = ok && enc.finish() > 0;
         let ok = ok && framing.finish(buf, at).is_ok();
         if !ok {
             buf.truncate(at);

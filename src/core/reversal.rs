@@ -102,7 +102,14 @@ pub fn encode_reversal_advice(
         }
     }
     match result {
-        Ok(()) => Ok(enc.finish()),
+        // finish() is 0 only when the wire conversion failed (see Encoder::finish).
+        Ok(()) => match enc.finish() {
+            0 => Err(crate::wire::EncodeError {
+                field: 0,
+                kind: crate::wire::EncodeErrorKind::Malformed,
+            }),
+            len => Ok(len),
+        },
         Err(e) => {
             out.truncate(start);
             Err(e)

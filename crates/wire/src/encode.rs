@@ -138,7 +138,9 @@ impl<'a> Encoder<'a> {
     }
 
     /// Writes the bitmaps and returns the message length in bytes; under a
-    /// transcoded dialect, converts the message to its wire form.
+    /// transcoded dialect, converts the message to its wire form. Returns 0 (and
+    /// leaves nothing of the message) if that conversion fails, which the checks
+    /// in [`Encoder::field`] rule out; callers that send the message check it.
     pub fn finish(self) -> usize {
         let (wire, start) = (self.wire, self.start);
         let out = self.finish_canonical();
