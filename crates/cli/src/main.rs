@@ -106,7 +106,14 @@ struct BankSimArgs {
     /// Requests out of a million left unanswered (1000000: a silent bank).
     #[arg(long, default_value_t = 0)]
     drop_per_million: u32,
-    /// Dialect name or file.
+    #[command(flatten)]
+    wire: WireArgs,
+}
+
+/// How a peer speaks on the wire: `bank-sim` as a bank, `loadgen` to a listener.
+#[derive(clap::Args)]
+struct WireArgs {
+    /// Dialect: a shipped name or a file.
     #[arg(long, default_value = "iso87-ascii")]
     dialect: String,
     /// Framing: u16be, u16be-inclusive, ascii4, hex4 or bcd2.
@@ -173,15 +180,8 @@ struct LoadgenArgs {
     /// Every Nth request of a connection gets a declining amount; 0: never.
     #[arg(long, default_value_t = 20)]
     decline_every: u32,
-    /// The switch listener's dialect (a shipped name or a file).
-    #[arg(long, default_value = "iso87-ascii")]
-    dialect: String,
-    /// The listener's framing: u16be, u16be-inclusive, ascii4, hex4 or bcd2.
-    #[arg(long, default_value = "u16be", value_parser = parse_framing)]
-    framing: Framing,
-    /// Header after the length: none, tpdu or fixed:N.
-    #[arg(long, default_value = "none", value_parser = parse_header)]
-    header: MessageHeader,
+    #[command(flatten)]
+    wire: WireArgs,
     /// Print the summary as one JSON object (progress still goes to stderr).
     #[arg(long)]
     json: bool,
@@ -430,9 +430,9 @@ fn settlement(a: SettlementArgs) -> anyhow::Result<()> {
 fn bank_sim(a: BankSimArgs) -> anyhow::Result<()> {
     init_logs("info");
     let opts = BankSimOptions {
-        dialect: Arc::new(Dialect::load(&a.dialect)?),
-        framing: a.framing,
-        header: a.header,
+        dialect: Arc::new(Dialect::load(&a.wire.dialect)?),
+        framing: a.wire.framing,
+        header: a.wire.header,
         frame_size_max_bytes: FRAME_SIZE_MAX_BYTES_DEFAULT,
         seed: 1,
     };
@@ -458,9 +458,9 @@ fn loadgen(a: LoadgenArgs) -> anyhow::Result<()> {
         answer_timeout: Duration::from_millis(a.timeout_ms),
         progress: !a.no_progress,
         decline_every: a.decline_every,
-        dialect: Arc::new(Dialect::load(&a.dialect)?),
-        framing: a.framing,
-        header: a.header,
+        dialect: Arc::new(Dialect::load(&a.wire.dialect)?),
+        framing: a.wire.framing,
+        header: a.wire.header,
         ..LoadOptions::new(a.target, &a.server_name, identities)
     };
     let report = Report {

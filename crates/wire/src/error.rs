@@ -242,10 +242,10 @@ impl fmt::Display for EncodeError {
                 write!(f, "expected exactly {expected} units, found {found}")
             }
             EncodeErrorKind::BadHex => f.write_str("expected an even count of hex digits"),
-            EncodeErrorKind::Unrepresentable { offset, found } => write!(
+            // The byte is not shown: the value may be card data (a track, a PAN).
+            EncodeErrorKind::Unrepresentable { offset, .. } => write!(
                 f,
-                "the wire encoding cannot carry {} at value offset {offset}",
-                Byte(found)
+                "the wire encoding cannot carry the byte at value offset {offset}"
             ),
             EncodeErrorKind::Malformed => f.write_str("malformed canonical message"),
         }

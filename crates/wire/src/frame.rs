@@ -210,6 +210,9 @@ impl MessageHeader {
     /// carries (a TPDU's addresses swapped); `None` when the frame is shorter than
     /// the header (and `frame` is left as it was).
     pub fn split(self, frame: &mut Bytes) -> Option<Header> {
+        if self == MessageHeader::None {
+            return Some(Header::default());
+        }
         let n = self.len();
         if frame.len() < n {
             return None;
