@@ -6,6 +6,8 @@ use serde::Deserialize;
 use std::fmt;
 use std::path::Path;
 
+use crate::version::{held_1987, ActionCodes, Translation, Version};
+
 /// Character class of a field (ISO 8583 "n", "an", "ans", …).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 pub enum FieldType {
@@ -394,6 +396,13 @@ pub(crate) struct DialectFile {
     pub(crate) bcd_pad: Option<PadSide>,
     #[serde(default)]
     pub(crate) bcd_filler: Option<Filler>,
+    /// `"1987"` (the default) or `"1993"` (translated at the edge).
+    #[serde(default)]
+    pub(crate) version: Option<Version>,
+    /// For a 1993 dialect: the DE39 table (a path, relative to the dialect
+    /// file's directory); default the shipped `action-codes.toml`.
+    #[serde(default)]
+    pub(crate) action_codes: Option<String>,
     pub(crate) field: Vec<FieldSpec>,
 }
 
@@ -437,6 +446,16 @@ pub enum DialectError {
         /// What is wrong.
         problem: String,
     },
+    /// A 1993 dialect's action code table is malformed.
+    #[error("action code table {origin}: entry {entry}: {problem}")]
+    ActionCodes {
+        /// Path or name of the table.
+        origin: String,
+        /// 1-based `[[code]]` entry (0: the table as a whole).
+        entry: usize,
+        /// What is wrong.
+        problem: String,
+    },
     /// A dialect-wide setting is inconsistent.
     #[error("dialect {origin}: {problem}")]
     Layout {
@@ -469,6 +488,11 @@ pub struct Dialect {
     /// into it and encoding out of it (`transcode`); `None`: the dialect is its
     /// own canonical form and messages are used as they arrive.
     canonical: Option<std::sync::Arc<Dialect>>,
+    /// The ISO 8583 version the dialect speaks.
+    version: Version,
+    /// For a 1993 dialect: how it is translated to the 1987 form it is held in
+    /// (then `canonical` is that form: `iso87-ascii`).
+    translation: Option<std::sync::Arc<Translation>>,
 }
 
 /// Dialects compiled into the binary: (name, TOML text).
@@ -488,6 +512,14 @@ pub const BUILTIN_DIALECTS: &[(&str, &str)] = &[
     (
         "iso87-ebcdic",
         include_str!("../../../config/iso8583/iso87-ebcdic.toml"),
+    ),
+    (
+        "iso93-ascii",
+        include_str!("../../../config/iso8583/iso93-ascii.toml"),
+    ),
+    (
+        "iso93-binary",
+        include_str!("../../../config/iso8583/iso93-binary.toml"),
     ),
 ];
 
@@ -565,12 +597,60 @@ impl Dialect {
             fields,
             wire,
             canonical: None,
+            version: file.version.unwrap_or_default(),
+            translation: None,
         };
         if d.needs_transcoding() {
             d.canonical = Some(std::sync::Arc::new(d.canonical_twin()));
         }
         d.fingerprint = d.layout_hash();
+        match (d.version, file.action_codes) {
+            (Version::Iso1987, Some(_)) => {
+                return Err(layout("action_codes applies to version = \"1993\" only"))
+            }
+            (Version::Iso1987, None) => {}
+            (Version::Iso1993, table) => {
+                let codes = match table {
+                    None => ActionCodes::builtin(),
+                    Some(path) => {
+                        let base = Path::new(origin).parent().unwrap_or(Path::new(""));
+                        let path = base.join(path);
+                        let origin = path.display().to_string();
+                        let text = read_bounded(&path).map_err(|source| DialectError::Io {
+                            origin: origin.clone(),
+                            source,
+                        })?;
+                        std::sync::Arc::new(ActionCodes::from_toml(&text, &origin)?)
+                    }
+                };
+                let plain = std::sync::Arc::new(d.clone());
+                d.translation = Some(std::sync::Arc::new(Translation { plain, codes }));
+                d.canonical = Some(held_1987());
+                d.fingerprint = d.layout_hash();
+            }
+        }
         Ok(d)
+    }
+
+    /// The ISO 8583 version this dialect speaks.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// How a 1993 dialect is translated (`None` for 1987).
+    #[inline]
+    pub(crate) fn translation(&self) -> Option<&Translation> {
+        self.translation.as_deref()
+    }
+
+    /// This dialect as it is on the wire, without the 1993 → 1987 translation:
+    /// messages decode to, and encode from, the 1993 fields (the codec's tests
+    /// and tools that show a 1993 message as it is). Itself for a 1987 dialect.
+    pub fn untranslated(&self) -> Dialect {
+        match &self.translation {
+            Some(t) => (*t.plain).clone(),
+            None => self.clone(),
+        }
     }
 
     /// Whether the wire form differs from the form messages are held in.
@@ -617,6 +697,8 @@ impl Dialect {
             fields,
             wire: vec![FieldWire::ASCII; 129],
             canonical: None,
+            version: self.version,
+            translation: None,
         };
         twin.fingerprint = twin.layout_hash();
         twin
@@ -671,25 +753,10 @@ impl Dialect {
         if let Some(d) = Dialect::builtin(name_or_path) {
             return Ok(d);
         }
-        let io = |source| DialectError::Io {
+        let text = read_bounded(Path::new(name_or_path)).map_err(|source| DialectError::Io {
             origin: name_or_path.to_owned(),
             source,
-        };
-        // A regular file of bounded size: never a device or a pipe.
-        let file = std::fs::File::open(Path::new(name_or_path)).map_err(io)?;
-        let meta = file.metadata().map_err(io)?;
-        if !meta.is_file() || meta.len() > DIALECT_FILE_SIZE_MAX_BYTES {
-            return Err(io(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("not a regular file of at most {DIALECT_FILE_SIZE_MAX_BYTES} bytes"),
-            )));
-        }
-        let mut text = String::new();
-        std::io::Read::read_to_string(
-            &mut std::io::Read::take(file, DIALECT_FILE_SIZE_MAX_BYTES + 1),
-            &mut text,
-        )
-        .map_err(io)?;
+        })?;
         if name_or_path.ends_with(".xml") {
             return Dialect::from_jpos_xml(&text, name_or_path);
         }
@@ -874,6 +941,9 @@ impl Dialect {
             // dialects' fingerprints are as before.
             (self.mti, self.code_page).hash(&mut h);
         }
+        if self.version != Version::Iso1987 {
+            self.version.hash(&mut h);
+        }
         for (f, w) in self.fields.iter().zip(&self.wire) {
             let Some(f) = f else { continue };
             (
@@ -893,6 +963,25 @@ impl Dialect {
         }
         h.finish()
     }
+}
+
+/// A regular file of at most [`DIALECT_FILE_SIZE_MAX_BYTES`] (never a device or
+/// a pipe), as text.
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() > DIALECT_FILE_SIZE_MAX_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("not a regular file of at most {DIALECT_FILE_SIZE_MAX_BYTES} bytes"),
+        ));
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut std::io::Read::take(file, DIALECT_FILE_SIZE_MAX_BYTES + 1),
+        &mut text,
+    )?;
+    Ok(text)
 }
 
 fn check_spec(spec: &FieldSpec, bitmap: BitmapEncoding) -> Option<&'static str> {

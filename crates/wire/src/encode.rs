@@ -73,7 +73,9 @@ impl<'a> Encoder<'a> {
         let Some(spec) = self.dialect.field(n).filter(|_| (2..=128).contains(&n)) else {
             return Err(err(EncodeErrorKind::UndefinedField));
         };
-        if let Some(wire_spec) = self.wire.and_then(|w| w.field(n)) {
+        // (A 1993 dialect's fields are checked as the translation writes them.)
+        let untranslated = self.wire.filter(|w| w.translation().is_none());
+        if let Some(wire_spec) = untranslated.and_then(|w| w.field(n)) {
             if let Some(offset) = crate::transcode::representable(wire_spec, value) {
                 let found = value[offset];
                 return Err(err(EncodeErrorKind::Unrepresentable { offset, found }));
@@ -187,6 +189,16 @@ thread_local! {
 /// Converts `out[start..]`, a message in `d`'s canonical form, to `d`'s wire
 /// form in place; returns its wire length.
 fn transcode_tail(d: &Dialect, out: &mut BytesMut, start: usize) -> Result<usize, EncodeError> {
+    if let Some(t) = d.translation() {
+        // ISO 8583:1993: the 1987 form, indexed, written out in 1993 form.
+        let held = bytes::Bytes::copy_from_slice(&out[start..]);
+        out.truncate(start);
+        let m = Message::decode_canonical(d, held).map_err(|e| EncodeError {
+            field: e.location.field_number(),
+            kind: EncodeErrorKind::Malformed,
+        })?;
+        return crate::version::to_1993(&m, t, crate::version::Today::now(), out);
+    }
     SCRATCH.with(|scratch| {
         let mut scratch = scratch.borrow_mut();
         scratch.clear();

@@ -101,6 +101,9 @@ pub enum DecodeErrorKind {
         /// What is wrong.
         problem: crate::tlv::TlvProblem,
     },
+    /// The field cannot be translated between ISO 8583 versions (a 1993
+    /// dialect's message into the 1987 form the switch works in).
+    Untranslatable(crate::version::Untranslatable),
     /// Frame larger than the codec can index (65,535 bytes).
     MessageTooLarge {
         /// Message size in bytes.
@@ -168,6 +171,7 @@ impl fmt::Display for DecodeError {
             DecodeErrorKind::BadTlv { tag, problem } => {
                 write!(f, "{}", crate::tlv::TlvError { tag, problem })
             }
+            DecodeErrorKind::Untranslatable(why) => write!(f, "{why}"),
             DecodeErrorKind::MessageTooLarge { size } => {
                 write!(f, "expected at most 65535 bytes, found {size}")
             }
@@ -210,6 +214,9 @@ pub enum EncodeErrorKind {
         /// The byte.
         found: u8,
     },
+    /// The field cannot be translated between ISO 8583 versions (the 1987
+    /// form into a 1993 dialect).
+    Untranslatable(crate::version::Untranslatable),
     /// A message in the canonical form ended early or was inconsistent (a bug:
     /// the encoder writes that form itself).
     Malformed,
@@ -247,6 +254,7 @@ impl fmt::Display for EncodeError {
                 f,
                 "the wire encoding cannot carry the byte at value offset {offset}"
             ),
+            EncodeErrorKind::Untranslatable(why) => write!(f, "{why}"),
             EncodeErrorKind::Malformed => f.write_str("malformed canonical message"),
         }
     }

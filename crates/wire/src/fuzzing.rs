@@ -249,7 +249,8 @@ pub fn check_decode_transcoded(dialect: &Dialect, data: &[u8]) {
         }
         DecodeErrorKind::LengthTooLong { .. }
         | DecodeErrorKind::MessageTooLarge { .. }
-        | DecodeErrorKind::BadTlv { .. } => {
+        | DecodeErrorKind::BadTlv { .. }
+        | DecodeErrorKind::Untranslatable(_) => {
             assert!(e.offset < data.len(), "{e:?}");
         }
         DecodeErrorKind::UndefinedField => {}
@@ -308,7 +309,8 @@ pub fn check_partial(dialect: &Dialect, data: &[u8], msg: &Message, err: Option<
         }
         DecodeErrorKind::LengthTooLong { .. }
         | DecodeErrorKind::MessageTooLarge { .. }
-        | DecodeErrorKind::BadTlv { .. } => {
+        | DecodeErrorKind::BadTlv { .. }
+        | DecodeErrorKind::Untranslatable(_) => {
             assert!(e.offset < data.len(), "{e:?}");
         }
         DecodeErrorKind::UndefinedField => {}

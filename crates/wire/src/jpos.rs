@@ -127,6 +127,8 @@ pub(crate) fn read(text: &str, origin: &str) -> Result<DialectFile, DialectError
         length_counts: None,
         bcd_pad: None,
         bcd_filler: None,
+        version: None,
+        action_codes: None,
         field: Vec::new(),
     };
     let mut ebcdic = false;

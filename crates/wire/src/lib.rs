@@ -31,6 +31,7 @@ mod mask;
 mod message;
 mod tlv;
 mod transcode;
+mod version;
 
 pub use dialect::{
     BitmapEncoding, CodePage, Dialect, DialectError, Encoding, FieldSpec, FieldType, FieldWire,
@@ -46,3 +47,7 @@ pub use frame::{
 pub use mask::{field_for_log, mask_pan, LoggedField, MaskedPan};
 pub use message::{Message, Mti, Span, FIELD_COUNT};
 pub use tlv::{TlvError, TlvProblem};
+pub use version::{
+    mti_to_1987, mti_to_1993, ActionCodes, Today, Untranslatable, Version, ACTION_CODES_MAX,
+    BUILTIN_ACTION_CODES, CARRIED,
+};

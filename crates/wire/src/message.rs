@@ -233,6 +233,16 @@ impl Message {
     /// on the wire bytes so errors name wire offsets; [`Message::as_bytes`] is then
     /// the canonical form.
     pub fn decode_partial(dialect: &Dialect, bytes: Bytes) -> (Message, Option<DecodeError>) {
+        if let Some(t) = dialect.translation() {
+            // ISO 8583:1993: the 1993 fields first (errors name wire offsets),
+            // then their 1987 form.
+            let (m93, error) = Message::decode_partial(&t.plain, bytes);
+            let mut held = bytes::BytesMut::with_capacity(m93.as_bytes().len() + 32);
+            let untranslatable = crate::version::to_1987(&m93, t, &mut held).err();
+            let (msg, e87) =
+                Message::decode_canonical_partial(dialect, held.freeze(), Values::Check);
+            return (msg, error.or(untranslatable).or(e87));
+        }
         if dialect.is_transcoded() {
             let mut canonical = Vec::with_capacity(bytes.len() * 2);
             let wire_error = crate::transcode::to_canonical(dialect, &bytes, &mut canonical).err();
