@@ -11,7 +11,10 @@
 //! 3. an acquirer written with pyiso8583 and Python's `ssl`
 //!    (`crates/wire/tests/oracle/pyiso8583_client.py`) pays through the switch
 //!    over mutual TLS in each shipped dialect, framing and header: approve,
-//!    decline, echo, reversal; and with banks in other dialects behind it.
+//!    decline, echo, reversal; and with banks in other dialects behind it;
+//! 4. a bank host written with pyiso8583 (`pyiso8583_bank.py`) that speaks
+//!    ISO 8583:1993 natively behind a 1987 pyiso8583 acquirer: what the switch
+//!    translates is checked by an implementation that is not ours on both sides.
 
 use bytes::BytesMut;
 use std::path::{Path, PathBuf};
@@ -101,8 +104,13 @@ fn pyiso8583_decodes_what_we_encode() {
         "iso87-hexbitmap",
         "iso87-binary",
         "iso87-ebcdic",
+        "iso93-ascii",
+        "iso93-binary",
     ] {
-        let d = Dialect::builtin(name).expect("shipped dialect");
+        // As on the wire (a 1993 dialect's own fields, untranslated).
+        let d = Dialect::builtin(name)
+            .expect("shipped dialect")
+            .untranslated();
         for i in 0..40 {
             let mut out = BytesMut::new();
             let mut enc = Encoder::new(&d, &mut out, Mti::FINANCIAL);
@@ -247,6 +255,10 @@ async fn a_pyiso8583_acquirer_in_every_shipped_dialect_framing_and_header() {
         ("iso87-binary", Framing::U16be, MessageHeader::None),
         ("iso87-ebcdic", Framing::U16beInclusive, MessageHeader::None),
         ("iso87-ebcdic", Framing::U16be, MessageHeader::Tpdu),
+        ("iso93-ascii", Framing::U16be, MessageHeader::None),
+        ("iso93-ascii", Framing::Ascii4, MessageHeader::Tpdu),
+        ("iso93-binary", Framing::Bcd2, MessageHeader::Tpdu),
+        ("iso93-binary", Framing::U16be, MessageHeader::None),
     ];
     for (dialect, framing, header) in cases {
         pyiso8583_acquirer(speaks(dialect, framing, header), Vec::new()).await;
@@ -286,4 +298,106 @@ async fn three_listeners_in_three_dialects_serve_side_by_side() {
         run_client(&bed, *addr, speaks).await;
     }
     bed.stop().await;
+}
+
+/// A pyiso8583 bank speaking ISO 8583:1993 in `dialect`, running until its
+/// stdin closes; its port is read from its first line.
+struct PyBank {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    dir: PathBuf,
+}
+
+impl PyBank {
+    fn start(ca: &certs::DevCa, id: &str, dialect: &str, framing: Framing) -> PyBank {
+        use std::io::BufRead;
+        let dir = tempdir();
+        certs::write_ca(&dir, ca).expect("ca.pem");
+        let issued = ca
+            .issue_server(&[&format!("bank-{id}")])
+            .expect("bank certificate");
+        certs::write_issued(&dir, "bank", &issued).expect("bank files");
+        let mut child = Command::new(oracle_python())
+            .arg(oracle_dir().join("pyiso8583_bank.py"))
+            .arg("--certs")
+            .arg(&dir)
+            .arg("--dialect")
+            .arg(dialect)
+            .arg("--framing")
+            .arg(framing.as_str())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the pyiso8583 bank");
+        let stdout = child.stdout.as_mut().expect("stdout");
+        let mut line = String::new();
+        // Its first line says it listens (it exits after 60 s idle, so this ends).
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("bank's first line");
+        let port: u16 = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("bank said {line:?}"));
+        PyBank {
+            child,
+            addr: ([127, 0, 0, 1], port).into(),
+            dir,
+        }
+    }
+
+    /// Stops it (closes its stdin once the switch has closed the link) and
+    /// returns what it printed.
+    fn finish(mut self) -> String {
+        drop(self.child.stdin.take());
+        let out = self.child.wait_with_output().expect("bank output");
+        let _ = std::fs::remove_dir_all(&self.dir);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+async fn a_1987_acquirer_pays_a_1993_bank(bank: Speaks, acquirers: Speaks) {
+    let ca = std::sync::Arc::new(certs::DevCa::new("switchyard test CA").expect("CA"));
+    let py = PyBank::start(&ca, "200001", &bank.dialect, bank.framing);
+    let bed = Testbed::start(TestbedOptions {
+        banks: 0,
+        links: 1,
+        acquirers: acquirers.clone(),
+        outside_banks: vec![(py.addr, bank.clone())],
+        // The decline's PAN (55…) goes to the same bank.
+        routes: vec!["pan_prefix = \"55\"\nbank = \"200001\"".to_owned()],
+        ca: Some(ca),
+        ..TestbedOptions::default()
+    })
+    .await
+    .expect("test bed starts");
+    run_client(&bed, bed.switch_addr, &acquirers).await;
+    bed.stop().await;
+    let seen = py.finish();
+    assert!(!seen.contains("ERROR"), "the 1993 bank objected:\n{seen}");
+    for want in [
+        "1804 sign-on",
+        "-> 1210 000",
+        "-> 1210 116",
+        "1400 DE11=",
+        "-> 1410 400",
+    ] {
+        assert!(seen.contains(want), "bank saw no {want:?}:\n{seen}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1993_bank_behind_a_1987_acquirer() {
+    // ASCII on both sides, then a BCD 1993 host behind a BCD + TPDU 1987 acquirer.
+    a_1987_acquirer_pays_a_1993_bank(
+        speaks("iso93-ascii", Framing::U16be, MessageHeader::None),
+        speaks("iso87-ascii", Framing::U16be, MessageHeader::None),
+    )
+    .await;
+    a_1987_acquirer_pays_a_1993_bank(
+        speaks("iso93-binary", Framing::U16be, MessageHeader::None),
+        speaks("iso87-binary", Framing::Bcd2, MessageHeader::Tpdu),
+    )
+    .await;
 }

@@ -40,7 +40,10 @@ impl Books {
     /// the record, `p` is answered 91 here (nothing more is journaled for it) and
     /// `None` comes back.
     pub fn accept(&self, p: Pending) -> Option<Pending> {
-        match self.journal.accepted(p.request_id, p.acquirer, &p.request) {
+        match self
+            .journal
+            .accepted(p.request_id, p.acquirer, p.key_time, &p.request)
+        {
             Ok(_) => Some(p),
             Err(e) => {
                 metrics::counter!("switchyard_connector_unavailable_total", "reason" => "journal")

@@ -64,15 +64,52 @@ impl std::fmt::Debug for DuplicateKey {
     }
 }
 
+/// Which date and time identify a request in its key.
+///
+/// ISO 8583:1987 names a request's original by its transmission date and time
+/// (DE90 carries DE7); ISO 8583:1993 by its local date and time (DE56 carries
+/// DE12). Requests from a 1993 acquirer, held in 1987 form, key on DE13 + DE12
+/// (MMDDhhmmss), which is what their reversals' DE56 — translated into DE90 —
+/// names.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KeyTime {
+    /// DE7, transmission date and time (ISO 8583:1987 acquirers).
+    #[default]
+    Transmission,
+    /// DE13 + DE12, local date and time (ISO 8583:1993 acquirers).
+    Local,
+}
+
+impl KeyTime {
+    /// The rule for an acquirer speaking `version`.
+    pub fn of(version: crate::wire::Version) -> KeyTime {
+        match version {
+            crate::wire::Version::Iso1987 => KeyTime::Transmission,
+            crate::wire::Version::Iso1993 => KeyTime::Local,
+        }
+    }
+}
+
 impl DuplicateKey {
-    /// The key of `msg`; `None` when DE32, DE11 or DE7 is absent or too long.
-    pub fn of(msg: &Message) -> Option<DuplicateKey> {
+    /// The key of `msg` with its date and time by `time`; `None` when DE32, DE11
+    /// or the date and time is absent or too long.
+    pub fn of(msg: &Message, time: KeyTime) -> Option<DuplicateKey> {
         let mut key = DuplicateKey {
             bytes: [0; KEY_BYTES],
             len: 0,
         };
-        for (n, max) in [(32u8, 11usize), (11, 6), (7, 10)] {
-            key.push(msg.field(n)?, max)?;
+        key.push(msg.field(32)?, 11)?;
+        key.push(msg.field(11)?, 6)?;
+        match time {
+            KeyTime::Transmission => key.push(msg.field(7)?, 10)?,
+            KeyTime::Local => {
+                let (date, clock) = (msg.field(13)?, msg.field(12)?);
+                let mut local = [0u8; 10];
+                let (d, c) = local.split_at_mut(4);
+                d.copy_from_slice(date.get(..4).filter(|_| date.len() == 4)?);
+                c.copy_from_slice(clock.get(..6).filter(|_| clock.len() == 6)?);
+                key.push(&local, 10)?;
+            }
         }
         key.push(msg.field(37).unwrap_or(b""), 12)?;
         Some(key)
@@ -849,8 +886,14 @@ mod tests {
         let repeat = msg(Mti(*b"0201"), b"000001", b"000000001000");
         let changed = msg(Mti::FINANCIAL, b"000001", b"000000009999");
         let other = msg(Mti::FINANCIAL, b"000002", b"000000001000");
-        assert_eq!(DuplicateKey::of(&a), DuplicateKey::of(&changed));
-        assert_ne!(DuplicateKey::of(&a), DuplicateKey::of(&other));
+        assert_eq!(
+            DuplicateKey::of(&a, KeyTime::Transmission),
+            DuplicateKey::of(&changed, KeyTime::Transmission)
+        );
+        assert_ne!(
+            DuplicateKey::of(&a, KeyTime::Transmission),
+            DuplicateKey::of(&other, KeyTime::Transmission)
+        );
         assert_eq!(
             content_digest(&a),
             content_digest(&repeat),
@@ -1032,7 +1075,7 @@ mod tests {
         let t: DedupTable<&'static str> =
             DedupTable::new(Duration::from_secs(60), 1 << 20, 2, false, t0);
         let original = msg(Mti::FINANCIAL, b"000042", b"000000001000");
-        let key = DuplicateKey::of(&original).unwrap();
+        let key = DuplicateKey::of(&original, KeyTime::Transmission).unwrap();
         let d = Dialect::iso87_ascii();
         let mut out = BytesMut::new();
         let mut enc = Encoder::new(&d, &mut out, Mti::REVERSAL);

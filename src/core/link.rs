@@ -1002,6 +1002,7 @@ mod tests {
                 entry: None,
                 original_link_stan,
                 slot: InstitutionSlot::take(&self.inflight, usize::MAX).unwrap(),
+                key_time: crate::core::dedup::KeyTime::Transmission,
             };
             self.bank.submit(pending);
         }

@@ -10,7 +10,9 @@
 //! record, read back by an [`AnswerReader`] off the session's task.
 
 use super::answer::{Reply, Stored};
-use super::dedup::{content_digest, DedupTable, DuplicateKey, EntryHandle, Original, Verdict};
+use super::dedup::{
+    content_digest, DedupTable, DuplicateKey, EntryHandle, KeyTime, Original, Verdict,
+};
 use super::request::{AnswerSlot, Pending};
 use super::route::BankIndex;
 use super::{InstitutionId, ResponseCode};
@@ -113,7 +115,8 @@ impl Recent {
 
     /// Opens the entry of `request` (from `institution`, arriving at `now`). A new
     /// request comes back to be processed; a repeat is answered here: the original
-    /// answer again (its bank's dialect from `dialect_of`, else `fallback`), or
+    /// answer again (its bank's dialect from `dialect_of`, else `fallback`, the
+    /// acquirer's dialect, whose version also picks the key's [`KeyTime`]), or
     /// nothing yet while the original is in flight (it waits), 94 for the same key
     /// with other content, 91 when the table or the key's waiters are full.
     pub fn open(
@@ -125,7 +128,7 @@ impl Recent {
         dialect_of: impl Fn(BankIndex) -> Option<Arc<Dialect>>,
         fallback: &Arc<Dialect>,
     ) -> Option<Opened> {
-        let Some(key) = DuplicateKey::of(&request) else {
+        let Some(key) = DuplicateKey::of(&request, KeyTime::of(fallback.version())) else {
             return Some(Opened {
                 request,
                 reply,
@@ -295,8 +298,8 @@ impl Recent {
     /// Opens the entry of a request accepted at `at` before a restart (from the
     /// journal), to be completed with its outcome. `None` when its ids do not key
     /// it, its key is already held, or its shard is all in flight.
-    pub fn restore(&self, request: &Message, at: Instant) -> Option<EntryHandle> {
-        let key = DuplicateKey::of(request)?;
+    pub fn restore(&self, request: &Message, time: KeyTime, at: Instant) -> Option<EntryHandle> {
+        let key = DuplicateKey::of(request, time)?;
         self.table.restore(&key, content_digest(request), at)
     }
 

@@ -78,6 +78,9 @@ pub struct Pending {
     pub original_link_stan: Option<Stan>,
     /// Counts it in its institution's requests in flight until it is dropped.
     pub slot: InstitutionSlot,
+    /// Which date and time its duplicates key uses (its acquirer's version);
+    /// journaled with it so a restart keys it the same way.
+    pub key_time: super::dedup::KeyTime,
 }
 
 impl Pending {

@@ -21,6 +21,7 @@
 //! in-memory journal in the simulation. Without a journal nothing is recorded and
 //! nothing waits.
 
+use super::dedup::KeyTime;
 use super::inflight::Stan;
 use super::route::BankIndex;
 use super::InstitutionId;
@@ -28,6 +29,33 @@ use crate::journal::{AppendError, Entry, RecordKind, RecordSink};
 use crate::wire::Message;
 use bytes::Bytes;
 use std::sync::Arc;
+
+/// Bit of an accepted record's acquirer word set when the request keys on its
+/// local date and time ([`KeyTime::Local`]: an ISO 8583:1993 acquirer). The
+/// packed institution id uses the low 44 bits, so older journals read as
+/// [`KeyTime::Transmission`].
+pub const ACCEPTED_LOCAL_TIME_BIT: u64 = 1 << 63;
+
+/// An accepted record's acquirer word: the packed id and the key's date and time.
+pub fn accepted_head(acquirer: InstitutionId, key_time: KeyTime) -> u64 {
+    match key_time {
+        KeyTime::Transmission => acquirer.to_raw(),
+        KeyTime::Local => acquirer.to_raw() | ACCEPTED_LOCAL_TIME_BIT,
+    }
+}
+
+/// The acquirer and key rule of an accepted record's acquirer word.
+pub fn read_accepted_head(word: u64) -> (Option<InstitutionId>, KeyTime) {
+    let key_time = if word & ACCEPTED_LOCAL_TIME_BIT != 0 {
+        KeyTime::Local
+    } else {
+        KeyTime::Transmission
+    };
+    (
+        InstitutionId::from_raw(word & !ACCEPTED_LOCAL_TIME_BIT),
+        key_time,
+    )
+}
 
 /// Where an outcome came from (stored in the outcome record).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,9 +119,10 @@ impl WriteAhead {
         &self,
         request_id: u64,
         acquirer: InstitutionId,
+        key_time: KeyTime,
         request: &Message,
     ) -> Result<u64, AppendError> {
-        let head = acquirer.to_raw().to_le_bytes();
+        let head = accepted_head(acquirer, key_time).to_le_bytes();
         self.append(
             RecordKind::Accepted,
             request_id,
@@ -183,6 +212,22 @@ impl WriteAhead {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_key_rule_rides_on_the_acquirer_word() {
+        let id = InstitutionId::from_digits(b"00100001").unwrap();
+        for time in [KeyTime::Transmission, KeyTime::Local] {
+            assert_eq!(
+                read_accepted_head(accepted_head(id, time)),
+                (Some(id), time)
+            );
+        }
+        // Journals written before the bit existed read as DE7-keyed.
+        assert_eq!(
+            read_accepted_head(id.to_raw()),
+            (Some(id), KeyTime::Transmission)
+        );
+    }
+
     use super::*;
     use crate::wire::{Dialect, Encoder, Mti};
     use bytes::BytesMut;

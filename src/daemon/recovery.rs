@@ -10,11 +10,11 @@
 use crate::core::answer::{ReversalRoute, Stored};
 use crate::core::bank::BankState;
 use crate::core::books::Books;
-use crate::core::dedup::EntryHandle;
+use crate::core::dedup::{EntryHandle, KeyTime};
 use crate::core::inflight::Stan;
 use crate::core::recent::Recent;
 use crate::core::reversal::is_reversal;
-use crate::core::writeahead::OutcomeSource;
+use crate::core::writeahead::{read_accepted_head, OutcomeSource};
 use crate::core::ResponseCode;
 use crate::journal::recovery::{forwarded_to, Recovery};
 use crate::journal::{Record, RecordKind};
@@ -131,6 +131,10 @@ impl<'a> Rebuild<'a> {
     pub fn record(&mut self, r: &Record<'_>) {
         match r.kind {
             RecordKind::Accepted if r.unix_ms >= self.since_unix_ms => {
+                let word = r.body.get(..8).and_then(|b| b.try_into().ok());
+                let key_time = word.map_or(KeyTime::Transmission, |w| {
+                    read_accepted_head(u64::from_le_bytes(w)).1
+                });
                 let body = r.body.get(r.kind.head_len()..).unwrap_or_default();
                 let Ok(request) =
                     Message::decode_canonical(self.dialect, Bytes::copy_from_slice(body))
@@ -139,7 +143,7 @@ impl<'a> Rebuild<'a> {
                 };
                 let ago = Duration::from_millis(self.now_unix_ms.saturating_sub(r.unix_ms));
                 let at = self.now.checked_sub(ago).unwrap_or(self.now);
-                if let Some(entry) = self.recent.restore(&request, at) {
+                if let Some(entry) = self.recent.restore(&request, key_time, at) {
                     self.open.insert(r.request_id, (entry, None));
                 }
             }

@@ -208,8 +208,8 @@ fn record(
 /// A settled request of interest: `sign` is ±1 for a financial request (−1 a
 /// refund), ±2 for a reversal (of a refund: −2).
 fn accepted(r: &Record<'_>, dialect: &Dialect) -> Option<Open> {
-    let raw = u64::from_le_bytes(r.body.get(..8)?.try_into().ok()?);
-    let acquirer = InstitutionId::from_raw(raw)?;
+    let word = u64::from_le_bytes(r.body.get(..8)?.try_into().ok()?);
+    let acquirer = crate::core::writeahead::read_accepted_head(word).0?;
     let message =
         Message::decode_canonical(dialect, Bytes::copy_from_slice(r.body.get(8..)?)).ok()?;
     let kind: i8 = match &message.mti().0 {

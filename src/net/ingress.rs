@@ -6,6 +6,7 @@ use super::live::Live;
 use crate::config::{Config, Listener};
 use crate::core::answer::{encode_reply, Reply, ReversalRoute};
 use crate::core::books::Books;
+use crate::core::dedup::KeyTime;
 use crate::core::recent::OriginalOf;
 use crate::core::request::{Answer, AnswerSlot, InstitutionSlot, Pending};
 use crate::core::route::{BankIndex, FailoverId};
@@ -544,6 +545,7 @@ impl Ingress {
             entry: opened.entry,
             original_link_stan: None,
             slot,
+            key_time: KeyTime::of(wire.dialect.version()),
         };
         let Some(pending) = self.books.accept(pending) else {
             return; // not journaled: answered 91

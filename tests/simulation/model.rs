@@ -1058,6 +1058,7 @@ impl Sim {
             entry: opened.entry,
             original_link_stan: None,
             slot: InstitutionSlot::take(&sw.inflight, usize::MAX).expect("slot"),
+            key_time: switchyard::core::dedup::KeyTime::Transmission,
         };
         sw.next_request_id += 1;
         if let Some(pending) = sw.books.accept(pending) {

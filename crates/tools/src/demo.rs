@@ -79,6 +79,14 @@ pub struct TestbedOptions {
     /// More acquirer listeners (`[[listener]]`), each speaking its way; their
     /// addresses are [`Testbed::listener_addrs`] after the first.
     pub more_listeners: Vec<Speaks>,
+    /// Bank hosts the caller runs (e.g. an independent implementation), after
+    /// the simulated banks: their address and how they speak. Their server
+    /// certificate (for `bank-<id>`, ids following the simulated banks') comes
+    /// from [`TestbedOptions::ca`].
+    pub outside_banks: Vec<(SocketAddr, Speaks)>,
+    /// The CA to use (one the caller already issued certificates from); a fresh
+    /// one when `None`.
+    pub ca: Option<Arc<DevCa>>,
 }
 
 /// A dialect, a framing and a header: how one side talks to the switch.
@@ -158,6 +166,8 @@ impl Default for TestbedOptions {
             acquirers: Speaks::default(),
             bank_speaks: Vec::new(),
             more_listeners: Vec::new(),
+            outside_banks: Vec::new(),
+            ca: None,
         }
     }
 }
@@ -177,7 +187,7 @@ pub struct SimBank {
 /// A running switch with simulated banks and a development CA.
 pub struct Testbed {
     /// The CA that signed everything.
-    pub ca: DevCa,
+    pub ca: Arc<DevCa>,
     /// Where the switch listens for acquirers (the first listener).
     pub switch_addr: SocketAddr,
     /// Every acquirer listener's address: `switch_addr`, then those of
@@ -201,7 +211,10 @@ pub struct Testbed {
 impl Testbed {
     /// Generates certificates, starts the banks and the switch, and waits for links.
     pub async fn start(opts: TestbedOptions) -> anyhow::Result<Testbed> {
-        let ca = DevCa::new("switchyard development CA")?;
+        let ca = match &opts.ca {
+            Some(ca) => ca.clone(),
+            None => Arc::new(DevCa::new("switchyard development CA")?),
+        };
         let ca_der = vec![ca.ca_der()];
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
@@ -244,14 +257,33 @@ impl Testbed {
                 stats,
             });
         }
+        let mut configured: Vec<(String, SocketAddr, Speaks)> = banks
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                let speaks = opts.bank_speaks.get(i).cloned().unwrap_or_default();
+                (b.id.clone(), b.addr, speaks)
+            })
+            .collect();
+        for (addr, speaks) in &opts.outside_banks {
+            let id = format!("{}", 200_001 + configured.len());
+            configured.push((id, *addr, speaks.clone()));
+        }
         let mut down = Vec::new();
-        for i in 0..opts.banks_down {
+        for _ in 0..opts.banks_down {
             // A port that was just free: nothing listens there.
             let probe = TcpListener::bind("127.0.0.1:0").await?;
-            down.push((format!("{}", 200_001 + opts.banks + i), probe.local_addr()?));
+            let id = format!("{}", 200_001 + configured.len() + down.len());
+            down.push((id, probe.local_addr()?));
         }
-        let mut config =
-            Config::parse(&testbed_toml(&opts, &banks, &down), Path::new("<testbed>"))?;
+        let speaks_down = |i: usize| opts.bank_speaks.get(i).cloned().unwrap_or_default();
+        let first_down = configured.len();
+        configured.extend(
+            down.iter()
+                .enumerate()
+                .map(|(i, (id, addr))| (id.clone(), *addr, speaks_down(first_down + i))),
+        );
+        let mut config = Config::parse(&testbed_toml(&opts, &configured), Path::new("<testbed>"))?;
         for bank in &mut config.banks {
             bank.first_stan = opts.first_stan;
         }
@@ -291,15 +323,12 @@ impl Testbed {
                 tracing::error!(error = %e, "switch listener failed");
             }
         }));
-        if opts.banks > 0 && opts.banks_down == 0 && !switch.wait_links_up(LINKS_UP_TIMEOUT).await {
+        let up_banks = opts.banks + opts.outside_banks.len();
+        if up_banks > 0 && opts.banks_down == 0 && !switch.wait_links_up(LINKS_UP_TIMEOUT).await {
             anyhow::bail!("bank links did not come up within {LINKS_UP_TIMEOUT:?}");
         }
         if opts.banks_down > 0 {
-            let up = |s: &Switch| {
-                s.connectors()[..opts.banks]
-                    .iter()
-                    .all(|c| c.links_up() > 0)
-            };
+            let up = |s: &Switch| s.connectors()[..up_banks].iter().all(|c| c.links_up() > 0);
             let deadline = tokio::time::Instant::now() + LINKS_UP_TIMEOUT;
             while !up(&switch) && tokio::time::Instant::now() < deadline {
                 let _ = switch.wait_links_up(Duration::from_millis(50)).await;
@@ -357,7 +386,9 @@ impl Testbed {
     }
 }
 
-fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, SocketAddr)]) -> String {
+/// The test bed's config; `banks`: every configured bank (id, address, how it
+/// speaks), routed by PAN prefix 4, 5, 6… in order.
+fn testbed_toml(opts: &TestbedOptions, banks: &[(String, SocketAddr, Speaks)]) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
@@ -395,11 +426,7 @@ fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, Socke
             opts.rate_per_s, opts.rate_burst
         );
     }
-    let all = banks
-        .iter()
-        .map(|b| (b.id.as_str(), b.addr))
-        .chain(down.iter().map(|(id, a)| (id.as_str(), *a)));
-    for (i, (id, addr)) in all.enumerate() {
+    for (i, (id, addr, speaks)) in banks.iter().enumerate() {
         let failover: Vec<String> = opts
             .failover
             .iter()
@@ -407,7 +434,6 @@ fn testbed_toml(opts: &TestbedOptions, banks: &[SimBank], down: &[(String, Socke
             .map(|(_, to)| format!("\"{to}\""))
             .collect();
         let optional = opts.optional.iter().any(|o| o == id);
-        let speaks = opts.bank_speaks.get(i).cloned().unwrap_or_default();
         let _ = writeln!(
             t,
             "[[bank]]\nfailover = [{}]\noptional = {optional}\n{}",

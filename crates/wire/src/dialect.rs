@@ -820,6 +820,17 @@ impl Dialect {
         let settings = [
             ("dialect", self.name.clone()),
             ("description", self.description.clone()),
+            (
+                "version",
+                match self.version {
+                    Version::Iso1987 => self.version.to_string(),
+                    Version::Iso1993 => format!(
+                        "{} (translated to and from ISO 8583:1987 at the edge: README, \
+                         \"ISO 8583:1993 and 1987\")",
+                        self.version
+                    ),
+                },
+            ),
             ("MTI", mti.to_owned()),
             ("bitmaps", bitmap.to_owned()),
             (

@@ -32,7 +32,10 @@ fn value(d: &Dialect, n: u8, text: &str) -> Vec<u8> {
 }
 
 fn check(name: &str) {
-    let d = Dialect::builtin(name).expect("shipped dialect");
+    // The layout as on the wire: a 1993 dialect without its translation.
+    let d = Dialect::builtin(name)
+        .expect("shipped dialect")
+        .untranslated();
     let doc = vectors(name);
     let messages = doc["messages"].as_array().expect("messages");
     assert!(messages.len() >= 6, "{name}: vectors present");
@@ -88,4 +91,14 @@ fn iso87_binary_matches_pyiso8583() {
 #[test]
 fn iso87_ebcdic_matches_pyiso8583() {
     check("iso87-ebcdic");
+}
+
+#[test]
+fn iso93_ascii_matches_pyiso8583() {
+    check("iso93-ascii");
+}
+
+#[test]
+fn iso93_binary_matches_pyiso8583() {
+    check("iso93-binary");
 }

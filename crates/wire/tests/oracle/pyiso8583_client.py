@@ -9,6 +9,8 @@ DIR holds ca.pem and <institution>.pem / <institution>.key. Sends a purchase
 that is approved, one that is declined (amount ending 51), an echo, and a
 reversal of the first; checks each answer (MTI, DE39, the STAN echoed, the
 TPDU sent back with its addresses swapped) and exits 1 on the first mismatch.
+A dialect with version = "1993" is spoken as ISO 8583:1993 (1200, 1804, 1420;
+action codes), which the switch translates to and from its 1987 form.
 Driven by tests/pyiso8583_client.rs.
 """
 
@@ -71,7 +73,9 @@ def main():
     p.add_argument("--tpdu", action="store_true")
     p.add_argument("--stan", type=int, default=42, help="first DE11; four are used")
     a = p.parse_args()
-    spec = spec_of(load(a.dialect))
+    dialect = load(a.dialect)
+    spec = spec_of(dialect)
+    version = dialect.get("version", "1987")
     certs = pathlib.Path(a.certs)
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(certs / "ca.pem"))
     ctx.load_cert_chain(
@@ -97,12 +101,32 @@ def main():
         print(f"{a.dialect} {a.framing} tpdu={a.tpdu}: {name}: {mti} {code}")
         return answer
 
+    stan = [f"{(a.stan + i) % 1000000:06d}" for i in range(4)]
+    if version == "1993":
+        # ISO 8583:1993: DE12 is YYMMDDhhmmss, DE24 the function code, DE39 an
+        # action code, DE56 names the original (by its local date and time, which
+        # here differs from its transmission date and time, DE7).
+        base = {
+            "3": "000000", "7": "1130110000", "12": "261130120000", "24": "200",
+            "32": a.institution, "37": "532912000001", "41": "TERM0001",
+            "42": "MERCHANT0000001", "49": "978",
+        }
+        approve = dict(base, t="1200", **{"2": "4111111111111111", "4": "000000001000", "11": stan[0]})
+        exchange("approve", approve, "1210", "000")
+        decline = dict(base, t="1200", **{"2": "5500000000000004", "4": "000000001051", "11": stan[1]})
+        exchange("decline", decline, "1210", "116")
+        echo = {"t": "1804", "7": "1130110000", "11": stan[2], "24": "831"}
+        exchange("echo", echo, "1814", "800")
+        acquirer = f"{len(a.institution):02d}{a.institution}"
+        de56 = "1200" + stan[0] + "261130120000" + acquirer
+        reversal = dict(approve, t="1420", **{"11": stan[3], "24": "400", "56": de56})
+        exchange("reversal", reversal, "1430", "400")
+        return
     base = {
         "3": "000000", "7": "1130120000", "12": "120000", "13": "1130",
         "32": a.institution, "37": "532912000001", "41": "TERM0001",
         "42": "MERCHANT0000001", "49": "978",
     }
-    stan = [f"{(a.stan + i) % 1000000:06d}" for i in range(4)]
     approve = dict(base, t="0200", **{"2": "4111111111111111", "4": "000000001000", "11": stan[0]})
     exchange("approve", approve, "0210", "00")
     decline = dict(base, t="0200", **{"2": "5500000000000004", "4": "000000001051", "11": stan[1]})
@@ -112,7 +136,6 @@ def main():
     de90 = "0200" + stan[0] + "1130120000" + "00000100001" + "00000000000"
     reversal = dict(approve, t="0400", **{"11": stan[3], "90": de90})
     exchange("reversal", reversal, "0410", "00")
-
 
 if __name__ == "__main__":
     main()
