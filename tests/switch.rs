@@ -1279,3 +1279,114 @@ async fn an_ascii_acquirer_pays_a_bcd_bank_and_an_ebcdic_bank() {
     assert_eq!(bank_saw_in(&bed, 1, b"0200", &ebcdic).len(), 1);
     bed.stop().await;
 }
+
+/// Sends a message of `fields` (in the 1987 form) encoded under `d` and decodes
+/// the answer under `d`.
+async fn exchange_in(d: &Dialect, c: &mut Client, mti: Mti, fields: Vec<(u8, &[u8])>) -> Message {
+    let mut out = BytesMut::new();
+    let mut enc = Encoder::new(d, &mut out, mti);
+    for (n, v) in &fields {
+        enc.field(*n, v).unwrap();
+    }
+    assert!(enc.finish() > 0);
+    c.send_raw(&out).await;
+    Message::decode(d, c.recv_any().await.expect("an answer")).expect("answer decodes")
+}
+
+/// An ISO 8583:1993 acquirer's requests are keyed on their local date and time
+/// (its reversals' DE56 names the original by it, not by DE7): a retransmission
+/// and a reversal match, before and after a restart on the same journal (the key
+/// rule is journaled with each accepted request).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1993_acquirers_retransmissions_and_reversals_match_across_a_restart() {
+    use switchyard::journal::Fsync;
+    let dir = std::env::temp_dir().join(format!("switchyard-iso93-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let opts = || TestbedOptions {
+        banks: 1,
+        links: 1,
+        journal: Some(Fsync::Batch),
+        journal_at: Some(dir.clone()),
+        acquirers: Speaks {
+            dialect: "iso93-ascii".to_owned(),
+            framing: Framing::U16be,
+            header: MessageHeader::None,
+        },
+        ..TestbedOptions::default()
+    };
+    // Fields in the 1987 form; our encoder writes them as 1993 (1200, DE12 n12…).
+    let d93 = Dialect::builtin("iso93-ascii").unwrap();
+    let pan = b"4111111111111111";
+    let pay = |stan: &'static [u8]| -> Vec<(u8, &'static [u8])> {
+        vec![
+            (2, pan),
+            (3, b"000000"),
+            (4, b"000000001000"),
+            (7, b"1125110000"), // transmission: an hour before the local time
+            (11, stan),
+            (12, b"120000"),
+            (13, b"1125"),
+            (32, b"100001"),
+            (37, b"532912000001"),
+            (41, b"TERM0001"),
+            (42, b"MERCHANT0000001"),
+            (49, b"978"),
+        ]
+    };
+    // A reversal of DE11 `stan`: DE90 names it by its local date and time, which
+    // our encoder writes into DE56.
+    let reversal = |stan: &'static [u8], original: &'static [u8]| {
+        let mut f = pay(stan);
+        let mut de90 = *b"020000000011251200000000010000100000000000";
+        de90[4..10].copy_from_slice(original);
+        f.push((90, Box::leak(Box::new(de90))));
+        f
+    };
+
+    let bed = testbed(opts()).await;
+    bed.banks[0].stats.log.enable(1000);
+    let mut c = client(&bed, "100001").await;
+    let mut approvals = Vec::new();
+    for stan in [b"000042", b"000043"] {
+        let a = exchange_in(&d93, &mut c, Mti::FINANCIAL, pay(stan)).await;
+        assert_eq!((a.mti(), code(&a)), (Mti::FINANCIAL_RESPONSE, &b"00"[..]));
+        approvals.push(a.field(38).expect("DE38").to_vec());
+    }
+    let again = exchange_in(&d93, &mut c, Mti::FINANCIAL, pay(b"000042")).await;
+    assert_eq!(
+        again.field(38),
+        Some(&approvals[0][..]),
+        "the original answer"
+    );
+    assert_eq!(
+        bank_saw(&bed, 0, b"0200").len(),
+        2,
+        "the repeat not forwarded"
+    );
+    drop(c);
+    bed.stop().await;
+
+    let bed = testbed(opts()).await;
+    bed.banks[0].stats.log.enable(1000);
+    let mut c = client(&bed, "100001").await;
+    let again = exchange_in(&d93, &mut c, Mti::FINANCIAL, pay(b"000043")).await;
+    assert_eq!(
+        (code(&again), again.field(38)),
+        (&b"00"[..], Some(&approvals[1][..])),
+        "after the restart: the original answer, read back"
+    );
+    let r = exchange_in(&d93, &mut c, Mti::REVERSAL, reversal(b"000050", b"000042")).await;
+    assert_eq!((r.mti(), code(&r)), (Mti::REVERSAL_RESPONSE, &b"00"[..]));
+    assert!(
+        bank_saw(&bed, 0, b"0200").is_empty(),
+        "nothing forwarded twice"
+    );
+    assert_eq!(
+        bank_saw(&bed, 0, b"0400").len(),
+        1,
+        "the reversal found its original"
+    );
+    drop(c);
+    bed.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
