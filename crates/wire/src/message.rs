@@ -236,9 +236,14 @@ impl Message {
         if let Some(t) = dialect.translation() {
             // ISO 8583:1993: the 1993 fields first (errors name wire offsets),
             // then their 1987 form.
-            let (m93, error) = Message::decode_partial(&t.plain, bytes);
+            let (m93, error) = Message::decode_partial(&t.plain, bytes.clone());
             let mut held = bytes::BytesMut::with_capacity(m93.as_bytes().len() + 32);
-            let untranslatable = crate::version::to_1987(&m93, t, &mut held).err();
+            let mut untranslatable = crate::version::to_1987(&m93, t, &mut held).err();
+            if let Some(e) = untranslatable.as_mut().filter(|_| t.plain.is_transcoded()) {
+                // Name the field's offset on the wire, not in the 1993 held form.
+                let n = e.location.field_number();
+                e.offset = crate::transcode::wire_offset(&t.plain, &bytes, n).unwrap_or(0);
+            }
             let (msg, e87) =
                 Message::decode_canonical_partial(dialect, held.freeze(), Values::Check);
             return (msg, error.or(untranslatable).or(e87));

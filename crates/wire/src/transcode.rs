@@ -63,6 +63,22 @@ fn page(d: &Dialect) -> CodePage {
 /// Appends the canonical form of the wire message `wire` (decoded under `d`) to
 /// `out`. On error `out` holds the canonical form of the parts before it.
 pub(crate) fn to_canonical(d: &Dialect, wire: &[u8], out: &mut Vec<u8>) -> Result<(), DecodeError> {
+    walk(d, wire, out, None).map(|_| ())
+}
+
+/// The offset in `wire` (decoded under `d`) where field `n` starts, if the
+/// message is well formed up to it.
+pub(crate) fn wire_offset(d: &Dialect, wire: &[u8], n: u8) -> Option<usize> {
+    walk(d, wire, &mut Vec::new(), Some(n)).ok().flatten()
+}
+
+/// [`to_canonical`], stopping before field `stop_at` (returning its offset).
+fn walk(
+    d: &Dialect,
+    wire: &[u8],
+    out: &mut Vec<u8>,
+    stop_at: Option<u8>,
+) -> Result<Option<usize>, DecodeError> {
     let mut cur = Wire { buf: wire, pos: 0 };
     let cp = page(d);
     // MTI.
@@ -112,6 +128,9 @@ pub(crate) fn to_canonical(d: &Dialect, wire: &[u8], out: &mut Vec<u8>) -> Resul
         let n = (rest.leading_zeros() + 1) as u8;
         rest &= !(1u128 << (128 - u32::from(n)));
         let location = Location::Field(n);
+        if stop_at == Some(n) {
+            return Ok(Some(cur.pos));
+        }
         let Some(spec) = d.field(n) else {
             return Err(err(location, cur.pos, DecodeErrorKind::UndefinedField));
         };
@@ -129,7 +148,7 @@ pub(crate) fn to_canonical(d: &Dialect, wire: &[u8], out: &mut Vec<u8>) -> Resul
         };
         return Err(err(Location::Trailing, cur.pos, kind));
     }
-    Ok(())
+    Ok(None)
 }
 
 fn read_bitmap(d: &Dialect, cur: &mut Wire<'_>, location: Location) -> Result<u64, DecodeError> {

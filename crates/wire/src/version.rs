@@ -19,6 +19,12 @@
 //! | DE70 001, 002, 301 in 08xx | DE24 801, 802, 831 in 18xx |
 //! | DE90 MTI, STAN, date and time, acquirer | DE56 MTI, STAN, YY + date and time, LL acquirer |
 //!
+//! DE56 names the original by its *local* date and time; a reversal's DE13 +
+//! DE12 (which 1987 reversals copy from their original) give it on the way to
+//! 1993, and on the way back DE56's becomes both DE90's date and time and the
+//! message's DE13 + DE12. Requests from 1993 acquirers are therefore keyed on
+//! DE13 + DE12 by the duplicates table (`KeyTime::Local` in the switch).
+//!
 //! Fields with the same meaning in both versions ([`CARRIED`]) are carried,
 //! converted to the target's length rules. 1987 DE24 (the network international
 //! identifier, an address on the 1987 link) and 1993 DE25 (message reason code)
@@ -562,16 +568,23 @@ pub(crate) fn to_1987(m: &Message, t: &Translation, out: &mut BytesMut) -> Resul
         }
         _ => None,
     };
+    // A message naming its original (DE56) carries the original's local date
+    // and time in DE12/DE13, as 1987 reversals do: DE56's is taken, so the way
+    // back (`to_1993`, which writes DE56's from DE13 + DE12) gives it unchanged.
+    let original = m
+        .field(56)
+        .filter(|v| v.len() >= 22 && v.iter().all(u8::is_ascii_digit));
+    let local = original.map(|v| &v[10..22]).or(m.field(12));
     let held = held_1987();
     let plain = &*t.plain;
     let mut enc = Encoder::new(&held, out, mti_to_1987(mti93));
     for n in 2..=128u8 {
         let result = match n {
-            12 => match m.field(12) {
+            12 => match local {
                 Some(v) if v.len() == 12 => enc.field(12, &v[6..12]),
                 _ => Ok(()),
             },
-            13 => match m.field(12) {
+            13 => match local {
                 Some(v) if v.len() == 12 => enc.field(13, &v[2..6]),
                 _ => Ok(()),
             },

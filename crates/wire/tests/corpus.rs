@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use switchyard_wire::{Dialect, Encoder, Encoding, Framing, Mti};
 
 /// Fuzz targets and their checks.
-const TARGETS: [(&str, Check); 6] = [
+const TARGETS: [(&str, Check); 7] = [
     ("dialect_jpos_xml", fuzz_checks::dialect_jpos_xml),
     ("frame_decoder", fuzz_checks::frame_decoder),
     ("decode_iso87_ascii", fuzz_checks::decode_iso87_ascii),
@@ -24,6 +24,7 @@ const TARGETS: [(&str, Check); 6] = [
     ),
     ("decode_iso87_binary", fuzz_checks::decode_iso87_binary),
     ("decode_iso87_ebcdic", fuzz_checks::decode_iso87_ebcdic),
+    ("decode_iso93_binary", fuzz_checks::decode_iso93_binary),
 ];
 
 fn corpus_dir() -> PathBuf {
@@ -62,6 +63,71 @@ fn corpus_decode_iso87_binary() {
 #[test]
 fn corpus_decode_iso87_ebcdic() {
     run_target("decode_iso87_ebcdic");
+}
+
+#[test]
+fn corpus_decode_iso93_binary() {
+    run_target("decode_iso93_binary");
+}
+
+/// The 1993 seeds: pyiso8583's golden vectors for `iso93-binary` (a purchase
+/// with a 1993-only POS data code, answers, echo, a reversal advice naming its
+/// original in DE56), a purchase without DE22 that translates, and broken forms.
+fn iso93_seeds() -> Vec<(String, Vec<u8>)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/iso93-binary.json");
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("1993 vectors"))
+            .expect("vectors parse");
+    let unhex = |s: &str| -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+            .collect()
+    };
+    let mut out: Vec<(String, Vec<u8>)> = doc["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| {
+            let name = m["name"].as_str().expect("name");
+            let stem: String = name
+                .split(',')
+                .next()
+                .unwrap_or(name)
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                .collect();
+            (format!("vector-{stem}"), unhex(m["wire"].as_str().expect("wire")))
+        })
+        .collect();
+    // Written under the untranslated dialect with a fixed DE12: seeds do not
+    // depend on today's date.
+    let d = fuzz_checks::iso93_binary().untranslated();
+    let purchase = build(
+        &d,
+        Mti(*b"1200"),
+        &[
+            (2, b"4111111111111111"),
+            (3, b"000000"),
+            (4, b"000000012345"),
+            (7, b"0605113456"),
+            (11, b"000123"),
+            (12, b"260605123456"),
+            (24, b"200"),
+            (32, b"100001"),
+            (37, b"515612000123"),
+            (41, b"TERM0001"),
+            (42, b"MERCHANT0000001"),
+            (49, b"978"),
+            (100, b"200001"),
+        ],
+    );
+    out.push(("1200-translatable".to_owned(), purchase.clone()));
+    out.push((
+        "truncated".to_owned(),
+        purchase[..purchase.len() - 3].to_vec(),
+    ));
+    out
 }
 
 /// The committed seeds are the ones [`seeds`] describes (fuzzing may add more files).
@@ -386,6 +452,9 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     }
     for (name, bytes) in transcoded_seeds(fuzz_checks::iso87_ebcdic()) {
         all.push(("decode_iso87_ebcdic", name, bytes));
+    }
+    for (name, bytes) in iso93_seeds() {
+        all.push(("decode_iso93_binary", name, bytes));
     }
     all
 }
