@@ -1,11 +1,13 @@
 //! Codec benchmarks: the work the switch does per message on its hot path.
 //!
 //! * `decode`: index a typical 0200 (13 fields, secondary bitmap), in each
-//!   shipped dialect (BCD and EBCDIC convert to the canonical form first).
+//!   shipped dialect (BCD and EBCDIC convert to the canonical form first; the
+//!   1993 dialects read a 1200 and translate it to the 1987 form).
 //! * `encode`: write the same 0200 into a reused buffer.
 //! * `forward`: decode, then re-encode with a new STAN (DE11), as the switch does
 //!   when it forwards a request to a bank: same dialect (copy and patch), and
-//!   across dialects (ASCII to hex bitmaps, ASCII to BCD, BCD to EBCDIC).
+//!   across dialects (ASCII to hex bitmaps, ASCII to BCD, BCD to EBCDIC) and
+//!   versions (a 1987 ASCII 0200 to a 1993 BCD 1200, and back).
 //! * `frames`: split a read buffer of 64 framed 0200s and decode each.
 //!
 //! Run with `cargo bench --bench codec`; `cargo test --bench codec` runs each once.
@@ -38,11 +40,13 @@ const PURCHASE_0200: &[(u8, &[u8])] = &[
 /// Messages per read buffer in the `frames` benchmark.
 const FRAMES_PER_BUFFER: usize = 64;
 
-const DIALECTS: [&str; 4] = [
+const DIALECTS: [&str; 6] = [
     "iso87-ascii",
     "iso87-hexbitmap",
     "iso87-binary",
     "iso87-ebcdic",
+    "iso93-ascii",
+    "iso93-binary",
 ];
 
 fn dialect(name: &str) -> Dialect {
@@ -100,11 +104,14 @@ fn forward(c: &mut Criterion) {
     let hex = dialect("iso87-hexbitmap");
     let binary = dialect("iso87-binary");
     let ebcdic = dialect("iso87-ebcdic");
+    let iso93 = dialect("iso93-binary");
     let pairs = [
         ("iso87-ascii", &ascii, &ascii),
         ("iso87-ascii-to-hexbitmap", &ascii, &hex),
         ("iso87-ascii-to-binary", &ascii, &binary),
         ("iso87-binary-to-ebcdic", &binary, &ebcdic),
+        ("iso87-ascii-to-iso93-binary", &ascii, &iso93),
+        ("iso93-binary-to-iso87-ascii", &iso93, &ascii),
     ];
     for (label, from, to) in pairs {
         let wire = purchase(from);

@@ -1583,8 +1583,14 @@ mod tests {
     fn listeners_share_one_field_layout() {
         let parse = |text: &str| Config::parse(text, Path::new("s.toml"));
         let c = parse(SHIPPED).unwrap();
-        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners.len(), 3);
         assert_eq!(c.listeners[1].dialect.name(), "iso87-binary");
+        // A 1993 listener is held in the 1987 form: it serves beside them.
+        assert_eq!(c.listeners[2].dialect.name(), "iso93-ascii");
+        assert_eq!(
+            c.listeners[2].dialect.version(),
+            crate::wire::Version::Iso1993
+        );
         assert_eq!(
             (c.listeners[1].framing, c.listeners[1].header),
             (Framing::Bcd2, MessageHeader::Tpdu)
@@ -1601,7 +1607,7 @@ mod tests {
         );
         let twice = format!("{SHIPPED}\n[[listener]]\nlisten = \"127.0.0.1:8583\"\n");
         let err = parse(&twice).unwrap_err().to_string();
-        assert!(err.contains("listener[1].listen"), "{err}");
+        assert!(err.contains("listener[2].listen"), "{err}");
     }
 
     #[test]

@@ -76,6 +76,15 @@ pub enum Untranslatable {
     NetworkCode,
     /// Original data elements (DE56, DE90) not in the standard layout.
     OriginalData,
+    /// A carried value holds a character the other version's type for the field
+    /// does not allow (1993 DE54 is ans, 1987 DE54 an).
+    Characters {
+        /// The version translated into.
+        into: Version,
+    },
+    /// The MTI's version digit is not the version translated from (a 0200 on a
+    /// 1993 link).
+    MtiVersion,
 }
 
 impl fmt::Display for Untranslatable {
@@ -92,6 +101,15 @@ impl fmt::Display for Untranslatable {
             }
             Untranslatable::OriginalData => {
                 f.write_str("original data elements are not in the standard layout")
+            }
+            Untranslatable::Characters { into } => {
+                write!(
+                    f,
+                    "holds a character the field's type in {into} does not allow"
+                )
+            }
+            Untranslatable::MtiVersion => {
+                f.write_str("the version digit is not that of the dialect's ISO 8583 version")
             }
         }
     }
@@ -466,7 +484,7 @@ impl Built {
 /// 1993 DE56 (MTI, STAN, YYMMDDhhmmss, LL + acquirer) as 1987 DE90 (MTI, STAN,
 /// MMDDhhmmss, acquirer and forwarding institution right-justified in 11 digits).
 fn de56_to_de90(v: &[u8]) -> Option<[u8; 42]> {
-    if v.len() < 22 || !v.iter().all(u8::is_ascii_digit) {
+    if v.len() < 22 || !v.iter().all(u8::is_ascii_digit) || v[0] != b'1' {
         return None;
     }
     let mut out = [b'0'; 42];
@@ -489,7 +507,7 @@ fn de56_to_de90(v: &[u8]) -> Option<[u8; 42]> {
 /// DE12, which a reversal copies from its original) is preferred to DE90's
 /// transmission date and time, since DE56 names the original's local time.
 fn de90_to_de56(de90: &[u8], local: Option<[u8; 10]>, today: Today) -> Option<Built> {
-    if de90.len() != 42 || !de90.iter().all(u8::is_ascii_digit) {
+    if de90.len() != 42 || !de90.iter().all(u8::is_ascii_digit) || de90[0] != b'0' {
         return None;
     }
     let mut when = [0u8; 10];
@@ -518,6 +536,17 @@ fn is_response(mti: Mti) -> bool {
     matches!(mti.0[2], b'1' | b'3')
 }
 
+/// Whether value `v` (in `from` value encoding) fits the character class of
+/// field `n` in dialect `to` (binary fields: any byte).
+fn allowed(to: &Dialect, n: u8, v: &[u8], from: Encoding) -> bool {
+    match to.canonical().field(n) {
+        Some(spec) if spec.ty != crate::dialect::FieldType::B && from != Encoding::Hex => {
+            spec.ty.first_invalid(v).is_none()
+        }
+        _ => true,
+    }
+}
+
 fn value_encoding(d: &Dialect, n: u8) -> Encoding {
     d.canonical()
         .field(n)
@@ -534,12 +563,20 @@ pub(crate) fn to_1987(m: &Message, t: &Translation, out: &mut BytesMut) -> Resul
     let mut fail = |n: u8, kind: Untranslatable| {
         if first.is_none() {
             first = Some(DecodeError {
-                location: Location::Field(n),
+                location: if n == 0 {
+                    Location::Mti
+                } else {
+                    Location::Field(n)
+                },
                 offset: m.span(n).map_or(0, |s| usize::from(s.start)),
                 kind: DecodeErrorKind::Untranslatable(kind),
             });
         }
     };
+    // "0000" stands for an MTI that did not decode (its error comes first).
+    if mti93.0[0] != b'1' && mti93.0 != *b"0000" {
+        fail(0, Untranslatable::MtiVersion);
+    }
     for (n, _) in m.fields() {
         if n > 1 && request && !carried(n) && !TRANSLATED_1993.contains(&n) {
             fail(
@@ -571,9 +608,7 @@ pub(crate) fn to_1987(m: &Message, t: &Translation, out: &mut BytesMut) -> Resul
     // A message naming its original (DE56) carries the original's local date
     // and time in DE12/DE13, as 1987 reversals do: DE56's is taken, so the way
     // back (`to_1993`, which writes DE56's from DE13 + DE12) gives it unchanged.
-    let original = m
-        .field(56)
-        .filter(|v| v.len() >= 22 && v.iter().all(u8::is_ascii_digit));
+    let original = m.field(56).filter(|v| de56_to_de90(v).is_some());
     let local = original.map(|v| &v[10..22]).or(m.field(12));
     let held = held_1987();
     let plain = &*t.plain;
@@ -607,13 +642,25 @@ pub(crate) fn to_1987(m: &Message, t: &Translation, out: &mut BytesMut) -> Resul
                 None => Ok(()),
             },
             n if carried(n) => match m.field(n) {
+                Some(v) if !allowed(&held, n, v, value_encoding(plain, n)) => {
+                    if request {
+                        fail(
+                            n,
+                            Untranslatable::Characters {
+                                into: Version::Iso1987,
+                            },
+                        );
+                    }
+                    Ok(()) // an answer loses the field
+                }
                 Some(v) => enc.field_converted(n, v, value_encoding(plain, n)),
                 None => Ok(()),
             },
             _ => Ok(()),
         };
-        if let Err(e) = result {
-            // A carried value outside the 1987 length rule (a 1993 DE44 of 99).
+        if let (Err(e), true) = (result, request) {
+            // A carried value outside the 1987 length rule (a 1993 DE44 of 99);
+            // an answer loses the field.
             fail(
                 e.field,
                 Untranslatable::NoCounterpart {
@@ -643,6 +690,9 @@ pub(crate) fn to_1993(
         field,
         kind: EncodeErrorKind::Untranslatable(kind),
     };
+    if mti87.0[0] != b'0' {
+        return Err(untranslatable(0, Untranslatable::MtiVersion));
+    }
     if request {
         if let Some((n, _)) = m
             .fields()
@@ -729,7 +779,19 @@ pub(crate) fn to_1993(
                 }
                 n if carried(n) => {
                     if let Some(v) = m.field(n) {
-                        enc.field_converted(n, v, value_encoding(&held_1987(), n))?;
+                        let from = value_encoding(&held_1987(), n);
+                        let fits = allowed(&t.plain, n, v, from);
+                        if !fits && request {
+                            let into = Version::Iso1993;
+                            return Err(untranslatable(n, Untranslatable::Characters { into }));
+                        }
+                        // An answer loses a field that does not fit.
+                        if fits {
+                            match enc.field_converted(n, v, from) {
+                                Err(e) if request => return Err(e),
+                                _ => {}
+                            }
+                        }
                     }
                 }
                 _ => {}

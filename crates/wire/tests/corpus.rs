@@ -97,7 +97,10 @@ fn iso93_seeds() -> Vec<(String, Vec<u8>)> {
                 .chars()
                 .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
                 .collect();
-            (format!("vector-{stem}"), unhex(m["wire"].as_str().expect("wire")))
+            (
+                format!("vector-{stem}"),
+                unhex(m["wire"].as_str().expect("wire")),
+            )
         })
         .collect();
     // Written under the untranslated dialect with a fixed DE12: seeds do not
