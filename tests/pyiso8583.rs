@@ -223,7 +223,7 @@ async fn run_client(bed: &Testbed, addr: std::net::SocketAddr, speaks: &Speaks) 
     let _ = std::fs::remove_dir_all(&dir);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success() && stdout.lines().count() == 4,
+        out.status.success() && stdout.lines().count() == 5,
         "{dialect} {framing} tpdu={tpdu}:\n{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );

@@ -73,13 +73,8 @@ impl<'a> Encoder<'a> {
         let Some(spec) = self.dialect.field(n).filter(|_| (2..=128).contains(&n)) else {
             return Err(err(EncodeErrorKind::UndefinedField));
         };
-        // (A 1993 dialect's fields are checked as the translation writes them.)
-        let untranslated = self.wire.filter(|w| w.translation().is_none());
-        if let Some(wire_spec) = untranslated.and_then(|w| w.field(n)) {
-            if let Some(offset) = crate::transcode::representable(wire_spec, value) {
-                let found = value[offset];
-                return Err(err(EncodeErrorKind::Unrepresentable { offset, found }));
-            }
+        if let Some(wire) = self.wire {
+            representable(wire, n, value)?;
         }
         if n <= self.last {
             return Err(err(EncodeErrorKind::OutOfOrder {
@@ -177,6 +172,24 @@ impl<'a> Encoder<'a> {
         }
         write_bitmap(&mut self.out[at..at + width], primary, encoding);
         self.out
+    }
+}
+
+/// Whether `value` can be carried by field `n` of transcoded dialect `wire` (out
+/// of line: the ASCII path does not carry it). A 1993 dialect's fields are
+/// checked as the translation writes them.
+#[inline(never)]
+fn representable(wire: &Dialect, n: u8, value: &[u8]) -> Result<(), EncodeError> {
+    let spec = wire.field(n).filter(|_| wire.translation().is_none());
+    match spec.and_then(|spec| crate::transcode::representable(spec, value)) {
+        Some(offset) => Err(EncodeError {
+            field: n,
+            kind: EncodeErrorKind::Unrepresentable {
+                offset,
+                found: value[offset],
+            },
+        }),
+        None => Ok(()),
     }
 }
 

@@ -233,6 +233,16 @@ impl Message {
     /// on the wire bytes so errors name wire offsets; [`Message::as_bytes`] is then
     /// the canonical form.
     pub fn decode_partial(dialect: &Dialect, bytes: Bytes) -> (Message, Option<DecodeError>) {
+        if dialect.is_transcoded() {
+            return Message::decode_converted(dialect, bytes);
+        }
+        Message::decode_canonical_partial(dialect, bytes, Values::Check)
+    }
+
+    /// [`Message::decode_partial`] under a dialect whose wire form is converted
+    /// (out of line: the ASCII path stays as small as it was).
+    #[inline(never)]
+    fn decode_converted(dialect: &Dialect, bytes: Bytes) -> (Message, Option<DecodeError>) {
         if let Some(t) = dialect.translation() {
             // ISO 8583:1993: the 1993 fields first (errors name wire offsets),
             // then their 1987 form.
@@ -248,17 +258,14 @@ impl Message {
                 Message::decode_canonical_partial(dialect, held.freeze(), Values::Check);
             return (msg, error.or(untranslatable).or(e87));
         }
-        if dialect.is_transcoded() {
-            let mut canonical = Vec::with_capacity(bytes.len() * 2);
-            let wire_error = crate::transcode::to_canonical(dialect, &bytes, &mut canonical).err();
-            // Checked as it was converted: indexed without checking the values again.
-            let (msg, error) =
-                Message::decode_canonical_partial(dialect, canonical.into(), Values::Trusted);
-            // A wire error comes first; the canonical form cannot fail where the
-            // wire form passed, but say so if it did.
-            return (msg, wire_error.or(error));
-        }
-        Message::decode_canonical_partial(dialect, bytes, Values::Check)
+        let mut canonical = Vec::with_capacity(bytes.len() * 2);
+        let wire_error = crate::transcode::to_canonical(dialect, &bytes, &mut canonical).err();
+        // Checked as it was converted: indexed without checking the values again.
+        let (msg, error) =
+            Message::decode_canonical_partial(dialect, canonical.into(), Values::Trusted);
+        // A wire error comes first; the canonical form cannot fail where the
+        // wire form passed, but say so if it did.
+        (msg, wire_error.or(error))
     }
 
     /// Decodes a message held in `dialect`'s canonical form (as [`Message::as_bytes`]

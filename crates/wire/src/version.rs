@@ -350,38 +350,31 @@ pub(crate) fn held_1987() -> Arc<Dialect> {
         .clone()
 }
 
-/// The 1993 MTI of 1987 `mti` (0800 → 1804; others change the version digit).
-pub fn mti_to_1993(mti: Mti) -> Mti {
+/// `mti` with version digit `from` changed to `to`, and in network management
+/// (x80x, x81x) the last digit by `last` (0800 ↔ 1804: 1993 says the request
+/// comes from "other", not the acquirer); other versions unchanged.
+fn change_version(mti: Mti, from: u8, to: u8, last: [(u8, u8); 2]) -> Mti {
     let mut b = mti.0;
-    if b[0] != b'0' {
+    if b[0] != from {
         return mti;
     }
-    b[0] = b'1';
+    b[0] = to;
     if b[1] == b'8' && matches!(b[2], b'0' | b'1') {
-        b[3] = match b[3] {
-            b'0' => b'4',
-            b'1' => b'5',
-            d => d,
-        };
+        if let Some(&(_, d)) = last.iter().find(|(d, _)| *d == b[3]) {
+            b[3] = d;
+        }
     }
     Mti(b)
 }
 
+/// The 1993 MTI of 1987 `mti` (0800 → 1804; others change the version digit).
+pub fn mti_to_1993(mti: Mti) -> Mti {
+    change_version(mti, b'0', b'1', [(b'0', b'4'), (b'1', b'5')])
+}
+
 /// The 1987 MTI of 1993 `mti` (1804 → 0800; others change the version digit).
 pub fn mti_to_1987(mti: Mti) -> Mti {
-    let mut b = mti.0;
-    if b[0] != b'1' {
-        return mti;
-    }
-    b[0] = b'0';
-    if b[1] == b'8' && matches!(b[2], b'0' | b'1') {
-        b[3] = match b[3] {
-            b'4' => b'0',
-            b'5' => b'1',
-            d => d,
-        };
-    }
-    Mti(b)
+    change_version(mti, b'1', b'0', [(b'4', b'0'), (b'5', b'1')])
 }
 
 /// 1987 DE70 network management codes ↔ 1993 DE24 function codes in 08xx/18xx.

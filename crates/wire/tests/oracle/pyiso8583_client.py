@@ -6,9 +6,10 @@ header.
         --dialect iso87-binary --framing bcd2 [--tpdu]
 
 DIR holds ca.pem and <institution>.pem / <institution>.key. Sends a purchase
-that is approved, one that is declined (amount ending 51), an echo, and a
-reversal of the first; checks each answer (MTI, DE39, the STAN echoed, the
-TPDU sent back with its addresses swapped) and exits 1 on the first mismatch.
+that is approved, one that is declined (amount ending 51), an echo, a
+reversal of the first, and a purchase no route serves (the switch's own 92);
+checks each answer (MTI, DE39, the STAN echoed, the TPDU sent back with its
+addresses swapped) and exits 1 on the first mismatch.
 A dialect with version = "1993" is spoken as ISO 8583:1993 (1200, 1804, 1420;
 action codes), which the switch translates to and from its 1987 form.
 Driven by tests/pyiso8583_client.rs.
@@ -71,7 +72,7 @@ def main():
     p.add_argument("--dialect", required=True)
     p.add_argument("--framing", default="u16be")
     p.add_argument("--tpdu", action="store_true")
-    p.add_argument("--stan", type=int, default=42, help="first DE11; four are used")
+    p.add_argument("--stan", type=int, default=42, help="first DE11; five are used")
     a = p.parse_args()
     dialect = load(a.dialect)
     spec = spec_of(dialect)
@@ -101,7 +102,7 @@ def main():
         print(f"{a.dialect} {a.framing} tpdu={a.tpdu}: {name}: {mti} {code}")
         return answer
 
-    stan = [f"{(a.stan + i) % 1000000:06d}" for i in range(4)]
+    stan = [f"{(a.stan + i) % 1000000:06d}" for i in range(5)]
     if version == "1993":
         # ISO 8583:1993: DE12 is YYMMDDhhmmss, DE24 the function code, DE39 an
         # action code, DE56 names the original (by its local date and time, which
@@ -121,6 +122,9 @@ def main():
         de56 = "1200" + stan[0] + "261130120000" + acquirer
         reversal = dict(approve, t="1420", **{"11": stan[3], "24": "400", "56": de56})
         exchange("reversal", reversal, "1430", "400")
+        # The switch's own answer, in 1993: no route (92) is action code 908.
+        lost = dict(base, t="1200", **{"2": "9111111111111111", "4": "000000001000", "11": stan[4]})
+        exchange("no route", lost, "1210", "908")
         return
     base = {
         "3": "000000", "7": "1130120000", "12": "120000", "13": "1130",
@@ -136,6 +140,8 @@ def main():
     de90 = "0200" + stan[0] + "1130120000" + "00000100001" + "00000000000"
     reversal = dict(approve, t="0400", **{"11": stan[3], "90": de90})
     exchange("reversal", reversal, "0410", "00")
+    lost = dict(base, t="0200", **{"2": "9111111111111111", "4": "000000001000", "11": stan[4]})
+    exchange("no route", lost, "0210", "92")
 
 if __name__ == "__main__":
     main()
