@@ -396,6 +396,10 @@ pub(crate) struct DialectFile {
     pub(crate) bcd_pad: Option<PadSide>,
     #[serde(default)]
     pub(crate) bcd_filler: Option<Filler>,
+    /// Whether a tertiary bitmap (fields 129..=192) follows the secondary one
+    /// when bit 65 is set; field 65 is then that bitmap. Default false.
+    #[serde(default)]
+    pub(crate) tertiary_bitmap: Option<bool>,
     /// `"1987"` (the default) or `"1993"` (translated at the edge).
     #[serde(default)]
     pub(crate) version: Option<Version>,
@@ -490,6 +494,8 @@ pub struct Dialect {
     canonical: Option<std::sync::Arc<Dialect>>,
     /// The ISO 8583 version the dialect speaks.
     version: Version,
+    /// Whether field 65 is a tertiary bitmap announcing fields 129..=192.
+    tertiary: bool,
     /// For a 1993 dialect: how it is translated to the 1987 form it is held in
     /// (then `canonical` is that form: `iso87-ascii`).
     translation: Option<std::sync::Arc<Translation>>,
@@ -540,7 +546,8 @@ impl Dialect {
     }
 
     pub(crate) fn from_file(file: DialectFile, origin: &str) -> Result<Dialect, DialectError> {
-        let mut fields: Vec<Option<FieldSpec>> = vec![None; 129];
+        let tertiary = file.tertiary_bitmap.unwrap_or(false);
+        let mut fields: Vec<Option<FieldSpec>> = vec![None; 193];
         let layout = |problem| DialectError::Layout {
             origin: origin.to_owned(),
             problem,
@@ -551,12 +558,12 @@ impl Dialect {
             pad: file.bcd_pad.unwrap_or(PadSide::Left),
             filler: file.bcd_filler.unwrap_or(Filler::Zero),
         };
-        let mut wire = vec![defaults; 129];
+        let mut wire = vec![defaults; 193];
         let mut ebcdic = file.mti_encoding == MtiEncoding::Ebcdic
             || file.bitmap_encoding == BitmapEncoding::HexEbcdic
             || file.length_prefix_encoding == PrefixEncoding::Ebcdic;
         for spec in file.field {
-            let problem = check_spec(&spec, file.bitmap_encoding);
+            let problem = check_spec(&spec, file.bitmap_encoding, tertiary);
             let number = spec.number;
             if let Some(problem) = problem {
                 return Err(DialectError::Field {
@@ -598,6 +605,7 @@ impl Dialect {
             wire,
             canonical: None,
             version: file.version.unwrap_or_default(),
+            tertiary,
             translation: None,
         };
         if d.needs_transcoding() {
@@ -630,6 +638,12 @@ impl Dialect {
             }
         }
         Ok(d)
+    }
+
+    /// Whether a tertiary bitmap (field 65) announces fields 129..=192.
+    #[inline]
+    pub fn tertiary_bitmap(&self) -> bool {
+        self.tertiary
     }
 
     /// The ISO 8583 version this dialect speaks.
@@ -695,9 +709,10 @@ impl Dialect {
             bitmap: BitmapEncoding::Binary,
             code_page: None,
             fields,
-            wire: vec![FieldWire::ASCII; 129],
+            wire: vec![FieldWire::ASCII; 193],
             canonical: None,
             version: self.version,
+            tertiary: self.tertiary,
             translation: None,
         };
         twin.fingerprint = twin.layout_hash();
@@ -832,7 +847,14 @@ impl Dialect {
                 },
             ),
             ("MTI", mti.to_owned()),
-            ("bitmaps", bitmap.to_owned()),
+            (
+                "bitmaps",
+                if self.tertiary {
+                    format!("{bitmap}; a tertiary bitmap (field 65) announces fields 129-192")
+                } else {
+                    bitmap.to_owned()
+                },
+            ),
             (
                 "code page",
                 self.code_page
@@ -955,6 +977,9 @@ impl Dialect {
         if self.version != Version::Iso1987 {
             self.version.hash(&mut h);
         }
+        if self.tertiary {
+            "tertiary".hash(&mut h);
+        }
         for (f, w) in self.fields.iter().zip(&self.wire) {
             let Some(f) = f else { continue };
             (
@@ -995,9 +1020,12 @@ fn read_bounded(path: &Path) -> std::io::Result<String> {
     Ok(text)
 }
 
-fn check_spec(spec: &FieldSpec, bitmap: BitmapEncoding) -> Option<&'static str> {
-    if spec.number == 0 || spec.number > 128 {
-        return Some("number must be 1..=128");
+fn check_spec(spec: &FieldSpec, bitmap: BitmapEncoding, tertiary: bool) -> Option<&'static str> {
+    if spec.number == 0 || spec.number > 192 {
+        return Some("number must be 1..=128 (1..=192 with tertiary_bitmap = true)");
+    }
+    if spec.number > 128 && !tertiary {
+        return Some("fields 129..=192 need tertiary_bitmap = true");
     }
     if spec.max == 0 {
         return Some("max must be at least 1");
@@ -1034,14 +1062,16 @@ fn check_spec(spec: &FieldSpec, bitmap: BitmapEncoding) -> Option<&'static str> 
             return Some("tlv = \"tagN-lenM\" needs a text field in ascii or ebcdic")
         }
     }
-    if spec.number == 1 {
+    if spec.number == 1 || (spec.number == 65 && tertiary) {
         let expected = match bitmap {
             BitmapEncoding::Binary => Encoding::Binary,
             BitmapEncoding::Hex | BitmapEncoding::HexEbcdic => Encoding::Hex,
         };
         if !binary || spec.length != LengthKind::Fixed || spec.max != 8 || spec.encoding != expected
         {
-            return Some("field 1 (secondary bitmap) must be b, fixed, 8, bitmap encoding");
+            return Some(
+                "fields 1 and (with a tertiary bitmap) 65 are bitmaps: b, fixed, 8, bitmap encoding",
+            );
         }
     }
     None

@@ -20,6 +20,8 @@ pub struct Encoder<'a> {
     out: &'a mut BytesMut,
     start: usize,
     bits: u128,
+    /// Fields 129..=192 (bit `192 - n`), under a dialect with a tertiary bitmap.
+    bits3: u64,
     last: u8,
 }
 
@@ -35,13 +37,15 @@ impl<'a> Encoder<'a> {
         let start = out.len();
         out.put_slice(mti.as_bytes());
         let bitmap = dialect.bitmap_encoding().wire_len();
-        out.put_bytes(0, 2 * bitmap);
+        let reserved = if dialect.tertiary_bitmap() { 3 } else { 2 };
+        out.put_bytes(0, reserved * bitmap);
         Encoder {
             dialect,
             wire,
             out,
             start,
             bits: 0,
+            bits3: 0,
             last: 1,
         }
     }
@@ -70,9 +74,14 @@ impl<'a> Encoder<'a> {
     ) -> Result<(), EncodeError> {
         let err = |kind| EncodeError { field: n, kind };
         let from = from.value();
-        let Some(spec) = self.dialect.field(n).filter(|_| (2..=128).contains(&n)) else {
+        // Field 65 of a dialect with a tertiary bitmap is that bitmap: written by
+        // `finish`, never given.
+        let Some(spec) = self.dialect.field(n).filter(|_| n >= 2) else {
             return Err(err(EncodeErrorKind::UndefinedField));
         };
+        if n == 65 && self.dialect.tertiary_bitmap() {
+            return Err(err(EncodeErrorKind::UndefinedField));
+        }
         if let Some(wire) = self.wire {
             representable(wire, n, value)?;
         }
@@ -129,7 +138,10 @@ impl<'a> Encoder<'a> {
             }
             _ => self.out.put_slice(value),
         }
-        self.bits |= 1u128 << (128 - u32::from(n));
+        match 128u32.checked_sub(u32::from(n)) {
+            Some(shift) => self.bits |= 1u128 << shift,
+            None => self.bits3 |= crate::message::bit3(n),
+        }
         self.last = n;
         Ok(())
     }
@@ -156,19 +168,33 @@ impl<'a> Encoder<'a> {
         let encoding = self.dialect.bitmap_encoding();
         let width = encoding.wire_len();
         let at = self.start + 4;
-        let secondary = self.bits as u64;
+        let reserved = if self.dialect.tertiary_bitmap() { 3 } else { 2 };
+        let tertiary = self.bits3;
+        let mut secondary = self.bits as u64;
+        if tertiary != 0 {
+            secondary |= 1 << 63; // bit 65: the tertiary bitmap follows
+        }
         let mut primary = (self.bits >> 64) as u64;
-        if secondary != 0 {
+        let used = match (secondary, tertiary) {
+            (0, _) => 1,
+            (_, 0) => 2,
+            _ => 3,
+        };
+        if used >= 2 {
             primary |= 1 << 63;
-            write_bitmap(
-                &mut self.out[at + width..at + 2 * width],
-                secondary,
-                encoding,
-            );
-        } else {
+            let slot = &mut self.out[at + width..at + 2 * width];
+            write_bitmap(slot, secondary, encoding);
+        }
+        if used == 3 {
+            let slot = &mut self.out[at + 2 * width..at + 3 * width];
+            write_bitmap(slot, tertiary, encoding);
+        }
+        if used < reserved {
+            // Bitmaps reserved but not needed: close the gap.
             let end = self.out.len();
-            self.out.copy_within(at + 2 * width..end, at + width);
-            self.out.truncate(end - width);
+            self.out
+                .copy_within(at + reserved * width..end, at + used * width);
+            self.out.truncate(end - (reserved - used) * width);
         }
         write_bitmap(&mut self.out[at..at + width], primary, encoding);
         self.out
@@ -327,25 +353,27 @@ fn reencode_inner(
     changes: &[Change<'_>],
     out: &mut BytesMut,
 ) -> Result<usize, EncodeError> {
-    let mut wanted = msg.present_mask() & !(1u128 << 127);
+    let (mut wanted, mut wanted3) = msg.present_mask();
     for change in changes {
         let n = change.number();
-        if !(2..=128).contains(&n) {
+        if !(2..=192).contains(&n) {
             return Err(EncodeError {
                 field: n,
                 kind: EncodeErrorKind::UndefinedField,
             });
         }
-        let b = 1u128 << (128 - u32::from(n));
-        match change {
-            Change::Set(..) => wanted |= b,
-            Change::Remove(_) => wanted &= !b,
+        let set = matches!(change, Change::Set(..));
+        if n <= 128 {
+            let b = 1u128 << (128 - u32::from(n));
+            wanted = if set { wanted | b } else { wanted & !b };
+        } else {
+            let b = crate::message::bit3(n);
+            wanted3 = if set { wanted3 | b } else { wanted3 & !b };
         }
     }
     let mut enc = Encoder::new(to, out, mti);
-    while wanted != 0 {
-        let n = (wanted.leading_zeros() + 1) as u8;
-        wanted &= !(1u128 << (128 - u32::from(n)));
+    // A source's tertiary bitmap (field 65) is not data: the target writes its own.
+    for n in crate::message::numbers(wanted, wanted3, msg.has_tertiary_bitmap()) {
         let set = changes.iter().rev().find_map(|c| match *c {
             Change::Set(m, v) if m == n => Some(v),
             _ => None,

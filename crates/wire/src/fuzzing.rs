@@ -44,6 +44,49 @@ pub fn decode_iso93_binary(data: &[u8]) {
     check_decode_translated(iso93_binary(), data);
 }
 
+/// `fuzz_targets/decode_tertiary_binary.rs`: `iso87-binary` with a tertiary
+/// bitmap and fields 129..=192 ([`tertiary_dialect`]).
+pub fn decode_tertiary_binary(data: &[u8]) {
+    check_decode_transcoded(tertiary_binary(), data);
+}
+
+/// A shipped 1987 dialect (`base`) with field 65 made the tertiary bitmap and
+/// fields 129..=192 defined: odd ones numeric LLVAR in `numeric_encoding`,
+/// even ones text LLLVAR. For tests and fuzzing of tertiary bitmaps (no
+/// shipped dialect has one).
+pub fn tertiary_dialect(base: &str, numeric_encoding: &str) -> Dialect {
+    let text = crate::BUILTIN_DIALECTS
+        .iter()
+        .find(|(n, _)| *n == base)
+        .map_or("", |(_, t)| t);
+    let text = text.replacen(
+        "name = \"Bitmap, extended (tertiary bitmap indicator)\"\ntype = \"b\"\nlength = \"fixed\"\nmax = 1",
+        "name = \"Bitmap, tertiary\"\ntype = \"b\"\nlength = \"fixed\"\nmax = 8",
+        1,
+    );
+    let mut text = text.replacen("\n[[field]]", "tertiary_bitmap = true\n\n[[field]]", 1);
+    for n in 129..=192 {
+        let (ty, length, max, encoding) = if n % 2 == 1 {
+            ("n", "llvar", 19, numeric_encoding)
+        } else {
+            ("ans", "lllvar", 999, "ascii")
+        };
+        text.push_str(&format!(
+            "\n[[field]]\nnumber = {n}\nname = \"Private {n}\"\ntype = \"{ty}\"\nlength = \"{length}\"\nmax = {max}\nencoding = \"{encoding}\"\n"
+        ));
+    }
+    match Dialect::from_toml(&text, base) {
+        Ok(d) => d,
+        Err(e) => panic!("tertiary variant of {base}: {e}"),
+    }
+}
+
+/// `iso87-binary` with a tertiary bitmap, built once.
+pub fn tertiary_binary() -> &'static Dialect {
+    static DIALECT: OnceLock<Dialect> = OnceLock::new();
+    DIALECT.get_or_init(|| tertiary_dialect("iso87-binary", "bcd"))
+}
+
 /// `fuzz_targets/dialect_jpos_xml.rs`: any text read as a jPOS GenericPackager
 /// file gives a dialect or a typed error, never a panic; a dialect it gives
 /// describes itself, and carries an echo (DE7, DE11, DE70) when it defines those
@@ -304,7 +347,7 @@ pub fn check_decode_translated(dialect: &Dialect, data: &[u8]) {
 pub fn check_partial(dialect: &Dialect, data: &[u8], msg: &Message, err: Option<&DecodeError>) {
     assert_eq!(&msg.as_bytes()[..], data, "message bytes are the input");
     assert!(msg.mti().as_bytes().iter().all(u8::is_ascii_digit) || err.is_some());
-    for n in 1..=128u8 {
+    for n in 1..=192u8 {
         let Some(span) = msg.span(n) else {
             assert!(msg.field(n).is_none(), "field {n}: no span but a value");
             continue;

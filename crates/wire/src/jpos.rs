@@ -127,6 +127,7 @@ pub(crate) fn read(text: &str, origin: &str) -> Result<DialectFile, DialectError
         length_counts: None,
         bcd_pad: None,
         bcd_filler: None,
+        tertiary_bitmap: None,
         version: None,
         action_codes: None,
         field: Vec::new(),
@@ -145,8 +146,8 @@ pub(crate) fn read(text: &str, origin: &str) -> Result<DialectFile, DialectError
         let id: u8 = attr("id")?
             .parse()
             .ok()
-            .filter(|id| *id <= 128)
-            .ok_or_else(|| fail(line, "id must be 0..=128".to_owned()))?;
+            .filter(|id| *id <= 192)
+            .ok_or_else(|| fail(line, "id must be 0..=192".to_owned()))?;
         let length: u16 = attr("length")?
             .parse()
             .map_err(|_| fail(line, format!("field {id}: length is not a number")))?;
@@ -181,7 +182,24 @@ pub(crate) fn read(text: &str, origin: &str) -> Result<DialectFile, DialectError
                 8,
                 encoding,
             ));
+            // The bitmap's length in bytes: 24 (192 bits) brings a tertiary
+            // bitmap, which jPOS reads right after the secondary when bit 65 is set.
+            if length > 16 {
+                file.tertiary_bitmap = Some(true);
+                let tertiary = "Bitmap, tertiary";
+                file.field.push(spec(
+                    65,
+                    tertiary,
+                    FieldType::B,
+                    LengthKind::Fixed,
+                    8,
+                    encoding,
+                ));
+            }
             continue;
+        }
+        if id == 65 && file.tertiary_bitmap == Some(true) {
+            continue; // the tertiary bitmap, defined by field 1's length
         }
         let Some(c) = class(class_name) else {
             return Err(fail(

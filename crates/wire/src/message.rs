@@ -6,8 +6,9 @@ use crate::mask::field_for_log;
 use bytes::Bytes;
 use std::fmt;
 
-/// Field slots in a message, indexed by field number (0 unused, 1 = secondary bitmap).
-pub const FIELD_COUNT: usize = 129;
+/// Field slots in a message, indexed by field number (0 unused, 1 = secondary
+/// bitmap, 65 = tertiary bitmap under a dialect that has one, 129..=192 behind it).
+pub const FIELD_COUNT: usize = 193;
 
 /// Where a field's value lies in the message bytes (after any length prefix).
 ///
@@ -124,8 +125,14 @@ impl fmt::Display for Mti {
 pub struct Message {
     bytes: Bytes,
     mti: Mti,
-    /// Bit `128 - n` is set when field `n` was decoded.
+    /// Bit `128 - n` is set when field `n` (1..=128) was decoded.
     present: u128,
+    /// Bit `192 - n` is set when field `n` (129..=192, behind a tertiary
+    /// bitmap) was decoded.
+    present3: u64,
+    /// Whether field 65 is the tertiary bitmap (its dialect defines one and the
+    /// message carries it), not data.
+    tertiary: bool,
     spans: [Span; INLINE_FIELDS],
     spill: Option<Vec<Span>>,
     /// Whether every byte was decoded (false for a partial decode).
@@ -143,6 +150,48 @@ fn rank(present: u128, n: u8) -> usize {
     } else {
         (present >> (129 - u32::from(n))).count_ones() as usize
     }
+}
+
+/// [`rank`] over both words: fields 129..=192 follow the first 128.
+#[inline]
+fn rank3(present: u128, present3: u64, n: u8) -> usize {
+    match n {
+        0..=128 => rank(present, n),
+        129 => present.count_ones() as usize,
+        _ => {
+            present.count_ones() as usize + (present3 >> (193 - u32::from(n))).count_ones() as usize
+        }
+    }
+}
+
+/// Bit of field `n` (129..=192) in the tertiary word.
+#[inline]
+pub(crate) fn bit3(n: u8) -> u64 {
+    1u64 << (192 - u32::from(n))
+}
+
+/// Data fields of the masks `(present, present3)` in ascending order: not field
+/// 1 (the secondary bitmap), nor 65 when `tertiary` (then it is the tertiary
+/// bitmap).
+pub(crate) fn numbers(present: u128, present3: u64, tertiary: bool) -> impl Iterator<Item = u8> {
+    let mut lo = present & !bit(1);
+    if tertiary {
+        lo &= !bit(65);
+    }
+    let mut hi = present3;
+    std::iter::from_fn(move || {
+        if lo != 0 {
+            let n = (lo.leading_zeros() + 1) as u8;
+            lo &= !bit(n);
+            Some(n)
+        } else if hi != 0 {
+            let n = (hi.leading_zeros() + 129) as u8;
+            hi &= !bit3(n);
+            Some(n)
+        } else {
+            None
+        }
+    })
 }
 
 #[inline]
@@ -287,6 +336,8 @@ impl Message {
             bytes,
             mti: Mti(*b"0000"),
             present: 0,
+            present3: 0,
+            tertiary: false,
             spans: [Span::default(); INLINE_FIELDS],
             spill: None,
             complete: false,
@@ -326,6 +377,8 @@ impl Message {
         let encoding = dialect.bitmap_encoding();
         let primary = read_bitmap(&mut cur, encoding, Location::PrimaryBitmap)?;
         let mut announced = u128::from(primary) << 64;
+        let mut announced3 = 0u64;
+        let mut tertiary_span = None;
         if announced & bit(1) != 0 {
             let at = cur.pos;
             let secondary = read_bitmap(&mut cur, encoding, Location::SecondaryBitmap)?;
@@ -335,14 +388,39 @@ impl Message {
                 len: (cur.pos - at) as u16,
             });
             self.present |= bit(1);
+            if dialect.tertiary_bitmap() && announced & bit(65) != 0 {
+                // The tertiary bitmap follows the secondary; its span takes
+                // field 65's place in field order.
+                let at = cur.pos;
+                announced3 = read_bitmap(&mut cur, encoding, Location::Field(65))?;
+                tertiary_span = Some(Span {
+                    start: at as u16,
+                    len: (cur.pos - at) as u16,
+                });
+                self.tertiary = true;
+            }
         }
+        let mut count = usize::from(self.present != 0);
         let mut rest = announced & !bit(1);
         while rest != 0 {
             let n = (rest.leading_zeros() + 1) as u8;
             rest &= !bit(n);
-            let span = read_field(dialect, &mut cur, n, values)?;
-            self.push_span(span);
+            let span = match tertiary_span {
+                Some(span) if n == 65 => span,
+                _ => read_field(dialect, &mut cur, n, values)?,
+            };
+            self.put_span(count, span);
+            count += 1;
             self.present |= bit(n);
+        }
+        let mut rest = announced3;
+        while rest != 0 {
+            let n = (rest.leading_zeros() + 129) as u8;
+            rest &= !bit3(n);
+            let span = read_field(dialect, &mut cur, n, values)?;
+            self.put_span(count, span);
+            count += 1;
+            self.present3 |= bit3(n);
         }
         if cur.pos != size {
             let kind = DecodeErrorKind::TrailingBytes {
@@ -365,7 +443,13 @@ impl Message {
 
     /// Appends the span of the next present field (fields arrive in ascending order).
     fn push_span(&mut self, span: Span) {
-        let index = self.present.count_ones() as usize;
+        self.put_span(self.present.count_ones() as usize, span);
+    }
+
+    /// Sets the span of the present field of rank `index` (spans are set in
+    /// ascending order).
+    #[inline]
+    fn put_span(&mut self, index: usize, span: Span) {
         match self.spans.get_mut(index) {
             Some(slot) => *slot = span,
             None => self.spill.get_or_insert_with(Vec::new).push(span),
@@ -391,23 +475,34 @@ impl Message {
         self.complete
     }
 
-    /// Present fields as a mask: bit `128 - n` for field `n`.
+    /// Present fields as masks: bit `128 - n` for field `n` up to 128, bit
+    /// `192 - n` of the second for fields 129..=192.
     #[inline]
-    pub(crate) fn present_mask(&self) -> u128 {
-        self.present
+    pub(crate) fn present_mask(&self) -> (u128, u64) {
+        (self.present, self.present3)
+    }
+
+    /// Whether field 65 is the tertiary bitmap (fields 129..=192 may follow).
+    #[inline]
+    pub fn has_tertiary_bitmap(&self) -> bool {
+        self.tertiary
     }
 
     /// Whether field `n` is present (and decoded).
     #[inline]
     pub fn has(&self, n: u8) -> bool {
-        (1..=128).contains(&n) && self.present & bit(n) != 0
+        match n {
+            1..=128 => self.present & bit(n) != 0,
+            129..=192 => self.present3 & bit3(n) != 0,
+            _ => false,
+        }
     }
 
     /// Field `n`'s value as it appears on the wire (without its length prefix).
     #[inline]
     pub fn field(&self, n: u8) -> Option<&[u8]> {
         if self.has(n) {
-            Some(&self.bytes[self.span_at(rank(self.present, n)).range()])
+            Some(&self.bytes[self.span_at(rank3(self.present, self.present3, n)).range()])
         } else {
             None
         }
@@ -418,7 +513,7 @@ impl Message {
         if self.has(n) {
             Some(
                 self.bytes
-                    .slice(self.span_at(rank(self.present, n)).range()),
+                    .slice(self.span_at(rank3(self.present, self.present3, n)).range()),
             )
         } else {
             None
@@ -427,7 +522,8 @@ impl Message {
 
     /// Where field `n`'s value lies in [`Message::as_bytes`].
     pub fn span(&self, n: u8) -> Option<Span> {
-        self.has(n).then(|| self.span_at(rank(self.present, n)))
+        self.has(n)
+            .then(|| self.span_at(rank3(self.present, self.present3, n)))
     }
 
     /// The whole message as received, or for a transcoded dialect its canonical
@@ -436,18 +532,18 @@ impl Message {
         &self.bytes
     }
 
-    /// Present data fields (2..=128, not the secondary bitmap) in ascending order.
+    /// Present data fields (2..=192, not the secondary or tertiary bitmap) in
+    /// ascending order.
     pub fn fields(&self) -> impl Iterator<Item = (u8, &[u8])> + '_ {
-        let mut rest = self.present & !bit(1);
+        // Spans are in field order, the secondary bitmap's first and the
+        // tertiary bitmap's in field 65's place: walk them in step.
         let mut index = usize::from(self.has(1));
-        std::iter::from_fn(move || {
-            if rest == 0 {
-                return None;
-            }
-            let n = (rest.leading_zeros() + 1) as u8;
-            rest &= !bit(n);
+        numbers(self.present, self.present3, false).filter_map(move |n| {
             let span = self.span_at(index);
             index += 1;
+            if n == 65 && self.tertiary {
+                return None;
+            }
             Some((n, &self.bytes[span.range()]))
         })
     }

@@ -117,16 +117,20 @@ fn walk(
     let primary = read_bitmap(d, &mut cur, Location::PrimaryBitmap)?;
     out.extend_from_slice(&primary.to_be_bytes());
     let mut announced = u128::from(primary) << 64;
+    let mut announced3 = 0;
+    let mut tertiary = false;
     if primary >> 63 != 0 {
         let secondary = read_bitmap(d, &mut cur, Location::SecondaryBitmap)?;
         out.extend_from_slice(&secondary.to_be_bytes());
         announced |= u128::from(secondary);
+        if d.tertiary_bitmap() && secondary >> 63 != 0 {
+            announced3 = read_bitmap(d, &mut cur, Location::Field(65))?;
+            out.extend_from_slice(&announced3.to_be_bytes());
+            tertiary = true;
+        }
     }
     // Fields, ascending.
-    let mut rest = announced & !(1u128 << 127);
-    while rest != 0 {
-        let n = (rest.leading_zeros() + 1) as u8;
-        rest &= !(1u128 << (128 - u32::from(n)));
+    for n in crate::message::numbers(announced, announced3, tertiary) {
         let location = Location::Field(n);
         if stop_at == Some(n) {
             return Ok(Some(cur.pos));
@@ -463,10 +467,14 @@ pub(crate) fn from_canonical(
         write_bitmap(d, secondary, cp, out);
         present |= u128::from(secondary);
     }
-    let mut rest = present & !(1u128 << 127);
-    while rest != 0 {
-        let n = (rest.leading_zeros() + 1) as u8;
-        rest &= !(1u128 << (128 - u32::from(n)));
+    let tertiary = d.tertiary_bitmap() && present & 1 << 63 != 0;
+    let mut present3 = 0;
+    if tertiary {
+        word.copy_from_slice(cur.take(65, 8)?);
+        present3 = u64::from_be_bytes(word);
+        write_bitmap(d, present3, cp, out);
+    }
+    for n in crate::message::numbers(present, present3, tertiary) {
         let (Some(spec), Some(canon_spec)) = (d.field(n), twin.field(n)) else {
             return Err(EncodeError {
                 field: n,

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use switchyard_wire::{Dialect, Encoder, Encoding, Framing, Mti};
 
 /// Fuzz targets and their checks.
-const TARGETS: [(&str, Check); 7] = [
+const TARGETS: [(&str, Check); 8] = [
     ("dialect_jpos_xml", fuzz_checks::dialect_jpos_xml),
     ("frame_decoder", fuzz_checks::frame_decoder),
     ("decode_iso87_ascii", fuzz_checks::decode_iso87_ascii),
@@ -25,6 +25,10 @@ const TARGETS: [(&str, Check); 7] = [
     ("decode_iso87_binary", fuzz_checks::decode_iso87_binary),
     ("decode_iso87_ebcdic", fuzz_checks::decode_iso87_ebcdic),
     ("decode_iso93_binary", fuzz_checks::decode_iso93_binary),
+    (
+        "decode_tertiary_binary",
+        fuzz_checks::decode_tertiary_binary,
+    ),
 ];
 
 fn corpus_dir() -> PathBuf {
@@ -63,6 +67,32 @@ fn corpus_decode_iso87_binary() {
 #[test]
 fn corpus_decode_iso87_ebcdic() {
     run_target("decode_iso87_ebcdic");
+}
+
+#[test]
+fn corpus_decode_tertiary_binary() {
+    run_target("decode_tertiary_binary");
+}
+
+/// Seeds for the tertiary bitmap: the usual messages (no field above 128: no
+/// third bitmap), and with fields 130, 191 and 192 behind one.
+fn tertiary_seeds() -> Vec<(String, Vec<u8>)> {
+    let d = fuzz_checks::tertiary_binary();
+    let mut out = transcoded_seeds(d);
+    let high = build(
+        d,
+        Mti::NETWORK,
+        &[
+            (11, b"000042"),
+            (70, b"301"),
+            (130, b"private text"),
+            (191, b"12345"),
+            (192, b"last"),
+        ],
+    );
+    out.push(("0800-tertiary".to_owned(), high.clone()));
+    out.push(("tertiary-truncated".to_owned(), high[..21].to_vec()));
+    out
 }
 
 #[test]
@@ -458,6 +488,9 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     }
     for (name, bytes) in iso93_seeds() {
         all.push(("decode_iso93_binary", name, bytes));
+    }
+    for (name, bytes) in tertiary_seeds() {
+        all.push(("decode_tertiary_binary", name, bytes));
     }
     all
 }
