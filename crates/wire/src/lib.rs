@@ -1,13 +1,16 @@
 //! Sans-IO ISO 8583 codec and framing for switchyard.
 //!
-//! Everything here works on bytes and values only: no sockets, no clock, no
-//! async runtime, so the codec can be tested, benchmarked and fuzzed alone.
+//! Everything here works on bytes and values only: no sockets, no async
+//! runtime, so the codec can be tested, benchmarked and fuzzed alone. The one
+//! clock read is today's date (UTC), for the year an ISO 8583:1987 date lacks
+//! when it is written as ISO 8583:1993 (`version`, [`Today`]).
 //!
 //! * [`Dialect`] describes every field of a message profile and its encodings
-//!   (ASCII, BCD, EBCDIC, binary, hex) and is loaded from a TOML file (four are
-//!   built in, see [`Dialect::builtin`]). A dialect with anything but ASCII is
-//!   converted once to its canonical form on decode and back on encode
-//!   (`transcode`).
+//!   (ASCII, BCD, EBCDIC, binary, hex) and is loaded from a TOML file or a jPOS
+//!   packager (six are built in, see [`Dialect::builtin`]). A dialect with
+//!   anything but ASCII is converted once to its canonical form on decode and
+//!   back on encode (`transcode`); an ISO 8583:1993 dialect is translated to and
+//!   from the 1987 form (`version`).
 //! * [`Message::decode`] checks a whole message against the dialect and records
 //!   where each field lies in the frame: field bytes are borrowed, never copied.
 //! * [`Encoder`] writes a message into a reused buffer, fields in ascending order.
