@@ -118,7 +118,7 @@ impl fmt::Display for Mti {
 ///
 /// Cloning is cheap (a reference count and a small index); field values are
 /// slices of the original frame. Spans are kept in field order for the first
-/// [`INLINE_FIELDS`] present fields, found by counting the present bits below a
+/// `INLINE_FIELDS` (40) present fields, found by counting the present bits below a
 /// field; a message with more fields keeps the rest in a heap spill. This keeps a
 /// message about 240 bytes, cheap to move through queues.
 #[derive(Clone)]
