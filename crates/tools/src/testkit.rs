@@ -561,7 +561,7 @@ pub fn oracle_python() -> PathBuf {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
             let python = root.join(".venv-oracle/bin/python");
             let ready = Command::new(&python)
-                .args(["-c", "import iso8583, ebcdic"])
+                .args(["-c", "import iso8583, ebcdic, psec"])
                 .status()
                 .is_ok_and(|s| s.success());
             if !ready {
@@ -571,7 +571,7 @@ pub fn oracle_python() -> PathBuf {
                     .expect("run .ci/oracle-venv");
                 assert!(
                     status.success(),
-                    ".ci/oracle-venv could not make the pyiso8583 environment"
+                    ".ci/oracle-venv could not make the oracle environment (pyiso8583, psec)"
                 );
             }
             python

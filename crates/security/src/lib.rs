@@ -1,0 +1,140 @@
+//! switchyard's security primitives (sans-IO): ISO 9564 PIN blocks, MACs and
+//! key check values, the first layer of the security module of step 9.
+//!
+//! * [`pin`]: PIN block formats 0, 1, 3 (TDES, 8 bytes) and 4 (AES, 16 bytes):
+//!   build, encipher, decipher, and translate from one key and format to
+//!   another without the clear PIN leaving this crate.
+//! * [`mac`]: ISO/IEC 9797-1 MAC algorithm 3 (the "retail MAC", TDES keys) and
+//!   AES-CMAC (RFC 4493).
+//! * [`kcv`]: key check values.
+//!
+//! Clear keys are [`Key`] values: zeroized on drop, never printed (their `Debug`
+//! shows the algorithm and the key check value only). Clear PIN blocks and PIN
+//! digits live in [`zeroize::Zeroizing`] buffers, wiped when dropped.
+#![forbid(unsafe_code)]
+
+pub mod kcv;
+pub mod mac;
+pub mod pin;
+
+use zeroize::Zeroizing;
+
+/// A key's algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Triple DES: 16 bytes (two-key) or 24 bytes (three-key).
+    Tdes,
+    /// AES: 16, 24 or 32 bytes.
+    Aes,
+}
+
+/// Why a key was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The length does not fit the algorithm.
+    #[error("a {algorithm:?} key cannot be {length} bytes")]
+    Length {
+        /// The algorithm.
+        algorithm: Algorithm,
+        /// The length given.
+        length: usize,
+    },
+}
+
+/// A clear key: held only inside the security module, wiped on drop.
+pub struct Key {
+    algorithm: Algorithm,
+    bytes: Zeroizing<Vec<u8>>,
+}
+
+impl Key {
+    /// A key of `algorithm` from its clear bytes (copied; wipe your copy).
+    pub fn new(algorithm: Algorithm, bytes: &[u8]) -> Result<Key, KeyError> {
+        let fits = match algorithm {
+            Algorithm::Tdes => matches!(bytes.len(), 16 | 24),
+            Algorithm::Aes => matches!(bytes.len(), 16 | 24 | 32),
+        };
+        if !fits {
+            return Err(KeyError::Length {
+                algorithm,
+                length: bytes.len(),
+            });
+        }
+        Ok(Key {
+            algorithm,
+            bytes: Zeroizing::new(bytes.to_vec()),
+        })
+    }
+
+    /// The algorithm.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+impl std::fmt::Debug for Key {
+    /// The algorithm, length and check value; never the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kcv = kcv::kcv(self);
+        write!(
+            f,
+            "Key({:?}, {} bytes, KCV {:02X}{:02X}{:02X})",
+            self.algorithm,
+            self.bytes.len(),
+            kcv[0],
+            kcv[1],
+            kcv[2]
+        )
+    }
+}
+
+/// Block-cipher helpers over a [`Key`].
+pub(crate) mod cipher_ops {
+    use super::{Algorithm, Key};
+    use aes::cipher::{BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
+
+    /// Enciphers one block in place (8 bytes for TDES, 16 for AES).
+    pub(crate) fn encrypt(key: &Key, block: &mut [u8]) {
+        match (key.algorithm(), key.bytes().len()) {
+            (Algorithm::Tdes, 16) => run::<des::TdesEde2>(key.bytes(), block, true),
+            (Algorithm::Tdes, _) => run::<des::TdesEde3>(key.bytes(), block, true),
+            (Algorithm::Aes, 16) => run::<aes::Aes128>(key.bytes(), block, true),
+            (Algorithm::Aes, 24) => run::<aes::Aes192>(key.bytes(), block, true),
+            (Algorithm::Aes, _) => run::<aes::Aes256>(key.bytes(), block, true),
+        }
+    }
+
+    /// Deciphers one block in place.
+    pub(crate) fn decrypt(key: &Key, block: &mut [u8]) {
+        match (key.algorithm(), key.bytes().len()) {
+            (Algorithm::Tdes, 16) => run::<des::TdesEde2>(key.bytes(), block, false),
+            (Algorithm::Tdes, _) => run::<des::TdesEde3>(key.bytes(), block, false),
+            (Algorithm::Aes, 16) => run::<aes::Aes128>(key.bytes(), block, false),
+            (Algorithm::Aes, 24) => run::<aes::Aes192>(key.bytes(), block, false),
+            (Algorithm::Aes, _) => run::<aes::Aes256>(key.bytes(), block, false),
+        }
+    }
+
+    fn run<C: KeyInit + BlockCipherEncrypt + BlockCipherDecrypt>(
+        key: &[u8],
+        block: &mut [u8],
+        encrypt: bool,
+    ) {
+        // Key lengths are checked when a Key is made.
+        let Ok(cipher) = C::new_from_slice(key) else {
+            return;
+        };
+        let Ok(block) = block.try_into() else {
+            return;
+        };
+        if encrypt {
+            cipher.encrypt_block(block);
+        } else {
+            cipher.decrypt_block(block);
+        }
+    }
+}
