@@ -99,23 +99,22 @@ pub(crate) mod cipher_ops {
 
     /// Enciphers one block in place (8 bytes for TDES, 16 for AES).
     pub(crate) fn encrypt(key: &Key, block: &mut [u8]) {
-        match (key.algorithm(), key.bytes().len()) {
-            (Algorithm::Tdes, 16) => run::<des::TdesEde2>(key.bytes(), block, true),
-            (Algorithm::Tdes, _) => run::<des::TdesEde3>(key.bytes(), block, true),
-            (Algorithm::Aes, 16) => run::<aes::Aes128>(key.bytes(), block, true),
-            (Algorithm::Aes, 24) => run::<aes::Aes192>(key.bytes(), block, true),
-            (Algorithm::Aes, _) => run::<aes::Aes256>(key.bytes(), block, true),
-        }
+        apply(key, block, true);
     }
 
     /// Deciphers one block in place.
     pub(crate) fn decrypt(key: &Key, block: &mut [u8]) {
-        match (key.algorithm(), key.bytes().len()) {
-            (Algorithm::Tdes, 16) => run::<des::TdesEde2>(key.bytes(), block, false),
-            (Algorithm::Tdes, _) => run::<des::TdesEde3>(key.bytes(), block, false),
-            (Algorithm::Aes, 16) => run::<aes::Aes128>(key.bytes(), block, false),
-            (Algorithm::Aes, 24) => run::<aes::Aes192>(key.bytes(), block, false),
-            (Algorithm::Aes, _) => run::<aes::Aes256>(key.bytes(), block, false),
+        apply(key, block, false);
+    }
+
+    fn apply(key: &Key, block: &mut [u8], encrypt: bool) {
+        let k = key.bytes();
+        match (key.algorithm(), k.len()) {
+            (Algorithm::Tdes, 16) => run::<des::TdesEde2>(k, block, encrypt),
+            (Algorithm::Tdes, _) => run::<des::TdesEde3>(k, block, encrypt),
+            (Algorithm::Aes, 16) => run::<aes::Aes128>(k, block, encrypt),
+            (Algorithm::Aes, 24) => run::<aes::Aes192>(k, block, encrypt),
+            (Algorithm::Aes, _) => run::<aes::Aes256>(k, block, encrypt),
         }
     }
 
@@ -137,4 +136,13 @@ pub(crate) mod cipher_ops {
             cipher.decrypt_block(block);
         }
     }
+}
+
+/// Hex text to bytes, for the tests' known answers.
+#[cfg(test)]
+pub(crate) fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap_or(0))
+        .collect()
 }

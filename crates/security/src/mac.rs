@@ -95,13 +95,7 @@ fn cmac_of(key: &Key, data: &[u8]) -> Result<Vec<u8>, MacError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn unhex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::unhex;
 
     #[test]
     fn iso_9797_1_algorithm_3_known_answer() {

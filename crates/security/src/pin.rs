@@ -316,13 +316,7 @@ pub fn holds_pin(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn unhex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect()
-    }
+    use crate::unhex;
 
     fn fixed(buf: &mut [u8]) {
         for (i, b) in buf.iter_mut().enumerate() {
