@@ -545,6 +545,7 @@ impl Ingress {
             entry: opened.entry,
             original_link_stan: None,
             slot,
+            // The rule `open` keyed it by, journaled with it.
             key_time: KeyTime::of(wire.dialect.version()),
         };
         let Some(pending) = self.books.accept(pending) else {

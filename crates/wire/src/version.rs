@@ -722,6 +722,7 @@ pub(crate) fn to_1993(
         }
         _ => None,
     };
+    let held = held_1987();
     let start = out.len();
     let result = (|| {
         let mut enc = Encoder::new(&t.plain, out, mti_to_1993(mti87));
@@ -772,7 +773,7 @@ pub(crate) fn to_1993(
                 }
                 n if carried(n) => {
                     if let Some(v) = m.field(n) {
-                        let from = value_encoding(&held_1987(), n);
+                        let from = value_encoding(&held, n);
                         let fits = allowed(&t.plain, n, v, from);
                         if !fits && request {
                             let into = Version::Iso1993;
