@@ -16,6 +16,8 @@
 pub mod kcv;
 pub mod mac;
 pub mod pin;
+pub mod store;
+pub mod tr31;
 
 use zeroize::Zeroizing;
 
@@ -69,6 +71,60 @@ impl Key {
     /// The algorithm.
     pub fn algorithm(&self) -> Algorithm {
         self.algorithm
+    }
+
+    /// A fresh key of `len` bytes from the operating system's random source;
+    /// TDES keys get odd parity in every byte (the DES convention).
+    ///
+    /// # Panics
+    ///
+    /// If the operating system has no working random source: no key is made
+    /// from anything weaker.
+    pub fn random(algorithm: Algorithm, len: usize) -> Result<Key, KeyError> {
+        let mut bytes = Zeroizing::new(vec![0u8; len]);
+        // The length is checked by `Key::new` below; check it first so that no
+        // entropy is drawn for a key that cannot be made.
+        Key::new(algorithm, &bytes)?;
+        if let Err(e) = getrandom::fill(&mut bytes) {
+            panic!("the operating system's random source failed ({e}): no key made");
+        }
+        if algorithm == Algorithm::Tdes {
+            for b in bytes.iter_mut() {
+                *b = (*b & 0xFE) | u8::from((*b >> 1).count_ones() % 2 == 0);
+            }
+        }
+        Key::new(algorithm, &bytes)
+    }
+
+    /// A key from clear components, XORed together (all of one length; the
+    /// result keeps the components' parity as it falls). No components, or
+    /// one of another length than the first, is a [`KeyError::Length`] naming
+    /// that length.
+    pub fn from_components(algorithm: Algorithm, components: &[&[u8]]) -> Result<Key, KeyError> {
+        let Some(first) = components.first() else {
+            return Err(KeyError::Length {
+                algorithm,
+                length: 0,
+            });
+        };
+        let mut bytes = Zeroizing::new(first.to_vec());
+        for c in &components[1..] {
+            if c.len() != bytes.len() {
+                return Err(KeyError::Length {
+                    algorithm,
+                    length: c.len(),
+                });
+            }
+            for (b, x) in bytes.iter_mut().zip(c.iter()) {
+                *b ^= x;
+            }
+        }
+        Key::new(algorithm, &bytes)
+    }
+
+    /// The key check value ([`kcv::kcv`]).
+    pub fn check_value(&self) -> [u8; 3] {
+        kcv::kcv(self)
     }
 
     pub(crate) fn bytes(&self) -> &[u8] {
