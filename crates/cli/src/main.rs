@@ -12,6 +12,8 @@ use switchyard::journal::settlement::{self, parse_time};
 use switchyard::journal::{dump, Fsync};
 use switchyard::service::{self, Stopped};
 use switchyard::wire::{Dialect, Framing, MessageHeader, HEADER_BYTES_MAX};
+use switchyard_security::store::{self, KeyStore, KeyType};
+use switchyard_security::{Algorithm, Key};
 use switchyard_tools::banksim::{self, BankSimOptions, Behavior};
 use switchyard_tools::certs;
 use switchyard_tools::demo::{self, DemoOptions};
@@ -86,6 +88,13 @@ enum Command {
     Settlement(SettlementArgs),
     /// Start the switch with simulated banks and load, all in-process; print a summary.
     Demo(DemoArgs),
+    /// The key store: keys wrapped under a local master key, imported from
+    /// components or TR-31 key blocks, generated, exported as TR-31 key blocks.
+    /// No clear key is ever printed.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
 }
 
 #[derive(clap::Args)]
@@ -280,6 +289,103 @@ enum JournalCommand {
     },
 }
 
+/// Where the key store is: both files, for every `keys` subcommand.
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// Key store file (text; each key wrapped under the master key).
+    #[arg(long)]
+    store: PathBuf,
+    /// Master key file: 32 raw bytes or 64 hex digits, mode 0600.
+    #[arg(long)]
+    master_key_file: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a random master key file (mode 0600) and an empty store, where missing.
+    Init {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Add a key: from clear components (XORed), or from a TR-31 key block
+    /// unwrapped under a stored ZMK or KBPK. Prints id, type, algorithm and KCV.
+    Import(KeysImportArgs),
+    /// Add a random key. Prints id, type, algorithm and KCV.
+    Generate {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The new key's id.
+        #[arg(long)]
+        id: String,
+        /// zmk, zpk, zak, kbpk or dek.
+        #[arg(long = "type", value_name = "TYPE", value_parser = parse_key_type)]
+        kind: KeyType,
+        /// tdes or aes.
+        #[arg(long, value_parser = parse_algorithm)]
+        algorithm: Algorithm,
+        /// Key length, bytes (default 16; a dek: 32 for aes, 24 for tdes).
+        #[arg(long)]
+        length: Option<usize>,
+    },
+    /// Print a stored key as a TR-31 key block under a stored ZMK or KBPK
+    /// (version D under AES, B under TDES).
+    Export {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The key to export.
+        #[arg(long)]
+        id: String,
+        /// The ZMK or KBPK to wrap it under.
+        #[arg(long)]
+        under: String,
+    },
+    /// Every key's id, type, algorithm and KCV.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// A JSON array of objects.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `switchyard keys import`.
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["components", "tr31"])))]
+struct KeysImportArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The new key's id.
+    #[arg(long)]
+    id: String,
+    /// zmk, zpk, zak, kbpk or dek.
+    #[arg(long = "type", value_name = "TYPE", value_parser = parse_key_type)]
+    kind: KeyType,
+    /// With --component: tdes or aes.
+    #[arg(long, value_parser = parse_algorithm, requires = "components")]
+    algorithm: Option<Algorithm>,
+    /// A clear component, hex (repeat for each; all XORed together).
+    #[arg(long = "component", requires = "algorithm")]
+    components: Vec<String>,
+    /// The key's expected check value (6 hex digits): on a mismatch nothing is written.
+    #[arg(long)]
+    kcv: Option<String>,
+    /// A TR-31 key block (its algorithm is the key's).
+    #[arg(long, requires = "under", conflicts_with = "components")]
+    tr31: Option<String>,
+    /// With --tr31: the stored ZMK or KBPK the block is wrapped under.
+    #[arg(long, requires = "tr31")]
+    under: Option<String>,
+}
+
+fn parse_key_type(s: &str) -> Result<KeyType, String> {
+    s.parse().map_err(|e: store::StoreError| e.to_string())
+}
+
+fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
+    store::algorithm_from_name(s).map_err(|e| e.to_string())
+}
+
 /// The demo's journal: `fsync` per group commit, no `fsync`, or none at all.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum JournalMode {
@@ -383,6 +489,7 @@ fn main() -> anyhow::Result<()> {
         Command::BankSim(args) => bank_sim(args),
         Command::Loadgen(args) => loadgen(args),
         Command::Demo(args) => demo(args),
+        Command::Keys { command } => keys(command),
     }
 }
 
@@ -410,6 +517,144 @@ fn journal(command: JournalCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn keys(command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Init { store: s } => {
+            let ks = KeyStore::init(&s.store, &s.master_key_file)?;
+            println!(
+                "key store {}: {} keys; master key file {}",
+                s.store.display(),
+                ks.keys().len(),
+                s.master_key_file.display()
+            );
+        }
+        KeysCommand::Import(args) => keys_import(args)?,
+        KeysCommand::Generate {
+            store: s,
+            id,
+            kind,
+            algorithm,
+            length,
+        } => {
+            let mut ks = KeyStore::open(&s.store, &s.master_key_file)?;
+            let length = length.unwrap_or(match (kind, algorithm) {
+                (KeyType::Dek, Algorithm::Aes) => 32,
+                (KeyType::Dek, Algorithm::Tdes) => 24,
+                _ => 16,
+            });
+            let key = Key::random(algorithm, length)?;
+            ks.insert(&id, kind, &key)?;
+            ks.save()?;
+            print_entry(&ks, &id);
+        }
+        KeysCommand::Export {
+            store: s,
+            id,
+            under,
+        } => {
+            let ks = KeyStore::open(&s.store, &s.master_key_file)?;
+            println!("{}", ks.export_tr31(&id, &under)?);
+        }
+        KeysCommand::List { store: s, json } => {
+            let ks = KeyStore::open(&s.store, &s.master_key_file)?;
+            if json {
+                let list: Vec<serde_json::Value> = ks
+                    .keys()
+                    .iter()
+                    .map(|k| {
+                        serde_json::json!({"id": k.id, "type": k.kind.name(),
+                            "algorithm": store::algorithm_name(k.algorithm),
+                            "kcv": store::kcv_hex(k.kcv)})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+            } else {
+                println!("{:<24} {:<5} {:<9} KCV", "ID", "TYPE", "ALGORITHM");
+                for k in ks.keys() {
+                    println!("{}", entry_line(k));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `keys import`: components (XORed, KCV checked before anything is written) or
+/// a TR-31 key block under a stored key.
+fn keys_import(mut a: KeysImportArgs) -> anyhow::Result<()> {
+    let s = &a.store;
+    let mut ks = KeyStore::open(&s.store, &s.master_key_file)?;
+    if let (Some(block), Some(under)) = (&a.tr31, &a.under) {
+        ks.import_tr31(&a.id, a.kind, block, under)?;
+        if let Some(given) = &a.kcv {
+            store::check_kcv(&a.id, &ks.unwrap(&a.id)?, given)?;
+        }
+    } else {
+        let algorithm = a.algorithm.context("--component needs --algorithm")?;
+        let key = key_from_components(algorithm, &a.components);
+        zeroize::Zeroize::zeroize(&mut a.components);
+        let key = key?;
+        if let Some(given) = &a.kcv {
+            store::check_kcv(&a.id, &key, given)?;
+        }
+        ks.insert(&a.id, a.kind, &key)?;
+    }
+    ks.save()?;
+    print_entry(&ks, &a.id);
+    Ok(())
+}
+
+/// The key of hex components, XORed; errors never quote a component.
+fn key_from_components(algorithm: Algorithm, hex: &[String]) -> anyhow::Result<Key> {
+    let mut parts = Vec::with_capacity(hex.len());
+    for (i, h) in hex.iter().enumerate() {
+        let part = unhex_secret(h).with_context(|| {
+            format!("--component {} is not an even number of hex digits", i + 1)
+        })?;
+        parts.push(part);
+    }
+    if let Some(p) = parts.iter().find(|p| p.len() != parts[0].len()) {
+        anyhow::bail!(
+            "components differ in length ({} and {} bytes)",
+            parts[0].len(),
+            p.len()
+        );
+    }
+    let refs: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+    Ok(Key::from_components(algorithm, &refs)?)
+}
+
+/// Hex digits (either case) to bytes wiped on drop; `None` if not hex.
+fn unhex_secret(hex: &str) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+    let b = hex.as_bytes();
+    if b.is_empty() || b.len() % 2 != 0 {
+        return None;
+    }
+    let mut out = zeroize::Zeroizing::new(Vec::with_capacity(b.len() / 2));
+    for pair in b.chunks(2) {
+        let hi = char::from(pair[0]).to_digit(16)?;
+        let lo = char::from(pair[1]).to_digit(16)?;
+        out.push((hi * 16 + lo) as u8);
+    }
+    Some(out)
+}
+
+fn entry_line(k: &store::StoredKey) -> String {
+    format!(
+        "{:<24} {:<5} {:<9} {}",
+        k.id,
+        k.kind.name(),
+        store::algorithm_name(k.algorithm),
+        store::kcv_hex(k.kcv)
+    )
+}
+
+fn print_entry(ks: &KeyStore, id: &str) {
+    if let Some(k) = ks.get(id) {
+        println!("{}", entry_line(k));
+    }
 }
 
 fn settlement(a: SettlementArgs) -> anyhow::Result<()> {
