@@ -6,6 +6,7 @@
 use crate::core::route::{BankIndex, RouteTable};
 use crate::core::InstitutionId;
 use crate::journal::{Fsync, JournalConfig};
+use crate::security::{LinkKeys, MacSpec, Module, PinSpec};
 use crate::tls::IdentitySource;
 use crate::wire::{Dialect, Framing, Header, MessageHeader, HEADER_BYTES_MAX, TPDU_BYTES};
 use serde::Deserialize;
@@ -14,6 +15,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use switchyard_security::module::{KeyHandle, MacAlgorithm, SecurityModule, SoftwareModule, Usage};
+use switchyard_security::pin::Format;
+use switchyard_security::store::{KeyStore, KeyType};
 
 // === defaults (units last) ===
 
@@ -193,6 +197,30 @@ struct File {
     route: Vec<RouteSection>,
     #[serde(default)]
     listener: Vec<ListenerSection>,
+    keys: Option<KeysSection>,
+}
+
+/// The key store and security module (`[keys]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeysSection {
+    store: PathBuf,
+    master_key_file: PathBuf,
+    #[serde(default = "d_module")]
+    module: String,
+    journal_key: Option<String>,
+}
+
+fn d_module() -> String {
+    "software".to_owned()
+}
+
+/// A link's keys as the file names them (`[[institution]]`, `[[bank]]`).
+struct LinkKeysNames<'a> {
+    pin_key: Option<&'a str>,
+    pin_block_format: Option<&'a str>,
+    mac_key: Option<&'a str>,
+    mac: Option<&'a str>,
 }
 
 /// A further acquirer listener (`[[listener]]`).
@@ -403,6 +431,14 @@ struct InstitutionSection {
     rate_per_s: u32,
     #[serde(default = "d_burst")]
     rate_burst: u32,
+    #[serde(default)]
+    pin_key: Option<String>,
+    #[serde(default)]
+    pin_block_format: Option<String>,
+    #[serde(default)]
+    mac_key: Option<String>,
+    #[serde(default)]
+    mac: Option<String>,
 }
 
 fn d_rate() -> u32 {
@@ -462,6 +498,14 @@ struct BankSection {
     failover: Vec<String>,
     #[serde(default)]
     optional: bool,
+    #[serde(default)]
+    pin_key: Option<String>,
+    #[serde(default)]
+    pin_block_format: Option<String>,
+    #[serde(default)]
+    mac_key: Option<String>,
+    #[serde(default)]
+    mac: Option<String>,
 }
 
 fn d_saf_depth() -> usize {
@@ -570,6 +614,8 @@ pub struct Institution {
     pub rate_per_s: u32,
     /// Requests it may send at once above the sustained rate.
     pub rate_burst: u32,
+    /// Its PIN and MAC keys (none: DE52 and MACs pass as they are).
+    pub security: LinkKeys,
 }
 
 /// A destination bank and its connector settings.
@@ -621,6 +667,8 @@ pub struct Bank {
     pub failover: Vec<BankIndex>,
     /// Whether the switch is ready (`/readyz`) without a link to this bank.
     pub optional: bool,
+    /// Its PIN and MAC keys (none: DE52 and MACs pass as they are).
+    pub security: LinkKeys,
 }
 
 impl Bank {
@@ -646,6 +694,7 @@ impl Bank {
             && self.write_batch_max == other.write_batch_max
             && format!("{:?}", self.saf) == format!("{:?}", other.saf)
             && self.first_stan == other.first_stan
+            && self.security == other.security
     }
 }
 
@@ -751,6 +800,21 @@ pub struct Config {
     pub banks: Vec<Bank>,
     /// Routing table.
     pub routes: RouteTable,
+    /// The key store and security module; none when `[keys]` is absent.
+    pub keys: Option<KeysConfig>,
+}
+
+/// The key store and the security module loaded from it (`[keys]`).
+#[derive(Clone, Debug)]
+pub struct KeysConfig {
+    /// The key store file.
+    pub store: PathBuf,
+    /// The local master key file (mode 0600).
+    pub master_key_file: PathBuf,
+    /// The module holding every key of the store.
+    pub module: Module,
+    /// The data key the journal enciphers PANs under (`journal_key`).
+    pub journal_key: Option<KeyHandle>,
 }
 
 impl Config {
@@ -1126,7 +1190,8 @@ impl Checker<'_> {
             "entries",
         )?;
         self.range("route", f.route.len(), 0, ROUTES_MAX, "entries")?;
-        let institutions = self.institutions(&f.institution)?;
+        let keys = f.keys.as_ref().map(|k| self.keys(k)).transpose()?;
+        let mut institutions = self.institutions(&f.institution)?;
         let banks = f
             .bank
             .iter()
@@ -1146,6 +1211,33 @@ impl Checker<'_> {
             banks[i].failover = list;
         }
         let routes = self.routes(&f.route, &banks)?;
+        let listeners = self.listeners(&f, &dialect)?;
+        for (i, inst) in f.institution.iter().enumerate() {
+            let names = LinkKeysNames {
+                pin_key: inst.pin_key.as_deref(),
+                pin_block_format: inst.pin_block_format.as_deref(),
+                mac_key: inst.mac_key.as_deref(),
+                mac: inst.mac.as_deref(),
+            };
+            let dialects: Vec<&Dialect> = listeners.iter().map(|l| &*l.dialect).collect();
+            institutions[i].security = self.link_keys(
+                &format!("institution[{i}]"),
+                &names,
+                keys.as_ref(),
+                &dialects,
+            )?;
+        }
+        for (i, b) in f.bank.iter().enumerate() {
+            let names = LinkKeysNames {
+                pin_key: b.pin_key.as_deref(),
+                pin_block_format: b.pin_block_format.as_deref(),
+                mac_key: b.mac_key.as_deref(),
+                mac: b.mac.as_deref(),
+            };
+            let dialect = banks[i].dialect.clone();
+            banks[i].security =
+                self.link_keys(&format!("bank[{i}]"), &names, keys.as_ref(), &[&dialect])?;
+        }
         let journal = f.journal.as_ref().map(|j| self.journal(j)).transpose()?;
         if let Some(j) = &journal {
             // A segment must outlive every reversal it may still hold, and every
@@ -1170,7 +1262,7 @@ impl Checker<'_> {
         }
         Ok(Config {
             listen: s.listen,
-            listeners: self.listeners(&f, &dialect)?,
+            listeners,
             admin_listen: f.admin.listen,
             admin_limits,
             journal,
@@ -1207,7 +1299,173 @@ impl Checker<'_> {
             institutions,
             banks,
             routes,
+            keys,
         })
+    }
+
+    /// `[keys]`: opens the key store (the master key file must be mode 0600) and
+    /// loads every key into the software module.
+    fn keys(&self, k: &KeysSection) -> Result<KeysConfig, ConfigError> {
+        if k.module != "software" {
+            return Err(self.invalid(
+                "keys.module",
+                format!(
+                    "\"software\" is the only module built so far, found {:?}",
+                    k.module
+                ),
+            ));
+        }
+        let (store, master_key_file) = (self.path(&k.store), self.path(&k.master_key_file));
+        let opened = KeyStore::open(&store, &master_key_file)
+            .map_err(|e| self.invalid("keys.store", e.to_string()))?;
+        let mut module = SoftwareModule::new();
+        for stored in opened.keys() {
+            let usage = match stored.kind {
+                KeyType::Zpk => Usage::Pin,
+                KeyType::Zak => Usage::Mac,
+                KeyType::Zmk | KeyType::Kbpk => Usage::KeyEncryption,
+                KeyType::Dek => Usage::Data,
+            };
+            let key = opened
+                .unwrap(&stored.id)
+                .map_err(|e| self.invalid("keys.store", e.to_string()))?;
+            module
+                .add(&stored.id, usage, key)
+                .map_err(|e| self.invalid("keys.store", e.to_string()))?;
+        }
+        let module = Arc::new(module);
+        let journal_key = match &k.journal_key {
+            None => None,
+            Some(id) => {
+                let wanted = (Usage::Data, Some(switchyard_security::Algorithm::Aes));
+                Some(self.key_of(&module, "keys.journal_key", id, wanted)?)
+            }
+        };
+        Ok(KeysConfig {
+            store,
+            master_key_file,
+            module,
+            journal_key,
+        })
+    }
+
+    /// The handle of key `id`, which must have `usage` (and `algorithm`, when
+    /// given); `key` names the setting in errors.
+    fn key_of(
+        &self,
+        module: &SoftwareModule,
+        key: &str,
+        id: &str,
+        (usage, algorithm): (Usage, Option<switchyard_security::Algorithm>),
+    ) -> Result<KeyHandle, ConfigError> {
+        let h = module
+            .handle(id)
+            .ok_or_else(|| self.invalid(key, format!("no key {id:?} in the key store")))?;
+        let info = module
+            .info(h)
+            .map_err(|e| self.invalid(key, e.to_string()))?;
+        if info.usage != usage || algorithm.is_some_and(|a| a != info.algorithm) {
+            return Err(self.invalid(
+                key,
+                format!(
+                    "key {id:?} is a {:?} {:?} key; this takes a {usage:?} key{}",
+                    info.algorithm,
+                    info.usage,
+                    algorithm.map_or(String::new(), |a| format!(" of {a:?}"))
+                ),
+            ));
+        }
+        Ok(h)
+    }
+
+    /// A link's PIN and MAC keys, checked against its dialects (the bank's, or
+    /// every listener's for an institution): DE52 must hold the format's block,
+    /// DE64 and DE128 must be fixed binary fields of 4 to 16 bytes.
+    fn link_keys(
+        &self,
+        at: &str,
+        n: &LinkKeysNames<'_>,
+        keys: Option<&KeysConfig>,
+        dialects: &[&Dialect],
+    ) -> Result<LinkKeys, ConfigError> {
+        let k = |name: &str| format!("{at}.{name}");
+        let mac_algorithm = match n.mac.unwrap_or("none") {
+            "none" => None,
+            "iso9797-3" => Some(MacAlgorithm::Iso9797Alg3),
+            "aes-cmac" => Some(MacAlgorithm::AesCmac),
+            other => {
+                return Err(self.invalid(
+                    k("mac"),
+                    format!("\"none\", \"iso9797-3\" or \"aes-cmac\", found {other:?}"),
+                ))
+            }
+        };
+        let format = match n.pin_block_format {
+            None => None,
+            Some("iso0") => Some(Format::Iso0),
+            Some("iso1") => Some(Format::Iso1),
+            Some("iso3") => Some(Format::Iso3),
+            Some("iso4") => Some(Format::Iso4),
+            Some(other) => {
+                return Err(self.invalid(
+                    k("pin_block_format"),
+                    format!("\"iso0\", \"iso1\", \"iso3\" or \"iso4\", found {other:?}"),
+                ))
+            }
+        };
+        if mac_algorithm.is_none() && n.mac_key.is_some() {
+            return Err(self.invalid(k("mac"), "mac_key is set: name the MAC algorithm"));
+        }
+        if mac_algorithm.is_some() && n.mac_key.is_none() {
+            return Err(self.invalid(k("mac_key"), "required with a MAC algorithm"));
+        }
+        if format.is_some() != n.pin_key.is_some() {
+            return Err(self.invalid(k("pin_key"), "pin_key and pin_block_format go together"));
+        }
+        if mac_algorithm.is_none() && format.is_none() {
+            return Ok(LinkKeys::default());
+        }
+        let Some(keys) = keys else {
+            return Err(self.invalid(at, "names keys, but there is no [keys] section"));
+        };
+        let module = &keys.module;
+        let mut mac = None;
+        if let (Some(algorithm), Some(id)) = (mac_algorithm, n.mac_key) {
+            let wanted = (Usage::Mac, Some(algorithm.key_algorithm()));
+            let key = self.key_of(module, &k("mac_key"), id, wanted)?;
+            for d in dialects {
+                for field in [64, 128] {
+                    let fits = crate::security::binary_field_len(d, field)
+                        .is_some_and(|w| (4..=16).contains(&w));
+                    if !fits {
+                        return Err(self.invalid(
+                            k("mac"),
+                            format!("dialect {} does not carry DE{field} as a fixed binary field of 4 to 16 bytes", d.name()),
+                        ));
+                    }
+                }
+            }
+            mac = Some(MacSpec { key, algorithm });
+        }
+        let mut pin = None;
+        if let (Some(format), Some(id)) = (format, n.pin_key) {
+            let wanted = (Usage::Pin, Some(format.algorithm()));
+            let key = self.key_of(module, &k("pin_key"), id, wanted)?;
+            for d in dialects {
+                if crate::security::binary_field_len(d, 52) != Some(format.block_len()) {
+                    return Err(self.invalid(
+                        k("pin_block_format"),
+                        format!(
+                            "dialect {} does not carry DE52 as a fixed binary field of {} bytes",
+                            d.name(),
+                            format.block_len()
+                        ),
+                    ));
+                }
+            }
+            pin = Some(PinSpec { key, format });
+        }
+        Ok(LinkKeys::new(module.clone(), mac, pin))
     }
 
     fn journal(&self, j: &JournalSection) -> Result<JournalConfig, ConfigError> {
@@ -1293,6 +1551,7 @@ impl Checker<'_> {
                 certificate_name,
                 rate_per_s: inst.rate_per_s,
                 rate_burst: inst.rate_burst,
+                security: LinkKeys::default(),
             });
         }
         Ok(out)
@@ -1376,6 +1635,7 @@ impl Checker<'_> {
             first_stan: 1,
             failover: Vec::new(), // resolved once every bank is known
             optional: b.optional,
+            security: LinkKeys::default(),
         })
     }
 

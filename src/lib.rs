@@ -28,6 +28,7 @@ pub mod journal;
 pub mod lograte;
 pub mod money;
 pub mod net;
+pub mod security;
 pub mod service;
 pub mod sync;
 pub mod telemetry;

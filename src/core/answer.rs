@@ -9,6 +9,7 @@
 use super::inflight::Stan;
 use super::route::BankIndex;
 use super::ResponseCode;
+use crate::security::LinkKeys;
 use crate::wire::{Change, Dialect, Encoder, Framing, Message};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
@@ -125,29 +126,49 @@ impl Reply {
 }
 
 /// Appends one framed answer to `out`, `header` (a TPDU, or nothing) between the
-/// frame's length and the message. Returns false (and appends nothing) when the
-/// answer could not be encoded; the caller counts it.
+/// frame's length and the message, MAC'ed under the acquirer's `keys` when they
+/// have a MAC key (a bank's MAC is replaced). Returns false (and appends nothing)
+/// when the answer could not be encoded; the caller counts it.
 pub fn encode_reply(
     reply: &Reply,
-    dialect: &Dialect,
+    (dialect, keys): (&Dialect, &LinkKeys),
     framing: Framing,
     header: &[u8],
     out: &mut BytesMut,
 ) -> bool {
     let at = framing.begin(out);
     out.extend_from_slice(header);
-    let ok = match reply {
+    let start = out.len();
+    let (ok, placeholder) = match reply {
         Reply::Bank {
             stan,
             answer,
             dialect: from,
             ..
         } => {
-            let changes = [Change::Set(11, stan.as_bytes())];
-            crate::wire::reencode(answer, from, dialect, answer.mti(), &changes, out).is_ok()
+            let highest = answer.highest_field_except(&[64, 128]);
+            let placeholder = keys.placeholder(dialect, highest);
+            let set11 = Change::Set(11, stan.as_bytes());
+            let mut changes = [set11; 3];
+            let mut count = 1;
+            if let Some((n, zeros)) = placeholder {
+                changes[1] = Change::Set(n, zeros);
+                count = 2;
+                let other = if n == 64 { 128 } else { 64 };
+                if answer.has(other) {
+                    changes[2] = Change::Remove(other);
+                    count = 3;
+                }
+            }
+            let changes = &changes[..count];
+            let ok = crate::wire::reencode(answer, from, dialect, answer.mti(), changes, out);
+            (ok.is_ok(), placeholder)
         }
-        Reply::Switch { request, code, .. } => encode_switch_answer(request, *code, dialect, out),
+        Reply::Switch { request, code, .. } => {
+            encode_switch_answer(request, *code, (dialect, keys), out)
+        }
     };
+    let ok = ok && placeholder.is_none_or(|(_, zeros)| keys.seal(&mut out[start..], zeros.len()));
     if !ok || framing.finish(out, at).is_err() {
         out.truncate(at);
         return false;
@@ -155,18 +176,21 @@ pub fn encode_reply(
     true
 }
 
+/// The switch's own answer to `request`; with the placeholder of its MAC last
+/// when the acquirer's `keys` have a MAC key (the caller seals it).
 fn encode_switch_answer(
     request: &Message,
     code: ResponseCode,
-    d: &Dialect,
+    (d, keys): (&Dialect, &LinkKeys),
     out: &mut BytesMut,
-) -> bool {
+) -> (bool, Option<(u8, &'static [u8])>) {
     let Some(mti) = request.mti().response() else {
-        return false;
+        return (false, None);
     };
     let start = out.len();
     let mut enc = Encoder::new(d, out, mti);
     let mut ok = true;
+    let mut highest = 0;
     for n in ECHOED {
         let value = if n == 39 {
             Some(&code.as_bytes()[..])
@@ -175,14 +199,24 @@ fn encode_switch_answer(
         };
         if let Some(value) = value {
             ok &= enc.field(n, value).is_ok();
+            highest = n;
         }
+    }
+    // Network management answers carry no MAC.
+    let placeholder = if crate::security::carries_mac(request) {
+        keys.placeholder(d, highest)
+    } else {
+        None
+    };
+    if let Some((n, zeros)) = placeholder {
+        ok &= enc.field(n, zeros).is_ok();
     }
     // finish() is 0 only when the wire conversion failed (it has truncated).
     let ok = ok && enc.finish() > 0;
     if !ok {
         out.truncate(start);
     }
-    ok
+    (ok, placeholder)
 }
 
 /// An acquirer's DE11, kept by value so an answer does not carry the request.
@@ -322,7 +356,13 @@ mod tests {
         assert_eq!((reply.connector(), reply.seq()), (Some(3), 9));
         assert_eq!(reply.code_label(), "92");
         let mut out = BytesMut::new();
-        assert!(encode_reply(&reply, &d, Framing::U16be, &[], &mut out));
+        assert!(encode_reply(
+            &reply,
+            (&d, &Default::default()),
+            Framing::U16be,
+            &[],
+            &mut out
+        ));
         let frame = FrameDecoder::new(Framing::U16be, 8192)
             .decode(&mut out)
             .unwrap()

@@ -128,6 +128,7 @@ impl BankState {
             write_batch_max: self.bank.write_batch_max,
             echo_interval: self.bank.echo_interval,
             echo_timeout: self.bank.echo_timeout,
+            security: self.bank.security.clone(),
         }
     }
 

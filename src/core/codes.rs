@@ -18,10 +18,15 @@ pub enum ResponseCode {
     FormatError,
     /// 58 transaction not permitted to this institution (DE32 ≠ certificate).
     NotPermitted,
+    /// 63 security violation (the request's MAC is missing or does not verify).
+    SecurityViolation,
     /// 65 rate limit exceeded.
     RateLimited,
     /// 68 response received too late (deadline passed at the switch).
     LateResponse,
+    /// 81 PIN cryptographic error (DE52 is not a valid PIN block under the
+    /// acquirer's key, or one side of the route has no PIN key).
+    PinCryptographicError,
     /// 91 destination unavailable or overloaded.
     DestinationUnavailable,
     /// 92 no route to the destination.
@@ -34,7 +39,7 @@ pub enum ResponseCode {
 
 impl ResponseCode {
     /// Every code, for metrics and documentation.
-    pub const ALL: [ResponseCode; 12] = [
+    pub const ALL: [ResponseCode; 14] = [
         ResponseCode::Approved,
         ResponseCode::InvalidTransaction,
         ResponseCode::InvalidAmount,
@@ -47,6 +52,9 @@ impl ResponseCode {
         ResponseCode::NoRoute,
         ResponseCode::Duplicate,
         ResponseCode::SystemMalfunction,
+        // Appended: a code's position is kept where it is stored (duplicates).
+        ResponseCode::SecurityViolation,
+        ResponseCode::PinCryptographicError,
     ];
 
     /// The two ASCII digits of DE39.
@@ -58,8 +66,10 @@ impl ResponseCode {
             ResponseCode::OriginalNotFound => b"25",
             ResponseCode::FormatError => b"30",
             ResponseCode::NotPermitted => b"58",
+            ResponseCode::SecurityViolation => b"63",
             ResponseCode::RateLimited => b"65",
             ResponseCode::LateResponse => b"68",
+            ResponseCode::PinCryptographicError => b"81",
             ResponseCode::DestinationUnavailable => b"91",
             ResponseCode::NoRoute => b"92",
             ResponseCode::Duplicate => b"94",
@@ -91,9 +101,9 @@ impl fmt::Display for ResponseCode {
 
 /// A DE39 value as a static label (any two bytes; unknown ones map to "other").
 pub fn de39_label(field: &[u8]) -> &'static str {
-    const KNOWN: [&str; 25] = [
+    const KNOWN: [&str; 27] = [
         "00", "01", "03", "04", "05", "12", "13", "14", "25", "30", "41", "43", "51", "54", "55",
-        "57", "58", "61", "65", "68", "91", "92", "94", "96", "06",
+        "57", "58", "61", "63", "65", "68", "81", "91", "92", "94", "96", "06",
     ];
     KNOWN
         .into_iter()

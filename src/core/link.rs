@@ -37,6 +37,7 @@ use super::reversal::{encode_reversal_advice, rewrite_de90};
 use super::saf::Advice;
 use super::InstitutionId;
 use crate::journal::AppendError;
+use crate::security::{LinkKeys, PinOut};
 use crate::wire::{
     reencode, Change, Dialect, EncodeError, Encoder, Framing, Header, Message, MessageHeader, Mti,
 };
@@ -64,6 +65,15 @@ pub trait LinkRequest {
     fn forwarded_at(&mut self, now: Instant);
     /// When it was received and when forwarded (for latency samples).
     fn times(&self) -> (Instant, Instant);
+    /// What becomes of its DE52 on the bank's link (translated at ingress).
+    fn pin_out(&self) -> PinOut {
+        PinOut::AsIs
+    }
+    /// Whether its DE64/DE128 was its acquirer's MAC (checked at ingress): the
+    /// bank never sees it.
+    fn acquirer_mac(&self) -> bool {
+        false
+    }
 }
 
 /// How a request on a link ended. (Answers dominate; boxing the message would
@@ -187,6 +197,8 @@ pub struct LinkConfig {
     pub echo_interval: Duration,
     /// Time the bank has to answer an echo, a sign-on, a sign-off or an advice.
     pub echo_timeout: Duration,
+    /// The bank's PIN and MAC keys.
+    pub security: LinkKeys,
 }
 
 impl LinkConfig {
@@ -320,6 +332,7 @@ impl<E: LinkEnv> Link<E> {
             metrics::counter!("switchyard_bank_bad_messages_total").increment(1);
             return None;
         }
+        let raw = frame.clone();
         let answer = match Message::decode(&self.config.dialect, frame) {
             Ok(m) => m,
             Err(e) => {
@@ -329,6 +342,19 @@ impl<E: LinkEnv> Link<E> {
                 return None;
             }
         };
+        if let Err(failure) = self
+            .config
+            .security
+            .verify(&raw, &answer, &self.config.dialect)
+        {
+            // Dropped: its request ends as an unanswered one (68, and a reversal
+            // advice). The MAC itself is never logged.
+            metrics::counter!("switchyard_mac_failures_total", "side" => "bank", "reason" => failure.as_str())
+                .increment(1);
+            crate::log_limited!(warn, bank = %self.config.bank, mti = %answer.mti(),
+                reason = failure.as_str(), "bank message whose MAC does not verify dropped");
+            return None;
+        }
         let Some(stan) = answer.field(11).and_then(Stan::from_de11) else {
             crate::log_limited!(warn, bank = %self.config.bank, mti = %answer.mti(),
                 "bank message without a valid DE11");
@@ -764,7 +790,7 @@ impl<E: LinkEnv> Link<E> {
             let at = self.config.begin(buf);
             let encoded = encode_reversal_advice(
                 &advice.original,
-                &self.config.dialect,
+                (&self.config.dialect, &self.config.security),
                 advice.original_link_stan,
                 stan,
                 &de7,
@@ -823,21 +849,67 @@ fn encode_request<R: LinkRequest>(
     let de90 = p
         .original_link_stan()
         .and_then(|s| rewrite_de90(request, s));
+    // At most: DE11, DE90, DE52, the MAC placeholder and the other MAC field
+    // removed (unused places repeat DE11's change).
     let set11 = Change::Set(11, &digits);
-    let changes: &[Change<'_>] = match &de90 {
-        Some(de90) => &[set11, Change::Set(90, de90)],
-        None => &[set11],
-    };
+    let mut changes = [set11; 5];
+    let mut count = 1;
+    macro_rules! push {
+        ($c:expr) => {{
+            changes[count] = $c;
+            count += 1;
+        }};
+    }
+    if let Some(de90) = &de90 {
+        push!(Change::Set(90, de90));
+    }
+    let pin = p.pin_out();
+    match &pin {
+        PinOut::AsIs => {}
+        PinOut::Translated(block) => push!(Change::Set(52, block.as_bytes())),
+        PinOut::Removed => push!(Change::Remove(52)),
+    }
+    let highest = request
+        .highest_field_except(&[64, 128])
+        .max(if de90.is_some() { 90 } else { 0 });
+    let placeholder = config.security.placeholder(&config.dialect, highest);
+    match placeholder {
+        Some((n, zeros)) => {
+            push!(Change::Set(n, zeros));
+            let other = if n == 64 { 128 } else { 64 };
+            if request.has(other) {
+                push!(Change::Remove(other));
+            }
+        }
+        None if p.acquirer_mac() => {
+            for n in [64, 128] {
+                if request.has(n) {
+                    push!(Change::Remove(n));
+                }
+            }
+        }
+        None => {}
+    }
     let at = config.begin(buf);
+    let start = buf.len();
     let encoded = reencode(
         request,
         &config.acquirer_dialect,
         &config.dialect,
         request.mti(),
-        changes,
+        &changes[..count],
         buf,
     )
     .map_err(Some)
+    .and_then(|_| match placeholder {
+        Some((n, zeros)) if !config.security.seal(&mut buf[start..], zeros.len()) => {
+            Err(Some(EncodeError {
+                field: n,
+                kind: crate::wire::EncodeErrorKind::Malformed,
+            }))
+        }
+        _ => Ok(()),
+    })
     .and_then(|_| config.framing.finish(buf, at).map_err(|_| None));
     if encoded.is_err() {
         buf.truncate(at);
@@ -1003,6 +1075,8 @@ mod tests {
                 original_link_stan,
                 slot: InstitutionSlot::take(&self.inflight, usize::MAX).unwrap(),
                 key_time: crate::core::dedup::KeyTime::Transmission,
+                pin: Default::default(),
+                acquirer_mac: false,
             };
             self.bank.submit(pending);
         }
@@ -1041,7 +1115,7 @@ mod tests {
                 let mut buf = BytesMut::new();
                 assert!(encode_reply(
                     &reply,
-                    &self.dialect,
+                    (&self.dialect, &Default::default()),
                     Framing::U16be,
                     &[],
                     &mut buf

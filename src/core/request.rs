@@ -6,6 +6,7 @@ use super::inflight::Stan;
 use super::link::LinkRequest;
 use super::route::BankIndex;
 use super::{InstitutionId, ResponseCode};
+use crate::security::PinOut;
 use crate::wire::{Header, Message};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -81,6 +82,10 @@ pub struct Pending {
     /// Which date and time its duplicates key uses (its acquirer's version);
     /// journaled with it so a restart keys it the same way.
     pub key_time: super::dedup::KeyTime,
+    /// Its DE52 for the bank (translated to the bank's key and format).
+    pub pin: PinOut,
+    /// Whether its acquirer's MAC was checked (the bank never sees it).
+    pub acquirer_mac: bool,
 }
 
 impl Pending {
@@ -110,6 +115,14 @@ impl LinkRequest for Pending {
 
     fn times(&self) -> (Instant, Instant) {
         (self.received_at, self.forwarded_at)
+    }
+
+    fn pin_out(&self) -> PinOut {
+        self.pin
+    }
+
+    fn acquirer_mac(&self) -> bool {
+        self.acquirer_mac
     }
 }
 

@@ -67,7 +67,7 @@ pub fn original_data_elements(
 /// (no answer in time), DE90 the original data elements. Returns its length.
 pub fn encode_reversal_advice(
     original: &Message,
-    dialect: &crate::wire::Dialect,
+    (dialect, keys): (&crate::wire::Dialect, &crate::security::LinkKeys),
     link_stan: Stan,
     advice_stan: Stan,
     now_de7: &[u8; 10],
@@ -101,14 +101,24 @@ pub fn encode_reversal_advice(
             result = result.and(enc.field(n, v));
         }
     }
+    // The MAC last, on a link with a MAC key (DE90 is always there: DE128).
+    let placeholder = keys.placeholder(dialect, 90);
+    if let Some((n, zeros)) = placeholder {
+        result = result.and(enc.field(n, zeros));
+    }
+    let malformed = |field| crate::wire::EncodeError {
+        field,
+        kind: crate::wire::EncodeErrorKind::Malformed,
+    };
     match result {
         // finish() is 0 only when the wire conversion failed (see Encoder::finish).
-        Ok(()) => match enc.finish() {
-            0 => Err(crate::wire::EncodeError {
-                field: 0,
-                kind: crate::wire::EncodeErrorKind::Malformed,
-            }),
-            len => Ok(len),
+        Ok(()) => match (enc.finish(), placeholder) {
+            (0, _) => Err(malformed(0)),
+            (_, Some((n, zeros))) if !keys.seal(&mut out[start..], zeros.len()) => {
+                out.truncate(start);
+                Err(malformed(n))
+            }
+            (len, _) => Ok(len),
         },
         Err(e) => {
             out.truncate(start);
@@ -148,7 +158,7 @@ mod tests {
         let mut buf = BytesMut::new();
         encode_reversal_advice(
             &original,
-            &d,
+            (&d, &Default::default()),
             link_stan,
             advice_stan,
             b"1126093100",
@@ -167,7 +177,7 @@ mod tests {
         let mut repeat = BytesMut::new();
         encode_reversal_advice(
             &original,
-            &d,
+            (&d, &Default::default()),
             link_stan,
             advice_stan,
             b"1126093100",

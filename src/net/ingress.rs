@@ -13,6 +13,7 @@ use crate::core::route::{BankIndex, FailoverId};
 use crate::core::validate::{admit, Admission, RequestKind};
 use crate::core::writeahead::OutcomeSource;
 use crate::core::{InstitutionId, ResponseCode};
+use crate::security::{translate_pin, PinOut, NO_KEYS};
 use crate::tls::connection_identity;
 use crate::wire::{FrameDecoder, Location, Message};
 use bytes::BytesMut;
@@ -452,6 +453,13 @@ impl Ingress {
         draining: bool,
         live: &Live,
     ) {
+        let keys = live
+            .institutions
+            .get(&institution)
+            .map(|s| &s.config.security)
+            .filter(|k| k.has_mac());
+        // The message as it came, for its MAC (a reference count, not a copy).
+        let raw = keys.map(|_| frame.clone());
         let (msg, error) = Message::decode_partial(&wire.dialect, frame);
         if let Some(e) = error {
             metrics::counter!("switchyard_rejected_input_total", "reason" => "format").increment(1);
@@ -462,6 +470,19 @@ impl Ingress {
             let code = ResponseCode::FormatError;
             permit.send(Reply::switch(msg, code));
             return;
+        }
+        if let (Some(keys), Some(raw)) = (keys, raw) {
+            if let Err(failure) = keys.verify(&raw, &msg, &wire.dialect) {
+                // Answered 63 and not forwarded; the MAC itself is never logged.
+                metrics::counter!("switchyard_mac_failures_total", "side" => "acquirer", "reason" => failure.as_str())
+                    .increment(1);
+                crate::log_limited!(warn, %institution, mti = %msg.mti(), reason = failure.as_str(),
+                    "request MAC does not verify: answered 63");
+                if msg.mti().is_request() {
+                    permit.send(Reply::switch(msg, ResponseCode::SecurityViolation));
+                }
+                return;
+            }
         }
         match admit(&msg, institution, &live.routes) {
             // Shutting down: nothing new is forwarded.
@@ -521,6 +542,29 @@ impl Ingress {
         let Some(connector) = live.connector(bank) else {
             return; // routes name configured slots only
         };
+        let acquirer_keys = live
+            .institutions
+            .get(&institution)
+            .map(|s| &s.config.security);
+        let acquirer_keys = acquirer_keys.unwrap_or(&NO_KEYS);
+        let reversal = matches!(kind, RequestKind::Reversal | RequestKind::ReversalAdvice);
+        let pin = if reversal && msg.has(52) && acquirer_keys.pin.is_some() {
+            // A reversal carries no PIN onwards (its bank is the original's).
+            PinOut::Removed
+        } else {
+            match translate_pin(&msg, acquirer_keys, &connector.bank().security) {
+                Ok(pin) => pin,
+                Err(failure) => {
+                    metrics::counter!("switchyard_pin_failures_total", "reason" => failure.as_str())
+                        .increment(1);
+                    crate::log_limited!(warn, %institution, bank = %connector.bank().id,
+                        reason = failure.as_str(), "PIN block cannot be translated: answered 81");
+                    permit.send(Reply::switch(msg, ResponseCode::PinCryptographicError).via(bank));
+                    return;
+                }
+            }
+        };
+        let acquirer_mac = acquirer_keys.has_mac();
         let received_at = Instant::now();
         let dialect_of = |c: BankIndex| live.connector(c).map(|c| c.bank().dialect.clone());
         let Some(opened) = self.books.recent.open(
@@ -547,11 +591,13 @@ impl Ingress {
             slot,
             // The rule `open` keyed it by, journaled with it.
             key_time: KeyTime::of(wire.dialect.version()),
+            pin,
+            acquirer_mac,
         };
         let Some(pending) = self.books.accept(pending) else {
             return; // not journaled: answered 91
         };
-        if matches!(kind, RequestKind::Reversal | RequestKind::ReversalAdvice) {
+        if reversal {
             self.reverse(pending, live);
         } else {
             connector.submit(pending);
@@ -627,9 +673,11 @@ impl Ingress {
                 return;
             }
             let _ = self.refresh(&mut live);
+            let keys = live.1.institutions.get(&institution);
+            let keys = keys.map_or(&NO_KEYS, |s| &s.config.security);
             for Answer { header, reply } in batch.drain(..) {
                 counters.count(&reply, &live.1);
-                let (dialect, framing) = (&wire.dialect, wire.framing);
+                let (dialect, framing) = ((&*wire.dialect, keys), wire.framing);
                 if !encode_reply(&reply, dialect, framing, header.as_bytes(), &mut out) {
                     metrics::counter!("switchyard_encode_failures_total").increment(1);
                     crate::log_limited!(

@@ -894,6 +894,7 @@ impl Sim {
             first_stan: 1,
             failover: Vec::new(),
             optional: false,
+            security: Default::default(),
         }
     }
 
@@ -1059,6 +1060,8 @@ impl Sim {
             original_link_stan: None,
             slot: InstitutionSlot::take(&sw.inflight, usize::MAX).expect("slot"),
             key_time: switchyard::core::dedup::KeyTime::Transmission,
+            pin: Default::default(),
+            acquirer_mac: false,
         };
         sw.next_request_id += 1;
         if let Some(pending) = sw.books.accept(pending) {
@@ -1068,7 +1071,13 @@ impl Sim {
 
     fn deliver(&mut self, reply: Reply, decided: Duration) {
         let mut out = BytesMut::new();
-        if !encode_reply(&reply, &self.dialect, Framing::U16be, &[], &mut out) {
+        if !encode_reply(
+            &reply,
+            (&self.dialect, &Default::default()),
+            Framing::U16be,
+            &[],
+            &mut out,
+        ) {
             return self.violation("an answer could not be encoded".into());
         }
         let frame = FrameDecoder::new(Framing::U16be, FRAME_MAX_BYTES).decode(&mut out);

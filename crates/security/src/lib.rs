@@ -15,6 +15,7 @@
 
 pub mod kcv;
 pub mod mac;
+pub mod module;
 pub mod pin;
 pub mod store;
 pub mod tr31;

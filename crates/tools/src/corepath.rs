@@ -255,7 +255,13 @@ impl LinkEnv for CoreEnv {
         let reply = Reply::bank(stan, answer, self.bank_dialect.clone(), 0, 0);
         let mut out = self.session_write.borrow_mut();
         out.clear();
-        let encoded = encode_reply(&reply, &self.acquirer_dialect, FRAMING, &[], &mut out);
+        let encoded = encode_reply(
+            &reply,
+            (&self.acquirer_dialect, &Default::default()),
+            FRAMING,
+            &[],
+            &mut out,
+        );
         self.encoded.set(Some(encoded));
     }
 
@@ -326,6 +332,7 @@ impl SwitchCore {
             write_batch_max: WRITE_BATCH_MAX_DEFAULT,
             echo_interval: Duration::from_millis(ECHO_INTERVAL_MS_DEFAULT),
             echo_timeout: Duration::from_millis(ECHO_TIMEOUT_MS_DEFAULT),
+            security: Default::default(),
         };
         let mut core = SwitchCore {
             acquirer: InstitutionId::from_digits(ACQUIRER.as_bytes()).expect("acquirer id"),

@@ -482,6 +482,22 @@ impl Message {
         (self.present, self.present3)
     }
 
+    /// The highest present data field of 2..=128 other than those in `except`
+    /// (0 when there is none): where a field that must come last goes.
+    pub fn highest_field_except(&self, except: &[u8]) -> u8 {
+        let mut mask = self.present & !bit(1);
+        for &n in except {
+            if (1..=128).contains(&n) {
+                mask &= !bit(n);
+            }
+        }
+        if mask == 0 {
+            0
+        } else {
+            (128 - mask.trailing_zeros()) as u8
+        }
+    }
+
     /// Whether field 65 is the tertiary bitmap (fields 129..=192 may follow).
     #[inline]
     pub fn has_tertiary_bitmap(&self) -> bool {

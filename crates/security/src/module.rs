@@ -1,0 +1,497 @@
+//! The security module interface ([`SecurityModule`]) and its embedded backend
+//! ([`SoftwareModule`]).
+//!
+//! The switch names keys by id in its config and resolves each id once, to a
+//! [`KeyHandle`]; after that it asks the module to translate PIN blocks and to
+//! make or check MACs under a handle. Clear keys never leave the module: the
+//! interface takes and returns enciphered PIN blocks, MACs and key check values.
+//!
+//! Each key has a [`Usage`] and the module refuses a key for anything else (a
+//! MAC key cannot translate PINs, a PIN key cannot make MACs), as an HSM does.
+//! A working key can be replaced ([`SecurityModule::replace`]); the key it
+//! replaces stays valid for verification (and PIN translation from it) until
+//! the next replacement, so answers in flight under the old key still verify.
+
+use crate::mac::{self, MacError};
+use crate::pin::{self, Format, PinError};
+use crate::{kcv, Algorithm, Key};
+use std::sync::{Arc, RwLock};
+
+/// Most keys one module holds.
+pub const KEYS_MAX: usize = 4096;
+
+/// A key of the module, resolved from its id once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KeyHandle(u32);
+
+/// What a key may be used for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Usage {
+    /// A zone PIN key: PIN blocks are enciphered under it.
+    Pin,
+    /// A zone MAC key: messages are MAC'ed under it.
+    Mac,
+    /// A key-encrypting key (zone master key, key block protection key): other
+    /// keys travel under it.
+    KeyEncryption,
+    /// A data key: stored data is enciphered under it.
+    Data,
+}
+
+/// A MAC algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MacAlgorithm {
+    /// ISO/IEC 9797-1 MAC algorithm 3 (the retail MAC), two-key TDES.
+    Iso9797Alg3,
+    /// AES-CMAC (RFC 4493).
+    AesCmac,
+}
+
+impl MacAlgorithm {
+    /// The key algorithm it takes.
+    pub fn key_algorithm(self) -> Algorithm {
+        match self {
+            MacAlgorithm::Iso9797Alg3 => Algorithm::Tdes,
+            MacAlgorithm::AesCmac => Algorithm::Aes,
+        }
+    }
+
+    /// Bytes of the full MAC (a field may carry its left part).
+    pub fn mac_len(self) -> usize {
+        match self {
+            MacAlgorithm::Iso9797Alg3 => 8,
+            MacAlgorithm::AesCmac => 16,
+        }
+    }
+}
+
+/// Why the module refused an operation.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ModuleError {
+    /// No key has this handle.
+    #[error("no such key")]
+    UnknownKey,
+    /// The key's usage or algorithm does not allow the operation.
+    #[error("key {id} may not be used for this ({usage:?}, {algorithm:?})")]
+    Usage {
+        /// The key's id.
+        id: String,
+        /// Its usage.
+        usage: Usage,
+        /// Its algorithm.
+        algorithm: Algorithm,
+    },
+    /// A PIN block could not be translated.
+    #[error("PIN block: {0}")]
+    Pin(#[from] PinError),
+    /// A MAC could not be made or did not verify.
+    #[error("MAC: {0}")]
+    Mac(#[from] MacError),
+    /// The module holds [`KEYS_MAX`] keys, or an id twice.
+    #[error("key {0} cannot be added (duplicate id, or the module is full)")]
+    Add(String),
+    /// A backend's transport or protocol failed (a hardware module).
+    #[error("security module unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// What the module tells of a key: never the key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// Its id.
+    pub id: String,
+    /// What it may be used for.
+    pub usage: Usage,
+    /// Its algorithm.
+    pub algorithm: Algorithm,
+    /// Key check value of the current key.
+    pub kcv: [u8; 3],
+}
+
+/// A PIN block enciphered under some key: 8 bytes (formats 0, 1, 3) or 16
+/// (format 4). Not secret without the key, but never logged either.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PinBlock {
+    bytes: [u8; 16],
+    len: u8,
+}
+
+impl PinBlock {
+    /// A block of 8 or 16 bytes.
+    pub fn new(bytes: &[u8]) -> Option<PinBlock> {
+        if bytes.len() != 8 && bytes.len() != 16 {
+            return None;
+        }
+        let mut b = [0u8; 16];
+        b[..bytes.len()].copy_from_slice(bytes);
+        Some(PinBlock {
+            bytes: b,
+            len: bytes.len() as u8,
+        })
+    }
+
+    /// Its bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for PinBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PinBlock({} bytes)", self.len)
+    }
+}
+
+/// What a security module does for the switch. Implementations keep clear keys
+/// to themselves.
+pub trait SecurityModule: Send + Sync {
+    /// The handle of the key `id`.
+    fn handle(&self, id: &str) -> Option<KeyHandle>;
+
+    /// What is known of `key`.
+    fn info(&self, key: KeyHandle) -> Result<KeyInfo, ModuleError>;
+
+    /// Translates `block` (under `from` in `from_format`) for `pan` to
+    /// `to_format` under `to`. Both keys must be PIN keys.
+    fn translate_pin(
+        &self,
+        from: (KeyHandle, Format),
+        block: &[u8],
+        pan: &[u8],
+        to: (KeyHandle, Format),
+    ) -> Result<PinBlock, ModuleError>;
+
+    /// The MAC of `data` under MAC key `key`, its left `out.len()` bytes (4 to the
+    /// algorithm's length) written to `out`.
+    fn generate_mac(
+        &self,
+        key: KeyHandle,
+        algorithm: MacAlgorithm,
+        data: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), ModuleError>;
+
+    /// Whether `mac` (the left part of a MAC, 4 bytes or more) is the MAC of `data`
+    /// under `key` (the current key, or the one it replaced).
+    fn verify_mac(
+        &self,
+        key: KeyHandle,
+        algorithm: MacAlgorithm,
+        data: &[u8],
+        mac: &[u8],
+    ) -> Result<(), ModuleError>;
+
+    /// Replaces working key `key` with `new` (the old one stays valid for
+    /// verification until the next replacement).
+    fn replace(&self, key: KeyHandle, new: Key) -> Result<(), ModuleError>;
+}
+
+struct Slot {
+    id: String,
+    usage: Usage,
+    algorithm: Algorithm,
+    keys: RwLock<Versions>,
+}
+
+struct Versions {
+    current: Arc<Key>,
+    previous: Option<Arc<Key>>,
+}
+
+/// The embedded module: keys in memory, wiped when dropped.
+#[derive(Default)]
+pub struct SoftwareModule {
+    slots: Vec<Slot>,
+}
+
+impl std::fmt::Debug for SoftwareModule {
+    /// Key ids and check values only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut list = f.debug_list();
+        for (i, slot) in self.slots.iter().enumerate() {
+            list.entry(&(
+                slot.id.as_str(),
+                self.info(KeyHandle(i as u32)).map(|i| i.kcv),
+            ));
+        }
+        list.finish()
+    }
+}
+
+impl SoftwareModule {
+    /// An empty module.
+    pub fn new() -> SoftwareModule {
+        SoftwareModule::default()
+    }
+
+    /// Adds key `id` for `usage`.
+    pub fn add(&mut self, id: &str, usage: Usage, key: Key) -> Result<KeyHandle, ModuleError> {
+        if self.slots.len() >= KEYS_MAX || self.slots.iter().any(|s| s.id == id) {
+            return Err(ModuleError::Add(id.to_owned()));
+        }
+        self.slots.push(Slot {
+            id: id.to_owned(),
+            usage,
+            algorithm: key.algorithm(),
+            keys: RwLock::new(Versions {
+                current: Arc::new(key),
+                previous: None,
+            }),
+        });
+        Ok(KeyHandle(self.slots.len() as u32 - 1))
+    }
+
+    fn slot(&self, key: KeyHandle, usage: Usage) -> Result<&Slot, ModuleError> {
+        let slot = self
+            .slots
+            .get(key.0 as usize)
+            .ok_or(ModuleError::UnknownKey)?;
+        if slot.usage != usage {
+            return Err(slot.refused());
+        }
+        Ok(slot)
+    }
+
+    /// The current key of `slot` and the one it replaced.
+    fn versions(slot: &Slot) -> (Arc<Key>, Option<Arc<Key>>) {
+        // A poisoned lock only means a panic elsewhere while replacing: the
+        // versions themselves are always whole.
+        let v = slot.keys.read().unwrap_or_else(|e| e.into_inner());
+        (v.current.clone(), v.previous.clone())
+    }
+}
+
+impl Slot {
+    fn refused(&self) -> ModuleError {
+        ModuleError::Usage {
+            id: self.id.clone(),
+            usage: self.usage,
+            algorithm: self.algorithm,
+        }
+    }
+}
+
+impl SecurityModule for SoftwareModule {
+    fn handle(&self, id: &str) -> Option<KeyHandle> {
+        self.slots
+            .iter()
+            .position(|s| s.id == id)
+            .map(|i| KeyHandle(i as u32))
+    }
+
+    fn info(&self, key: KeyHandle) -> Result<KeyInfo, ModuleError> {
+        let slot = self
+            .slots
+            .get(key.0 as usize)
+            .ok_or(ModuleError::UnknownKey)?;
+        let (current, _) = SoftwareModule::versions(slot);
+        Ok(KeyInfo {
+            id: slot.id.clone(),
+            usage: slot.usage,
+            algorithm: slot.algorithm,
+            kcv: kcv::kcv(&current),
+        })
+    }
+
+    fn translate_pin(
+        &self,
+        (from, from_format): (KeyHandle, Format),
+        block: &[u8],
+        pan: &[u8],
+        (to, to_format): (KeyHandle, Format),
+    ) -> Result<PinBlock, ModuleError> {
+        let (source, target) = (self.slot(from, Usage::Pin)?, self.slot(to, Usage::Pin)?);
+        let (source, previous) = SoftwareModule::versions(source);
+        let (target, _) = SoftwareModule::versions(target);
+        let mut random = pin::os_random;
+        let translated = pin::translate(
+            (from_format, &source),
+            block,
+            pan,
+            (to_format, &target),
+            &mut random,
+        );
+        // A block made under the key just replaced (a request in flight across a
+        // rotation) is still accepted.
+        let translated = match (translated, previous) {
+            (Err(PinError::Block), Some(previous)) => pin::translate(
+                (from_format, &previous),
+                block,
+                pan,
+                (to_format, &target),
+                &mut random,
+            ),
+            (t, _) => t,
+        }?;
+        PinBlock::new(&translated).ok_or(ModuleError::Pin(PinError::Key))
+    }
+
+    fn generate_mac(
+        &self,
+        key: KeyHandle,
+        algorithm: MacAlgorithm,
+        data: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), ModuleError> {
+        let slot = self.slot(key, Usage::Mac)?;
+        if slot.algorithm != algorithm.key_algorithm()
+            || !(4..=algorithm.mac_len()).contains(&out.len())
+        {
+            return Err(slot.refused());
+        }
+        let (current, _) = SoftwareModule::versions(slot);
+        match algorithm {
+            MacAlgorithm::Iso9797Alg3 => {
+                let mac = mac::retail_mac(&current, data)?;
+                out.copy_from_slice(&mac[..out.len()]);
+            }
+            MacAlgorithm::AesCmac => {
+                let mac = mac::aes_cmac(&current, data)?;
+                out.copy_from_slice(&mac[..out.len()]);
+            }
+        }
+        Ok(())
+    }
+
+    fn verify_mac(
+        &self,
+        key: KeyHandle,
+        algorithm: MacAlgorithm,
+        data: &[u8],
+        mac: &[u8],
+    ) -> Result<(), ModuleError> {
+        let slot = self.slot(key, Usage::Mac)?;
+        if slot.algorithm != algorithm.key_algorithm() {
+            return Err(slot.refused());
+        }
+        let check = |key: &Key| match algorithm {
+            MacAlgorithm::Iso9797Alg3 => mac::verify_retail_mac(key, data, mac),
+            MacAlgorithm::AesCmac => mac::verify_aes_cmac(key, data, mac),
+        };
+        let (current, previous) = SoftwareModule::versions(slot);
+        match (check(&current), previous) {
+            (Err(MacError::Mismatch), Some(previous)) => Ok(check(&previous)?),
+            (result, _) => Ok(result?),
+        }
+    }
+
+    fn replace(&self, key: KeyHandle, new: Key) -> Result<(), ModuleError> {
+        let slot = self
+            .slots
+            .get(key.0 as usize)
+            .ok_or(ModuleError::UnknownKey)?;
+        if new.algorithm() != slot.algorithm {
+            return Err(slot.refused());
+        }
+        let mut v = slot.keys.write().unwrap_or_else(|e| e.into_inner());
+        let old = std::mem::replace(&mut v.current, Arc::new(new));
+        v.previous = Some(old);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::unhex;
+
+    fn module() -> (SoftwareModule, [KeyHandle; 4]) {
+        let mut m = SoftwareModule::new();
+        let tdes = |hex: &str| Key::new(Algorithm::Tdes, &unhex(hex)).unwrap();
+        let a = m
+            .add(
+                "zpk-a",
+                Usage::Pin,
+                tdes("0123456789ABCDEFFEDCBA9876543210"),
+            )
+            .unwrap();
+        let b = m
+            .add(
+                "zpk-b",
+                Usage::Pin,
+                tdes("1111111111111111FEDCBA9876543210"),
+            )
+            .unwrap();
+        let mac = m
+            .add("zak", Usage::Mac, tdes("0123456789ABCDEFFEDCBA9876543210"))
+            .unwrap();
+        let aes = m
+            .add(
+                "zpk-aes",
+                Usage::Pin,
+                Key::new(Algorithm::Aes, &unhex("2B7E151628AED2A6ABF7158809CF4F3C")).unwrap(),
+            )
+            .unwrap();
+        (m, [a, b, mac, aes])
+    }
+
+    #[test]
+    fn keys_are_used_only_for_their_usage() {
+        let (m, [a, _, mac, _]) = module();
+        let mut out = [0u8; 8];
+        assert!(matches!(
+            m.generate_mac(a, MacAlgorithm::Iso9797Alg3, b"x", &mut out),
+            Err(ModuleError::Usage { .. })
+        ));
+        assert!(matches!(
+            m.translate_pin(
+                (mac, Format::Iso0),
+                &[0; 8],
+                b"4321987654321098",
+                (a, Format::Iso0)
+            ),
+            Err(ModuleError::Usage { .. })
+        ));
+        let info = format!("{m:?}");
+        assert!(!info.contains("0123456789"), "{info}");
+    }
+
+    #[test]
+    fn the_retail_mac_known_answer_through_the_module() {
+        let (m, [_, _, mac, _]) = module();
+        let mut out = [0u8; 8];
+        m.generate_mac(
+            mac,
+            MacAlgorithm::Iso9797Alg3,
+            b"Now is the time for all ",
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out.to_vec(), unhex("A1C72E74EA3FA9B6"));
+        m.verify_mac(
+            mac,
+            MacAlgorithm::Iso9797Alg3,
+            b"Now is the time for all ",
+            &out[..4],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn pins_translate_across_keys_and_formats_and_the_old_key_stays_valid() {
+        let (m, [a, b, _, aes]) = module();
+        let pan = b"4321987654321098";
+        let tdes_a = Key::new(Algorithm::Tdes, &unhex("0123456789ABCDEFFEDCBA9876543210")).unwrap();
+        let block =
+            pin::encipher(Format::Iso0, &tdes_a, b"1234", pan, &mut pin::os_random).unwrap();
+        let out = m
+            .translate_pin((a, Format::Iso0), &block, pan, (aes, Format::Iso4))
+            .unwrap();
+        let aes_key = Key::new(Algorithm::Aes, &unhex("2B7E151628AED2A6ABF7158809CF4F3C")).unwrap();
+        assert!(pin::holds_pin(Format::Iso4, &aes_key, out.as_bytes(), pan, b"1234").unwrap());
+        // Wrong key: not a valid block.
+        assert_eq!(
+            m.translate_pin((b, Format::Iso0), &block, pan, (aes, Format::Iso4)),
+            Err(ModuleError::Pin(PinError::Block))
+        );
+        // After a rotation of zpk-a, blocks under the old key still translate.
+        m.replace(
+            a,
+            Key::new(Algorithm::Tdes, &unhex("89ABCDEF01234567FEDCBA9876543210")).unwrap(),
+        )
+        .unwrap();
+        assert!(m
+            .translate_pin((a, Format::Iso0), &block, pan, (aes, Format::Iso4))
+            .is_ok());
+    }
+}

@@ -1,0 +1,274 @@
+//! PIN translation and MACs on each link, through the security module
+//! (`switchyard-security`).
+//!
+//! Every `[[institution]]` and `[[bank]]` may name a PIN key and format and a
+//! MAC key and algorithm ([`LinkKeys`]); the ids are resolved to module handles
+//! when the config is read. On the way through the switch:
+//!
+//! * a request from an institution with a MAC key must carry a MAC that
+//!   verifies ([`LinkKeys::verify`]), else it is answered 63 and goes no
+//!   further; an answer from a bank with a MAC key likewise, else it is dropped
+//!   (its request then ends as an unanswered one: 68 and a reversal advice);
+//! * DE52 is translated from the acquirer's key and format to the bank's
+//!   ([`translate_pin`]); a block that does not decipher to a valid PIN block is
+//!   answered 81;
+//! * what goes to a bank with a MAC key carries its MAC, what goes back to an
+//!   institution with one carries the institution's ([`LinkKeys::seal`]).
+//!
+//! **Where the MAC is.** The MAC is the last field of the message: DE128 when
+//! the message has fields above 64, else DE64, binary and of fixed length in the
+//! link's dialect (check-config refuses a dialect where it is not). It covers
+//! every byte of the message before it, from the MTI (a TPDU or length prefix
+//! is not part of the message). An AES-CMAC is carried as its left 8 bytes when
+//! the field is 8 bytes long. Network management messages (08xx) carry none.
+
+use crate::wire::{Dialect, FieldType, LengthKind, Message};
+use std::sync::Arc;
+use switchyard_security::module::{
+    KeyHandle, MacAlgorithm, ModuleError, PinBlock, SecurityModule, SoftwareModule,
+};
+use switchyard_security::pin::Format;
+
+/// The security module the switch uses.
+pub type Module = Arc<SoftwareModule>;
+
+/// A link's MAC: the key and the algorithm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MacSpec {
+    /// The MAC key.
+    pub key: KeyHandle,
+    /// The algorithm.
+    pub algorithm: MacAlgorithm,
+}
+
+/// A link's PIN key and the ISO 9564 format its PIN blocks are in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PinSpec {
+    /// The zone PIN key.
+    pub key: KeyHandle,
+    /// The PIN block format.
+    pub format: Format,
+}
+
+/// One link's keys (an institution's or a bank's); the default has none, and
+/// messages then pass as they are.
+#[derive(Clone, Default)]
+pub struct LinkKeys {
+    module: Option<Module>,
+    /// MAC on every message but network management.
+    pub mac: Option<MacSpec>,
+    /// PIN blocks (DE52) under this key and format.
+    pub pin: Option<PinSpec>,
+}
+
+/// No keys: what a link without `pin_key` or `mac_key` has.
+pub static NO_KEYS: LinkKeys = LinkKeys {
+    module: None,
+    mac: None,
+    pin: None,
+};
+
+impl std::fmt::Debug for LinkKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinkKeys")
+            .field("mac", &self.mac)
+            .field("pin", &self.pin)
+            .finish()
+    }
+}
+
+impl PartialEq for LinkKeys {
+    /// The same specs naming keys of the same id, usage, algorithm and check
+    /// value (a reload that reads an unchanged key store changes nothing).
+    fn eq(&self, other: &LinkKeys) -> bool {
+        let info = |k: &LinkKeys, h: Option<KeyHandle>| {
+            k.module.as_ref().zip(h).map(|(m, h)| m.info(h).ok())
+        };
+        let keys = |k: &LinkKeys| {
+            (
+                info(k, k.mac.map(|m| m.key)),
+                info(k, k.pin.map(|p| p.key)),
+                k.mac.map(|m| m.algorithm),
+                k.pin.map(|p| p.format),
+            )
+        };
+        keys(self) == keys(other)
+    }
+}
+
+/// Why a message's MAC was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MacFailure {
+    /// The message carries no MAC field, or not as its last field.
+    Missing,
+    /// The MAC does not verify.
+    Mismatch,
+    /// The link's dialect cannot carry a MAC (refused by check-config).
+    Field,
+}
+
+impl MacFailure {
+    /// As a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MacFailure::Missing => "missing",
+            MacFailure::Mismatch => "mismatch",
+            MacFailure::Field => "field",
+        }
+    }
+}
+
+/// Bytes of field `n` where a dialect carries it as a fixed binary field (a MAC
+/// or a PIN block); `None` where it does not.
+pub fn binary_field_len(dialect: &Dialect, n: u8) -> Option<usize> {
+    let spec = dialect.field(n)?;
+    let fits = spec.ty == FieldType::B
+        && spec.length == LengthKind::Fixed
+        && spec.encoding == crate::wire::Encoding::Binary;
+    fits.then_some(usize::from(spec.max))
+}
+
+/// The field a message's MAC goes in when its highest other field is `highest`.
+pub fn mac_field(highest: u8) -> u8 {
+    if highest > 64 {
+        128
+    } else {
+        64
+    }
+}
+
+/// Whether messages of this MTI carry a MAC (all but network management).
+pub fn carries_mac(msg: &Message) -> bool {
+    msg.mti().as_bytes()[1] != b'8'
+}
+
+impl LinkKeys {
+    /// Keys of `module` for a link.
+    pub fn new(module: Module, mac: Option<MacSpec>, pin: Option<PinSpec>) -> LinkKeys {
+        LinkKeys {
+            module: Some(module),
+            mac,
+            pin,
+        }
+    }
+
+    /// Whether messages on this link carry a MAC.
+    pub fn has_mac(&self) -> bool {
+        self.mac.is_some() && self.module.is_some()
+    }
+
+    /// Checks the MAC of `msg` (decoded under `dialect` from `raw`, the message's
+    /// bytes as received): Ok when the link has no MAC key or the message is a
+    /// network management message.
+    pub fn verify(&self, raw: &[u8], msg: &Message, dialect: &Dialect) -> Result<(), MacFailure> {
+        let (Some(module), Some(mac)) = (&self.module, self.mac) else {
+            return Ok(());
+        };
+        if !carries_mac(msg) {
+            return Ok(());
+        }
+        let n = if msg.has(128) {
+            128
+        } else if msg.has(64) {
+            64
+        } else {
+            return Err(MacFailure::Missing);
+        };
+        let width = binary_field_len(dialect, n).ok_or(MacFailure::Field)?;
+        let Some(at) = raw.len().checked_sub(width) else {
+            return Err(MacFailure::Missing);
+        };
+        let (data, value) = raw.split_at(at);
+        // The field decoded must be those last bytes: the MAC is the last field.
+        if msg.field(n) != Some(value) || (n == 64 && msg.highest_field_except(&[64]) > 64) {
+            return Err(MacFailure::Missing);
+        }
+        let len = width.min(mac.algorithm.mac_len());
+        module
+            .verify_mac(mac.key, mac.algorithm, data, &value[..len])
+            .map_err(|_| MacFailure::Mismatch)
+    }
+
+    /// The placeholder `(field, zeros)` a message for this link carries while it
+    /// is encoded, its highest other field being `highest`; `None` without a MAC
+    /// key or when the dialect cannot carry one.
+    pub fn placeholder(&self, dialect: &Dialect, highest: u8) -> Option<(u8, &'static [u8])> {
+        const ZEROS: [u8; 16] = [0; 16];
+        self.mac?;
+        let n = mac_field(highest);
+        let width = binary_field_len(dialect, n)?;
+        ZEROS.get(..width).map(|z| (n, z))
+    }
+
+    /// Writes the MAC of `message[..len - width]` into its last `width` bytes
+    /// (where the placeholder was encoded). False when the module refused.
+    pub fn seal(&self, message: &mut [u8], width: usize) -> bool {
+        let (Some(module), Some(mac)) = (&self.module, self.mac) else {
+            return true;
+        };
+        let Some(at) = message.len().checked_sub(width) else {
+            return false;
+        };
+        let (data, value) = message.split_at_mut(at);
+        let len = width.min(mac.algorithm.mac_len());
+        let ok = module
+            .generate_mac(mac.key, mac.algorithm, data, &mut value[..len])
+            .is_ok();
+        // A field longer than the MAC: the rest stays zero.
+        ok
+    }
+}
+
+/// What the switch does with a request's DE52 on its way to the bank.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PinOut {
+    /// Forwarded as it came (neither side has a PIN key, or no DE52).
+    #[default]
+    AsIs,
+    /// Replaced by this block (under the bank's key, in its format).
+    Translated(PinBlock),
+    /// Left out (a reversal: it carries no PIN to the bank).
+    Removed,
+}
+
+/// Why a PIN block could not go to the bank: the switch answers 81.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinFailure {
+    /// Only one side has a PIN key.
+    NoKey,
+    /// The block is not a valid PIN block under the acquirer's key (or the PAN
+    /// does not fit the format).
+    Block,
+}
+
+impl PinFailure {
+    /// As a metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinFailure::NoKey => "no_key",
+            PinFailure::Block => "block",
+        }
+    }
+}
+
+/// Translates `msg`'s DE52 from the acquirer's key and format to the bank's.
+pub fn translate_pin(
+    msg: &Message,
+    acquirer: &LinkKeys,
+    bank: &LinkKeys,
+) -> Result<PinOut, PinFailure> {
+    let Some(block) = msg.field(52) else {
+        return Ok(PinOut::AsIs);
+    };
+    let (from, to, module) = match (acquirer.pin, bank.pin, &bank.module) {
+        (None, None, _) => return Ok(PinOut::AsIs),
+        (Some(from), Some(to), Some(module)) => (from, to, module),
+        _ => return Err(PinFailure::NoKey),
+    };
+    let pan = msg.field(2).unwrap_or(b"");
+    match module.translate_pin((from.key, from.format), block, pan, (to.key, to.format)) {
+        Ok(out) => Ok(PinOut::Translated(out)),
+        Err(ModuleError::Pin(_)) => Err(PinFailure::Block),
+        Err(_) => Err(PinFailure::NoKey),
+    }
+}
