@@ -2,18 +2,29 @@
 //! (Prometheus text), `/healthz`, `/readyz` and `/status` (JSON), and `POST
 //! /reload` (what SIGHUP does; `switchyard reload` calls it).
 //!
+//! Reading is open to whoever reaches the endpoint; changing the switch is not.
+//! Every request with a method other than GET or HEAD (`POST /reload`, key
+//! rotation, any path, known or not) passes one rule, [`allowed`], before it is
+//! routed: without `[admin.tls]` it is served only to a loopback peer (and the
+//! config refuses a non-loopback `admin.listen` then); with `[admin.tls]` the
+//! endpoint speaks TLS only and a change needs a client certificate chaining to
+//! `admin.tls.client_ca_file` (and carrying one of `admin.tls.client_names`, when
+//! given), from loopback too. Anything else is answered 403 and counted in
+//! `switchyard_admin_forbidden_total{reason}`.
+//!
 //! HTTP/1.1 is hyper's; the endpoint keeps its bounds through hyper's settings
 //! and tower layers: a request head of at most `admin.request_head_max_bytes`
 //! (hyper's read buffer; larger: 431), read within `admin.header_read_timeout_ms`
-//! (hyper's header timer), a request done within `admin.request_timeout_ms`
-//! (tower's timeout layer), one request per connection (no keep-alive), and at
-//! most `admin.connections_max` connections at once (more are closed at accept and
-//! counted in `switchyard_admin_refused_total`).
+//! (hyper's header timer; with TLS the handshake gets the same time before it), a
+//! request done within `admin.request_timeout_ms` (tower's timeout layer), one
+//! request per connection (no keep-alive), and at most `admin.connections_max`
+//! connections at once (more are closed at accept and counted in
+//! `switchyard_admin_refused_total`).
 //!
 //! What the endpoint shows and does it asks of an [`Operator`]: the daemon
 //! implements it (`service`); the endpoint knows nothing else of the daemon.
 
-use crate::config::AdminLimits;
+use crate::config::{AdminLimits, AdminTls};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -22,9 +33,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -41,21 +54,104 @@ pub trait Operator: Send + Sync + 'static {
     fn reload(&self) -> impl Future<Output = Option<Result<String, String>>> + Send;
 }
 
-/// Serves the admin endpoint on `listener` until `shutdown`.
+// === who may change the switch ===
+
+/// Where a request comes from and what its connection proved: all the rule for
+/// changes ([`allowed`]) looks at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    /// The TCP peer address.
+    pub addr: SocketAddr,
+    /// What the connection proved.
+    pub credential: Credential,
+}
+
+/// What a connection to the admin endpoint proved about its client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// Plain HTTP (no `[admin.tls]`): nothing beyond the peer address.
+    Plain,
+    /// TLS without a client certificate.
+    Anonymous,
+    /// TLS with a client certificate verified against `admin.tls.client_ca_file`:
+    /// the names it carries (subject CNs, then DNS SANs; see
+    /// [`crate::tls::certificate_names`]).
+    Certificate(Vec<String>),
+}
+
+/// Why a request that would change the switch is refused (403).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Plain HTTP from an address other than loopback.
+    #[error("changes are served to loopback clients only, or over TLS to an operator certificate")]
+    NotLoopback,
+    /// TLS, but no client certificate.
+    #[error("changes need an operator client certificate")]
+    NoCertificate,
+    /// A certificate from the operator CA, but none of its names is in
+    /// `admin.tls.client_names`.
+    #[error("the client certificate names no allowed operator")]
+    NameNotAllowed,
+}
+
+impl Refusal {
+    /// The `reason` label of `switchyard_admin_forbidden_total`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Refusal::NotLoopback => "not-loopback",
+            Refusal::NoCertificate => "no-certificate",
+            Refusal::NameNotAllowed => "name-not-allowed",
+        }
+    }
+}
+
+/// Whether a request would change the switch: any method but GET and HEAD, on
+/// any path (a route added later, such as key rotation, is covered unseen).
+pub fn is_change(method: &Method) -> bool {
+    method != Method::GET && method != Method::HEAD
+}
+
+/// The one rule for changes. Reading (GET, HEAD) is allowed to every peer that
+/// reaches the endpoint. A change is allowed over plain HTTP to a loopback peer
+/// only; over TLS to a client certificate (verified against the operator CA
+/// during the handshake) that carries one of `client_names`, or any name when
+/// `client_names` is `None`.
+pub fn allowed(
+    method: &Method,
+    peer: &Peer,
+    client_names: Option<&[String]>,
+) -> Result<(), Refusal> {
+    if !is_change(method) {
+        return Ok(());
+    }
+    match &peer.credential {
+        // An IPv4 peer of a dual-stack socket shows as ::ffff:127.0.0.1.
+        Credential::Plain if peer.addr.ip().to_canonical().is_loopback() => Ok(()),
+        Credential::Plain => Err(Refusal::NotLoopback),
+        Credential::Anonymous => Err(Refusal::NoCertificate),
+        Credential::Certificate(names) => match client_names {
+            None => Ok(()),
+            Some(allowed) if names.iter().any(|n| allowed.contains(n)) => Ok(()),
+            Some(_) => Err(Refusal::NameNotAllowed),
+        },
+    }
+}
+
+// === the endpoint ===
+
+/// Serves the admin endpoint on `listener` until `shutdown`: plain HTTP, or TLS
+/// only with `tls` (`[admin.tls]`).
 pub async fn serve<O: Operator>(
     listener: TcpListener,
     operator: Arc<O>,
     limits: AdminLimits,
+    tls: Option<AdminTls>,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(limits.connections_max));
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.keep_alive(false)
-        .max_buf_size(limits.request_head_max_bytes)
-        .header_read_timeout(limits.header_read_timeout)
-        .timer(TokioTimer::new());
+    let endpoint = Arc::new(Endpoint::new(operator, limits, tls));
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, addr) = tokio::select! {
             _ = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -70,18 +166,103 @@ pub async fn serve<O: Operator>(
             metrics::counter!("switchyard_admin_refused_total").increment(1);
             continue; // dropped: closed
         };
-        let operator = operator.clone();
-        let service = tower::ServiceBuilder::new()
-            .layer(tower::timeout::TimeoutLayer::new(limits.request_timeout))
-            .service_fn(move |request| answer(operator.clone(), request));
-        let connection =
-            http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service));
-        // The whole exchange is bounded too (a client that does not read its answer).
-        let bound = limits.header_read_timeout + limits.request_timeout;
+        let endpoint = endpoint.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let _ = tokio::time::timeout(bound, connection).await;
+            endpoint.connection(tcp, addr).await;
         });
+    }
+}
+
+/// What every admin connection shares.
+struct Endpoint<O> {
+    operator: Arc<O>,
+    limits: AdminLimits,
+    http: hyper::server::conn::http1::Builder,
+    /// With `[admin.tls]`: TLS only.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// `admin.tls.client_names`.
+    client_names: Option<Arc<[String]>>,
+}
+
+impl<O: Operator> Endpoint<O> {
+    fn new(operator: Arc<O>, limits: AdminLimits, tls: Option<AdminTls>) -> Endpoint<O> {
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.keep_alive(false)
+            .max_buf_size(limits.request_head_max_bytes)
+            .header_read_timeout(limits.header_read_timeout)
+            .timer(TokioTimer::new());
+        let (tls, client_names) = match tls {
+            Some(t) => (
+                Some(tokio_rustls::TlsAcceptor::from(t.server)),
+                t.client_names,
+            ),
+            None => (None, None),
+        };
+        Endpoint {
+            operator,
+            limits,
+            http,
+            tls,
+            client_names,
+        }
+    }
+
+    /// One accepted connection: the TLS handshake (bounded by the header read
+    /// timeout), then one exchange.
+    async fn connection(&self, tcp: TcpStream, addr: SocketAddr) {
+        let Some(acceptor) = &self.tls else {
+            let peer = Peer {
+                addr,
+                credential: Credential::Plain,
+            };
+            return self.exchange(tcp, peer).await;
+        };
+        let why = match tokio::time::timeout(self.limits.header_read_timeout, acceptor.accept(tcp))
+            .await
+        {
+            Ok(Ok(stream)) => {
+                let credential = match stream.get_ref().1.peer_certificates() {
+                    Some([leaf, ..]) => Credential::Certificate(
+                        // Verified by the handshake; unreadable names match none.
+                        crate::tls::certificate_names(leaf).unwrap_or_default(),
+                    ),
+                    _ => Credential::Anonymous,
+                };
+                return self.exchange(stream, Peer { addr, credential }).await;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "timed out".to_owned(),
+        };
+        metrics::counter!("switchyard_admin_handshakes_failed_total").increment(1);
+        crate::log_limited!(warn, peer = %addr, error = %why, "admin TLS handshake failed");
+    }
+
+    /// One HTTP exchange on an established connection from `peer`; the whole of
+    /// it bounded too (a client that does not read its answer).
+    async fn exchange<IO>(&self, io: IO, peer: Peer)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let operator = self.operator.clone();
+        let client_names = self.client_names.clone();
+        let service = tower::ServiceBuilder::new()
+            .layer(tower::timeout::TimeoutLayer::new(
+                self.limits.request_timeout,
+            ))
+            .service_fn(move |request| {
+                answer(
+                    operator.clone(),
+                    peer.clone(),
+                    client_names.clone(),
+                    request,
+                )
+            });
+        let connection = self
+            .http
+            .serve_connection(TokioIo::new(io), TowerToHyperService::new(service));
+        let bound = self.limits.header_read_timeout + self.limits.request_timeout;
+        let _ = tokio::time::timeout(bound, connection).await;
     }
 }
 
@@ -101,28 +282,26 @@ fn text(status: StatusCode, body: impl Into<String>) -> Answer {
     respond(status, "text/plain", body.into())
 }
 
+/// Answers one request; the rule for changes comes before any routing.
 async fn answer<O: Operator>(
     operator: Arc<O>,
+    peer: Peer,
+    client_names: Option<Arc<[String]>>,
     request: Request<Incoming>,
 ) -> Result<Answer, Infallible> {
     let path = request.uri().path();
+    if let Err(refusal) = allowed(request.method(), &peer, client_names.as_deref()) {
+        metrics::counter!("switchyard_admin_forbidden_total", "reason" => refusal.as_str())
+            .increment(1);
+        crate::log_limited!(warn, peer = %peer.addr, method = %request.method(), path,
+            reason = refusal.as_str(), "admin request refused");
+        return Ok(text(
+            StatusCode::FORBIDDEN,
+            format!("forbidden: {refusal}\n"),
+        ));
+    }
     if request.method() == Method::POST && path == "/reload" {
-        // In a task of its own: a client going away must not cut a reload short.
-        let reload = tokio::spawn(async move { operator.reload().await });
-        let result = reload
-            .await
-            .unwrap_or_else(|e| Some(Err(format!("reload failed: {e}"))));
-        return Ok(match result {
-            Some(Ok(what)) => {
-                tracing::info!("{what} (admin endpoint)");
-                text(StatusCode::OK, format!("{what}\n"))
-            }
-            Some(Err(why)) => {
-                tracing::error!("config reload rejected, the running config stays: {why}");
-                text(StatusCode::UNPROCESSABLE_ENTITY, format!("{why}\n"))
-            }
-            None => text(StatusCode::NOT_FOUND, "no config file to reload\n"),
-        });
+        return Ok(reload(operator, &peer).await);
     }
     if request.method() != Method::GET {
         return Ok(text(
@@ -155,6 +334,30 @@ async fn answer<O: Operator>(
     })
 }
 
+/// `POST /reload`, once allowed.
+async fn reload<O: Operator>(operator: Arc<O>, peer: &Peer) -> Answer {
+    let by = match &peer.credential {
+        Credential::Certificate(names) => names.first().map_or("", String::as_str),
+        Credential::Plain | Credential::Anonymous => "",
+    };
+    // In a task of its own: a client going away must not cut a reload short.
+    let reload = tokio::spawn(async move { operator.reload().await });
+    let result = reload
+        .await
+        .unwrap_or_else(|e| Some(Err(format!("reload failed: {e}"))));
+    match result {
+        Some(Ok(what)) => {
+            tracing::info!(peer = %peer.addr, operator = by, "{what} (admin endpoint)");
+            text(StatusCode::OK, format!("{what}\n"))
+        }
+        Some(Err(why)) => {
+            tracing::error!("config reload rejected, the running config stays: {why}");
+            text(StatusCode::UNPROCESSABLE_ENTITY, format!("{why}\n"))
+        }
+        None => text(StatusCode::NOT_FOUND, "no config file to reload\n"),
+    }
+}
+
 /// Largest answer body `request_reload` reads, bytes.
 const RELOAD_ANSWER_MAX_BYTES: usize = 64 * 1024;
 
@@ -165,7 +368,16 @@ pub enum ReloadRequestError {
     #[error("admin endpoint {addr}: {source}")]
     Connect {
         /// Where.
-        addr: std::net::SocketAddr,
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed (an unknown server certificate, or the endpoint
+    /// refused the client's).
+    #[error("admin endpoint {addr}: TLS handshake: {source}")]
+    Handshake {
+        /// Where.
+        addr: SocketAddr,
         /// Why.
         source: std::io::Error,
     },
@@ -173,48 +385,289 @@ pub enum ReloadRequestError {
     #[error("admin endpoint {addr}: {message}")]
     Http {
         /// Where.
-        addr: std::net::SocketAddr,
+        addr: SocketAddr,
         /// Why.
         message: String,
     },
     /// No answer in time.
     #[error("admin endpoint {0}: no answer within {1:?}")]
-    Timeout(std::net::SocketAddr, Duration),
+    Timeout(SocketAddr, Duration),
 }
 
-/// `switchyard reload`: `POST /reload` to the admin endpoint at `addr`, within
-/// `limit`. Returns whether the new config was applied, and the endpoint's words.
+/// How `switchyard reload` reaches an endpoint with `[admin.tls]`: the client
+/// configuration (trusting the endpoint's CA, presenting an operator certificate)
+/// and the name the endpoint's certificate must carry.
+#[derive(Clone, Debug)]
+pub struct ReloadTls {
+    /// Trust and, for a change to be allowed, an operator certificate.
+    pub config: Arc<rustls::ClientConfig>,
+    /// The endpoint certificate's name (a DNS name or an IP address).
+    pub server_name: rustls::pki_types::ServerName<'static>,
+}
+
+/// Why a [`ReloadTls`] could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadTlsError {
+    /// A certificate or key file.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// The server name.
+    #[error("server name {0:?} is neither a DNS name nor an IP address")]
+    ServerName(String),
+}
+
+impl ReloadTls {
+    /// Reads `ca` (the endpoint's CA) and, when given, the operator certificate
+    /// chain and key, each a regular file of at most
+    /// [`crate::config::ADMIN_TLS_FILE_SIZE_MAX_BYTES`].
+    pub fn from_files(
+        ca: &std::path::Path,
+        operator: Option<(&std::path::Path, &std::path::Path)>,
+        server_name: &str,
+    ) -> Result<ReloadTls, ReloadTlsError> {
+        use crate::tls::{load_certs_bounded, load_key_bounded};
+        let max = crate::config::ADMIN_TLS_FILE_SIZE_MAX_BYTES;
+        let anchors = load_certs_bounded(ca, max)?;
+        let config = match operator {
+            Some((cert, key)) => crate::tls::client_config(
+                &anchors,
+                load_certs_bounded(cert, max)?,
+                load_key_bounded(key, max)?,
+            )?,
+            None => crate::tls::client_config_anonymous(&anchors)?,
+        };
+        let server_name = rustls::pki_types::ServerName::try_from(server_name.to_owned())
+            .map_err(|_| ReloadTlsError::ServerName(server_name.to_owned()))?;
+        Ok(ReloadTls {
+            config,
+            server_name,
+        })
+    }
+}
+
+/// `switchyard reload`: `POST /reload` to the admin endpoint at `addr` (over TLS
+/// with `tls`), within `limit`. Returns whether the new config was applied, and
+/// the endpoint's words.
 pub async fn request_reload(
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
+    tls: Option<&ReloadTls>,
     limit: Duration,
 ) -> Result<(bool, String), ReloadRequestError> {
+    let exchange = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(|source| ReloadRequestError::Connect { addr, source })?;
+        match tls {
+            None => post_reload(tcp, addr).await,
+            Some(tls) => {
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let stream = connector
+                    .connect(tls.server_name.clone(), tcp)
+                    .await
+                    .map_err(|source| ReloadRequestError::Handshake { addr, source })?;
+                post_reload(stream, addr).await
+            }
+        }
+    };
+    tokio::time::timeout(limit, exchange)
+        .await
+        .map_err(|_| ReloadRequestError::Timeout(addr, limit))?
+}
+
+/// `POST /reload` on an established connection to `addr`.
+async fn post_reload<IO>(io: IO, addr: SocketAddr) -> Result<(bool, String), ReloadRequestError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     use http_body_util::{BodyExt, Empty, Limited};
     let http = |e: &dyn std::fmt::Display| ReloadRequestError::Http {
         addr,
         message: e.to_string(),
     };
-    let exchange = async {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|source| ReloadRequestError::Connect { addr, source })?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| http(&e))?;
-        tokio::spawn(connection);
-        let request = Request::post("/reload")
-            .header(hyper::header::HOST, "switchyard")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| http(&e))?;
-        let answer = sender.send_request(request).await.map_err(|e| http(&e))?;
-        let applied = answer.status() == StatusCode::OK;
-        let body = Limited::new(answer.into_body(), RELOAD_ANSWER_MAX_BYTES)
-            .collect()
-            .await
-            .map_err(|e| http(&e))?
-            .to_bytes();
-        Ok((applied, String::from_utf8_lossy(&body).into_owned()))
-    };
-    tokio::time::timeout(limit, exchange)
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
-        .map_err(|_| ReloadRequestError::Timeout(addr, limit))?
+        .map_err(|e| http(&e))?;
+    tokio::spawn(connection);
+    let request = Request::post("/reload")
+        .header(hyper::header::HOST, "switchyard")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| http(&e))?;
+    let answer = sender.send_request(request).await.map_err(|e| http(&e))?;
+    let applied = answer.status() == StatusCode::OK;
+    let body = Limited::new(answer.into_body(), RELOAD_ANSWER_MAX_BYTES)
+        .collect()
+        .await
+        .map_err(|e| http(&e))?
+        .to_bytes();
+    Ok((applied, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An operator that counts reloads.
+    #[derive(Default)]
+    struct Counting {
+        reloads: AtomicUsize,
+    }
+
+    impl Operator for Counting {
+        fn metrics(&self) -> String {
+            "# metrics\n".to_owned()
+        }
+        fn readiness(&self) -> (bool, String) {
+            (true, "ready".to_owned())
+        }
+        fn status(&self) -> serde_json::Value {
+            serde_json::json!({})
+        }
+        async fn reload(&self) -> Option<Result<String, String>> {
+            self.reloads.fetch_add(1, Ordering::SeqCst);
+            Some(Ok("config reloaded".to_owned()))
+        }
+    }
+
+    fn peer(addr: &str, credential: Credential) -> Peer {
+        Peer {
+            addr: addr.parse().unwrap(),
+            credential,
+        }
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    #[test]
+    fn changes_need_loopback_or_an_operator_certificate() {
+        let remote = peer("192.0.2.1:40000", Credential::Plain);
+        for method in [Method::POST, Method::PUT, Method::DELETE, Method::PATCH] {
+            assert_eq!(
+                allowed(&method, &remote, None),
+                Err(Refusal::NotLoopback),
+                "{method}"
+            );
+        }
+        // Reading is open to whoever reaches the endpoint.
+        assert_eq!(allowed(&Method::GET, &remote, None), Ok(()));
+        assert_eq!(allowed(&Method::HEAD, &remote, None), Ok(()));
+        for local in ["127.0.0.1:1", "[::1]:1", "[::ffff:127.0.0.1]:1"] {
+            let p = peer(local, Credential::Plain);
+            assert_eq!(allowed(&Method::POST, &p, None), Ok(()), "{local}");
+        }
+        // Over TLS the address does not help: a certificate is needed, from
+        // loopback too.
+        let anonymous = peer("127.0.0.1:1", Credential::Anonymous);
+        assert_eq!(
+            allowed(&Method::POST, &anonymous, None),
+            Err(Refusal::NoCertificate)
+        );
+        assert_eq!(allowed(&Method::GET, &anonymous, None), Ok(()));
+        let operator = peer(
+            "192.0.2.1:40000",
+            Credential::Certificate(names(&["ops-1", "ops-1.example"])),
+        );
+        assert_eq!(allowed(&Method::POST, &operator, None), Ok(()));
+        let list = names(&["ops-0", "ops-1.example"]);
+        assert_eq!(allowed(&Method::POST, &operator, Some(&list)), Ok(()));
+        let list = names(&["ops-2"]);
+        assert_eq!(
+            allowed(&Method::POST, &operator, Some(&list)),
+            Err(Refusal::NameNotAllowed)
+        );
+        let nameless = peer("192.0.2.1:40000", Credential::Certificate(Vec::new()));
+        assert_eq!(
+            allowed(&Method::POST, &nameless, Some(&list)),
+            Err(Refusal::NameNotAllowed)
+        );
+    }
+
+    /// Sends `request` over an in-memory connection from `peer` to an endpoint
+    /// allowing `client_names`; the status and body of the answer.
+    async fn exchange(
+        operator: &Arc<Counting>,
+        client_names: Option<&[&str]>,
+        peer: Peer,
+        request: &str,
+    ) -> (u16, String) {
+        let mut endpoint = Endpoint::new(operator.clone(), AdminLimits::default(), None);
+        endpoint.client_names = client_names.map(|n| names(n).into());
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let serving = tokio::spawn(async move { endpoint.exchange(server, peer).await });
+        client.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.unwrap();
+        serving.await.unwrap();
+        let status = answer
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = answer
+            .split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, b)| b.to_owned());
+        (status, body)
+    }
+
+    #[tokio::test]
+    async fn a_remote_change_without_a_certificate_is_refused_before_routing() {
+        let operator = Arc::new(Counting::default());
+        let remote = || peer("192.0.2.1:40000", Credential::Plain);
+        let post = |path: &str| format!("POST {path} HTTP/1.1\r\nHost: s\r\n\r\n");
+        for path in ["/reload", "/keys/rotate", "/nope"] {
+            let (code, body) = exchange(&operator, None, remote(), &post(path)).await;
+            assert_eq!(code, 403, "{path}: {body}");
+            assert_eq!(
+                body,
+                "forbidden: changes are served to loopback clients only, or over TLS to an \
+                 operator certificate\n"
+            );
+        }
+        assert_eq!(operator.reloads.load(Ordering::SeqCst), 0);
+        // Reading stays open.
+        let get = "GET /healthz HTTP/1.1\r\nHost: s\r\n\r\n";
+        assert_eq!(
+            exchange(&operator, None, remote(), get).await,
+            (200, "ok\n".to_owned())
+        );
+        // Over TLS without a certificate, or with one not named: refused too.
+        let anonymous = peer("192.0.2.1:40000", Credential::Anonymous);
+        let (code, _) = exchange(&operator, None, anonymous, &post("/reload")).await;
+        assert_eq!(code, 403);
+        let stranger = peer("192.0.2.1:40000", Credential::Certificate(names(&["x"])));
+        let allowed = Some(&["ops-1"][..]);
+        let (code, body) = exchange(&operator, allowed, stranger, &post("/reload")).await;
+        assert_eq!(
+            (code, body.as_str()),
+            (
+                403,
+                "forbidden: the client certificate names no allowed operator\n"
+            )
+        );
+        assert_eq!(operator.reloads.load(Ordering::SeqCst), 0);
+        // An allowed operator certificate, from the same remote address: served.
+        let ops = peer(
+            "192.0.2.1:40000",
+            Credential::Certificate(names(&["ops-1"])),
+        );
+        let (code, body) = exchange(&operator, allowed, ops, &post("/reload")).await;
+        assert_eq!((code, body.as_str()), (200, "config reloaded\n"));
+        assert_eq!(operator.reloads.load(Ordering::SeqCst), 1);
+        // Plain HTTP from loopback: served as before; an unknown change is 405.
+        let local = || peer("127.0.0.1:40000", Credential::Plain);
+        assert_eq!(
+            exchange(&operator, None, local(), &post("/reload")).await.0,
+            200
+        );
+        assert_eq!(operator.reloads.load(Ordering::SeqCst), 2);
+        assert_eq!(
+            exchange(&operator, None, local(), &post("/keys/rotate"))
+                .await
+                .0,
+            405
+        );
+    }
 }

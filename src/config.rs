@@ -103,6 +103,12 @@ pub const ADMIN_HEADER_READ_TIMEOUT_MS_DEFAULT: u64 = 5_000;
 /// Time one admin request may take in all (a reload waits up to 5 s for the links
 /// of banks it adds).
 pub const ADMIN_REQUEST_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// Largest certificate, key or CA file `[admin.tls]` names, bytes (1 MiB).
+pub const ADMIN_TLS_FILE_SIZE_MAX_BYTES: u64 = 1 << 20;
+/// Most names in `admin.tls.client_names`.
+pub const ADMIN_CLIENT_NAMES_MAX: usize = 256;
+/// Longest name in `admin.tls.client_names`, bytes (a DNS name's limit).
+pub const ADMIN_CLIENT_NAME_MAX_BYTES: usize = 253;
 
 /// Reversal store-and-forward bounds: defined with the queue they bound.
 pub use crate::core::saf::{
@@ -406,6 +412,18 @@ struct AdminSection {
     request_head_max_bytes: usize,
     header_read_timeout_ms: u64,
     request_timeout_ms: u64,
+    tls: Option<AdminTlsSection>,
+}
+
+/// `[admin.tls]`: the endpoint speaks TLS only, and changes need an operator
+/// certificate.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminTlsSection {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    client_ca_file: PathBuf,
+    client_names: Option<Vec<String>>,
 }
 
 impl Default for AdminSection {
@@ -416,6 +434,7 @@ impl Default for AdminSection {
             request_head_max_bytes: ADMIN_REQUEST_HEAD_MAX_BYTES_DEFAULT,
             header_read_timeout_ms: ADMIN_HEADER_READ_TIMEOUT_MS_DEFAULT,
             request_timeout_ms: ADMIN_REQUEST_TIMEOUT_MS_DEFAULT,
+            tls: None,
         }
     }
 }
@@ -722,6 +741,81 @@ impl Default for AdminLimits {
     }
 }
 
+/// The admin endpoint's TLS (`[admin.tls]`): where its files are, and which
+/// operators it lets change the switch. With it the endpoint speaks TLS only;
+/// read-only requests need no client certificate, changes (`POST /reload`, any
+/// method but GET and HEAD) need one that chains to `client_ca_file` and, with
+/// `client_names`, carries one of them. The files are read by
+/// [`AdminTlsFiles::load`] (at start, by `check-config` and by a reload), not by
+/// [`Config::load`], so that `gen-certs` can read a config naming files it has
+/// not written yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminTlsFiles {
+    /// The endpoint's certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// Its key.
+    pub key_file: PathBuf,
+    /// CA(s) operator certificates must chain to.
+    pub client_ca_file: PathBuf,
+    /// Names an operator certificate must carry one of (subject CN or DNS SAN,
+    /// compared exactly); `None`: any certificate from `client_ca_file`.
+    pub client_names: Option<Arc<[String]>>,
+    /// The config file naming them (what errors name).
+    config_file: PathBuf,
+}
+
+/// The admin endpoint's TLS, its files read: what the endpoint serves with.
+#[derive(Clone)]
+pub struct AdminTls {
+    /// TLS 1.3 and 1.2; a client certificate optional, verified against the
+    /// operator CA when presented.
+    pub server: Arc<rustls::ServerConfig>,
+    /// As [`AdminTlsFiles::client_names`].
+    pub client_names: Option<Arc<[String]>>,
+}
+
+impl std::fmt::Debug for AdminTls {
+    /// The names only: never key material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminTls")
+            .field("client_names", &self.client_names)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminTlsFiles {
+    /// Reads the files (each a regular file of at most
+    /// [`ADMIN_TLS_FILE_SIZE_MAX_BYTES`]) and builds the endpoint's TLS; an error
+    /// names the config file, the key and the file read.
+    pub fn load(&self) -> Result<AdminTls, ConfigError> {
+        let invalid = |key: &str, problem: String| ConfigError::Invalid {
+            file: self.config_file.clone(),
+            key: key.to_owned(),
+            problem,
+        };
+        let max = ADMIN_TLS_FILE_SIZE_MAX_BYTES;
+        let chain = crate::tls::load_certs_bounded(&self.cert_file, max)
+            .map_err(|e| invalid("admin.tls.cert_file", e.to_string()))?;
+        let key = crate::tls::load_key_bounded(&self.key_file, max)
+            .map_err(|e| invalid("admin.tls.key_file", e.to_string()))?;
+        let ca = crate::tls::load_certs_bounded(&self.client_ca_file, max)
+            .map_err(|e| invalid("admin.tls.client_ca_file", e.to_string()))?;
+        let server = crate::tls::admin_server_config(&ca, chain, key).map_err(|e| {
+            let files = format!(
+                "cert_file {}, key_file {}, client_ca_file {}",
+                self.cert_file.display(),
+                self.key_file.display(),
+                self.client_ca_file.display()
+            );
+            invalid("admin.tls", format!("{e} ({files})"))
+        })?;
+        Ok(AdminTls {
+            server,
+            client_names: self.client_names.clone(),
+        })
+    }
+}
+
 /// Duplicate detection bounds (`[duplicates]`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Duplicates {
@@ -757,6 +851,9 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// Bounds of the admin endpoint.
     pub admin_limits: AdminLimits,
+    /// The admin endpoint's TLS files; none: plain HTTP, changes from loopback
+    /// only (and then `admin_listen` is a loopback address).
+    pub admin_tls: Option<AdminTlsFiles>,
     /// The write-ahead journal; none when the section is absent.
     pub journal: Option<JournalConfig>,
     /// Duplicate detection and reversal matching.
@@ -850,6 +947,7 @@ impl Config {
         check("switch.listen", self.listen == new.listen);
         check("admin.listen", self.admin_listen == new.admin_listen);
         check("admin (limits)", self.admin_limits == new.admin_limits);
+        check("admin.tls", self.admin_tls == new.admin_tls);
         check(
             "switch.worker_threads",
             self.worker_threads == new.worker_threads,
@@ -1060,6 +1158,59 @@ impl Checker<'_> {
             .map_err(|_| self.invalid(key, format!("must be 1 to 11 digits, found {value:?}")))
     }
 
+    /// `admin.listen` and `[admin.tls]`: an endpoint off loopback must have TLS
+    /// (changes then need an operator certificate).
+    fn admin_tls(&self, a: &AdminSection) -> Result<Option<AdminTlsFiles>, ConfigError> {
+        let Some(t) = &a.tls else {
+            if let Some(listen) = a.listen {
+                if !listen.ip().to_canonical().is_loopback() {
+                    return Err(self.invalid(
+                        "admin.listen",
+                        format!(
+                            "{listen} is not a loopback address: an admin endpoint reachable \
+                             from elsewhere needs [admin.tls] (operator certificates for changes)"
+                        ),
+                    ));
+                }
+            }
+            return Ok(None);
+        };
+        if a.listen.is_none() {
+            return Err(self.invalid("admin.tls", "without admin.listen there is no endpoint"));
+        }
+        let client_names = match &t.client_names {
+            None => None,
+            Some(names) => Some(self.client_names(names)?),
+        };
+        Ok(Some(AdminTlsFiles {
+            cert_file: self.path(&t.cert_file),
+            key_file: self.path(&t.key_file),
+            client_ca_file: self.path(&t.client_ca_file),
+            client_names,
+            config_file: self.file.to_owned(),
+        }))
+    }
+
+    /// `admin.tls.client_names`: 1 to [`ADMIN_CLIENT_NAMES_MAX`] names of 1 to
+    /// [`ADMIN_CLIENT_NAME_MAX_BYTES`] bytes (an empty list would refuse every
+    /// operator: leave the key out to accept any certificate from the CA).
+    fn client_names(&self, names: &[String]) -> Result<Arc<[String]>, ConfigError> {
+        let key = "admin.tls.client_names";
+        self.range(key, names.len(), 1, ADMIN_CLIENT_NAMES_MAX, "names")?;
+        for (i, name) in names.iter().enumerate() {
+            if name.is_empty() || name.len() > ADMIN_CLIENT_NAME_MAX_BYTES {
+                return Err(self.invalid(
+                    format!("{key}[{i}]"),
+                    format!(
+                        "must be 1..={ADMIN_CLIENT_NAME_MAX_BYTES} bytes, found {}",
+                        name.len()
+                    ),
+                ));
+            }
+        }
+        Ok(names.into())
+    }
+
     fn admin(&self, a: &AdminSection) -> Result<AdminLimits, ConfigError> {
         let ms = |v: u64| Duration::from_millis(v);
         Ok(AdminLimits {
@@ -1160,6 +1311,7 @@ impl Checker<'_> {
             "ms",
         )?;
         let admin_limits = self.admin(&f.admin)?;
+        let admin_tls = self.admin_tls(&f.admin)?;
         let dup = &f.duplicates;
         self.range("duplicates.window_s", dup.window_s, 1, 7 * 86_400, "s")?;
         if dup.entries_max.is_some() {
@@ -1265,6 +1417,7 @@ impl Checker<'_> {
             listeners,
             admin_listen: f.admin.listen,
             admin_limits,
+            admin_tls,
             journal,
             duplicates,
             worker_threads,
@@ -1917,5 +2070,123 @@ mod tests {
             err,
             "s.toml: duplicates.window_s: must be 1..=604800 s, found 0"
         );
+    }
+
+    #[test]
+    fn an_admin_endpoint_off_loopback_needs_tls() {
+        let parse = |text: &str| Config::parse(text, Path::new("s.toml"));
+        let listen = |addr: &str| {
+            let text = SHIPPED.replacen(
+                "listen = \"127.0.0.1:9464\"",
+                &format!("listen = \"{addr}\""),
+                1,
+            );
+            assert_ne!(text, SHIPPED);
+            text
+        };
+        for addr in ["0.0.0.0:9464", "192.0.2.10:9464", "[::]:9464"] {
+            let err = parse(&listen(addr)).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!(
+                    "s.toml: admin.listen: {addr} is not a loopback address: an admin endpoint \
+                     reachable from elsewhere needs [admin.tls]"
+                )),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            parse(&listen("[::1]:9464")).unwrap().admin_listen,
+            Some("[::1]:9464".parse().unwrap())
+        );
+        let c = parse(SHIPPED).unwrap();
+        assert!(
+            c.admin_tls.is_none(),
+            "the shipped endpoint: plain, loopback"
+        );
+
+        // With [admin.tls] the address may be any; the files are read by load().
+        let dir = switchyard_tools::testkit::TempDir::new("config-admin-tls");
+        let ca = switchyard_tools::certs::DevCa::new("operator CA").unwrap();
+        let server = ca.issue_server(&["localhost"]).unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path.display().to_string()
+        };
+        let (cert, key) = (
+            write("admin.pem", &server.cert_pem),
+            write("admin.key", &server.key_pem),
+        );
+        let client_ca = write("operators.pem", &ca.ca_pem());
+        let tls = |extra: &str| {
+            format!(
+                "{}\n[admin.tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n\
+                 client_ca_file = \"{client_ca}\"\n{extra}",
+                listen("0.0.0.0:9464")
+            )
+        };
+        let c = parse(&tls("client_names = [\"ops-1\", \"ops-2\"]\n")).unwrap();
+        let files = c.admin_tls.clone().unwrap();
+        let loaded = files.load().unwrap();
+        assert_eq!(loaded.client_names.as_deref().unwrap(), ["ops-1", "ops-2"]);
+        let any = parse(&tls("")).unwrap();
+        assert!(any.admin_tls.as_ref().unwrap().client_names.is_none());
+        assert_eq!(any.restart_only_changes(&c), ["admin.tls"]);
+        assert!(c.restart_only_changes(&c.clone()).is_empty());
+
+        let err = parse(&tls("client_names = []\n")).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "s.toml: admin.tls.client_names: must be 1..=256 names, found 0"
+        );
+        let err = parse(&tls("client_names = [\"\"]\n"))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "s.toml: admin.tls.client_names[0]: must be 1..=253 bytes, found 0"
+        );
+        let err = parse(&tls("ca_file = \"x.pem\"\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `ca_file`"), "{err}");
+        let unlisted = format!(
+            "{}\n[admin.tls]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n\
+             client_ca_file = \"{client_ca}\"\n",
+            SHIPPED.replacen("listen = \"127.0.0.1:9464\"\n", "", 1)
+        );
+        let err = parse(&unlisted).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "s.toml: admin.tls: without admin.listen there is no endpoint"
+        );
+
+        // A missing or oversized file: the key and the file named.
+        let mut missing = files.clone();
+        missing.key_file = dir.path().join("missing.key");
+        let err = missing.load().unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "s.toml: admin.tls.key_file: cannot read {}",
+                missing.key_file.display()
+            )),
+            "{err}"
+        );
+        let mut huge = files.clone();
+        huge.cert_file = dir.path().join("huge.pem");
+        std::fs::write(&huge.cert_file, server.cert_pem.repeat(2_000)).unwrap();
+        let err = huge.load().unwrap_err().to_string();
+        assert!(
+            err.starts_with("s.toml: admin.tls.cert_file: cannot read ")
+                && err.contains("huge.pem")
+                && err.ends_with(&format!(
+                    "more than the {ADMIN_TLS_FILE_SIZE_MAX_BYTES} allowed"
+                )),
+            "{err}"
+        );
+        let mut swapped = files.clone();
+        swapped.key_file = files.cert_file.clone();
+        let err = swapped.load().unwrap_err().to_string();
+        assert!(err.starts_with("s.toml: admin.tls.key_file: "), "{err}");
     }
 }

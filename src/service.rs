@@ -49,6 +49,10 @@ pub enum ServiceError {
     /// The TLS files could not be used.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The admin endpoint's TLS files could not be used (the error names the
+    /// config key and the file).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     /// The journal could not be opened.
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -104,6 +108,24 @@ pub fn check_config(path: &std::path::Path) -> Result<String, CheckError> {
         file: path.display().to_string(),
         source,
     })?;
+    let admin = match (c.admin_listen, &c.admin_tls) {
+        (None, _) => "admin endpoint: none".to_owned(),
+        (Some(addr), None) => {
+            format!("admin endpoint: {addr}, plain HTTP; changes from loopback only")
+        }
+        (Some(addr), Some(files)) => {
+            files.load()?;
+            let names = files
+                .client_names
+                .as_ref()
+                .map_or_else(|| "any name".to_owned(), |n| n.join(", "));
+            format!(
+                "admin endpoint: {addr}, TLS only; changes need an operator certificate from \
+                 {} ({names})",
+                files.client_ca_file.display()
+            )
+        }
+    };
     let listeners: Vec<String> = c
         .listeners
         .iter()
@@ -119,7 +141,7 @@ pub fn check_config(path: &std::path::Path) -> Result<String, CheckError> {
         .collect();
     Ok(format!(
         "{}: valid, with its TLS files ({} institutions, {} banks, {} PAN prefixes)\n\
-         acquirer listeners: {}\n{}",
+         acquirer listeners: {}\n{admin}\n{}",
         path.display(),
         c.institutions.len(),
         c.banks.len(),
@@ -180,7 +202,12 @@ pub async fn run_file(path: PathBuf, config: Config) -> Result<Stopped, ServiceE
         .and_then(|(l, _)| l.local_addr().ok())
         .map_or_else(|| "none".to_owned(), |a| a.to_string());
     if admin.is_some() {
-        tracing::info!(admin = %admin_addr, "admin endpoint: http://{admin_addr}/metrics, /healthz, /readyz, /status");
+        let (scheme, changes) = match &config.admin_tls {
+            Some(_) => ("https", "POST /reload with an operator certificate"),
+            None => ("http", "POST /reload from loopback"),
+        };
+        tracing::info!(admin = %admin_addr,
+            "admin endpoint: {scheme}://{admin_addr}/metrics, /healthz, /readyz, /status; {changes}");
     }
     tracing::info!(%listen, admin = %admin_addr, banks = config.banks.len(), "switchyard running");
     run(
@@ -213,6 +240,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Stopped, ServiceError> {
     let limits = config.admin_limits;
+    let admin_tls = match (&admin, &config.admin_tls) {
+        (Some(_), Some(files)) => Some(files.load()?),
+        _ => None,
+    };
     let switch = Arc::new(Switch::start(config, tls)?);
     if let Some((listener, metrics)) = admin {
         let operator = Arc::new(Admin {
@@ -221,7 +252,7 @@ pub async fn run(
             config_path: config_path.clone(),
         });
         let token = switch.shutdown_token();
-        tokio::spawn(admin::serve(listener, operator, limits, token));
+        tokio::spawn(admin::serve(listener, operator, limits, admin_tls, token));
     }
     if let Some(path) = config_path {
         tokio::spawn(reload_on_sighup(switch.clone(), path));

@@ -92,6 +92,49 @@ fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
+/// Reads a regular file of at most `max_bytes` (never a device or a pipe, which
+/// could block or never end).
+fn read_file_bounded(path: &Path, max_bytes: u64) -> Result<Vec<u8>, TlsError> {
+    use std::io::Read;
+    let io = |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let invalid = |what: String| io(std::io::Error::new(std::io::ErrorKind::InvalidInput, what));
+    let file = std::fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(invalid("not a regular file".to_owned()));
+    }
+    if meta.len() > max_bytes {
+        return Err(invalid(format!(
+            "{} bytes, more than the {max_bytes} allowed",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::new();
+    file.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(invalid(format!("more than the {max_bytes} bytes allowed")));
+    }
+    Ok(bytes)
+}
+
+/// [`load_certs`] from a regular file of at most `max_bytes`.
+pub fn load_certs_bounded(
+    path: &Path,
+    max_bytes: u64,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    certs_from_pem_bytes(&read_file_bounded(path, max_bytes)?, path)
+}
+
+/// [`load_key`] from a regular file of at most `max_bytes`.
+pub fn load_key_bounded(path: &Path, max_bytes: u64) -> Result<PrivateKeyDer<'static>, TlsError> {
+    key_from_pem_bytes(&read_file_bounded(path, max_bytes)?, path)
+}
+
 /// Reads every certificate in a PEM file, leaf first (the order the file gives).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     certs_from_pem_bytes(&read_file(path)?, path)
@@ -222,6 +265,27 @@ pub fn server_config_with_crls(
     Ok(Arc::new(config))
 }
 
+/// Server configuration for the admin endpoint: TLS 1.3 and 1.2, a client certificate
+/// OPTIONAL (read-only paths serve any TLS client) but, when presented, verified against
+/// `client_ca` (a certificate from another CA fails the handshake). Whether a request may
+/// change the switch is decided per request (`admin::allowed`). No ALPN: HTTP/1.1.
+pub fn admin_server_config(
+    client_ca: &[CertificateDer<'static>],
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let roots = root_store(client_ca, "operator client")?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)?;
+    Ok(Arc::new(config))
+}
+
 /// Client configuration presenting `chain`/`key` (mutual TLS) and trusting `server_ca`.
 /// TLS 1.3 and 1.2.
 pub fn client_config(
@@ -332,6 +396,45 @@ pub fn peer_identity(
         Some(value) if !value.is_empty() => Ok(value.to_owned()),
         _ => Err(IdentityError::Missing(source)),
     }
+}
+
+/// Most names [`certificate_names`] returns: a certificate carrying more is read no
+/// further (an operator name is expected among the first).
+pub const CERTIFICATE_NAMES_MAX: usize = 64;
+
+/// The names a verified certificate carries: its subject common names, then its DNS
+/// subject alternative names (at most [`CERTIFICATE_NAMES_MAX`], empty ones skipped).
+/// What an allow-list of operator names is compared with.
+pub fn certificate_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, IdentityError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| IdentityError::Unparseable(e.to_string()))?;
+    let mut names = Vec::new();
+    for cn in x509.subject().iter_common_name() {
+        let cn = cn
+            .as_str()
+            .map_err(|e| IdentityError::Unparseable(format!("subject common name: {e}")))?;
+        names.push(cn);
+    }
+    let san = x509
+        .subject_alternative_name()
+        .map_err(|e| IdentityError::Unparseable(format!("subject alternative name: {e}")))?;
+    if let Some(ext) = san {
+        names.extend(
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|name| match name {
+                    GeneralName::DNSName(dns) => Some(*dns),
+                    _ => None,
+                }),
+        );
+    }
+    Ok(names
+        .into_iter()
+        .filter(|n| !n.is_empty())
+        .take(CERTIFICATE_NAMES_MAX)
+        .map(str::to_owned)
+        .collect())
 }
 
 /// The identity of the client on a server-side connection (for tokio-rustls:

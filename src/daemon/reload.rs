@@ -212,6 +212,10 @@ impl Switch {
             .map_err(|e| format!("{}: {e}", path.display()))?;
         let tls =
             TlsSetup::from_files(&new.tls_files).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Checked as check-config does; only a restart puts them in force.
+        if let Some(files) = &new.admin_tls {
+            files.load().map_err(|e| e.to_string())?;
+        }
         // Retired connectors that have stopped leave a tombstone in their slot.
         let mut slots: Vec<Arc<Connector>> = old
             .connectors

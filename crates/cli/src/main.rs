@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard::admin::request_reload;
+use switchyard::admin::{request_reload, ReloadTls};
 use switchyard::config::{Config, FRAME_SIZE_MAX_BYTES_DEFAULT};
 use switchyard::journal::settlement::{self, parse_time};
 use switchyard::journal::{dump, Fsync};
@@ -81,6 +81,20 @@ enum Command {
         /// The switch's admin endpoint (`[admin] listen`).
         #[arg(long, default_value = "127.0.0.1:9464")]
         admin: std::net::SocketAddr,
+        /// With `[admin.tls]`: the CA that signed the endpoint's certificate (PEM);
+        /// the request then goes over TLS.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
+        /// The operator certificate chain to present (PEM; with --tls-ca and --key).
+        #[arg(long, requires_all = ["tls_ca", "key"])]
+        cert: Option<PathBuf>,
+        /// The operator certificate's key (PEM).
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// The name the endpoint's certificate must carry (default: the IP address
+        /// of --admin).
+        #[arg(long, requires = "tls_ca")]
+        server_name: Option<String>,
     },
     /// Settlement totals from a journal: per acquirer, issuer and currency, the
     /// approved financial requests net of reversals, and each institution's net
@@ -464,9 +478,24 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Journal { command } => journal(command),
-        Command::Reload { admin } => {
+        Command::Reload {
+            admin,
+            tls_ca,
+            cert,
+            key,
+            server_name,
+        } => {
             let limit = Duration::from_secs(RELOAD_WAIT_S);
-            let (applied, words) = service::runtime(1)?.block_on(request_reload(admin, limit))?;
+            let tls = match &tls_ca {
+                None => None,
+                Some(ca) => {
+                    let name = server_name.unwrap_or_else(|| admin.ip().to_string());
+                    let operator = cert.as_deref().zip(key.as_deref());
+                    Some(ReloadTls::from_files(ca, operator, &name)?)
+                }
+            };
+            let (applied, words) =
+                service::runtime(1)?.block_on(request_reload(admin, tls.as_ref(), limit))?;
             print!("{words}");
             anyhow::ensure!(applied, "reload rejected");
             Ok(())

@@ -1,5 +1,6 @@
 //! The admin endpoint of a real `switchyard run`: `/healthz`, `/readyz`, `/status`
-//! and `/metrics` (scraped and parsed), and what it refuses.
+//! and `/metrics` (scraped and parsed), what it refuses, and who may change the
+//! switch (`[admin.tls]`: operator certificates).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -161,6 +162,11 @@ async fn health_readiness_status_and_metrics() {
     // What it refuses.
     assert_eq!(get(admin, "/nope").await.0, 404);
     assert_eq!(http(admin, "POST /status HTTP/1.1\r\n\r\n").await.0, 405);
+    // A change from loopback passes the rule; an unknown one is not routed.
+    assert_eq!(
+        http(admin, "POST /keys/rotate HTTP/1.1\r\n\r\n").await.0,
+        405
+    );
     let huge = format!("GET /status HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(10_000));
     assert_eq!(http(admin, &huge).await.0, 431);
 
@@ -270,4 +276,209 @@ async fn the_endpoint_keeps_its_bounds() {
     assert_eq!(get(admin, "/healthz").await, (200, "ok\n".to_owned()));
     daemon.kill();
     bank.stop().await;
+}
+
+/// Sends `request` over TLS with `tls` (trusting the endpoint's CA, presenting an
+/// operator certificate or none) and returns the status code and body, or the
+/// error of a refused handshake.
+async fn https(
+    addr: SocketAddr,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    request: &str,
+) -> std::io::Result<(u16, String)> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await?;
+    stream.write_all(request.as_bytes()).await?;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut got))
+        .await
+        .expect("answer in time");
+    if got.is_empty() {
+        read?;
+    }
+    let response = String::from_utf8_lossy(&got);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_owned());
+    Ok((status, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_changes_need_an_operator_certificate() {
+    use switchyard_tools::certs::{write_issued, DevCa};
+    let dir = TempDir::new("admin-tls");
+    let pki = Pki::write(&dir.0);
+    // The endpoint's own certificate (from the switch's CA), and a CA of its own
+    // for operators.
+    let server = pki.ca.issue_server(&["localhost", "127.0.0.1"]).unwrap();
+    write_issued(&dir.0, "admin", &server).unwrap();
+    let operators = DevCa::new("operator CA").unwrap();
+    std::fs::write(dir.0.join("operators.pem"), operators.ca_pem()).unwrap();
+    let bank = Bank::start(&pki, Duration::ZERO).await;
+    let rest = format!(
+        "[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [admin.tls]\ncert_file = \"admin.pem\"\nkey_file = \"admin.key\"\n\
+         client_ca_file = \"operators.pem\"\nclient_names = [\"ops-1\"]\n\n\
+         [[institution]]\nid = \"100001\"\n\n\
+         [[bank]]\nid = \"200001\"\naddress = \"{}\"\nserver_name = \"bank\"\n\n\
+         [[route]]\npan_prefix = \"4\"\nbank = \"200001\"\n",
+        bank.addr
+    );
+    let config = testkit::write_config(&dir.0, "", "", &rest);
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("TLS only; changes need an operator certificate"),
+        "{stdout}"
+    );
+    let daemon = Daemon::start(BIN, &config);
+    let admin = daemon.admin.expect("admin endpoint");
+    let trust = [pki.ca.ca_der()];
+    let anonymous = switchyard::tls::client_config_anonymous(&trust).unwrap();
+    let operator = |ca: &DevCa, name: &str| {
+        let issued = ca.issue_client(name).unwrap();
+        switchyard::tls::client_config(&trust, issued.chain().unwrap(), issued.key().unwrap())
+            .unwrap()
+    };
+    let get = |path: &str| format!("GET {path} HTTP/1.1\r\nHost: switchyard\r\n\r\n");
+    let post = |path: &str| format!("POST {path} HTTP/1.1\r\nHost: switchyard\r\n\r\n");
+
+    // Reading: any TLS client.
+    let (code, metrics) = https(admin, anonymous.clone(), &get("/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    assert!(metrics.contains("switchyard_"), "{metrics}");
+    let healthz = https(admin, anonymous.clone(), &get("/healthz"))
+        .await
+        .unwrap();
+    assert_eq!(healthz, (200, "ok\n".to_owned()));
+
+    // Changing: no certificate, from loopback even, is refused; so is key rotation.
+    for path in ["/reload", "/keys/rotate"] {
+        let answer = https(admin, anonymous.clone(), &post(path)).await.unwrap();
+        assert_eq!(
+            answer,
+            (
+                403,
+                "forbidden: changes need an operator client certificate\n".to_owned()
+            ),
+            "{path}"
+        );
+    }
+    // A certificate from the operator CA whose name is not listed.
+    let answer = https(admin, operator(&operators, "ops-2"), &post("/reload"))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer,
+        (
+            403,
+            "forbidden: the client certificate names no allowed operator\n".to_owned()
+        )
+    );
+    // The listed name, but from another CA (the acquirers'): the handshake fails.
+    let stranger = https(admin, operator(&pki.ca, "ops-1"), &post("/reload")).await;
+    assert!(stranger.is_err(), "{stranger:?}");
+    // Plain HTTP on the TLS endpoint: no answer at all.
+    let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let _ = tcp.write_all(post("/reload").as_bytes()).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut got))
+        .await
+        .expect("closed in time");
+    assert!(!got.starts_with(b"HTTP/"), "{got:?}");
+    // The operator: served.
+    let (code, body) = https(admin, operator(&operators, "ops-1"), &post("/reload"))
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("config reloaded"), "{body}");
+
+    // `switchyard reload` over TLS: with the operator certificate (the endpoint's
+    // name defaults to the address's IP), and without one.
+    write_issued(&dir.0, "ops-1", &operators.issue_client("ops-1").unwrap()).unwrap();
+    let path = |name: &str| dir.0.join(name).display().to_string();
+    let reload = |extra: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(["reload", "--admin", &admin.to_string(), "--tls-ca"])
+            .arg(path("ca.pem"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = reload(&["--cert", &path("ops-1.pem"), "--key", &path("ops-1.key")]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("config reloaded"));
+    let out = reload(&["--server-name", "localhost"]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("forbidden: changes need an operator"),
+        "{out:?}"
+    );
+
+    // Counted: each refusal by reason, the failed handshakes (the stranger's and
+    // the plain client's), the two reloads applied.
+    let scrape = || async {
+        let (_, text) = https(admin, anonymous.clone(), &get("/metrics"))
+            .await
+            .unwrap();
+        parse(&text)
+    };
+    let m = scrape().await;
+    let forbidden = |reason: &str| {
+        m.get(&format!(
+            "switchyard_admin_forbidden_total{{reason=\"{reason}\"}}"
+        ))
+        .copied()
+    };
+    assert_eq!(forbidden("no-certificate"), Some(3.0));
+    assert_eq!(forbidden("name-not-allowed"), Some(1.0));
+    assert_eq!(forbidden("not-loopback"), None);
+    assert_eq!(
+        m.get("switchyard_config_reloads_total{result=\"applied\"}"),
+        Some(&2.0)
+    );
+    let failed = "switchyard_admin_handshakes_failed_total";
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut m = m;
+    while m.get(failed) != Some(&2.0) {
+        assert!(tokio::time::Instant::now() < deadline, "{failed}: {m:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        m = scrape().await;
+    }
+    daemon.kill();
+    bank.stop().await;
+}
+
+#[test]
+fn check_config_refuses_an_open_admin_endpoint_without_tls() {
+    let dir = TempDir::new("admin-open");
+    let _pki = Pki::write(&dir.0);
+    let rest = "[admin]\nlisten = \"0.0.0.0:9464\"\n\n[[institution]]\nid = \"100001\"\n";
+    let config = testkit::write_config(&dir.0, "", "", rest);
+    let out = std::process::Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("admin.listen: 0.0.0.0:9464 is not a loopback address"),
+        "{stderr}"
+    );
 }
