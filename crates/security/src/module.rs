@@ -14,6 +14,8 @@
 
 use crate::mac::{self, MacError};
 use crate::pin::{self, Format, PinError};
+use crate::store::KeyType;
+use crate::tr31::{self, Exportability, Header, Version};
 use crate::{kcv, Algorithm, Key};
 use std::sync::{Arc, RwLock};
 
@@ -181,9 +183,25 @@ pub trait SecurityModule: Send + Sync {
         mac: &[u8],
     ) -> Result<(), ModuleError>;
 
-    /// Replaces working key `key` with `new` (the old one stays valid for
-    /// verification until the next replacement).
-    fn replace(&self, key: KeyHandle, new: Key) -> Result<(), ModuleError>;
+    /// Generates a new working key for `key` (same usage and algorithm), held
+    /// back until [`SecurityModule::activate`]: its TR-31 key block under the
+    /// key-encryption key `under` (what goes to the peer) and its check value.
+    /// A later call replaces a staged key not yet activated.
+    fn stage(&self, key: KeyHandle, under: KeyHandle) -> Result<StagedKey, ModuleError>;
+
+    /// Puts the key staged for `key` (`staged` names it by check value) in use;
+    /// the key it replaces stays valid for verification and PIN translation from
+    /// it until the next activation.
+    fn activate(&self, key: KeyHandle, staged: &StagedKey) -> Result<(), ModuleError>;
+}
+
+/// A working key generated for a rotation: what goes to the peer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagedKey {
+    /// The key as a TR-31 key block under the peer's key-encryption key.
+    pub block: String,
+    /// Its check value.
+    pub kcv: [u8; 3],
 }
 
 struct Slot {
@@ -196,6 +214,8 @@ struct Slot {
 struct Versions {
     current: Arc<Key>,
     previous: Option<Arc<Key>>,
+    /// Generated for a rotation, not in use yet.
+    staged: Option<Arc<Key>>,
 }
 
 /// The embedded module: keys in memory, wiped when dropped.
@@ -236,6 +256,7 @@ impl SoftwareModule {
             keys: RwLock::new(Versions {
                 current: Arc::new(key),
                 previous: None,
+                staged: None,
             }),
         });
         Ok(KeyHandle(self.slots.len() as u32 - 1))
@@ -375,7 +396,59 @@ impl SecurityModule for SoftwareModule {
         }
     }
 
-    fn replace(&self, key: KeyHandle, new: Key) -> Result<(), ModuleError> {
+    fn stage(&self, key: KeyHandle, under: KeyHandle) -> Result<StagedKey, ModuleError> {
+        let slot = self
+            .slots
+            .get(key.0 as usize)
+            .ok_or(ModuleError::UnknownKey)?;
+        if !matches!(slot.usage, Usage::Pin | Usage::Mac) {
+            return Err(slot.refused());
+        }
+        let (kek, _) = SoftwareModule::versions(self.slot(under, Usage::KeyEncryption)?);
+        let (current, _) = SoftwareModule::versions(slot);
+        let new = Key::random(slot.algorithm, current.bytes().len()).map_err(|_| slot.refused())?;
+        let kind = match slot.usage {
+            Usage::Pin => KeyType::Zpk,
+            _ => KeyType::Zak,
+        };
+        let header = Header::new(
+            Version::for_kbpk(kek.algorithm()),
+            kind.key_usage(slot.algorithm),
+            slot.algorithm,
+            kind.mode_of_use(),
+            Exportability::Trusted,
+        );
+        let block = tr31::wrap(&kek, &header, &new)
+            .map_err(|e| ModuleError::Unavailable(format!("key block: {e}")))?;
+        let staged = StagedKey {
+            block,
+            kcv: kcv::kcv(&new),
+        };
+        let mut v = slot.keys.write().unwrap_or_else(|e| e.into_inner());
+        v.staged = Some(Arc::new(new));
+        Ok(staged)
+    }
+
+    fn activate(&self, key: KeyHandle, staged: &StagedKey) -> Result<(), ModuleError> {
+        let slot = self
+            .slots
+            .get(key.0 as usize)
+            .ok_or(ModuleError::UnknownKey)?;
+        let mut v = slot.keys.write().unwrap_or_else(|e| e.into_inner());
+        let Some(new) = v.staged.take_if(|k| kcv::kcv(k) == staged.kcv) else {
+            return Err(ModuleError::UnknownKey);
+        };
+        let old = std::mem::replace(&mut v.current, new);
+        v.previous = Some(old);
+        Ok(())
+    }
+}
+
+impl SoftwareModule {
+    /// Replaces working key `key` with `new` outright (the old one stays valid
+    /// for verification until the next replacement): for tests and key loading;
+    /// rotations go through [`SecurityModule::stage`] and `activate`.
+    pub fn replace(&self, key: KeyHandle, new: Key) -> Result<(), ModuleError> {
         let slot = self
             .slots
             .get(key.0 as usize)
@@ -444,6 +517,40 @@ mod tests {
         ));
         let info = format!("{m:?}");
         assert!(!info.contains("0123456789"), "{info}");
+    }
+
+    #[test]
+    fn a_staged_key_travels_under_the_zmk_and_takes_over_on_activation() {
+        let (mut m, [_, _, mac, _]) = module();
+        let zmk = Key::new(Algorithm::Tdes, &unhex("0123456789ABCDEF0123456789ABCDEF")).unwrap();
+        let zmk_copy =
+            Key::new(Algorithm::Tdes, &unhex("0123456789ABCDEF0123456789ABCDEF")).unwrap();
+        let zmk = m.add("zmk", Usage::KeyEncryption, zmk).unwrap();
+        let data = b"a message";
+        let mut old = [0u8; 8];
+        m.generate_mac(mac, MacAlgorithm::Iso9797Alg3, data, &mut old)
+            .unwrap();
+        let staged = m.stage(mac, zmk).unwrap();
+        // The peer unwraps the block under the ZMK: the same key (by KCV).
+        let (header, peer_key) = tr31::unwrap(&zmk_copy, &staged.block).unwrap();
+        assert_eq!(header.key_usage.as_str(), "M3");
+        assert_eq!(kcv::kcv(&peer_key), staged.kcv);
+        // Not in use until activated.
+        let mut out = [0u8; 8];
+        m.generate_mac(mac, MacAlgorithm::Iso9797Alg3, data, &mut out)
+            .unwrap();
+        assert_eq!(out, old);
+        m.activate(mac, &staged).unwrap();
+        m.generate_mac(mac, MacAlgorithm::Iso9797Alg3, data, &mut out)
+            .unwrap();
+        assert_eq!(out, crate::mac::retail_mac(&peer_key, data).unwrap());
+        // The old key still verifies (answers in flight).
+        m.verify_mac(mac, MacAlgorithm::Iso9797Alg3, data, &old)
+            .unwrap();
+        // Activating twice is refused: nothing is staged.
+        assert_eq!(m.activate(mac, &staged), Err(ModuleError::UnknownKey));
+        // PIN keys cannot wrap keys.
+        assert!(m.stage(mac, mac).is_err());
     }
 
     #[test]
