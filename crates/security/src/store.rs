@@ -271,6 +271,17 @@ pub enum StoreError {
         /// Its permission bits.
         mode: u32,
     },
+    /// `init` found a store file but no master key file.
+    #[error(
+        "master key file {path} is missing but key store {store} exists: a new master key \
+         would not open it"
+    )]
+    MasterKeyMissing {
+        /// The master key file.
+        path: PathBuf,
+        /// The store file.
+        store: PathBuf,
+    },
     /// The master key file holds neither 32 raw bytes nor 64 hex digits.
     #[error("master key file {path} is {length} bytes: expected 32 raw bytes or 64 hex digits")]
     MasterKeyFormat {
@@ -622,8 +633,16 @@ impl std::fmt::Debug for KeyStore {
 impl KeyStore {
     /// Opens the store, first making what is missing: a random master key file
     /// (mode 0600) and an empty store file.
+    /// A store file without its master key file is refused
+    /// ([`StoreError::MasterKeyMissing`]): a new master key would not open it.
     pub fn init(store: &Path, master_key_file: &Path) -> Result<KeyStore, StoreError> {
         if !master_key_file.exists() {
+            if store.exists() {
+                return Err(StoreError::MasterKeyMissing {
+                    path: master_key_file.to_owned(),
+                    store: store.to_owned(),
+                });
+            }
             create_master_key_file(master_key_file)?;
         }
         if store.exists() {
@@ -1113,6 +1132,17 @@ mod tests {
             parse_store(ok(&many).as_bytes()),
             Err(StoreError::TooManyKeys { line: 1002, .. })
         ));
+    }
+
+    #[test]
+    fn init_refuses_a_store_without_its_master_key() {
+        let d = Dir::new("no-master");
+        let (store, master) = (d.0.join("keys.txt"), d.0.join("master.key"));
+        KeyStore::init(&store, &master).unwrap();
+        fs::remove_file(&master).unwrap();
+        let e = KeyStore::init(&store, &master).unwrap_err();
+        assert!(matches!(e, StoreError::MasterKeyMissing { .. }), "{e}");
+        assert!(!master.exists(), "no new master key was made");
     }
 
     #[test]
