@@ -16,7 +16,10 @@
 pub mod kcv;
 pub mod mac;
 pub mod module;
+pub mod payshield;
 pub mod pin;
+#[cfg(any(test, feature = "responder"))]
+pub mod responder;
 pub mod store;
 pub mod tr31;
 
