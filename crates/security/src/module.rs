@@ -11,6 +11,13 @@
 //! A working key can be replaced ([`SecurityModule::replace`]); the key it
 //! replaces stays valid for verification (and PIN translation from it) until
 //! the next replacement, so answers in flight under the old key still verify.
+//!
+//! A rotation towards a peer stages a new key ([`SecurityModule::stage`]),
+//! sends it, and activates it once the peer confirms. While it is staged a
+//! MAC under it verifies too: a peer with several links switches when it
+//! confirms, and its MACs under the new key may arrive on another link before
+//! the confirmation does. A refused rotation drops the staged key
+//! ([`SecurityModule::discard`]).
 
 use crate::mac::{self, MacError};
 use crate::pin::{self, Format, PinError};
@@ -174,7 +181,9 @@ pub trait SecurityModule: Send + Sync {
     ) -> Result<(), ModuleError>;
 
     /// Whether `mac` (the left part of a MAC, 4 bytes or more) is the MAC of `data`
-    /// under `key` (the current key, or the one it replaced).
+    /// under `key`: its current key, the one staged for it (a rotation under way:
+    /// the peer may have switched already), or the one it replaced (answers in
+    /// flight across a rotation).
     fn verify_mac(
         &self,
         key: KeyHandle,
@@ -193,6 +202,14 @@ pub trait SecurityModule: Send + Sync {
     /// the key it replaces stays valid for verification and PIN translation from
     /// it until the next activation.
     fn activate(&self, key: KeyHandle, staged: &StagedKey) -> Result<(), ModuleError>;
+
+    /// Drops the key staged for `key` (`staged` names it by check value) when the
+    /// peer refused it: MACs under it no longer verify. A backend that keeps no
+    /// staged key itself (the host holds the cryptogram) has nothing to drop.
+    fn discard(&self, key: KeyHandle, staged: &StagedKey) -> Result<(), ModuleError> {
+        let _ = (key, staged);
+        Ok(())
+    }
 }
 
 /// A working key generated for a rotation: what goes to the peer.
@@ -279,6 +296,12 @@ impl SoftwareModule {
         // versions themselves are always whole.
         let v = slot.keys.read().unwrap_or_else(|e| e.into_inner());
         (v.current.clone(), v.previous.clone())
+    }
+
+    /// The key staged for `slot`, if any.
+    fn staged(slot: &Slot) -> Option<Arc<Key>> {
+        let v = slot.keys.read().unwrap_or_else(|e| e.into_inner());
+        v.staged.clone()
     }
 }
 
@@ -390,10 +413,15 @@ impl SecurityModule for SoftwareModule {
             MacAlgorithm::AesCmac => mac::verify_aes_cmac(key, data, mac),
         };
         let (current, previous) = SoftwareModule::versions(slot);
-        match (check(&current), previous) {
-            (Err(MacError::Mismatch), Some(previous)) => Ok(check(&previous)?),
-            (result, _) => Ok(result?),
+        let mut result = check(&current);
+        let others = [SoftwareModule::staged(slot), previous];
+        for other in others.into_iter().flatten() {
+            if result != Err(MacError::Mismatch) {
+                break;
+            }
+            result = check(&other);
         }
+        Ok(result?)
     }
 
     fn stage(&self, key: KeyHandle, under: KeyHandle) -> Result<StagedKey, ModuleError> {
@@ -441,6 +469,18 @@ impl SecurityModule for SoftwareModule {
         let old = std::mem::replace(&mut v.current, new);
         v.previous = Some(old);
         Ok(())
+    }
+
+    fn discard(&self, key: KeyHandle, staged: &StagedKey) -> Result<(), ModuleError> {
+        let slot = self
+            .slots
+            .get(key.0 as usize)
+            .ok_or(ModuleError::UnknownKey)?;
+        let mut v = slot.keys.write().unwrap_or_else(|e| e.into_inner());
+        match v.staged.take_if(|k| kcv::kcv(k) == staged.kcv) {
+            Some(_) => Ok(()),
+            None => Err(ModuleError::UnknownKey),
+        }
     }
 }
 
@@ -551,6 +591,34 @@ mod tests {
         assert_eq!(m.activate(mac, &staged), Err(ModuleError::UnknownKey));
         // PIN keys cannot wrap keys.
         assert!(m.stage(mac, mac).is_err());
+    }
+
+    #[test]
+    fn a_staged_key_verifies_until_discarded() {
+        let (mut m, [_, _, mac, _]) = module();
+        let zmk = Key::new(Algorithm::Tdes, &unhex("0123456789ABCDEF0123456789ABCDEF")).unwrap();
+        let zmk_copy =
+            Key::new(Algorithm::Tdes, &unhex("0123456789ABCDEF0123456789ABCDEF")).unwrap();
+        let zmk = m.add("zmk", Usage::KeyEncryption, zmk).unwrap();
+        let staged = m.stage(mac, zmk).unwrap();
+        let (_, peer_key) = tr31::unwrap(&zmk_copy, &staged.block).unwrap();
+        // The peer switched at once: its MAC under the staged key verifies.
+        let data = b"an answer from the peer";
+        let peers = crate::mac::retail_mac(&peer_key, data).unwrap();
+        m.verify_mac(mac, MacAlgorithm::Iso9797Alg3, data, &peers)
+            .unwrap();
+        // Refused by the peer: dropped, and its MACs no longer verify.
+        m.discard(mac, &staged).unwrap();
+        assert!(m
+            .verify_mac(mac, MacAlgorithm::Iso9797Alg3, data, &peers)
+            .is_err());
+        assert_eq!(m.activate(mac, &staged), Err(ModuleError::UnknownKey));
+        assert_eq!(m.discard(mac, &staged), Err(ModuleError::UnknownKey));
+        // A MAC under no key of the slot is a mismatch.
+        assert_eq!(
+            m.verify_mac(mac, MacAlgorithm::Iso9797Alg3, data, &[0u8; 8]),
+            Err(ModuleError::Mac(MacError::Mismatch))
+        );
     }
 
     #[test]

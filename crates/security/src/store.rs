@@ -790,6 +790,37 @@ impl KeyStore {
         block: &str,
         under: &str,
     ) -> Result<&StoredKey, StoreError> {
+        let key = self.unwrap_tr31(id, kind, block, under)?;
+        self.insert(id, kind, &key)?;
+        self.get(id)
+            .ok_or_else(|| StoreError::NotFound { id: id.to_owned() })
+    }
+
+    /// [`KeyStore::import_tr31`] in place of the key `id`, which must exist (a
+    /// working key rotated with a peer: the block is what went to it). Returns
+    /// the new entry.
+    pub fn replace_tr31(
+        &mut self,
+        id: &str,
+        kind: KeyType,
+        block: &str,
+        under: &str,
+    ) -> Result<&StoredKey, StoreError> {
+        let key = self.unwrap_tr31(id, kind, block, under)?;
+        self.replace(id, kind, &key)?;
+        self.get(id)
+            .ok_or_else(|| StoreError::NotFound { id: id.to_owned() })
+    }
+
+    /// The key in `block` under the ZMK or KBPK `under`, its usage fitting `kind`
+    /// (`id` names it in errors).
+    fn unwrap_tr31(
+        &self,
+        id: &str,
+        kind: KeyType,
+        block: &str,
+        under: &str,
+    ) -> Result<Key, StoreError> {
         let kbpk = self.key_encryption_key(under)?;
         let (header, key) = tr31::unwrap(&kbpk, block).map_err(|source| StoreError::Tr31 {
             id: clip(id).to_owned(),
@@ -802,9 +833,7 @@ impl KeyStore {
                 expected: kind.expected_usages(),
             });
         }
-        self.insert(id, kind, &key)?;
-        self.get(id)
-            .ok_or_else(|| StoreError::NotFound { id: id.to_owned() })
+        Ok(key)
     }
 
     /// The clear key of `id`, which must be a ZMK or KBPK.
@@ -1132,6 +1161,42 @@ mod tests {
             parse_store(ok(&many).as_bytes()),
             Err(StoreError::TooManyKeys { line: 1002, .. })
         ));
+    }
+
+    #[test]
+    fn a_rotated_working_key_replaces_its_entry_from_the_block_sent() {
+        let d = Dir::new("replace-tr31");
+        let (store, master) = (d.0.join("keys.txt"), d.0.join("master.key"));
+        let mut s = KeyStore::init(&store, &master).unwrap();
+        let zmk = Key::random(Algorithm::Tdes, 16).unwrap();
+        s.insert("zmk", KeyType::Zmk, &zmk).unwrap();
+        s.insert("zak", KeyType::Zak, &tdes()).unwrap();
+        s.insert("after", KeyType::Zpk, &tdes()).unwrap();
+        let new = Key::random(Algorithm::Tdes, 16).unwrap();
+        let header = Header::new(
+            Version::B,
+            KeyType::Zak.key_usage(Algorithm::Tdes),
+            Algorithm::Tdes,
+            KeyType::Zak.mode_of_use(),
+            Exportability::Trusted,
+        );
+        let block = tr31::wrap(&zmk, &header, &new).unwrap();
+        // Not a PIN key's block; not an unknown id.
+        assert!(matches!(
+            s.replace_tr31("after", KeyType::Zpk, &block, "zmk"),
+            Err(StoreError::Usage { .. })
+        ));
+        assert!(matches!(
+            s.replace_tr31("nope", KeyType::Zak, &block, "zmk"),
+            Err(StoreError::NotFound { .. })
+        ));
+        let entry = s.replace_tr31("zak", KeyType::Zak, &block, "zmk").unwrap();
+        assert_eq!(entry.kcv, new.check_value());
+        s.save().unwrap();
+        let s = KeyStore::open(&store, &master).unwrap();
+        let ids: Vec<&str> = s.keys().iter().map(|k| k.id.as_str()).collect();
+        assert_eq!(ids, ["zmk", "zak", "after"], "the entry keeps its place");
+        assert_eq!(s.unwrap("zak").unwrap().bytes(), new.bytes());
     }
 
     #[test]
