@@ -6,9 +6,11 @@
 use crate::core::route::{BankIndex, RouteTable};
 use crate::core::InstitutionId;
 use crate::journal::{Fsync, JournalConfig};
-use crate::security::{LinkKeys, MacSpec, Module, PinSpec};
+use crate::security::{KeyExchange, LinkKeys, MacSpec, Module, PinSpec};
 use crate::tls::IdentitySource;
-use crate::wire::{Dialect, Framing, Header, MessageHeader, HEADER_BYTES_MAX, TPDU_BYTES};
+use crate::wire::{
+    Dialect, FieldType, Framing, Header, LengthKind, MessageHeader, HEADER_BYTES_MAX, TPDU_BYTES,
+};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -109,6 +111,12 @@ pub const ADMIN_TLS_FILE_SIZE_MAX_BYTES: u64 = 1 << 20;
 pub const ADMIN_CLIENT_NAMES_MAX: usize = 256;
 /// Longest name in `admin.tls.client_names`, bytes (a DNS name's limit).
 pub const ADMIN_CLIENT_NAME_MAX_BYTES: usize = 253;
+
+/// A bank's key change fields (`key_block_field`, `kcv_field`): defined with the
+/// key exchange.
+pub use crate::security::{
+    KCV_CHARS, KCV_FIELD_DEFAULT, KEY_BLOCK_CHARS_MAX, KEY_BLOCK_FIELD_DEFAULT,
+};
 
 /// Reversal store-and-forward bounds: defined with the queue they bound.
 pub use crate::core::saf::{
@@ -525,6 +533,12 @@ struct BankSection {
     mac_key: Option<String>,
     #[serde(default)]
     mac: Option<String>,
+    #[serde(default)]
+    zmk_key: Option<String>,
+    #[serde(default)]
+    key_block_field: Option<u8>,
+    #[serde(default)]
+    kcv_field: Option<u8>,
 }
 
 fn d_saf_depth() -> usize {
@@ -1387,8 +1401,13 @@ impl Checker<'_> {
                 mac: b.mac.as_deref(),
             };
             let dialect = banks[i].dialect.clone();
-            banks[i].security =
-                self.link_keys(&format!("bank[{i}]"), &names, keys.as_ref(), &[&dialect])?;
+            let at = format!("bank[{i}]");
+            let security = self.link_keys(&at, &names, keys.as_ref(), &[&dialect])?;
+            let exchange = self.key_exchange(&at, b, keys.as_ref(), &security, &dialect)?;
+            banks[i].security = match exchange {
+                Some(exchange) => security.with_exchange(exchange),
+                None => security,
+            };
         }
         let journal = f.journal.as_ref().map(|j| self.journal(j)).transpose()?;
         if let Some(j) = &journal {
@@ -1619,6 +1638,68 @@ impl Checker<'_> {
             pin = Some(PinSpec { key, format });
         }
         Ok(LinkKeys::new(module.clone(), mac, pin))
+    }
+
+    /// A bank's key exchange (`zmk_key`, `key_block_field`, `kcv_field`): the ZMK
+    /// must be a key-encrypting key of the store, the bank must have a working
+    /// key to rotate, and its dialect must carry the key block and check value as
+    /// text ([`key_change_field_fault`]).
+    fn key_exchange(
+        &self,
+        at: &str,
+        b: &BankSection,
+        keys: Option<&KeysConfig>,
+        security: &LinkKeys,
+        dialect: &Dialect,
+    ) -> Result<Option<KeyExchange>, ConfigError> {
+        let k = |name: &str| format!("{at}.{name}");
+        let Some(id) = b.zmk_key.as_deref() else {
+            for (name, set) in [
+                ("key_block_field", b.key_block_field),
+                ("kcv_field", b.kcv_field),
+            ] {
+                if set.is_some() {
+                    return Err(self.invalid(k(name), "only with zmk_key"));
+                }
+            }
+            return Ok(None);
+        };
+        let Some(keys) = keys else {
+            return Err(self.invalid(k("zmk_key"), "names a key, but there is no [keys] section"));
+        };
+        let zmk = self.key_of(
+            &keys.module,
+            &k("zmk_key"),
+            id,
+            (Usage::KeyEncryption, None),
+        )?;
+        if security.mac.is_none() && security.pin.is_none() {
+            return Err(self.invalid(
+                k("zmk_key"),
+                "the bank has no pin_key or mac_key: nothing to send under it",
+            ));
+        }
+        let key_block_field = b.key_block_field.unwrap_or(KEY_BLOCK_FIELD_DEFAULT);
+        let kcv_field = b.kcv_field.unwrap_or(KCV_FIELD_DEFAULT);
+        if key_block_field == kcv_field {
+            return Err(self.invalid(k("kcv_field"), "must differ from key_block_field"));
+        }
+        for (name, n, chars) in [
+            ("key_block_field", key_block_field, KEY_BLOCK_CHARS_MAX),
+            ("kcv_field", kcv_field, KCV_CHARS),
+        ] {
+            if let Some(fault) = key_change_field_fault(dialect, n, chars) {
+                return Err(self.invalid(
+                    k(name),
+                    format!("DE{n} in dialect {}: {fault}", dialect.name()),
+                ));
+            }
+        }
+        Ok(Some(KeyExchange {
+            zmk,
+            key_block_field,
+            kcv_field,
+        }))
     }
 
     fn journal(&self, j: &JournalSection) -> Result<JournalConfig, ConfigError> {
@@ -1895,6 +1976,39 @@ impl Checker<'_> {
 }
 
 /// Bytes of an even count of hex digits.
+/// Why field `n` of `dialect` cannot carry `chars` characters of a key change
+/// (a key block or a check value: letters and digits); `None` when it can. It
+/// must be text (`an`, `ans`, `anp`) or binary, of variable length up to at
+/// least `chars`, or fixed at exactly `chars`; and not a field the key change
+/// itself fills in (DE7, DE11, DE39, DE70), nor a bitmap or MAC field.
+pub fn key_change_field_fault(dialect: &Dialect, n: u8, chars: usize) -> Option<String> {
+    if matches!(n, 0 | 1 | 7 | 11 | 39 | 64 | 65 | 70 | 128) || n > 128 {
+        return Some("the key change cannot carry it there (a field it fills in itself, a bitmap or a MAC field)".to_owned());
+    }
+    let Some(spec) = dialect.field(n) else {
+        return Some("the dialect does not define it".to_owned());
+    };
+    if !matches!(
+        spec.ty,
+        FieldType::An | FieldType::Ans | FieldType::Anp | FieldType::B
+    ) {
+        return Some(format!(
+            "type {:?} cannot carry letters and digits (an, ans, anp or b)",
+            spec.ty
+        ));
+    }
+    let max = usize::from(spec.max);
+    match spec.length {
+        LengthKind::Fixed if max != chars => Some(format!(
+            "fixed at {max}, it must take {chars} characters (or be of variable length)"
+        )),
+        LengthKind::LlVar | LengthKind::LllVar if max < chars => Some(format!(
+            "holds at most {max} characters, it must take {chars}"
+        )),
+        _ => None,
+    }
+}
+
 fn parse_hex(text: &str) -> Option<Vec<u8>> {
     if text.len() % 2 != 0 || !text.is_ascii() {
         return None;
@@ -2070,6 +2184,91 @@ mod tests {
             err,
             "s.toml: duplicates.window_s: must be 1..=604800 s, found 0"
         );
+    }
+
+    #[test]
+    fn a_bank_key_exchange_is_checked_against_its_store_and_dialect() {
+        use switchyard_security::{Algorithm, Key};
+        let dir = switchyard_tools::testkit::TempDir::new("config-key-exchange");
+        let (store, master) = (dir.path().join("keys.txt"), dir.path().join("master.key"));
+        let mut keys = KeyStore::init(&store, &master).unwrap();
+        for (id, kind) in [("zmk", KeyType::Zmk), ("zak", KeyType::Zak)] {
+            let key = Key::random(Algorithm::Tdes, 16).unwrap();
+            keys.insert(id, kind, &key).unwrap();
+        }
+        keys.save().unwrap();
+        let parse = |bank: &str| {
+            let text = format!(
+                "[switch]\nlisten = \"127.0.0.1:0\"\n\
+                 [tls]\nca_file = \"x\"\ncert_file = \"x\"\nkey_file = \"x\"\n\
+                 client_cert_file = \"x\"\nclient_key_file = \"x\"\n\
+                 [keys]\nstore = \"{}\"\nmaster_key_file = \"{}\"\n\
+                 [[institution]]\nid = \"100001\"\n\
+                 [[bank]]\nid = \"200001\"\naddress = \"127.0.0.1:9\"\nserver_name = \"b\"\n{bank}\n\
+                 [[route]]\npan_prefix = \"4\"\nbank = \"200001\"\n",
+                store.display(),
+                master.display()
+            );
+            Config::parse(&text, Path::new("s.toml")).map_err(|e| e.to_string())
+        };
+        let mac = "mac_key = \"zak\"\nmac = \"iso9797-3\"\n";
+        let c = parse(&format!("{mac}zmk_key = \"zmk\"")).unwrap();
+        let exchange = c.banks[0].security.exchange.unwrap();
+        assert_eq!(
+            (exchange.key_block_field, exchange.kcv_field),
+            (KEY_BLOCK_FIELD_DEFAULT, KCV_FIELD_DEFAULT)
+        );
+        assert_eq!(c.banks[0].security.zmk_id().as_deref(), Some("zmk"));
+        assert!(parse(mac).unwrap().banks[0].security.exchange.is_none());
+        let refused = [
+            (
+                format!("{mac}zmk_key = \"zak\""),
+                "s.toml: bank[0].zmk_key: key \"zak\" is a Tdes Mac key; this takes a \
+                 KeyEncryption key",
+            ),
+            (
+                format!("{mac}zmk_key = \"nope\""),
+                "s.toml: bank[0].zmk_key: no key \"nope\" in the key store",
+            ),
+            (
+                "zmk_key = \"zmk\"".to_owned(),
+                "s.toml: bank[0].zmk_key: the bank has no pin_key or mac_key",
+            ),
+            (
+                format!("{mac}key_block_field = 120"),
+                "s.toml: bank[0].key_block_field: only with zmk_key",
+            ),
+            (
+                format!("{mac}zmk_key = \"zmk\"\nkey_block_field = 53"),
+                "s.toml: bank[0].key_block_field: DE53 in dialect iso87-ascii: type N cannot \
+                 carry letters and digits",
+            ),
+            (
+                format!("{mac}zmk_key = \"zmk\"\nkcv_field = 70"),
+                "s.toml: bank[0].kcv_field: DE70 in dialect iso87-ascii: the key change \
+                 cannot carry it there",
+            ),
+            (
+                format!("{mac}zmk_key = \"zmk\"\nkcv_field = 48"),
+                "s.toml: bank[0].kcv_field: must differ from key_block_field",
+            ),
+            (
+                format!("{mac}zmk_key = \"zmk\"\nkcv_field = 41"),
+                "s.toml: bank[0].kcv_field: DE41 in dialect iso87-ascii: fixed at 8, it must \
+                 take 6 characters",
+            ),
+        ];
+        for (bank, want) in refused {
+            let err = parse(&bank).unwrap_err();
+            assert!(err.starts_with(want), "{err}\nwanted: {want}");
+        }
+        // Another field that carries text will do.
+        let c = parse(&format!(
+            "{mac}zmk_key = \"zmk\"\nkey_block_field = 120\nkcv_field = 63"
+        ))
+        .unwrap();
+        let exchange = c.banks[0].security.exchange.unwrap();
+        assert_eq!((exchange.key_block_field, exchange.kcv_field), (120, 63));
     }
 
     #[test]

@@ -21,11 +21,18 @@
 //! every byte of the message before it, from the MTI (a TPDU or length prefix
 //! is not part of the message). An AES-CMAC is carried as its left 8 bytes when
 //! the field is 8 bytes long. Network management messages (08xx) carry none.
+//!
+//! **Working-key rotation.** A bank with a key-encrypting key (`zmk_key`,
+//! [`KeyExchange`]) can be sent a new ZPK or ZAK ([`WorkingKey`]): the module
+//! stages one ([`LinkKeys::stage`]), a link sends it under the ZMK in an 0800
+//! key change (`core::link`), and once the bank answers 00 it takes over for
+//! every link of the bank ([`LinkKeys::activate`]); the key it replaced still
+//! verifies answers in flight.
 
 use crate::wire::{Dialect, FieldType, LengthKind, Message};
 use std::sync::Arc;
 use switchyard_security::module::{
-    KeyHandle, MacAlgorithm, ModuleError, PinBlock, SecurityModule, SoftwareModule,
+    KeyHandle, MacAlgorithm, ModuleError, PinBlock, SecurityModule, SoftwareModule, StagedKey,
 };
 use switchyard_security::pin::Format;
 
@@ -50,6 +57,89 @@ pub struct PinSpec {
     pub format: Format,
 }
 
+/// The field of a key change that carries the TR-31 key block, by default
+/// (`key_block_field`): DE48, additional data (private use), `ans` LLLVAR in the
+/// shipped dialects.
+pub const KEY_BLOCK_FIELD_DEFAULT: u8 = 48;
+
+/// The field of a key change that carries the new key's check value, by default
+/// (`kcv_field`): DE62, reserved (private use), `ans` LLLVAR in the shipped
+/// dialects. (DE53, security related control information, is `n 16` in the 1987
+/// dialects and `b` in the 1993 ones: it cannot carry hex digits.)
+pub const KCV_FIELD_DEFAULT: u8 = 62;
+
+/// The longest key block a key change carries, characters: an AES-256 key under
+/// an AES key-encrypting key (TR-31 version D: a 16-character header, a
+/// 48-byte payload and a 16-byte MAC, both as hex). A key block field must hold
+/// at least this many.
+pub const KEY_BLOCK_CHARS_MAX: usize = 16 + 2 * 48 + 2 * 16;
+
+/// Characters of a key check value in a key change: 3 bytes as hex.
+pub const KCV_CHARS: usize = 6;
+
+/// Where a bank's working keys come from in a key change: the key-encrypting
+/// key they travel under (`zmk_key`) and the fields of the 0800 that carry the
+/// TR-31 key block and its check value (`key_block_field`, `kcv_field`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyExchange {
+    /// The zone master key (or key block protection key).
+    pub zmk: KeyHandle,
+    /// The field of the key block (printable text, variable length).
+    pub key_block_field: u8,
+    /// The field of the new key's check value (6 hex digits).
+    pub kcv_field: u8,
+}
+
+/// A working key of a link that a rotation replaces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WorkingKey {
+    /// The zone PIN key (`pin_key`).
+    Pin,
+    /// The zone MAC key (`mac_key`).
+    Mac,
+}
+
+impl WorkingKey {
+    /// Its short name, as the admin endpoint and metrics name it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkingKey::Pin => "zpk",
+            WorkingKey::Mac => "zak",
+        }
+    }
+
+    /// The `[[bank]]` key that names it.
+    pub fn config_key(self) -> &'static str {
+        match self {
+            WorkingKey::Pin => "pin_key",
+            WorkingKey::Mac => "mac_key",
+        }
+    }
+
+    /// From its short name (`zpk`, `zak`).
+    pub fn from_name(name: &str) -> Option<WorkingKey> {
+        match name {
+            "zpk" => Some(WorkingKey::Pin),
+            "zak" => Some(WorkingKey::Mac),
+            _ => None,
+        }
+    }
+}
+
+/// Why a rotation could not start.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StageError {
+    /// The link has no `zmk_key`.
+    #[error("no zmk_key: the bank's keys cannot be sent to it")]
+    NoExchange,
+    /// The link has no such working key.
+    #[error("the bank has no {} (no {} in its config)", .0.as_str(), .0.config_key())]
+    NoKey(WorkingKey),
+    /// The module refused (its words).
+    #[error("security module: {0}")]
+    Module(String),
+}
+
 /// One link's keys (an institution's or a bank's); the default has none, and
 /// messages then pass as they are.
 #[derive(Clone, Default)]
@@ -59,6 +149,8 @@ pub struct LinkKeys {
     pub mac: Option<MacSpec>,
     /// PIN blocks (DE52) under this key and format.
     pub pin: Option<PinSpec>,
+    /// How new working keys go to the bank (banks only).
+    pub exchange: Option<KeyExchange>,
 }
 
 /// No keys: what a link without `pin_key` or `mac_key` has.
@@ -66,6 +158,7 @@ pub static NO_KEYS: LinkKeys = LinkKeys {
     module: None,
     mac: None,
     pin: None,
+    exchange: None,
 };
 
 impl std::fmt::Debug for LinkKeys {
@@ -73,6 +166,7 @@ impl std::fmt::Debug for LinkKeys {
         f.debug_struct("LinkKeys")
             .field("mac", &self.mac)
             .field("pin", &self.pin)
+            .field("exchange", &self.exchange)
             .finish()
     }
 }
@@ -90,6 +184,8 @@ impl PartialEq for LinkKeys {
                 info(k, k.pin.map(|p| p.key)),
                 k.mac.map(|m| m.algorithm),
                 k.pin.map(|p| p.format),
+                info(k, k.exchange.map(|e| e.zmk)),
+                k.exchange.map(|e| (e.key_block_field, e.kcv_field)),
             )
         };
         keys(self) == keys(other)
@@ -149,6 +245,67 @@ impl LinkKeys {
             module: Some(module),
             mac,
             pin,
+            exchange: None,
+        }
+    }
+
+    /// These keys, rotated with the bank through `exchange`.
+    pub fn with_exchange(mut self, exchange: KeyExchange) -> LinkKeys {
+        self.exchange = Some(exchange);
+        self
+    }
+
+    /// The handle of working key `key`, if the link has it.
+    pub fn working_key(&self, key: WorkingKey) -> Option<KeyHandle> {
+        match key {
+            WorkingKey::Pin => self.pin.map(|p| p.key),
+            WorkingKey::Mac => self.mac.map(|m| m.key),
+        }
+    }
+
+    /// The module's word on working key `key` (id, check value; never the key).
+    pub fn info(&self, key: WorkingKey) -> Option<switchyard_security::module::KeyInfo> {
+        let (module, handle) = self.module.as_ref().zip(self.working_key(key))?;
+        module.info(handle).ok()
+    }
+
+    /// The id of the key-encrypting key the bank's keys travel under.
+    pub fn zmk_id(&self) -> Option<String> {
+        let (module, exchange) = self.module.as_ref().zip(self.exchange)?;
+        module.info(exchange.zmk).ok().map(|i| i.id)
+    }
+
+    /// Stages a new working key `key`: what goes to the bank (its TR-31 key block
+    /// under the ZMK, and its check value). Not in use before
+    /// [`LinkKeys::activate`]; MACs under it verify meanwhile.
+    pub fn stage(&self, key: WorkingKey) -> Result<StagedKey, StageError> {
+        let exchange = self.exchange.ok_or(StageError::NoExchange)?;
+        let (module, handle) = self
+            .module
+            .as_ref()
+            .zip(self.working_key(key))
+            .ok_or(StageError::NoKey(key))?;
+        module
+            .stage(handle, exchange.zmk)
+            .map_err(|e| StageError::Module(e.to_string()))
+    }
+
+    /// Puts the staged key in use, for every link that shares this module; the
+    /// key it replaces still verifies.
+    pub fn activate(&self, key: WorkingKey, staged: &StagedKey) -> Result<(), ModuleError> {
+        let (module, handle) = self
+            .module
+            .as_ref()
+            .zip(self.working_key(key))
+            .ok_or(ModuleError::UnknownKey)?;
+        module.activate(handle, staged)
+    }
+
+    /// Drops the staged key (the bank refused it, or it never went out).
+    pub fn discard(&self, key: WorkingKey, staged: &StagedKey) {
+        if let Some((module, handle)) = self.module.as_ref().zip(self.working_key(key)) {
+            // Already gone (a later rotation staged another): nothing to drop.
+            let _ = module.discard(handle, staged);
         }
     }
 

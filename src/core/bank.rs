@@ -9,7 +9,7 @@
 
 use super::books::Books;
 use super::inflight::{Stan, STAN_MAX};
-use super::link::{Finish, LinkConfig, LinkEnv};
+use super::link::{kcv_hex, Finish, KeyChange, KeyChangeAnswer, LinkConfig, LinkEnv};
 use super::request::Pending;
 use super::route::BankIndex;
 use super::saf::{Advice, Saf};
@@ -17,12 +17,21 @@ use super::writeahead::OutcomeSource;
 use super::ResponseCode;
 use crate::config::{Bank, LINKS_MAX};
 use crate::journal::AppendError;
+use crate::security::{StageError, WorkingKey};
 use crate::wire::{Dialect, Message};
 use crossbeam_queue::ArrayQueue;
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use switchyard_security::module::StagedKey;
+use tokio::sync::oneshot;
 use tracing::error;
+
+/// Longest a key change waits for one of the bank's links to take it (an up link
+/// with room takes it at its next transmit, at once). A link that takes it later
+/// sends nothing, so the one who asked knows its outcome within this plus the
+/// echo timeout.
+pub const KEY_CHANGE_PICKUP_MAX: Duration = Duration::from_secs(5);
 
 /// How a bank's state wakes the tasks (or simulated links) that serve it.
 pub trait Wake: Send + Sync {
@@ -77,6 +86,64 @@ pub struct BankState {
     pub stats: BankStats,
     books: Books,
     wake: Arc<dyn Wake>,
+    /// Whether a key change waits for a link (checked on every transmit, so that
+    /// the lock below is taken only when one does).
+    key_change_queued: AtomicBool,
+    /// The bank's working-key rotation, one at a time.
+    key_change: Mutex<KeyChangeSlot>,
+}
+
+/// A bank's key change: waiting for a link, then under way on one, until its
+/// outcome goes to whoever asked.
+#[derive(Default)]
+struct KeyChangeSlot {
+    next_id: u64,
+    /// Not yet taken by a link.
+    queued: Option<KeyChange>,
+    /// The change under way (queued or on a link) and where its outcome goes.
+    under_way: Option<(u64, oneshot::Sender<KeyChangeReport>)>,
+}
+
+/// Why a key change could not start.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeyChangeRefused {
+    /// The bank's keys do not allow it (no ZMK, no such key, module refusal).
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    /// No link is up to carry it.
+    #[error("no link to the bank is up")]
+    NoLinkUp,
+    /// Another key change of the bank is under way.
+    #[error("another key change of this bank is under way")]
+    UnderWay,
+}
+
+/// What became of a key change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeyChangeOutcome {
+    /// The bank took it: the new key is in use on every link of the bank (the one
+    /// it replaced still verifies).
+    Activated,
+    /// The bank took it, but the module would not put it in use.
+    ActivationRefused(String),
+    /// The link's answer otherwise (declined, unanswered, never sent). The staged
+    /// key is dropped, except when unanswered: the bank may have taken it, so
+    /// MACs under it still verify until the next rotation (rotate again).
+    Failed(KeyChangeAnswer),
+}
+
+/// The outcome of a key change, for whoever asked.
+#[derive(Clone, Debug)]
+pub struct KeyChangeReport {
+    /// The key rotated.
+    pub key: WorkingKey,
+    /// The new key as it went to the bank (its block is what the key store
+    /// imports) and its check value.
+    pub staged: StagedKey,
+    /// What became of it.
+    pub outcome: KeyChangeOutcome,
+    /// The link that carried it, if one took it.
+    pub link: Option<usize>,
 }
 
 impl BankState {
@@ -113,6 +180,8 @@ impl BankState {
             index,
             books,
             wake,
+            key_change_queued: AtomicBool::new(false),
+            key_change: Mutex::new(KeyChangeSlot::default()),
         }
     }
 
@@ -242,6 +311,58 @@ impl BankState {
         if self.links_up() == 0 {
             self.drain_stranded();
         }
+    }
+
+    /// Starts a rotation of working key `key`: stages a new key in the module and
+    /// queues its key change for the first up link to take; its outcome comes on
+    /// the receiver (when a link answers, within [`KEY_CHANGE_PICKUP_MAX`] plus the
+    /// echo timeout; a dropped sender means the change was withdrawn). One at a
+    /// time per bank.
+    pub fn start_key_change(
+        &self,
+        key: WorkingKey,
+        now: Instant,
+    ) -> Result<(u64, oneshot::Receiver<KeyChangeReport>), KeyChangeRefused> {
+        if self.links_up() == 0 || self.is_retired() {
+            return Err(KeyChangeRefused::NoLinkUp);
+        }
+        let mut slot = crate::sync::lock(&self.key_change);
+        if slot.under_way.is_some() {
+            return Err(KeyChangeRefused::UnderWay);
+        }
+        let staged = self.bank.security.stage(key)?;
+        slot.next_id += 1;
+        let id = slot.next_id;
+        let (tx, rx) = oneshot::channel();
+        slot.under_way = Some((id, tx));
+        slot.queued = Some(KeyChange {
+            id,
+            key,
+            staged,
+            send_by: now + KEY_CHANGE_PICKUP_MAX,
+        });
+        self.key_change_queued.store(true, Ordering::Release);
+        drop(slot);
+        self.wake.writers();
+        Ok((id, rx))
+    }
+
+    /// Whoever asked for key change `id` stops waiting: if no link has taken it,
+    /// it is dropped with its staged key (and true is returned); if one has, its
+    /// outcome still applies when it comes (an approval still activates the key),
+    /// but goes to no one.
+    pub fn withdraw_key_change(&self, id: u64) -> bool {
+        let mut slot = crate::sync::lock(&self.key_change);
+        if slot.under_way.as_ref().is_some_and(|(u, _)| *u == id) {
+            slot.under_way = None;
+        }
+        let Some(change) = slot.queued.take_if(|c| c.id == id) else {
+            return false;
+        };
+        self.key_change_queued.store(false, Ordering::Release);
+        drop(slot);
+        self.bank.security.discard(change.key, &change.staged);
+        true
     }
 
     /// Takes the bank out of service: nothing new is queued (answered 91).
@@ -528,6 +649,65 @@ impl LinkEnv for BankState {
     fn inflight(&self, slot: usize, n: usize) {
         if let Some(gauge) = self.inflight_by_link.get(slot) {
             gauge.store(n, Ordering::Relaxed);
+        }
+    }
+
+    fn take_key_change(&self) -> Option<KeyChange> {
+        if !self.key_change_queued.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut slot = crate::sync::lock(&self.key_change);
+        self.key_change_queued.store(false, Ordering::Release);
+        slot.queued.take()
+    }
+
+    fn key_change_done(&self, change: KeyChange, answer: KeyChangeAnswer, link: usize) {
+        let security = &self.bank.security;
+        let outcome = match answer {
+            KeyChangeAnswer::Approved => match security.activate(change.key, &change.staged) {
+                Ok(()) => KeyChangeOutcome::Activated,
+                Err(e) => KeyChangeOutcome::ActivationRefused(e.to_string()),
+            },
+            KeyChangeAnswer::Unanswered => KeyChangeOutcome::Failed(answer),
+            KeyChangeAnswer::Declined(_)
+            | KeyChangeAnswer::KcvMismatch
+            | KeyChangeAnswer::NotSent(_) => {
+                security.discard(change.key, &change.staged);
+                KeyChangeOutcome::Failed(answer)
+            }
+        };
+        let result = match &outcome {
+            KeyChangeOutcome::Activated => "activated",
+            KeyChangeOutcome::ActivationRefused(_) => "activation-refused",
+            KeyChangeOutcome::Failed(a) => a.as_str(),
+        };
+        metrics::counter!("switchyard_key_changes_total", "key" => change.key.as_str(), "result" => result)
+            .increment(1);
+        let kcv = kcv_hex(change.staged.kcv);
+        let kcv = String::from_utf8_lossy(&kcv);
+        let reply = {
+            let mut slot = crate::sync::lock(&self.key_change);
+            let ours = slot.under_way.take_if(|(id, _)| *id == change.id);
+            ours.map(|(_, reply)| reply)
+        };
+        match (&outcome, &reply) {
+            (KeyChangeOutcome::Activated, Some(_)) => tracing::info!(bank = %self.bank.id, link,
+                key = change.key.as_str(), %kcv, "key change approved: the new key is in use"),
+            (KeyChangeOutcome::Activated, None) => error!(bank = %self.bank.id, link,
+                key = change.key.as_str(), %kcv,
+                "key change approved after its rotation gave up: the new key is in use but not \
+                 saved in the key store; rotate again"),
+            (_, _) => tracing::warn!(bank = %self.bank.id, link, key = change.key.as_str(),
+                %kcv, result, detail = ?outcome, "key change failed"),
+        }
+        if let Some(reply) = reply {
+            // The asker may have gone: nothing to tell then.
+            let _ = reply.send(KeyChangeReport {
+                key: change.key,
+                staged: change.staged,
+                outcome,
+                link: Some(link),
+            });
         }
     }
 }

@@ -31,19 +31,28 @@
 //! `echo_timeout` ends the link) → `Retiring` (a reload shrank the pool: nothing new
 //! is taken, requests in flight are answered or time out) → `SigningOff` (0800 DE70
 //! 002, awaited up to min(echo timeout, [`SIGN_OFF_WAIT_MAX`])) → `Ended`.
+//!
+//! Key change: when its bank has a new working key to send ([`LinkEnv::take_key_change`],
+//! taken by one link only), an up link sends an 0800 with DE70 161, DE7, DE11, the
+//! key's TR-31 block under the bank's ZMK and its check value (in the fields the
+//! bank's `key_block_field` and `kcv_field` name; no MAC, as on every 08xx), and
+//! reports what became of it ([`LinkEnv::key_change_done`]): an 0810 with 00 (and,
+//! if it echoes the check value, the same one), another code, or no answer within
+//! the echo timeout.
 
 use super::inflight::{InflightTable, Stan, TableFull};
 use super::reversal::{encode_reversal_advice, rewrite_de90};
 use super::saf::Advice;
 use super::InstitutionId;
 use crate::journal::AppendError;
-use crate::security::{LinkKeys, PinOut};
+use crate::security::{LinkKeys, PinOut, WorkingKey};
 use crate::wire::{
     reencode, Change, Dialect, EncodeError, Encoder, Framing, Header, Message, MessageHeader, Mti,
 };
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use switchyard_security::module::StagedKey;
 
 /// Longest wait for a bank's answer to a sign-off (else the echo timeout).
 pub const SIGN_OFF_WAIT_MAX: Duration = Duration::from_secs(1);
@@ -52,6 +61,51 @@ pub const SIGN_OFF_WAIT_MAX: Duration = Duration::from_secs(1);
 const SIGN_ON: &[u8; 3] = b"001";
 const SIGN_OFF: &[u8; 3] = b"002";
 const ECHO: &[u8; 3] = b"301";
+const KEY_CHANGE: &[u8; 3] = b"161";
+
+/// A new working key for the bank, sent by whichever of its links takes it
+/// first (`core::bank::BankState::start_key_change` makes them).
+#[derive(Debug)]
+pub struct KeyChange {
+    /// Tells this change from the bank's others.
+    pub id: u64,
+    /// Which working key it replaces.
+    pub key: WorkingKey,
+    /// The key as it goes to the bank (a TR-31 block under its ZMK) and its
+    /// check value. Never logged but by check value.
+    pub staged: StagedKey,
+    /// A link taking it later sends nothing: whoever asked has given up by then.
+    pub send_by: Instant,
+}
+
+/// What became of a key change on the link that took it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyChangeAnswer {
+    /// An 0810 with 00 (and the new key's check value, if it echoed one).
+    Approved,
+    /// An answer with another code (`--`: none), or another MTI than 0810.
+    Declined([u8; 2]),
+    /// An 0810 with 00 but another check value: the bank holds another key.
+    KcvMismatch,
+    /// No answer within the echo timeout, or the link was lost meanwhile: the
+    /// bank may or may not have taken the key.
+    Unanswered,
+    /// Never sent (why: a static label).
+    NotSent(&'static str),
+}
+
+impl KeyChangeAnswer {
+    /// As a metric label and in log lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyChangeAnswer::Approved => "approved",
+            KeyChangeAnswer::Declined(_) => "declined",
+            KeyChangeAnswer::KcvMismatch => "kcv-mismatch",
+            KeyChangeAnswer::Unanswered => "unanswered",
+            KeyChangeAnswer::NotSent(_) => "not-sent",
+        }
+    }
+}
 
 /// A request as a link carries it.
 pub trait LinkRequest {
@@ -150,6 +204,15 @@ pub trait LinkEnv {
     fn link_down(&self, slot: usize);
     /// Requests and messages in flight on link `slot` now (a gauge).
     fn inflight(&self, slot: usize, n: usize);
+    /// A key change to send, if one waits (each is handed to one link only).
+    /// Called on every transmit of an up link: keep the empty case cheap.
+    fn take_key_change(&self) -> Option<KeyChange> {
+        None
+    }
+    /// The key change link `slot` took ended with `answer`.
+    fn key_change_done(&self, change: KeyChange, answer: KeyChangeAnswer, slot: usize) {
+        let _ = (change, answer, slot);
+    }
 }
 
 /// Why a link ended, as far as the link itself knows (the shell adds I/O errors).
@@ -220,6 +283,7 @@ enum Waiter<R> {
     Echo,
     SignOn,
     SignOff,
+    KeyChange(KeyChange),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -396,6 +460,10 @@ impl<E: LinkEnv> Link<E> {
                 tracing::info!(bank = %self.config.bank, link = self.slot, result, "sign-off answered");
                 self.signed_off();
             }
+            Some(Waiter::KeyChange(change)) => {
+                let outcome = key_change_answer(&self.config.security, &change, &answer);
+                env.key_change_done(change, outcome, self.slot);
+            }
             None => env.unmatched(stan, answer.field(39) == Some(b"00")),
         }
         self.check_retired();
@@ -426,6 +494,9 @@ impl<E: LinkEnv> Link<E> {
                         .increment(1);
                     crate::log_limited!(warn, bank = %self.config.bank, "sign-off unanswered");
                     self.signed_off();
+                }
+                Waiter::KeyChange(change) => {
+                    env.key_change_done(change, KeyChangeAnswer::Unanswered, self.slot);
                 }
             }
         }
@@ -460,6 +531,9 @@ impl<E: LinkEnv> Link<E> {
                     env.finish(p, how, now);
                 }
                 Waiter::Reversal(advice) => env.advice_retry(advice, now),
+                Waiter::KeyChange(change) => {
+                    env.key_change_done(change, KeyChangeAnswer::Unanswered, self.slot);
+                }
                 Waiter::Echo | Waiter::SignOn | Waiter::SignOff => {}
             }
         }
@@ -599,9 +673,10 @@ impl<E: LinkEnv> Link<E> {
         }
         if let Some(stan) = self.echo_due.take() {
             // Unencodable: the echo goes unanswered and ends the link, as a lost one.
-            let _ = self.network_message(ECHO, stan, unix_s, buf);
+            let _ = self.network_message(ECHO, stan, unix_s, None, buf);
         }
         if self.state == State::Up {
+            self.send_key_change(env, now, unix_s, buf);
             self.fill_advices(env, now, unix_s, buf);
             let mut taken = 0;
             while taken < self.config.write_batch_max {
@@ -619,7 +694,7 @@ impl<E: LinkEnv> Link<E> {
             }
         }
         if let Some(stan) = self.sign_off_due.take() {
-            if !self.network_message(SIGN_OFF, stan, unix_s, buf) {
+            if !self.network_message(SIGN_OFF, stan, unix_s, None, buf) {
                 self.signed_off();
             }
         }
@@ -695,7 +770,7 @@ impl<E: LinkEnv> Link<E> {
         {
             Ok(stan) => {
                 self.deadline_added(deadline);
-                if !self.network_message(SIGN_ON, stan, unix_s, buf) {
+                if !self.network_message(SIGN_ON, stan, unix_s, None, buf) {
                     self.end(LinkEnd::SignOnUnencodable);
                 }
             }
@@ -811,17 +886,77 @@ impl<E: LinkEnv> Link<E> {
         self.advices = due;
     }
 
-    /// Encodes an 0800 with DE70 `code` and DE11 `stan`, framed, into `buf`; false
-    /// (nothing appended) if it cannot be encoded.
-    fn network_message(&self, code: &[u8; 3], stan: Stan, unix_s: u64, buf: &mut BytesMut) -> bool {
+    /// Takes the key change waiting for the bank, if any, and encodes its 0800
+    /// into `buf` (see the module docs); what cannot go is reported at once.
+    fn send_key_change(&mut self, env: &E, now: Instant, unix_s: u64, buf: &mut BytesMut) {
+        let Some(change) = env.take_key_change() else {
+            return;
+        };
+        if now > change.send_by {
+            let late = KeyChangeAnswer::NotSent("no link took it in time");
+            return env.key_change_done(change, late, self.slot);
+        }
+        let deadline = now + self.config.echo_timeout;
+        let waiter = Waiter::KeyChange(change);
+        let stan = match self.table.insert_from(env.next_stan(), deadline, waiter) {
+            Ok(stan) => stan,
+            Err(TableFull(Waiter::KeyChange(change))) => {
+                let full = KeyChangeAnswer::NotSent("link in-flight table full");
+                return env.key_change_done(change, full, self.slot);
+            }
+            Err(TableFull(_)) => return,
+        };
+        let Some(Waiter::KeyChange(change)) = self.table.get(stan) else {
+            return;
+        };
+        let kcv = kcv_hex(change.staged.kcv);
+        let sent = self.config.security.exchange.is_some_and(|e| {
+            let fields = [
+                (e.key_block_field, change.staged.block.as_bytes()),
+                (e.kcv_field, &kcv[..]),
+            ];
+            self.network_message(KEY_CHANGE, stan, unix_s, Some(fields), buf)
+        });
+        if !sent {
+            if let Some(Waiter::KeyChange(change)) = self.table.take(stan) {
+                let why = KeyChangeAnswer::NotSent("does not fit the bank's dialect");
+                env.key_change_done(change, why, self.slot);
+            }
+            return;
+        }
+        tracing::info!(bank = %self.config.bank, link = self.slot, key = change.key.as_str(),
+            kcv = %String::from_utf8_lossy(&kcv), stan = stan.value(), "key change sent");
+        self.deadline_added(deadline);
+    }
+
+    /// Encodes an 0800 with DE70 `code`, DE11 `stan`, DE7 and the `extra` fields,
+    /// framed, into `buf`; false (nothing appended) if it cannot be encoded.
+    fn network_message(
+        &self,
+        code: &[u8; 3],
+        stan: Stan,
+        unix_s: u64,
+        extra: Option<[(u8, &[u8]); 2]>,
+        buf: &mut BytesMut,
+    ) -> bool {
         let digits = stan.to_de11();
         let de7 = super::datetime::de7(unix_s);
+        let mut fields: [(u8, &[u8]); 5] =
+            [(7, &de7), (11, &digits), (70, code), (0, &[]), (0, &[])];
+        let count = match extra {
+            Some([a, b]) => {
+                fields[3] = a;
+                fields[4] = b;
+                5
+            }
+            None => 3,
+        };
+        let fields = &mut fields[..count];
+        fields.sort_unstable_by_key(|f| f.0);
         let framing = self.config.framing;
         let at = self.config.begin(buf);
         let mut enc = Encoder::new(&self.config.dialect, buf, Mti::NETWORK);
-        let ok = enc.field(7, &de7).is_ok()
-            && enc.field(11, &digits).is_ok()
-            && enc.field(70, code).is_ok();
+        let ok = fields.iter().all(|&(n, value)| enc.field(n, value).is_ok());
         // finish() is 0 only when the wire conversion failed.
         let ok = ok && enc.finish() > 0;
         let ok = ok && framing.finish(buf, at).is_ok();
@@ -915,6 +1050,35 @@ fn encode_request<R: LinkRequest>(
         buf.truncate(at);
     }
     encoded
+}
+
+/// What the bank's answer to `change` says (see [`KeyChangeAnswer`]).
+fn key_change_answer(security: &LinkKeys, change: &KeyChange, answer: &Message) -> KeyChangeAnswer {
+    let code = match answer.field(39) {
+        Some(&[a, b]) => [a, b],
+        _ => *b"--",
+    };
+    if answer.mti() != Mti::NETWORK_RESPONSE || &code != b"00" {
+        return KeyChangeAnswer::Declined(code);
+    }
+    let echoed = security.exchange.and_then(|e| answer.field(e.kcv_field));
+    match echoed {
+        Some(kcv) if !kcv.eq_ignore_ascii_case(&kcv_hex(change.staged.kcv)) => {
+            KeyChangeAnswer::KcvMismatch
+        }
+        _ => KeyChangeAnswer::Approved,
+    }
+}
+
+/// A key check value as 6 upper-case hex digits.
+pub fn kcv_hex(kcv: [u8; 3]) -> [u8; 6] {
+    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = [0u8; 6];
+    for (i, b) in kcv.iter().enumerate() {
+        out[2 * i] = DIGITS[usize::from(b >> 4)];
+        out[2 * i + 1] = DIGITS[usize::from(b & 0xF)];
+    }
+    out
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -1033,16 +1197,7 @@ mod tests {
 
         /// What the link writes now, as the bank decodes it.
         fn transmit(&mut self) -> Vec<Message> {
-            let mut buf = BytesMut::new();
-            self.link
-                .poll_transmit(&self.bank, self.now, 1_764_149_400, &mut buf);
-            let decoder = FrameDecoder::new(Framing::U16be, 8192);
-            let mut out = Vec::new();
-            while let Some(frame) = decoder.decode(&mut buf).unwrap() {
-                out.push(Message::decode(&self.dialect, frame).unwrap());
-            }
-            assert!(buf.is_empty());
-            out
+            transmit_on(&mut self.link, &self.bank, self.now, &self.dialect)
         }
 
         /// Queues a request of the acquirer (`mti`, DE90 `de90`) for the bank.
@@ -1130,6 +1285,24 @@ mod tests {
             }
             out
         }
+    }
+
+    /// What `link` writes now, as the bank decodes it.
+    fn transmit_on(
+        link: &mut Link<BankState>,
+        bank: &BankState,
+        now: Instant,
+        dialect: &Dialect,
+    ) -> Vec<Message> {
+        let mut buf = BytesMut::new();
+        link.poll_transmit(bank, now, 1_764_149_400, &mut buf);
+        let decoder = FrameDecoder::new(Framing::U16be, 8192);
+        let mut out = Vec::new();
+        while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+            out.push(Message::decode(dialect, frame).unwrap());
+        }
+        assert!(buf.is_empty());
+        out
     }
 
     fn build(d: &Dialect, mti: Mti, fields: &[(u8, &[u8])]) -> Message {
@@ -1391,5 +1564,266 @@ mod tests {
         h.advance(REQUEST_TIMEOUT);
         assert!(h.transmit().is_empty());
         assert_eq!(h.replies(), [pair("000003", "91")], "expired in the queue");
+    }
+
+    // === key change ===
+
+    const ZMK: &str = "0123456789ABCDEFFEDCBA9876543210";
+    const ZAK: &str = "89ABCDEF0123456776543210FEDCBA98";
+
+    fn tdes(hex: &str) -> switchyard_security::Key {
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        switchyard_security::Key::new(switchyard_security::Algorithm::Tdes, &bytes).unwrap()
+    }
+
+    /// A bank with a retail-MAC ZAK and a ZMK (store and master key in `dir`).
+    fn keyed(dir: &switchyard_tools::testkit::TempDir) -> Harness {
+        use switchyard_security::store::{KeyStore, KeyType};
+        let (store, master) = (dir.path().join("keys.txt"), dir.path().join("master.key"));
+        let mut keys = KeyStore::init(&store, &master).unwrap();
+        keys.insert("zmk", KeyType::Zmk, &tdes(ZMK)).unwrap();
+        keys.insert("zak", KeyType::Zak, &tdes(ZAK)).unwrap();
+        keys.save().unwrap();
+        let extra = format!(
+            "mac_key = \"zak\"\nmac = \"iso9797-3\"\nzmk_key = \"zmk\"\n\
+             [keys]\nstore = \"{}\"\nmaster_key_file = \"{}\"\n",
+            store.display(),
+            master.display()
+        );
+        let mut h = Harness::new(&extra, 1);
+        let sign_on = h.transmit();
+        h.answer_network(&sign_on[0], b"00");
+        assert!(h.link.is_up());
+        h
+    }
+
+    /// Whether `m`'s last 8 bytes are the retail MAC of the rest under `key`.
+    fn sealed_under(m: &Message, key: &switchyard_security::Key) -> bool {
+        let raw = m.as_bytes();
+        let (data, mac) = raw.split_at(raw.len() - 8);
+        switchyard_security::mac::retail_mac(key, data).unwrap()[..] == *mac
+    }
+
+    impl Harness {
+        /// The bank answers `request` with `de39`, MAC'ed under `key`.
+        fn answer_sealed(
+            &mut self,
+            request: &Message,
+            de39: &[u8],
+            key: &switchyard_security::Key,
+        ) -> Option<(Instant, Instant)> {
+            let mti = request.mti().response().unwrap();
+            let mut fields: Vec<(u8, &[u8])> = Vec::new();
+            for n in [2u8, 3, 4, 7, 11, 32] {
+                if let Some(v) = request.field(n) {
+                    fields.push((n, v));
+                }
+            }
+            fields.push((39, de39));
+            fields.push((64, &[0u8; 8]));
+            let unsealed = build(&self.dialect, mti, &fields);
+            let mut raw = unsealed.as_bytes().to_vec();
+            let at = raw.len() - 8;
+            let mac = switchyard_security::mac::retail_mac(key, &raw[..at]).unwrap();
+            raw[at..].copy_from_slice(&mac);
+            self.link.on_answer(&self.bank, Bytes::from(raw), self.now)
+        }
+
+        /// The bank's 0810 to a key change: `de39`, and `kcv` in DE62 if given.
+        fn answer_key_change(&mut self, request: &Message, de39: &[u8], kcv: Option<&[u8]>) {
+            let mut fields: Vec<(u8, &[u8])> = vec![
+                (7, request.field(7).unwrap()),
+                (11, request.field(11).unwrap()),
+                (39, de39),
+            ];
+            if let Some(kcv) = kcv {
+                fields.push((62, kcv));
+            }
+            fields.push((70, request.field(70).unwrap()));
+            let answer = build(&self.dialect, Mti::NETWORK_RESPONSE, &fields);
+            self.link
+                .on_answer(&self.bank, answer.as_bytes().clone(), self.now);
+        }
+
+        /// One request through to the bank; its message as the bank got it.
+        fn one_request(&mut self) -> Message {
+            self.submit(Mti::FINANCIAL, None, None);
+            let mut at_bank = self.transmit();
+            assert_eq!(at_bank.len(), 1);
+            at_bank.remove(0)
+        }
+    }
+
+    #[test]
+    fn a_key_change_goes_out_on_one_link_and_every_link_uses_the_key_once_approved() {
+        let dir = switchyard_tools::testkit::TempDir::new("link-key-change");
+        let mut h = keyed(&dir);
+        let old = tdes(ZAK);
+        // A second link of the same bank, up too.
+        let mut other = Link::new(h.bank.link_config(), 1, h.t0);
+        let sign_on = transmit_on(&mut other, &h.bank, h.now, &h.dialect);
+        let answer = build(
+            &h.dialect,
+            Mti::NETWORK_RESPONSE,
+            &[
+                (7, sign_on[0].field(7).unwrap()),
+                (11, sign_on[0].field(11).unwrap()),
+                (39, b"00"),
+                (70, b"001"),
+            ],
+        );
+        other.on_answer(&h.bank, answer.as_bytes().clone(), h.now);
+        assert!(other.is_up());
+
+        let (_, mut outcome) = h.bank.start_key_change(WorkingKey::Mac, h.now).unwrap();
+        assert_eq!(
+            h.bank.start_key_change(WorkingKey::Mac, h.now).unwrap_err(),
+            crate::core::bank::KeyChangeRefused::UnderWay
+        );
+        // The other link takes it; this one sends nothing.
+        let sent = transmit_on(&mut other, &h.bank, h.now, &h.dialect);
+        assert!(h.transmit().is_empty(), "one link only");
+        assert_eq!(sent.len(), 1);
+        let change = &sent[0];
+        assert_eq!(change.mti(), Mti::NETWORK);
+        assert_eq!(change.field(70), Some(&b"161"[..]));
+        assert!(!change.has(64) && !change.has(128), "no MAC on an 0800");
+        let block = std::str::from_utf8(change.field(48).unwrap()).unwrap();
+        let (header, new) = switchyard_security::tr31::unwrap(&tdes(ZMK), block).unwrap();
+        assert_eq!(header.key_usage.as_str(), "M3");
+        assert_eq!(change.field(62), Some(&kcv_hex(new.check_value())[..]));
+        // Until the bank answers, requests go under the old key.
+        let before = h.one_request();
+        assert!(sealed_under(&before, &old));
+        assert!(outcome.try_recv().is_err(), "no outcome yet");
+
+        let kcv = kcv_hex(new.check_value());
+        let answer = build(
+            &h.dialect,
+            Mti::NETWORK_RESPONSE,
+            &[
+                (7, change.field(7).unwrap()),
+                (11, change.field(11).unwrap()),
+                (39, b"00"),
+                (62, &kcv),
+                (70, b"161"),
+            ],
+        );
+        other.on_answer(&h.bank, answer.as_bytes().clone(), h.now);
+        let report = outcome.try_recv().unwrap();
+        assert_eq!(
+            report.outcome,
+            crate::core::bank::KeyChangeOutcome::Activated
+        );
+        assert_eq!((report.key, report.link), (WorkingKey::Mac, Some(1)));
+        assert_eq!(report.staged.kcv, new.check_value());
+        // Every link now MACs under the new key; the old one still verifies the
+        // answer in flight, and the new one the bank's next answers.
+        let after = h.one_request();
+        assert!(
+            sealed_under(&after, &new),
+            "the link that did not carry it too"
+        );
+        assert!(h.answer_sealed(&before, b"00", &old).is_some());
+        assert!(h.answer_sealed(&after, b"00", &new).is_some());
+        assert_eq!(h.replies(), [pair("000001", "00"), pair("000002", "00")]);
+        // The next rotation may start.
+        assert!(h.bank.start_key_change(WorkingKey::Mac, h.now).is_ok());
+    }
+
+    #[test]
+    fn a_declined_key_change_drops_the_staged_key_and_keeps_the_old_one() {
+        let dir = switchyard_tools::testkit::TempDir::new("link-key-change-declined");
+        let mut h = keyed(&dir);
+        let (_, mut outcome) = h.bank.start_key_change(WorkingKey::Mac, h.now).unwrap();
+        let sent = h.transmit();
+        let block = std::str::from_utf8(sent[0].field(48).unwrap()).unwrap();
+        let (_, staged) = switchyard_security::tr31::unwrap(&tdes(ZMK), block).unwrap();
+        h.answer_key_change(&sent[0], b"30", None);
+        let report = outcome.try_recv().unwrap();
+        assert_eq!(
+            report.outcome,
+            crate::core::bank::KeyChangeOutcome::Failed(KeyChangeAnswer::Declined(*b"30"))
+        );
+        let request = h.one_request();
+        assert!(sealed_under(&request, &tdes(ZAK)), "still the old key");
+        // An answer under the refused key no longer verifies: dropped.
+        assert!(h.answer_sealed(&request, b"00", &staged).is_none());
+        assert!(h.replies().is_empty());
+        assert!(h.answer_sealed(&request, b"00", &tdes(ZAK)).is_some());
+
+        // 00, but the check value of another key: refused as well.
+        let (_, mut outcome) = h.bank.start_key_change(WorkingKey::Mac, h.now).unwrap();
+        let sent = h.transmit();
+        h.answer_key_change(&sent[0], b"00", Some(b"000000"));
+        let report = outcome.try_recv().unwrap();
+        assert_eq!(
+            report.outcome,
+            crate::core::bank::KeyChangeOutcome::Failed(KeyChangeAnswer::KcvMismatch)
+        );
+        assert!(sealed_under(&h.one_request(), &tdes(ZAK)));
+    }
+
+    #[test]
+    fn an_unanswered_key_change_fails_but_its_key_still_verifies() {
+        let dir = switchyard_tools::testkit::TempDir::new("link-key-change-timeout");
+        let mut h = keyed(&dir);
+        let (_, mut outcome) = h.bank.start_key_change(WorkingKey::Mac, h.now).unwrap();
+        let sent = h.transmit();
+        let block = std::str::from_utf8(sent[0].field(48).unwrap()).unwrap();
+        let (_, staged) = switchyard_security::tr31::unwrap(&tdes(ZMK), block).unwrap();
+        assert_eq!(h.link.poll_timeout(&h.bank), Some(h.now + ECHO_TIMEOUT));
+        h.advance(ECHO_TIMEOUT);
+        h.link.handle_timeout(&h.bank, h.now);
+        let report = outcome.try_recv().unwrap();
+        assert_eq!(
+            report.outcome,
+            crate::core::bank::KeyChangeOutcome::Failed(KeyChangeAnswer::Unanswered)
+        );
+        assert!(h.link.is_up(), "the link carries on");
+        // The switch keeps the old key; the bank may have taken the new one, so
+        // its MACs under it still verify.
+        let request = h.one_request();
+        assert!(sealed_under(&request, &tdes(ZAK)));
+        assert!(h.answer_sealed(&request, b"00", &staged).is_some());
+        assert_eq!(h.replies(), [pair("000001", "00")]);
+        // A late 0810 matches nothing.
+        h.answer_key_change(&sent[0], b"00", None);
+        assert!(sealed_under(&h.one_request(), &tdes(ZAK)));
+    }
+
+    #[test]
+    fn a_key_change_no_link_takes_in_time_is_not_sent() {
+        let dir = switchyard_tools::testkit::TempDir::new("link-key-change-late");
+        let mut h = keyed(&dir);
+        let (_, mut outcome) = h.bank.start_key_change(WorkingKey::Mac, h.now).unwrap();
+        h.advance(crate::core::bank::KEY_CHANGE_PICKUP_MAX + Duration::from_millis(1));
+        assert!(h.transmit().is_empty());
+        let report = outcome.try_recv().unwrap();
+        assert!(matches!(
+            report.outcome,
+            crate::core::bank::KeyChangeOutcome::Failed(KeyChangeAnswer::NotSent(_))
+        ));
+        // Withdrawn before any link took it: nothing is sent, no outcome comes.
+        let (id, mut outcome) = h.bank.start_key_change(WorkingKey::Mac, h.now).unwrap();
+        assert!(h.bank.withdraw_key_change(id));
+        assert!(h.transmit().is_empty());
+        assert!(matches!(
+            outcome.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+        ));
+        // A bank without the key asked for, or without a link up, refuses.
+        assert!(matches!(
+            h.bank.start_key_change(WorkingKey::Pin, h.now),
+            Err(crate::core::bank::KeyChangeRefused::Stage(_))
+        ));
+        h.link.on_link_lost(&h.bank, h.now);
+        assert_eq!(
+            h.bank.start_key_change(WorkingKey::Mac, h.now).unwrap_err(),
+            crate::core::bank::KeyChangeRefused::NoLinkUp
+        );
     }
 }
