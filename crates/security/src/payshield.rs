@@ -1054,17 +1054,15 @@ impl Slot {
     }
 }
 
-/// An answer whose error code was `00`: its fields follow `fields_at`.
-struct Reply {
-    frame: Vec<u8>,
-    fields_at: usize,
+/// What the HSM answered: the answer's fields, or its error code.
+enum Outcome<T> {
+    Done(T),
+    Refused([u8; 2]),
 }
 
-impl Reply {
-    fn fields(&self) -> Reader<'_> {
-        Reader::new(&self.frame, self.fields_at)
-    }
-}
+/// Reads the fields of an answer whose error code is `00` (all of them: the
+/// caller checks that nothing is left).
+type Parse<'p, T> = &'p dyn Fn(&mut Reader<'_>) -> Result<T, FieldError>;
 
 /// The payShield backend of [`SecurityModule`].
 pub struct PayShieldModule {
@@ -1184,18 +1182,13 @@ impl PayShieldModule {
 
     /// `NC`: the HSM's health, its LMK check value and firmware.
     pub fn diagnostics(&self) -> Result<Diagnostics, ModuleError> {
-        let reply = self.call(*b"NC", &[], &[])?;
-        let mut r = reply.fields();
-        let lmk_check = r
-            .take(16, "LMK check value")
-            .map_err(|e| self.malformed(*b"NC", e))?;
-        let firmware = r
-            .take(9, "firmware number")
-            .map_err(|e| self.malformed(*b"NC", e))?;
-        r.end().map_err(|e| self.malformed(*b"NC", e))?;
-        Ok(Diagnostics {
-            lmk_check: String::from_utf8_lossy(lmk_check).into_owned(),
-            firmware: String::from_utf8_lossy(firmware).into_owned(),
+        self.call(*b"NC", &[], &[], &|r| {
+            let lmk_check = r.take(16, "LMK check value")?;
+            let firmware = r.take(9, "firmware number")?;
+            Ok(Diagnostics {
+                lmk_check: String::from_utf8_lossy(lmk_check).into_owned(),
+                firmware: String::from_utf8_lossy(firmware).into_owned(),
+            })
         })
     }
 
@@ -1214,13 +1207,11 @@ impl PayShieldModule {
         fields.push(b';');
         fields.extend_from_slice(key_type_code(slot.usage, &token));
         fields.extend_from_slice(b";001");
-        let reply = self.call(*b"BU", &fields, &[slot])?;
-        let mut r = reply.fields();
-        let mut kcv = [0u8; 3];
-        r.hex_into(6, &mut kcv, "key check value")
-            .and_then(|()| r.end())
-            .map_err(|e| self.malformed(*b"BU", e))?;
-        Ok(kcv)
+        self.call(*b"BU", &fields, &[slot], &|r| {
+            let mut kcv = [0u8; 3];
+            r.hex_into(6, &mut kcv, "key check value")?;
+            Ok(kcv)
+        })
     }
 
     /// Asks the HSM for every key's check value and compares it with the
@@ -1260,78 +1251,65 @@ impl PayShieldModule {
         Ok(slot)
     }
 
-    fn malformed(&self, command: [u8; 2], e: FieldError) -> ModuleError {
-        self.counters.failures.fetch_add(1, Ordering::Relaxed);
-        ModuleError::Unavailable(format!(
-            "payShield {}: {}",
-            String::from_utf8_lossy(&command),
-            TransportError::Field(e)
-        ))
-    }
-
     // --- exchanges ---
 
-    /// Sends `command` with `fields` and returns its answer when the error code
-    /// is `00`; any other code is mapped with `keys` ([`refusal`]).
-    fn call(&self, command: [u8; 2], fields: &[u8], keys: &[&Slot]) -> Result<Reply, ModuleError> {
+    /// Sends `command` with `fields` and reads the answer's fields with `parse`
+    /// when its error code is `00`; any other code is mapped with `keys`
+    /// ([`refusal`]).
+    fn call<T>(
+        &self,
+        command: [u8; 2],
+        fields: &[u8],
+        keys: &[&Slot],
+        parse: Parse<'_, T>,
+    ) -> Result<T, ModuleError> {
         self.counters.requests.fetch_add(1, Ordering::Relaxed);
         let mut header = Vec::with_capacity(self.header_len);
         if self.header_len > 0 {
             let n = self.next_header.fetch_add(1, Ordering::Relaxed);
             put_digits(&mut header, n, self.header_len);
         }
-        let result = self.frame(&header, command, fields).and_then(|frame| {
-            match self.exchange(&frame, true) {
+        let request = Request {
+            header: &header,
+            command,
+        };
+        let result = frame(&header, command, fields).and_then(|frame| {
+            match self.exchange(&frame, &request, true, parse) {
                 Err((e, true)) if e.stale() => {
                     self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
-                    self.exchange(&frame, false)
+                    self.exchange(&frame, &request, false, parse)
                 }
                 other => other,
             }
             .map_err(|(e, _)| e)
         });
-        let answer = result.and_then(|answer| check_answer(answer, &header, command));
-        let (reply, error) = match answer {
-            Ok(ok) => ok,
+        match result {
+            Ok(Outcome::Done(value)) => Ok(value),
+            Ok(Outcome::Refused(code)) => Err(refusal(command, code, keys)),
             Err(e) => {
-                if matches!(e, TransportError::Busy { .. }) {
-                    self.counters.busy.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    self.counters.failures.fetch_add(1, Ordering::Relaxed);
-                }
-                return Err(ModuleError::Unavailable(format!(
+                let counter = match e {
+                    TransportError::Busy { .. } => &self.counters.busy,
+                    _ => &self.counters.failures,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                Err(ModuleError::Unavailable(format!(
                     "payShield {}: {e}",
                     String::from_utf8_lossy(&command)
-                )));
+                )))
             }
-        };
-        if error != *b"00" {
-            return Err(refusal(command, error, keys));
         }
-        Ok(reply)
     }
 
-    fn frame(
+    /// One request and its answer, read whole, on a pooled connection: kept
+    /// for reuse only when the answer was sound. The error says whether the
+    /// connection was a reused one.
+    fn exchange<T>(
         &self,
-        header: &[u8],
-        command: [u8; 2],
-        fields: &[u8],
-    ) -> Result<Vec<u8>, TransportError> {
-        let len = header.len() + 2 + fields.len();
-        let Ok(len16) = u16::try_from(len) else {
-            return Err(TransportError::RequestTooLarge { bytes: len });
-        };
-        let mut frame = Vec::with_capacity(2 + len);
-        frame.extend_from_slice(&len16.to_be_bytes());
-        frame.extend_from_slice(header);
-        frame.extend_from_slice(&command);
-        frame.extend_from_slice(fields);
-        Ok(frame)
-    }
-
-    /// One request and its answer on a pooled connection; the error says
-    /// whether the connection was a reused one.
-    fn exchange(&self, frame: &[u8], reuse: bool) -> Result<Vec<u8>, (TransportError, bool)> {
+        frame: &[u8],
+        request: &Request<'_>,
+        reuse: bool,
+        parse: Parse<'_, T>,
+    ) -> Result<Outcome<T>, (TransportError, bool)> {
         let deadline = Instant::now() + self.connector.timeout;
         let (mut lease, reused) = self
             .pool
@@ -1345,12 +1323,13 @@ impl PayShieldModule {
                 false,
             ));
         };
-        let answer = conn
+        let outcome = conn
             .send(frame, deadline)
             .and_then(|()| conn.receive(deadline))
+            .and_then(|answer| read_answer(&answer, request, parse))
             .map_err(|e| (e, reused))?;
         lease.keep = true;
-        Ok(answer)
+        Ok(outcome)
     }
 
     // --- commands ---
@@ -1372,16 +1351,14 @@ impl PayShieldModule {
         fields.extend_from_slice(format_code(from_format));
         fields.extend_from_slice(format_code(to_format));
         fields.extend_from_slice(account);
-        let reply = self.call(*b"CC", &fields, &[from_slot, to_slot])?;
-        let mut r = reply.fields();
-        let mut out = [0u8; 16];
         let len = to_format.block_len();
-        let parsed = r
-            .digits(2, "PIN length")
-            .and_then(|_| r.hex_into(2 * len, &mut out[..len], "destination PIN block"))
-            .and_then(|()| r.expect(format_code(to_format), "destination PIN block format"))
-            .and_then(|()| r.end());
-        parsed.map_err(|e| self.malformed(*b"CC", e))?;
+        let out = self.call(*b"CC", &fields, &[from_slot, to_slot], &|r| {
+            r.digits(2, "PIN length")?;
+            let mut out = [0u8; 16];
+            r.hex_into(2 * len, &mut out[..len], "destination PIN block")?;
+            r.expect(format_code(to_format), "destination PIN block format")?;
+            Ok(out)
+        })?;
         PinBlock::new(&out[..len]).ok_or(ModuleError::Pin(PinError::Key))
     }
 
@@ -1394,13 +1371,11 @@ impl PayShieldModule {
         data: &[u8],
     ) -> Result<[u8; HSM_MAC_BYTES], ModuleError> {
         let fields = mac_fields(slot, token, algorithm, None, data);
-        let reply = self.call(*b"M6", &fields, &[slot])?;
-        let mut r = reply.fields();
-        let mut mac = [0u8; HSM_MAC_BYTES];
-        r.hex_into(2 * HSM_MAC_BYTES, &mut mac, "MAC")
-            .and_then(|()| r.end())
-            .map_err(|e| self.malformed(*b"M6", e))?;
-        Ok(mac)
+        self.call(*b"M6", &fields, &[slot], &|r| {
+            let mut mac = [0u8; HSM_MAC_BYTES];
+            r.hex_into(2 * HSM_MAC_BYTES, &mut mac, "MAC")?;
+            Ok(mac)
+        })
     }
 
     /// `M8`: whether `mac` (4 or 8 bytes) is the MAC of `data` under `token`.
@@ -1413,8 +1388,7 @@ impl PayShieldModule {
         mac: &[u8],
     ) -> Result<(), ModuleError> {
         let fields = mac_fields(slot, token, algorithm, Some(mac), data);
-        let reply = self.call(*b"M8", &fields, &[slot])?;
-        reply.fields().end().map_err(|e| self.malformed(*b"M8", e))
+        self.call(*b"M8", &fields, &[slot], &|_| Ok(()))
     }
 
     /// Verifies `mac` under one token: `M8` for 4 or 8 bytes, else `M6` and a
@@ -1457,44 +1431,59 @@ impl PayShieldModule {
         fields.extend_from_slice(key_block_algorithm(slot.algorithm, slot.length_bytes));
         fields.push(mode);
         fields.extend_from_slice(b"00E00");
-        let reply = self.call(*b"A0", &fields, &[zmk, slot])?;
-        let mut r = reply.fields();
-        let mut kcv = [0u8; 3];
-        let parsed = r.token("key under LMK").and_then(|lmk| {
-            let zmk_block = r.token_of(TR31_SCHEME, "key under ZMK")?;
-            r.hex_into(6, &mut kcv, "key check value")?;
-            r.end()?;
-            Ok((lmk.to_owned(), zmk_block[1..].to_owned()))
-        });
-        let (lmk, block) = parsed.map_err(|e| self.malformed(*b"A0", e))?;
-        if !is_key_block(&lmk) {
-            return Err(self.malformed(
-                *b"A0",
-                FieldError::Invalid {
+        self.call(*b"A0", &fields, &[zmk, slot], &|r| {
+            let at = r.offset();
+            let lmk = r.token("key under LMK")?;
+            if !is_key_block(lmk) {
+                return Err(FieldError::Invalid {
                     field: "key under LMK",
-                    offset: reply.fields_at,
-                    found: lmk.as_bytes().first().copied().unwrap_or(0),
+                    offset: at,
+                    found: lmk.as_bytes()[0],
                     expected: "a key block (S)",
-                },
-            ));
-        }
-        Ok((lmk, block, kcv))
+                });
+            }
+            let block = r.token_of(TR31_SCHEME, "key under ZMK")?;
+            let mut kcv = [0u8; 3];
+            r.hex_into(6, &mut kcv, "key check value")?;
+            Ok((lmk.to_owned(), block[1..].to_owned(), kcv))
+        })
     }
 }
 
-/// Checks an answer's header echo, code and error code; the fields follow.
-fn check_answer(
-    frame: Vec<u8>,
-    header: &[u8],
+/// The header and command of a request, which its answer must match.
+struct Request<'a> {
+    header: &'a [u8],
     command: [u8; 2],
-) -> Result<(Reply, [u8; 2]), TransportError> {
-    let mut r = Reader::new(&frame, 0);
-    let echo = r.take(header.len(), "header")?;
-    if echo != header {
+}
+
+/// The frame of a command: its length, header, code and fields.
+fn frame(header: &[u8], command: [u8; 2], fields: &[u8]) -> Result<Vec<u8>, TransportError> {
+    let len = header.len() + 2 + fields.len();
+    let Ok(len16) = u16::try_from(len) else {
+        return Err(TransportError::RequestTooLarge { bytes: len });
+    };
+    let mut frame = Vec::with_capacity(2 + len);
+    frame.extend_from_slice(&len16.to_be_bytes());
+    frame.extend_from_slice(header);
+    frame.extend_from_slice(&command);
+    frame.extend_from_slice(fields);
+    Ok(frame)
+}
+
+/// Checks an answer's header echo, code and error code, and reads its fields
+/// with `parse` when the error code is `00`.
+fn read_answer<T>(
+    frame: &[u8],
+    request: &Request<'_>,
+    parse: Parse<'_, T>,
+) -> Result<Outcome<T>, TransportError> {
+    let mut r = Reader::new(frame, 0);
+    let echo = r.take(request.header.len(), "header")?;
+    if echo != request.header {
         return Err(TransportError::Header);
     }
     let code = r.take(2, "response code")?;
-    let expected = response_code(command);
+    let expected = response_code(request.command);
     if code != expected {
         return Err(TransportError::ResponseCode {
             expected: String::from_utf8_lossy(&expected).into_owned(),
@@ -1511,9 +1500,12 @@ fn check_answer(
             expected: "a letter or digit",
         }));
     }
-    let error = [error[0], error[1]];
-    let fields_at = r.offset();
-    Ok((Reply { frame, fields_at }, error))
+    if error != b"00" {
+        return Ok(Outcome::Refused([error[0], error[1]]));
+    }
+    let value = parse(&mut r)?;
+    r.end()?;
+    Ok(Outcome::Done(value))
 }
 
 /// The 3 H key type of a token for `usage`: `FFF` for a key block (the block
