@@ -110,10 +110,11 @@
 //!
 //! [`SecurityModule::stage`] asks the HSM for a new key (`A0`), keeps its LMK
 //! token and returns its TR-31 block under the ZMK; `activate` puts that token
-//! in use. The replaced token stays usable for verification and PIN
-//! translation from it, as in the [`SoftwareModule`](crate::module::SoftwareModule):
-//! a `20` (or `01` from `M8`) under the current token is tried once more under
-//! the previous one.
+//! in use and `discard` drops it. As in the
+//! [`SoftwareModule`](crate::module::SoftwareModule), a MAC that does not
+//! verify under the current token (`01` from `M8`) is tried under the staged
+//! token and then the replaced one, and a PIN block that is not valid under the
+//! current token (`20`) is tried under the replaced one.
 //!
 //! # Limits of this backend
 //!
@@ -1678,16 +1679,21 @@ impl SecurityModule for PayShieldModule {
             return Err(slot.refused());
         }
         check_mac_data(data)?;
-        let (current, previous) = slot.current();
-        match (
-            self.verify_under(slot, &current, algorithm, data, mac),
-            previous,
-        ) {
-            (Err(ModuleError::Mac(MacError::Mismatch)), Some(previous)) => {
-                self.verify_under(slot, &previous, algorithm, data, mac)
+        // The current token, then the staged one (the peer may have switched
+        // already), then the replaced one (answers in flight).
+        let (current, previous, staged) = {
+            let t = slot.tokens();
+            let staged = t.staged.as_ref().map(|(token, _)| token.clone());
+            (t.current.clone(), t.previous.clone(), staged)
+        };
+        let mut result = self.verify_under(slot, &current, algorithm, data, mac);
+        for other in [staged, previous].into_iter().flatten() {
+            if result != Err(ModuleError::Mac(MacError::Mismatch)) {
+                break;
             }
-            (result, _) => result,
+            result = self.verify_under(slot, &other, algorithm, data, mac);
         }
+        result
     }
 
     fn stage(&self, key: KeyHandle, under: KeyHandle) -> Result<StagedKey, ModuleError> {
@@ -1716,6 +1722,15 @@ impl SecurityModule for PayShieldModule {
         t.previous = Some(old);
         t.kcv = kcv;
         Ok(())
+    }
+
+    fn discard(&self, key: KeyHandle, staged: &StagedKey) -> Result<(), ModuleError> {
+        let slot = self.any_slot(key)?;
+        let mut t = slot.tokens.write().unwrap_or_else(|e| e.into_inner());
+        match t.staged.take_if(|(_, kcv)| *kcv == staged.kcv) {
+            Some(_) => Ok(()),
+            None => Err(ModuleError::UnknownKey),
+        }
     }
 }
 

@@ -382,11 +382,15 @@ fn rotation(m: &dyn SecurityModule, h: &Handles) {
     assert_eq!(header.key_usage.as_str(), "M3");
     assert_eq!(header.algorithm, Algorithm::Tdes);
     assert_eq!(peer_key.check_value(), staged.kcv);
-    // Not in use until activated.
+    // Not in use until activated; but a MAC under it verifies already (the
+    // peer may have switched on another link).
     let mut out = [0u8; 8];
     m.generate_mac(h.zak, MacAlgorithm::Iso9797Alg3, data, &mut out)
         .unwrap();
     assert_eq!(out, old);
+    let peers = retail_mac(&peer_key, data).unwrap();
+    m.verify_mac(h.zak, MacAlgorithm::Iso9797Alg3, data, &peers)
+        .unwrap();
     assert_eq!(m.info(h.zak).unwrap().kcv, [0x08, 0xD7, 0xB4]);
     m.activate(h.zak, &staged).unwrap();
     assert_eq!(m.info(h.zak).unwrap().kcv, staged.kcv);
@@ -398,8 +402,23 @@ fn rotation(m: &dyn SecurityModule, h: &Handles) {
         .unwrap();
     m.verify_mac(h.zak, MacAlgorithm::Iso9797Alg3, data, &out)
         .unwrap();
-    // Activating twice is refused: nothing is staged. So is a KCV not staged.
+    // Activating twice is refused: nothing is staged.
     assert_eq!(m.activate(h.zak, &staged), Err(ModuleError::UnknownKey));
+    assert_eq!(m.discard(h.zak, &staged), Err(ModuleError::UnknownKey));
+    // A rotation the peer refused: the staged key is dropped and its MACs no
+    // longer verify; the key in use is unchanged.
+    let refused = m.stage(h.zak, h.zmk).unwrap();
+    let (_, refused_key) = tr31::unwrap(&clear("zmk"), &refused.block).unwrap();
+    let refused_mac = retail_mac(&refused_key, data).unwrap();
+    m.verify_mac(h.zak, MacAlgorithm::Iso9797Alg3, data, &refused_mac)
+        .unwrap();
+    m.discard(h.zak, &refused).unwrap();
+    assert_eq!(
+        m.verify_mac(h.zak, MacAlgorithm::Iso9797Alg3, data, &refused_mac),
+        Err(ModuleError::Mac(MacError::Mismatch))
+    );
+    assert_eq!(m.activate(h.zak, &refused), Err(ModuleError::UnknownKey));
+    assert_eq!(m.info(h.zak).unwrap().kcv, staged.kcv);
     // A key-encryption key is needed to stage under, and is not itself staged.
     assert!(matches!(
         m.stage(h.zak, h.zak),
