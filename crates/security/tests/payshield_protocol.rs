@@ -548,3 +548,142 @@ fn the_header_may_be_any_length_the_hsm_is_set_to() {
     let m = module_at(double.address(), |c| c.header_len = 6);
     assert!(matches!(m.diagnostics(), Err(ModuleError::Unavailable(_))));
 }
+
+/// A seeded xorshift: the same inputs on every run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// `message` with one of: a byte changed, bytes cut from the end, bytes added,
+/// a span cut from the middle.
+fn mutate(rng: &mut Rng, message: &[u8]) -> Vec<u8> {
+    let mut out = message.to_vec();
+    match rng.below(4) {
+        0 if !out.is_empty() => {
+            let i = rng.below(out.len());
+            out[i] = rng.next() as u8;
+        }
+        1 => out.truncate(rng.below(out.len() + 1)),
+        2 => out.extend((0..1 + rng.below(8)).map(|_| rng.next() as u8)),
+        _ if out.len() > 2 => {
+            let at = rng.below(out.len() - 1);
+            let n = 1 + rng.below(out.len() - at - 1);
+            out.drain(at..at + n);
+        }
+        _ => {}
+    }
+    out
+}
+
+#[test]
+fn mutated_commands_never_panic_the_double() {
+    let double = Responder::start(ResponderConfig::new(lmk())).unwrap();
+    let hsm = double.hsm();
+    let zak = key(ZAK);
+    let (mac_token, pin_token) = (
+        double.token(Usage::Mac, &zak).unwrap(),
+        double.token(Usage::Pin, &zak).unwrap(),
+    );
+    let zmk = double.token(Usage::KeyEncryption, &zak).unwrap();
+    let commands = [
+        "0000NC".to_owned(),
+        format!("0000BUFFF{mac_token};FFF;001"),
+        format!("0000CC{pin_token}{pin_token}1200010203040506070101198765432109"),
+        format!("0000M600131FFF{mac_token}0004data"),
+        format!("0000M800131FFF{mac_token}0004data0102030405060708"),
+        format!("0000A01FFFS{zmk}R#P0T2B00E00"),
+    ];
+    for command in &commands {
+        let answer = hsm.answer(command.as_bytes()).unwrap();
+        assert_ne!(&answer[8..10], b"15", "{command}: a well-formed command");
+    }
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    for _ in 0..20_000 {
+        let command = &commands[rng.below(commands.len())];
+        let mut message = mutate(&mut rng, command.as_bytes());
+        if rng.below(4) == 0 {
+            message = mutate(&mut rng, &message);
+        }
+        if let Some(answer) = hsm.answer(&message) {
+            let len = usize::from(u16::from_be_bytes([answer[0], answer[1]]));
+            assert_eq!(len, answer.len() - 2);
+            assert_eq!(&answer[2..6], &message[..4]);
+        }
+    }
+}
+
+#[test]
+fn mutated_answers_never_panic_the_client() {
+    // The double's answers, mutated (their length kept right, so that nothing
+    // waits for a timeout).
+    let double = Responder::start(ResponderConfig::new(lmk())).unwrap();
+    let answers = std::sync::Arc::new(double);
+    let answering = answers.clone();
+    let rng = std::sync::Mutex::new(Rng(0x2545_F491_4F6C_DD1D));
+    let address = scripted(move |message| {
+        let answer = answering.hsm().answer(message).unwrap_or_default();
+        let body = mutate(&mut rng.lock().unwrap(), answer.get(2..).unwrap_or(&[]));
+        let mut out = (body.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(&body);
+        out
+    });
+    let mut config = PayShieldConfig::new(address);
+    let zak = key(ZAK);
+    for (id, usage) in [
+        ("zpk-a", Usage::Pin),
+        ("zak", Usage::Mac),
+        ("zmk", Usage::KeyEncryption),
+    ] {
+        let token = answers.token(usage, &zak).unwrap();
+        config.keys.push(entry(id, usage, token, zak.check_value()));
+    }
+    let m = PayShieldModule::new(config).unwrap();
+    let (zpk, mac, zmk) = (
+        m.handle("zpk-a").unwrap(),
+        m.handle("zak").unwrap(),
+        m.handle("zmk").unwrap(),
+    );
+    let block = switchyard_security::pin::encipher(
+        Format::Iso0,
+        &zak,
+        b"1234",
+        b"4321987654321098",
+        &mut switchyard_security::pin::os_random,
+    )
+    .unwrap();
+    let mut outcomes = [0usize; 2];
+    for i in 0..300 {
+        let mut out = [0u8; 8];
+        let results = [
+            m.diagnostics().map(|_| ()),
+            m.key_check_value(mac).map(|_| ()),
+            m.translate_pin(
+                (zpk, Format::Iso0),
+                &block,
+                b"4321987654321098",
+                (zpk, Format::Iso3),
+            )
+            .map(|_| ()),
+            m.generate_mac(mac, MacAlgorithm::Iso9797Alg3, b"data", &mut out),
+            m.verify_mac(mac, MacAlgorithm::Iso9797Alg3, b"data", &out),
+            m.stage(mac, zmk).map(|_| ()),
+        ];
+        for r in results {
+            outcomes[usize::from(r.is_ok())] += 1;
+        }
+        assert!(m.stats().connections_open <= 4, "{i}");
+    }
+    // Some mutations leave a sound answer (a changed hex digit of a MAC).
+    assert!(outcomes[1] > 0 && outcomes[0] > 0, "{outcomes:?}");
+}
