@@ -446,6 +446,7 @@ fn encode(seq: u64, kind: RecordKind, request_id: u64, body: &[u8]) -> Vec<u8> {
     let r = Record {
         seq,
         kind,
+        protected: false,
         request_id,
         unix_ms: NOW_MS + seq,
         body,

@@ -577,6 +577,7 @@ async fn after_a_crash_forwarded_requests_without_outcome_are_reversed() {
         h[..head.len()].copy_from_slice(head);
         Entry {
             kind,
+            protected: false,
             request_id: 7,
             unix_ms: 0,
             head: (h, head.len() as u8),

@@ -99,9 +99,12 @@ impl Books {
         connector: BankIndex,
     ) -> Vec<Pending> {
         let de39 = answer.field(39).unwrap_or(b"");
-        let seq = self
-            .journal
-            .outcome(p.request_id, de39, OutcomeSource::Bank, Some(&answer));
+        let seq = self.journal.outcome(
+            p.request_id,
+            de39,
+            OutcomeSource::Bank,
+            Some((&answer, dialect)),
+        );
         let mut reversals = Vec::new();
         if let Some(entry) = p.entry {
             let stored = Stored::Bank {

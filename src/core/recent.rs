@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 
 /// What became of reading an answer back from the journal.
 pub enum ReadBack {
-    /// The bank's answer, as stored in its outcome record.
-    Answer(Bytes),
+    /// The bank's answer, as stored in its outcome record, and whether it is in
+    /// the protected form (`journal::protect`).
+    Answer(Bytes, bool),
     /// The record could not be read (pruned, I/O error, or the journal failed).
     Failed,
     /// Too many reads under way already (the reader's bound).
@@ -212,7 +213,14 @@ impl Recent {
             seq,
             Box::new(move |read| {
                 let code = match read {
-                    ReadBack::Answer(answer) => {
+                    ReadBack::Answer(answer, protected) => {
+                        let answer = if protected {
+                            // Its DE2 comes from the retransmission it answers.
+                            crate::journal::protect::replayed_answer(&answer, &dialect, &request)
+                                .unwrap_or_default()
+                        } else {
+                            answer
+                        };
                         let stored = Stored::Bank {
                             connector,
                             link_stan,
@@ -298,9 +306,18 @@ impl Recent {
     /// Opens the entry of a request accepted at `at` before a restart (from the
     /// journal), to be completed with its outcome. `None` when its ids do not key
     /// it, its key is already held, or its shard is all in flight.
-    pub fn restore(&self, request: &Message, time: KeyTime, at: Instant) -> Option<EntryHandle> {
+    pub fn restore(
+        &self,
+        request: &Message,
+        time: KeyTime,
+        digest: Option<u64>,
+        at: Instant,
+    ) -> Option<EntryHandle> {
         let key = DuplicateKey::of(request, time)?;
-        self.table.restore(&key, content_digest(request), at)
+        // A protected journal record keeps the digest of the request as received
+        // (its card data is not journaled).
+        let digest = digest.unwrap_or_else(|| content_digest(request));
+        self.table.restore(&key, digest, at)
     }
 
     /// Completes an entry opened by [`Recent::restore`] (nothing waits on it).

@@ -25,8 +25,9 @@ use super::dedup::KeyTime;
 use super::inflight::Stan;
 use super::route::BankIndex;
 use super::InstitutionId;
+use crate::journal::protect::Protector;
 use crate::journal::{AppendError, Entry, RecordKind, RecordSink};
-use crate::wire::Message;
+use crate::wire::{Dialect, Message};
 use bytes::Bytes;
 use std::sync::Arc;
 
@@ -74,23 +75,73 @@ pub enum OutcomeSource {
 pub const NOT_JOURNALED: u64 = u64::MAX;
 
 /// The journal as the switch writes it; records nothing when there is none.
+/// Messages go in in their protected form ([`crate::journal::protect`]): no
+/// track data, PIN block or ICC data, the PAN masked (and, for requests,
+/// enciphered under the journal's data key).
 #[derive(Clone, Default)]
-pub struct WriteAhead(Option<Arc<dyn RecordSink>>);
+pub struct WriteAhead {
+    sink: Option<Arc<dyn RecordSink>>,
+    protection: Option<Arc<Protection>>,
+}
+
+/// What the journal protects messages with: the protector, and the layout
+/// requests are held in.
+pub struct Protection {
+    /// The PAN key, if any.
+    pub protector: Protector,
+    /// The acquirers' dialect (requests are held in its layout).
+    pub dialect: Arc<Dialect>,
+}
 
 impl WriteAhead {
-    /// Records into `sink`.
-    pub fn new(sink: Arc<dyn RecordSink>) -> WriteAhead {
-        WriteAhead(Some(sink))
+    /// Records into `sink`, messages protected by `protection`.
+    pub fn new(sink: Arc<dyn RecordSink>, protection: Protection) -> WriteAhead {
+        WriteAhead {
+            sink: Some(sink),
+            protection: Some(Arc::new(protection)),
+        }
     }
 
     /// No journal.
     pub fn off() -> WriteAhead {
-        WriteAhead(None)
+        WriteAhead::default()
     }
 
     /// Whether records are kept.
     pub fn is_on(&self) -> bool {
-        self.0.is_some()
+        self.sink.is_some()
+    }
+
+    /// What reads back the protected messages this journal writes.
+    pub fn protector(&self) -> Protector {
+        self.protection
+            .as_ref()
+            .map(|p| p.protector.clone())
+            .unwrap_or_default()
+    }
+
+    /// Appends a record whose message is `message` (held in `dialect`'s layout;
+    /// none: the acquirers'), protected; `encipher_pan` for requests.
+    fn append_message(
+        &self,
+        kind: RecordKind,
+        request_id: u64,
+        head: &[u8],
+        message: &Message,
+        (dialect, encipher_pan): (Option<&Dialect>, bool),
+    ) -> Result<u64, AppendError> {
+        let Some(p) = &self.protection else {
+            return self.append(kind, request_id, head, (Bytes::new(), false));
+        };
+        let dialect = dialect.unwrap_or(&p.dialect);
+        let Some(body) = p
+            .protector
+            .protect(message, dialect, request_id, encipher_pan)
+        else {
+            metrics::counter!("switchyard_journal_protect_failures_total").increment(1);
+            return Err(AppendError::Unprotectable);
+        };
+        self.append(kind, request_id, head, (body, true))
     }
 
     fn append(
@@ -98,13 +149,16 @@ impl WriteAhead {
         kind: RecordKind,
         request_id: u64,
         head: &[u8],
-        message: Bytes,
+        (message, protected): (Bytes, bool),
     ) -> Result<u64, AppendError> {
-        let Some(sink) = &self.0 else { return Ok(0) };
+        let Some(sink) = &self.sink else {
+            return Ok(0);
+        };
         let mut h = [0u8; 16];
         h[..head.len()].copy_from_slice(head);
         let entry = Entry {
             kind,
+            protected,
             request_id,
             unix_ms: 0, // stamped by the writer
             head: (h, head.len() as u8),
@@ -123,11 +177,12 @@ impl WriteAhead {
         request: &Message,
     ) -> Result<u64, AppendError> {
         let head = accepted_head(acquirer, key_time).to_le_bytes();
-        self.append(
+        self.append_message(
             RecordKind::Accepted,
             request_id,
             &head,
-            request.as_bytes().clone(),
+            request,
+            (None, true),
         )
     }
 
@@ -144,7 +199,12 @@ impl WriteAhead {
         head[..2].copy_from_slice(&bank.to_le_bytes());
         head[2..6].copy_from_slice(&link_stan.value().to_le_bytes());
         head[6..].copy_from_slice(&bank_id.to_raw().to_le_bytes());
-        self.append(RecordKind::Forwarded, request_id, &head, Bytes::new())
+        self.append(
+            RecordKind::Forwarded,
+            request_id,
+            &head,
+            (Bytes::new(), false),
+        )
     }
 
     /// Order 3: a reversal advice queued for `request_id` (forwarded by connector `bank`
@@ -163,11 +223,12 @@ impl WriteAhead {
         let mut head = [0u8; 6];
         head[..2].copy_from_slice(&bank.to_le_bytes());
         head[2..].copy_from_slice(&link_stan.value().to_le_bytes());
-        let queued = self.append(
+        let queued = self.append_message(
             RecordKind::ReversalQueued,
             request_id,
             &head,
-            original.as_bytes().clone(),
+            original,
+            (None, true),
         );
         let seq = match outcome {
             Some((de39, source)) => self.outcome(request_id, de39, source, None),
@@ -185,16 +246,32 @@ impl WriteAhead {
         request_id: u64,
         de39: &[u8],
         source: OutcomeSource,
-        answer: Option<&Message>,
+        answer: Option<(&Message, &Dialect)>,
     ) -> u64 {
-        if self.0.is_none() {
+        if self.sink.is_none() {
             return 0;
         }
         let mut head = [b' ', b' ', source as u8];
         let n = de39.len().min(2);
         head[..n].copy_from_slice(&de39[..n]);
-        let message = answer.map_or_else(Bytes::new, |m| m.as_bytes().clone());
-        match self.append(RecordKind::Outcome, request_id, &head, message) {
+        let appended = match answer {
+            // Answers keep their PAN masked only: a replay takes DE2 from the
+            // retransmission it answers.
+            Some((answer, dialect)) => self.append_message(
+                RecordKind::Outcome,
+                request_id,
+                &head,
+                answer,
+                (Some(dialect), false),
+            ),
+            None => self.append(
+                RecordKind::Outcome,
+                request_id,
+                &head,
+                (Bytes::new(), false),
+            ),
+        };
+        match appended {
             Ok(seq) => seq,
             Err(e) => {
                 metrics::counter!("switchyard_journal_append_failures_total").increment(1);
@@ -206,7 +283,12 @@ impl WriteAhead {
 
     /// Order 5: the bank acknowledged the reversal of `request_id` (0430).
     pub fn reversal_acked(&self, request_id: u64) -> Result<u64, AppendError> {
-        self.append(RecordKind::ReversalAcked, request_id, &[], Bytes::new())
+        self.append(
+            RecordKind::ReversalAcked,
+            request_id,
+            &[],
+            (Bytes::new(), false),
+        )
     }
 }
 
@@ -258,7 +340,11 @@ mod tests {
         enc.finish();
         let original = Message::decode(&d, out.freeze()).unwrap();
         let sink = Arc::new(Recorded::default());
-        let journal = WriteAhead::new(sink.clone());
+        let protection = Protection {
+            protector: Protector::default(),
+            dialect: Arc::new(d.clone()),
+        };
+        let journal = WriteAhead::new(sink.clone(), protection);
         let stan = Stan::from_value(9).unwrap();
         let outcome = Some((&b"68"[..], OutcomeSource::Timeout));
         let (queued, seq) = journal.reversed(7, 1, stan, &original, outcome);

@@ -1,19 +1,22 @@
 //! The switch as a whole ([`Switch`]): the journal opened and replayed, the
 //! duplicates table rebuilt, a connector per bank, the acquirer sessions; its
 //! readiness and status; reload (`reload.rs`, planned by a pure function), start-up
-//! recovery (`recovery.rs`), gauges (`gauges.rs`), graceful drain and shutdown.
+//! recovery (`recovery.rs`), gauges (`gauges.rs`), working-key rotation
+//! (`rotate.rs`), graceful drain and shutdown.
 //! `service` runs it from a config file with signals and the admin endpoint.
 
 pub mod gauges;
 pub mod recovery;
 pub mod reload;
+pub mod rotate;
 
 use crate::config::Config;
 use crate::core::bank::BankState;
 use crate::core::books::Books;
 use crate::core::inflight::STAN_MAX;
 use crate::core::recent::Recent;
-use crate::core::writeahead::WriteAhead;
+use crate::core::writeahead::{Protection, WriteAhead};
+use crate::journal::protect::Protector;
 use crate::journal::recovery::Replay;
 use crate::journal::{Journal, JournalError};
 use crate::net::connector::{Bookkeeping, Connector};
@@ -57,15 +60,28 @@ impl Switch {
             config.journal.is_some(),
             std::time::Instant::now(),
         ));
+        // Card data at rest: PANs of requests enciphered under the journal key.
+        let protector = Protector::new(
+            config
+                .keys
+                .as_ref()
+                .and_then(|k| Some((k.module.clone(), k.journal_key?))),
+        );
         let (journaling, journal, first_request_id, recovery) = match &config.journal {
             Some(jc) => {
+                if !protector.enciphers_pans() {
+                    tracing::warn!(
+                        "journal: no [keys] journal_key: PANs are journaled masked only, and \
+                         reversal advices resumed after a restart carry no DE2"
+                    );
+                }
                 // One pass: the checking scan feeds the replay and rebuilds the
                 // duplicates table.
                 let banks: Vec<u64> = config.banks.iter().map(|b| b.id.to_raw()).collect();
                 let mut replay = Replay::new().with_banks(banks.clone());
                 let mut rebuild = recovery::Rebuild::new(
                     &recent,
-                    &config.dialect,
+                    (&config.dialect, &protector),
                     banks,
                     std::time::Instant::now(),
                     crate::clock::unix_ms(),
@@ -90,7 +106,13 @@ impl Switch {
                 let journal = Arc::new(opened.journal);
                 recent.read_answers_with(Arc::new(JournalAnswers::new(journal.clone())));
                 (
-                    WriteAhead::new(journal.clone()),
+                    WriteAhead::new(
+                        journal.clone(),
+                        Protection {
+                            protector,
+                            dialect: config.dialect.clone(),
+                        },
+                    ),
                     Some(journal),
                     next,
                     Some(recovery),

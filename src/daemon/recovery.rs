@@ -16,6 +16,7 @@ use crate::core::recent::Recent;
 use crate::core::reversal::is_reversal;
 use crate::core::writeahead::{read_accepted_head, OutcomeSource};
 use crate::core::ResponseCode;
+use crate::journal::protect::Protector;
 use crate::journal::recovery::{forwarded_to, Recovery};
 use crate::journal::{Record, RecordKind};
 use crate::wire::{Dialect, Message};
@@ -34,7 +35,10 @@ pub fn resume(
     recovery: Recovery,
     now: Instant,
 ) {
-    let decode = |bytes: bytes::Bytes| Message::decode_canonical(dialect, bytes).ok();
+    let protector = books.journal.protector();
+    let decode = |request_id, bytes: Bytes, protected| {
+        read_request(&protector, dialect, request_id, &bytes, protected).map(|(m, _)| m)
+    };
     let unfinished: std::collections::HashSet<u64> =
         recovery.unfinished.iter().map(|u| u.request_id).collect();
     for u in recovery.unfinished {
@@ -45,7 +49,7 @@ pub fn resume(
             continue;
         };
         let connector = banks.get(usize::from(bank));
-        let original = decode(u.request);
+        let original = decode(u.request_id, u.request, u.protected);
         // An acquirer's reversal left unfinished: the payment it names is reversed,
         // under the STAN the bank saw the payment with.
         let link_stan = match &original {
@@ -73,7 +77,11 @@ pub fn resume(
         }
         let (bank, stan) = p.forwarded;
         let connector = banks.get(usize::from(bank));
-        match (connector, decode(p.request), Stan::from_value(stan)) {
+        match (
+            connector,
+            decode(p.request_id, p.request, p.protected),
+            Stan::from_value(stan),
+        ) {
             (Some(c), Some(original), Some(link_stan)) => {
                 c.resume_reversal(p.request_id, original, link_stan, false, now);
             }
@@ -85,6 +93,24 @@ pub fn resume(
     }
 }
 
+/// A journaled request read back: the message (with its PAN when the journal
+/// key deciphers it) and, for the protected form, the content digest of the
+/// request as it was received.
+pub fn read_request(
+    protector: &Protector,
+    dialect: &Dialect,
+    request_id: u64,
+    body: &[u8],
+    protected: bool,
+) -> Option<(Message, Option<u64>)> {
+    if protected {
+        let revealed = protector.reveal(body, dialect, request_id)?;
+        return Some((revealed.message, Some(revealed.digest)));
+    }
+    let request = Message::decode_canonical(dialect, Bytes::copy_from_slice(body)).ok()?;
+    Some((request, None))
+}
+
 /// Rebuilds the duplicates table from the journal as its records are read at open,
 /// within the table's memory bound: a request accepted within the window is opened
 /// in the table at its recorded time and completed by its outcome record (whose
@@ -94,6 +120,7 @@ pub fn resume(
 pub struct Rebuild<'a> {
     recent: &'a Recent,
     dialect: &'a Dialect,
+    protector: &'a Protector,
     /// Raw ids of the configured banks, in config order.
     banks: Vec<u64>,
     since_unix_ms: u64,
@@ -109,7 +136,7 @@ impl<'a> Rebuild<'a> {
     /// config order).
     pub fn new(
         recent: &'a Recent,
-        dialect: &'a Dialect,
+        (dialect, protector): (&'a Dialect, &'a Protector),
         banks: Vec<u64>,
         now: Instant,
         now_unix_ms: u64,
@@ -118,6 +145,7 @@ impl<'a> Rebuild<'a> {
         Rebuild {
             recent,
             dialect,
+            protector,
             banks,
             since_unix_ms: now_unix_ms.saturating_sub(window_ms),
             now,
@@ -136,14 +164,18 @@ impl<'a> Rebuild<'a> {
                     read_accepted_head(u64::from_le_bytes(w)).1
                 });
                 let body = r.body.get(r.kind.head_len()..).unwrap_or_default();
-                let Ok(request) =
-                    Message::decode_canonical(self.dialect, Bytes::copy_from_slice(body))
-                else {
+                let Some((request, digest)) = read_request(
+                    self.protector,
+                    self.dialect,
+                    r.request_id,
+                    body,
+                    r.protected,
+                ) else {
                     return;
                 };
                 let ago = Duration::from_millis(self.now_unix_ms.saturating_sub(r.unix_ms));
                 let at = self.now.checked_sub(ago).unwrap_or(self.now);
-                if let Some(entry) = self.recent.restore(&request, key_time, at) {
+                if let Some(entry) = self.recent.restore(&request, key_time, digest, at) {
                     self.open.insert(r.request_id, (entry, None));
                 }
             }

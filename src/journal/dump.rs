@@ -81,12 +81,22 @@ pub fn dump(
     Ok(s)
 }
 
-fn split<'a>(r: &Record<'a>) -> (&'a [u8], &'a [u8]) {
-    r.body.split_at(r.kind.head_len().min(r.body.len()))
+/// A record's head, its message, and (protected form) the masked PAN kept
+/// in place of DE2: the message of a protected record is shown without its
+/// trailer, the PAN only masked (the dump holds no key).
+fn split<'a>(r: &Record<'a>) -> (&'a [u8], &'a [u8], Option<&'a [u8]>) {
+    let (head, message) = r.body.split_at(r.kind.head_len().min(r.body.len()));
+    if !r.protected {
+        return (head, message, None);
+    }
+    match crate::journal::protect::message_part(message) {
+        Some((message, masked)) => (head, message, Some(masked).filter(|m| !m.is_empty())),
+        None => (head, b"", None),
+    }
 }
 
 fn text_line(r: &Record<'_>, dialect: &Dialect) -> String {
-    let (head, message) = split(r);
+    let (head, message, masked) = split(r);
     let mut line = format!(
         "{} {} request={} at={}ms",
         r.seq,
@@ -96,6 +106,12 @@ fn text_line(r: &Record<'_>, dialect: &Dialect) -> String {
     );
     if !head.is_empty() {
         let _ = write!(line, " head={}", hex(head));
+    }
+    if r.protected {
+        line.push_str(" protected");
+    }
+    if let Some(masked) = masked {
+        let _ = write!(line, " pan={}", String::from_utf8_lossy(masked));
     }
     if !message.is_empty() {
         match Message::decode_canonical(dialect, bytes::Bytes::copy_from_slice(message)) {
@@ -116,7 +132,7 @@ fn text_line(r: &Record<'_>, dialect: &Dialect) -> String {
 }
 
 fn json_line(r: &Record<'_>, dialect: &Dialect) -> String {
-    let (head, message) = split(r);
+    let (head, message, masked) = split(r);
     let mut v = serde_json::json!({
         "seq": r.seq,
         "kind": r.kind.as_str(),
@@ -124,6 +140,12 @@ fn json_line(r: &Record<'_>, dialect: &Dialect) -> String {
         "unix_ms": r.unix_ms,
         "head": hex(head),
     });
+    if r.protected {
+        v["protected"] = true.into();
+    }
+    if let Some(masked) = masked {
+        v["pan"] = String::from_utf8_lossy(masked).into();
+    }
     if !message.is_empty() {
         match Message::decode_canonical(dialect, bytes::Bytes::copy_from_slice(message)) {
             Ok(m) => {
@@ -180,6 +202,7 @@ mod tests {
         head[..8].copy_from_slice(&100_001u64.to_le_bytes());
         let entry = Entry {
             kind: RecordKind::Accepted,
+            protected: false,
             request_id: 9,
             unix_ms: 1,
             head: (head, 8),

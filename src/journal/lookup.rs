@@ -95,7 +95,7 @@ impl Lookup {
 
     /// Record `seq`'s kind and body (its message after the kind's head), or `None`
     /// when the journal no longer (or never) held it.
-    pub fn read(&self, seq: u64) -> Result<Option<(RecordKind, Vec<u8>)>, JournalError> {
+    pub fn read(&self, seq: u64) -> Result<Option<(RecordKind, bool, Vec<u8>)>, JournalError> {
         let Some((path, mut offset)) = self.start(seq) else {
             return Ok(None);
         };
@@ -115,7 +115,7 @@ impl Lookup {
             while let Ok(Some((r, size))) = record::decode(&buf[at..n]) {
                 if r.seq == seq {
                     let body = r.body.get(r.kind.head_len()..).unwrap_or_default();
-                    return Ok(Some((r.kind, body.to_vec())));
+                    return Ok(Some((r.kind, r.protected, body.to_vec())));
                 }
                 if r.seq > seq {
                     return Ok(None);
@@ -156,6 +156,7 @@ mod tests {
     fn outcome(i: u64) -> Entry {
         Entry {
             kind: RecordKind::Outcome,
+            protected: false,
             request_id: i,
             unix_ms: 0,
             head: ([b'0', b'0', 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 3),
@@ -175,7 +176,7 @@ mod tests {
         assert!(journal.wait_durable(*seqs.last().unwrap()).await);
         let check = |lookup: &Lookup| {
             for (i, &seq) in seqs.iter().enumerate().step_by(97) {
-                let (kind, body) = lookup.read(seq).unwrap().expect("found");
+                let (kind, _, body) = lookup.read(seq).unwrap().expect("found");
                 assert_eq!(kind, RecordKind::Outcome);
                 assert_eq!(body, format!("answer {i:0>300}").into_bytes());
             }

@@ -11,6 +11,7 @@ pub mod dump;
 mod durable;
 pub mod lookup;
 mod pages;
+pub mod protect;
 pub mod reader;
 pub mod record;
 pub mod recovery;

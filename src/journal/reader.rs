@@ -229,6 +229,7 @@ mod tests {
             let r = Record {
                 seq,
                 kind: RecordKind::Accepted,
+                protected: false,
                 request_id: seq,
                 unix_ms: 1,
                 body: b"12345678 message",

@@ -4,7 +4,9 @@
 //! u32 len   bytes after this field (crc .. end of payload), little-endian
 //! u32 crc   CRC32C of the len field and of everything after crc
 //! u64 seq   record sequence number, strictly increasing across segments
-//! u8  kind  RecordKind
+//! u8  kind  RecordKind; its top bit ([`PROTECTED_BIT`]) set when the message
+//!           is in the protected form (card data removed or enciphered:
+//!           `journal::protect`)
 //! u64 request_id
 //! u64 unix_ms  wall-clock time the record was made
 //! ..  body  kind-specific bytes (for messages: the ISO 8583 message as on the wire)
@@ -18,6 +20,8 @@ pub const LEN_BYTES: usize = 4;
 pub const FIXED_BYTES: usize = 4 + 8 + 1 + 8 + 8;
 /// Largest body: one ISO 8583 message of the largest frame plus a little metadata.
 pub const BODY_SIZE_MAX_BYTES: usize = 65_535 + 64;
+/// Bit of the kind byte set when the record's message is in the protected form.
+pub const PROTECTED_BIT: u8 = 0x80;
 /// Largest value of `len`.
 pub const RECORD_LEN_MAX_BYTES: usize = FIXED_BYTES + BODY_SIZE_MAX_BYTES;
 
@@ -98,6 +102,8 @@ pub struct Record<'a> {
     pub unix_ms: u64,
     /// Kind-specific bytes.
     pub body: &'a [u8],
+    /// Whether the message in `body` is in the protected form.
+    pub protected: bool,
 }
 
 /// Why bytes are not a valid record.
@@ -171,7 +177,7 @@ pub fn encode_parts(out: &mut Vec<u8>, record: &Record<'_>, parts: &[&[u8]]) -> 
     out.extend_from_slice(&len.to_le_bytes());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&record.seq.to_le_bytes());
-    out.push(record.kind as u8);
+    out.push(record.kind as u8 | if record.protected { PROTECTED_BIT } else { 0 });
     out.extend_from_slice(&record.request_id.to_le_bytes());
     out.extend_from_slice(&record.unix_ms.to_le_bytes());
     for part in parts {
@@ -221,10 +227,13 @@ pub fn decode(buf: &[u8]) -> Result<Option<(Record<'_>, usize)>, RecordError> {
     if stored != computed {
         return Err(RecordError::BadChecksum { stored, computed });
     }
-    let kind = RecordKind::from_u8(buf[16]).ok_or(RecordError::BadKind { kind: buf[16] })?;
+    let protected = buf[16] & PROTECTED_BIT != 0;
+    let kind = RecordKind::from_u8(buf[16] & !PROTECTED_BIT)
+        .ok_or(RecordError::BadKind { kind: buf[16] })?;
     let record = Record {
         seq: u64_at(buf, 8),
         kind,
+        protected,
         request_id: u64_at(buf, 17),
         unix_ms: u64_at(buf, 25),
         body: &buf[33..total],
@@ -241,6 +250,7 @@ mod tests {
         let r = Record {
             seq: 7,
             kind: RecordKind::Outcome,
+            protected: false,
             request_id: 42,
             unix_ms: 1_700,
             body,

@@ -18,8 +18,11 @@ pub struct Unfinished {
     pub request_id: u64,
     /// Where it was forwarded (connector index, link STAN), if it was.
     pub forwarded: Option<(u16, u32)>,
-    /// The request as the acquirer sent it.
+    /// The request as the acquirer sent it (in the protected form when
+    /// `protected`: `journal::protect`).
     pub request: Bytes,
+    /// Whether `request` is in the protected form.
+    pub protected: bool,
 }
 
 /// A reversal advice queued and not acknowledged.
@@ -29,8 +32,11 @@ pub struct PendingReversal {
     pub request_id: u64,
     /// The connector and the STAN the request carried on its link.
     pub forwarded: (u16, u32),
-    /// The request as the acquirer sent it.
+    /// The request as the acquirer sent it (in the protected form when
+    /// `protected`).
     pub request: Bytes,
+    /// Whether `request` is in the protected form.
+    pub protected: bool,
 }
 
 /// Unfinished business found in a journal.
@@ -54,6 +60,7 @@ impl Recovery {
 struct State {
     forwarded: Option<(u16, u32)>,
     request: Bytes,
+    protected: bool,
 }
 
 fn message(r: &Record<'_>) -> Bytes {
@@ -128,6 +135,7 @@ impl Replay {
                     State {
                         forwarded: None,
                         request: message(r),
+                        protected: r.protected,
                     },
                 );
             }
@@ -152,6 +160,7 @@ impl Replay {
                         request_id: r.request_id,
                         forwarded,
                         request,
+                        protected: r.protected,
                     };
                     self.reversals.insert(r.request_id, pending);
                 }
@@ -171,6 +180,7 @@ impl Replay {
                 request_id,
                 forwarded: st.forwarded,
                 request: st.request,
+                protected: st.protected,
             })
             .collect();
         unfinished.sort_by_key(|u| u.request_id);
@@ -219,6 +229,7 @@ mod tests {
         h[..head.len()].copy_from_slice(head);
         Entry {
             kind,
+            protected: false,
             request_id,
             unix_ms: 0,
             head: (h, head.len() as u8),

@@ -210,8 +210,14 @@ fn record(
 fn accepted(r: &Record<'_>, dialect: &Dialect) -> Option<Open> {
     let word = u64::from_le_bytes(r.body.get(..8)?.try_into().ok()?);
     let acquirer = crate::core::writeahead::read_accepted_head(word).0?;
-    let message =
-        Message::decode_canonical(dialect, Bytes::copy_from_slice(r.body.get(8..)?)).ok()?;
+    let body = r.body.get(8..)?;
+    // Settlement needs amounts and institutions, never the card: the protected
+    // form's message is enough.
+    let body = match r.protected {
+        true => crate::journal::protect::message_part(body)?.0,
+        false => body,
+    };
+    let message = Message::decode_canonical(dialect, Bytes::copy_from_slice(body)).ok()?;
     let kind: i8 = match &message.mti().0 {
         b"0200" | b"0201" => 1,
         b"0400" | b"0401" | b"0420" | b"0421" => 2,

@@ -114,8 +114,11 @@ pub struct Entry {
     pub unix_ms: u64,
     /// Up to 16 bytes of kind-specific metadata written before the message.
     pub head: ([u8; 16], u8),
-    /// The ISO 8583 message (may be empty).
+    /// The ISO 8583 message (may be empty), or its protected form (card data
+    /// removed or enciphered: [`crate::journal::protect`]) when `protected`.
     pub message: Bytes,
+    /// Whether `message` is in the protected form.
+    pub protected: bool,
 }
 
 /// Where records are appended: the journal's writer thread, or (in the
@@ -148,6 +151,10 @@ pub enum AppendError {
     /// The body exceeds the record bound.
     #[error("record body too large")]
     TooLarge,
+    /// The message could not be put in its protected form (re-encoded without
+    /// its card data): it is not journaled, and the request goes no further.
+    #[error("message cannot be journaled without its card data")]
+    Unprotectable,
 }
 
 /// The queue between appenders and the writer thread. Appenders push under a short
@@ -832,6 +839,7 @@ impl WriterState {
         let r = Record {
             seq,
             kind: entry.kind,
+            protected: entry.protected,
             request_id: entry.request_id,
             unix_ms,
             body: &[],
@@ -934,6 +942,7 @@ mod tests {
         let message = Bytes::from(format!("message {i}").into_bytes());
         Entry {
             kind,
+            protected: false,
             request_id: i,
             unix_ms,
             head: (head, 8),
@@ -1151,6 +1160,7 @@ mod tests {
             let r = Record {
                 seq: 101,
                 kind: RecordKind::Outcome,
+                protected: false,
                 request_id: 1,
                 unix_ms: 2,
                 body: b"xyz",

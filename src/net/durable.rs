@@ -82,7 +82,9 @@ impl AnswerReader for JournalAnswers {
             let read = if journal.wait_durable(seq).await {
                 let j = journal.clone();
                 match tokio::task::spawn_blocking(move || j.lookup().read(seq)).await {
-                    Ok(Ok(Some((RecordKind::Outcome, body)))) => ReadBack::Answer(body.into()),
+                    Ok(Ok(Some((RecordKind::Outcome, protected, body)))) => {
+                        ReadBack::Answer(body.into(), protected)
+                    }
                     Ok(Err(e)) => {
                         crate::log_limited!(warn, seq, error = %e, "journal: answer not read back");
                         ReadBack::Failed

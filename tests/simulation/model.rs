@@ -23,9 +23,10 @@ use switchyard::core::inflight::{Stan, STAN_MAX};
 use switchyard::core::link::Link;
 use switchyard::core::recent::Recent;
 use switchyard::core::request::{Answer as Delivered, InstitutionSlot, Pending};
-use switchyard::core::writeahead::{OutcomeSource, WriteAhead};
+use switchyard::core::writeahead::{OutcomeSource, Protection, WriteAhead};
 use switchyard::core::InstitutionId;
 use switchyard::daemon::recovery::Rebuild;
+use switchyard::journal::protect::Protector;
 use switchyard::journal::record::{self, Record, RecordKind};
 use switchyard::journal::recovery::{Recovery, Replay};
 use switchyard::journal::{AppendError, Entry, RecordSink};
@@ -127,7 +128,7 @@ pub struct SimJournal {
     pub now_ms: u64,
     pub event: u64,
     /// The last record, as written (for the 68-first policy's reordering).
-    last: Option<(RecordKind, u64, u64, Vec<u8>)>,
+    last: Option<((RecordKind, bool), u64, u64, Vec<u8>)>,
     policy: Policy,
 }
 
@@ -140,11 +141,18 @@ impl SimJournal {
         }
     }
 
-    fn push(&mut self, kind: RecordKind, request_id: u64, unix_ms: u64, body: Vec<u8>) -> u64 {
+    fn push(
+        &mut self,
+        (kind, protected): (RecordKind, bool),
+        request_id: u64,
+        unix_ms: u64,
+        body: Vec<u8>,
+    ) -> u64 {
         let seq = self.ends.len() as u64 + 1;
         let r = Record {
             seq,
             kind,
+            protected,
             request_id,
             unix_ms,
             body: &body,
@@ -152,7 +160,7 @@ impl SimJournal {
         record::encode(&mut self.bytes, &r);
         self.ends.push(self.bytes.len());
         self.appended_by.push(self.event);
-        self.last = Some((kind, request_id, unix_ms, body));
+        self.last = Some(((kind, protected), request_id, unix_ms, body));
         seq
     }
 
@@ -170,6 +178,7 @@ impl SimJournal {
             let r = Record {
                 seq: self.ends.len() as u64 + 1,
                 kind: entry.kind,
+                protected: entry.protected,
                 request_id: entry.request_id,
                 unix_ms: self.now_ms,
                 body: &body,
@@ -184,11 +193,21 @@ impl SimJournal {
             self.ends.pop();
             self.appended_by.pop();
             self.bytes.truncate(self.end_of(self.ends.len()));
-            let seq = self.push(entry.kind, entry.request_id, self.now_ms, body);
+            let seq = self.push(
+                (entry.kind, entry.protected),
+                entry.request_id,
+                self.now_ms,
+                body,
+            );
             self.push(kind, id, unix_ms, reversal);
             return Ok(seq);
         }
-        Ok(self.push(entry.kind, entry.request_id, self.now_ms, body))
+        Ok(self.push(
+            (entry.kind, entry.protected),
+            entry.request_id,
+            self.now_ms,
+            body,
+        ))
     }
 
     /// Whether `entry` is a 68 whose reversal advice is the last record, not yet
@@ -197,7 +216,7 @@ impl SimJournal {
         let timed_out = entry.kind == RecordKind::Outcome
             && body.get(2) == Some(&(OutcomeSource::Timeout as u8));
         let after_its_reversal = matches!(&self.last,
-            Some((RecordKind::ReversalQueued, id, _, _)) if *id == entry.request_id);
+            Some(((RecordKind::ReversalQueued, _), id, _, _)) if *id == entry.request_id);
         timed_out && after_its_reversal && self.durable < self.ends.len()
     }
 }
@@ -373,6 +392,8 @@ pub struct Sim {
     /// Events handled so far.
     pub events_run: u64,
     pub dialect: Arc<Dialect>,
+    /// The journal's card-data protection, kept across crashes.
+    protector: Protector,
     acquirer: InstitutionId,
     pub journal: Arc<Mutex<SimJournal>>,
     pub sw: Option<Switch>,
@@ -429,6 +450,10 @@ impl Sim {
             work: 0,
             events_run: 0,
             dialect: crate::dialect(),
+            // PANs masked only: enciphering draws nonces, and the same seed must
+            // give the same journal bytes (the data key's round trip is tested
+            // in journal::protect and tests/switch.rs).
+            protector: Protector::default(),
             acquirer: InstitutionId::from_digits(ACQUIRER).expect("acquirer id"),
             journal: Arc::new(Mutex::new(journal)),
             sw: None,
@@ -811,7 +836,13 @@ impl Sim {
             .map(|b| self.bank_config(b).id.to_raw())
             .collect();
         let now_unix_ms = SIM_EPOCH_S * 1000 + self.now.as_millis() as u64;
-        let mut rebuild = Rebuild::new(recent, &self.dialect, banks, self.instant(), now_unix_ms);
+        let mut rebuild = Rebuild::new(
+            recent,
+            (&self.dialect, &self.protector),
+            banks,
+            self.instant(),
+            now_unix_ms,
+        );
         let mut oracle = Oracle::default();
         let mut j = lock(&self.journal);
         let mut at = 0;
@@ -917,7 +948,11 @@ impl Sim {
             j.ends.len() as u64
         };
         let now = self.instant();
-        let journal = WriteAhead::new(Arc::new(Sink(self.journal.clone())));
+        let protection = Protection {
+            protector: self.protector.clone(),
+            dialect: self.dialect.clone(),
+        };
+        let journal = WriteAhead::new(Arc::new(Sink(self.journal.clone())), protection);
         let books = Books::new(journal, recent, self.dialect.clone());
         let wakes = Arc::new(Mutex::new(Wakes::default()));
         let first_request_id = last_seq + 1;

@@ -51,6 +51,14 @@ impl Oracle {
             RecordKind::Accepted => {
                 story.accepted += 1;
                 story.request = message.to_vec();
+                // The journal keeps the protected form: its message part is enough
+                // for DE37.
+                let message = match r.protected {
+                    true => {
+                        switchyard::journal::protect::message_part(message).map_or(&[][..], |m| m.0)
+                    }
+                    false => message,
+                };
                 let m = Message::decode(&crate::dialect(), Bytes::copy_from_slice(message)).ok();
                 story.rrn = m.map(|m| digits(m.field(37)));
             }

@@ -484,7 +484,104 @@ impl SecurityModule for SoftwareModule {
     }
 }
 
+/// Bytes a [`SoftwareModule::seal_data`] adds: the nonce and the tag.
+pub const SEALED_OVERHEAD_BYTES: usize = 12 + 16;
+
+/// Nonces of AES-GCM under data keys: 4 random bytes drawn once per process,
+/// then a 64-bit counter starting at a random value (unique per message; two
+/// processes collide only with the same prefix and overlapping counters).
+fn next_nonce() -> [u8; 12] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static START: OnceLock<([u8; 4], AtomicU64)> = OnceLock::new();
+    let (prefix, counter) = START.get_or_init(|| {
+        let mut seed = [0u8; 12];
+        pin::os_random(&mut seed);
+        let mut prefix = [0u8; 4];
+        prefix.copy_from_slice(&seed[..4]);
+        let mut start = [0u8; 8];
+        start.copy_from_slice(&seed[4..]);
+        (prefix, AtomicU64::new(u64::from_le_bytes(start)))
+    });
+    let mut nonce = [0u8; 12];
+    nonce[..4].copy_from_slice(prefix);
+    nonce[4..].copy_from_slice(&counter.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    nonce
+}
+
 impl SoftwareModule {
+    /// Enciphers `plain` under data key `key` (AES-GCM, `aad` authenticated with
+    /// it), appending nonce, ciphertext and tag to `out`.
+    pub fn seal_data(
+        &self,
+        key: KeyHandle,
+        aad: &[u8],
+        plain: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), ModuleError> {
+        use aes_gcm::aead::{AeadInOut, KeyInit};
+        let slot = self.slot(key, Usage::Data)?;
+        let (current, _) = SoftwareModule::versions(slot);
+        let nonce = next_nonce();
+        let at = out.len();
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plain);
+        let n = aes_gcm::Nonce::from(nonce);
+        let tag = match current.bytes().len() {
+            16 => aes_gcm::Aes128Gcm::new_from_slice(current.bytes())
+                .map_err(|_| slot.refused())?
+                .encrypt_inout_detached(&n, aad, (&mut out[at + 12..]).into()),
+            _ => aes_gcm::Aes256Gcm::new_from_slice(current.bytes())
+                .map_err(|_| slot.refused())?
+                .encrypt_inout_detached(&n, aad, (&mut out[at + 12..]).into()),
+        };
+        match tag {
+            Ok(tag) => {
+                out.extend_from_slice(&tag);
+                Ok(())
+            }
+            Err(_) => {
+                out.truncate(at);
+                Err(slot.refused())
+            }
+        }
+    }
+
+    /// Deciphers what [`SoftwareModule::seal_data`] made under `key` (or the key
+    /// it replaced) with the same `aad`; `None` when it does not authenticate.
+    pub fn open_data(
+        &self,
+        key: KeyHandle,
+        aad: &[u8],
+        sealed: &[u8],
+    ) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+        use aes_gcm::aead::{AeadInOut, KeyInit};
+        let slot = self.slot(key, Usage::Data).ok()?;
+        if sealed.len() < SEALED_OVERHEAD_BYTES {
+            return None;
+        }
+        let (nonce, rest) = sealed.split_at(12);
+        let (ct, tag) = rest.split_at(rest.len() - 16);
+        let nonce = aes_gcm::Nonce::try_from(nonce).ok()?;
+        let tag = aes_gcm::Tag::try_from(tag).ok()?;
+        let (current, previous) = SoftwareModule::versions(slot);
+        for key in [Some(current), previous].into_iter().flatten() {
+            let mut plain = zeroize::Zeroizing::new(ct.to_vec());
+            let ok = match key.bytes().len() {
+                16 => aes_gcm::Aes128Gcm::new_from_slice(key.bytes())
+                    .ok()?
+                    .decrypt_inout_detached(&nonce, aad, (&mut plain[..]).into(), &tag),
+                _ => aes_gcm::Aes256Gcm::new_from_slice(key.bytes())
+                    .ok()?
+                    .decrypt_inout_detached(&nonce, aad, (&mut plain[..]).into(), &tag),
+            };
+            if ok.is_ok() {
+                return Some(plain);
+            }
+        }
+        None
+    }
+
     /// Replaces working key `key` with `new` outright (the old one stays valid
     /// for verification until the next replacement): for tests and key loading;
     /// rotations go through [`SecurityModule::stage`] and `activate`.
@@ -536,6 +633,31 @@ mod tests {
             )
             .unwrap();
         (m, [a, b, mac, aes])
+    }
+
+    #[test]
+    fn data_sealed_under_a_data_key_opens_only_with_it_and_its_aad() {
+        let mut m = SoftwareModule::new();
+        let dek = m
+            .add("dek", Usage::Data, Key::random(Algorithm::Aes, 32).unwrap())
+            .unwrap();
+        let mut a = Vec::new();
+        m.seal_data(dek, b"request 1", b"4321987654321098", &mut a)
+            .unwrap();
+        let mut b = Vec::new();
+        m.seal_data(dek, b"request 1", b"4321987654321098", &mut b)
+            .unwrap();
+        assert_ne!(a, b, "a fresh nonce per message");
+        assert_eq!(a.len(), 16 + SEALED_OVERHEAD_BYTES);
+        assert!(!a.windows(16).any(|w| w == b"4321987654321098"));
+        assert_eq!(
+            &m.open_data(dek, b"request 1", &a).unwrap()[..],
+            b"4321987654321098"
+        );
+        assert!(m.open_data(dek, b"request 2", &a).is_none());
+        let mut tampered = a.clone();
+        tampered[14] ^= 1;
+        assert!(m.open_data(dek, b"request 1", &tampered).is_none());
     }
 
     #[test]
