@@ -715,6 +715,10 @@ pub enum TransportError {
     /// Another I/O error.
     #[error("I/O: {0:?}")]
     Io(io::ErrorKind),
+    /// The TLS handshake or record layer failed (a certificate not trusted, a
+    /// name that does not match, an alert).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The command does not fit a frame.
     #[error("command of {bytes} bytes is over {FRAME_SIZE_MAX_BYTES}")]
     RequestTooLarge {
@@ -764,6 +768,13 @@ impl TransportError {
 }
 
 fn io_failure(e: &io::Error, before_answer: bool) -> TransportError {
+    #[cfg(feature = "tls")]
+    if let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        return TransportError::Tls(tls.to_string());
+    }
     match e.kind() {
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => TransportError::Timeout,
         io::ErrorKind::UnexpectedEof

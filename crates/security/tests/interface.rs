@@ -534,3 +534,148 @@ fn the_suite_passes_with_many_callers_at_once() {
     // Four callers and four connections: nobody was turned away.
     assert_eq!(stats.busy, 0);
 }
+
+/// TLS to the HSM: the double behind a certificate of a CA made here, the client
+/// trusting that CA and presenting its own certificate (payShield 10K host
+/// ports may ask for one).
+#[cfg(feature = "tls")]
+mod tls {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use std::sync::Arc;
+    use switchyard_security::payshield::PayShieldTls;
+
+    struct Pki {
+        ca: CertificateDer<'static>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    impl Pki {
+        fn new() -> Pki {
+            let mut params = CertificateParams::default();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+            let key = KeyPair::generate().unwrap();
+            let ca = params.self_signed(&key).unwrap().der().clone();
+            Pki {
+                ca,
+                issuer: Issuer::new(params, key),
+            }
+        }
+
+        fn leaf(&self, name: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec![name.to_owned()])
+                .unwrap()
+                .signed_by(&key, &self.issuer)
+                .unwrap();
+            let der = PrivatePkcs8KeyDer::from(key.serialize_der());
+            (vec![cert.der().clone()], der.into())
+        }
+
+        fn roots(&self) -> Arc<rustls::RootCertStore> {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(self.ca.clone()).unwrap();
+            Arc::new(roots)
+        }
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    }
+
+    /// The double on TLS with a certificate for `hsm.test` that asks for a
+    /// client certificate of the same CA; a module holding the test keys that
+    /// presents one, and its client config.
+    fn double(pki: &Pki) -> (Responder, PayShieldModule, Arc<rustls::ClientConfig>) {
+        let verifier =
+            rustls::server::WebPkiClientVerifier::builder_with_provider(pki.roots(), provider())
+                .build()
+                .unwrap();
+        let (chain, key) = pki.leaf("hsm.test");
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .unwrap();
+        let (chain, key) = pki.leaf("switch.test");
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(pki.roots())
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        let mut config = ResponderConfig::new(Key::new(Algorithm::Aes, &[0x5A; 32]).unwrap());
+        config.tls = Some(Arc::new(server));
+        let responder = Responder::start(config).unwrap();
+        let module = module_for(&responder, Some(Arc::new(client.clone())), "hsm.test");
+        (responder, module, Arc::new(client))
+    }
+
+    fn module_for(
+        responder: &Responder,
+        client: Option<Arc<rustls::ClientConfig>>,
+        name: &str,
+    ) -> PayShieldModule {
+        let mut config = PayShieldConfig::new(responder.address());
+        for (id, usage, algorithm, hex) in KEYS {
+            let key = clear(id);
+            config.keys.push(PayShieldKey {
+                id: id.to_owned(),
+                usage,
+                algorithm,
+                length_bytes: hex.len() / 2,
+                token: responder.token(usage, &key).unwrap(),
+                kcv: key.check_value(),
+            });
+        }
+        config.tls = client.map(|config| PayShieldTls {
+            config,
+            server_name: ServerName::try_from(name.to_owned()).unwrap(),
+        });
+        PayShieldModule::new(config).unwrap()
+    }
+
+    #[test]
+    fn the_payshield_module_passes_the_interface_suite_over_mutual_tls() {
+        let pki = Pki::new();
+        let (responder, m, _) = double(&pki);
+        m.check_keys().unwrap();
+        suite(&m, &Handles::of(&m));
+        // A connection the HSM closed is replaced over TLS too.
+        responder.drop_connections();
+        m.diagnostics().unwrap();
+        assert_eq!(m.stats().reconnects, 1);
+    }
+
+    #[test]
+    fn an_hsm_not_trusted_or_not_named_is_refused() {
+        let pki = Pki::new();
+        let (responder, _, client) = double(&pki);
+        // Another name than the certificate's.
+        let m = module_for(&responder, Some(client), "other.test");
+        match m.diagnostics() {
+            Err(ModuleError::Unavailable(text)) => assert!(text.contains("TLS"), "{text}"),
+            other => panic!("{other:?}"),
+        }
+        // A client that trusts another CA.
+        let other = Pki::new();
+        let (chain, key) = other.leaf("switch.test");
+        let stranger = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(other.roots())
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        let m = module_for(&responder, Some(Arc::new(stranger)), "hsm.test");
+        match m.diagnostics() {
+            Err(ModuleError::Unavailable(text)) => assert!(text.contains("TLS"), "{text}"),
+            other => panic!("{other:?}"),
+        }
+        // Plain TCP to a TLS port gets no answer it understands.
+        let m = module_for(&responder, None, "hsm.test");
+        assert!(matches!(m.diagnostics(), Err(ModuleError::Unavailable(_))));
+    }
+}
