@@ -1,6 +1,9 @@
 //! The admin HTTP endpoint (`[admin] listen`, loopback by default): `/metrics`
-//! (Prometheus text), `/healthz`, `/readyz` and `/status` (JSON), and `POST
-//! /reload` (what SIGHUP does; `switchyard reload` calls it).
+//! (Prometheus text), `/healthz`, `/readyz` and `/status` (JSON), `POST
+//! /reload` (what SIGHUP does; `switchyard reload` calls it), and `POST
+//! /keys/rotate?bank=ID&type=zak|zpk` (a bank's working key rotated; `switchyard
+//! keys rotate` calls it; answered in JSON once the bank answered the key change,
+//! within `admin.request_timeout_ms` less [`ADMIN_ANSWER_MARGIN`]).
 //!
 //! Reading is open to whoever reaches the endpoint; changing the switch is not.
 //! Every request with a method other than GET or HEAD (`POST /reload`, key
@@ -25,6 +28,8 @@
 //! implements it (`service`); the endpoint knows nothing else of the daemon.
 
 use crate::config::{AdminLimits, AdminTls};
+use crate::core::ids::INSTITUTION_ID_DIGITS_MAX;
+use crate::security::WorkingKey;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -52,7 +57,18 @@ pub trait Operator: Send + Sync + 'static {
     /// Reloads the config file: what was applied, or why it was rejected; `None`
     /// when the switch runs without a config file.
     fn reload(&self) -> impl Future<Output = Option<Result<String, String>>> + Send;
+    /// Rotates working key `key` of bank `bank`: the HTTP status and the JSON
+    /// answer (never a key or a key block).
+    fn rotate_key(
+        &self,
+        bank: String,
+        key: WorkingKey,
+    ) -> impl Future<Output = (u16, serde_json::Value)> + Send;
 }
+
+/// Time kept for writing the answer of a long change (a key rotation) within
+/// `admin.request_timeout_ms`: the change waits for its outcome that much less.
+pub const ADMIN_ANSWER_MARGIN: Duration = Duration::from_secs(1);
 
 // === who may change the switch ===
 
@@ -246,6 +262,10 @@ impl<O: Operator> Endpoint<O> {
     {
         let operator = self.operator.clone();
         let client_names = self.client_names.clone();
+        let rotate_wait = self
+            .limits
+            .request_timeout
+            .saturating_sub(ADMIN_ANSWER_MARGIN);
         let service = tower::ServiceBuilder::new()
             .layer(tower::timeout::TimeoutLayer::new(
                 self.limits.request_timeout,
@@ -255,6 +275,7 @@ impl<O: Operator> Endpoint<O> {
                     operator.clone(),
                     peer.clone(),
                     client_names.clone(),
+                    rotate_wait,
                     request,
                 )
             });
@@ -287,6 +308,7 @@ async fn answer<O: Operator>(
     operator: Arc<O>,
     peer: Peer,
     client_names: Option<Arc<[String]>>,
+    rotate_wait: Duration,
     request: Request<Incoming>,
 ) -> Result<Answer, Infallible> {
     let path = request.uri().path();
@@ -303,10 +325,13 @@ async fn answer<O: Operator>(
     if request.method() == Method::POST && path == "/reload" {
         return Ok(reload(operator, &peer).await);
     }
+    if request.method() == Method::POST && path == "/keys/rotate" {
+        return Ok(rotate(operator, &peer, request.uri().query(), rotate_wait).await);
+    }
     if request.method() != Method::GET {
         return Ok(text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "only GET (and POST /reload)\n",
+            "only GET (and POST /reload, POST /keys/rotate)\n",
         ));
     }
     Ok(match path {
@@ -336,10 +361,7 @@ async fn answer<O: Operator>(
 
 /// `POST /reload`, once allowed.
 async fn reload<O: Operator>(operator: Arc<O>, peer: &Peer) -> Answer {
-    let by = match &peer.credential {
-        Credential::Certificate(names) => names.first().map_or("", String::as_str),
-        Credential::Plain | Credential::Anonymous => "",
-    };
+    let by = operator_name(peer);
     // In a task of its own: a client going away must not cut a reload short.
     let reload = tokio::spawn(async move { operator.reload().await });
     let result = reload
@@ -358,7 +380,73 @@ async fn reload<O: Operator>(operator: Arc<O>, peer: &Peer) -> Answer {
     }
 }
 
-/// Largest answer body `request_reload` reads, bytes.
+/// The operator's name for log lines: the first name of its certificate.
+fn operator_name(peer: &Peer) -> &str {
+    match &peer.credential {
+        Credential::Certificate(names) => names.first().map_or("", String::as_str),
+        Credential::Plain | Credential::Anonymous => "",
+    }
+}
+
+/// `bank` and `type` of `POST /keys/rotate`, or why the query is refused.
+fn rotate_params(query: Option<&str>) -> Result<(String, WorkingKey), String> {
+    let (mut bank, mut key) = (None, None);
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("bank", v)) => bank = Some(v),
+            Some(("type", v)) => key = Some(v),
+            _ => return Err("parameters: bank=ID&type=zak|zpk".to_owned()),
+        }
+    }
+    let bank = bank
+        .filter(|b| (1..=INSTITUTION_ID_DIGITS_MAX).contains(&b.len()))
+        .filter(|b| b.bytes().all(|c| c.is_ascii_digit()))
+        .ok_or_else(|| {
+            format!("bank: an institution id of 1 to {INSTITUTION_ID_DIGITS_MAX} digits")
+        })?;
+    let key = key
+        .and_then(WorkingKey::from_name)
+        .ok_or_else(|| "type: zak or zpk".to_owned())?;
+    Ok((bank.to_owned(), key))
+}
+
+fn json(status: u16, body: &serde_json::Value) -> Answer {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    respond(status, "application/json", format!("{body}\n"))
+}
+
+/// `POST /keys/rotate`, once allowed: the rotation runs in a task of its own (a
+/// client going away does not cut it short), answered within `wait`.
+async fn rotate<O: Operator>(
+    operator: Arc<O>,
+    peer: &Peer,
+    query: Option<&str>,
+    wait: Duration,
+) -> Answer {
+    let (bank, key) = match rotate_params(query) {
+        Ok(params) => params,
+        Err(why) => return json(400, &serde_json::json!({"ok": false, "reason": why})),
+    };
+    let by = operator_name(peer);
+    tracing::info!(peer = %peer.addr, operator = by, bank, key = key.as_str(),
+        "working-key rotation asked (admin endpoint)");
+    let task = tokio::spawn(async move { operator.rotate_key(bank, key).await });
+    match tokio::time::timeout(wait, task).await {
+        Ok(Ok((status, body))) => json(status, &body),
+        Ok(Err(e)) => json(
+            500,
+            &serde_json::json!({"ok": false, "reason": format!("rotation failed: {e}")}),
+        ),
+        Err(_) => json(
+            504,
+            &serde_json::json!({"ok": false, "reason": format!(
+                "no outcome within {wait:?}; the rotation goes on: see the switch's log"
+            )}),
+        ),
+    }
+}
+
+/// Largest answer body `request_reload` and `request_rotate` read, bytes.
 const RELOAD_ANSWER_MAX_BYTES: usize = 64 * 1024;
 
 /// Why asking a switch to reload failed (before any answer).
@@ -453,19 +541,46 @@ pub async fn request_reload(
     tls: Option<&ReloadTls>,
     limit: Duration,
 ) -> Result<(bool, String), ReloadRequestError> {
+    let (status, words) = request_post(addr, tls, "/reload", limit).await?;
+    Ok((status == StatusCode::OK, words))
+}
+
+/// `switchyard keys rotate`: `POST /keys/rotate?bank=..&type=..` to the admin
+/// endpoint at `addr` (over TLS with `tls`), within `limit`. Returns the HTTP
+/// status and the endpoint's JSON answer (as text).
+pub async fn request_rotate(
+    addr: SocketAddr,
+    tls: Option<&ReloadTls>,
+    bank: &str,
+    key: WorkingKey,
+    limit: Duration,
+) -> Result<(u16, String), ReloadRequestError> {
+    let path = format!("/keys/rotate?bank={bank}&type={}", key.as_str());
+    let (status, words) = request_post(addr, tls, &path, limit).await?;
+    Ok((status.as_u16(), words))
+}
+
+/// `POST path` to the admin endpoint at `addr` (over TLS with `tls`), within
+/// `limit`: the status and the answer's body.
+async fn request_post(
+    addr: SocketAddr,
+    tls: Option<&ReloadTls>,
+    path: &str,
+    limit: Duration,
+) -> Result<(StatusCode, String), ReloadRequestError> {
     let exchange = async {
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|source| ReloadRequestError::Connect { addr, source })?;
         match tls {
-            None => post_reload(tcp, addr).await,
+            None => post(tcp, addr, path).await,
             Some(tls) => {
                 let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
                 let stream = connector
                     .connect(tls.server_name.clone(), tcp)
                     .await
                     .map_err(|source| ReloadRequestError::Handshake { addr, source })?;
-                post_reload(stream, addr).await
+                post(stream, addr, path).await
             }
         }
     };
@@ -474,8 +589,12 @@ pub async fn request_reload(
         .map_err(|_| ReloadRequestError::Timeout(addr, limit))?
 }
 
-/// `POST /reload` on an established connection to `addr`.
-async fn post_reload<IO>(io: IO, addr: SocketAddr) -> Result<(bool, String), ReloadRequestError>
+/// `POST path` on an established connection to `addr`.
+async fn post<IO>(
+    io: IO,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(StatusCode, String), ReloadRequestError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -488,18 +607,18 @@ where
         .await
         .map_err(|e| http(&e))?;
     tokio::spawn(connection);
-    let request = Request::post("/reload")
+    let request = Request::post(path)
         .header(hyper::header::HOST, "switchyard")
         .body(Empty::<Bytes>::new())
         .map_err(|e| http(&e))?;
     let answer = sender.send_request(request).await.map_err(|e| http(&e))?;
-    let applied = answer.status() == StatusCode::OK;
+    let status = answer.status();
     let body = Limited::new(answer.into_body(), RELOAD_ANSWER_MAX_BYTES)
         .collect()
         .await
         .map_err(|e| http(&e))?
         .to_bytes();
-    Ok((applied, String::from_utf8_lossy(&body).into_owned()))
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 #[cfg(test)]
@@ -508,10 +627,11 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// An operator that counts reloads.
+    /// An operator that counts reloads and rotations.
     #[derive(Default)]
     struct Counting {
         reloads: AtomicUsize,
+        rotations: AtomicUsize,
     }
 
     impl Operator for Counting {
@@ -527,6 +647,13 @@ mod tests {
         async fn reload(&self) -> Option<Result<String, String>> {
             self.reloads.fetch_add(1, Ordering::SeqCst);
             Some(Ok("config reloaded".to_owned()))
+        }
+        async fn rotate_key(&self, bank: String, key: WorkingKey) -> (u16, serde_json::Value) {
+            self.rotations.fetch_add(1, Ordering::SeqCst);
+            (
+                200,
+                serde_json::json!({"ok": true, "bank": bank, "key": key.as_str()}),
+            )
         }
     }
 
@@ -663,11 +790,51 @@ mod tests {
             200
         );
         assert_eq!(operator.reloads.load(Ordering::SeqCst), 2);
+        assert_eq!(operator.rotations.load(Ordering::SeqCst), 0);
         assert_eq!(
-            exchange(&operator, None, local(), &post("/keys/rotate"))
-                .await
-                .0,
+            exchange(&operator, None, local(), &post("/nope")).await.0,
             405
         );
+    }
+
+    #[tokio::test]
+    async fn a_key_rotation_names_its_bank_and_key_type() {
+        let operator = Arc::new(Counting::default());
+        let local = || peer("127.0.0.1:40000", Credential::Plain);
+        let post = |path: &str| format!("POST {path} HTTP/1.1\r\nHost: s\r\n\r\n");
+        for query in [
+            "",
+            "?bank=200001",
+            "?type=zak",
+            "?bank=20000a&type=zak",
+            "?bank=200001&type=zmk",
+            "?bank=200001&type=zak&x=1",
+            "?bank=123456789012&type=zpk",
+        ] {
+            let (code, body) = exchange(
+                &operator,
+                None,
+                local(),
+                &post(&format!("/keys/rotate{query}")),
+            )
+            .await;
+            assert_eq!(code, 400, "{query}: {body}");
+            assert!(body.contains("\"ok\":false"), "{body}");
+        }
+        assert_eq!(operator.rotations.load(Ordering::SeqCst), 0);
+        let (code, body) = exchange(
+            &operator,
+            None,
+            local(),
+            &post("/keys/rotate?type=zpk&bank=200001"),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            answer,
+            serde_json::json!({"ok": true, "bank": "200001", "key": "zpk"})
+        );
+        assert_eq!(operator.rotations.load(Ordering::SeqCst), 1);
     }
 }

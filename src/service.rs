@@ -8,6 +8,7 @@ use crate::admin::{self, Operator};
 use crate::config::Config;
 use crate::daemon::Switch;
 use crate::journal::JournalError;
+use crate::security::WorkingKey;
 use crate::tls::{TlsError, TlsSetup};
 use metrics_exporter_prometheus::PrometheusHandle;
 use std::future::Future;
@@ -81,6 +82,14 @@ impl Operator for Admin {
     async fn reload(&self) -> Option<Result<String, String>> {
         let path = self.config_path.as_ref()?;
         Some(self.switch.reload(path).await)
+    }
+
+    async fn rotate_key(&self, bank: String, key: WorkingKey) -> (u16, serde_json::Value) {
+        let rotation = self.switch.rotate_key(&bank, key).await;
+        if let Err(why) = &rotation.result {
+            tracing::warn!(bank, key = key.as_str(), reason = %why, "working-key rotation failed");
+        }
+        (rotation.http_status(), rotation.to_json())
     }
 }
 
@@ -203,8 +212,11 @@ pub async fn run_file(path: PathBuf, config: Config) -> Result<Stopped, ServiceE
         .map_or_else(|| "none".to_owned(), |a| a.to_string());
     if admin.is_some() {
         let (scheme, changes) = match &config.admin_tls {
-            Some(_) => ("https", "POST /reload with an operator certificate"),
-            None => ("http", "POST /reload from loopback"),
+            Some(_) => (
+                "https",
+                "POST /reload, /keys/rotate with an operator certificate",
+            ),
+            None => ("http", "POST /reload, /keys/rotate from loopback"),
         };
         tracing::info!(admin = %admin_addr,
             "admin endpoint: {scheme}://{admin_addr}/metrics, /healthz, /readyz, /status; {changes}");
