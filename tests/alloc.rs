@@ -215,6 +215,7 @@ fn switch_allocations_per_payment() -> anyhow::Result<()> {
             header: switchyard::wire::MessageHeader::None,
             frame_size_max_bytes: FRAME_SIZE_MAX_BYTES_DEFAULT,
             seed: 1,
+            keys: None,
         };
         let behavior = Arc::new(Behavior::default());
         let stop = stop_bank.clone();

@@ -6,15 +6,17 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard::admin::{request_reload, ReloadTls};
+use switchyard::admin::{request_reload, request_rotate, ReloadTls};
 use switchyard::config::{Config, FRAME_SIZE_MAX_BYTES_DEFAULT};
 use switchyard::journal::settlement::{self, parse_time};
 use switchyard::journal::{dump, Fsync};
+use switchyard::security::{WorkingKey, KCV_FIELD_DEFAULT, KEY_BLOCK_FIELD_DEFAULT};
 use switchyard::service::{self, Stopped};
 use switchyard::wire::{Dialect, Framing, MessageHeader, HEADER_BYTES_MAX};
+use switchyard_security::module::MacAlgorithm;
 use switchyard_security::store::{self, KeyStore, KeyType};
 use switchyard_security::{Algorithm, Key};
-use switchyard_tools::banksim::{self, BankSimOptions, Behavior};
+use switchyard_tools::banksim::{self, BankSimOptions, Behavior, SimKeys};
 use switchyard_tools::certs;
 use switchyard_tools::demo::{self, DemoOptions};
 use switchyard_tools::loadgen::{self, LoadOptions, Report};
@@ -22,6 +24,9 @@ use switchyard_tools::loadgen::{self, LoadOptions, Report};
 /// How long `switchyard reload` waits for the switch's answer (a reload waits up to
 /// 5 s for new banks' links).
 const RELOAD_WAIT_S: u64 = 30;
+/// How long `switchyard keys rotate` waits for the switch's answer (the switch
+/// answers within its `admin.request_timeout_ms`, 30 s by default).
+const ROTATE_WAIT_S: u64 = 60;
 
 #[derive(Parser)]
 #[command(
@@ -77,25 +82,7 @@ enum Command {
     },
     /// Ask a running switch to reload its config file (`POST /reload` on its admin
     /// endpoint; the same as SIGHUP). Exits 0 when the new config was applied.
-    Reload {
-        /// The switch's admin endpoint (`[admin] listen`).
-        #[arg(long, default_value = "127.0.0.1:9464")]
-        admin: std::net::SocketAddr,
-        /// With `[admin.tls]`: the CA that signed the endpoint's certificate (PEM);
-        /// the request then goes over TLS.
-        #[arg(long)]
-        tls_ca: Option<PathBuf>,
-        /// The operator certificate chain to present (PEM; with --tls-ca and --key).
-        #[arg(long, requires_all = ["tls_ca", "key"])]
-        cert: Option<PathBuf>,
-        /// The operator certificate's key (PEM).
-        #[arg(long, requires = "cert")]
-        key: Option<PathBuf>,
-        /// The name the endpoint's certificate must carry (default: the IP address
-        /// of --admin).
-        #[arg(long, requires = "tls_ca")]
-        server_name: Option<String>,
-    },
+    Reload(AdminClientArgs),
     /// Settlement totals from a journal: per acquirer, issuer and currency, the
     /// approved financial requests net of reversals, and each institution's net
     /// position (exact decimals; each currency's positions sum to zero).
@@ -109,6 +96,43 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+}
+
+/// How a command reaches a running switch's admin endpoint.
+#[derive(clap::Args)]
+struct AdminClientArgs {
+    /// The switch's admin endpoint (`[admin] listen`).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    admin: std::net::SocketAddr,
+    /// With `[admin.tls]`: the CA that signed the endpoint's certificate (PEM);
+    /// the request then goes over TLS.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// The operator certificate chain to present (PEM; with --tls-ca and --key).
+    #[arg(long, requires_all = ["tls_ca", "key"])]
+    cert: Option<PathBuf>,
+    /// The operator certificate's key (PEM).
+    #[arg(long, requires = "cert")]
+    key: Option<PathBuf>,
+    /// The name the endpoint's certificate must carry (default: the IP address
+    /// of --admin).
+    #[arg(long, requires = "tls_ca")]
+    server_name: Option<String>,
+}
+
+impl AdminClientArgs {
+    /// The TLS to reach the endpoint with, when --tls-ca is given.
+    fn tls(&self) -> anyhow::Result<Option<ReloadTls>> {
+        let Some(ca) = &self.tls_ca else {
+            return Ok(None);
+        };
+        let name = self
+            .server_name
+            .clone()
+            .unwrap_or_else(|| self.admin.ip().to_string());
+        let operator = self.cert.as_deref().zip(self.key.as_deref());
+        Ok(Some(ReloadTls::from_files(ca, operator, &name)?))
+    }
 }
 
 #[derive(clap::Args)]
@@ -129,6 +153,31 @@ struct BankSimArgs {
     /// Requests out of a million left unanswered (1000000: a silent bank).
     #[arg(long, default_value_t = 0)]
     drop_per_million: u32,
+    /// MAC key (ZAK), clear hex (a simulator's key): requests' MACs are checked
+    /// (63 when they fail), answers MAC'ed, key changes may replace it.
+    #[arg(long, requires = "mac")]
+    zak: Option<String>,
+    /// The ZAK's MAC algorithm: iso9797-3 (TDES) or aes-cmac (AES).
+    #[arg(long, requires = "zak", value_parser = parse_mac)]
+    mac: Option<MacAlgorithm>,
+    /// PIN key (ZPK), clear hex: key changes may replace it (PIN blocks are not checked).
+    #[arg(long)]
+    zpk: Option<String>,
+    /// The ZPK's algorithm: tdes or aes.
+    #[arg(long, default_value = "tdes", value_parser = parse_algorithm)]
+    zpk_algorithm: Algorithm,
+    /// Key-encrypting key (ZMK) of key changes (0800 DE70 161), clear hex.
+    #[arg(long)]
+    zmk: Option<String>,
+    /// The ZMK's algorithm: tdes (TR-31 version B blocks) or aes (version D).
+    #[arg(long, default_value = "tdes", value_parser = parse_algorithm)]
+    zmk_algorithm: Algorithm,
+    /// The field of a key change's key block (the switch's `key_block_field`).
+    #[arg(long, default_value_t = KEY_BLOCK_FIELD_DEFAULT)]
+    key_block_field: u8,
+    /// The field of a key change's check value (the switch's `kcv_field`).
+    #[arg(long, default_value_t = KCV_FIELD_DEFAULT)]
+    kcv_field: u8,
     #[command(flatten)]
     wire: WireArgs,
 }
@@ -361,6 +410,21 @@ enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Rotate a bank's working key through the running switch (`POST /keys/rotate`
+    /// on its admin endpoint): a new key goes to the bank under its ZMK in an 0800
+    /// key change, is used once the bank approves, and is saved in the key store.
+    /// Prints the switch's answer (JSON: the new KCV, or why not); exits 0 when the
+    /// new key is in use and saved.
+    Rotate {
+        /// The bank's id (`[[bank]] id`).
+        #[arg(long)]
+        bank: String,
+        /// zak or zpk.
+        #[arg(long = "type", value_name = "TYPE", value_parser = parse_working_key)]
+        kind: WorkingKey,
+        #[command(flatten)]
+        admin: AdminClientArgs,
+    },
 }
 
 /// `switchyard keys import`.
@@ -398,6 +462,18 @@ fn parse_key_type(s: &str) -> Result<KeyType, String> {
 
 fn parse_algorithm(s: &str) -> Result<Algorithm, String> {
     store::algorithm_from_name(s).map_err(|e| e.to_string())
+}
+
+fn parse_working_key(s: &str) -> Result<WorkingKey, String> {
+    WorkingKey::from_name(s).ok_or_else(|| format!("zak or zpk, found {s:?}"))
+}
+
+fn parse_mac(s: &str) -> Result<MacAlgorithm, String> {
+    match s {
+        "iso9797-3" => Ok(MacAlgorithm::Iso9797Alg3),
+        "aes-cmac" => Ok(MacAlgorithm::AesCmac),
+        _ => Err(format!("iso9797-3 or aes-cmac, found {s:?}")),
+    }
 }
 
 /// The demo's journal: `fsync` per group commit, no `fsync`, or none at all.
@@ -478,24 +554,11 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Journal { command } => journal(command),
-        Command::Reload {
-            admin,
-            tls_ca,
-            cert,
-            key,
-            server_name,
-        } => {
+        Command::Reload(admin) => {
             let limit = Duration::from_secs(RELOAD_WAIT_S);
-            let tls = match &tls_ca {
-                None => None,
-                Some(ca) => {
-                    let name = server_name.unwrap_or_else(|| admin.ip().to_string());
-                    let operator = cert.as_deref().zip(key.as_deref());
-                    Some(ReloadTls::from_files(ca, operator, &name)?)
-                }
-            };
+            let tls = admin.tls()?;
             let (applied, words) =
-                service::runtime(1)?.block_on(request_reload(admin, tls.as_ref(), limit))?;
+                service::runtime(1)?.block_on(request_reload(admin.admin, tls.as_ref(), limit))?;
             print!("{words}");
             anyhow::ensure!(applied, "reload rejected");
             Ok(())
@@ -606,7 +669,35 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
                 }
             }
         }
+        KeysCommand::Rotate { bank, kind, admin } => keys_rotate(&bank, kind, &admin)?,
     }
+    Ok(())
+}
+
+/// `keys rotate`: asks the switch, prints its answer, fails unless the new key is
+/// in use and saved.
+fn keys_rotate(bank: &str, kind: WorkingKey, admin: &AdminClientArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !bank.is_empty() && bank.bytes().all(|b| b.is_ascii_digit()),
+        "--bank: an institution id (digits), found {bank:?}"
+    );
+    let tls = admin.tls()?;
+    let limit = Duration::from_secs(ROTATE_WAIT_S);
+    let asked = request_rotate(admin.admin, tls.as_ref(), bank, kind, limit);
+    let (status, words) = service::runtime(1)?.block_on(asked)?;
+    print!("{words}");
+    let answer: serde_json::Value = serde_json::from_str(&words)
+        .with_context(|| format!("the switch answered {status}, not JSON"))?;
+    anyhow::ensure!(
+        answer["ok"] == true,
+        "rotation failed ({status}): {}",
+        answer["reason"].as_str().unwrap_or("no reason given")
+    );
+    anyhow::ensure!(
+        answer["saved"] == true,
+        "the new key is in use with the bank but NOT saved in the key store: {}",
+        answer["save_error"].as_str().unwrap_or("no reason given")
+    );
     Ok(())
 }
 
@@ -703,12 +794,30 @@ fn settlement(a: SettlementArgs) -> anyhow::Result<()> {
 
 fn bank_sim(a: BankSimArgs) -> anyhow::Result<()> {
     init_logs("info");
+    let clear = |what: &str, hex: &Option<String>, algorithm: Algorithm| match hex {
+        None => Ok(None),
+        Some(hex) => {
+            let bytes = unhex_secret(hex).with_context(|| format!("--{what}: hex digits"))?;
+            anyhow::Ok(Some(
+                Key::new(algorithm, &bytes).with_context(|| format!("--{what}"))?,
+            ))
+        }
+    };
+    let zak = match a.mac {
+        Some(mac) => clear("zak", &a.zak, mac.key_algorithm())?.map(|k| (mac, k)),
+        None => None,
+    };
+    let zpk = clear("zpk", &a.zpk, a.zpk_algorithm)?;
+    let zmk = clear("zmk", &a.zmk, a.zmk_algorithm)?;
+    let keys = (zak.is_some() || zpk.is_some() || zmk.is_some())
+        .then(|| Arc::new(SimKeys::new(zak, zpk, zmk).with_fields(a.key_block_field, a.kcv_field)));
     let opts = BankSimOptions {
         dialect: Arc::new(Dialect::load(&a.wire.dialect)?),
         framing: a.wire.framing,
         header: a.wire.header,
         frame_size_max_bytes: FRAME_SIZE_MAX_BYTES_DEFAULT,
         seed: 1,
+        keys,
     };
     let latency = Duration::from_millis(a.latency_ms);
     let behavior = Arc::new(Behavior::new(latency, a.drop_per_million));

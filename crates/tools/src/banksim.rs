@@ -7,11 +7,18 @@
 //!
 //! One task per connection; inside it a reader and a writer future run concurrently, so the
 //! bank keeps reading while answers wait for their release time or for the peer to read.
+//!
+//! With [`SimKeys`] the bank checks the MAC of every request and advice (answering 63
+//! when it fails, counted in [`BankStats::mac_failures`]), MACs every answer but network
+//! management, and takes new working keys in an 0800 key change (DE70 161: a TR-31 key
+//! block under its ZMK and the key's check value): it answers 0810 00 and uses the new
+//! key from then on for what it sends, still accepting the key it replaced on requests
+//! (those in flight) until the next change.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -23,11 +30,17 @@ use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+use switchyard::core::link::kcv_hex;
 use switchyard::core::ResponseCode;
+use switchyard::security::{
+    binary_field_len, mac_field, KCV_FIELD_DEFAULT, KEY_BLOCK_FIELD_DEFAULT,
+};
 use switchyard::wire::{
     reencode, Change, DecodeError, Dialect, EncodeError, FrameDecoder, FrameError, Framing,
     Message, MessageHeader, Mti,
 };
+use switchyard_security::module::MacAlgorithm;
+use switchyard_security::{mac, tr31, Key};
 
 /// How long a client has to complete the TLS handshake, in milliseconds.
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
@@ -154,6 +167,8 @@ pub struct BankSimOptions {
     pub frame_size_max_bytes: usize,
     /// Seed of the drop decisions; connection `n` uses `seed ^ n`.
     pub seed: u64,
+    /// MAC, PIN and key-encrypting keys; `None`: MACs are neither checked nor made.
+    pub keys: Option<Arc<SimKeys>>,
 }
 
 /// Counters since the simulator started; read them with `load(Ordering::Relaxed)`.
@@ -176,6 +191,18 @@ pub struct BankStats {
     pub sign_offs: AtomicU64,
     /// DE11 of the latest request, as a number (0 when absent or not digits).
     pub last_stan: AtomicU32,
+    /// Requests and advices whose MAC verified under the current MAC key.
+    pub mac_verified: AtomicU64,
+    /// Requests and advices whose MAC verified under the MAC key the last key change
+    /// replaced (sent before the switch took the new key).
+    pub mac_verified_previous: AtomicU64,
+    /// Requests and advices whose MAC was missing or did not verify (answered 63).
+    pub mac_failures: AtomicU64,
+    /// Key changes (0800 DE70 161) taken: answered 00, the new key in use.
+    pub key_changes: AtomicU64,
+    /// Key changes refused (answered 30): no ZMK, a block that does not unwrap, a
+    /// check value that does not match, a key of no usage the bank holds.
+    pub key_changes_refused: AtomicU64,
     /// Every message received, when enabled (for tests that audit what a bank saw).
     pub log: MessageLog,
 }
@@ -223,6 +250,212 @@ enum ConnectionError {
     Decode(#[from] DecodeError),
     #[error("stream ended inside a frame ({0} bytes left over)")]
     Truncated(usize),
+}
+
+// === keys ===
+
+/// A simulated bank's keys (clear: it is a simulator). See the module docs.
+pub struct SimKeys {
+    mac: Option<(MacAlgorithm, RwLock<KeyPair>)>,
+    pin: Option<RwLock<KeyPair>>,
+    zmk: Option<Key>,
+    key_block_field: u8,
+    kcv_field: u8,
+}
+
+/// A working key and the one the last key change replaced.
+struct KeyPair {
+    current: Arc<Key>,
+    previous: Option<Arc<Key>>,
+}
+
+impl KeyPair {
+    fn new(key: Key) -> RwLock<KeyPair> {
+        RwLock::new(KeyPair {
+            current: Arc::new(key),
+            previous: None,
+        })
+    }
+}
+
+impl std::fmt::Debug for SimKeys {
+    /// Check values only.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimKeys")
+            .field("mac_kcv", &self.mac_kcv())
+            .field("pin_kcv", &self.pin_kcv())
+            .field("zmk_kcv", &self.zmk.as_ref().map(Key::check_value))
+            .field("key_block_field", &self.key_block_field)
+            .field("kcv_field", &self.kcv_field)
+            .finish()
+    }
+}
+
+/// What the MAC of a request came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MacCheck {
+    /// No MAC key: not checked.
+    Unchecked,
+    /// Verified under the current key.
+    Current,
+    /// Verified under the key the last change replaced.
+    Previous,
+    /// Missing, or verified under neither.
+    Failed,
+}
+
+impl SimKeys {
+    /// Keys of a bank: a MAC key and its algorithm, a PIN key, a ZMK (each
+    /// optional); key changes carry the key block in DE48 and the check value in
+    /// DE62, as the switch's defaults.
+    pub fn new(mac: Option<(MacAlgorithm, Key)>, pin: Option<Key>, zmk: Option<Key>) -> SimKeys {
+        SimKeys {
+            mac: mac.map(|(algorithm, key)| (algorithm, KeyPair::new(key))),
+            pin: pin.map(KeyPair::new),
+            zmk,
+            key_block_field: KEY_BLOCK_FIELD_DEFAULT,
+            kcv_field: KCV_FIELD_DEFAULT,
+        }
+    }
+
+    /// Key changes carry the key block in `key_block_field` and the check value in
+    /// `kcv_field`.
+    pub fn with_fields(mut self, key_block_field: u8, kcv_field: u8) -> SimKeys {
+        self.key_block_field = key_block_field;
+        self.kcv_field = kcv_field;
+        self
+    }
+
+    /// The check value of the MAC key in use.
+    pub fn mac_kcv(&self) -> Option<[u8; 3]> {
+        let (_, pair) = self.mac.as_ref()?;
+        Some(read(pair).current.check_value())
+    }
+
+    /// The check value of the PIN key in use.
+    pub fn pin_kcv(&self) -> Option<[u8; 3]> {
+        Some(read(self.pin.as_ref()?).current.check_value())
+    }
+
+    /// Checks the MAC of `msg` (decoded from `raw`) as the switch places it: the last
+    /// field, DE128 when the message has fields above 64, else DE64, over all bytes
+    /// before it.
+    fn verify(&self, raw: &[u8], msg: &Message, dialect: &Dialect) -> MacCheck {
+        let Some((algorithm, pair)) = &self.mac else {
+            return MacCheck::Unchecked;
+        };
+        let n = if msg.has(128) {
+            128
+        } else if msg.has(64) {
+            64
+        } else {
+            return MacCheck::Failed;
+        };
+        let Some(width) = binary_field_len(dialect, n) else {
+            return MacCheck::Failed;
+        };
+        let Some(at) = raw.len().checked_sub(width) else {
+            return MacCheck::Failed;
+        };
+        let (data, value) = raw.split_at(at);
+        // The field decoded must be those last bytes: the MAC is the last field.
+        if msg.field(n) != Some(value) || (n == 64 && msg.highest_field_except(&[64]) > 64) {
+            return MacCheck::Failed;
+        }
+        let (current, previous) = {
+            let p = read(pair);
+            (p.current.clone(), p.previous.clone())
+        };
+        let matches = |key: &Key| {
+            let mut mac = [0u8; 16];
+            let len = mac_of(*algorithm, key, data, &mut mac);
+            len > 0 && value.get(..len.min(width)) == mac.get(..len.min(width))
+        };
+        if matches(&current) {
+            MacCheck::Current
+        } else if previous.as_deref().is_some_and(matches) {
+            MacCheck::Previous
+        } else {
+            MacCheck::Failed
+        }
+    }
+
+    /// The MAC field an answer (with `highest` its highest other field) carries, and
+    /// its width; `None` without a MAC key or where the dialect cannot carry one.
+    fn mac_slot(&self, dialect: &Dialect, highest: u8) -> Option<(u8, usize)> {
+        self.mac.as_ref()?;
+        let n = mac_field(highest);
+        binary_field_len(dialect, n).map(|w| (n, w))
+    }
+
+    /// Writes the MAC of `message[..len - width]` under the current key into its
+    /// last `width` bytes.
+    fn seal(&self, message: &mut [u8], width: usize) {
+        let Some((algorithm, pair)) = &self.mac else {
+            return;
+        };
+        let Some(at) = message.len().checked_sub(width) else {
+            return;
+        };
+        let current = read(pair).current.clone();
+        let (data, value) = message.split_at_mut(at);
+        let mut mac = [0u8; 16];
+        let len = mac_of(*algorithm, &current, data, &mut mac).min(width);
+        value[..len].copy_from_slice(&mac[..len]);
+    }
+
+    /// Takes the new working key of key change `msg`: unwrapped under the ZMK, its
+    /// check value compared with the message's, put in place of the working key of
+    /// its usage (a MAC key for `M*`, a PIN key for `P0`) and algorithm.
+    fn take_key_change(&self, msg: &Message) -> Result<(), &'static str> {
+        let zmk = self.zmk.as_ref().ok_or("no ZMK")?;
+        let block = msg.field(self.key_block_field).ok_or("no key block")?;
+        let block = std::str::from_utf8(block).map_err(|_| "a key block that is not text")?;
+        let (header, key) = tr31::unwrap(zmk, block)
+            .map_err(|_| "a key block that does not unwrap under the ZMK")?;
+        let given = msg.field(self.kcv_field).ok_or("no check value")?;
+        if !given.eq_ignore_ascii_case(&kcv_hex(key.check_value())) {
+            return Err("a check value of another key");
+        }
+        let pair = match header.key_usage.as_str().as_bytes().first() {
+            Some(b'M') => self.mac.as_ref().map(|(_, p)| p),
+            Some(b'P') => self.pin.as_ref(),
+            _ => None,
+        }
+        .ok_or("a key of no usage this bank holds")?;
+        let mut p = pair.write().unwrap_or_else(|e| e.into_inner());
+        if p.current.algorithm() != key.algorithm() {
+            return Err("a key of another algorithm");
+        }
+        let old = std::mem::replace(&mut p.current, Arc::new(key));
+        p.previous = Some(old);
+        Ok(())
+    }
+}
+
+fn read(pair: &RwLock<KeyPair>) -> std::sync::RwLockReadGuard<'_, KeyPair> {
+    // A panic while replacing leaves the pair whole: the lock's poison is moot.
+    pair.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The MAC of `data` under `key` into `out`; its length (0: the key does not fit).
+fn mac_of(algorithm: MacAlgorithm, key: &Key, data: &[u8], out: &mut [u8; 16]) -> usize {
+    match algorithm {
+        MacAlgorithm::Iso9797Alg3 => match mac::retail_mac(key, data) {
+            Ok(m) => {
+                out[..8].copy_from_slice(&m);
+                8
+            }
+            Err(_) => 0,
+        },
+        MacAlgorithm::AesCmac => match mac::aes_cmac(key, data) {
+            Ok(m) => {
+                *out = m;
+                16
+            }
+            Err(_) => 0,
+        },
+    }
 }
 
 // === serve ===
@@ -405,6 +638,7 @@ impl Connection {
             // Kept as it arrived on the wire (the message's bytes are its
             // canonical form under a BCD or EBCDIC dialect).
             self.stats.log.push(&frame);
+            let raw = frame.clone();
             let request = Message::decode(dialect, frame)?;
             let network = request.mti().as_bytes()[..3] == *b"080";
             if !network {
@@ -428,12 +662,17 @@ impl Connection {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            let shape = self.shape(&raw[..], &request, network);
             let header = framing.begin(out);
             out.extend_from_slice(echo.as_bytes());
-            if answer(&request, dialect, out).is_none() {
+            let start = out.len();
+            if answer_as(&request, dialect, &shape, out).is_none() {
                 out.truncate(header);
                 tracing::warn!(mti = %request.mti(), "bank simulator: cannot encode an answer");
                 continue;
+            }
+            if let (Some(keys), Some((_, width))) = (&self.opts.keys, shape.mac) {
+                keys.seal(&mut out[start..], width);
             }
             if let Err(e) = framing.finish(out, header) {
                 tracing::warn!(error = %e, "bank simulator: answer too large for its frame");
@@ -444,12 +683,61 @@ impl Connection {
                 let counter = match request.field(70) {
                     Some(b"001") => &self.stats.sign_ons,
                     Some(b"002") => &self.stats.sign_offs,
+                    Some(KEY_CHANGE) => continue,
                     _ => &self.stats.echoes,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
             }
         }
         Ok(())
+    }
+
+    /// How the answer to `request` (`raw` as received) differs from the plain rules:
+    /// 63 for a MAC that fails, the key change's outcome, the MAC it carries.
+    fn shape(&self, raw: &[u8], request: &Message, network: bool) -> Shape {
+        let mut shape = Shape::default();
+        if network && request.field(70) == Some(KEY_CHANGE) {
+            let keys = self.opts.keys.as_deref();
+            let taken = keys.map_or(Err("no keys"), |k| k.take_key_change(request));
+            shape.code = Some(match taken {
+                Ok(()) => {
+                    self.stats.key_changes.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(connection = self.number, "bank simulator: key change taken");
+                    ResponseCode::Approved.as_bytes()
+                }
+                Err(why) => {
+                    self.stats
+                        .key_changes_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        connection = self.number,
+                        why,
+                        "bank simulator: key change refused"
+                    );
+                    ResponseCode::FormatError.as_bytes()
+                }
+            });
+            shape.remove = keys.map(|k| k.key_block_field);
+            return shape;
+        }
+        let Some(keys) = self.opts.keys.as_deref().filter(|_| !network) else {
+            return shape;
+        };
+        let dialect = &*self.opts.dialect;
+        let counter = match keys.verify(raw, request, dialect) {
+            MacCheck::Unchecked => None,
+            MacCheck::Current => Some(&self.stats.mac_verified),
+            MacCheck::Previous => Some(&self.stats.mac_verified_previous),
+            MacCheck::Failed => {
+                shape.code = Some(ResponseCode::SecurityViolation.as_bytes());
+                Some(&self.stats.mac_failures)
+            }
+        };
+        if let Some(counter) = counter {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        shape.mac = keys.mac_slot(dialect, request.highest_field_except(&[64, 128]));
+        shape
     }
 }
 
@@ -511,6 +799,23 @@ async fn write_loop(
 /// Fields never echoed in an answer: PIN block, ICC data, MACs and track data.
 const NOT_ECHOED: [u8; 6] = [35, 45, 52, 55, 64, 128];
 
+/// DE70 of a key change.
+const KEY_CHANGE: &[u8] = b"161";
+
+/// Zeros where an answer's MAC goes until it is computed (16 bytes at most).
+const MAC_PLACEHOLDER: [u8; 16] = [0; 16];
+
+/// How an answer departs from [`answer`]'s rules.
+#[derive(Clone, Copy, Debug, Default)]
+struct Shape {
+    /// DE39, in place of the rules'.
+    code: Option<&'static [u8; 2]>,
+    /// A field not echoed (a key change's key block).
+    remove: Option<u8>,
+    /// The MAC field and its width: a placeholder of zeros, filled in once encoded.
+    mac: Option<(u8, usize)>,
+}
+
 /// The answer the simulator gives to `req`, appended to `out` (without a frame header).
 /// Returns the answer's length, or `None` for messages it does not answer (responses) or
 /// cannot encode (`out` is then unchanged).
@@ -524,11 +829,18 @@ const NOT_ECHOED: [u8; 6] = [35, 45, 52, 55, 64, 128];
 /// Every request field is echoed except 35, 45, 52, 55, 64 and 128; DE39 is added, and DE37
 /// when absent (hhmmss of DE7, then DE11).
 pub fn answer(req: &Message, dialect: &Dialect, out: &mut BytesMut) -> Option<usize> {
+    answer_as(req, dialect, &Shape::default(), out)
+}
+
+/// [`answer`] as `shape` says.
+fn answer_as(req: &Message, dialect: &Dialect, shape: &Shape, out: &mut BytesMut) -> Option<usize> {
     let mti = req.mti();
     let response_mti = mti.response()?;
     let kind = &mti.as_bytes()[..3];
     let authorizes = matches!(kind, b"010" | b"020");
-    let code: &[u8; 2] = if authorizes {
+    let code: &[u8; 2] = if let Some(code) = shape.code {
+        code
+    } else if authorizes {
         decline_code(req.field(4)).unwrap_or(ResponseCode::Approved.as_bytes())
     } else if matches!(kind, b"040" | b"042" | b"080") {
         ResponseCode::Approved.as_bytes()
@@ -539,8 +851,8 @@ pub fn answer(req: &Message, dialect: &Dialect, out: &mut BytesMut) -> Option<us
     let approval = (authorizes && code == ResponseCode::Approved.as_bytes())
         .then(|| approval_code(req.field(11), req.field(7)));
 
-    // Sorted by field number; at most 9 changes, kept on the stack.
-    let mut changes = [Change::Remove(NOT_ECHOED[0]); 9];
+    // At most 10 changes, kept on the stack, then sorted by field number.
+    let mut changes = [Change::Remove(NOT_ECHOED[0]); 10];
     let mut count = 0;
     let mut push = |change| {
         changes[count] = change;
@@ -554,10 +866,28 @@ pub fn answer(req: &Message, dialect: &Dialect, out: &mut BytesMut) -> Option<us
         push(Change::Set(38, approval));
     }
     push(Change::Set(39, code));
-    for n in &NOT_ECHOED[1..] {
-        push(Change::Remove(*n));
+    for &n in &NOT_ECHOED[1..] {
+        match shape.mac {
+            Some((field, width)) if field == n => {
+                push(Change::Set(
+                    n,
+                    &MAC_PLACEHOLDER[..width.min(MAC_PLACEHOLDER.len())],
+                ));
+            }
+            _ => push(Change::Remove(n)),
+        }
     }
-    encode_answer(req, dialect, response_mti, &changes[..count], out).ok()
+    if let Some(n) = shape
+        .remove
+        .filter(|n| !NOT_ECHOED.contains(n) && !matches!(n, 37..=39))
+    {
+        push(Change::Remove(n));
+    }
+    let changes = &mut changes[..count];
+    changes.sort_unstable_by_key(|c| match *c {
+        Change::Set(n, _) | Change::Remove(n) => n,
+    });
+    encode_answer(req, dialect, response_mti, changes, out).ok()
 }
 
 fn encode_answer(
@@ -827,6 +1157,7 @@ mod tests {
             header: switchyard::wire::MessageHeader::None,
             frame_size_max_bytes: 4096,
             seed: 1,
+            keys: None,
         };
         let stats = Arc::new(BankStats::default());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -882,6 +1213,103 @@ mod tests {
         let mut rest = Vec::new();
         let _ = good.read_to_end(&mut rest).await;
         assert!(rest.is_empty());
+    }
+
+    fn tdes(hex: &str) -> Key {
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        Key::new(switchyard_security::Algorithm::Tdes, &bytes).unwrap()
+    }
+
+    /// A request carrying a MAC under `key` (as `keys` would make it).
+    fn sealed(d: &Dialect, keys: &SimKeys, stan: &[u8]) -> (Message, Bytes) {
+        let mut fields = financial(b"000000001000", true);
+        fields.retain(|(n, _)| *n != 52 && *n != 100);
+        fields.retain(|(n, _)| *n != 11);
+        fields.push((11, Box::leak(stan.to_vec().into_boxed_slice())));
+        fields.sort_by_key(|f| f.0);
+        fields.push((64, &[0u8; 8]));
+        let unsealed = request(d, Mti::FINANCIAL, &fields);
+        let mut raw = unsealed.as_bytes().to_vec();
+        keys.seal(&mut raw, 8);
+        let raw = Bytes::from(raw);
+        (Message::decode(d, raw.clone()).unwrap(), raw)
+    }
+
+    #[test]
+    fn macs_are_checked_and_key_changes_switch_the_key() {
+        use switchyard_security::store::KeyType;
+        use switchyard_security::tr31::{Exportability, Header, Version};
+        let d = Dialect::iso87_ascii();
+        let zmk = "0123456789ABCDEFFEDCBA9876543210";
+        let keys = SimKeys::new(
+            Some((
+                MacAlgorithm::Iso9797Alg3,
+                tdes("89ABCDEF0123456776543210FEDCBA98"),
+            )),
+            None,
+            Some(tdes(zmk)),
+        );
+        let (old_msg, old_raw) = sealed(&d, &keys, b"000001");
+        assert_eq!(keys.verify(&old_raw, &old_msg, &d), MacCheck::Current);
+        let mut tampered = old_raw.to_vec();
+        tampered[20] ^= 1;
+        let tampered = Bytes::from(tampered);
+        let tampered_msg = Message::decode(&d, tampered.clone()).unwrap();
+        assert_eq!(keys.verify(&tampered, &tampered_msg, &d), MacCheck::Failed);
+
+        let new = Key::random(switchyard_security::Algorithm::Tdes, 16).unwrap();
+        let header = Header::new(
+            Version::B,
+            KeyType::Zak.key_usage(switchyard_security::Algorithm::Tdes),
+            switchyard_security::Algorithm::Tdes,
+            KeyType::Zak.mode_of_use(),
+            Exportability::Trusted,
+        );
+        let block = tr31::wrap(&tdes(zmk), &header, &new).unwrap();
+        let kcv = kcv_hex(new.check_value());
+        let change = |kcv: &[u8]| {
+            request(
+                &d,
+                Mti::NETWORK,
+                &[
+                    (7, b"0101000000"),
+                    (11, b"000002"),
+                    (48, block.as_bytes()),
+                    (62, kcv),
+                    (70, b"161"),
+                ],
+            )
+        };
+        assert!(
+            keys.take_key_change(&change(b"000000")).is_err(),
+            "another KCV"
+        );
+        assert_eq!(
+            keys.mac_kcv(),
+            Some(tdes("89ABCDEF0123456776543210FEDCBA98").check_value())
+        );
+        keys.take_key_change(&change(&kcv)).unwrap();
+        assert_eq!(keys.mac_kcv(), Some(new.check_value()));
+        // A request sealed before the change still verifies, under the old key.
+        assert_eq!(keys.verify(&old_raw, &old_msg, &d), MacCheck::Previous);
+        let (new_msg, new_raw) = sealed(&d, &keys, b"000003");
+        assert_eq!(keys.verify(&new_raw, &new_msg, &d), MacCheck::Current);
+        // The 0810 echoes the check value, not the key block; it carries no MAC.
+        let mut out = BytesMut::new();
+        let shape = Shape {
+            code: Some(b"00"),
+            remove: Some(48),
+            mac: None,
+        };
+        answer_as(&change(&kcv), &d, &shape, &mut out).unwrap();
+        let answer = Message::decode(&d, out.freeze()).unwrap();
+        assert_eq!(answer.mti(), Mti::NETWORK_RESPONSE);
+        assert_eq!(answer.field(39), Some(&b"00"[..]));
+        assert_eq!(answer.field(62), Some(&kcv[..]));
+        assert!(!answer.has(48) && !answer.has(64));
     }
 
     #[test]

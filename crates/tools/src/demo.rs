@@ -235,6 +235,7 @@ impl Testbed {
                 header: speaks.header,
                 frame_size_max_bytes: switchyard::config::FRAME_SIZE_MAX_BYTES_DEFAULT,
                 seed: 0x5eed_0000 + i as u64,
+                keys: None,
             };
             let token = stop.clone();
             let serve = banksim::serve(

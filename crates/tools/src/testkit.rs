@@ -272,6 +272,7 @@ impl Bank {
                 header: switchyard::wire::MessageHeader::None,
                 frame_size_max_bytes: 8192,
                 seed: 1,
+                keys: None,
             },
             behavior.clone(),
             stats.clone(),

@@ -585,6 +585,7 @@ mod tests {
             header: switchyard::wire::MessageHeader::None,
             frame_size_max_bytes: FRAME_SIZE_MAX_BYTES_DEFAULT,
             seed: 42,
+            keys: None,
         };
         let shutdown = async move {
             let _ = stopped.await;
