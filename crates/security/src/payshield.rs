@@ -1226,6 +1226,16 @@ impl PayShieldModule {
         })
     }
 
+    /// The token `key` is in use under now, and its check value: what to save
+    /// after [`SecurityModule::activate`], since a rotated token lives only in
+    /// this module until then (a restart from the old config would go back to
+    /// the replaced key). Not secret without the LMK, but never log it.
+    pub fn current_token(&self, key: KeyHandle) -> Result<(String, [u8; 3]), ModuleError> {
+        let slot = self.any_slot(key)?;
+        let t = slot.tokens();
+        Ok((t.current.to_string(), t.kcv))
+    }
+
     /// Asks the HSM for every key's check value and compares it with the
     /// configured one: at startup, before the switch takes traffic.
     pub fn check_keys(&self) -> Result<(), KeyCheckError> {

@@ -687,3 +687,45 @@ fn mutated_answers_never_panic_the_client() {
     // Some mutations leave a sound answer (a changed hex digit of a MAC).
     assert!(outcomes[1] > 0 && outcomes[0] > 0, "{outcomes:?}");
 }
+
+#[test]
+fn a_rotated_key_survives_a_restart_when_its_token_is_saved() {
+    let double = Responder::start(ResponderConfig::new(lmk())).unwrap();
+    let zak = key(ZAK);
+    let zmk = key("0123456789ABCDEF0123456789ABCDEF");
+    let mut config = PayShieldConfig::new(double.address());
+    config.keys.push(entry(
+        "zak",
+        Usage::Mac,
+        double.token(Usage::Mac, &zak).unwrap(),
+        zak.check_value(),
+    ));
+    config.keys.push(entry(
+        "zmk",
+        Usage::KeyEncryption,
+        double.token(Usage::KeyEncryption, &zmk).unwrap(),
+        zmk.check_value(),
+    ));
+    let m = PayShieldModule::new(config.clone()).unwrap();
+    let (h, under) = (m.handle("zak").unwrap(), m.handle("zmk").unwrap());
+    let (before, _) = m.current_token(h).unwrap();
+    let staged = m.stage(h, under).unwrap();
+    // Staged is not current: nothing to save yet.
+    assert_eq!(m.current_token(h).unwrap().0, before);
+    m.activate(h, &staged).unwrap();
+    let (token, kcv) = m.current_token(h).unwrap();
+    assert_ne!(token, before);
+    assert_eq!(kcv, staged.kcv);
+    let mut mac = [0u8; 8];
+    m.generate_mac(h, MacAlgorithm::Iso9797Alg3, b"after", &mut mac)
+        .unwrap();
+    // The switch restarts from the saved token: the same key, checked.
+    config.keys[0].token = token;
+    config.keys[0].kcv = kcv;
+    let restarted = PayShieldModule::new(config).unwrap();
+    restarted.check_keys().unwrap();
+    let h = restarted.handle("zak").unwrap();
+    restarted
+        .verify_mac(h, MacAlgorithm::Iso9797Alg3, b"after", &mac)
+        .unwrap();
+}
