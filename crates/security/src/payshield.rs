@@ -65,8 +65,8 @@
 //! `6` for AES-CMAC and the format-48 account field are this module's reading
 //! of the payShield 10K documentation, not checked against a device: check
 //! them against the Host Command Reference of the firmware in use before
-//! production. The test double ([`crate::responder`]) speaks exactly these
-//! layouts.
+//! production. The test double (module `responder`, feature `responder`)
+//! speaks exactly these layouts.
 //!
 //! # Error codes
 //!
@@ -111,7 +111,7 @@
 //! [`SecurityModule::stage`] asks the HSM for a new key (`A0`), keeps its LMK
 //! token and returns its TR-31 block under the ZMK; `activate` puts that token
 //! in use and `discard` drops it. As in the
-//! [`SoftwareModule`](crate::module::SoftwareModule), a MAC that does not
+//! [`SoftwareModule`], a MAC that does not
 //! verify under the current token (`01` from `M8`) is tried under the staged
 //! token and then the replaced one, and a PIN block that is not valid under the
 //! current token (`20`) is tried under the replaced one.

@@ -158,10 +158,10 @@ fn error_codes_map_to_module_errors() {
             b"A4",
             |e| matches!(e, ModuleError::Usage { id, .. } if id == "zpk-a"),
         ),
-        (
-            b"68",
-            |e| matches!(e, ModuleError::Unavailable(t) if t.contains("68 (command has been disabled)")),
-        ),
+        (b"68", |e| {
+            let says = "68 (command has been disabled)";
+            matches!(e, ModuleError::Unavailable(t) if t.contains(says))
+        }),
         (
             b"13",
             |e| matches!(e, ModuleError::Unavailable(t) if t.contains("LMK error")),
