@@ -429,3 +429,34 @@ pub fn translate_pin(
         Err(_) => Err(PinFailure::NoKey),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_security::module::Usage;
+    use switchyard_security::{Algorithm, Key};
+
+    #[test]
+    fn the_longest_key_block_is_an_aes_256_key_under_an_aes_zmk() {
+        let mut longest = 0;
+        for (zmk, key) in [
+            (Algorithm::Tdes, (Algorithm::Tdes, 16)),
+            (Algorithm::Tdes, (Algorithm::Tdes, 24)),
+            (Algorithm::Aes, (Algorithm::Tdes, 24)),
+            (Algorithm::Aes, (Algorithm::Aes, 16)),
+            (Algorithm::Aes, (Algorithm::Aes, 32)),
+        ] {
+            let mut module = SoftwareModule::new();
+            let zmk_len = if zmk == Algorithm::Aes { 32 } else { 16 };
+            let zmk = Key::random(zmk, zmk_len).unwrap();
+            let zmk = module.add("zmk", Usage::KeyEncryption, zmk).unwrap();
+            let zak = module
+                .add("zak", Usage::Mac, Key::random(key.0, key.1).unwrap())
+                .unwrap();
+            let staged = module.stage(zak, zmk).unwrap();
+            assert!(staged.block.len() <= KEY_BLOCK_CHARS_MAX, "{key:?}");
+            longest = longest.max(staged.block.len());
+        }
+        assert_eq!(longest, KEY_BLOCK_CHARS_MAX);
+    }
+}
