@@ -162,10 +162,12 @@ async fn health_readiness_status_and_metrics() {
     // What it refuses.
     assert_eq!(get(admin, "/nope").await.0, 404);
     assert_eq!(http(admin, "POST /status HTTP/1.1\r\n\r\n").await.0, 405);
-    // A change from loopback passes the rule; an unknown one is not routed.
+    // A change from loopback passes the rule; an unknown one is not routed, a
+    // key rotation without its bank and key type is refused.
+    assert_eq!(http(admin, "POST /keys/nope HTTP/1.1\r\n\r\n").await.0, 405);
     assert_eq!(
         http(admin, "POST /keys/rotate HTTP/1.1\r\n\r\n").await.0,
-        405
+        400
     );
     let huge = format!("GET /status HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(10_000));
     assert_eq!(http(admin, &huge).await.0, 431);
