@@ -100,8 +100,10 @@ struct KeyChangeSlot {
     next_id: u64,
     /// Not yet taken by a link.
     queued: Option<KeyChange>,
-    /// The change under way (queued or on a link) and where its outcome goes.
-    under_way: Option<(u64, oneshot::Sender<KeyChangeReport>)>,
+    /// The change under way (queued or on a link) and where its outcome goes
+    /// (nowhere once whoever asked has given up; the change still blocks the
+    /// next until its link reports).
+    under_way: Option<(u64, Option<oneshot::Sender<KeyChangeReport>>)>,
 }
 
 /// Why a key change could not start.
@@ -133,7 +135,7 @@ pub enum KeyChangeOutcome {
 }
 
 /// The outcome of a key change, for whoever asked.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct KeyChangeReport {
     /// The key rotated.
     pub key: WorkingKey,
@@ -144,6 +146,18 @@ pub struct KeyChangeReport {
     pub outcome: KeyChangeOutcome,
     /// The link that carried it, if one took it.
     pub link: Option<usize>,
+}
+
+impl std::fmt::Debug for KeyChangeReport {
+    /// The key's check value, never its block.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyChangeReport")
+            .field("key", &self.key)
+            .field("kcv", &String::from_utf8_lossy(&kcv_hex(self.staged.kcv)))
+            .field("outcome", &self.outcome)
+            .field("link", &self.link)
+            .finish()
+    }
 }
 
 impl BankState {
@@ -334,7 +348,7 @@ impl BankState {
         slot.next_id += 1;
         let id = slot.next_id;
         let (tx, rx) = oneshot::channel();
-        slot.under_way = Some((id, tx));
+        slot.under_way = Some((id, Some(tx)));
         slot.queued = Some(KeyChange {
             id,
             key,
@@ -350,15 +364,16 @@ impl BankState {
     /// Whoever asked for key change `id` stops waiting: if no link has taken it,
     /// it is dropped with its staged key (and true is returned); if one has, its
     /// outcome still applies when it comes (an approval still activates the key),
-    /// but goes to no one.
+    /// but goes to no one, and no other change starts before it.
     pub fn withdraw_key_change(&self, id: u64) -> bool {
         let mut slot = crate::sync::lock(&self.key_change);
-        if slot.under_way.as_ref().is_some_and(|(u, _)| *u == id) {
-            slot.under_way = None;
-        }
         let Some(change) = slot.queued.take_if(|c| c.id == id) else {
+            if let Some((_, reply)) = slot.under_way.as_mut().filter(|(u, _)| *u == id) {
+                *reply = None;
+            }
             return false;
         };
+        slot.under_way = None;
         self.key_change_queued.store(false, Ordering::Release);
         drop(slot);
         self.bank.security.discard(change.key, &change.staged);
@@ -688,7 +703,7 @@ impl LinkEnv for BankState {
         let reply = {
             let mut slot = crate::sync::lock(&self.key_change);
             let ours = slot.under_way.take_if(|(id, _)| *id == change.id);
-            ours.map(|(_, reply)| reply)
+            ours.and_then(|(_, reply)| reply)
         };
         match (&outcome, &reply) {
             (KeyChangeOutcome::Activated, Some(_)) => tracing::info!(bank = %self.bank.id, link,

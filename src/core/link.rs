@@ -65,7 +65,6 @@ const KEY_CHANGE: &[u8; 3] = b"161";
 
 /// A new working key for the bank, sent by whichever of its links takes it
 /// first (`core::bank::BankState::start_key_change` makes them).
-#[derive(Debug)]
 pub struct KeyChange {
     /// Tells this change from the bank's others.
     pub id: u64,
@@ -76,6 +75,17 @@ pub struct KeyChange {
     pub staged: StagedKey,
     /// A link taking it later sends nothing: whoever asked has given up by then.
     pub send_by: Instant,
+}
+
+impl std::fmt::Debug for KeyChange {
+    /// The key's check value, never its block.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyChange")
+            .field("id", &self.id)
+            .field("key", &self.key)
+            .field("kcv", &String::from_utf8_lossy(&kcv_hex(self.staged.kcv)))
+            .finish_non_exhaustive()
+    }
 }
 
 /// What became of a key change on the link that took it.
@@ -1825,5 +1835,28 @@ mod tests {
             h.bank.start_key_change(WorkingKey::Mac, h.now).unwrap_err(),
             crate::core::bank::KeyChangeRefused::NoLinkUp
         );
+    }
+
+    #[test]
+    fn a_key_change_given_up_on_still_ends_on_its_link_before_another_starts() {
+        let dir = switchyard_tools::testkit::TempDir::new("link-key-change-withdrawn");
+        let mut h = keyed(&dir);
+        let (id, mut outcome) = h.bank.start_key_change(WorkingKey::Mac, h.now).unwrap();
+        let sent = h.transmit();
+        let block = std::str::from_utf8(sent[0].field(48).unwrap()).unwrap();
+        let (_, new) = switchyard_security::tr31::unwrap(&tdes(ZMK), block).unwrap();
+        assert!(!h.bank.withdraw_key_change(id), "a link has it");
+        assert_eq!(
+            h.bank.start_key_change(WorkingKey::Mac, h.now).unwrap_err(),
+            crate::core::bank::KeyChangeRefused::UnderWay
+        );
+        // The bank approves: the key is in use, though no one hears of it.
+        h.answer_key_change(&sent[0], b"00", None);
+        assert!(matches!(
+            outcome.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed)
+        ));
+        assert!(sealed_under(&h.one_request(), &new));
+        assert!(h.bank.start_key_change(WorkingKey::Mac, h.now).is_ok());
     }
 }
