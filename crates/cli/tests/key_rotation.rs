@@ -29,6 +29,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
 const TDES_ZMK: &str = "0123456789ABCDEFFEDCBA9876543210";
 const TDES_ZAK: &str = "89ABCDEF0123456776543210FEDCBA98";
+const TDES_ZPK: &str = "F1E2D3C4B5A69788796A5B4C3D2E1F00";
 const AES_ZMK: &str = "000102030405060708090A0B0C0D0E0F101112131415161718191A1B1C1D1E1F";
 const AES_ZAK: &str = "2B7E151628AED2A6ABF7158809CF4F3C";
 
@@ -65,6 +66,7 @@ fn key_store(dir: &Path) {
     let entries = [
         ("zmk-tdes", KeyType::Zmk, key(Algorithm::Tdes, TDES_ZMK)),
         ("zak-tdes", KeyType::Zak, key(Algorithm::Tdes, TDES_ZAK)),
+        ("zpk-tdes", KeyType::Zpk, key(Algorithm::Tdes, TDES_ZPK)),
         ("zmk-aes", KeyType::Zmk, key(Algorithm::Aes, AES_ZMK)),
         ("zak-aes", KeyType::Zak, key(Algorithm::Aes, AES_ZAK)),
     ];
@@ -132,6 +134,8 @@ server_name = "bank-200001"
 links = 2
 mac_key = "zak-tdes"
 mac = "iso9797-3"
+pin_key = "zpk-tdes"
+pin_block_format = "iso0"
 zmk_key = "zmk-tdes"
 
 [[bank]]
@@ -300,7 +304,7 @@ async fn zaks_rotate_under_load_with_no_failed_mac() {
     let stop_banks = Arc::new(tokio::sync::Notify::new());
     let tdes_keys = SimKeys::new(
         Some((MacAlgorithm::Iso9797Alg3, key(Algorithm::Tdes, TDES_ZAK))),
-        None,
+        Some(key(Algorithm::Tdes, TDES_ZPK)),
         Some(key(Algorithm::Tdes, TDES_ZMK)),
     );
     let aes_keys = SimKeys::new(
@@ -319,7 +323,7 @@ async fn zaks_rotate_under_load_with_no_failed_mac() {
     // Refusals first: an unknown bank, a key the bank does not have.
     let (exited_ok, answer) = rotate(admin, "299999", "zak").await;
     assert!(!exited_ok && answer["ok"] == false, "{answer}");
-    let (exited_ok, answer) = rotate(admin, "200001", "zpk").await;
+    let (exited_ok, answer) = rotate(admin, "200002", "zpk").await;
     assert!(!exited_ok && answer["ok"] == false, "{answer}");
     assert!(
         answer["reason"].as_str().unwrap().contains("no zpk"),
@@ -384,6 +388,16 @@ async fn zaks_rotate_under_load_with_no_failed_mac() {
     assert_eq!(metric(admin, "switchyard_mac_failures_total").await, 0.0);
     assert_eq!(metric(admin, "switchyard_key_changes_total").await, 2.0);
 
+    // The TDES bank's ZPK too (a P0 key block; its PIN blocks are not checked).
+    let old_zpk = tdes.keys.pin_kcv().unwrap();
+    let (exited_ok, answer) = rotate(admin, "200001", "zpk").await;
+    assert!(exited_ok, "{answer}");
+    let new_zpk = tdes.keys.pin_kcv().unwrap();
+    assert_ne!(new_zpk, old_zpk);
+    assert_eq!(answer["kcv"], hex_kcv(new_zpk), "{answer}");
+    assert_eq!(answer["key_id"], "zpk-tdes", "{answer}");
+    assert_eq!(count(&tdes.stats.key_changes), 2);
+
     // Once the rotations are done and the load drained, every request comes under
     // the new keys.
     let previous = [&tdes, &aes].map(|b| count(&b.stats.mac_verified_previous));
@@ -422,6 +436,7 @@ async fn zaks_rotate_under_load_with_no_failed_mac() {
         store.get("zak-aes").unwrap().kcv,
         aes.keys.mac_kcv().unwrap()
     );
+    assert_eq!(store.get("zpk-tdes").unwrap().kcv, new_zpk);
     let daemon = start_switch(&config);
     let previous = [&tdes, &aes].map(|b| count(&b.stats.mac_verified_previous));
     let (progress, _) = watch::channel(0);
