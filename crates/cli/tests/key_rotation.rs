@@ -8,7 +8,8 @@
 //! the bank's new key; no MAC fails on either side (the banks' counters, the
 //! switch's `switchyard_mac_failures_total`); every payment is answered 00; once
 //! the rotations are done, every request reaches the banks under the new key; the
-//! key store holds the new keys, and a restarted switch uses them.
+//! TDES bank's ZPK rotates too; the key store holds the new keys, and a restarted
+//! switch uses them.
 
 use bytes::BytesMut;
 use std::path::Path;
