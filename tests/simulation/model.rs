@@ -128,9 +128,12 @@ pub struct SimJournal {
     pub now_ms: u64,
     pub event: u64,
     /// The last record, as written (for the 68-first policy's reordering).
-    last: Option<((RecordKind, bool), u64, u64, Vec<u8>)>,
+    last: Option<LastRecord>,
     policy: Policy,
 }
+
+/// The last record appended: (kind, protected), request id, time, body.
+type LastRecord = ((RecordKind, bool), u64, u64, Vec<u8>);
 
 impl SimJournal {
     pub fn end_of(&self, records: usize) -> usize {

@@ -13,6 +13,7 @@
 //! digits live in [`zeroize::Zeroizing`] buffers, wiped when dropped.
 #![forbid(unsafe_code)]
 
+pub mod fastdes;
 pub mod kcv;
 pub mod mac;
 pub mod module;
@@ -51,6 +52,10 @@ pub enum KeyError {
 pub struct Key {
     algorithm: Algorithm,
     bytes: Zeroizing<Vec<u8>>,
+    /// A TDES key's schedules, computed once (wiped on drop too).
+    tdes: Option<Box<fastdes::Tdes>>,
+    /// An AES key's CMAC state (key schedule and subkeys), computed once.
+    cmac: Option<Box<mac::CmacState>>,
 }
 
 impl Key {
@@ -66,9 +71,15 @@ impl Key {
                 length: bytes.len(),
             });
         }
+        let (tdes, cmac) = match algorithm {
+            Algorithm::Tdes => (fastdes::Tdes::new(bytes).map(Box::new), None),
+            Algorithm::Aes => (None, mac::CmacState::new(bytes).map(Box::new)),
+        };
         Ok(Key {
             algorithm,
             bytes: Zeroizing::new(bytes.to_vec()),
+            tdes,
+            cmac,
         })
     }
 
@@ -134,6 +145,16 @@ impl Key {
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.bytes
     }
+
+    /// A TDES key's schedules.
+    pub(crate) fn tdes(&self) -> Option<&fastdes::Tdes> {
+        self.tdes.as_deref()
+    }
+
+    /// An AES key's CMAC state.
+    pub(crate) fn cmac(&self) -> Option<&mac::CmacState> {
+        self.cmac.as_deref()
+    }
 }
 
 impl std::fmt::Debug for Key {
@@ -170,8 +191,15 @@ pub(crate) mod cipher_ops {
     fn apply(key: &Key, block: &mut [u8], encrypt: bool) {
         let k = key.bytes();
         match (key.algorithm(), k.len()) {
-            (Algorithm::Tdes, 16) => run::<des::TdesEde2>(k, block, encrypt),
-            (Algorithm::Tdes, _) => run::<des::TdesEde3>(k, block, encrypt),
+            (Algorithm::Tdes, _) => {
+                // Schedules made with the key: no key setup per block.
+                let (Some(t), Ok(b)) = (key.tdes(), <[u8; 8]>::try_from(&block[..])) else {
+                    return;
+                };
+                let x = u64::from_be_bytes(b);
+                let y = if encrypt { t.encrypt(x) } else { t.decrypt(x) };
+                block.copy_from_slice(&y.to_be_bytes());
+            }
             (Algorithm::Aes, 16) => run::<aes::Aes128>(k, block, encrypt),
             (Algorithm::Aes, 24) => run::<aes::Aes192>(k, block, encrypt),
             (Algorithm::Aes, _) => run::<aes::Aes256>(k, block, encrypt),

@@ -4,8 +4,7 @@
 //! AES keys. Verification compares in constant time.
 
 use crate::{Algorithm, Key};
-use cmac::Cmac;
-use retail_mac::{Mac, RetailMac};
+use cmac::{Cmac, Mac};
 
 /// Why a MAC could not be made or did not verify.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -21,40 +20,32 @@ pub enum MacError {
 
 /// ISO/IEC 9797-1 MAC algorithm 3 of `data` under two-key TDES `key`: 8 bytes.
 pub fn retail_mac(key: &Key, data: &[u8]) -> Result<[u8; 8], MacError> {
-    let mac = retail(key, data)?;
-    let mut out = [0u8; 8];
-    out.copy_from_slice(&mac.finalize().into_bytes());
-    Ok(out)
+    match (key.algorithm(), key.bytes().len(), key.tdes()) {
+        // Padding method 1 pads to a *positive* multiple of the block: empty
+        // data is one block of zeros (found by the psec test).
+        (Algorithm::Tdes, 16, Some(t)) => Ok(t.retail_mac(data)),
+        _ => Err(MacError::Key),
+    }
 }
 
 /// Whether `mac` (8 bytes, or a left part of at least 4) is the retail MAC of
-/// `data` under `key`.
+/// `data` under `key` (compared in constant time).
 pub fn verify_retail_mac(key: &Key, data: &[u8], mac: &[u8]) -> Result<(), MacError> {
-    if mac.len() < 4 {
+    let full = retail_mac(key, data)?;
+    if !(4..=8).contains(&mac.len()) {
         return Err(MacError::Mismatch);
     }
-    retail(key, data)?
-        .verify_truncated_left(mac)
-        .map_err(|_| MacError::Mismatch)
-}
-
-fn retail(key: &Key, data: &[u8]) -> Result<RetailMac<des::Des>, MacError> {
-    if key.algorithm() != Algorithm::Tdes || key.bytes().len() != 16 {
-        return Err(MacError::Key);
+    let diff = full.iter().zip(mac).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    if diff == 0 {
+        Ok(())
+    } else {
+        Err(MacError::Mismatch)
     }
-    let mut mac = <RetailMac<des::Des> as retail_mac::KeyInit>::new_from_slice(key.bytes())
-        .map_err(|_| MacError::Key)?;
-    // Padding method 1 pads to a *positive* multiple of the block: empty data is
-    // one block of zeros (the psec test found the crate's MAC of nothing differs).
-    mac.update(if data.is_empty() { &[0u8; 8] } else { data });
-    Ok(mac)
 }
 
 /// AES-CMAC (RFC 4493) of `data` under AES `key`: 16 bytes.
 pub fn aes_cmac(key: &Key, data: &[u8]) -> Result<[u8; 16], MacError> {
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&cmac_of(key, data)?);
-    Ok(out)
+    cmac_of(key, data)
 }
 
 /// Whether `mac` (16 bytes, or a left part of at least 4) is the AES-CMAC of
@@ -73,22 +64,41 @@ pub fn verify_aes_cmac(key: &Key, data: &[u8], mac: &[u8]) -> Result<(), MacErro
     }
 }
 
-fn cmac_of(key: &Key, data: &[u8]) -> Result<Vec<u8>, MacError> {
-    if key.algorithm() != Algorithm::Aes {
-        return Err(MacError::Key);
+/// An AES key's CMAC state, made once with the key (key schedule and
+/// subkeys; zeroized on drop): each MAC starts from a copy.
+#[derive(Clone)]
+pub(crate) enum CmacState {
+    A128(Cmac<aes::Aes128>),
+    A192(Cmac<aes::Aes192>),
+    A256(Cmac<aes::Aes256>),
+}
+
+impl CmacState {
+    /// The state for AES key `bytes` (16, 24 or 32 bytes).
+    pub(crate) fn new(bytes: &[u8]) -> Option<CmacState> {
+        use cmac::KeyInit;
+        Some(match bytes.len() {
+            16 => CmacState::A128(Cmac::new_from_slice(bytes).ok()?),
+            24 => CmacState::A192(Cmac::new_from_slice(bytes).ok()?),
+            32 => CmacState::A256(Cmac::new_from_slice(bytes).ok()?),
+            _ => return None,
+        })
     }
-    macro_rules! cmac_with {
-        ($cipher:ty) => {{
-            let mut mac = <Cmac<$cipher> as cmac::KeyInit>::new_from_slice(key.bytes())
-                .map_err(|_| MacError::Key)?;
-            mac.update(data);
-            Ok(mac.finalize().into_bytes().to_vec())
-        }};
+}
+
+fn cmac_of(key: &Key, data: &[u8]) -> Result<[u8; 16], MacError> {
+    fn run<M: Mac + Clone>(m: &M, data: &[u8]) -> [u8; 16] {
+        let mut m = m.clone();
+        m.update(data);
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&m.finalize().into_bytes()[..16]);
+        out
     }
-    match key.bytes().len() {
-        16 => cmac_with!(aes::Aes128),
-        24 => cmac_with!(aes::Aes192),
-        _ => cmac_with!(aes::Aes256),
+    match (key.algorithm(), key.cmac()) {
+        (Algorithm::Aes, Some(CmacState::A128(m))) => Ok(run(m, data)),
+        (Algorithm::Aes, Some(CmacState::A192(m))) => Ok(run(m, data)),
+        (Algorithm::Aes, Some(CmacState::A256(m))) => Ok(run(m, data)),
+        _ => Err(MacError::Key),
     }
 }
 

@@ -347,7 +347,7 @@ impl SecurityModule for SoftwareModule {
         let (source, target) = (self.slot(from, Usage::Pin)?, self.slot(to, Usage::Pin)?);
         let (source, previous) = SoftwareModule::versions(source);
         let (target, _) = SoftwareModule::versions(target);
-        let mut random = pin::os_random;
+        let mut random = pin::random_fill;
         let translated = pin::translate(
             (from_format, &source),
             block,
