@@ -308,6 +308,19 @@ struct DemoArgs {
     /// commit, the default), "off" (no fsync; unsafe) or "none" (no journal).
     #[arg(long, value_enum, default_value_t = JournalMode::Batch)]
     journal: JournalMode,
+    /// PIN and MAC keys on every link of the built-in load: "tdes" (ISO 0 PIN
+    /// blocks, ISO 9797-1 algorithm 3 MACs), "aes" (ISO 0 PIN blocks, AES-CMAC),
+    /// or "none" (the default). Test keys, made in memory.
+    #[arg(long, value_enum, default_value_t = DemoKeysArg::None)]
+    keys: DemoKeysArg,
+}
+
+/// `demo --keys`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum DemoKeysArg {
+    None,
+    Tdes,
+    Aes,
 }
 
 #[derive(clap::Args)]
@@ -886,6 +899,11 @@ fn demo(a: DemoArgs) -> anyhow::Result<()> {
         window: a.window,
         bank_latency,
         journal,
+        keys: match a.keys {
+            DemoKeysArg::None => None,
+            DemoKeysArg::Tdes => Some(demo::DemoKeys::Tdes),
+            DemoKeysArg::Aes => Some(demo::DemoKeys::Aes),
+        },
     };
     let summary = rt.block_on(demo::run_demo(opts))?;
     let text = if a.json {

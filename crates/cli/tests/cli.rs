@@ -50,6 +50,33 @@ fn demo_json_prints_one_object_with_approvals_and_no_errors() {
     }
 }
 
+/// `demo --keys`: every request carries a PIN block and a MAC, translated and
+/// re-MAC'ed on its way; the simulated banks check the MAC (63 when it fails)
+/// and decline only the usual one in twenty.
+#[test]
+fn demo_with_pin_and_mac_keys_on_every_link_approves() {
+    for keys in ["tdes", "aes"] {
+        let out = Command::new(BIN)
+            .args(["demo", "--duration", "1", "--json", "--connections", "2"])
+            .args(["--window", "8", "--keys", keys])
+            .output()
+            .expect("run demo");
+        assert!(
+            out.status.success(),
+            "stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let (approved, declined) = (
+            v["approved"].as_u64().unwrap(),
+            v["declined"].as_u64().unwrap(),
+        );
+        assert!(approved > 0, "{keys}: {v}");
+        assert!(declined * 10 < approved, "{keys}: MAC or PIN refusals? {v}");
+        assert_eq!(v["errors"].as_u64(), Some(0), "{keys}: {v}");
+    }
+}
+
 /// Appends an ASCII fixed field, or an LLVAR one with its 2-digit length.
 fn fixed(out: &mut Vec<u8>, v: &str) {
     out.extend_from_slice(v.as_bytes());

@@ -1,9 +1,9 @@
 //! The demo and the test bed: a switch, simulated banks and fresh certificates,
 //! all in-process on loopback, nothing to prepare.
 
-use crate::banksim::{self, BankSimOptions, BankStats, Behavior};
+use crate::banksim::{self, BankSimOptions, BankStats, Behavior, SimKeys};
 use crate::certs::{self, DevCa};
-use crate::loadgen::{self, Identity, LoadOptions, Summary};
+use crate::loadgen::{self, Identity, LoadKeys, LoadOptions, Summary};
 use anyhow::Context;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -16,6 +16,9 @@ use switchyard::journal::{Fsync, JournalConfig};
 use switchyard::tls;
 use switchyard::tls::TlsSetup;
 use switchyard::wire::{Dialect, Framing, MessageHeader};
+use switchyard_security::module::{MacAlgorithm, SoftwareModule};
+use switchyard_security::pin::Format;
+use switchyard_security::{Algorithm, Key};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -87,6 +90,99 @@ pub struct TestbedOptions {
     /// The CA to use (one the caller already issued certificates from); a fresh
     /// one when `None`.
     pub ca: Option<Arc<DevCa>>,
+    /// PIN and MAC keys on every link (institutions and simulated banks).
+    pub keys: Option<DemoKeys>,
+}
+
+/// Keys on every link of a test bed: each institution and each bank has a PIN
+/// key (TDES, ISO format 0: the demo dialect's DE52 holds 8 bytes) and a MAC key,
+/// fixed test keys made in memory (no key store).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DemoKeys {
+    /// TDES MAC keys: ISO 9797-1 algorithm 3.
+    Tdes,
+    /// AES MAC keys: AES-CMAC.
+    Aes,
+}
+
+/// The test bed's keys: the switch's module and handles, and clear copies for
+/// the simulated banks and the load generator (test keys).
+struct BedKeys {
+    acquirer: switchyard::security::LinkKeys,
+    bank: switchyard::security::LinkKeys,
+    mac: MacAlgorithm,
+    acq_zpk: [u8; 16],
+    bank_zpk: [u8; 16],
+    bank_zak: [u8; 16],
+}
+
+impl BedKeys {
+    fn new(kind: DemoKeys) -> anyhow::Result<BedKeys> {
+        use switchyard::security::{LinkKeys, MacSpec, PinSpec};
+        use switchyard_security::module::Usage;
+        let (mac, mac_alg) = match kind {
+            DemoKeys::Tdes => (MacAlgorithm::Iso9797Alg3, Algorithm::Tdes),
+            DemoKeys::Aes => (MacAlgorithm::AesCmac, Algorithm::Aes),
+        };
+        let acq_zpk = *b"\x01\x23\x45\x67\x89\xAB\xCD\xEF\xFE\xDC\xBA\x98\x76\x54\x32\x10";
+        let acq_zak = *b"\x89\xAB\xCD\xEF\x01\x23\x45\x67\x76\x54\x32\x10\xFE\xDC\xBA\x98";
+        let bank_zpk = *b"\xF1\xE2\xD3\xC4\xB5\xA6\x97\x88\x79\x6A\x5B\x4C\x3D\x2E\x1F\x01";
+        let bank_zak = *b"\x13\x57\x9B\xDF\x02\x46\x8A\xCE\x01\x23\x45\x67\x89\xAB\xCD\xEF";
+        let mut m = SoftwareModule::new();
+        let k = |alg, bytes: &[u8; 16]| Key::new(alg, bytes).context("demo key");
+        let a_zpk = m.add("acq-zpk", Usage::Pin, k(Algorithm::Tdes, &acq_zpk)?)?;
+        let a_zak = m.add("acq-zak", Usage::Mac, k(mac_alg, &acq_zak)?)?;
+        let b_zpk = m.add("bank-zpk", Usage::Pin, k(Algorithm::Tdes, &bank_zpk)?)?;
+        let b_zak = m.add("bank-zak", Usage::Mac, k(mac_alg, &bank_zak)?)?;
+        let module = Arc::new(m);
+        let link = |zpk, zak| {
+            LinkKeys::new(
+                module.clone(),
+                Some(MacSpec {
+                    key: zak,
+                    algorithm: mac,
+                }),
+                Some(PinSpec {
+                    key: zpk,
+                    format: Format::Iso0,
+                }),
+            )
+        };
+        Ok(BedKeys {
+            acquirer: link(a_zpk, a_zak),
+            bank: link(b_zpk, b_zak),
+            mac,
+            acq_zpk,
+            bank_zpk,
+            bank_zak,
+        })
+    }
+
+    fn mac_algorithm(&self) -> Algorithm {
+        self.mac.key_algorithm()
+    }
+
+    /// A simulated bank's keys.
+    fn sim(&self) -> anyhow::Result<Arc<SimKeys>> {
+        let zak = Key::new(self.mac_algorithm(), &self.bank_zak)?;
+        let zpk = Key::new(Algorithm::Tdes, &self.bank_zpk)?;
+        Ok(Arc::new(SimKeys::new(
+            Some((self.mac, zak)),
+            Some(zpk),
+            None,
+        )))
+    }
+
+    /// The load generator's.
+    fn load(&self) -> anyhow::Result<LoadKeys> {
+        Ok(LoadKeys {
+            acquirer: self.acquirer.clone(),
+            pin: (
+                Format::Iso0,
+                Arc::new(Key::new(Algorithm::Tdes, &self.acq_zpk)?),
+            ),
+        })
+    }
 }
 
 /// A dialect, a framing and a header: how one side talks to the switch.
@@ -168,6 +264,7 @@ impl Default for TestbedOptions {
             more_listeners: Vec::new(),
             outside_banks: Vec::new(),
             ca: None,
+            keys: None,
         }
     }
 }
@@ -203,6 +300,8 @@ pub struct Testbed {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The journal's directory.
     pub journal_dir: Option<std::path::PathBuf>,
+    /// With [`TestbedOptions::keys`]: what a load generator's acquirers use.
+    pub load_keys: Option<LoadKeys>,
     /// Whether [`Testbed::stop`] removes it (a fresh temporary one, not the
     /// caller's `journal_at`).
     remove_journal: bool,
@@ -216,6 +315,7 @@ impl Testbed {
             None => Arc::new(DevCa::new("switchyard development CA")?),
         };
         let ca_der = vec![ca.ca_der()];
+        let bed_keys = opts.keys.map(BedKeys::new).transpose()?;
         let stop = CancellationToken::new();
         let mut tasks = Vec::new();
         let mut banks = Vec::new();
@@ -235,7 +335,7 @@ impl Testbed {
                 header: speaks.header,
                 frame_size_max_bytes: switchyard::config::FRAME_SIZE_MAX_BYTES_DEFAULT,
                 seed: 0x5eed_0000 + i as u64,
-                keys: None,
+                keys: bed_keys.as_ref().map(BedKeys::sim).transpose()?,
             };
             let token = stop.clone();
             let serve = banksim::serve(
@@ -287,6 +387,14 @@ impl Testbed {
         let mut config = Config::parse(&testbed_toml(&opts, &configured), Path::new("<testbed>"))?;
         for bank in &mut config.banks {
             bank.first_stan = opts.first_stan;
+        }
+        if let Some(keys) = &bed_keys {
+            for i in &mut config.institutions {
+                i.security = keys.acquirer.clone();
+            }
+            for (bank, _) in config.banks.iter_mut().zip(&banks) {
+                bank.security = keys.bank.clone();
+            }
         }
         let journal_dir = opts.journal.map(|fsync| {
             static STARTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -346,6 +454,7 @@ impl Testbed {
             stop,
             tasks,
             journal_dir,
+            load_keys: bed_keys.as_ref().map(BedKeys::load).transpose()?,
             remove_journal: opts.journal_at.is_none(),
         })
     }
@@ -472,6 +581,8 @@ pub struct DemoOptions {
     pub bank_latency: Duration,
     /// Journal durability (None: no journal).
     pub journal: Option<Fsync>,
+    /// PIN and MAC keys on every link (None: none).
+    pub keys: Option<DemoKeys>,
 }
 
 /// Runs the switch with three simulated banks, drives load, returns the summary.
@@ -479,6 +590,7 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<Summary> {
     let bed = Testbed::start(TestbedOptions {
         bank_latency: opts.bank_latency,
         journal: opts.journal,
+        keys: opts.keys,
         ..TestbedOptions::default()
     })
     .await?;
@@ -497,6 +609,7 @@ pub async fn run_demo(opts: DemoOptions) -> anyhow::Result<Summary> {
         connections: opts.connections,
         window: opts.window,
         duration: opts.duration,
+        keys: bed.load_keys.clone(),
         ..LoadOptions::new(bed.switch_addr, "localhost", identities)
     };
     let summary = loadgen::run(load).await.context("load generator")?;

@@ -559,8 +559,9 @@ impl ConnState {
         let seq = self.seq;
         let rotation = (seq + self.index) as usize;
         let rrn = (seq * self.connections + self.index) % RRN_MODULUS;
+        let pan_index = rotation % plan.pans.len();
         let values = RequestValues {
-            pan: plan.pans[rotation % plan.pans.len()].as_bytes(),
+            pan: plan.pans[pan_index].as_bytes(),
             institution: identity.institution.as_bytes(),
             destination: (!opts.destinations.is_empty())
                 .then(|| opts.destinations[rotation % opts.destinations.len()].as_bytes()),
@@ -568,6 +569,10 @@ impl ConnState {
             stan,
             rrn,
             amount_minor: amount_minor(seq, opts.decline_every),
+            secured: opts
+                .keys
+                .as_ref()
+                .map(|k| (&k.acquirer, plan.pin_blocks[pan_index].as_slice())),
         };
         let header = opts.header_sent();
         values.encode(&opts.dialect, opts.framing, header.as_bytes(), clock, out)?;
@@ -794,6 +799,8 @@ pub(super) struct RequestValues<'a> {
     pub(super) stan: u32,
     pub(super) rrn: u64,
     pub(super) amount_minor: i64,
+    /// The acquirer's MAC key and the request's PIN block.
+    pub(super) secured: Option<(&'a switchyard::security::LinkKeys, &'a [u8])>,
 }
 
 impl RequestValues<'_> {
@@ -809,7 +816,18 @@ impl RequestValues<'_> {
     ) -> Result<(), ConnectionError> {
         let at = framing.begin(out);
         out.extend_from_slice(header);
+        let start = out.len();
         let result = self.encode_message(dialect, clock, out);
+        // The MAC over the message, in its placeholder (the last field).
+        let result = result.and_then(|width| match (self.secured, width) {
+            (Some((keys, _)), Some(width)) if !keys.seal(&mut out[start..], width) => {
+                Err(EncodeError {
+                    field: 64,
+                    kind: switchyard::wire::EncodeErrorKind::Malformed,
+                })
+            }
+            _ => Ok(()),
+        });
         let result = result
             .map_err(ConnectionError::from)
             .and_then(|()| Ok(framing.finish(out, at)?));
@@ -819,12 +837,14 @@ impl RequestValues<'_> {
         result
     }
 
+    /// Encodes the message; with keys, a MAC placeholder last, whose width is
+    /// returned.
     fn encode_message(
         &self,
         dialect: &Dialect,
         clock: &WireClock,
         out: &mut BytesMut,
-    ) -> Result<(), EncodeError> {
+    ) -> Result<Option<usize>, EncodeError> {
         let mut amount = [0u8; 12];
         format_de4(self.amount_minor, &mut amount);
         let mut stan = [0u8; 6];
@@ -844,11 +864,21 @@ impl RequestValues<'_> {
         enc.field(41, TERMINAL_ID)?;
         enc.field(42, MERCHANT_ID)?;
         enc.field(49, self.currency)?;
+        if let Some((_, pin_block)) = self.secured {
+            enc.field(52, pin_block)?;
+        }
         if let Some(destination) = self.destination {
             enc.field(100, destination)?;
         }
+        let highest = if self.destination.is_some() { 100 } else { 52 };
+        let placeholder = self
+            .secured
+            .and_then(|(keys, _)| keys.placeholder(dialect, highest));
+        if let Some((n, zeros)) = placeholder {
+            enc.field(n, zeros)?;
+        }
         enc.finish();
-        Ok(())
+        Ok(placeholder.map(|(_, zeros)| zeros.len()))
     }
 }
 

@@ -170,6 +170,32 @@ pub struct LoadOptions {
     /// Every Nth request of a connection uses an amount ending in 51 (the bank simulator
     /// declines it); 0 = never.
     pub decline_every: u32,
+    /// The acquirer's keys: each request carries a PIN block (PIN 1234, under
+    /// the PIN key, one per PAN, made once) and a MAC. Answers' MACs are not
+    /// checked (the switch's are, by the tests).
+    pub keys: Option<LoadKeys>,
+}
+
+/// The keys the load generator's acquirers use.
+#[derive(Clone, Debug)]
+pub struct LoadKeys {
+    /// The MAC key (and the PIN key, for [`LoadKeys::pin_block`]).
+    pub acquirer: switchyard::security::LinkKeys,
+    /// The PIN block format and its key, clear (a test key).
+    pub pin: (
+        switchyard_security::pin::Format,
+        Arc<switchyard_security::Key>,
+    ),
+}
+
+impl LoadKeys {
+    /// PIN 1234 for `pan`, enciphered.
+    fn pin_block(&self, pan: &str) -> anyhow::Result<Vec<u8>> {
+        use switchyard_security::pin;
+        let (format, key) = &self.pin;
+        pin::encipher(*format, key, b"1234", pan.as_bytes(), &mut pin::random_fill)
+            .map_err(|e| anyhow::anyhow!("PIN block for the load: {e}"))
+    }
 }
 
 impl LoadOptions {
@@ -196,6 +222,7 @@ impl LoadOptions {
             header: MessageHeader::None,
             currency: *b"978",
             decline_every: 20,
+            keys: None,
         }
     }
 }
@@ -256,6 +283,8 @@ impl Templates {
 struct Plan {
     opts: LoadOptions,
     pans: Vec<String>,
+    /// A PIN block per PAN, with [`LoadOptions::keys`].
+    pin_blocks: Vec<Vec<u8>>,
     templates: Templates,
     /// Start of the load and of the open-loop schedule (warmup begins here).
     start: Instant,
@@ -272,11 +301,24 @@ struct Plan {
 }
 
 impl Plan {
-    fn new(opts: LoadOptions, pans: Vec<String>, templates: Templates, start: Instant) -> Plan {
+    fn new(
+        opts: LoadOptions,
+        pans: Vec<String>,
+        templates: Templates,
+        start: Instant,
+    ) -> anyhow::Result<Plan> {
+        let pin_blocks = match &opts.keys {
+            Some(keys) => pans
+                .iter()
+                .map(|p| keys.pin_block(p))
+                .collect::<anyhow::Result<_>>()?,
+            None => Vec::new(),
+        };
         let measure_from = start + opts.warmup;
         let send_until = measure_from + opts.duration;
         let tick_ms = u64::try_from(opts.answer_timeout.as_millis() / 4).unwrap_or(u64::MAX);
-        Plan {
+        Ok(Plan {
+            pin_blocks,
             expiry_tick: Duration::from_millis(tick_ms.clamp(1, EXPIRY_TICK_MAX_MS)),
             drain_until: send_until + opts.answer_timeout,
             live: Mutex::new(Recent::new(&templates)),
@@ -286,7 +328,7 @@ impl Plan {
             templates,
             pans,
             opts,
-        }
+        })
     }
 
     /// Open loop: how many requests of connection `index` are due in the measured period.
@@ -313,7 +355,7 @@ pub async fn run(opts: LoadOptions) -> anyhow::Result<Summary> {
     let templates = Templates::new()?;
     let begun = Instant::now();
     let streams = connect_all(&opts, &server_name).await;
-    let plan = Arc::new(Plan::new(opts, pans, templates, Instant::now()));
+    let plan = Arc::new(Plan::new(opts, pans, templates, Instant::now())?);
     let (stop_progress, progress) = if plan.opts.progress {
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(report_progress(plan.clone(), stopped));
@@ -406,6 +448,7 @@ fn check_options(opts: &LoadOptions, pans: &[String]) -> anyhow::Result<()> {
             stan: 1,
             rrn: 1,
             amount_minor: 1000,
+            secured: None,
         };
         values.encode(
             &opts.dialect,
