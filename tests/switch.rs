@@ -603,6 +603,9 @@ async fn after_a_crash_forwarded_requests_without_outcome_are_reversed() {
         links: 1,
         journal: Some(Fsync::Batch),
         journal_at: Some(dir.clone()),
+        // The test bed's 2 s window would let a slow machine forget the
+        // originals before their retransmissions come.
+        duplicate_window_s: 300,
         ..TestbedOptions::default()
     };
     let bed = testbed(opts).await;
@@ -802,6 +805,9 @@ async fn with_a_journal_retransmissions_and_reversals_match_across_a_restart() {
         links: 1,
         journal: Some(Fsync::Batch),
         journal_at: Some(dir.clone()),
+        // The test bed's 2 s window would let a slow machine forget the
+        // originals before their retransmissions come.
+        duplicate_window_s: 300,
         ..TestbedOptions::default()
     };
     let pan = b"4111111111111111";
@@ -1308,6 +1314,9 @@ async fn a_1993_acquirers_retransmissions_and_reversals_match_across_a_restart()
         links: 1,
         journal: Some(Fsync::Batch),
         journal_at: Some(dir.clone()),
+        // The test bed's 2 s window would let a slow machine forget the
+        // originals before their retransmissions come.
+        duplicate_window_s: 300,
         acquirers: Speaks {
             dialect: "iso93-ascii".to_owned(),
             framing: Framing::U16be,
