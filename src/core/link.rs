@@ -1668,6 +1668,33 @@ mod tests {
     }
 
     #[test]
+    fn a_bank_answer_whose_mac_fails_is_dropped_and_its_request_ends_68_with_a_maced_reversal() {
+        let dir = switchyard_tools::testkit::TempDir::new("link-bad-mac");
+        let mut h = keyed(&dir);
+        let zak = tdes(ZAK);
+        let at_bank = h.one_request();
+        assert!(
+            sealed_under(&at_bank, &zak),
+            "the request carries the bank's MAC"
+        );
+        // An approval MAC'ed under another key: dropped, nothing answered.
+        assert!(h.answer_sealed(&at_bank, b"00", &tdes(ZMK)).is_none());
+        assert!(h.replies().is_empty());
+        // The request ends as an unanswered one: 68, and a reversal advice that
+        // carries the bank's MAC too.
+        h.advance(REQUEST_TIMEOUT);
+        h.link.handle_timeout(&h.bank, h.now);
+        assert_eq!(h.replies(), [pair("000001", "68")]);
+        let advices = h.transmit();
+        assert_eq!(advices.len(), 1);
+        assert_eq!(advices[0].mti(), Mti::REVERSAL_ADVICE);
+        assert!(sealed_under(&advices[0], &zak), "the advice is MAC'ed");
+        // An answer MAC'ed under the right key is taken.
+        assert!(h.answer_sealed(&advices[0], b"00", &zak).is_none());
+        assert_eq!(h.bank.reversals_waiting(), 0);
+    }
+
+    #[test]
     fn a_key_change_goes_out_on_one_link_and_every_link_uses_the_key_once_approved() {
         let dir = switchyard_tools::testkit::TempDir::new("link-key-change");
         let mut h = keyed(&dir);
