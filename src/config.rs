@@ -223,6 +223,17 @@ struct KeysSection {
     #[serde(default = "d_module")]
     module: String,
     journal_key: Option<String>,
+    #[serde(default = "d_mac_failure_code")]
+    mac_failure_code: String,
+    #[serde(default = "d_pin_failure_code")]
+    pin_failure_code: String,
+}
+
+fn d_mac_failure_code() -> String {
+    "63".to_owned()
+}
+fn d_pin_failure_code() -> String {
+    "81".to_owned()
 }
 
 fn d_module() -> String {
@@ -926,6 +937,9 @@ pub struct KeysConfig {
     pub module: Module,
     /// The data key the journal enciphers PANs under (`journal_key`).
     pub journal_key: Option<KeyHandle>,
+    /// DE39 for a request whose MAC fails, and for a PIN block that does not
+    /// translate (`mac_failure_code`, `pin_failure_code`; 63 and 81).
+    pub codes: [[u8; 2]; 2],
 }
 
 impl Config {
@@ -960,6 +974,11 @@ impl Config {
         };
         check("switch.listen", self.listen == new.listen);
         check("admin.listen", self.admin_listen == new.admin_listen);
+        let codes = |c: &Config| c.keys.as_ref().map(|k| k.codes);
+        check(
+            "keys.mac_failure_code / pin_failure_code",
+            codes(self) == codes(new),
+        );
         check("admin (limits)", self.admin_limits == new.admin_limits);
         check("admin.tls", self.admin_tls == new.admin_tls);
         check(
@@ -1518,7 +1537,19 @@ impl Checker<'_> {
             master_key_file,
             module,
             journal_key,
+            codes: [
+                self.code("keys.mac_failure_code", &k.mac_failure_code)?,
+                self.code("keys.pin_failure_code", &k.pin_failure_code)?,
+            ],
         })
+    }
+
+    /// A DE39 the switch answers with: two digits, not 00.
+    fn code(&self, key: &str, text: &str) -> Result<[u8; 2], ConfigError> {
+        match text.as_bytes() {
+            &[a, b] if a.is_ascii_digit() && b.is_ascii_digit() && text != "00" => Ok([a, b]),
+            _ => Err(self.invalid(key, format!("two digits other than 00, found {text:?}"))),
+        }
     }
 
     /// The handle of key `id`, which must have `usage` (and `algorithm`, when
@@ -2184,6 +2215,38 @@ mod tests {
             err,
             "s.toml: duplicates.window_s: must be 1..=604800 s, found 0"
         );
+    }
+
+    #[test]
+    fn the_security_codes_are_two_digits_and_need_a_restart() {
+        let dir = switchyard_tools::testkit::TempDir::new("config-security-codes");
+        let (store, master) = (dir.path().join("keys.txt"), dir.path().join("master.key"));
+        KeyStore::init(&store, &master).unwrap().save().unwrap();
+        let parse = |codes: &str| {
+            let text = format!(
+                "[switch]\nlisten = \"127.0.0.1:0\"\n\
+                 [tls]\nca_file = \"x\"\ncert_file = \"x\"\nkey_file = \"x\"\n\
+                 client_cert_file = \"x\"\nclient_key_file = \"x\"\n\
+                 [keys]\nstore = \"{}\"\nmaster_key_file = \"{}\"\n{codes}\n",
+                store.display(),
+                master.display()
+            );
+            Config::parse(&text, Path::new("s.toml")).map_err(|e| e.to_string())
+        };
+        let default = parse("").unwrap();
+        assert_eq!(default.keys.as_ref().unwrap().codes, [*b"63", *b"81"]);
+        let custom = parse("mac_failure_code = \"96\"\npin_failure_code = \"55\"").unwrap();
+        assert_eq!(custom.keys.as_ref().unwrap().codes, [*b"96", *b"55"]);
+        assert_eq!(
+            default.restart_only_changes(&custom),
+            ["keys.mac_failure_code / pin_failure_code"]
+        );
+        for bad in ["\"00\"", "\"6\"", "\"6A\"", "\"633\""] {
+            assert_eq!(
+                parse(&format!("mac_failure_code = {bad}")).unwrap_err(),
+                format!("s.toml: keys.mac_failure_code: two digits other than 00, found {bad}")
+            );
+        }
     }
 
     #[test]

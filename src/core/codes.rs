@@ -66,10 +66,10 @@ impl ResponseCode {
             ResponseCode::OriginalNotFound => b"25",
             ResponseCode::FormatError => b"30",
             ResponseCode::NotPermitted => b"58",
-            ResponseCode::SecurityViolation => b"63",
+            ResponseCode::SecurityViolation => &security_codes()[0],
             ResponseCode::RateLimited => b"65",
             ResponseCode::LateResponse => b"68",
-            ResponseCode::PinCryptographicError => b"81",
+            ResponseCode::PinCryptographicError => &security_codes()[1],
             ResponseCode::DestinationUnavailable => b"91",
             ResponseCode::NoRoute => b"92",
             ResponseCode::Duplicate => b"94",
@@ -97,6 +97,26 @@ impl fmt::Display for ResponseCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// DE39 of [`ResponseCode::SecurityViolation`] and
+/// [`ResponseCode::PinCryptographicError`]: `[keys] mac_failure_code` and
+/// `pin_failure_code` of the config the switch started with (63 and 81 until
+/// then, and in a process that never sets them). Set once: changing them needs
+/// a restart.
+static SECURITY_CODES: std::sync::OnceLock<[[u8; 2]; 2]> = std::sync::OnceLock::new();
+
+/// The standard codes: 63 security violation, 81 PIN cryptographic error.
+const SECURITY_CODES_DEFAULT: [[u8; 2]; 2] = [*b"63", *b"81"];
+
+fn security_codes() -> &'static [[u8; 2]; 2] {
+    SECURITY_CODES.get().unwrap_or(&SECURITY_CODES_DEFAULT)
+}
+
+/// Sets the two security codes for the life of the process; false (nothing
+/// changed) when they were set already to others.
+pub fn set_security_codes(codes: [[u8; 2]; 2]) -> bool {
+    *SECURITY_CODES.get_or_init(|| codes) == codes
 }
 
 /// A DE39 value as a static label (any two bytes; unknown ones map to "other").

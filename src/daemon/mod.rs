@@ -52,6 +52,14 @@ impl Switch {
     /// truncated) and starts every bank connector's links (call inside a tokio
     /// runtime).
     pub fn start(config: Config, tls: TlsSetup) -> Result<Switch, JournalError> {
+        if let Some(keys) = &config.keys {
+            if !crate::core::codes::set_security_codes(keys.codes) {
+                tracing::warn!(
+                    "keys.mac_failure_code / pin_failure_code differ from this process's first \
+                     switch: the first ones stay"
+                );
+            }
+        }
         let d = config.duplicates;
         let recent = Arc::new(Recent::new(
             d.window,
