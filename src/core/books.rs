@@ -42,7 +42,7 @@ impl Books {
     pub fn accept(&self, p: Pending) -> Option<Pending> {
         match self
             .journal
-            .accepted(p.request_id, p.acquirer, p.key_time, &p.request)
+            .accepted(p.request_id, p.acquirer, p.key_time, (&p.request, p.digest))
         {
             Ok(_) => Some(p),
             Err(e) => {

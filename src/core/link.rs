@@ -1242,6 +1242,7 @@ mod tests {
                 key_time: crate::core::dedup::KeyTime::Transmission,
                 pin: Default::default(),
                 acquirer_mac: false,
+                digest: None,
             };
             self.bank.submit(pending);
         }

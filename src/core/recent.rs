@@ -65,6 +65,8 @@ pub struct Opened {
     pub reply: AnswerSlot,
     /// Its entry: its outcome must complete it.
     pub entry: Option<EntryHandle>,
+    /// Its content digest, when it was keyed (the journal keeps it).
+    pub digest: Option<u64>,
 }
 
 /// What [`Recent::original`] found of the original a reversal names.
@@ -134,6 +136,7 @@ impl Recent {
                 request,
                 reply,
                 entry: None,
+                digest: None,
             });
         };
         let digest = content_digest(&request);
@@ -144,6 +147,7 @@ impl Recent {
                     request,
                     reply,
                     entry: Some(entry),
+                    digest: Some(digest),
                 })
             }
             Verdict::Answered {

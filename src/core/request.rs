@@ -86,6 +86,8 @@ pub struct Pending {
     pub pin: PinOut,
     /// Whether its acquirer's MAC was checked (the bank never sees it).
     pub acquirer_mac: bool,
+    /// Its content digest, computed once for duplicates and journaled with it.
+    pub digest: Option<u64>,
 }
 
 impl Pending {

@@ -127,7 +127,7 @@ impl WriteAhead {
         kind: RecordKind,
         request_id: u64,
         head: &[u8],
-        message: &Message,
+        (message, digest): (&Message, Option<u64>),
         (dialect, encipher_pan): (Option<&Dialect>, bool),
     ) -> Result<u64, AppendError> {
         let Some(p) = &self.protection else {
@@ -136,7 +136,7 @@ impl WriteAhead {
         let dialect = dialect.unwrap_or(&p.dialect);
         let Some(body) = p
             .protector
-            .protect(message, dialect, request_id, encipher_pan)
+            .protect((message, digest), dialect, request_id, encipher_pan)
         else {
             metrics::counter!("switchyard_journal_protect_failures_total").increment(1);
             return Err(AppendError::Unprotectable);
@@ -174,14 +174,14 @@ impl WriteAhead {
         request_id: u64,
         acquirer: InstitutionId,
         key_time: KeyTime,
-        request: &Message,
+        (request, digest): (&Message, Option<u64>),
     ) -> Result<u64, AppendError> {
         let head = accepted_head(acquirer, key_time).to_le_bytes();
         self.append_message(
             RecordKind::Accepted,
             request_id,
             &head,
-            request,
+            (request, digest),
             (None, true),
         )
     }
@@ -227,7 +227,7 @@ impl WriteAhead {
             RecordKind::ReversalQueued,
             request_id,
             &head,
-            original,
+            (original, None),
             (None, true),
         );
         let seq = match outcome {
@@ -261,7 +261,7 @@ impl WriteAhead {
                 RecordKind::Outcome,
                 request_id,
                 &head,
-                answer,
+                (answer, None),
                 (Some(dialect), false),
             ),
             None => self.append(

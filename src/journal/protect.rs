@@ -116,13 +116,14 @@ impl Protector {
         self.pan_key.is_some()
     }
 
-    /// The protected form of `msg` (held in `dialect`'s layout), journaled for
-    /// request `request_id`; `pan`: encipher its PAN (requests) or keep it
+    /// The protected form of `msg` (held in `dialect`'s layout; `digest`: its
+    /// content digest if already computed), journaled for request
+    /// `request_id`; `encipher_pan`: encipher its PAN (requests) or keep it
     /// masked only (answers). `None` when the message cannot be re-encoded
     /// without the removed fields (then it is not journaled at all).
     pub fn protect(
         &self,
-        msg: &Message,
+        (msg, digest): (&Message, Option<u64>),
         dialect: &Dialect,
         request_id: u64,
         encipher_pan: bool,
@@ -141,7 +142,9 @@ impl Protector {
         let held = dialect.canonical();
         reencode(msg, held, held, msg.mti(), &removed[..count], &mut out).ok()?;
         let trailer_at = out.len();
-        out.extend_from_slice(&content_digest(msg).to_le_bytes());
+        // The duplicates table's digest, when it computed one already.
+        let digest = digest.unwrap_or_else(|| content_digest(msg));
+        out.extend_from_slice(&digest.to_le_bytes());
         let pan = msg.field(PAN_FIELD).filter(|p| p.len() <= PAN_MAX_DIGITS);
         match pan {
             Some(pan) => {
@@ -261,7 +264,7 @@ mod tests {
         let module = Arc::new(m);
         let p = Protector::new(Some((module.clone(), dek)));
         let msg = request(&d);
-        let body = p.protect(&msg, &d, 7, true).unwrap();
+        let body = p.protect((&msg, None), &d, 7, true).unwrap();
         let find = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
         assert!(!find(b"4321987654321098"));
         assert!(!find(b"=2512101"));
@@ -280,7 +283,7 @@ mod tests {
         assert_eq!(no_key.message.field(2), None);
         assert_eq!(no_key.masked_pan.as_deref(), Some(&b"432198******1098"[..]));
         // Answers keep the masked PAN only.
-        let answer = p.protect(&msg, &d, 7, false).unwrap();
+        let answer = p.protect((&msg, None), &d, 7, false).unwrap();
         assert!(p.reveal(&answer, &d, 7).unwrap().pan_withheld);
     }
 

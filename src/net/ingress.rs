@@ -593,6 +593,7 @@ impl Ingress {
             key_time: KeyTime::of(wire.dialect.version()),
             pin,
             acquirer_mac,
+            digest: opened.digest,
         };
         let Some(pending) = self.books.accept(pending) else {
             return; // not journaled: answered 91

@@ -1100,6 +1100,7 @@ impl Sim {
             key_time: switchyard::core::dedup::KeyTime::Transmission,
             pin: Default::default(),
             acquirer_mac: false,
+            digest: None,
         };
         sw.next_request_id += 1;
         if let Some(pending) = sw.books.accept(pending) {

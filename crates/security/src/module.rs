@@ -291,17 +291,16 @@ impl SoftwareModule {
     }
 
     /// The current key of `slot` and the one it replaced.
-    fn versions(slot: &Slot) -> (Arc<Key>, Option<Arc<Key>>) {
+    /// The slot's keys, read-locked.
+    fn read(slot: &Slot) -> std::sync::RwLockReadGuard<'_, Versions> {
         // A poisoned lock only means a panic elsewhere while replacing: the
         // versions themselves are always whole.
-        let v = slot.keys.read().unwrap_or_else(|e| e.into_inner());
-        (v.current.clone(), v.previous.clone())
+        slot.keys.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The key staged for `slot`, if any.
-    fn staged(slot: &Slot) -> Option<Arc<Key>> {
-        let v = slot.keys.read().unwrap_or_else(|e| e.into_inner());
-        v.staged.clone()
+    fn versions(slot: &Slot) -> (Arc<Key>, Option<Arc<Key>>) {
+        let v = SoftwareModule::read(slot);
+        (v.current.clone(), v.previous.clone())
     }
 }
 
@@ -383,14 +382,17 @@ impl SecurityModule for SoftwareModule {
         {
             return Err(slot.refused());
         }
-        let (current, _) = SoftwareModule::versions(slot);
+        // Under the read guard, no reference count touched: MACs are the hot
+        // path, and the count's cache line would bounce between workers.
+        let v = SoftwareModule::read(slot);
+        let current = &*v.current;
         match algorithm {
             MacAlgorithm::Iso9797Alg3 => {
-                let mac = mac::retail_mac(&current, data)?;
+                let mac = mac::retail_mac(current, data)?;
                 out.copy_from_slice(&mac[..out.len()]);
             }
             MacAlgorithm::AesCmac => {
-                let mac = mac::aes_cmac(&current, data)?;
+                let mac = mac::aes_cmac(current, data)?;
                 out.copy_from_slice(&mac[..out.len()]);
             }
         }
@@ -412,14 +414,15 @@ impl SecurityModule for SoftwareModule {
             MacAlgorithm::Iso9797Alg3 => mac::verify_retail_mac(key, data, mac),
             MacAlgorithm::AesCmac => mac::verify_aes_cmac(key, data, mac),
         };
-        let (current, previous) = SoftwareModule::versions(slot);
-        let mut result = check(&current);
-        let others = [SoftwareModule::staged(slot), previous];
-        for other in others.into_iter().flatten() {
+        // One read guard, no reference counts (see generate_mac); the staged
+        // and the replaced key are tried only when the current one mismatches.
+        let v = SoftwareModule::read(slot);
+        let mut result = check(&v.current);
+        for other in [&v.staged, &v.previous].into_iter().flatten() {
             if result != Err(MacError::Mismatch) {
                 break;
             }
-            result = check(&other);
+            result = check(other);
         }
         Ok(result?)
     }
