@@ -31,7 +31,7 @@ use crate::core::dedup::content_digest;
 use crate::security::Module;
 use crate::wire::{reencode, Change, Dialect, Message};
 use bytes::{Bytes, BytesMut};
-use switchyard_security::module::KeyHandle;
+use switchyard_security::module::{KeyHandle, SEALED_OVERHEAD_BYTES};
 
 /// Fields never written to the journal (sensitive authentication data).
 pub const REMOVED_FIELDS: [u8; 5] = [35, 36, 45, 52, 55];
@@ -159,14 +159,16 @@ impl Protector {
             }
             None => out.extend_from_slice(&[0]),
         }
-        let mut sealed = Vec::new();
+        // On the stack: nonce, the PAN enciphered, tag.
+        let mut sealed = [0u8; PAN_MAX_DIGITS + SEALED_OVERHEAD_BYTES];
+        let mut sealed_len = 0;
         if let (Some(pan), Some((module, key)), true) = (pan, &self.pan_key, encipher_pan) {
-            module
+            sealed_len = module
                 .seal_data(*key, &request_id.to_le_bytes(), pan, &mut sealed)
                 .ok()?;
         }
-        out.extend_from_slice(&[sealed.len() as u8]);
-        out.extend_from_slice(&sealed);
+        out.extend_from_slice(&[sealed_len as u8]);
+        out.extend_from_slice(&sealed[..sealed_len]);
         let trailer_len = (out.len() - trailer_at) as u16;
         out.extend_from_slice(&trailer_len.to_le_bytes());
         Some(out.freeze())

@@ -117,39 +117,7 @@ pub struct KeyInfo {
     pub kcv: [u8; 3],
 }
 
-/// A PIN block enciphered under some key: 8 bytes (formats 0, 1, 3) or 16
-/// (format 4). Not secret without the key, but never logged either.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct PinBlock {
-    bytes: [u8; 16],
-    len: u8,
-}
-
-impl PinBlock {
-    /// A block of 8 or 16 bytes.
-    pub fn new(bytes: &[u8]) -> Option<PinBlock> {
-        if bytes.len() != 8 && bytes.len() != 16 {
-            return None;
-        }
-        let mut b = [0u8; 16];
-        b[..bytes.len()].copy_from_slice(bytes);
-        Some(PinBlock {
-            bytes: b,
-            len: bytes.len() as u8,
-        })
-    }
-
-    /// Its bytes.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..usize::from(self.len)]
-    }
-}
-
-impl std::fmt::Debug for PinBlock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PinBlock({} bytes)", self.len)
-    }
-}
+pub use crate::pin::PinBlock;
 
 /// What a security module does for the switch. Implementations keep clear keys
 /// to themselves.
@@ -366,7 +334,7 @@ impl SecurityModule for SoftwareModule {
             ),
             (t, _) => t,
         }?;
-        PinBlock::new(&translated).ok_or(ModuleError::Pin(PinError::Key))
+        Ok(translated)
     }
 
     fn generate_mac(
@@ -514,40 +482,40 @@ fn next_nonce() -> [u8; 12] {
 
 impl SoftwareModule {
     /// Enciphers `plain` under data key `key` (AES-GCM, `aad` authenticated with
-    /// it), appending nonce, ciphertext and tag to `out`.
+    /// it) into `out`: nonce, ciphertext and tag, [`SEALED_OVERHEAD_BYTES`] more
+    /// than `plain`; returns the length written (`out` too short: refused).
     pub fn seal_data(
         &self,
         key: KeyHandle,
         aad: &[u8],
         plain: &[u8],
-        out: &mut Vec<u8>,
-    ) -> Result<(), ModuleError> {
+        out: &mut [u8],
+    ) -> Result<usize, ModuleError> {
         use aes_gcm::aead::{AeadInOut, KeyInit};
         let slot = self.slot(key, Usage::Data)?;
-        let (current, _) = SoftwareModule::versions(slot);
-        let nonce = next_nonce();
-        let at = out.len();
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(plain);
-        let n = aes_gcm::Nonce::from(nonce);
-        let tag = match current.bytes().len() {
-            16 => aes_gcm::Aes128Gcm::new_from_slice(current.bytes())
-                .map_err(|_| slot.refused())?
-                .encrypt_inout_detached(&n, aad, (&mut out[at + 12..]).into()),
-            _ => aes_gcm::Aes256Gcm::new_from_slice(current.bytes())
-                .map_err(|_| slot.refused())?
-                .encrypt_inout_detached(&n, aad, (&mut out[at + 12..]).into()),
+        let len = plain.len() + SEALED_OVERHEAD_BYTES;
+        let Some(out) = out.get_mut(..len) else {
+            return Err(slot.refused());
         };
-        match tag {
-            Ok(tag) => {
-                out.extend_from_slice(&tag);
-                Ok(())
-            }
-            Err(_) => {
-                out.truncate(at);
-                Err(slot.refused())
-            }
-        }
+        let nonce = next_nonce();
+        let (head, rest) = out.split_at_mut(12);
+        head.copy_from_slice(&nonce);
+        let (body, tag_out) = rest.split_at_mut(plain.len());
+        body.copy_from_slice(plain);
+        let n = aes_gcm::Nonce::from(nonce);
+        let v = SoftwareModule::read(slot);
+        let current = v.current.bytes();
+        let tag = match current.len() {
+            16 => aes_gcm::Aes128Gcm::new_from_slice(current)
+                .map_err(|_| slot.refused())?
+                .encrypt_inout_detached(&n, aad, body.into()),
+            _ => aes_gcm::Aes256Gcm::new_from_slice(current)
+                .map_err(|_| slot.refused())?
+                .encrypt_inout_detached(&n, aad, body.into()),
+        };
+        let tag = tag.map_err(|_| slot.refused())?;
+        tag_out.copy_from_slice(&tag);
+        Ok(len)
     }
 
     /// Deciphers what [`SoftwareModule::seal_data`] made under `key` (or the key
@@ -644,12 +612,13 @@ mod tests {
         let dek = m
             .add("dek", Usage::Data, Key::random(Algorithm::Aes, 32).unwrap())
             .unwrap();
-        let mut a = Vec::new();
-        m.seal_data(dek, b"request 1", b"4321987654321098", &mut a)
+        let (mut a, mut b) = ([0u8; 64], [0u8; 64]);
+        let n = m
+            .seal_data(dek, b"request 1", b"4321987654321098", &mut a)
             .unwrap();
-        let mut b = Vec::new();
         m.seal_data(dek, b"request 1", b"4321987654321098", &mut b)
             .unwrap();
+        let (a, b) = (a[..n].to_vec(), b[..n].to_vec());
         assert_ne!(a, b, "a fresh nonce per message");
         assert_eq!(a.len(), 16 + SEALED_OVERHEAD_BYTES);
         assert!(!a.windows(16).any(|w| w == b"4321987654321098"));

@@ -62,6 +62,83 @@ pub enum PinError {
     Block,
 }
 
+/// A PIN block enciphered under some key: 8 bytes (formats 0, 1, 3) or 16
+/// (format 4). Not secret without the key, but never logged either.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct PinBlock {
+    bytes: [u8; 16],
+    len: u8,
+}
+
+impl PinBlock {
+    /// A block of 8 or 16 bytes.
+    pub fn new(bytes: &[u8]) -> Option<PinBlock> {
+        if bytes.len() != 8 && bytes.len() != 16 {
+            return None;
+        }
+        let mut b = [0u8; 16];
+        b[..bytes.len()].copy_from_slice(bytes);
+        Some(PinBlock {
+            bytes: b,
+            len: bytes.len() as u8,
+        })
+    }
+
+    /// Its bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::ops::Deref for PinBlock {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for PinBlock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PinBlock({} bytes)", self.len)
+    }
+}
+
+/// A clear PIN, 4 to 12 digits (ASCII), on the stack and wiped on drop: no
+/// allocation per translation.
+struct Digits {
+    digits: [u8; 12],
+    len: usize,
+}
+
+impl Digits {
+    fn new() -> Digits {
+        Digits {
+            digits: [0; 12],
+            len: 0,
+        }
+    }
+
+    fn push(&mut self, d: u8) {
+        if let Some(slot) = self.digits.get_mut(self.len) {
+            *slot = d;
+            self.len += 1;
+        }
+    }
+}
+
+impl std::ops::Deref for Digits {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.digits[..self.len]
+    }
+}
+
+impl Drop for Digits {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.digits);
+    }
+}
+
 /// Random bytes for fill digits, from the operating system.
 pub fn os_random(buf: &mut [u8]) {
     // getrandom fails only where the OS has no entropy source at all; fill
@@ -197,11 +274,7 @@ pub fn clear_block(
 }
 
 /// The PIN digits of clear 8-byte block `block` of `format`.
-fn pin_of_clear(
-    format: Format,
-    block: &[u8; 8],
-    pan: &[u8],
-) -> Result<Zeroizing<Vec<u8>>, PinError> {
+fn pin_of_clear(format: Format, block: &[u8; 8], pan: &[u8]) -> Result<Digits, PinError> {
     let mut field = Zeroizing::new(*block);
     if matches!(format, Format::Iso0 | Format::Iso3) {
         for (b, p) in field.iter_mut().zip(pan_field(pan)?) {
@@ -234,9 +307,11 @@ fn pin_of_clear(
     if !fill_ok {
         return Err(PinError::Block);
     }
-    Ok(Zeroizing::new(
-        nibbles[2..2 + len].iter().map(|d| b'0' + d).collect(),
-    ))
+    let mut digits = Digits::new();
+    for d in &nibbles[2..2 + len] {
+        digits.push(b'0' + d);
+    }
+    Ok(digits)
 }
 
 /// Format 4's PAN field.
@@ -264,14 +339,14 @@ pub fn encipher(
     pin: &[u8],
     pan: &[u8],
     random: &mut dyn FnMut(&mut [u8]),
-) -> Result<Vec<u8>, PinError> {
+) -> Result<PinBlock, PinError> {
     if key.algorithm() != format.algorithm() {
         return Err(PinError::Key);
     }
     if format != Format::Iso4 {
         let mut block = clear_block(format, pin, pan, random)?;
         cipher_ops::encrypt(key, &mut block[..]);
-        return Ok(block.to_vec());
+        return PinBlock::new(&block[..]).ok_or(PinError::Key);
     }
     check_pin(pin)?;
     let pan_field = pan_field_4(pan)?;
@@ -291,17 +366,12 @@ pub fn encipher(
         *b ^= p;
     }
     cipher_ops::encrypt(key, &mut field[..]);
-    Ok(field.to_vec())
+    PinBlock::new(&field[..]).ok_or(PinError::Key)
 }
 
 /// The PIN in `block` (`format`, under `key`, for `pan`); checked to be a valid
 /// block of its format.
-fn decipher(
-    format: Format,
-    key: &Key,
-    block: &[u8],
-    pan: &[u8],
-) -> Result<Zeroizing<Vec<u8>>, PinError> {
+fn decipher(format: Format, key: &Key, block: &[u8], pan: &[u8]) -> Result<Digits, PinError> {
     if key.algorithm() != format.algorithm() || block.len() != format.block_len() {
         return Err(PinError::Key);
     }
@@ -323,7 +393,7 @@ fn decipher(
     if control != 4 || !(4..=12).contains(&len) {
         return Err(PinError::Block);
     }
-    let mut digits = Zeroizing::new(Vec::with_capacity(len));
+    let mut digits = Digits::new();
     for i in 0..14 {
         let b = field[1 + i / 2];
         let d = if i % 2 == 0 { b >> 4 } else { b & 0xF };
@@ -344,7 +414,7 @@ pub fn translate(
     pan: &[u8],
     (to, to_key): (Format, &Key),
     random: &mut dyn FnMut(&mut [u8]),
-) -> Result<Vec<u8>, PinError> {
+) -> Result<PinBlock, PinError> {
     let pin = decipher(from, from_key, block, pan)?;
     encipher(to, to_key, &pin, pan, random)
 }
@@ -358,7 +428,7 @@ pub fn holds_pin(
     pin: &[u8],
 ) -> Result<bool, PinError> {
     let got = decipher(format, key, block, pan)?;
-    Ok(got.as_slice() == pin)
+    Ok(*got == *pin)
 }
 
 #[cfg(test)]
@@ -379,7 +449,7 @@ mod tests {
         assert_eq!(
             pin_of_clear(Format::Iso0, &block, b"4321987654321098")
                 .unwrap()
-                .as_slice(),
+                .to_vec(),
             b"1234"
         );
     }
@@ -389,21 +459,24 @@ mod tests {
         let b1 = clear_block(Format::Iso1, b"123456", b"", &mut fixed).unwrap();
         assert_eq!(b1[0], 0x16);
         assert_eq!(
-            pin_of_clear(Format::Iso1, &b1, b"").unwrap().as_slice(),
+            pin_of_clear(Format::Iso1, &b1, b"").unwrap().to_vec(),
             b"123456"
         );
         let pan = b"4321987654321098";
         let b3 = clear_block(Format::Iso3, b"1234", pan, &mut fixed).unwrap();
         assert_eq!(b3[0] >> 4, 3);
         assert_eq!(
-            pin_of_clear(Format::Iso3, &b3, pan).unwrap().as_slice(),
+            pin_of_clear(Format::Iso3, &b3, pan).unwrap().to_vec(),
             b"1234"
         );
         // The fill of format 3 is A-F: any 0-9 there is not a format 3 block.
         let mut bad = *b3;
         let pf = pan_field(pan).unwrap();
         bad[7] = 0x12 ^ pf[7];
-        assert_eq!(pin_of_clear(Format::Iso3, &bad, pan), Err(PinError::Block));
+        assert_eq!(
+            pin_of_clear(Format::Iso3, &bad, pan).err(),
+            Some(PinError::Block)
+        );
     }
 
     #[test]

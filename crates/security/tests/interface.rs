@@ -157,7 +157,7 @@ fn pin_translation(m: &dyn SecurityModule, h: &Handles) {
         let back = m
             .translate_pin((key, to), out.as_bytes(), PAN, (h.zpk_a, Format::Iso0))
             .unwrap();
-        assert_eq!(back.as_bytes(), block0.as_slice(), "{to:?} -> ISO 0");
+        assert_eq!(back.as_bytes(), block0.as_bytes(), "{to:?} -> ISO 0");
     }
     // Format 1 to format 1 needs no PAN at all.
     let zpk_b = clear("zpk-b");

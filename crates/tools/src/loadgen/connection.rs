@@ -572,7 +572,7 @@ impl ConnState {
             secured: opts
                 .keys
                 .as_ref()
-                .map(|k| (&k.acquirer, plan.pin_blocks[pan_index].as_slice())),
+                .map(|k| (&k.acquirer, plan.pin_blocks[pan_index].as_bytes())),
         };
         let header = opts.header_sent();
         values.encode(&opts.dialect, opts.framing, header.as_bytes(), clock, out)?;

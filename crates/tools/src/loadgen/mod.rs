@@ -190,7 +190,7 @@ pub struct LoadKeys {
 
 impl LoadKeys {
     /// PIN 1234 for `pan`, enciphered.
-    fn pin_block(&self, pan: &str) -> anyhow::Result<Vec<u8>> {
+    fn pin_block(&self, pan: &str) -> anyhow::Result<switchyard_security::pin::PinBlock> {
         use switchyard_security::pin;
         let (format, key) = &self.pin;
         pin::encipher(*format, key, b"1234", pan.as_bytes(), &mut pin::random_fill)
@@ -284,7 +284,7 @@ struct Plan {
     opts: LoadOptions,
     pans: Vec<String>,
     /// A PIN block per PAN, with [`LoadOptions::keys`].
-    pin_blocks: Vec<Vec<u8>>,
+    pin_blocks: Vec<switchyard_security::pin::PinBlock>,
     templates: Templates,
     /// Start of the load and of the open-loop schedule (warmup begins here).
     start: Instant,
