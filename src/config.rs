@@ -6,7 +6,7 @@
 use crate::core::route::{BankIndex, RouteTable};
 use crate::core::InstitutionId;
 use crate::journal::{Fsync, JournalConfig};
-use crate::security::{KeyExchange, LinkKeys, MacSpec, Module, PinSpec};
+use crate::security::{DataModule, KeyExchange, LinkKeys, MacSpec, Module, PinSpec};
 use crate::tls::IdentitySource;
 use crate::wire::{
     Dialect, FieldType, Framing, Header, LengthKind, MessageHeader, HEADER_BYTES_MAX, TPDU_BYTES,
@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard_security::module::{KeyHandle, MacAlgorithm, SecurityModule, SoftwareModule, Usage};
+use switchyard_security::payshield::{PayShieldConfig, PayShieldModule, PayShieldTls};
 use switchyard_security::pin::Format;
 use switchyard_security::store::{KeyStore, KeyType};
 
@@ -227,6 +228,43 @@ struct KeysSection {
     mac_failure_code: String,
     #[serde(default = "d_pin_failure_code")]
     pin_failure_code: String,
+    payshield: Option<PayShieldSection>,
+}
+
+/// The payShield the links' keys live on (`[keys.payshield]`, with
+/// `module = "payshield"`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PayShieldSection {
+    address: String,
+    #[serde(default = "d_payshield_header_len")]
+    header_len: usize,
+    #[serde(default = "d_payshield_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "d_payshield_connections_max")]
+    connections_max: usize,
+    keys_file: PathBuf,
+    tls: Option<PayShieldTlsSection>,
+}
+
+/// TLS to the payShield (`[keys.payshield.tls]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PayShieldTlsSection {
+    ca_file: PathBuf,
+    server_name: String,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+fn d_payshield_header_len() -> usize {
+    switchyard_security::payshield::HEADER_LENGTH_DEFAULT_CHARS
+}
+fn d_payshield_timeout_ms() -> u64 {
+    switchyard_security::payshield::TIMEOUT_DEFAULT_MS
+}
+fn d_payshield_connections_max() -> usize {
+    switchyard_security::payshield::CONNECTIONS_DEFAULT
 }
 
 fn d_mac_failure_code() -> String {
@@ -933,14 +971,32 @@ pub struct KeysConfig {
     pub store: PathBuf,
     /// The local master key file (mode 0600).
     pub master_key_file: PathBuf,
-    /// The module holding every key of the store.
+    /// The module the links' keys are on: the software module holding every
+    /// key of the store, or the payShield client (`module`).
     pub module: Module,
+    /// The software module holding every key of the store (the journal's data
+    /// key is there whichever module the links use).
+    pub data: DataModule,
+    /// The payShield client and its tokens file, with `module = "payshield"`.
+    pub payshield: Option<PayShieldKeys>,
     /// The data key the journal enciphers PANs under (`journal_key`).
     pub journal_key: Option<KeyHandle>,
     /// DE39 for a request whose MAC fails, and for a PIN block that does not
     /// translate (`mac_failure_code`, `pin_failure_code`; 63 and 81).
     pub codes: [[u8; 2]; 2],
 }
+
+/// The payShield the links' keys are on (`[keys.payshield]`).
+#[derive(Clone, Debug)]
+pub struct PayShieldKeys {
+    /// The client.
+    pub module: Arc<PayShieldModule>,
+    /// The key tokens file ([`crate::hsm_keys`]), rewritten after a rotation.
+    pub keys_file: PathBuf,
+}
+
+/// The largest certificate or key file of `[keys.payshield.tls]`, bytes.
+pub const PAYSHIELD_TLS_FILE_SIZE_MAX_BYTES: u64 = 1024 * 1024;
 
 impl Config {
     /// Reads and validates a config file (a regular file of at most
@@ -1497,14 +1553,20 @@ impl Checker<'_> {
     /// `[keys]`: opens the key store (the master key file must be mode 0600) and
     /// loads every key into the software module.
     fn keys(&self, k: &KeysSection) -> Result<KeysConfig, ConfigError> {
-        if k.module != "software" {
-            return Err(self.invalid(
-                "keys.module",
-                format!(
-                    "\"software\" is the only module built so far, found {:?}",
-                    k.module
-                ),
-            ));
+        match (k.module.as_str(), &k.payshield) {
+            ("software", None) | ("payshield", Some(_)) => {}
+            ("software", Some(_)) => {
+                return Err(self.invalid("keys.payshield", "only with module = \"payshield\""))
+            }
+            ("payshield", None) => {
+                return Err(self.invalid("keys.payshield", "required with module = \"payshield\""))
+            }
+            (other, _) => {
+                return Err(self.invalid(
+                    "keys.module",
+                    format!("\"software\" or \"payshield\", found {other:?}"),
+                ))
+            }
         }
         let (store, master_key_file) = (self.path(&k.store), self.path(&k.master_key_file));
         let opened = KeyStore::open(&store, &master_key_file)
@@ -1524,23 +1586,86 @@ impl Checker<'_> {
                 .add(&stored.id, usage, key)
                 .map_err(|e| self.invalid("keys.store", e.to_string()))?;
         }
-        let module = Arc::new(module);
+        let data = Arc::new(module);
         let journal_key = match &k.journal_key {
             None => None,
             Some(id) => {
                 let wanted = (Usage::Data, Some(switchyard_security::Algorithm::Aes));
-                Some(self.key_of(&module, "keys.journal_key", id, wanted)?)
+                Some(self.key_of(&*data, "keys.journal_key", id, wanted)?)
             }
+        };
+        let payshield = k
+            .payshield
+            .as_ref()
+            .map(|p| self.payshield(p))
+            .transpose()?;
+        let module: Module = match &payshield {
+            Some(p) => p.module.clone(),
+            None => data.clone(),
         };
         Ok(KeysConfig {
             store,
             master_key_file,
             module,
+            data,
+            payshield,
             journal_key,
             codes: [
                 self.code("keys.mac_failure_code", &k.mac_failure_code)?,
                 self.code("keys.pin_failure_code", &k.pin_failure_code)?,
             ],
+        })
+    }
+
+    /// `[keys.payshield]`: the client (it connects at the first command) and
+    /// the keys of its tokens file.
+    fn payshield(&self, p: &PayShieldSection) -> Result<PayShieldKeys, ConfigError> {
+        let address: std::net::SocketAddr = p.address.parse().map_err(|_| {
+            self.invalid(
+                "keys.payshield.address",
+                format!("an IP address and port, found {:?}", p.address),
+            )
+        })?;
+        let keys_file = self.path(&p.keys_file);
+        let keys = crate::hsm_keys::load(&keys_file)
+            .map_err(|e| self.invalid("keys.payshield.keys_file", e.to_string()))?;
+        let mut config = PayShieldConfig::new(address);
+        config.header_len = p.header_len;
+        config.timeout = Duration::from_millis(p.timeout_ms);
+        config.connections_max = p.connections_max;
+        config.keys = keys;
+        if let Some(t) = &p.tls {
+            let max = PAYSHIELD_TLS_FILE_SIZE_MAX_BYTES;
+            let ca = crate::tls::load_certs_bounded(&self.path(&t.ca_file), max)
+                .map_err(|e| self.invalid("keys.payshield.tls.ca_file", e.to_string()))?;
+            let client = match (&t.cert_file, &t.key_file) {
+                (Some(cert), Some(key)) => {
+                    let chain = crate::tls::load_certs_bounded(&self.path(cert), max)
+                        .map_err(|e| self.invalid("keys.payshield.tls.cert_file", e.to_string()))?;
+                    let key = crate::tls::load_key_bounded(&self.path(key), max)
+                        .map_err(|e| self.invalid("keys.payshield.tls.key_file", e.to_string()))?;
+                    crate::tls::client_config(&ca, chain, key)
+                }
+                (None, None) => crate::tls::client_config_anonymous(&ca),
+                _ => {
+                    return Err(
+                        self.invalid("keys.payshield.tls", "cert_file and key_file go together")
+                    )
+                }
+            }
+            .map_err(|e| self.invalid("keys.payshield.tls", e.to_string()))?;
+            let server_name = rustls::pki_types::ServerName::try_from(t.server_name.clone())
+                .map_err(|e| self.invalid("keys.payshield.tls.server_name", e.to_string()))?;
+            config.tls = Some(PayShieldTls {
+                config: client,
+                server_name,
+            });
+        }
+        let module = PayShieldModule::new(config)
+            .map_err(|e| self.invalid("keys.payshield", e.to_string()))?;
+        Ok(PayShieldKeys {
+            module: Arc::new(module),
+            keys_file,
         })
     }
 
@@ -1556,14 +1681,19 @@ impl Checker<'_> {
     /// given); `key` names the setting in errors.
     fn key_of(
         &self,
-        module: &SoftwareModule,
+        module: &dyn SecurityModule,
         key: &str,
         id: &str,
         (usage, algorithm): (Usage, Option<switchyard_security::Algorithm>),
     ) -> Result<KeyHandle, ConfigError> {
-        let h = module
-            .handle(id)
-            .ok_or_else(|| self.invalid(key, format!("no key {id:?} in the key store")))?;
+        let h = module.handle(id).ok_or_else(|| {
+            let place = if module.remote() {
+                "the payShield tokens file (keys.payshield.keys_file)"
+            } else {
+                "the key store"
+            };
+            self.invalid(key, format!("no key {id:?} in {place}"))
+        })?;
         let info = module
             .info(h)
             .map_err(|e| self.invalid(key, e.to_string()))?;
@@ -1635,7 +1765,7 @@ impl Checker<'_> {
         let mut mac = None;
         if let (Some(algorithm), Some(id)) = (mac_algorithm, n.mac_key) {
             let wanted = (Usage::Mac, Some(algorithm.key_algorithm()));
-            let key = self.key_of(module, &k("mac_key"), id, wanted)?;
+            let key = self.key_of(&**module, &k("mac_key"), id, wanted)?;
             for d in dialects {
                 for field in [64, 128] {
                     let fits = crate::security::binary_field_len(d, field)
@@ -1653,7 +1783,7 @@ impl Checker<'_> {
         let mut pin = None;
         if let (Some(format), Some(id)) = (format, n.pin_key) {
             let wanted = (Usage::Pin, Some(format.algorithm()));
-            let key = self.key_of(module, &k("pin_key"), id, wanted)?;
+            let key = self.key_of(&**module, &k("pin_key"), id, wanted)?;
             for d in dialects {
                 if crate::security::binary_field_len(d, 52) != Some(format.block_len()) {
                     return Err(self.invalid(
@@ -1699,7 +1829,7 @@ impl Checker<'_> {
             return Err(self.invalid(k("zmk_key"), "names a key, but there is no [keys] section"));
         };
         let zmk = self.key_of(
-            &keys.module,
+            &*keys.module,
             &k("zmk_key"),
             id,
             (Usage::KeyEncryption, None),
@@ -2247,6 +2377,73 @@ mod tests {
                 format!("s.toml: keys.mac_failure_code: two digits other than 00, found {bad}")
             );
         }
+    }
+
+    #[test]
+    fn a_payshield_module_takes_its_keys_from_the_tokens_file() {
+        let dir = switchyard_tools::testkit::TempDir::new("config-payshield");
+        let (store, master) = (dir.path().join("keys.txt"), dir.path().join("master.key"));
+        KeyStore::init(&store, &master).unwrap().save().unwrap();
+        let tokens = dir.path().join("hsm-keys.toml");
+        std::fs::write(
+            &tokens,
+            "[[key]]\nid = \"zak\"\ntype = \"zak\"\nalgorithm = \"tdes\"\n\
+             token = \"U0123456789ABCDEF0123456789ABCDEF\"\nkcv = \"08D7B4\"\n",
+        )
+        .unwrap();
+        let parse = |keys: &str, institution: &str| {
+            let text = format!(
+                "[switch]\nlisten = \"127.0.0.1:0\"\n\
+                 [tls]\nca_file = \"x\"\ncert_file = \"x\"\nkey_file = \"x\"\n\
+                 client_cert_file = \"x\"\nclient_key_file = \"x\"\n\
+                 [keys]\nstore = \"{}\"\nmaster_key_file = \"{}\"\n{keys}\n\
+                 [[institution]]\nid = \"100001\"\n{institution}\n",
+                store.display(),
+                master.display()
+            );
+            Config::parse(&text, Path::new("s.toml")).map_err(|e| e.to_string())
+        };
+        let hsm = format!(
+            "module = \"payshield\"\n[keys.payshield]\naddress = \"127.0.0.1:1500\"\n\
+             keys_file = \"{}\"\n",
+            tokens.display()
+        );
+        let mac = "mac_key = \"zak\"\nmac = \"iso9797-3\"";
+        let c = parse(&hsm, mac).unwrap();
+        let keys = c.keys.as_ref().unwrap();
+        assert!(keys.payshield.is_some() && keys.module.remote());
+        assert!(c.institutions[0].security.has_mac());
+        let refused = [
+            (
+                parse(&hsm, "mac_key = \"nope\"\nmac = \"iso9797-3\""),
+                "s.toml: institution[0].mac_key: no key \"nope\" in the payShield tokens file \
+                 (keys.payshield.keys_file)",
+            ),
+            (
+                parse("module = \"payshield\"", ""),
+                "s.toml: keys.payshield: required with module = \"payshield\"",
+            ),
+            (
+                parse(&hsm.replace("\"payshield\"\n[", "\"software\"\n["), ""),
+                "s.toml: keys.payshield: only with module = \"payshield\"",
+            ),
+            (
+                parse(&hsm.replace("\"payshield\"\n[", "\"thales\"\n["), ""),
+                "s.toml: keys.module: \"software\" or \"payshield\", found \"thales\"",
+            ),
+            (
+                parse(&hsm.replace("127.0.0.1:1500", "hsm:1500"), ""),
+                "s.toml: keys.payshield.address: an IP address and port, found \"hsm:1500\"",
+            ),
+        ];
+        for (result, says) in refused {
+            assert_eq!(result.unwrap_err(), says);
+        }
+        let no_file = parse(&hsm.replace("hsm-keys.toml", "missing.toml"), "").unwrap_err();
+        assert!(
+            no_file.starts_with("s.toml: keys.payshield.keys_file: "),
+            "{no_file}"
+        );
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod core;
 pub mod daemon;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod hsm_keys;
 pub mod journal;
 pub mod lograte;
 pub mod money;

@@ -36,8 +36,32 @@ use switchyard_security::module::{
 };
 use switchyard_security::pin::Format;
 
-/// The security module the switch uses.
-pub type Module = Arc<SoftwareModule>;
+/// The security module the links use: the software module holding the key
+/// store's keys, or a payShield client (`[keys] module`).
+pub type Module = Arc<dyn SecurityModule>;
+
+/// The software module holding the key store's keys: the journal's data key
+/// lives there whichever module the links use.
+pub type DataModule = Arc<SoftwareModule>;
+
+/// Runs `call` on `module`: directly for the software module (microseconds of
+/// CPU), and where blocking is allowed for a module on another machine, so that
+/// a session task waiting on the HSM does not stall the tasks that share its
+/// worker thread (`tokio::task::block_in_place`, on the multi-thread runtime
+/// the daemon runs; directly elsewhere). The payShield client bounds the calls
+/// waiting at once by its `connections_max`: a call finding every connection
+/// busy is refused at once.
+pub fn offload<R>(module: &dyn SecurityModule, call: impl FnOnce() -> R) -> R {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    let multi_thread = Handle::try_current()
+        .map(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread)
+        .unwrap_or(false);
+    if module.remote() && multi_thread {
+        tokio::task::block_in_place(call)
+    } else {
+        call()
+    }
+}
 
 /// A link's MAC: the key and the algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,6 +225,9 @@ pub enum MacFailure {
     Mismatch,
     /// The link's dialect cannot carry a MAC (refused by check-config).
     Field,
+    /// The security module could not be asked (a hardware module unreachable,
+    /// busy or failing): the switch answers 96, not 63.
+    Unavailable,
 }
 
 impl MacFailure {
@@ -210,6 +237,7 @@ impl MacFailure {
             MacFailure::Missing => "missing",
             MacFailure::Mismatch => "mismatch",
             MacFailure::Field => "field",
+            MacFailure::Unavailable => "module_unavailable",
         }
     }
 }
@@ -269,6 +297,13 @@ impl LinkKeys {
         module.info(handle).ok()
     }
 
+    /// Working key `key` as a hardware module keeps it (its token) and its
+    /// check value; `None` with the software module ([`SecurityModule::token`]).
+    pub fn token(&self, key: WorkingKey) -> Option<(String, [u8; 3])> {
+        let (module, handle) = self.module.as_ref().zip(self.working_key(key))?;
+        module.token(handle)
+    }
+
     /// The id of the key-encrypting key the bank's keys travel under.
     pub fn zmk_id(&self) -> Option<String> {
         let (module, exchange) = self.module.as_ref().zip(self.exchange)?;
@@ -285,8 +320,7 @@ impl LinkKeys {
             .as_ref()
             .zip(self.working_key(key))
             .ok_or(StageError::NoKey(key))?;
-        module
-            .stage(handle, exchange.zmk)
+        offload(&**module, || module.stage(handle, exchange.zmk))
             .map_err(|e| StageError::Module(e.to_string()))
     }
 
@@ -341,9 +375,14 @@ impl LinkKeys {
             return Err(MacFailure::Missing);
         }
         let len = width.min(mac.algorithm.mac_len());
-        module
-            .verify_mac(mac.key, mac.algorithm, data, &value[..len])
-            .map_err(|_| MacFailure::Mismatch)
+        let module = &**module;
+        offload(module, || {
+            module.verify_mac(mac.key, mac.algorithm, data, &value[..len])
+        })
+        .map_err(|e| match e {
+            ModuleError::Unavailable(_) => MacFailure::Unavailable,
+            _ => MacFailure::Mismatch,
+        })
     }
 
     /// The placeholder `(field, zeros)` a message for this link carries while it
@@ -368,9 +407,11 @@ impl LinkKeys {
         };
         let (data, value) = message.split_at_mut(at);
         let len = width.min(mac.algorithm.mac_len());
-        let ok = module
-            .generate_mac(mac.key, mac.algorithm, data, &mut value[..len])
-            .is_ok();
+        let module = &**module;
+        let ok = offload(module, || {
+            module.generate_mac(mac.key, mac.algorithm, data, &mut value[..len])
+        })
+        .is_ok();
         // A field longer than the MAC: the rest stays zero.
         ok
     }
@@ -388,7 +429,8 @@ pub enum PinOut {
     Removed,
 }
 
-/// Why a PIN block could not go to the bank: the switch answers 81.
+/// Why a PIN block could not go to the bank: the switch answers 81 (96 when the
+/// module could not be asked).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PinFailure {
     /// Only one side has a PIN key.
@@ -396,6 +438,8 @@ pub enum PinFailure {
     /// The block is not a valid PIN block under the acquirer's key (or the PAN
     /// does not fit the format).
     Block,
+    /// The security module could not be asked: the switch answers 96, not 81.
+    Unavailable,
 }
 
 impl PinFailure {
@@ -404,6 +448,7 @@ impl PinFailure {
         match self {
             PinFailure::NoKey => "no_key",
             PinFailure::Block => "block",
+            PinFailure::Unavailable => "module_unavailable",
         }
     }
 }
@@ -423,9 +468,14 @@ pub fn translate_pin(
         _ => return Err(PinFailure::NoKey),
     };
     let pan = msg.field(2).unwrap_or(b"");
-    match module.translate_pin((from.key, from.format), block, pan, (to.key, to.format)) {
+    let module = &**module;
+    let translated = offload(module, || {
+        module.translate_pin((from.key, from.format), block, pan, (to.key, to.format))
+    });
+    match translated {
         Ok(out) => Ok(PinOut::Translated(out)),
         Err(ModuleError::Pin(_)) => Err(PinFailure::Block),
+        Err(ModuleError::Unavailable(_)) => Err(PinFailure::Unavailable),
         Err(_) => Err(PinFailure::NoKey),
     }
 }

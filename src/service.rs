@@ -57,6 +57,10 @@ pub enum ServiceError {
     /// The journal could not be opened.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// The payShield could not be reached, or holds other keys than the
+    /// tokens file says (`[keys.payshield]`).
+    #[error("payShield at start-up: {0}")]
+    SecurityModule(String),
 }
 
 /// The admin endpoint's view of the daemon.
@@ -185,6 +189,9 @@ fn duplicates_capacity(c: &Config) -> String {
 /// SIGINT.
 pub async fn run_file(path: PathBuf, config: Config) -> Result<Stopped, ServiceError> {
     let tls = TlsSetup::from_files(&config.tls_files)?;
+    if let Some(hsm) = config.keys.as_ref().and_then(|k| k.payshield.clone()) {
+        check_payshield(hsm).await?;
+    }
     let admin = match config.admin_listen {
         Some(addr) => {
             let metrics = crate::telemetry::install_recorder()
@@ -231,6 +238,25 @@ pub async fn run_file(path: PathBuf, config: Config) -> Result<Stopped, ServiceE
         terminate_signal(),
     )
     .await
+}
+
+/// Before any traffic: the payShield answers `NC`, and its check value of every
+/// token is the one the tokens file records (a token of another key, or under
+/// another LMK, is refused here rather than failing payments).
+async fn check_payshield(hsm: crate::config::PayShieldKeys) -> Result<(), ServiceError> {
+    let module = hsm.module.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        let diagnostics = module.diagnostics().map_err(|e| e.to_string())?;
+        module.check_keys().map_err(|e| e.to_string())?;
+        Ok::<_, String>(diagnostics)
+    })
+    .await
+    .map_err(|e| ServiceError::SecurityModule(e.to_string()))?
+    .map_err(ServiceError::SecurityModule)?;
+    tracing::info!(lmk_check = %checked.lmk_check, firmware = %checked.firmware,
+        keys_file = %hsm.keys_file.display(),
+        "payShield: reachable, and every key's check value is the tokens file's");
+    Ok(())
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServiceError> {

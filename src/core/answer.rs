@@ -9,7 +9,7 @@
 use super::inflight::Stan;
 use super::route::BankIndex;
 use super::ResponseCode;
-use crate::security::LinkKeys;
+use crate::security::{LinkKeys, NO_KEYS};
 use crate::wire::{Change, Dialect, Encoder, Framing, Message};
 use bytes::{Bytes, BytesMut};
 use std::sync::Arc;
@@ -127,8 +127,9 @@ impl Reply {
 
 /// Appends one framed answer to `out`, `header` (a TPDU, or nothing) between the
 /// frame's length and the message, MAC'ed under the acquirer's `keys` when they
-/// have a MAC key (a bank's MAC is replaced). Returns false (and appends nothing)
-/// when the answer could not be encoded; the caller counts it.
+/// have a MAC key (a bank's MAC is replaced; a decline of the switch's own goes
+/// without a MAC when the module cannot make one). Returns false (and appends
+/// nothing) when the answer could not be encoded; the caller counts it.
 pub fn encode_reply(
     reply: &Reply,
     (dialect, keys): (&Dialect, &LinkKeys),
@@ -168,7 +169,24 @@ pub fn encode_reply(
             encode_switch_answer(request, *code, (dialect, keys), out)
         }
     };
-    let ok = ok && placeholder.is_none_or(|(_, zeros)| keys.seal(&mut out[start..], zeros.len()));
+    let sealed = placeholder.is_none_or(|(_, zeros)| keys.seal(&mut out[start..], zeros.len()));
+    let ok = match reply {
+        // The module could not MAC the switch's own decline (a hardware module
+        // unreachable): it goes without a MAC rather than not at all, so the
+        // acquirer has its outcome now instead of at its timeout. A bank's
+        // answer is never sent unauthenticated: unanswered, its acquirer reverses.
+        Reply::Switch { request, code, .. } if ok && !sealed => {
+            out.truncate(start);
+            metrics::counter!("switchyard_answers_without_mac_total").increment(1);
+            crate::log_limited!(
+                error,
+                code = code.as_str(),
+                "security module could not MAC the switch's answer: sent without a MAC"
+            );
+            encode_switch_answer(request, *code, (dialect, &NO_KEYS), out).0
+        }
+        _ => ok && sealed,
+    };
     if !ok || framing.finish(out, at).is_err() {
         out.truncate(at);
         return false;

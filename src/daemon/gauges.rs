@@ -7,6 +7,7 @@ use crate::net::connector::Connector;
 use crate::net::ingress::Ingress;
 use crate::telemetry::{self, PUBLISH_INTERVAL};
 use std::sync::Arc;
+use switchyard_security::payshield::PayShieldModule;
 use tokio_util::sync::CancellationToken;
 
 /// What the gauges are read from.
@@ -14,6 +15,8 @@ pub(super) struct Published {
     pub(super) ingress: Arc<Ingress>,
     pub(super) recent: Arc<Recent>,
     pub(super) journal: Option<Arc<Journal>>,
+    /// The payShield client the switch started with (`[keys.payshield]`).
+    pub(super) payshield: Option<Arc<PayShieldModule>>,
 }
 
 /// Refreshes gauges once per [`PUBLISH_INTERVAL`] until shutdown, and expires the
@@ -49,6 +52,17 @@ pub(super) struct Gauges {
     journal_segments: metrics::Gauge,
     journal_bytes: metrics::Gauge,
     journal_queue: metrics::Gauge,
+}
+
+/// The payShield client's counters, published as they stand (a counter the
+/// client keeps, so `absolute`).
+fn publish_payshield(module: &PayShieldModule) {
+    let stats = module.stats();
+    metrics::counter!("switchyard_payshield_commands_total").absolute(stats.requests);
+    metrics::counter!("switchyard_payshield_failures_total").absolute(stats.failures);
+    metrics::counter!("switchyard_payshield_busy_total").absolute(stats.busy);
+    metrics::counter!("switchyard_payshield_reconnects_total").absolute(stats.reconnects);
+    metrics::gauge!("switchyard_payshield_connections_open").set(stats.connections_open as f64);
 }
 
 struct ConnectorGauges {
@@ -113,6 +127,9 @@ impl Gauges {
             self.journal_segments.set(segments as f64);
             self.journal_bytes.set(bytes as f64);
             self.journal_queue.set(journal.queue_depth() as f64);
+        }
+        if let Some(module) = &p.payshield {
+            publish_payshield(module);
         }
     }
 

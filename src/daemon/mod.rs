@@ -27,6 +27,7 @@ use crate::tls::TlsSetup;
 use gauges::{publish_loop, Gauges, Published};
 use std::sync::Arc;
 use std::time::Duration;
+use switchyard_security::payshield::PayShieldModule;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -45,6 +46,8 @@ pub struct Switch {
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     journal: Option<Arc<Journal>>,
     recent: Arc<Recent>,
+    /// The payShield client the switch started with, for its metrics.
+    payshield: Option<Arc<PayShieldModule>>,
 }
 
 impl Switch {
@@ -73,7 +76,7 @@ impl Switch {
             config
                 .keys
                 .as_ref()
-                .and_then(|k| Some((k.module.clone(), k.journal_key?))),
+                .and_then(|k| Some((k.data.clone(), k.journal_key?))),
         );
         let (journaling, journal, first_request_id, recovery) = match &config.journal {
             Some(jc) => {
@@ -184,10 +187,15 @@ impl Switch {
             first_stan: 1,
         };
         let ingress = Ingress::new(config.clone(), live, books, durable, first_request_id);
+        let payshield = config
+            .keys
+            .as_ref()
+            .and_then(|k| Some(k.payshield.as_ref()?.module.clone()));
         let published = Published {
             ingress: ingress.clone(),
             recent: recent.clone(),
             journal: journal.clone(),
+            payshield: payshield.clone(),
         };
         let tasks = vec![tokio::spawn(publish_loop(published, shutdown.clone()))];
         let tasks = std::sync::Mutex::new(tasks);
@@ -201,6 +209,7 @@ impl Switch {
             tasks,
             journal,
             recent,
+            payshield,
         })
     }
 
@@ -240,6 +249,7 @@ impl Switch {
             ingress: self.ingress.clone(),
             recent: self.recent.clone(),
             journal: self.journal.clone(),
+            payshield: self.payshield.clone(),
         };
         Gauges::new().publish(&published);
     }

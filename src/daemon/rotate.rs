@@ -200,16 +200,26 @@ impl Switch {
             (Some(keys), Some(key_id)) => {
                 let zmk_id = security.zmk_id().unwrap_or_default();
                 let staged = report.staged.clone();
-                tokio::task::spawn_blocking(move || save_rotated(&keys, &key_id, &zmk_id, &staged))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("saving failed: {e}")))
+                let token = security.token(key);
+                tokio::task::spawn_blocking(move || match (&keys.payshield, token) {
+                    (Some(hsm), Some((token, kcv))) if kcv == staged.kcv => {
+                        crate::hsm_keys::replace_token(&hsm.keys_file, &key_id, &token, kcv)
+                            .map_err(|e| e.to_string())
+                    }
+                    (Some(_), _) => Err(format!(
+                        "key {key_id:?}: the module's token is not the key activated"
+                    )),
+                    (None, _) => save_rotated(&keys, &key_id, &zmk_id, &staged),
+                })
+                .await
+                .unwrap_or_else(|e| Err(format!("saving failed: {e}")))
             }
             _ => Err("no [keys] store in the config in force".to_owned()),
         };
         let kcv = String::from_utf8_lossy(&kcv_hex(report.staged.kcv)).into_owned();
         match &saved {
             Ok(()) => {
-                tracing::info!(bank, key = key.as_str(), %kcv, "working key rotated and saved in the key store")
+                tracing::info!(bank, key = key.as_str(), %kcv, "working key rotated and saved (key store, or payShield tokens file)")
             }
             Err(why) => tracing::error!(bank, key = key.as_str(), %kcv, error = %why,
                 "working key rotated and in use with the bank, but NOT saved in the key store: a \

@@ -28,7 +28,7 @@
 //! read back (`recovery`), never the rest.
 
 use crate::core::dedup::content_digest;
-use crate::security::Module;
+use crate::security::DataModule as Module;
 use crate::wire::{reencode, Change, Dialect, Message};
 use bytes::{Bytes, BytesMut};
 use switchyard_security::module::{KeyHandle, SEALED_OVERHEAD_BYTES};

@@ -13,7 +13,7 @@ use crate::core::route::{BankIndex, FailoverId};
 use crate::core::validate::{admit, Admission, RequestKind};
 use crate::core::writeahead::OutcomeSource;
 use crate::core::{InstitutionId, ResponseCode};
-use crate::security::{translate_pin, PinOut, NO_KEYS};
+use crate::security::{translate_pin, MacFailure, PinFailure, PinOut, NO_KEYS};
 use crate::tls::connection_identity;
 use crate::wire::{FrameDecoder, Location, Message};
 use bytes::BytesMut;
@@ -473,13 +473,21 @@ impl Ingress {
         }
         if let (Some(keys), Some(raw)) = (keys, raw) {
             if let Err(failure) = keys.verify(&raw, &msg, &wire.dialect) {
-                // Answered 63 and not forwarded; the MAC itself is never logged.
+                // Answered 63 (96 when the module could not be asked) and not
+                // forwarded; the MAC itself is never logged.
                 metrics::counter!("switchyard_mac_failures_total", "side" => "acquirer", "reason" => failure.as_str())
                     .increment(1);
-                crate::log_limited!(warn, %institution, mti = %msg.mti(), reason = failure.as_str(),
-                    "request MAC does not verify: answered 63");
+                let code = if failure == MacFailure::Unavailable {
+                    crate::log_limited!(error, %institution, mti = %msg.mti(),
+                        "security module unavailable: request MAC not checked, answered 96");
+                    ResponseCode::SystemMalfunction
+                } else {
+                    crate::log_limited!(warn, %institution, mti = %msg.mti(), reason = failure.as_str(),
+                        "request MAC does not verify: answered 63");
+                    ResponseCode::SecurityViolation
+                };
                 if msg.mti().is_request() {
-                    permit.send(Reply::switch(msg, ResponseCode::SecurityViolation));
+                    permit.send(Reply::switch(msg, code));
                 }
                 return;
             }
@@ -557,9 +565,16 @@ impl Ingress {
                 Err(failure) => {
                     metrics::counter!("switchyard_pin_failures_total", "reason" => failure.as_str())
                         .increment(1);
-                    crate::log_limited!(warn, %institution, bank = %connector.bank().id,
-                        reason = failure.as_str(), "PIN block cannot be translated: answered 81");
-                    permit.send(Reply::switch(msg, ResponseCode::PinCryptographicError).via(bank));
+                    let code = if failure == PinFailure::Unavailable {
+                        crate::log_limited!(error, %institution, bank = %connector.bank().id,
+                            "security module unavailable: PIN block not translated, answered 96");
+                        ResponseCode::SystemMalfunction
+                    } else {
+                        crate::log_limited!(warn, %institution, bank = %connector.bank().id,
+                            reason = failure.as_str(), "PIN block cannot be translated: answered 81");
+                        ResponseCode::PinCryptographicError
+                    };
+                    permit.send(Reply::switch(msg, code).via(bank));
                     return;
                 }
             }

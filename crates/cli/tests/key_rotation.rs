@@ -10,6 +10,9 @@
 //! the rotations are done, every request reaches the banks under the new key; the
 //! TDES bank's ZPK rotates too; the key store holds the new keys, and a restarted
 //! switch uses them.
+//!
+//! The second test runs the same switch with `[keys] module = "payshield"` on the
+//! payShield test double (see [`payshield_module_carries_macs_pins_and_a_rotation`]).
 
 use bytes::BytesMut;
 use std::path::Path;
@@ -18,8 +21,9 @@ use std::sync::Arc;
 use switchyard::core::link::kcv_hex;
 use switchyard::wire::{FrameDecoder, Framing, Message, Mti};
 use switchyard_security::module::MacAlgorithm;
+use switchyard_security::responder::{Responder, ResponderConfig};
 use switchyard_security::store::{KeyStore, KeyType};
-use switchyard_security::{Algorithm, Key};
+use switchyard_security::{kcv, mac, pin, Algorithm, Key};
 use switchyard_tools::banksim::{self, BankSimOptions, BankStats, Behavior, SimKeys};
 use switchyard_tools::testkit::{self, Daemon, Pki, TempDir, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -116,7 +120,38 @@ async fn start_bank(pki: &Pki, id: &str, keys: SimKeys, stop: &Arc<tokio::sync::
     Bank { port, keys, stats }
 }
 
+/// The two banks: 200001 with a TDES ZAK, ZPK and ZMK, 200002 with an AES ZAK
+/// and ZMK.
+async fn start_banks(pki: &Pki, stop: &Arc<tokio::sync::Notify>) -> (Bank, Bank) {
+    let tdes_keys = SimKeys::new(
+        Some((MacAlgorithm::Iso9797Alg3, key(Algorithm::Tdes, TDES_ZAK))),
+        Some(key(Algorithm::Tdes, TDES_ZPK)),
+        Some(key(Algorithm::Tdes, TDES_ZMK)),
+    );
+    let aes_keys = SimKeys::new(
+        Some((MacAlgorithm::AesCmac, key(Algorithm::Aes, AES_ZAK))),
+        None,
+        Some(key(Algorithm::Aes, AES_ZMK)),
+    );
+    (
+        start_bank(pki, "200001", tdes_keys, stop).await,
+        start_bank(pki, "200002", aes_keys, stop).await,
+    )
+}
+
 fn config(dir: &Path, tdes: &Bank, aes: &Bank) -> std::path::PathBuf {
+    config_with(dir, tdes, aes, "", "")
+}
+
+/// The switch's config: `keys` after the store's settings, `institution` after
+/// the institution's id.
+fn config_with(
+    dir: &Path,
+    tdes: &Bank,
+    aes: &Bank,
+    keys: &str,
+    institution: &str,
+) -> std::path::PathBuf {
     let rest = format!(
         r#"[admin]
 listen = "127.0.0.1:0"
@@ -124,9 +159,11 @@ listen = "127.0.0.1:0"
 [keys]
 store = "keys.toml"
 master_key_file = "master.key"
+{keys}
 
 [[institution]]
 id = "100001"
+{institution}
 
 [[bank]]
 id = "200001"
@@ -197,18 +234,35 @@ fn payment(n: usize) -> Vec<u8> {
     ))
 }
 
-/// What a load run saw: payments sent, and the answers that were not 00.
+/// What a load run saw: payments sent, the answers that were not 00, and the
+/// answers whose MAC the client could not verify.
 #[derive(Debug, Default)]
 struct Seen {
     sent: usize,
     answered: usize,
     not_approved: Vec<(String, String)>,
+    bad_answer_macs: usize,
 }
+
+/// What a load sends and how it checks answers: payment `n`, framed, and
+/// whether an answer (unframed) carries a good MAC for the client.
+#[derive(Clone, Copy)]
+struct Load {
+    payment: fn(usize) -> Vec<u8>,
+    answer_ok: fn(&[u8]) -> bool,
+}
+
+/// The first test's load: no MAC or PIN between client and switch.
+const PLAIN: Load = Load {
+    payment,
+    answer_ok: |_| true,
+};
 
 /// Sends payments `first`, `first + 1`, … to the switch at `addr`, `WINDOW` in
 /// flight, until `count` are sent or `stop` is set (at most [`PAYMENTS_MAX`]),
 /// then waits for every answer; `progress` follows the answers.
 async fn drive(
+    load: Load,
     addr: std::net::SocketAddr,
     tls: Arc<rustls::ClientConfig>,
     first: usize,
@@ -225,7 +279,7 @@ async fn drive(
         let stopped = stop.load(Ordering::Relaxed);
         let mut out = Vec::new();
         while seen.sent - seen.answered < WINDOW && seen.sent < count && !stopped {
-            out.extend_from_slice(&payment(first + seen.sent));
+            out.extend_from_slice(&(load.payment)(first + seen.sent));
             seen.sent += 1;
         }
         if !out.is_empty() {
@@ -241,6 +295,9 @@ async fn drive(
             .unwrap();
         assert!(read > 0, "the switch closed the connection");
         while let Some(frame) = decoder.decode(&mut buf).unwrap() {
+            if !(load.answer_ok)(&frame) {
+                seen.bad_answer_macs += 1;
+            }
             let answer = Message::decode(testkit::dialect(), frame).unwrap();
             seen.answered += 1;
             if answer.field(39) != Some(b"00") {
@@ -250,6 +307,48 @@ async fn drive(
         }
         progress.send_replace(seen.answered);
     }
+}
+
+/// Payments from 1 while the ZAKs of `banks` rotate: `before` answered, then
+/// the rotations (each must exit 0), then `after` more answered, then the load
+/// stops. What the load saw, the rotations' answers, and the answers counted
+/// when the rotations were done.
+async fn rotate_under_load(
+    load: Load,
+    daemon: &Daemon,
+    client: Arc<rustls::ClientConfig>,
+    banks: &[&str],
+    (before, after): (usize, usize),
+) -> (Seen, Vec<serde_json::Value>, usize) {
+    let admin = daemon.admin.expect("the admin endpoint's address");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (progress, mut answered) = watch::channel(0);
+    let running = tokio::spawn(drive(
+        load,
+        daemon.addr,
+        client,
+        1,
+        PAYMENTS_MAX,
+        stop.clone(),
+        progress,
+    ));
+    tokio::time::timeout(WAIT, answered.wait_for(|n| *n >= before))
+        .await
+        .expect("load under way")
+        .unwrap();
+    let mut rotated = Vec::new();
+    for bank in banks {
+        let (exited_ok, answer) = rotate(admin, bank, "zak").await;
+        assert!(exited_ok, "{answer}");
+        rotated.push(answer);
+    }
+    let at = *answered.borrow();
+    tokio::time::timeout(WAIT, answered.wait_for(|n| *n >= at + after))
+        .await
+        .expect("load goes on after the rotations")
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    (running.await.unwrap(), rotated, at)
 }
 
 /// `switchyard keys rotate` for `bank`'s ZAK: its exit status and JSON answer.
@@ -303,18 +402,7 @@ async fn zaks_rotate_under_load_with_no_failed_mac() {
     let pki = Pki::write(&dir.0);
     key_store(&dir.0);
     let stop_banks = Arc::new(tokio::sync::Notify::new());
-    let tdes_keys = SimKeys::new(
-        Some((MacAlgorithm::Iso9797Alg3, key(Algorithm::Tdes, TDES_ZAK))),
-        Some(key(Algorithm::Tdes, TDES_ZPK)),
-        Some(key(Algorithm::Tdes, TDES_ZMK)),
-    );
-    let aes_keys = SimKeys::new(
-        Some((MacAlgorithm::AesCmac, key(Algorithm::Aes, AES_ZAK))),
-        None,
-        Some(key(Algorithm::Aes, AES_ZMK)),
-    );
-    let tdes = start_bank(&pki, "200001", tdes_keys, &stop_banks).await;
-    let aes = start_bank(&pki, "200002", aes_keys, &stop_banks).await;
+    let (tdes, aes) = start_banks(&pki, &stop_banks).await;
     let config = config(&dir.0, &tdes, &aes);
     let mut daemon = start_switch(&config);
     let admin = daemon.admin.expect("the admin endpoint's address");
@@ -332,33 +420,14 @@ async fn zaks_rotate_under_load_with_no_failed_mac() {
     );
 
     // Load to both banks; both ZAKs rotated while it runs.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (progress, mut answered) = watch::channel(0);
-    let load = tokio::spawn(drive(
-        daemon.addr,
+    let (seen, rotated, at) = rotate_under_load(
+        PLAIN,
+        &daemon,
         client.clone(),
-        1,
-        PAYMENTS_MAX,
-        stop.clone(),
-        progress,
-    ));
-    tokio::time::timeout(WAIT, answered.wait_for(|n| *n >= ANSWERED_BEFORE))
-        .await
-        .expect("load under way")
-        .unwrap();
-    let mut rotated = Vec::new();
-    for bank in ["200001", "200002"] {
-        let (exited_ok, answer) = rotate(admin, bank, "zak").await;
-        assert!(exited_ok, "{answer}");
-        rotated.push(answer);
-    }
-    let at = *answered.borrow();
-    tokio::time::timeout(WAIT, answered.wait_for(|n| *n >= at + ANSWERED_AFTER))
-        .await
-        .expect("load goes on after the rotations")
-        .unwrap();
-    stop.store(true, Ordering::Relaxed);
-    let seen = load.await.unwrap();
+        &["200001", "200002"],
+        (ANSWERED_BEFORE, ANSWERED_AFTER),
+    )
+    .await;
     println!(
         "load: {} payments; rotations answered at {at}: {rotated:?}",
         seen.sent
@@ -406,6 +475,7 @@ async fn zaks_rotate_under_load_with_no_failed_mac() {
     println!("at the banks: {current:?} under the current key, {previous:?} under the old");
     let (progress, _) = watch::channel(0);
     let later = drive(
+        PLAIN,
         daemon.addr,
         client.clone(),
         seen.sent + 1,
@@ -442,6 +512,7 @@ async fn zaks_rotate_under_load_with_no_failed_mac() {
     let previous = [&tdes, &aes].map(|b| count(&b.stats.mac_verified_previous));
     let (progress, _) = watch::channel(0);
     let restarted = drive(
+        PLAIN,
         daemon.addr,
         client,
         seen.sent + PAYMENTS_LATER + 1,
@@ -459,6 +530,304 @@ async fn zaks_rotate_under_load_with_no_failed_mac() {
         assert_eq!(count(&bank.stats.mac_verified_previous), previous[i]);
         assert_eq!(count(&bank.stats.mac_failures), 0);
     }
+    drop(daemon);
+    stop_banks.notify_waiters();
+}
+
+// === The same switch on a payShield ===
+
+/// The test double's LMK (AES-128): key tokens are TR-31 blocks under it.
+const LMK: &str = "00112233445566778899AABBCCDDEEFF";
+/// The acquirer's keys: a TDES ZAK (retail MAC) and ZPK (ISO 0 PIN blocks).
+const ACQ_ZAK: &str = "0123456789ABCDEFFEDCBA9876543210";
+const ACQ_ZPK: &str = "1C1C1C1C1C1C1C1C5D5D5D5D5D5D5D5D";
+/// A PIN block under another key: deciphers to no valid PIN block.
+const WRONG_ZPK: &str = "2A2A2A2A2A2A2A2A3B3B3B3B3B3B3B3B";
+
+/// Payments of the payShield test answered before the rotation is asked for,
+/// and after it.
+const HSM_ANSWERED_BEFORE: usize = 300;
+const HSM_ANSWERED_AFTER: usize = 300;
+
+/// The keys file of the payShield: every key of the switch as a token of
+/// `responder`, with its check value.
+fn hsm_keys_file(dir: &Path, responder: &Responder) {
+    use switchyard_security::module::Usage;
+    let entries = [
+        ("zak-acq", "zak", ACQ_ZAK, Algorithm::Tdes, Usage::Mac),
+        ("zpk-acq", "zpk", ACQ_ZPK, Algorithm::Tdes, Usage::Pin),
+        (
+            "zmk-tdes",
+            "zmk",
+            TDES_ZMK,
+            Algorithm::Tdes,
+            Usage::KeyEncryption,
+        ),
+        ("zak-tdes", "zak", TDES_ZAK, Algorithm::Tdes, Usage::Mac),
+        ("zpk-tdes", "zpk", TDES_ZPK, Algorithm::Tdes, Usage::Pin),
+        (
+            "zmk-aes",
+            "zmk",
+            AES_ZMK,
+            Algorithm::Aes,
+            Usage::KeyEncryption,
+        ),
+        ("zak-aes", "zak", AES_ZAK, Algorithm::Aes, Usage::Mac),
+    ];
+    let mut text = String::new();
+    for (id, kind, hex, algorithm, usage) in entries {
+        let k = key(algorithm, hex);
+        let token = responder.token(usage, &k).unwrap();
+        let algorithm = if algorithm == Algorithm::Tdes {
+            "tdes"
+        } else {
+            "aes"
+        };
+        text.push_str(&format!(
+            "[[key]]\nid = \"{id}\"\ntype = \"{kind}\"\nalgorithm = \"{algorithm}\"\nlength = {}\n\
+             token = \"{token}\"\nkcv = \"{}\"\n\n",
+            hex.len() / 2,
+            hex_kcv(kcv::kcv(&k))
+        ));
+    }
+    std::fs::write(dir.join("hsm-keys.toml"), text).unwrap();
+}
+
+/// The config of the switch on the payShield at `hsm`; the acquirer MACs its
+/// requests and sends ISO 0 PIN blocks.
+fn hsm_config(
+    dir: &Path,
+    tdes: &Bank,
+    aes: &Bank,
+    hsm: std::net::SocketAddr,
+) -> std::path::PathBuf {
+    let keys = format!(
+        "module = \"payshield\"\n\n[keys.payshield]\naddress = \"{hsm}\"\nkeys_file = \
+         \"hsm-keys.toml\"\nconnections_max = 8\ntimeout_ms = 2000\n"
+    );
+    let institution = "mac_key = \"zak-acq\"\nmac = \"iso9797-3\"\npin_key = \"zpk-acq\"\n\
+                       pin_block_format = \"iso0\"\n";
+    config_with(dir, tdes, aes, &keys, institution)
+}
+
+/// Payment `n` as the acquirer sends it: [`payment`]'s fields, an ISO 0 PIN
+/// block of PIN 1234 under `zpk` (to the TDES bank, which has a ZPK), and the
+/// retail MAC under the acquirer's ZAK in DE64.
+fn hsm_payment_under(n: usize, zpk: &str, tamper: bool) -> Vec<u8> {
+    let plain = payment(n);
+    let msg = Message::decode(testkit::dialect(), bytes::Bytes::from(plain[2..].to_vec())).unwrap();
+    let mut fields: Vec<(u8, Vec<u8>)> = (2..=63)
+        .filter_map(|i| msg.field(i).map(|v| (i, v.to_vec())))
+        .collect();
+    if n % 2 == 0 {
+        let pan = msg.field(2).unwrap();
+        let block = pin::encipher(
+            pin::Format::Iso0,
+            &key(Algorithm::Tdes, zpk),
+            b"1234",
+            pan,
+            &mut pin::random_fill,
+        )
+        .unwrap();
+        fields.push((52, block.to_vec()));
+    }
+    fields.sort_by_key(|(i, _)| *i);
+    fields.push((64, vec![0; 8]));
+    let refs: Vec<(u8, &[u8])> = fields.iter().map(|(i, v)| (*i, v.as_slice())).collect();
+    let mut raw = testkit::message(Mti::FINANCIAL, &refs).to_vec();
+    let at = raw.len() - 8;
+    let mac = mac::retail_mac(&key(Algorithm::Tdes, ACQ_ZAK), &raw[..at]).unwrap();
+    raw[at..].copy_from_slice(&mac);
+    if tamper {
+        raw[at] ^= 1;
+    }
+    testkit::framed(&raw)
+}
+
+fn hsm_payment(n: usize) -> Vec<u8> {
+    hsm_payment_under(n, ACQ_ZPK, false)
+}
+
+/// Whether an answer to the acquirer carries its retail MAC in DE64.
+fn acquirer_mac_ok(raw: &[u8]) -> bool {
+    let Some(at) = raw.len().checked_sub(8) else {
+        return false;
+    };
+    mac::verify_retail_mac(&key(Algorithm::Tdes, ACQ_ZAK), &raw[..at], &raw[at..]).is_ok()
+}
+
+const HSM_LOAD: Load = Load {
+    payment: hsm_payment,
+    answer_ok: acquirer_mac_ok,
+};
+
+/// One framed request on a new connection, and its answer's DE39.
+async fn one_answer(
+    addr: std::net::SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    request: &[u8],
+) -> String {
+    let mut stream = testkit::connect(addr, &tls).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    stream.flush().await.unwrap();
+    let decoder = FrameDecoder::new(Framing::U16be, 8192);
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(frame) = decoder.decode(&mut buf).unwrap() {
+            let answer = Message::decode(testkit::dialect(), frame).unwrap();
+            return String::from_utf8_lossy(answer.field(39).unwrap_or(b"")).into_owned();
+        }
+        let read = tokio::time::timeout(WAIT, stream.read_buf(&mut buf))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(read > 0, "the switch closed the connection");
+    }
+}
+
+/// `[keys] module = "payshield"` through a real `switchyard run`, the payShield
+/// being the test double of `switchyard-security` (built on the software
+/// module; see its docs for what that does and does not prove). The same two
+/// banks as above; the acquirer now MACs its requests and sends PIN blocks.
+///
+/// Checked: every payment is answered 00 with a MAC the acquirer verifies,
+/// every MAC and PIN translation went to the HSM; a tampered MAC is answered
+/// 63 and a PIN block under a wrong key 81, neither reaching a bank; the AES
+/// bank's ZAK rotates under load through `A0` with no failed MAC, and the new
+/// token is written to the tokens file; with the HSM gone, payments are
+/// answered 96 (not 63 or 81); a tokens file whose check value the HSM does not
+/// confirm stops `switchyard run` at start-up; a restart uses the rotated token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payshield_module_carries_macs_pins_and_a_rotation() {
+    let dir = TempDir::new("payshield-module");
+    let pki = Pki::write(&dir.0);
+    // The store holds no link keys here: the links' keys are on the HSM.
+    let (store, master) = (dir.0.join("keys.toml"), dir.0.join("master.key"));
+    KeyStore::init(&store, &master).unwrap().save().unwrap();
+    let responder = Responder::start(ResponderConfig::new(key(Algorithm::Aes, LMK))).unwrap();
+    hsm_keys_file(&dir.0, &responder);
+
+    let stop_banks = Arc::new(tokio::sync::Notify::new());
+    let (tdes, aes) = start_banks(&pki, &stop_banks).await;
+    let config = hsm_config(&dir.0, &tdes, &aes, responder.address());
+    let mut daemon = start_switch(&config);
+    let admin = daemon.admin.expect("the admin endpoint's address");
+    let client = pki.client("100001");
+
+    // Refused at the switch, on the HSM's word: a tampered MAC, a PIN block
+    // under another key.
+    let banks_before = count(&tdes.stats.requests) + count(&aes.stats.requests);
+    let commands_before = responder.commands();
+    let tampered = hsm_payment_under(900_001, ACQ_ZPK, true);
+    assert_eq!(
+        one_answer(daemon.addr, client.clone(), &tampered).await,
+        "63"
+    );
+    let wrong_pin = hsm_payment_under(900_002, WRONG_ZPK, false);
+    assert_eq!(
+        one_answer(daemon.addr, client.clone(), &wrong_pin).await,
+        "81"
+    );
+    assert_eq!(
+        count(&tdes.stats.requests) + count(&aes.stats.requests),
+        banks_before
+    );
+    assert!(responder.commands() > commands_before);
+
+    // Load through the HSM; the AES bank's ZAK rotated while it runs.
+    let old_kcv = aes.keys.mac_kcv().unwrap();
+    let (seen, rotated, _) = rotate_under_load(
+        HSM_LOAD,
+        &daemon,
+        client.clone(),
+        &["200002"],
+        (HSM_ANSWERED_BEFORE, HSM_ANSWERED_AFTER),
+    )
+    .await;
+    let rotated = &rotated[0];
+    println!(
+        "payShield load: {} payments, {} HSM commands",
+        seen.sent,
+        responder.commands()
+    );
+    assert!(seen.not_approved.is_empty(), "{:?}", seen.not_approved);
+    assert_eq!(seen.bad_answer_macs, 0);
+    let new_kcv = aes.keys.mac_kcv().unwrap();
+    assert_ne!(new_kcv, old_kcv);
+    assert_eq!(rotated["ok"], true, "{rotated}");
+    assert_eq!(rotated["saved"], true, "{rotated}");
+    assert_eq!(rotated["kcv"], hex_kcv(new_kcv), "{rotated}");
+    for bank in [&tdes, &aes] {
+        assert_eq!(count(&bank.stats.mac_failures), 0);
+        assert!(count(&bank.stats.mac_verified) > 0);
+    }
+    // Two MACs checked or made by the HSM for each payment at least, and a PIN
+    // translation for half of them.
+    assert!(responder.commands() as usize >= 2 * seen.sent + seen.sent / 2);
+    assert_eq!(metric(admin, "switchyard_payshield_busy_total").await, 0.0);
+    assert!(metric(admin, "switchyard_payshield_commands_total").await >= seen.sent as f64);
+    // The tokens file holds the new token.
+    let keys = switchyard::hsm_keys::load(&dir.0.join("hsm-keys.toml")).unwrap();
+    let zak = keys.iter().find(|k| k.id == "zak-aes").unwrap();
+    assert_eq!(zak.kcv, new_kcv);
+
+    // The HSM gone: answered 96, not 63 or 81 (without a MAC: none can be made).
+    drop(responder);
+    assert_eq!(
+        one_answer(daemon.addr, client.clone(), &hsm_payment(900_003)).await,
+        "96"
+    );
+    assert_eq!(
+        one_answer(daemon.addr, client.clone(), &hsm_payment(900_004)).await,
+        "96"
+    );
+    assert!(metric(admin, "switchyard_payshield_failures_total").await > 0.0);
+    assert_eq!(
+        metric(admin, "switchyard_answers_without_mac_total").await,
+        2.0
+    );
+    daemon.terminate();
+    assert!(daemon.wait_exit().success());
+
+    // The HSM back (the same LMK, another port). A tokens file with a check
+    // value the HSM does not confirm stops the switch at start-up.
+    let responder = Responder::start(ResponderConfig::new(key(Algorithm::Aes, LMK))).unwrap();
+    let config = hsm_config(&dir.0, &tdes, &aes, responder.address());
+    let file = dir.0.join("hsm-keys.toml");
+    let good = std::fs::read_to_string(&file).unwrap();
+    let wrong = good.replace(&hex_kcv(new_kcv), "000000");
+    assert_ne!(wrong, good);
+    std::fs::write(&file, wrong).unwrap();
+    let refused = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(stderr.contains("check value"), "{stderr}");
+
+    // A restart from the rewritten file uses the rotated key.
+    std::fs::write(&file, good).unwrap();
+    let daemon = start_switch(&config);
+    let (progress, _) = watch::channel(0);
+    let restarted = drive(
+        HSM_LOAD,
+        daemon.addr,
+        client,
+        seen.sent + 1,
+        20,
+        Arc::new(AtomicBool::new(false)),
+        progress,
+    )
+    .await;
+    assert!(
+        restarted.not_approved.is_empty(),
+        "{:?}",
+        restarted.not_approved
+    );
+    assert_eq!(restarted.bad_answer_macs, 0);
+    assert_eq!(count(&aes.stats.mac_failures), 0);
     drop(daemon);
     stop_banks.notify_waiters();
 }

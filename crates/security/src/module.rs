@@ -121,7 +121,7 @@ pub use crate::pin::PinBlock;
 
 /// What a security module does for the switch. Implementations keep clear keys
 /// to themselves.
-pub trait SecurityModule: Send + Sync {
+pub trait SecurityModule: Send + Sync + std::fmt::Debug {
     /// The handle of the key `id`.
     fn handle(&self, id: &str) -> Option<KeyHandle>;
 
@@ -177,6 +177,23 @@ pub trait SecurityModule: Send + Sync {
     fn discard(&self, key: KeyHandle, staged: &StagedKey) -> Result<(), ModuleError> {
         let _ = (key, staged);
         Ok(())
+    }
+
+    /// Whether calls wait on another machine (a hardware module over the
+    /// network): the switch then runs them where blocking is allowed
+    /// (`tokio::task::block_in_place`) instead of on a session task's thread.
+    fn remote(&self) -> bool {
+        false
+    }
+
+    /// For a module whose keys live outside the switch's key store (a
+    /// hardware module's tokens under its own master key): the form `key` is
+    /// in use under now and its check value, what the switch saves after
+    /// [`SecurityModule::activate`]. `None` for the software module, whose keys
+    /// the key store holds. Not a clear key, but never logged.
+    fn token(&self, key: KeyHandle) -> Option<(String, [u8; 3])> {
+        let _ = key;
+        None
     }
 }
 

@@ -1753,6 +1753,14 @@ impl SecurityModule for PayShieldModule {
             None => Err(ModuleError::UnknownKey),
         }
     }
+
+    fn remote(&self) -> bool {
+        true
+    }
+
+    fn token(&self, key: KeyHandle) -> Option<(String, [u8; 3])> {
+        self.current_token(key).ok()
+    }
 }
 
 fn check_mac_data(data: &[u8]) -> Result<(), ModuleError> {

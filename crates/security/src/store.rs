@@ -736,25 +736,7 @@ impl KeyStore {
     /// Writes the store: a temporary file in the same directory (mode 0600),
     /// synced, renamed over the store, the directory synced.
     pub fn save(&self) -> Result<(), StoreError> {
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        let name = self
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "keystore".to_owned());
-        let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-        let written = write_synced(&tmp, render(&self.keys).as_bytes())
-            .and_then(|()| fs::rename(&tmp, &self.path).map_err(io("rename into", &self.path)));
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        written?;
-        File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("sync directory", &dir))
+        write_atomically(&self.path, render(&self.keys).as_bytes())
     }
 
     /// The key `key_id` as a TR-31 key block under the ZMK or KBPK `under`:
@@ -1008,6 +990,30 @@ fn create_master_key_file(path: &Path) -> Result<(), StoreError> {
 }
 
 /// Writes `bytes` to a fresh file at `path` (mode 0600) and syncs it.
+/// Replaces the file at `path` with `bytes`: a temporary file in the same
+/// directory (mode 0600), synced, renamed over it, the directory synced. A
+/// crash leaves the old file or the new one, never a mix.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "keystore".to_owned());
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let written = write_synced(&tmp, bytes)
+        .and_then(|()| fs::rename(&tmp, path).map_err(io("rename into", path)));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written?;
+    File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("sync directory", &dir))
+}
+
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     let mut file = OpenOptions::new()
         .write(true)
