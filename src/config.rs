@@ -3,6 +3,7 @@
 //!
 //! Relative paths in the file are resolved against the file's own directory.
 
+use crate::cluster::ClusterConfig;
 use crate::core::route::{BankIndex, RouteTable};
 use crate::core::InstitutionId;
 use crate::journal::{Fsync, JournalConfig};
@@ -213,6 +214,42 @@ struct File {
     #[serde(default)]
     listener: Vec<ListenerSection>,
     keys: Option<KeysSection>,
+    cluster: Option<ClusterSection>,
+}
+
+/// An active/standby pair replicated through NATS JetStream (`[cluster]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterSection {
+    nats: Vec<String>,
+    node_id: String,
+    #[serde(default = "d_cluster_stream")]
+    stream: String,
+    #[serde(default = "d_lease_ttl_ms")]
+    lease_ttl_ms: u64,
+    #[serde(default = "d_connect_timeout_ms")]
+    connect_timeout_ms: u64,
+    credentials_file: Option<PathBuf>,
+    tls: Option<ClusterTlsSection>,
+}
+
+/// TLS to the NATS servers (`[cluster.tls]`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterTlsSection {
+    ca_file: PathBuf,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+}
+
+fn d_cluster_stream() -> String {
+    crate::cluster::STREAM_DEFAULT.to_owned()
+}
+fn d_lease_ttl_ms() -> u64 {
+    crate::cluster::LEASE_TTL_MS_DEFAULT
+}
+fn d_connect_timeout_ms() -> u64 {
+    crate::cluster::CONNECT_TIMEOUT_MS_DEFAULT
 }
 
 /// The key store and security module (`[keys]`).
@@ -962,6 +999,8 @@ pub struct Config {
     pub routes: RouteTable,
     /// The key store and security module; none when `[keys]` is absent.
     pub keys: Option<KeysConfig>,
+    /// The active/standby pair through NATS JetStream; none: a single node.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// The key store and the security module loaded from it (`[keys]`).
@@ -1506,6 +1545,11 @@ impl Checker<'_> {
                 ));
             }
         }
+        let cluster = f
+            .cluster
+            .as_ref()
+            .map(|c| self.cluster(c, journal.as_ref()))
+            .transpose()?;
         Ok(Config {
             listen: s.listen,
             listeners,
@@ -1547,6 +1591,92 @@ impl Checker<'_> {
             banks,
             routes,
             keys,
+            cluster,
+        })
+    }
+
+    /// `[cluster]`: the NATS servers, this node's id, the stream and the lease.
+    /// Needs `[journal]`: what is replicated is the journal's batches.
+    fn cluster(
+        &self,
+        c: &ClusterSection,
+        journal: Option<&JournalConfig>,
+    ) -> Result<ClusterConfig, ConfigError> {
+        use crate::cluster::{NAME_CHARS_MAX, NATS_SERVERS_MAX};
+        if journal.is_none() {
+            return Err(self.invalid(
+                "cluster",
+                "needs [journal]: the journal's batches are what the cluster replicates",
+            ));
+        }
+        if c.nats.is_empty() || c.nats.len() > NATS_SERVERS_MAX {
+            return Err(self.invalid(
+                "cluster.nats",
+                format!(
+                    "1 to {NATS_SERVERS_MAX} server URLs, found {}",
+                    c.nats.len()
+                ),
+            ));
+        }
+        for url in &c.nats {
+            let parsed = url.parse::<async_nats::ServerAddr>();
+            if parsed.is_err() {
+                return Err(self.invalid("cluster.nats", format!("not a NATS server URL: {url:?}")));
+            }
+        }
+        let name_ok = |n: &str| {
+            !n.is_empty()
+                && n.len() <= NAME_CHARS_MAX
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        for (key, value) in [
+            ("cluster.node_id", &c.node_id),
+            ("cluster.stream", &c.stream),
+        ] {
+            if !name_ok(value) {
+                return Err(self.invalid(
+                    key,
+                    format!("1 to {NAME_CHARS_MAX} letters, digits, '-' or '_', found {value:?}"),
+                ));
+            }
+        }
+        let lease_ttl = Duration::from_millis(self.range(
+            "cluster.lease_ttl_ms",
+            c.lease_ttl_ms,
+            crate::cluster::LEASE_TTL_MS_MIN,
+            crate::cluster::LEASE_TTL_MS_MAX,
+            "ms",
+        )?);
+        let connect_timeout = Duration::from_millis(self.range(
+            "cluster.connect_timeout_ms",
+            c.connect_timeout_ms,
+            100,
+            60_000,
+            "ms",
+        )?);
+        let credentials_file = c.credentials_file.as_ref().map(|p| self.path(p));
+        let tls = match &c.tls {
+            None => None,
+            Some(t) => {
+                if t.cert_file.is_some() != t.key_file.is_some() {
+                    return Err(self.invalid("cluster.tls", "cert_file and key_file go together"));
+                }
+                Some(crate::cluster::NatsTlsFiles {
+                    ca_file: self.path(&t.ca_file),
+                    cert_file: t.cert_file.as_ref().map(|p| self.path(p)),
+                    key_file: t.key_file.as_ref().map(|p| self.path(p)),
+                })
+            }
+        };
+        Ok(ClusterConfig {
+            nats: c.nats.clone(),
+            node_id: c.node_id.clone(),
+            stream: c.stream.clone(),
+            lease_ttl,
+            connect_timeout,
+            credentials_file,
+            tls,
         })
     }
 
@@ -1908,6 +2038,7 @@ impl Checker<'_> {
             retention: Duration::from_secs(j.retention_s),
             size_max_bytes: j.size_max_bytes,
             direct_io: j.direct_io,
+            replica: None,
         })
     }
 

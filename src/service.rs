@@ -61,6 +61,13 @@ pub enum ServiceError {
     /// tokens file says (`[keys.payshield]`).
     #[error("payShield at start-up: {0}")]
     SecurityModule(String),
+    /// Joining the cluster failed (`[cluster]`).
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
+    /// This node's cluster lease was lost (expired, taken, or fenced): it
+    /// stopped answering and forwarding, and exits.
+    #[error("cluster: this node's lease was lost; it stopped (a standby has taken over)")]
+    LeaseLost,
 }
 
 /// The admin endpoint's view of the daemon.
@@ -187,11 +194,40 @@ fn duplicates_capacity(c: &Config) -> String {
 
 /// `switchyard run`: the switch from `config` (read from `path`) until SIGTERM or
 /// SIGINT.
-pub async fn run_file(path: PathBuf, config: Config) -> Result<Stopped, ServiceError> {
+pub async fn run_file(path: PathBuf, mut config: Config) -> Result<Stopped, ServiceError> {
     let tls = TlsSetup::from_files(&config.tls_files)?;
     if let Some(hsm) = config.keys.as_ref().and_then(|k| k.payshield.clone()) {
         check_payshield(hsm).await?;
     }
+    // In a cluster: stand by (no listener) until this node is the active one.
+    let active = match (config.cluster.clone(), config.journal.as_mut()) {
+        (Some(cluster), Some(journal)) => {
+            match crate::cluster::activate(&cluster, journal, terminate_signal()).await? {
+                Some(active) => Some(active),
+                None => return Ok(Stopped::Drained),
+            }
+        }
+        _ => None,
+    };
+    let lost = active.as_ref().map(|a| a.lost.clone());
+    let stopped = run_active(path, config, tls, lost.clone()).await;
+    if let Some(active) = active {
+        active.release().await;
+    }
+    match lost {
+        Some(lost) if lost.is_cancelled() => Err(ServiceError::LeaseLost),
+        _ => stopped,
+    }
+}
+
+/// [`run_file`] once this node may serve: binds the listeners and runs until a
+/// signal, or until `lost` (a cluster node's lease) is cancelled.
+async fn run_active(
+    path: PathBuf,
+    config: Config,
+    tls: TlsSetup,
+    lost: Option<tokio_util::sync::CancellationToken>,
+) -> Result<Stopped, ServiceError> {
     let admin = match config.admin_listen {
         Some(addr) => {
             let metrics = crate::telemetry::install_recorder()
@@ -229,15 +265,16 @@ pub async fn run_file(path: PathBuf, config: Config) -> Result<Stopped, ServiceE
             "admin endpoint: {scheme}://{admin_addr}/metrics, /healthz, /readyz, /status; {changes}");
     }
     tracing::info!(%listen, admin = %admin_addr, banks = config.banks.len(), "switchyard running");
-    run(
-        listeners,
-        admin,
-        Some(path),
-        config,
-        tls,
-        terminate_signal(),
-    )
-    .await
+    let shutdown = async move {
+        match lost {
+            Some(lost) => tokio::select! {
+                _ = terminate_signal() => {}
+                _ = lost.cancelled() => {}
+            },
+            None => terminate_signal().await,
+        }
+    };
+    run(listeners, admin, Some(path), config, tls, shutdown).await
 }
 
 /// Before any traffic: the payShield answers `NC`, and its check value of every

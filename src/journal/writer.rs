@@ -80,6 +80,21 @@ pub struct JournalConfig {
     /// filesystem allows it (see `journal::pages`); false: buffered writes and
     /// `fdatasync` (also the fallback).
     pub direct_io: bool,
+    /// Where every batch also goes before it counts as durable (a cluster's
+    /// stream: `crate::cluster`); none on a single node.
+    pub replica: Option<Arc<dyn Replica>>,
+}
+
+/// A copy of the journal elsewhere: each commit's batch (its records encoded
+/// as in a segment) is handed to [`Replica::send`] before the local write and
+/// confirmed by [`Replica::confirm`] after it, and counts as durable only when
+/// both succeeded. A failed confirmation stops the journal, as a failed write
+/// does.
+pub trait Replica: Send + Sync + std::fmt::Debug {
+    /// Starts sending records `first_seq..=last_seq`, encoded in `batch`.
+    fn send(&self, first_seq: u64, last_seq: u64, batch: &[u8]);
+    /// Waits until what [`Replica::send`] started is safe elsewhere.
+    fn confirm(&self) -> Result<(), String>;
 }
 
 impl JournalConfig {
@@ -99,6 +114,7 @@ impl JournalConfig {
             retention: Duration::from_secs(RETENTION_S_DEFAULT),
             size_max_bytes: SIZE_MAX_BYTES_DEFAULT,
             direct_io: true,
+            replica: None,
         }
     }
 }
@@ -721,7 +737,7 @@ fn new_segment(
 }
 
 /// The path of the segment starting at `first_seq`.
-fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
+pub fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
     dir.join(format!("{SEGMENT_PREFIX}{first_seq:020}{SEGMENT_SUFFIX}"))
 }
 
@@ -729,6 +745,8 @@ fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
 enum Stop {
     Io(JournalError),
     Full(Full),
+    /// The replica refused or could not confirm a batch.
+    Replica(String),
 }
 
 impl From<JournalError> for Stop {
@@ -791,6 +809,12 @@ impl WriterState {
                     Ok(()) => {}
                     Err(Stop::Io(e)) => {
                         tracing::error!(error = %e, "journal write failed: refusing new requests");
+                        self.stop();
+                        return;
+                    }
+                    Err(Stop::Replica(why)) => {
+                        tracing::error!(error = %why,
+                            "journal batch not replicated: refusing new requests");
                         self.stop();
                         return;
                     }
@@ -858,9 +882,16 @@ impl WriterState {
         // Positioned: the file may be longer than what was written (reserved).
         let reserved = self.segments.current.as_ref().map_or(0, |c| c.bytes);
         let sync = self.config.fsync == Fsync::Batch;
+        let replica = self.config.replica.clone();
+        if let Some(r) = &replica {
+            r.send(self.batch_first_seq, last_seq, &self.buf);
+        }
         self.file
             .commit(&mut self.buf, self.segment_bytes, reserved, sync)
             .map_err(io)?;
+        if let Some(r) = &replica {
+            r.confirm().map_err(Stop::Replica)?;
+        }
         // Indexed before it counts as durable: a reader waits for that.
         let at = self.segment_bytes;
         if self.points.due(at) {

@@ -617,6 +617,10 @@ impl Connector {
                 Some(false) => break,
                 None => return Err(Ended::Journal),
             }
+            if !crate::cluster::may_act() {
+                // A cluster node whose lease ran out forwards no more.
+                return Err(Ended::Journal);
+            }
             let Some((encoded, out)) = pipeline.pop() else {
                 break;
             };
@@ -752,6 +756,10 @@ async fn write_flush<W: AsyncWriteExt + Unpin>(
     limit: Duration,
 ) -> std::io::Result<()> {
     let write = async {
+        if !crate::cluster::may_act() {
+            // A cluster node whose lease ran out sends nothing more to a bank.
+            return Err(std::io::Error::other("cluster lease lost"));
+        }
         wr.write_all(out).await?;
         wr.flush().await
     };

@@ -703,6 +703,10 @@ impl Ingress {
                 }
             }
             let written = async {
+                if !crate::cluster::may_act() {
+                    // A cluster node whose lease ran out answers no more.
+                    return Err(std::io::Error::other("cluster lease lost"));
+                }
                 wr.write_all(&out).await?;
                 wr.flush().await
             };

@@ -33,6 +33,7 @@ use switchyard::wire::{Dialect, FrameDecoder, Framing, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, Semaphore};
 
+use switchyard_tools::natskit::NatsCluster;
 use switchyard_tools::testkit::{self, connect, Bank, Daemon, Pki, TempDir, WAIT};
 
 /// The `switchyard` binary under test.
@@ -161,17 +162,39 @@ bank = "200001"
 async fn a_killed_switch_loses_nothing_and_forwards_nothing_twice() {
     let dir = TempDir::new("crash");
     let pki = Pki::write(&dir.0);
-    let client_tls = pki.client("100001");
     // The bank: answers after 20 ms, logs everything it receives.
     let bank = Bank::start(&pki, Duration::from_millis(20)).await;
+    let config = write_config(&dir.0, bank.addr);
+    let first = Daemon::start(BIN, &config);
+    let journal = dir.0.join("journal");
+    kill_and_audit(&pki, bank, first, After::Restart(config), &journal).await;
+}
+
+/// What takes over from the killed switch.
+enum After {
+    /// The same switch restarted on its journal (this config).
+    Restart(PathBuf),
+    /// A cluster standby, already standing by.
+    Standby(Daemon),
+}
+
+/// Loads `first` (a running switch in front of `bank`), SIGKILLs it once
+/// [`KILL_AFTER`] answers are in and the bank holds a window of unanswered
+/// requests, lets `after` take over, and audits what the client, the bank and
+/// the journal in `journal` (the taking-over switch's) saw.
+async fn kill_and_audit(
+    pki: &Pki,
+    bank: Bank,
+    first: Daemon,
+    after: After,
+    journal: &Path,
+) -> Duration {
+    let client_tls = pki.client("100001");
     let stats = bank.stats.clone();
     stats.log.enable(1_000_000);
     let behavior = bank.behavior.clone();
-    let bank_addr = bank.addr;
-    let config = write_config(&dir.0, bank_addr);
 
     // Load, then SIGKILL once KILL_AFTER answers are in.
-    let first = Daemon::start(BIN, &config);
     let answers = Arc::new(Mutex::new(HashMap::new()));
     let answered = Arc::new(Notify::new());
     let sent = Arc::new(Mutex::new(0usize));
@@ -207,6 +230,7 @@ async fn a_killed_switch_loses_nothing_and_forwards_nothing_twice() {
         .await
         .expect("requests at the bank before the kill");
     first.kill();
+    let killed = std::time::Instant::now();
     behavior.stall_for(Duration::ZERO);
     tokio::time::timeout(WAIT, load).await.unwrap().unwrap();
     let before: HashMap<usize, Answer> = answers.lock().unwrap().clone();
@@ -221,8 +245,16 @@ async fn a_killed_switch_loses_nothing_and_forwards_nothing_twice() {
         stats.requests.load(Ordering::Relaxed)
     );
 
-    // Restart on the same journal.
-    let second = Daemon::start(BIN, &config);
+    // Restart on the same journal, or the standby takes over.
+    let second = match after {
+        After::Restart(config) => Daemon::start(BIN, &config),
+        After::Standby(mut standby) => {
+            standby.wait_running();
+            standby
+        }
+    };
+    let took_over = killed.elapsed();
+    eprintln!("serving again {took_over:?} after the kill");
     let d = Dialect::iso87_ascii();
     let bank_saw = |mtis: &[&[u8; 4]]| -> Vec<Message> {
         stats
@@ -237,7 +269,7 @@ async fn a_killed_switch_loses_nothing_and_forwards_nothing_twice() {
     let journal_outcomes = || -> HashMap<usize, Vec<u8>> {
         let mut by_id = HashMap::new();
         let mut outcomes = HashMap::new();
-        scan(&dir.0.join("journal"), |_, _, r| match r.kind {
+        scan(journal, |_, _, r| match r.kind {
             RecordKind::Accepted => {
                 // The journal keeps the protected form (no card data): its
                 // message part holds DE11.
@@ -387,4 +419,72 @@ async fn a_killed_switch_loses_nothing_and_forwards_nothing_twice() {
         );
     }
     bank.stop().await;
+    took_over
+}
+
+// === The same audit across a cluster failover ===
+
+/// The cluster tests' lease.
+const LEASE_TTL_MS: u64 = 2_000;
+
+/// Node `node`'s config: the crash test's switch, its journal in
+/// `journal-<node>`, in the cluster of `nats`.
+fn cluster_config(dir: &Path, bank: SocketAddr, nats: &NatsCluster, node: &str) -> PathBuf {
+    let written = write_config(dir, bank);
+    let text = std::fs::read_to_string(&written)
+        .unwrap()
+        .replace("dir = \"journal\"", &format!("dir = \"journal-{node}\""));
+    let text = format!(
+        "{text}\n[cluster]\nnats = {}\nnode_id = \"{node}\"\nlease_ttl_ms = {LEASE_TTL_MS}\n\
+         connect_timeout_ms = 30000\n",
+        nats.toml_urls()
+    );
+    let path = dir.join(format!("switchyard-{node}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Waits until JetStream has its leaders and the stream and lease bucket exist.
+async fn wait_jetstream(nats: &NatsCluster) {
+    let config = switchyard::cluster::ClusterConfig {
+        nats: nats.urls(),
+        node_id: "test".to_owned(),
+        stream: switchyard::cluster::STREAM_DEFAULT.to_owned(),
+        lease_ttl: Duration::from_millis(LEASE_TTL_MS),
+        connect_timeout: Duration::from_secs(30),
+        credentials_file: None,
+        tls: None,
+    };
+    switchyard::cluster::Cluster::connect(&config, Duration::from_secs(172_800))
+        .await
+        .expect("JetStream ready");
+}
+
+/// The crash test across a cluster: the active node is killed under load and
+/// the standby takes over on its copy of the stream. The same audit: every
+/// answer the client saw is in the stream (the standby's copy) with the same
+/// DE39; no request reached the bank twice; every request forwarded without an
+/// answer gets a reversal advice the bank receives; retransmissions to the new
+/// active get the original answers. And the takeover is within the lease TTL
+/// plus 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_takes_over_a_killed_active_and_loses_nothing() {
+    let dir = TempDir::new("cluster-failover");
+    let pki = Pki::write(&dir.0);
+    let nats = NatsCluster::start(&dir.0, 3);
+    wait_jetstream(&nats).await;
+    let bank = Bank::start(&pki, Duration::from_millis(20)).await;
+    let a = cluster_config(&dir.0, bank.addr, &nats, "a");
+    let b = cluster_config(&dir.0, bank.addr, &nats, "b");
+    let active = Daemon::start(BIN, &a);
+    let mut standby = Daemon::spawn(BIN, &b);
+    standby.wait_line("standing by");
+    let journal = dir.0.join("journal-b");
+    let took_over = kill_and_audit(&pki, bank, active, After::Standby(standby), &journal).await;
+    let bound = Duration::from_millis(LEASE_TTL_MS) + Duration::from_secs(2);
+    assert!(
+        took_over <= bound,
+        "takeover took {took_over:?}, over {bound:?}"
+    );
+    drop(nats);
 }

@@ -10,4 +10,5 @@ pub mod certs;
 pub mod corepath;
 pub mod demo;
 pub mod loadgen;
+pub mod natskit;
 pub mod testkit;

@@ -71,6 +71,15 @@ impl Daemon {
     /// `env!("CARGO_BIN_EXE_switchyard")`) and waits until it listens and a bank
     /// link is up.
     pub fn start(bin: &str, config: &Path) -> Daemon {
+        let mut d = Daemon::spawn(bin, config);
+        d.wait_running();
+        d
+    }
+
+    /// Starts `BIN run --config CONFIG` without waiting for anything (a cluster
+    /// standby logs "switchyard running" only once it takes over:
+    /// [`Daemon::wait_running`]).
+    pub fn spawn(bin: &str, config: &Path) -> Daemon {
         let mut child = Command::new(bin)
             .args(["run", "--config"])
             .arg(config)
@@ -91,18 +100,25 @@ impl Daemon {
                 if line.contains("switchyard running")
                     || line.contains("bank link up")
                     || line.contains("reload")
+                    || line.contains("cluster:")
                     || line.contains("ERROR")
                 {
                     let _ = tx.try_send(line);
                 }
             }
         });
-        let mut d = Daemon {
+        Daemon {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
             admin: None,
             lines,
-        };
+        }
+    }
+
+    /// Waits until the switch listens (its address and admin endpoint's are
+    /// then known) and a bank link is up.
+    pub fn wait_running(&mut self) {
+        let d = self;
         let running = d.wait_line("switchyard running");
         let listen = running
             .split_whitespace()
@@ -114,7 +130,6 @@ impl Daemon {
             .find_map(|w| w.strip_prefix("admin="))
             .and_then(|a| a.parse().ok());
         d.wait_line("bank link up");
-        d
     }
 
     /// Waits for a log line containing `what` (among the lines kept: start-up,

