@@ -64,6 +64,11 @@ pub trait Operator: Send + Sync + 'static {
         bank: String,
         key: WorkingKey,
     ) -> impl Future<Output = (u16, serde_json::Value)> + Send;
+    /// A cluster's active node steps down (drains, then gives its lease up so
+    /// the standby takes over at once): whether this node is one.
+    fn step_down(&self) -> bool {
+        false
+    }
 }
 
 /// Time kept for writing the answer of a long change (a key rotation) within
@@ -328,10 +333,26 @@ async fn answer<O: Operator>(
     if request.method() == Method::POST && path == "/keys/rotate" {
         return Ok(rotate(operator, &peer, request.uri().query(), rotate_wait).await);
     }
+    if request.method() == Method::POST && path == "/cluster/step-down" {
+        tracing::warn!(peer = %peer.addr, operator = operator_name(&peer),
+            "cluster step-down asked (admin endpoint)");
+        return Ok(if operator.step_down() {
+            json(
+                200,
+                &serde_json::json!({"ok": true,
+                "detail": "draining; the lease is given up once drained and the standby takes over"}),
+            )
+        } else {
+            json(
+                409,
+                &serde_json::json!({"ok": false, "reason": "not a cluster node"}),
+            )
+        });
+    }
     if request.method() != Method::GET {
         return Ok(text(
             StatusCode::METHOD_NOT_ALLOWED,
-            "only GET (and POST /reload, POST /keys/rotate)\n",
+            "only GET (and POST /reload, /keys/rotate, /cluster/step-down)\n",
         ));
     }
     Ok(match path {
@@ -557,6 +578,17 @@ pub async fn request_rotate(
 ) -> Result<(u16, String), ReloadRequestError> {
     let path = format!("/keys/rotate?bank={bank}&type={}", key.as_str());
     let (status, words) = request_post(addr, tls, &path, limit).await?;
+    Ok((status.as_u16(), words))
+}
+
+/// Asks the switch at `addr` to step down (`POST /cluster/step-down`): the HTTP
+/// status and the answer's body.
+pub async fn request_step_down(
+    addr: SocketAddr,
+    tls: Option<&ReloadTls>,
+    limit: Duration,
+) -> Result<(u16, String), ReloadRequestError> {
+    let (status, words) = request_post(addr, tls, "/cluster/step-down", limit).await?;
     Ok((status.as_u16(), words))
 }
 

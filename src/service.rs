@@ -75,6 +75,19 @@ struct Admin {
     switch: Arc<Switch>,
     metrics: PrometheusHandle,
     config_path: Option<PathBuf>,
+    cluster: Option<ClusterRole>,
+}
+
+/// A cluster node's part in the admin endpoint: what `/status` shows, and the
+/// step-down.
+#[derive(Clone, Debug)]
+pub struct ClusterRole {
+    /// This node's id.
+    pub node_id: String,
+    /// Its epoch.
+    pub epoch: u64,
+    /// Cancelled to step down (a drain, then the lease given up).
+    pub step_down: tokio_util::sync::CancellationToken,
 }
 
 impl Operator for Admin {
@@ -87,7 +100,26 @@ impl Operator for Admin {
     }
 
     fn status(&self) -> serde_json::Value {
-        self.switch.status()
+        let mut status = self.switch.status();
+        if let Some(role) = &self.cluster {
+            status["cluster"] = serde_json::json!({
+                "node_id": role.node_id,
+                "role": if role.step_down.is_cancelled() { "stepping-down" } else { "active" },
+                "epoch": role.epoch,
+                "lease_left_ms": crate::cluster::lease_left().map(|d| d.as_millis() as u64),
+            });
+        }
+        status
+    }
+
+    fn step_down(&self) -> bool {
+        match &self.cluster {
+            Some(role) => {
+                role.step_down.cancel();
+                true
+            }
+            None => false,
+        }
     }
 
     async fn reload(&self) -> Option<Result<String, String>> {
@@ -209,15 +241,28 @@ pub async fn run_file(path: PathBuf, mut config: Config) -> Result<Stopped, Serv
         }
         _ => None,
     };
-    let lost = active.as_ref().map(|a| a.lost.clone());
-    let stopped = run_active(path, config, tls, lost.clone()).await;
-    if let Some(active) = active {
-        active.release().await;
-    }
-    match lost {
-        Some(lost) if lost.is_cancelled() => Err(ServiceError::LeaseLost),
-        _ => stopped,
-    }
+    let Some(active) = active else {
+        return run_active(path, config, tls, None).await;
+    };
+    let lost = active.lost.clone();
+    let role = ClusterRole {
+        node_id: config
+            .cluster
+            .as_ref()
+            .map(|c| c.node_id.clone())
+            .unwrap_or_default(),
+        epoch: active.epoch,
+        step_down: tokio_util::sync::CancellationToken::new(),
+    };
+    let stopped = tokio::select! {
+        stopped = run_active(path, config, tls, Some((lost.clone(), role))) => stopped,
+        // The lease is gone: nothing may be written any more (`may_act`), so
+        // no drain either; the process exits, as after a crash, and the
+        // standby that took over owns what was unfinished.
+        _ = lost.cancelled() => return Err(ServiceError::LeaseLost),
+    };
+    active.release().await;
+    stopped
 }
 
 /// [`run_file`] once this node may serve: binds the listeners and runs until a
@@ -226,7 +271,7 @@ async fn run_active(
     path: PathBuf,
     config: Config,
     tls: TlsSetup,
-    lost: Option<tokio_util::sync::CancellationToken>,
+    cluster: Option<(tokio_util::sync::CancellationToken, ClusterRole)>,
 ) -> Result<Stopped, ServiceError> {
     let admin = match config.admin_listen {
         Some(addr) => {
@@ -265,16 +310,20 @@ async fn run_active(
             "admin endpoint: {scheme}://{admin_addr}/metrics, /healthz, /readyz, /status; {changes}");
     }
     tracing::info!(%listen, admin = %admin_addr, banks = config.banks.len(), "switchyard running");
+    let role = cluster.as_ref().map(|(_, role)| role.clone());
     let shutdown = async move {
-        match lost {
-            Some(lost) => tokio::select! {
+        match cluster {
+            Some((lost, role)) => tokio::select! {
                 _ = terminate_signal() => {}
                 _ = lost.cancelled() => {}
+                _ = role.step_down.cancelled() => {
+                    tracing::warn!("cluster: stepping down: draining, then giving the lease up");
+                }
             },
             None => terminate_signal().await,
         }
     };
-    run(listeners, admin, Some(path), config, tls, shutdown).await
+    run(listeners, admin, Some(path), config, tls, shutdown, role).await
 }
 
 /// Before any traffic: the payShield answers `NC`, and its check value of every
@@ -313,6 +362,7 @@ pub async fn run(
     config: Config,
     tls: TlsSetup,
     shutdown: impl Future<Output = ()>,
+    cluster: Option<ClusterRole>,
 ) -> Result<Stopped, ServiceError> {
     let limits = config.admin_limits;
     let admin_tls = match (&admin, &config.admin_tls) {
@@ -325,6 +375,7 @@ pub async fn run(
             switch: switch.clone(),
             metrics,
             config_path: config_path.clone(),
+            cluster,
         });
         let token = switch.shutdown_token();
         tokio::spawn(admin::serve(listener, operator, limits, admin_tls, token));

@@ -45,8 +45,12 @@ use std::time::{Duration, Instant};
 
 /// The stream's name by default.
 pub const STREAM_DEFAULT: &str = "SWITCHYARD";
-/// The lease's time to live by default, ms.
-pub const LEASE_TTL_MS_DEFAULT: u64 = 3_000;
+/// The lease's time to live by default, ms. Longer than JetStream takes to
+/// elect a new leader for the lease bucket when the NATS server leading it
+/// dies (its Raft election timeouts are seconds long: up to ~8 s seen here),
+/// during which no renewal can succeed: a shorter lease turns the loss of one
+/// NATS server into a failover of the switch.
+pub const LEASE_TTL_MS_DEFAULT: u64 = 15_000;
 /// The shortest lease accepted, ms.
 pub const LEASE_TTL_MS_MIN: u64 = 500;
 /// The longest lease accepted, ms.
@@ -61,6 +65,8 @@ pub const NAME_CHARS_MAX: usize = 64;
 pub const REPLICAS_MIN: usize = 3;
 /// The lease's key in its bucket.
 pub const LEASE_KEY: &str = "active";
+/// The keys standbys report their progress under: `standby.<node id>`.
+pub const STANDBY_KEY_PREFIX: &str = "standby.";
 
 /// Header: the epoch of the node that published a batch.
 pub const HEADER_EPOCH: &str = "Switchyard-Epoch";
@@ -207,6 +213,13 @@ fn ns_since_origin(at: Instant) -> u64 {
 pub fn may_act() -> bool {
     let until = ACT_UNTIL_NS.load(Ordering::Acquire);
     until == u64::MAX || ns_since_origin(Instant::now()) < until
+}
+
+/// How long this node may still act on its lease (`None` on a single node).
+pub fn lease_left() -> Option<Duration> {
+    let until = ACT_UNTIL_NS.load(Ordering::Acquire);
+    (until != u64::MAX)
+        .then(|| Duration::from_nanos(until.saturating_sub(ns_since_origin(Instant::now()))))
 }
 
 /// Sets the time until which this node may act.
@@ -687,5 +700,119 @@ pub async fn activate(
         stop,
         lost,
         lease_task,
+    }))
+}
+
+// === `switchyard cluster status` ===
+
+/// What the cluster looks like from NATS (for `switchyard cluster status`): the
+/// stream, the lease, and each standby's progress. Creates nothing.
+pub async fn status(config: &ClusterConfig) -> Result<serde_json::Value, ClusterError> {
+    let connect_error = |message: String| ClusterError::Connect {
+        servers: config.nats.clone(),
+        message,
+    };
+    let servers: Vec<async_nats::ServerAddr> = config
+        .nats
+        .iter()
+        .map(|u| u.parse().map_err(|e| connect_error(format!("{u:?}: {e}"))))
+        .collect::<Result<_, _>>()?;
+    let mut options = async_nats::ConnectOptions::new()
+        .name(format!("switchyard cluster status ({})", config.node_id))
+        .connection_timeout(config.connect_timeout);
+    if let Some(path) = &config.credentials_file {
+        options = options
+            .credentials_file(path)
+            .await
+            .map_err(|e| connect_error(format!("credentials file {}: {e}", path.display())))?;
+    }
+    if let Some(tls) = &config.tls {
+        options = options
+            .require_tls(true)
+            .add_root_certificates(tls.ca_file.clone());
+        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+            options = options.add_client_certificate(cert.clone(), key.clone());
+        }
+    }
+    let client = tokio::time::timeout(config.connect_timeout, options.connect(servers))
+        .await
+        .map_err(|_| connect_error(format!("no answer within {:?}", config.connect_timeout)))?
+        .map_err(|e| connect_error(e.to_string()))?;
+    let js = jetstream::new(client);
+    let stream = js
+        .get_stream(&config.stream)
+        .await
+        .map_err(|e| ClusterError::js("reading the stream")(e.to_string()))?;
+    let info = stream
+        .get_info()
+        .await
+        .map_err(|e| ClusterError::js("reading the stream")(e.to_string()))?;
+    let last = info.state.last_sequence;
+    let newest = match stream
+        .get_last_raw_message_by_subject(&config.subject())
+        .await
+    {
+        Ok(m) => {
+            let h = Some(&m.headers);
+            serde_json::json!({
+                "sequence": m.sequence,
+                "epoch": header_u64(h, HEADER_EPOCH),
+                "node": m.headers.get(HEADER_NODE).map(|v| v.as_str().to_owned()),
+                "fence": header_u64(h, HEADER_FENCE).is_some(),
+                "journal_last_seq": header_u64(h, HEADER_LAST_SEQ),
+            })
+        }
+        Err(_) => serde_json::Value::Null,
+    };
+    let store = js
+        .get_key_value(config.bucket())
+        .await
+        .map_err(|e| ClusterError::js("reading the lease bucket")(e.to_string()))?;
+    let now = time::OffsetDateTime::now_utc();
+    let age_ms = |created: time::OffsetDateTime| (now - created).whole_milliseconds().max(0) as u64;
+    let lease = match store.entry(LEASE_KEY).await {
+        Ok(Some(e)) if e.operation == kv::Operation::Put => serde_json::json!({
+            "holder": String::from_utf8_lossy(&e.value),
+            "revision": e.revision,
+            "age_ms": age_ms(e.created),
+        }),
+        Ok(_) => serde_json::Value::Null,
+        Err(e) => return Err(ClusterError::js("reading the lease")(e.to_string())),
+    };
+    let mut standbys = Vec::new();
+    if let Ok(mut keys) = store.keys().await {
+        use futures_util::StreamExt;
+        while let Some(Ok(key)) = keys.next().await {
+            let Some(node) = key.strip_prefix(STANDBY_KEY_PREFIX) else {
+                continue;
+            };
+            if let Ok(Some(e)) = store.entry(key.as_str()).await {
+                let text = String::from_utf8_lossy(&e.value).into_owned();
+                let mut parts = text.split(' ').map(|p| p.parse::<u64>().ok());
+                let applied = parts.next().flatten().unwrap_or(0);
+                standbys.push(serde_json::json!({
+                    "node": node,
+                    "applied_sequence": applied,
+                    "journal_last_seq": parts.next().flatten(),
+                    "lag_messages": last.saturating_sub(applied),
+                    "reported_ms_ago": age_ms(e.created),
+                }));
+            }
+        }
+    }
+    Ok(serde_json::json!({
+        "stream": {
+            "name": config.stream,
+            "messages": info.state.messages,
+            "bytes": info.state.bytes,
+            "first_sequence": info.state.first_sequence,
+            "last_sequence": last,
+            "replicas": info.config.num_replicas,
+            "leader": info.cluster.as_ref().and_then(|c| c.leader.clone()),
+            "newest": newest,
+        },
+        "lease": lease,
+        "lease_ttl_ms": config.lease_ttl.as_millis() as u64,
+        "standbys": standbys,
     }))
 }

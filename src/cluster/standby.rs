@@ -18,7 +18,7 @@
 
 use super::{
     header_u64, Acquired, Cluster, ClusterError, Lease, HEADER_EPOCH, HEADER_FENCE,
-    HEADER_FIRST_SEQ, HEADER_LAST_SEQ, HEADER_NODE,
+    HEADER_FIRST_SEQ, HEADER_LAST_SEQ, HEADER_NODE, STANDBY_KEY_PREFIX,
 };
 use crate::journal::reader::{SEGMENT_PREFIX, SEGMENT_SUFFIX};
 use crate::journal::writer::segment_path;
@@ -237,6 +237,7 @@ impl Standby {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
         let mut holder = String::new();
+        let mut reported = Instant::now();
         let lease = loop {
             tokio::select! {
                 _ = &mut stop => return Ok(None),
@@ -248,6 +249,10 @@ impl Standby {
                     None => return Err(ClusterError::js("reading the stream")("the consumer ended".to_owned())),
                 },
                 _ = tick.tick() => match Lease::acquire(&self.cluster).await {
+                    Ok(Acquired::Held { .. }) if reported.elapsed() >= self.cluster.config.lease_ttl / 3 => {
+                        reported = Instant::now();
+                        self.report().await;
+                    }
                     Ok(Acquired::Taken(lease)) => break lease,
                     Ok(Acquired::Held { by, .. }) => {
                         if by != holder && !by.is_empty() {
@@ -299,6 +304,21 @@ impl Standby {
         Err(ClusterError::js("fencing")(format!(
             "the stream kept growing through {FENCE_ATTEMPTS_MAX} attempts"
         )))
+    }
+
+    /// Tells the bucket how far this standby has copied (key
+    /// `standby.<node>`: the stream sequence and the journal sequence), for
+    /// `switchyard cluster status`; entries age out with the lease TTL.
+    async fn report(&self) {
+        let key = format!("{STANDBY_KEY_PREFIX}{}", self.cluster.config.node_id);
+        let value = format!(
+            "{} {}",
+            self.copy.applied,
+            self.copy.next_seq.saturating_sub(1)
+        );
+        if let Err(e) = self.cluster.lease.put(key, value.into()).await {
+            crate::log_limited!(warn, error = %e, "cluster: reporting the standby's progress failed");
+        }
     }
 
     /// Writes the fence record after stream sequence `last`: its sequence, or

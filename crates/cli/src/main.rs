@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard::admin::{request_reload, request_rotate, ReloadTls};
+use switchyard::admin::{request_reload, request_rotate, request_step_down, ReloadTls};
 use switchyard::config::{Config, FRAME_SIZE_MAX_BYTES_DEFAULT};
 use switchyard::journal::settlement::{self, parse_time};
 use switchyard::journal::{dump, Fsync};
@@ -95,6 +95,32 @@ enum Command {
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+    /// An active/standby pair through NATS JetStream (`[cluster]`): its state,
+    /// and a manual step-down for maintenance.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+/// `switchyard cluster …`.
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Print (JSON) what NATS holds: the stream (messages, last sequence,
+    /// replicas, leader, the newest batch's epoch and node), the lease (holder,
+    /// revision, age) and each standby's progress (lag in messages).
+    Status {
+        /// Config file (its `[cluster]` section).
+        #[arg(long, default_value = "config/switchyard.toml")]
+        config: PathBuf,
+    },
+    /// Ask the active node to step down (`POST /cluster/step-down` on its admin
+    /// endpoint): it drains, gives its lease up, and exits; the standby takes
+    /// over at once.
+    StepDown {
+        #[command(flatten)]
+        admin: AdminClientArgs,
     },
 }
 
@@ -595,6 +621,7 @@ fn main() -> anyhow::Result<()> {
         Command::Loadgen(args) => loadgen(args),
         Command::Demo(args) => demo(args),
         Command::Keys { command } => keys(command),
+        Command::Cluster { command } => cluster(command),
     }
 }
 
@@ -683,6 +710,27 @@ fn keys(command: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::Rotate { bank, kind, admin } => keys_rotate(&bank, kind, &admin)?,
+    }
+    Ok(())
+}
+
+fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
+    match command {
+        ClusterCommand::Status { config } => {
+            let loaded = Config::load(&config)?;
+            let cluster = loaded
+                .cluster
+                .with_context(|| format!("{}: no [cluster] section", config.display()))?;
+            let status = service::runtime(1)?.block_on(switchyard::cluster::status(&cluster))?;
+            println!("{}", serde_json::to_string_pretty(&status)?);
+        }
+        ClusterCommand::StepDown { admin } => {
+            let tls = admin.tls()?;
+            let asked = request_step_down(admin.admin, tls.as_ref(), Duration::from_secs(10));
+            let (status, words) = service::runtime(1)?.block_on(asked)?;
+            print!("{words}");
+            anyhow::ensure!(status == 200, "step-down refused ({status})");
+        }
     }
     Ok(())
 }

@@ -430,12 +430,23 @@ const LEASE_TTL_MS: u64 = 2_000;
 /// Node `node`'s config: the crash test's switch, its journal in
 /// `journal-<node>`, in the cluster of `nats`.
 fn cluster_config(dir: &Path, bank: SocketAddr, nats: &NatsCluster, node: &str) -> PathBuf {
+    cluster_config_ttl(dir, bank, nats, node, LEASE_TTL_MS)
+}
+
+/// [`cluster_config`] with a lease of `ttl_ms`.
+fn cluster_config_ttl(
+    dir: &Path,
+    bank: SocketAddr,
+    nats: &NatsCluster,
+    node: &str,
+    ttl_ms: u64,
+) -> PathBuf {
     let written = write_config(dir, bank);
     let text = std::fs::read_to_string(&written)
         .unwrap()
         .replace("dir = \"journal\"", &format!("dir = \"journal-{node}\""));
     let text = format!(
-        "{text}\n[cluster]\nnats = {}\nnode_id = \"{node}\"\nlease_ttl_ms = {LEASE_TTL_MS}\n\
+        "{text}\n[cluster]\nnats = {}\nnode_id = \"{node}\"\nlease_ttl_ms = {ttl_ms}\n\
          connect_timeout_ms = 30000\n",
         nats.toml_urls()
     );
@@ -444,13 +455,33 @@ fn cluster_config(dir: &Path, bank: SocketAddr, nats: &NatsCluster, node: &str) 
     path
 }
 
+/// `switchyard cluster status` for the cluster of `config`.
+fn cluster_status(config: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(BIN)
+        .args(["cluster", "status", "--config"])
+        .arg(config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Waits until JetStream has its leaders and the stream and lease bucket exist.
 async fn wait_jetstream(nats: &NatsCluster) {
+    wait_jetstream_ttl(nats, LEASE_TTL_MS).await;
+}
+
+/// [`wait_jetstream`] for nodes with a lease of `ttl_ms`.
+async fn wait_jetstream_ttl(nats: &NatsCluster, ttl_ms: u64) {
     let config = switchyard::cluster::ClusterConfig {
         nats: nats.urls(),
         node_id: "test".to_owned(),
         stream: switchyard::cluster::STREAM_DEFAULT.to_owned(),
-        lease_ttl: Duration::from_millis(LEASE_TTL_MS),
+        lease_ttl: Duration::from_millis(ttl_ms),
         connect_timeout: Duration::from_secs(30),
         credentials_file: None,
         tls: None,
@@ -487,4 +518,273 @@ async fn the_standby_takes_over_a_killed_active_and_loses_nothing() {
         "takeover took {took_over:?}, over {bound:?}"
     );
     drop(nats);
+}
+
+/// Zombie: the active node is paused (SIGSTOP) past its lease, the standby takes
+/// over, and the old active is resumed (SIGCONT) with requests waiting in its
+/// socket. It must send nothing more to the bank or the acquirer, write nothing
+/// more into the stream, and exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_active_wakes_up_fenced_and_sends_nothing() {
+    let dir = TempDir::new("cluster-zombie");
+    let pki = Pki::write(&dir.0);
+    let nats = NatsCluster::start(&dir.0, 3);
+    wait_jetstream(&nats).await;
+    let bank = Bank::start(&pki, Duration::from_millis(1)).await;
+    bank.stats.log.enable(1_000_000);
+    let a = cluster_config(&dir.0, bank.addr, &nats, "a");
+    let b = cluster_config(&dir.0, bank.addr, &nats, "b");
+    let mut active = Daemon::start(BIN, &a);
+    let mut standby = Daemon::spawn(BIN, &b);
+    standby.wait_line("standing by");
+
+    // The active answers.
+    let mut client = testkit::Client::connect(active.addr, pki.client("100001"))
+        .await
+        .unwrap();
+    const BEFORE: usize = 20;
+    const ZOMBIE: std::ops::Range<usize> = BEFORE..BEFORE + 20;
+    for i in 0..BEFORE {
+        client.send_raw(&request(i)).await;
+        let answer = tokio::time::timeout(WAIT, client.recv()).await.unwrap();
+        assert!(answer.is_some(), "the active answers request {i}");
+    }
+
+    // Paused past its lease: the standby takes over.
+    active.signal("-STOP");
+    standby.wait_running();
+    // Requests reach the paused node's socket; then it resumes.
+    for i in ZOMBIE {
+        client.send_raw(&request(i)).await;
+    }
+    active.signal("-CONT");
+    let status = active.wait_exit();
+    assert!(!status.success(), "the old active exits with an error");
+    active.wait_line("lease");
+
+    // It answered none of them ...
+    let mut answers = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_secs(2), client.recv()).await {
+        answers += 1;
+    }
+    assert_eq!(answers, 0, "the old active answered after losing its lease");
+    // ... forwarded none of them ...
+    let d = Dialect::iso87_ascii();
+    let zombie_rrns: HashSet<Vec<u8>> = ZOMBIE
+        .map(|i| format!("{:012}", i + 1).into_bytes())
+        .collect();
+    for m in bank.stats.log.messages() {
+        let m = Message::decode(&d, m).unwrap();
+        if let Some(rrn) = m.field(37) {
+            assert!(
+                !zombie_rrns.contains(rrn),
+                "the bank got {:?} from the old active",
+                m.mti()
+            );
+        }
+    }
+    // ... and the stream (the new active's copy) holds none of them.
+    let mut journaled = 0;
+    scan(&dir.0.join("journal-b"), |_, _, r| {
+        if r.kind == RecordKind::Accepted {
+            journaled += 1;
+            let body = &r.body[8..];
+            let body = match r.protected {
+                true => switchyard::journal::protect::message_part(body).unwrap().0,
+                false => body,
+            };
+            let m = Message::decode(&d, Bytes::copy_from_slice(body)).unwrap();
+            assert!(
+                !ZOMBIE.contains(&(stan_of(&m) - 1)),
+                "the stream holds request {} of the old active",
+                stan_of(&m)
+            );
+        }
+    })
+    .unwrap();
+    assert_eq!(
+        journaled, BEFORE,
+        "the stream holds the requests from before the pause"
+    );
+    drop(standby);
+    bank.stop().await;
+    drop(nats);
+}
+
+/// One of the three NATS servers killed under load, and restarted: no request
+/// fails (every answer is the bank's: 00, or its 51 for every tenth), and the
+/// restarted server's replica of the stream catches up.
+/// The lease in the NATS loss test: longer than JetStream takes to elect new
+/// leaders for the stream and the lease bucket when the server that led them
+/// dies.
+const NATS_LOSS_TTL_MS: u64 = 15_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_nats_server_under_load_fails_nothing() {
+    const LOAD: usize = 3_000;
+    let dir = TempDir::new("cluster-nats-loss");
+    let pki = Pki::write(&dir.0);
+    let mut nats = NatsCluster::start(&dir.0, 3);
+    wait_jetstream_ttl(&nats, NATS_LOSS_TTL_MS).await;
+    let bank = Bank::start(&pki, Duration::from_millis(1)).await;
+    let a = cluster_config_ttl(&dir.0, bank.addr, &nats, "a", NATS_LOSS_TTL_MS);
+    let active = Daemon::start(BIN, &a);
+    let answers = Arc::new(Mutex::new(HashMap::new()));
+    let answered = Arc::new(Notify::new());
+    let load = tokio::spawn({
+        let (answers, answered) = (answers.clone(), answered.clone());
+        let tls = pki.client("100001");
+        let requests = (0..LOAD).map(request).collect();
+        let addr = active.addr;
+        async move {
+            drive(
+                addr,
+                &tls,
+                requests,
+                answers,
+                answered,
+                Arc::new(Mutex::new(0)),
+            )
+            .await
+        }
+    });
+    let at_least = |n: usize| {
+        let (answers, answered) = (answers.clone(), answered.clone());
+        async move {
+            while answers.lock().unwrap().len() < n {
+                answered.notified().await;
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, at_least(LOAD / 6))
+        .await
+        .expect("load under way");
+    // The server leading the stream's replicas: the worst one to lose.
+    let stream = switchyard::cluster::STREAM_DEFAULT;
+    let lost = nats.stream_leader(0, stream).expect("the stream's leader");
+    let kept = (lost + 1) % 3;
+    nats.kill(lost);
+    eprintln!(
+        "NATS server {lost} (the stream's leader) killed at {} answers",
+        answers.lock().unwrap().len()
+    );
+    tokio::time::timeout(2 * WAIT, at_least(LOAD / 2))
+        .await
+        .expect("load goes on with two servers");
+    nats.restart(lost);
+    assert!(
+        nats.wait_listening(lost, WAIT),
+        "NATS server {lost} restarts"
+    );
+    tokio::time::timeout(2 * WAIT, load)
+        .await
+        .expect("load done")
+        .unwrap();
+    let answers = answers.lock().unwrap().clone();
+    assert_eq!(answers.len(), LOAD, "every request answered");
+    for (n, (code, _)) in &answers {
+        let expected: &[u8] = if n % 10 == 0 { b"51" } else { b"00" };
+        assert_eq!(code.as_slice(), expected, "request {n}");
+    }
+    // The restarted server's replica catches up with the others'.
+    let target = nats.local_last_sequence(kept, stream).expect("a replica");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let caught_up = nats.local_last_sequence(lost, stream);
+        if caught_up.is_some_and(|s| s >= target) {
+            eprintln!("server {lost}'s replica at {caught_up:?} of {target}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server {lost} at {caught_up:?} of {target}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(active);
+    bank.stop().await;
+}
+
+/// Maintenance: `switchyard cluster status` shows the holder and the standby's
+/// progress; `switchyard cluster step-down` makes the active drain, give its
+/// lease up and exit 0, and the standby takes over at once (well inside the
+/// lease TTL), with the same answers for retransmissions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_down_hands_over_at_once() {
+    const TTL_MS: u64 = 15_000;
+    let dir = TempDir::new("cluster-step-down");
+    let pki = Pki::write(&dir.0);
+    let nats = NatsCluster::start(&dir.0, 3);
+    wait_jetstream_ttl(&nats, TTL_MS).await;
+    let bank = Bank::start(&pki, Duration::from_millis(1)).await;
+    let with_admin = |node: &str| {
+        let path = cluster_config_ttl(&dir.0, bank.addr, &nats, node, TTL_MS);
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(
+            &path,
+            format!("[admin]\nlisten = \"127.0.0.1:0\"\n\n{text}"),
+        )
+        .unwrap();
+        path
+    };
+    let (a, b) = (with_admin("a"), with_admin("b"));
+    let mut active = Daemon::start(BIN, &a);
+    let mut standby = Daemon::spawn(BIN, &b);
+    standby.wait_line("standing by");
+    let mut client = testkit::Client::connect(active.addr, pki.client("100001"))
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    for i in 0..10 {
+        client.send_raw(&request(i)).await;
+        answers.push(answer_of(&client.recv().await.expect("an answer")));
+    }
+    // The standby reports its progress every TTL/3.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let status = loop {
+        let status = cluster_status(&a);
+        if status["standbys"][0]["lag_messages"] == 0 {
+            break status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(status["lease"]["holder"], "a", "{status}");
+    assert_eq!(status["standbys"][0]["node"], "b", "{status}");
+    assert_eq!(status["stream"]["replicas"], 3, "{status}");
+
+    let admin = active.admin.expect("the active's admin endpoint");
+    let asked = std::process::Command::new(BIN)
+        .args(["cluster", "step-down", "--admin", &admin.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        asked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&asked.stdout)
+    );
+    let stepped = std::time::Instant::now();
+    drop(client);
+    assert!(active.wait_exit().success(), "a step-down exits 0");
+    standby.wait_running();
+    let took = stepped.elapsed();
+    eprintln!("the standby serves {took:?} after the step-down");
+    assert!(
+        took < Duration::from_millis(TTL_MS),
+        "took {took:?}: not at once"
+    );
+    assert_eq!(cluster_status(&b)["lease"]["holder"], "b");
+    // The new active answers retransmissions with the original answers.
+    let mut client = testkit::Client::connect(standby.addr, pki.client("100001"))
+        .await
+        .unwrap();
+    for (i, original) in answers.iter().enumerate() {
+        client.send_raw(&request(i)).await;
+        assert_eq!(
+            &answer_of(&client.recv().await.expect("an answer")),
+            original
+        );
+    }
+    drop(standby);
+    bank.stop().await;
 }

@@ -42,6 +42,7 @@ fn free_port() -> u16 {
 struct Node {
     conf: PathBuf,
     client_port: u16,
+    monitor_port: u16,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -58,6 +59,7 @@ impl NatsCluster {
     pub fn start(dir: &Path, n: usize) -> NatsCluster {
         let server = nats_server();
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let monitors: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let mut nodes = Vec::with_capacity(n);
         for (i, (client, route)) in ports.iter().enumerate() {
             let routes: Vec<String> = ports
@@ -70,9 +72,11 @@ impl NatsCluster {
             let conf = dir.join(format!("nats-{i}.conf"));
             let text = format!(
                 "server_name: \"n{i}\"\nlisten: \"127.0.0.1:{client}\"\nmax_payload: 8MB\n\
+                 http: \"127.0.0.1:{}\"\n\
                  jetstream {{\n  store_dir: \"{}\"\n  sync_interval: always\n}}\n\
                  cluster {{\n  name: \"switchyard-test\"\n  listen: \"127.0.0.1:{route}\"\n  \
                  routes: [{}]\n}}\n",
+                monitors[i],
                 store.display(),
                 routes.join(", ")
             );
@@ -80,6 +84,7 @@ impl NatsCluster {
             nodes.push(Node {
                 conf,
                 client_port: *client,
+                monitor_port: monitors[i],
                 log: dir.join(format!("nats-{i}.log")),
                 child: None,
             });
@@ -143,6 +148,39 @@ impl NatsCluster {
             std::thread::sleep(Duration::from_millis(20));
         }
         false
+    }
+
+    /// The index of the server leading `stream`'s replicas, as server `i`'s
+    /// monitoring endpoint reports it.
+    pub fn stream_leader(&self, i: usize, stream: &str) -> Option<usize> {
+        let detail = self.stream_detail(i, stream)?;
+        let leader = detail["cluster"]["leader"].as_str()?;
+        leader.strip_prefix('n')?.parse().ok()
+    }
+
+    fn stream_detail(&self, i: usize, stream: &str) -> Option<serde_json::Value> {
+        use std::io::{Read, Write};
+        let mut tcp =
+            std::net::TcpStream::connect(("127.0.0.1", self.nodes[i].monitor_port)).ok()?;
+        tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        tcp.write_all(b"GET /jsz?streams=true HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        tcp.read_to_string(&mut text).ok()?;
+        let body = &text[text.find("\r\n\r\n")? + 4..];
+        let json: serde_json::Value = serde_json::from_str(body).ok()?;
+        json["account_details"]
+            .as_array()?
+            .iter()
+            .flat_map(|a| a["stream_detail"].as_array().cloned().unwrap_or_default())
+            .find(|s| s["name"] == stream)
+    }
+
+    /// The last sequence of `stream` in server `i`'s own replica, from its
+    /// monitoring endpoint (`/jsz`); `None` when it does not answer or holds no
+    /// replica.
+    pub fn local_last_sequence(&self, i: usize, stream: &str) -> Option<u64> {
+        self.stream_detail(i, stream)?["state"]["last_seq"].as_u64()
     }
 
     /// Server `i`'s log so far.

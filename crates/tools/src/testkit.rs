@@ -168,7 +168,8 @@ impl Daemon {
         self.signal("-HUP");
     }
 
-    fn signal(&self, which: &str) {
+    /// Sends a signal with `kill` (`which`: `-TERM`, `-STOP`, `-CONT`, …).
+    pub fn signal(&self, which: &str) {
         let status = Command::new("kill")
             .args([which, &self.child.id().to_string()])
             .status()
