@@ -2511,6 +2511,60 @@ mod tests {
     }
 
     #[test]
+    fn a_cluster_needs_a_journal_and_names_each_wrong_setting() {
+        let parse = |journal: &str, cluster: &str| {
+            let text = format!(
+                "[switch]\nlisten = \"127.0.0.1:0\"\n\
+                 [tls]\nca_file = \"x\"\ncert_file = \"x\"\nkey_file = \"x\"\n\
+                 client_cert_file = \"x\"\nclient_key_file = \"x\"\n{journal}\n\
+                 [cluster]\n{cluster}\n"
+            );
+            Config::parse(&text, Path::new("s.toml")).map_err(|e| e.to_string())
+        };
+        let journal = "[journal]\ndir = \"j\"\n";
+        let good =
+            "nats = [\"nats://127.0.0.1:4222\", \"nats://127.0.0.1:4223\"]\nnode_id = \"a-1\"";
+        let c = parse(journal, good).unwrap();
+        let cluster = c.cluster.unwrap();
+        assert_eq!(cluster.stream, crate::cluster::STREAM_DEFAULT);
+        assert_eq!(
+            cluster.lease_ttl,
+            Duration::from_millis(crate::cluster::LEASE_TTL_MS_DEFAULT)
+        );
+        assert_eq!(cluster.subject(), "SWITCHYARD.journal");
+        assert_eq!(cluster.bucket(), "SWITCHYARD-lease");
+        let refused = [
+            (
+                parse("", good),
+                "s.toml: cluster: needs [journal]: the journal's batches are what the cluster \
+                 replicates",
+            ),
+            (
+                parse(journal, "nats = []\nnode_id = \"a\""),
+                "s.toml: cluster.nats: 1 to 16 server URLs, found 0",
+            ),
+            (
+                parse(
+                    journal,
+                    "nats = [\"nats://127.0.0.1:4222\"]\nnode_id = \"a.b\"",
+                ),
+                "s.toml: cluster.node_id: 1 to 64 letters, digits, '-' or '_', found \"a.b\"",
+            ),
+            (
+                parse(journal, &format!("{good}\nstream = \"S*\"")),
+                "s.toml: cluster.stream: 1 to 64 letters, digits, '-' or '_', found \"S*\"",
+            ),
+            (
+                parse(journal, &format!("{good}\nlease_ttl_ms = 100")),
+                "s.toml: cluster.lease_ttl_ms: must be 500..=60000 ms, found 100",
+            ),
+        ];
+        for (result, says) in refused {
+            assert_eq!(result.unwrap_err(), says);
+        }
+    }
+
+    #[test]
     fn a_payshield_module_takes_its_keys_from_the_tokens_file() {
         let dir = switchyard_tools::testkit::TempDir::new("config-payshield");
         let (store, master) = (dir.path().join("keys.txt"), dir.path().join("master.key"));

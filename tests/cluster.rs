@@ -44,16 +44,27 @@ fn batch(seqs: std::ops::RangeInclusive<u64>) -> Vec<u8> {
     out
 }
 
-/// Sends and confirms a batch off the runtime (the journal's writer thread
-/// does so).
+/// Sends a batch (off the runtime, as the journal's writer thread does) and
+/// waits until it is confirmed, or the replica fails.
 async fn replicate(r: &Arc<Replicator>, seqs: std::ops::RangeInclusive<u64>) -> Result<(), String> {
-    let r = r.clone();
-    tokio::task::spawn_blocking(move || {
-        r.send(*seqs.start(), *seqs.end(), &batch(seqs.clone()));
-        r.confirm()
-    })
-    .await
-    .unwrap()
+    let sender = r.clone();
+    let (first, last) = (*seqs.start(), *seqs.end());
+    tokio::task::spawn_blocking(move || sender.send(first, last, &batch(seqs)))
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match r.confirmed() {
+            Ok(confirmed) if confirmed >= last => return Ok(()),
+            Ok(_) => {}
+            Err(why) => return Err(why),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no outcome for {first}..={last}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -260,6 +260,12 @@ impl std::fmt::Debug for Cluster {
     }
 }
 
+/// How long a JetStream request (a publish's acknowledgement, a lease
+/// renewal) is waited for before it is retried.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// The pause before a failed lease renewal is tried again.
+const RENEW_RETRY_PAUSE: Duration = Duration::from_millis(250);
+
 /// The pause between two connection attempts at start-up.
 const CONNECT_RETRY_PAUSE: Duration = Duration::from_millis(200);
 
@@ -325,7 +331,10 @@ impl Cluster {
         };
         let max_payload = client.server_info().max_payload;
         let mut js = jetstream::new(client);
-        js.set_timeout(config.lease_ttl);
+        // A publish or a lease request unanswered this long is retried: an
+        // acknowledgement lost with a server must not hold the journal for
+        // long.
+        js.set_timeout(REQUEST_TIMEOUT.min(config.lease_ttl / 3));
         // Right after the servers start, JetStream may still be electing its
         // leaders: try again until the connect timeout.
         let deadline = Instant::now() + config.connect_timeout;
@@ -568,22 +577,23 @@ pub async fn keep_lease(
     lost: tokio_util::sync::CancellationToken,
 ) {
     let ttl = cluster.config.lease_ttl;
-    let mut tick = tokio::time::interval(ttl / 3);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next = ttl / 3;
     loop {
         tokio::select! {
             _ = stop.cancelled() => {
                 lease.release(&cluster).await;
                 return;
             }
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep(next) => {}
         }
+        next = RENEW_RETRY_PAUSE;
         let deadline = lease.valid_until(ttl);
         let renewed = tokio::time::timeout_at(deadline.into(), lease.renew(&cluster)).await;
         match renewed {
             Ok(Ok(true)) => {
                 metrics::counter!("switchyard_cluster_lease_renewals_total", "result" => "ok")
                     .increment(1);
+                next = ttl / 3;
             }
             Ok(Ok(false)) => {
                 // Expired at the servers, or another node's now.

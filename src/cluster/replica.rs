@@ -2,57 +2,117 @@
 //! journal's [`Replica`]).
 //!
 //! The journal's writer thread hands each batch over before writing it locally
-//! ([`Replica::send`]): the publish runs on the runtime meanwhile, so the
-//! stream's round trip and the local sync overlap; the writer then waits for the
-//! acknowledgement ([`Replica::confirm`]). Each message names the stream
-//! sequence it expects last on the subject, so a node whose lease a standby has
-//! taken (and fenced) is refused; it carries a message id (`<epoch>-<first
-//! journal seq>`), so a publish retried after a lost acknowledgement (a NATS
-//! server lost, the client reconnecting) is answered as a duplicate instead of
-//! written twice. Retries go on while the lease holds on this node's clock.
+//! ([`Replica::send`]) and goes on with the next commit; a task on the runtime
+//! publishes the batches in order without waiting for each acknowledgement
+//! (at most [`IN_FLIGHT_MAX`] batches unacknowledged: `send` blocks past that),
+//! and acknowledgements, which arrive in order, move the confirmed point
+//! ([`Replica::confirmed`]) and wake the writer. Each message names the stream
+//! sequence it expects last on the subject (the previous one's, predicted: this
+//! node is the only writer while it holds the lease), so a node a standby has
+//! fenced is refused; it carries a message id (`<epoch>-<first journal seq>`).
+//!
+//! When a publish fails (a NATS server lost, a leader being elected), every
+//! later one in flight fails too (its expected sequence no longer holds). The
+//! task then looks at the last message on the subject: another epoch's means
+//! this node was fenced (it stops); its own tells which of the unacknowledged
+//! batches landed, and the rest are sent again one at a time, then pipelining
+//! resumes. Retries go on while the lease holds on this node's clock.
 
 use super::{
-    may_act, stop_acting, Cluster, HEADER_EPOCH, HEADER_FIRST_SEQ, HEADER_LAST_SEQ, HEADER_NODE,
+    header_u64, may_act, stop_acting, Cluster, HEADER_EPOCH, HEADER_FIRST_SEQ, HEADER_LAST_SEQ,
+    HEADER_NODE,
 };
 use crate::journal::record;
 use crate::journal::Replica;
-use async_nats::jetstream::context::PublishErrorKind;
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use bytes::Bytes;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use futures_util::stream::FuturesOrdered;
+use futures_util::StreamExt;
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-/// The pause between two attempts of a publish that failed in transport.
+/// Batches published and not yet acknowledged, at most: past it the journal's
+/// writer waits in [`Replica::send`].
+pub const IN_FLIGHT_MAX: usize = 16;
+
+/// The pause between two attempts after a failed publish.
 const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+/// What the writer thread and the publishing task share.
+#[derive(Default)]
+struct State {
+    /// Batches sent to the task and not yet acknowledged.
+    in_flight: usize,
+    /// Every journal record up to this one is in the stream.
+    confirmed: u64,
+    /// Why replication stopped for good.
+    failed: Option<String>,
+    writer: Option<std::thread::Thread>,
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+    room: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        crate::sync::lock(&self.state)
+    }
+
+    /// Chunk `last` (a journal sequence) acknowledged; `ends_batch`: the last
+    /// chunk of its batch.
+    fn confirm(&self, last: u64, ends_batch: bool) {
+        let writer = {
+            let mut st = self.lock();
+            st.confirmed = st.confirmed.max(last);
+            if ends_batch {
+                st.in_flight = st.in_flight.saturating_sub(1);
+            }
+            st.writer.clone()
+        };
+        self.room.notify_all();
+        if let Some(w) = writer {
+            w.unpark();
+        }
+    }
+
+    fn fail(&self, why: String) {
+        let writer = {
+            let mut st = self.lock();
+            st.failed.get_or_insert(why);
+            st.writer.clone()
+        };
+        self.room.notify_all();
+        if let Some(w) = writer {
+            w.unpark();
+        }
+    }
+}
 
 /// Publishes the active node's journal batches.
 pub struct Replicator {
-    cluster: Cluster,
+    shared: Arc<Shared>,
+    batches: tokio::sync::mpsc::Sender<Vec<Chunk>>,
+    message_max_bytes: usize,
     epoch: u64,
-    handle: tokio::runtime::Handle,
-    /// The stream sequence of the last message on the subject: the fence this
-    /// node wrote, then its own batches.
-    last: Arc<AtomicU64>,
-    pending: Mutex<Option<oneshot::Receiver<Result<(), String>>>>,
-    /// Cancelled when the stream refused a batch as another epoch's.
-    fenced: CancellationToken,
 }
 
 impl std::fmt::Debug for Replicator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Replicator")
             .field("epoch", &self.epoch)
-            .field("last", &self.last.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
 
 impl Replicator {
-    /// Publishes after stream sequence `last` (the fence), on the runtime of
-    /// `handle`; cancels `fenced` when the stream refuses a batch as another
-    /// epoch's.
+    /// Publishes after stream sequence `last` (the fence), from a task on the
+    /// runtime of `handle`; cancels `fenced` when replication stops for good
+    /// (refused as another epoch's, or the lease ran out while retrying).
     pub fn new(
         cluster: Cluster,
         epoch: u64,
@@ -60,18 +120,28 @@ impl Replicator {
         handle: tokio::runtime::Handle,
         fenced: CancellationToken,
     ) -> Replicator {
-        Replicator {
+        let shared = Arc::new(Shared::default());
+        let (tx, rx) = tokio::sync::mpsc::channel(IN_FLIGHT_MAX);
+        let message_max_bytes = cluster.message_max_bytes;
+        handle.spawn(publish_task(
             cluster,
             epoch,
-            handle,
-            last: Arc::new(AtomicU64::new(last)),
-            pending: Mutex::new(None),
+            last,
+            rx,
+            shared.clone(),
             fenced,
+        ));
+        Replicator {
+            shared,
+            batches: tx,
+            message_max_bytes,
+            epoch,
         }
     }
 }
 
 /// One message: journal records `first..=last`, encoded.
+#[derive(Clone)]
 struct Chunk {
     first: u64,
     last: u64,
@@ -115,117 +185,209 @@ fn chunks(batch: &[u8], max: usize) -> Vec<Chunk> {
     out
 }
 
-/// Why a chunk was not published.
-enum Refused {
-    /// Another epoch wrote after this node's last message: fenced.
-    Fenced(String),
-    /// The lease ran out on this node's clock while retrying.
-    Expired(String),
-}
-
-async fn publish(
+/// Sends `chunk` naming `expected` as the last stream sequence on the subject:
+/// the acknowledgement to wait for.
+async fn send_chunk(
     cluster: &Cluster,
     epoch: u64,
-    last: &AtomicU64,
-    chunk: Chunk,
-) -> Result<(), Refused> {
-    let subject = cluster.config.subject();
-    let epoch_text = epoch.to_string();
-    let (first_text, last_text) = (chunk.first.to_string(), chunk.last.to_string());
-    let id = format!("{epoch}-{}", chunk.first);
+    expected: u64,
+    chunk: &Chunk,
+) -> Result<PublishAckFuture, async_nats::jetstream::context::PublishError> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(HEADER_EPOCH, epoch.to_string().as_str());
+    headers.insert(HEADER_NODE, cluster.config.node_id.as_str());
+    headers.insert(HEADER_FIRST_SEQ, chunk.first.to_string().as_str());
+    headers.insert(HEADER_LAST_SEQ, chunk.last.to_string().as_str());
+    headers.insert(
+        async_nats::header::NATS_EXPECTED_LAST_SEQUENCE,
+        expected.to_string().as_str(),
+    );
+    headers.insert(
+        async_nats::header::NATS_MESSAGE_ID,
+        format!("{epoch}-{}", chunk.first).as_str(),
+    );
+    cluster
+        .js
+        .publish_with_headers(cluster.config.subject(), headers, chunk.bytes.clone())
+        .await
+}
+
+type Ack = std::pin::Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<
+                    async_nats::jetstream::publish::PublishAck,
+                    async_nats::jetstream::context::PublishError,
+                >,
+            > + Send,
+    >,
+>;
+
+/// Publishes the batches of `rx` in order, pipelined.
+async fn publish_task(
+    cluster: Cluster,
+    epoch: u64,
+    last: u64,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<Chunk>>,
+    shared: Arc<Shared>,
+    fenced: CancellationToken,
+) {
+    // The stream sequence the next publish names as the last.
+    let mut expected = last;
+    // Sent, not yet acknowledged, in order: the chunk, whether it ends its
+    // batch, when it was sent.
+    let mut unacked: VecDeque<(Chunk, bool, Instant)> = VecDeque::new();
+    let mut acks: FuturesOrdered<Ack> = FuturesOrdered::new();
     loop {
-        let expected = last.load(Ordering::Acquire).to_string();
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert(HEADER_EPOCH, epoch_text.as_str());
-        headers.insert(HEADER_NODE, cluster.config.node_id.as_str());
-        headers.insert(HEADER_FIRST_SEQ, first_text.as_str());
-        headers.insert(HEADER_LAST_SEQ, last_text.as_str());
-        headers.insert(
-            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
-            expected.as_str(),
-        );
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
-        let started = Instant::now();
-        let sent = cluster
-            .js
-            .publish_with_headers(subject.clone(), headers, chunk.bytes.clone())
-            .await;
-        let acked = match sent {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
-        };
-        match acked {
-            Ok(ack) => {
-                last.store(ack.sequence, Ordering::Release);
-                metrics::histogram!("switchyard_cluster_publish_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                metrics::counter!("switchyard_cluster_acks_total", "result" => if ack.duplicate { "duplicate" } else { "ok" })
-                    .increment(1);
-                return Ok(());
-            }
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
-                metrics::counter!("switchyard_cluster_acks_total", "result" => "fenced")
-                    .increment(1);
-                return Err(Refused::Fenced(format!(
-                    "the stream refused journal records {}..={} of epoch {epoch}: another node \
-                     wrote after stream sequence {expected} ({e})",
-                    chunk.first, chunk.last
-                )));
-            }
-            Err(e) => {
-                metrics::counter!("switchyard_cluster_acks_total", "result" => "retried")
-                    .increment(1);
-                crate::log_limited!(warn, error = %e, first = chunk.first,
-                    "journal batch not acknowledged by the stream: retrying");
-                if !may_act() {
-                    return Err(Refused::Expired(format!(
-                        "journal records {}..={} not acknowledged before the lease ran out: {e}",
-                        chunk.first, chunk.last
-                    )));
+        tokio::select! {
+            biased;
+            Some(result) = acks.next(), if !acks.is_empty() => {
+                let Some((chunk, ends, sent)) = unacked.pop_front() else { continue };
+                match result {
+                    Ok(ack) => {
+                        metrics::histogram!("switchyard_cluster_publish_seconds")
+                            .record(sent.elapsed().as_secs_f64());
+                        metrics::counter!("switchyard_cluster_acks_total", "result" => if ack.duplicate { "duplicate" } else { "ok" })
+                            .increment(1);
+                        shared.confirm(chunk.last, ends);
+                    }
+                    Err(e) => {
+                        crate::log_limited!(warn, error = %e, first = chunk.first,
+                            "journal batch not acknowledged by the stream: resynchronizing");
+                        metrics::counter!("switchyard_cluster_acks_total", "result" => "retried")
+                            .increment(1);
+                        // Everything after it fails too: start again from the stream.
+                        acks = FuturesOrdered::new();
+                        unacked.push_front((chunk, ends, sent));
+                        match resync(&cluster, epoch, &mut unacked, &shared).await {
+                            Ok(next) => expected = next,
+                            Err(why) => {
+                                stop_acting();
+                                tracing::error!(epoch, error = %why, "journal replication stopped: stopping");
+                                shared.fail(why);
+                                fenced.cancel();
+                                return;
+                            }
+                        }
+                    }
                 }
-                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            batch = rx.recv() => {
+                let Some(batch) = batch else { return };
+                let n = batch.len();
+                for (i, chunk) in batch.into_iter().enumerate() {
+                    let sent = Instant::now();
+                    let ack: Ack = match send_chunk(&cluster, epoch, expected, &chunk).await {
+                        Ok(future) => Box::pin(std::future::IntoFuture::into_future(future)),
+                        Err(e) => Box::pin(std::future::ready(Err(e))),
+                    };
+                    expected += 1;
+                    acks.push_back(ack);
+                    unacked.push_back((chunk, i + 1 == n, sent));
+                }
             }
         }
     }
 }
 
-impl Replica for Replicator {
-    fn send(&self, _first_seq: u64, _last_seq: u64, batch: &[u8]) {
-        let pieces = chunks(batch, self.cluster.message_max_bytes);
-        let (tx, rx) = oneshot::channel();
-        *crate::sync::lock(&self.pending) = Some(rx);
-        let cluster = self.cluster.clone();
-        let (epoch, last, fenced) = (self.epoch, self.last.clone(), self.fenced.clone());
-        self.handle.spawn(async move {
-            let mut result = Ok(());
-            for chunk in pieces {
-                match publish(&cluster, epoch, &last, chunk).await {
-                    Ok(()) => {}
-                    Err(Refused::Fenced(why)) => {
-                        stop_acting();
-                        tracing::error!(epoch, error = %why, "fenced by a newer epoch: stopping");
-                        fenced.cancel();
-                        result = Err(why);
-                        break;
+/// After a failed publish: confirms the chunks of `unacked` that landed (the
+/// last message on the subject is this epoch's and covers them) and sends the
+/// others again one at a time, each acknowledged; the next expected sequence.
+/// An error when another epoch wrote last (fenced) or the lease ran out.
+async fn resync(
+    cluster: &Cluster,
+    epoch: u64,
+    unacked: &mut VecDeque<(Chunk, bool, Instant)>,
+    shared: &Shared,
+) -> Result<u64, String> {
+    let subject = cluster.config.subject();
+    loop {
+        if !may_act() {
+            return Err(format!(
+                "journal records from {} not acknowledged before the lease ran out",
+                unacked.front().map_or(0, |c| c.0.first)
+            ));
+        }
+        tokio::time::sleep(RETRY_PAUSE).await;
+        let Ok(newest) = cluster
+            .stream
+            .get_last_raw_message_by_subject(&subject)
+            .await
+        else {
+            continue;
+        };
+        let headers = Some(&newest.headers);
+        if header_u64(headers, HEADER_EPOCH) != Some(epoch) {
+            metrics::counter!("switchyard_cluster_acks_total", "result" => "fenced").increment(1);
+            return Err(format!(
+                "the stream's last message (sequence {}) is epoch {:?}'s, not this node's ({epoch}): \
+                 another node wrote after this one (fenced)",
+                newest.sequence,
+                header_u64(headers, HEADER_EPOCH)
+            ));
+        }
+        let landed = header_u64(headers, HEADER_LAST_SEQ).unwrap_or(0);
+        let mut expected = newest.sequence;
+        let mut broke = false;
+        while let Some((chunk, ends, _)) = unacked.front().cloned() {
+            if chunk.last <= landed {
+                shared.confirm(chunk.last, ends);
+                unacked.pop_front();
+                continue;
+            }
+            let acked = match send_chunk(cluster, epoch, expected, &chunk).await {
+                Ok(future) => future.await,
+                Err(e) => Err(e),
+            };
+            match acked {
+                Ok(ack) => {
+                    expected = ack.sequence;
+                    shared.confirm(chunk.last, ends);
+                    unacked.pop_front();
+                }
+                Err(e) => {
+                    if e.kind() != PublishErrorKind::WrongLastSequence {
+                        crate::log_limited!(warn, error = %e, "journal batch sent again, not acknowledged");
                     }
-                    Err(Refused::Expired(why)) => {
-                        stop_acting();
-                        fenced.cancel();
-                        result = Err(why);
-                        break;
-                    }
+                    broke = true;
+                    break;
                 }
             }
-            let _ = tx.send(result);
-        });
+        }
+        if !broke {
+            return Ok(expected);
+        }
+    }
+}
+
+impl Replica for Replicator {
+    fn attach(&self, writer: std::thread::Thread) {
+        self.shared.lock().writer = Some(writer);
     }
 
-    fn confirm(&self) -> Result<(), String> {
-        let Some(rx) = crate::sync::lock(&self.pending).take() else {
-            return Ok(());
-        };
-        rx.blocking_recv()
-            .unwrap_or_else(|_| Err("the replication task ended".to_owned()))
+    fn send(&self, _first_seq: u64, _last_seq: u64, batch: &[u8]) {
+        let pieces = chunks(batch, self.message_max_bytes);
+        {
+            let mut st = self.shared.lock();
+            while st.in_flight >= IN_FLIGHT_MAX && st.failed.is_none() {
+                st = self.shared.room.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            if st.failed.is_some() {
+                return;
+            }
+            st.in_flight += 1;
+        }
+        if self.batches.try_send(pieces).is_err() {
+            self.shared.fail("the replication task ended".to_owned());
+        }
+    }
+
+    fn confirmed(&self) -> Result<u64, String> {
+        let st = self.shared.lock();
+        match &st.failed {
+            Some(why) => Err(why.clone()),
+            None => Ok(st.confirmed),
+        }
     }
 }
 

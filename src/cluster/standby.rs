@@ -330,7 +330,7 @@ impl Standby {
         headers.insert(HEADER_EPOCH, epoch_text.as_str());
         headers.insert(HEADER_NODE, self.cluster.config.node_id.as_str());
         headers.insert(
-            async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+            async_nats::header::NATS_EXPECTED_LAST_SEQUENCE,
             last.to_string().as_str(),
         );
         let fail = |e: String| Some(ClusterError::js("writing the fence record")(e));

@@ -86,15 +86,20 @@ pub struct JournalConfig {
 }
 
 /// A copy of the journal elsewhere: each commit's batch (its records encoded
-/// as in a segment) is handed to [`Replica::send`] before the local write and
-/// confirmed by [`Replica::confirm`] after it, and counts as durable only when
-/// both succeeded. A failed confirmation stops the journal, as a failed write
-/// does.
+/// as in a segment) is handed to [`Replica::send`] before the local write, and
+/// a record counts as durable only once it is written here and
+/// [`Replica::confirmed`] covers it. Batches are pipelined: the next commit
+/// does not wait for the previous one's confirmation (the replica bounds how
+/// many are unconfirmed: `send` blocks past that). A failure stops the
+/// journal, as a failed write does.
 pub trait Replica: Send + Sync + std::fmt::Debug {
+    /// The writer thread, woken whenever a confirmation arrives.
+    fn attach(&self, writer: std::thread::Thread);
     /// Starts sending records `first_seq..=last_seq`, encoded in `batch`.
     fn send(&self, first_seq: u64, last_seq: u64, batch: &[u8]);
-    /// Waits until what [`Replica::send`] started is safe elsewhere.
-    fn confirm(&self) -> Result<(), String>;
+    /// The last journal sequence number up to which every record is safe
+    /// elsewhere (never blocks); an error once the replica failed for good.
+    fn confirmed(&self) -> Result<u64, String>;
 }
 
 impl JournalConfig {
@@ -345,6 +350,8 @@ impl Journal {
             woken: Vec::new(),
             full: full.clone(),
             batch_unix_ms: 0,
+            local_seq: next_seq - 1,
+            published_seq: next_seq - 1,
         };
         state.want_spare();
         let thread = std::thread::Builder::new()
@@ -777,10 +784,17 @@ struct WriterState {
     woken: Vec<std::task::Waker>,
     full: Arc<AtomicBool>,
     batch_unix_ms: u64,
+    /// The last record written (and synced) here.
+    local_seq: u64,
+    /// The last durable point published.
+    published_seq: u64,
 }
 
 impl WriterState {
     fn run(mut self, queue: &Queue) {
+        if let Some(r) = &self.config.replica {
+            r.attach(std::thread::current());
+        }
         loop {
             self.batch_unix_ms = crate::clock::unix_ms();
             let mut last_seq = None;
@@ -835,6 +849,13 @@ impl WriterState {
                 },
                 None if queue.closed.load(Ordering::SeqCst) => return,
                 None => {
+                    // Confirmations of batches already written here.
+                    if let Err(Stop::Replica(why)) = self.publish_durable() {
+                        tracing::error!(error = %why,
+                            "journal batch not replicated: refusing new requests");
+                        self.stop();
+                        return;
+                    }
                     queue.writer_sleeping.store(true, Ordering::SeqCst);
                     if queue.records.is_empty() && !queue.closed.load(Ordering::SeqCst) {
                         std::thread::park_timeout(IDLE_PARK);
@@ -848,6 +869,20 @@ impl WriterState {
     /// Marks the journal failed and wakes the waiters to see it.
     fn stop(&self) {
         self.point.fail();
+    }
+
+    /// Publishes what is durable: written here, and confirmed by the replica
+    /// when there is one.
+    fn publish_durable(&mut self) -> Result<(), Stop> {
+        let durable = match &self.config.replica {
+            None => self.local_seq,
+            Some(r) => self.local_seq.min(r.confirmed().map_err(Stop::Replica)?),
+        };
+        if durable > self.published_seq {
+            self.published_seq = durable;
+            self.point.publish(durable, &mut self.woken);
+        }
+        Ok(())
     }
 
     fn add(&mut self, (seq, entry): (u64, Entry), newest: &mut u64) -> u64 {
@@ -882,16 +917,12 @@ impl WriterState {
         // Positioned: the file may be longer than what was written (reserved).
         let reserved = self.segments.current.as_ref().map_or(0, |c| c.bytes);
         let sync = self.config.fsync == Fsync::Batch;
-        let replica = self.config.replica.clone();
-        if let Some(r) = &replica {
+        if let Some(r) = &self.config.replica {
             r.send(self.batch_first_seq, last_seq, &self.buf);
         }
         self.file
             .commit(&mut self.buf, self.segment_bytes, reserved, sync)
             .map_err(io)?;
-        if let Some(r) = &replica {
-            r.confirm().map_err(Stop::Replica)?;
-        }
         // Indexed before it counts as durable: a reader waits for that.
         let at = self.segment_bytes;
         if self.points.due(at) {
@@ -901,7 +932,8 @@ impl WriterState {
         }
         self.segment_bytes += self.buf.len() as u64;
         self.buf.clear();
-        self.point.publish(last_seq, &mut self.woken);
+        self.local_seq = last_seq;
+        self.publish_durable()?;
         self.segments.wrote(self.segment_bytes, newest_unix_ms);
         if self.segment_bytes >= self.config.segment_size_max_bytes {
             self.rotate(last_seq + 1, crate::clock::unix_ms())?;

@@ -427,6 +427,11 @@ async fn kill_and_audit(
 /// The cluster tests' lease.
 const LEASE_TTL_MS: u64 = 2_000;
 
+/// The cluster tests run one at a time: each runs three NATS servers and two
+/// switches with short leases, and two of them at once on two cores would
+/// measure the machine, not the switch.
+static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Node `node`'s config: the crash test's switch, its journal in
 /// `journal-<node>`, in the cluster of `nats`.
 fn cluster_config(dir: &Path, bank: SocketAddr, nats: &NatsCluster, node: &str) -> PathBuf {
@@ -500,6 +505,7 @@ async fn wait_jetstream_ttl(nats: &NatsCluster, ttl_ms: u64) {
 /// plus 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_takes_over_a_killed_active_and_loses_nothing() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let dir = TempDir::new("cluster-failover");
     let pki = Pki::write(&dir.0);
     let nats = NatsCluster::start(&dir.0, 3);
@@ -526,6 +532,7 @@ async fn the_standby_takes_over_a_killed_active_and_loses_nothing() {
 /// more into the stream, and exit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_active_wakes_up_fenced_and_sends_nothing() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let dir = TempDir::new("cluster-zombie");
     let pki = Pki::write(&dir.0);
     let nats = NatsCluster::start(&dir.0, 3);
@@ -621,6 +628,7 @@ const NATS_LOSS_TTL_MS: u64 = 15_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_a_nats_server_under_load_fails_nothing() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     const LOAD: usize = 3_000;
     let dir = TempDir::new("cluster-nats-loss");
     let pki = Pki::write(&dir.0);
@@ -628,6 +636,14 @@ async fn losing_a_nats_server_under_load_fails_nothing() {
     wait_jetstream_ttl(&nats, NATS_LOSS_TTL_MS).await;
     let bank = Bank::start(&pki, Duration::from_millis(1)).await;
     let a = cluster_config_ttl(&dir.0, bank.addr, &nats, "a", NATS_LOSS_TTL_MS);
+    // JetStream elects a new leader for the stream in seconds: requests wait
+    // for it, within a deadline longer than that.
+    let text = std::fs::read_to_string(&a).unwrap();
+    std::fs::write(
+        &a,
+        text.replace("request_timeout_ms = 10000", "request_timeout_ms = 30000"),
+    )
+    .unwrap();
     let active = Daemon::start(BIN, &a);
     let answers = Arc::new(Mutex::new(HashMap::new()));
     let answered = Arc::new(Notify::new());
@@ -711,6 +727,7 @@ async fn losing_a_nats_server_under_load_fails_nothing() {
 /// lease TTL), with the same answers for retransmissions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_down_hands_over_at_once() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     const TTL_MS: u64 = 15_000;
     let dir = TempDir::new("cluster-step-down");
     let pki = Pki::write(&dir.0);
