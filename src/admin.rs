@@ -168,12 +168,12 @@ pub async fn serve<O: Operator>(
     limits: AdminLimits,
     tls: Option<AdminTls>,
     shutdown: CancellationToken,
-) {
+) -> TcpListener {
     let slots = Arc::new(Semaphore::new(limits.connections_max));
     let endpoint = Arc::new(Endpoint::new(operator, limits, tls));
     loop {
         let (tcp, addr) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return listener,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {

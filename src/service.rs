@@ -14,6 +14,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 
@@ -231,18 +232,56 @@ pub async fn run_file(path: PathBuf, mut config: Config) -> Result<Stopped, Serv
     if let Some(hsm) = config.keys.as_ref().and_then(|k| k.payshield.clone()) {
         check_payshield(hsm).await?;
     }
-    // In a cluster: stand by (no listener) until this node is the active one.
-    let active = match (config.cluster.clone(), config.journal.as_mut()) {
-        (Some(cluster), Some(journal)) => {
-            match crate::cluster::activate(&cluster, journal, terminate_signal()).await? {
-                Some(active) => Some(active),
-                None => return Ok(Stopped::Drained),
-            }
-        }
-        _ => None,
+    let admin = bind_admin(&config).await?;
+    let Some(cluster) = config.cluster.clone() else {
+        return run_active(path, config, tls, None, admin).await;
     };
-    let Some(active) = active else {
-        return run_active(path, config, tls, None).await;
+    // In a cluster: stand by (no acquirer listener; the admin endpoint answers
+    // as a standby) until this node is the active one.
+    let progress = Arc::new(crate::cluster::standby::Progress::default());
+    let standby_admin = match admin {
+        Some((listener, metrics)) => {
+            if let Ok(at) = listener.local_addr() {
+                tracing::info!(admin = %at, "cluster: standby admin endpoint: /status, /readyz (503), /metrics");
+            }
+            let admin_tls = config.admin_tls.as_ref().map(|f| f.load()).transpose()?;
+            let operator = Arc::new(StandbyAdmin {
+                node_id: cluster.node_id.clone(),
+                progress: progress.clone(),
+                metrics: metrics.clone(),
+            });
+            let stop = tokio_util::sync::CancellationToken::new();
+            let task = tokio::spawn(admin::serve(
+                listener,
+                operator,
+                config.admin_limits,
+                admin_tls,
+                stop.clone(),
+            ));
+            Some((task, stop, metrics))
+        }
+        None => None,
+    };
+    let journal = config.journal.as_mut().ok_or(ServiceError::Cluster(
+        crate::cluster::ClusterError::Stream {
+            name: cluster.stream.clone(),
+            message: "[cluster] needs [journal]".to_owned(),
+        },
+    ))?;
+    let activated = crate::cluster::activate(&cluster, journal, progress, terminate_signal()).await;
+    // The admin endpoint's listener goes on serving the active switch.
+    let admin = match standby_admin {
+        Some((task, stop, metrics)) => {
+            stop.cancel();
+            let listener = task
+                .await
+                .map_err(|e| ServiceError::Metrics(format!("standby admin endpoint: {e}")))?;
+            Some((listener, metrics))
+        }
+        None => None,
+    };
+    let Some(active) = activated? else {
+        return Ok(Stopped::Drained);
     };
     let lost = active.lost.clone();
     let role = ClusterRole {
@@ -255,7 +294,7 @@ pub async fn run_file(path: PathBuf, mut config: Config) -> Result<Stopped, Serv
         step_down: tokio_util::sync::CancellationToken::new(),
     };
     let stopped = tokio::select! {
-        stopped = run_active(path, config, tls, Some((lost.clone(), role))) => stopped,
+        stopped = run_active(path, config, tls, Some((lost.clone(), role)), admin) => stopped,
         // The lease is gone: nothing may be written any more (`may_act`), so
         // no drain either; the process exits, as after a crash, and the
         // standby that took over owns what was unfinished.
@@ -272,16 +311,8 @@ async fn run_active(
     config: Config,
     tls: TlsSetup,
     cluster: Option<(tokio_util::sync::CancellationToken, ClusterRole)>,
+    admin: Option<(TcpListener, PrometheusHandle)>,
 ) -> Result<Stopped, ServiceError> {
-    let admin = match config.admin_listen {
-        Some(addr) => {
-            let metrics = crate::telemetry::install_recorder()
-                .map_err(|e| ServiceError::Metrics(e.to_string()))?;
-            let listener = bind("the admin endpoint", addr).await?;
-            Some((listener, metrics))
-        }
-        None => None,
-    };
     let mut listeners = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
         let bound = bind("an acquirer listener", l.listen).await?;
@@ -343,6 +374,71 @@ async fn check_payshield(hsm: crate::config::PayShieldKeys) -> Result<(), Servic
         keys_file = %hsm.keys_file.display(),
         "payShield: reachable, and every key's check value is the tokens file's");
     Ok(())
+}
+
+/// The admin endpoint's listener and the metrics recorder, when `[admin]
+/// listen` is set.
+async fn bind_admin(
+    config: &Config,
+) -> Result<Option<(TcpListener, PrometheusHandle)>, ServiceError> {
+    match config.admin_listen {
+        Some(addr) => {
+            let metrics = crate::telemetry::install_recorder()
+                .map_err(|e| ServiceError::Metrics(e.to_string()))?;
+            let listener = bind("the admin endpoint", addr).await?;
+            Ok(Some((listener, metrics)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The admin endpoint of a cluster node standing by: `/metrics`, `/healthz`,
+/// `/status` (role, progress), `/readyz` (503: not serving); changes refused.
+struct StandbyAdmin {
+    node_id: String,
+    progress: Arc<crate::cluster::standby::Progress>,
+    metrics: PrometheusHandle,
+}
+
+impl Operator for StandbyAdmin {
+    fn metrics(&self) -> String {
+        self.metrics.render()
+    }
+
+    fn readiness(&self) -> (bool, String) {
+        let lag = self.progress.lag_messages.load(Ordering::Relaxed);
+        (
+            false,
+            format!("standby: copying the stream ({lag} messages behind); not serving"),
+        )
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let p = &self.progress;
+        serde_json::json!({
+            "cluster": {
+                "node_id": self.node_id,
+                "role": "standby",
+                "active": *crate::sync::lock(&p.holder),
+                "applied_sequence": p.applied.load(Ordering::Relaxed),
+                "lag_messages": p.lag_messages.load(Ordering::Relaxed),
+                "journal_last_seq": p.journal_last_seq.load(Ordering::Relaxed),
+            }
+        })
+    }
+
+    async fn reload(&self) -> Option<Result<String, String>> {
+        Some(Err(
+            "standby: the config file is read when this node takes over".to_owned(),
+        ))
+    }
+
+    async fn rotate_key(&self, _bank: String, _key: WorkingKey) -> (u16, serde_json::Value) {
+        (
+            409,
+            serde_json::json!({"ok": false, "reason": "standby: keys rotate on the active node"}),
+        )
+    }
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServiceError> {

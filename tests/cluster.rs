@@ -77,11 +77,16 @@ async fn a_late_publish_of_the_old_epoch_is_refused_after_the_fence() {
     let old = Cluster::connect(&config(&nats, "old"), retention)
         .await
         .unwrap();
-    let takeover = Standby::new(old.clone(), dir.0.join("journal-old"), 1 << 20)
-        .run(std::future::pending())
-        .await
-        .unwrap()
-        .expect("the lease is free");
+    let takeover = Standby::new(
+        old.clone(),
+        dir.0.join("journal-old"),
+        1 << 20,
+        Default::default(),
+    )
+    .run(std::future::pending())
+    .await
+    .unwrap()
+    .expect("the lease is free");
     let fenced = CancellationToken::new();
     let replicator = Arc::new(Replicator::new(
         old.clone(),
@@ -99,11 +104,16 @@ async fn a_late_publish_of_the_old_epoch_is_refused_after_the_fence() {
     let new = Cluster::connect(&config(&nats, "new"), retention)
         .await
         .unwrap();
-    let took = Standby::new(new.clone(), dir.0.join("journal-new"), 1 << 20)
-        .run(std::future::pending())
-        .await
-        .unwrap()
-        .expect("the lease is free again");
+    let took = Standby::new(
+        new.clone(),
+        dir.0.join("journal-new"),
+        1 << 20,
+        Default::default(),
+    )
+    .run(std::future::pending())
+    .await
+    .unwrap()
+    .expect("the lease is free again");
     assert!(took.lease.epoch > takeover.lease.epoch);
     assert_eq!(
         took.journal_last_seq, 3,

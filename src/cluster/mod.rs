@@ -16,8 +16,11 @@
 //! when larger than the servers' `max_payload`) to subject `<stream>.journal`
 //! of the stream (file storage, at least three replicas; checked at start-up and
 //! refused if weaker) with the node's epoch ([`replica::Replicator`]). Each
-//! publish names the stream sequence it expects last on the subject
-//! (`Nats-Expected-Last-Subject-Sequence`): once a new active has written its
+//! publish names the stream sequence it expects last in the stream
+//! (`Nats-Expected-Last-Sequence`; the stream holds nothing else, and unlike
+//! the per-subject check, the leader checks it against what it has accepted
+//! but not yet applied, so publishes can be pipelined): once a new active has
+//! written its
 //! fence record, every late publish of the old one is rejected, and the old one
 //! stops. A batch counts as durable only when the stream acknowledged it and the
 //! local journal synced it; answers and forwards wait for that, as on one node.
@@ -660,6 +663,7 @@ impl Active {
 pub async fn activate(
     config: &ClusterConfig,
     journal: &mut crate::journal::JournalConfig,
+    progress: std::sync::Arc<standby::Progress>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<Option<Active>, ClusterError> {
     let cluster = Cluster::connect(config, journal.retention).await?;
@@ -680,6 +684,7 @@ pub async fn activate(
         cluster.clone(),
         journal.dir.clone(),
         journal.segment_size_max_bytes,
+        progress,
     );
     let Some(takeover) = standby.run(stop).await? else {
         return Ok(None);

@@ -28,6 +28,8 @@ use futures_util::StreamExt;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The most fence attempts (each after reading what was published meanwhile).
@@ -164,17 +166,38 @@ impl Copy {
     }
 }
 
+/// How far a standby has come, for its admin endpoint (`/status`,
+/// `/readyz`).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// The stream sequence of the last message copied.
+    pub applied: AtomicU64,
+    /// Messages the stream holds after it (the consumer's pending count).
+    pub lag_messages: AtomicU64,
+    /// The last journal sequence copied.
+    pub journal_last_seq: AtomicU64,
+    /// The node holding the lease, as last seen.
+    pub holder: Mutex<String>,
+}
+
 /// A node standing by.
 pub struct Standby {
     cluster: Cluster,
     copy: Copy,
+    progress: Arc<Progress>,
 }
 
 impl Standby {
     /// A standby copying into the journal directory `dir` (segments of
     /// `segment_size_max` bytes).
-    pub fn new(cluster: Cluster, dir: PathBuf, segment_size_max: u64) -> Standby {
+    pub fn new(
+        cluster: Cluster,
+        dir: PathBuf,
+        segment_size_max: u64,
+        progress: Arc<Progress>,
+    ) -> Standby {
         Standby {
+            progress,
             cluster,
             copy: Copy {
                 dir,
@@ -189,10 +212,13 @@ impl Standby {
     }
 
     fn apply(&mut self, msg: &async_nats::jetstream::Message) -> Result<(), ClusterError> {
-        let sequence = msg
+        let info = msg
             .info()
-            .map_err(|e| ClusterError::js("stream message")(e.to_string()))?
-            .stream_sequence;
+            .map_err(|e| ClusterError::js("stream message")(e.to_string()))?;
+        let sequence = info.stream_sequence;
+        self.progress
+            .lag_messages
+            .store(info.pending, Ordering::Relaxed);
         let headers = msg.headers.as_ref();
         if header_u64(headers, HEADER_FENCE).is_none() {
             let (Some(first), Some(last)) = (
@@ -208,6 +234,10 @@ impl Standby {
             metrics::counter!("switchyard_cluster_batches_copied_total").increment(1);
         }
         self.copy.applied = sequence;
+        self.progress.applied.store(sequence, Ordering::Relaxed);
+        self.progress
+            .journal_last_seq
+            .store(self.copy.next_seq.saturating_sub(1), Ordering::Relaxed);
         metrics::gauge!("switchyard_cluster_applied_sequence").set(sequence as f64);
         Ok(())
     }
@@ -256,6 +286,7 @@ impl Standby {
                     Ok(Acquired::Taken(lease)) => break lease,
                     Ok(Acquired::Held { by, .. }) => {
                         if by != holder && !by.is_empty() {
+                            *crate::sync::lock(&self.progress.holder) = by.clone();
                             tracing::info!(active = %by, node = %self.cluster.config.node_id,
                                 "cluster: standing by, copying the stream");
                             holder = by;

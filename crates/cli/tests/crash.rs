@@ -460,6 +460,28 @@ fn cluster_config_ttl(
     path
 }
 
+/// GET `path` on an admin endpoint: the status code and the body.
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: switchyard\r\nConnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(WAIT, tcp.read_to_string(&mut text))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (code, body)
+}
+
 /// `switchyard cluster status` for the cluster of `config`.
 fn cluster_status(config: &Path) -> serde_json::Value {
     let out = std::process::Command::new(BIN)
@@ -747,7 +769,15 @@ async fn a_step_down_hands_over_at_once() {
     let (a, b) = (with_admin("a"), with_admin("b"));
     let mut active = Daemon::start(BIN, &a);
     let mut standby = Daemon::spawn(BIN, &b);
+    let line = standby.wait_line("standby admin endpoint");
+    let standby_admin: SocketAddr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("admin="))
+        .and_then(|a| a.parse().ok())
+        .expect("the standby's admin address");
     standby.wait_line("standing by");
+    let (code, ready) = http_get(standby_admin, "/readyz").await;
+    assert!(code == 503 && ready.contains("standby"), "{code} {ready}");
     let mut client = testkit::Client::connect(active.addr, pki.client("100001"))
         .await
         .unwrap();
@@ -767,6 +797,11 @@ async fn a_step_down_hands_over_at_once() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     assert_eq!(status["lease"]["holder"], "a", "{status}");
+    let (_, own) = http_get(standby_admin, "/status").await;
+    let own: serde_json::Value = serde_json::from_str(&own).unwrap();
+    assert_eq!(own["cluster"]["role"], "standby", "{own}");
+    assert_eq!(own["cluster"]["active"], "a", "{own}");
+    assert_eq!(own["cluster"]["journal_last_seq"], 30, "{own}");
     assert_eq!(status["standbys"][0]["node"], "b", "{status}");
     assert_eq!(status["stream"]["replicas"], 3, "{status}");
 
