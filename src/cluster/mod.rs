@@ -718,11 +718,13 @@ pub async fn activate(
     }))
 }
 
-// === `switchyard cluster status` ===
+// === `switchyard cluster status`, and reading the stream ===
 
-/// What the cluster looks like from NATS (for `switchyard cluster status`): the
-/// stream, the lease, and each standby's progress. Creates nothing.
-pub async fn status(config: &ClusterConfig) -> Result<serde_json::Value, ClusterError> {
+/// A plain client of the cluster's servers (for a command: no retries).
+pub(crate) async fn connect_client(
+    config: &ClusterConfig,
+    what: &str,
+) -> Result<async_nats::Client, ClusterError> {
     let connect_error = |message: String| ClusterError::Connect {
         servers: config.nats.clone(),
         message,
@@ -733,7 +735,7 @@ pub async fn status(config: &ClusterConfig) -> Result<serde_json::Value, Cluster
         .map(|u| u.parse().map_err(|e| connect_error(format!("{u:?}: {e}"))))
         .collect::<Result<_, _>>()?;
     let mut options = async_nats::ConnectOptions::new()
-        .name(format!("switchyard cluster status ({})", config.node_id))
+        .name(format!("switchyard {what} ({})", config.node_id))
         .connection_timeout(config.connect_timeout);
     if let Some(path) = &config.credentials_file {
         options = options
@@ -749,11 +751,16 @@ pub async fn status(config: &ClusterConfig) -> Result<serde_json::Value, Cluster
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
     }
-    let client = tokio::time::timeout(config.connect_timeout, options.connect(servers))
+    tokio::time::timeout(config.connect_timeout, options.connect(servers))
         .await
         .map_err(|_| connect_error(format!("no answer within {:?}", config.connect_timeout)))?
-        .map_err(|e| connect_error(e.to_string()))?;
-    let js = jetstream::new(client);
+        .map_err(|e| connect_error(e.to_string()))
+}
+
+/// What the cluster looks like from NATS (for `switchyard cluster status`): the
+/// stream, the lease, and each standby's progress. Creates nothing.
+pub async fn status(config: &ClusterConfig) -> Result<serde_json::Value, ClusterError> {
+    let js = jetstream::new(connect_client(config, "cluster status").await?);
     let stream = js
         .get_stream(&config.stream)
         .await

@@ -381,3 +381,79 @@ impl Standby {
         }
     }
 }
+
+/// Copies the cluster's stream, up to its last sequence now, into the empty
+/// (or new) directory `dir` as journal segments: what `journal verify`,
+/// `journal dump` and `settlement` read with `--cluster-config`. Takes no
+/// lease and writes nothing to NATS. The batch messages copied and the last
+/// journal sequence.
+pub async fn copy_stream(
+    config: &super::ClusterConfig,
+    dir: &Path,
+) -> Result<(u64, u64), ClusterError> {
+    let js = async_nats::jetstream::new(super::connect_client(config, "stream copy").await?);
+    let stream = js
+        .get_stream(&config.stream)
+        .await
+        .map_err(|e| ClusterError::js("reading the stream")(e.to_string()))?;
+    let last = stream
+        .get_info()
+        .await
+        .map_err(|e| ClusterError::js("reading the stream")(e.to_string()))?
+        .state
+        .last_sequence;
+    let mut copy = Copy {
+        dir: dir.to_owned(),
+        segment_size_max: crate::journal::writer::SEGMENT_SIZE_MAX_BYTES_DEFAULT,
+        file: None,
+        ready: false,
+        next_seq: 0,
+        batches: 0,
+        applied: 0,
+    };
+    fs::create_dir_all(dir).map_err(local(dir))?;
+    if last > 0 {
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: config.subject(),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| ClusterError::js("reading the stream")(e.to_string()))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| ClusterError::js("reading the stream")(e.to_string()))?;
+        while copy.applied < last {
+            let msg = match tokio::time::timeout(CATCH_UP_WAIT, messages.next()).await {
+                Ok(Some(Ok(msg))) => msg,
+                Ok(Some(Err(e))) => {
+                    return Err(ClusterError::js("reading the stream")(e.to_string()))
+                }
+                Ok(None) | Err(_) => {
+                    return Err(ClusterError::js("reading the stream")(format!(
+                        "sequence {} of {last} not delivered within {CATCH_UP_WAIT:?}",
+                        copy.applied + 1
+                    )))
+                }
+            };
+            let info = msg
+                .info()
+                .map_err(|e| ClusterError::js("stream message")(e.to_string()))?;
+            let sequence = info.stream_sequence;
+            let headers = msg.headers.as_ref();
+            if header_u64(headers, HEADER_FENCE).is_none() {
+                if let (Some(first), Some(last_seq)) = (
+                    header_u64(headers, HEADER_FIRST_SEQ),
+                    header_u64(headers, HEADER_LAST_SEQ),
+                ) {
+                    copy.append(sequence, first, last_seq, &msg.payload)?;
+                }
+            }
+            copy.applied = sequence;
+        }
+    }
+    copy.sync()?;
+    Ok((copy.batches, copy.next_seq.saturating_sub(1)))
+}

@@ -352,9 +352,8 @@ enum DemoKeysArg {
 #[derive(clap::Args)]
 /// `switchyard settlement`.
 struct SettlementArgs {
-    /// Journal directory.
-    #[arg(long)]
-    dir: PathBuf,
+    #[command(flatten)]
+    source: JournalSource,
     /// Window start (inclusive): RFC 3339 UTC (`2026-11-26T00:00:00Z`) or Unix ms.
     #[arg(long)]
     from: String,
@@ -373,15 +372,13 @@ struct SettlementArgs {
 enum JournalCommand {
     /// Check every record of every segment and print counts; fails on corruption.
     Verify {
-        /// Journal directory.
-        #[arg(long)]
-        dir: PathBuf,
+        #[command(flatten)]
+        source: JournalSource,
     },
     /// Print every record, card numbers masked.
     Dump {
-        /// Journal directory.
-        #[arg(long)]
-        dir: PathBuf,
+        #[command(flatten)]
+        source: JournalSource,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -389,6 +386,65 @@ enum JournalCommand {
         #[arg(long, default_value = "iso87-ascii")]
         dialect: String,
     },
+}
+
+/// Which journal a command reads: a directory, or a cluster's stream.
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct JournalSource {
+    /// Journal directory.
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// A config file with `[cluster]`: read the cluster's stream (copied, up to
+    /// its last sequence now, into a temporary directory removed afterwards).
+    #[arg(long)]
+    cluster_config: Option<PathBuf>,
+}
+
+/// A journal directory to read, and the temporary copy of a stream to remove.
+struct JournalDir {
+    dir: PathBuf,
+    temporary: bool,
+}
+
+impl Drop for JournalDir {
+    fn drop(&mut self) {
+        if self.temporary {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl JournalSource {
+    /// The directory to read: `--dir`, or a fresh copy of the stream.
+    fn open(&self) -> anyhow::Result<JournalDir> {
+        if let Some(dir) = &self.dir {
+            return Ok(JournalDir {
+                dir: dir.clone(),
+                temporary: false,
+            });
+        }
+        let path = self
+            .cluster_config
+            .as_ref()
+            .context("--dir or --cluster-config")?;
+        let cluster = Config::load(path)?
+            .cluster
+            .with_context(|| format!("{}: no [cluster] section", path.display()))?;
+        let dir = std::env::temp_dir().join(format!("switchyard-stream-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let copy = JournalDir {
+            dir: dir.clone(),
+            temporary: true,
+        };
+        let copied = service::runtime(1)?
+            .block_on(switchyard::cluster::standby::copy_stream(&cluster, &dir))?;
+        eprintln!(
+            "stream {}: {} batch messages copied, journal records up to {}",
+            cluster.stream, copied.0, copied.1
+        );
+        Ok(copy)
+    }
 }
 
 /// Where the key store is: both files, for every `keys` subcommand.
@@ -639,13 +695,22 @@ fn run(config: PathBuf, log_format: LogFormat) -> anyhow::Result<()> {
 
 fn journal(command: JournalCommand) -> anyhow::Result<()> {
     match command {
-        JournalCommand::Verify { dir } => println!("{}", dump::verify(&dir)?),
-        JournalCommand::Dump { dir, json, dialect } => {
+        JournalCommand::Verify { source } => {
+            let dir = source.open()?;
+            println!("{}", dump::verify(&dir.dir)?)
+        }
+        JournalCommand::Dump {
+            source,
+            json,
+            dialect,
+        } => {
+            let opened = source.open()?;
+            let dir = &opened.dir;
             let dialect = Dialect::load(&dialect)?;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            let scan = dump::dump(&dir, &dialect, json, &mut out)?;
+            let scan = dump::dump(dir, &dialect, json, &mut out)?;
             std::io::Write::flush(&mut out)?;
-            eprintln!("{}", dump::report(&dir, &scan));
+            eprintln!("{}", dump::report(dir, &scan));
         }
     }
     Ok(())
@@ -843,7 +908,8 @@ fn settlement(a: SettlementArgs) -> anyhow::Result<()> {
     let to_ms = parse_time(&a.to).with_context(|| format!("--to {}", a.to))?;
     anyhow::ensure!(from_ms < to_ms, "--from must be before --to");
     let dialect = Dialect::load(&a.dialect)?;
-    let s = settlement::settle(&a.dir, from_ms, to_ms, &dialect)?;
+    let dir = a.source.open()?;
+    let s = settlement::settle(&dir.dir, from_ms, to_ms, &dialect)?;
     if a.json {
         println!("{}", serde_json::to_string(&s)?);
     } else {

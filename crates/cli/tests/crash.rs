@@ -545,6 +545,16 @@ async fn the_standby_takes_over_a_killed_active_and_loses_nothing() {
         took_over <= bound,
         "takeover took {took_over:?}, over {bound:?}"
     );
+    // `journal verify` reads the stream itself too: every record checks.
+    let verified = std::process::Command::new(BIN)
+        .args(["journal", "verify", "--cluster-config"])
+        .arg(&b)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&verified.stdout);
+    let err = String::from_utf8_lossy(&verified.stderr);
+    assert!(verified.status.success(), "{said} {err}");
+    assert!(said.contains("every record checked"), "{said}");
     drop(nats);
 }
 
