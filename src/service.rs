@@ -376,6 +376,10 @@ async fn check_payshield(hsm: crate::config::PayShieldKeys) -> Result<(), Servic
     Ok(())
 }
 
+/// How long a node taking over waits for a link to every bank before it
+/// answers acquirers anyway (those banks' requests are then answered 91).
+pub const TAKEOVER_LINKS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The admin endpoint's listener and the metrics recorder, when `[admin]
 /// listen` is set.
 async fn bind_admin(
@@ -461,6 +465,7 @@ pub async fn run(
     cluster: Option<ClusterRole>,
 ) -> Result<Stopped, ServiceError> {
     let limits = config.admin_limits;
+    let clustered = cluster.is_some();
     let admin_tls = match (&admin, &config.admin_tls) {
         (Some(_), Some(files)) => Some(files.load()?),
         _ => None,
@@ -478,6 +483,14 @@ pub async fn run(
     }
     if let Some(path) = config_path {
         tokio::spawn(reload_on_sighup(switch.clone(), path));
+    }
+    if clustered {
+        // A node taking over opens its bank links (and signs on) before it
+        // answers acquirers: their connections wait in the backlog meanwhile.
+        if !switch.wait_links_up(TAKEOVER_LINKS_WAIT).await {
+            tracing::warn!(wait = ?TAKEOVER_LINKS_WAIT,
+                "cluster: not every bank has a link up: serving acquirers anyway");
+        }
     }
     let serving = switch.serve_all(listeners);
     tokio::pin!(serving);
