@@ -236,6 +236,18 @@ pub async fn run_file(path: PathBuf, mut config: Config) -> Result<Stopped, Serv
     let Some(cluster) = config.cluster.clone() else {
         return run_active(path, config, tls, None, admin).await;
     };
+    let short: Vec<String> = config
+        .banks
+        .iter()
+        .filter(|b| b.request_timeout < CLUSTER_REQUEST_TIMEOUT_ADVISED)
+        .map(|b| b.id.to_string())
+        .collect();
+    if !short.is_empty() {
+        tracing::warn!(banks = ?short, advised_ms = CLUSTER_REQUEST_TIMEOUT_ADVISED.as_millis() as u64,
+            "cluster: these banks' request_timeout_ms is shorter than JetStream may take to elect a \
+             new stream leader when a NATS server dies: requests caught then end at their deadline \
+             (68 and a reversal advice)");
+    }
     // In a cluster: stand by (no acquirer listener; the admin endpoint answers
     // as a standby) until this node is the active one.
     let progress = Arc::new(crate::cluster::standby::Progress::default());
@@ -376,6 +388,10 @@ async fn check_payshield(hsm: crate::config::PayShieldKeys) -> Result<(), Servic
     Ok(())
 }
 
+/// The shortest bank `request_timeout_ms` advised in a cluster (a warning at
+/// start-up below it): longer than JetStream's leader elections.
+pub const CLUSTER_REQUEST_TIMEOUT_ADVISED: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// How long a node taking over waits for a link to every bank before it
 /// answers acquirers anyway (those banks' requests are then answered 91).
 pub const TAKEOVER_LINKS_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -426,6 +442,7 @@ impl Operator for StandbyAdmin {
                 "active": *crate::sync::lock(&p.holder),
                 "applied_sequence": p.applied.load(Ordering::Relaxed),
                 "lag_messages": p.lag_messages.load(Ordering::Relaxed),
+                "lag_ms": p.lag_ms(),
                 "journal_last_seq": p.journal_last_seq.load(Ordering::Relaxed),
             }
         })

@@ -176,8 +176,21 @@ pub struct Progress {
     pub lag_messages: AtomicU64,
     /// The last journal sequence copied.
     pub journal_last_seq: AtomicU64,
+    /// When the last message copied was stored in the stream, Unix ms.
+    pub last_published_unix_ms: AtomicU64,
     /// The node holding the lease, as last seen.
     pub holder: Mutex<String>,
+}
+
+impl Progress {
+    /// How far behind the stream the copy is, ms: the age of the last message
+    /// copied while more wait, 0 when none does.
+    pub fn lag_ms(&self) -> u64 {
+        if self.lag_messages.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        crate::clock::unix_ms().saturating_sub(self.last_published_unix_ms.load(Ordering::Relaxed))
+    }
 }
 
 /// A node standing by.
@@ -219,6 +232,10 @@ impl Standby {
         self.progress
             .lag_messages
             .store(info.pending, Ordering::Relaxed);
+        let published = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
+        self.progress
+            .last_published_unix_ms
+            .store(published, Ordering::Relaxed);
         let headers = msg.headers.as_ref();
         if header_u64(headers, HEADER_FENCE).is_none() {
             let (Some(first), Some(last)) = (
