@@ -522,9 +522,10 @@ async fn wait_jetstream_ttl(nats: &NatsCluster, ttl_ms: u64) {
 /// the standby takes over on its copy of the stream. The same audit: every
 /// answer the client saw is in the stream (the standby's copy) with the same
 /// DE39; no request reached the bank twice; every request forwarded without an
-/// answer gets a reversal advice the bank receives; retransmissions to the new
-/// active get the original answers. And the takeover is within the lease TTL
-/// plus 2 s.
+/// answer gets a reversal advice the bank receives and acknowledges (the
+/// stream, read by `journal verify --cluster-config`, has no advice left
+/// unacknowledged); retransmissions to the new active get the original
+/// answers. And the takeover is within the lease TTL plus 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_standby_takes_over_a_killed_active_and_loses_nothing() {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
@@ -555,6 +556,16 @@ async fn the_standby_takes_over_a_killed_active_and_loses_nothing() {
     let err = String::from_utf8_lossy(&verified.stderr);
     assert!(verified.status.success(), "{said} {err}");
     assert!(said.contains("every record checked"), "{said}");
+    // Every request the new active closed has its outcome, and every reversal
+    // advice it sent was acknowledged by the bank (in the stream).
+    assert!(
+        said.contains("unfinished: 0 requests without an outcome"),
+        "{said}"
+    );
+    assert!(
+        said.contains(", 0 reversal advices not acknowledged"),
+        "{said}"
+    );
     drop(nats);
 }
 
