@@ -286,31 +286,10 @@ impl Cluster {
             servers: config.nats.clone(),
             message,
         };
-        let mut options = async_nats::ConnectOptions::new()
-            .name(format!("switchyard {}", config.node_id))
-            .connection_timeout(config.connect_timeout)
-            // Unbounded reconnection attempts to the cluster's servers while the
-            // process lives (the lease bounds what happens meanwhile).
-            .max_reconnects(None);
-        if let Some(path) = &config.credentials_file {
-            options = options
-                .credentials_file(path)
-                .await
-                .map_err(|e| connect_error(format!("credentials file {}: {e}", path.display())))?;
-        }
-        if let Some(tls) = &config.tls {
-            options = options
-                .require_tls(true)
-                .add_root_certificates(tls.ca_file.clone());
-            if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-                options = options.add_client_certificate(cert.clone(), key.clone());
-            }
-        }
-        let servers: Vec<async_nats::ServerAddr> = config
-            .nats
-            .iter()
-            .map(|u| u.parse().map_err(|e| connect_error(format!("{u:?}: {e}"))))
-            .collect::<Result<_, _>>()?;
+        let (options, servers) = connect_options(config, "node").await?;
+        // Unbounded reconnection attempts to the cluster's servers while the
+        // process lives (the lease bounds what happens meanwhile).
+        let options = options.max_reconnects(None);
         // The servers may be starting too: try again until the connect timeout.
         let deadline = Instant::now() + config.connect_timeout;
         let client = loop {
@@ -720,11 +699,12 @@ pub async fn activate(
 
 // === `switchyard cluster status`, and reading the stream ===
 
-/// A plain client of the cluster's servers (for a command: no retries).
-pub(crate) async fn connect_client(
+/// The connection options for `config` (name, timeout, credentials, TLS) and
+/// its servers; `what` names the client to the servers.
+async fn connect_options(
     config: &ClusterConfig,
     what: &str,
-) -> Result<async_nats::Client, ClusterError> {
+) -> Result<(async_nats::ConnectOptions, Vec<async_nats::ServerAddr>), ClusterError> {
     let connect_error = |message: String| ClusterError::Connect {
         servers: config.nats.clone(),
         message,
@@ -751,10 +731,25 @@ pub(crate) async fn connect_client(
             options = options.add_client_certificate(cert.clone(), key.clone());
         }
     }
+    Ok((options, servers))
+}
+
+/// A plain client of the cluster's servers (for a command: no retries).
+pub(crate) async fn connect_client(
+    config: &ClusterConfig,
+    what: &str,
+) -> Result<async_nats::Client, ClusterError> {
+    let (options, servers) = connect_options(config, what).await?;
     tokio::time::timeout(config.connect_timeout, options.connect(servers))
         .await
-        .map_err(|_| connect_error(format!("no answer within {:?}", config.connect_timeout)))?
-        .map_err(|e| connect_error(e.to_string()))
+        .map_err(|_| ClusterError::Connect {
+            servers: config.nats.clone(),
+            message: format!("no answer within {:?}", config.connect_timeout),
+        })?
+        .map_err(|e| ClusterError::Connect {
+            servers: config.nats.clone(),
+            message: e.to_string(),
+        })
 }
 
 /// What the cluster looks like from NATS (for `switchyard cluster status`): the
