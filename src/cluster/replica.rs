@@ -192,47 +192,50 @@ fn chunks(batch: &[u8], max: usize) -> Vec<Chunk> {
 /// The chunks of `batches`, in order, joined into as few messages of at most
 /// `max` bytes as they fit in, each with the number of batches it completes.
 fn coalesce(batches: Vec<Vec<Chunk>>, max: usize) -> Vec<(Chunk, usize)> {
-    let mut out: Vec<(Chunk, usize)> = Vec::new();
-    let mut current: Option<(u64, u64, bytes::BytesMut, usize)> = None;
+    // Messages as runs of chunks: (chunks, bytes, batches completed).
+    let mut groups: Vec<(Vec<Chunk>, usize, usize)> = Vec::new();
     for batch in batches {
         let n = batch.len();
         for (i, chunk) in batch.into_iter().enumerate() {
             let ends = usize::from(i + 1 == n);
-            match &mut current {
-                Some((_, last, bytes, done)) if bytes.len() + chunk.bytes.len() <= max => {
-                    bytes.extend_from_slice(&chunk.bytes);
-                    *last = chunk.last;
+            match groups.last_mut() {
+                Some((chunks, bytes, done)) if *bytes + chunk.bytes.len() <= max => {
+                    *bytes += chunk.bytes.len();
                     *done += ends;
+                    chunks.push(chunk);
                 }
                 _ => {
-                    if let Some((first, last, bytes, done)) = current.take() {
-                        out.push((
-                            Chunk {
-                                first,
-                                last,
-                                bytes: bytes.freeze(),
-                            },
-                            done,
-                        ));
-                    }
-                    let mut bytes = bytes::BytesMut::with_capacity(chunk.bytes.len());
-                    bytes.extend_from_slice(&chunk.bytes);
-                    current = Some((chunk.first, chunk.last, bytes, ends));
+                    let bytes = chunk.bytes.len();
+                    groups.push((vec![chunk], bytes, ends));
                 }
             }
         }
     }
-    if let Some((first, last, bytes, done)) = current {
-        out.push((
-            Chunk {
-                first,
-                last,
-                bytes: bytes.freeze(),
-            },
-            done,
-        ));
-    }
-    out
+    groups
+        .into_iter()
+        .map(|(mut chunks, bytes, done)| {
+            let first = chunks.first().map_or(0, |c| c.first);
+            let last = chunks.last().map_or(0, |c| c.last);
+            // One chunk goes as it is; several are joined (one copy).
+            let joined = if chunks.len() == 1 {
+                chunks.pop().map(|c| c.bytes).unwrap_or_default()
+            } else {
+                let mut out = bytes::BytesMut::with_capacity(bytes);
+                for c in &chunks {
+                    out.extend_from_slice(&c.bytes);
+                }
+                out.freeze()
+            };
+            (
+                Chunk {
+                    first,
+                    last,
+                    bytes: joined,
+                },
+                done,
+            )
+        })
+        .collect()
 }
 
 /// Sends `chunk` naming `expected` as the last stream sequence on the subject:
