@@ -160,6 +160,8 @@ bank = "200001"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_switch_loses_nothing_and_forwards_nothing_twice() {
+    // Not beside a cluster test: their short leases want the cores.
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().await;
     let dir = TempDir::new("crash");
     let pki = Pki::write(&dir.0);
     // The bank: answers after 20 ms, logs everything it receives.
@@ -427,9 +429,9 @@ async fn kill_and_audit(
 /// The cluster tests' lease.
 const LEASE_TTL_MS: u64 = 2_000;
 
-/// The cluster tests run one at a time: each runs three NATS servers and two
-/// switches with short leases, and two of them at once on two cores would
-/// measure the machine, not the switch.
+/// The tests of this file run one at a time: each cluster test runs three NATS
+/// servers and two switches with short leases, and anything beside one on two
+/// cores would measure the machine, not the switch.
 static ONE_CLUSTER_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Node `node`'s config: the crash test's switch, its journal in
