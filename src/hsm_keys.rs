@@ -146,11 +146,6 @@ fn kcv_of(text: &str) -> Option<[u8; 3]> {
     }
 }
 
-/// A check value as 6 uppercase hex digits.
-fn kcv_text(kcv: [u8; 3]) -> String {
-    kcv.iter().map(|b| format!("{b:02X}")).collect()
-}
-
 /// The keys of the tokens file at `path`. The HSM is not asked here (see
 /// `PayShieldModule::check_keys`).
 pub fn load(path: &Path) -> Result<Vec<PayShieldKey>, HsmKeysError> {
@@ -211,7 +206,7 @@ pub fn replace_token(path: &Path, id: &str, token: &str, kcv: [u8; 3]) -> Result
             id: id.to_owned(),
         })?;
     entry.token = token.to_owned();
-    entry.kcv = kcv_text(kcv);
+    entry.kcv = switchyard_security::store::kcv_hex(kcv);
     let text = toml::to_string(&file).map_err(|e| HsmKeysError::Syntax {
         path: path.to_owned(),
         message: e.to_string(),

@@ -53,10 +53,10 @@ pub type DataModule = Arc<SoftwareModule>;
 /// busy is refused at once.
 pub fn offload<R>(module: &dyn SecurityModule, call: impl FnOnce() -> R) -> R {
     use tokio::runtime::{Handle, RuntimeFlavor};
-    let multi_thread = Handle::try_current()
-        .map(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread)
-        .unwrap_or(false);
-    if module.remote() && multi_thread {
+    // The software module asks nothing of the runtime: no lookup per MAC.
+    if module.remote()
+        && Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread)
+    {
         tokio::task::block_in_place(call)
     } else {
         call()

@@ -49,7 +49,7 @@ fn batch(seqs: std::ops::RangeInclusive<u64>) -> Vec<u8> {
 async fn replicate(r: &Arc<Replicator>, seqs: std::ops::RangeInclusive<u64>) -> Result<(), String> {
     let sender = r.clone();
     let (first, last) = (*seqs.start(), *seqs.end());
-    tokio::task::spawn_blocking(move || sender.send(first, last, &batch(seqs)))
+    tokio::task::spawn_blocking(move || sender.send(&batch(seqs)))
         .await
         .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);

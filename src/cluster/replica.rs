@@ -421,7 +421,7 @@ impl Replica for Replicator {
         self.shared.lock().writer = Some(writer);
     }
 
-    fn send(&self, _first_seq: u64, _last_seq: u64, batch: &[u8]) {
+    fn send(&self, batch: &[u8]) {
         let pieces = chunks(batch, self.message_max_bytes);
         {
             let mut st = self.shared.lock();

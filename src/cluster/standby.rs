@@ -152,6 +152,34 @@ impl Copy {
         Ok(())
     }
 
+    /// Copies one message of the stream: a batch's records are appended, a
+    /// fence record is only passed. Its delivery information.
+    fn apply<'m>(
+        &mut self,
+        msg: &'m async_nats::jetstream::Message,
+    ) -> Result<async_nats::jetstream::message::Info<'m>, ClusterError> {
+        let info = msg
+            .info()
+            .map_err(|e| ClusterError::js("stream message")(e.to_string()))?;
+        let sequence = info.stream_sequence;
+        let headers = msg.headers.as_ref();
+        if header_u64(headers, HEADER_FENCE).is_none() {
+            let (Some(first), Some(last)) = (
+                header_u64(headers, HEADER_FIRST_SEQ),
+                header_u64(headers, HEADER_LAST_SEQ),
+            ) else {
+                return Err(ClusterError::Batch {
+                    sequence,
+                    message: "no journal sequence headers".to_owned(),
+                });
+            };
+            self.append(sequence, first, last, &msg.payload)?;
+            metrics::counter!("switchyard_cluster_batches_copied_total").increment(1);
+        }
+        self.applied = sequence;
+        Ok(info)
+    }
+
     /// Makes what was copied durable here.
     fn sync(&mut self) -> Result<(), ClusterError> {
         if let Some((file, path, _)) = &self.file {
@@ -225,37 +253,15 @@ impl Standby {
     }
 
     fn apply(&mut self, msg: &async_nats::jetstream::Message) -> Result<(), ClusterError> {
-        let info = msg
-            .info()
-            .map_err(|e| ClusterError::js("stream message")(e.to_string()))?;
-        let sequence = info.stream_sequence;
-        self.progress
-            .lag_messages
-            .store(info.pending, Ordering::Relaxed);
+        let info = self.copy.apply(msg)?;
         let published = (info.published.unix_timestamp_nanos() / 1_000_000).max(0) as u64;
-        self.progress
-            .last_published_unix_ms
-            .store(published, Ordering::Relaxed);
-        let headers = msg.headers.as_ref();
-        if header_u64(headers, HEADER_FENCE).is_none() {
-            let (Some(first), Some(last)) = (
-                header_u64(headers, HEADER_FIRST_SEQ),
-                header_u64(headers, HEADER_LAST_SEQ),
-            ) else {
-                return Err(ClusterError::Batch {
-                    sequence,
-                    message: "no journal sequence headers".to_owned(),
-                });
-            };
-            self.copy.append(sequence, first, last, &msg.payload)?;
-            metrics::counter!("switchyard_cluster_batches_copied_total").increment(1);
-        }
-        self.copy.applied = sequence;
-        self.progress.applied.store(sequence, Ordering::Relaxed);
-        self.progress
-            .journal_last_seq
+        let p = &self.progress;
+        p.lag_messages.store(info.pending, Ordering::Relaxed);
+        p.last_published_unix_ms.store(published, Ordering::Relaxed);
+        p.applied.store(info.stream_sequence, Ordering::Relaxed);
+        p.journal_last_seq
             .store(self.copy.next_seq.saturating_sub(1), Ordering::Relaxed);
-        metrics::gauge!("switchyard_cluster_applied_sequence").set(sequence as f64);
+        metrics::gauge!("switchyard_cluster_applied_sequence").set(info.stream_sequence as f64);
         Ok(())
     }
 
@@ -455,20 +461,7 @@ pub async fn copy_stream(
                     )))
                 }
             };
-            let info = msg
-                .info()
-                .map_err(|e| ClusterError::js("stream message")(e.to_string()))?;
-            let sequence = info.stream_sequence;
-            let headers = msg.headers.as_ref();
-            if header_u64(headers, HEADER_FENCE).is_none() {
-                if let (Some(first), Some(last_seq)) = (
-                    header_u64(headers, HEADER_FIRST_SEQ),
-                    header_u64(headers, HEADER_LAST_SEQ),
-                ) {
-                    copy.append(sequence, first, last_seq, &msg.payload)?;
-                }
-            }
-            copy.applied = sequence;
+            copy.apply(&msg)?;
         }
     }
     copy.sync()?;

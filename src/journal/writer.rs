@@ -95,8 +95,9 @@ pub struct JournalConfig {
 pub trait Replica: Send + Sync + std::fmt::Debug {
     /// The writer thread, woken whenever a confirmation arrives.
     fn attach(&self, writer: std::thread::Thread);
-    /// Starts sending records `first_seq..=last_seq`, encoded in `batch`.
-    fn send(&self, first_seq: u64, last_seq: u64, batch: &[u8]);
+    /// Starts sending `batch` (records encoded as in a segment; their
+    /// sequence numbers are in them).
+    fn send(&self, batch: &[u8]);
     /// The last journal sequence number up to which every record is safe
     /// elsewhere (never blocks); an error once the replica failed for good.
     fn confirmed(&self) -> Result<u64, String>;
@@ -818,44 +819,20 @@ impl WriterState {
                     count += 1;
                 }
             }
+            // Confirmations of batches written earlier count too when nothing
+            // new came (a replica's acknowledgements arrive after the write).
+            let done = match last_seq {
+                Some(seq) => self.commit(seq, newest),
+                None => self.publish_durable(),
+            };
+            if let Err(stop) = done {
+                self.halt(stop);
+                return;
+            }
             match last_seq {
-                Some(seq) => match self.commit(seq, newest) {
-                    Ok(()) => {}
-                    Err(Stop::Io(e)) => {
-                        tracing::error!(error = %e, "journal write failed: refusing new requests");
-                        self.stop();
-                        return;
-                    }
-                    Err(Stop::Replica(why)) => {
-                        tracing::error!(error = %why,
-                            "journal batch not replicated: refusing new requests");
-                        self.stop();
-                        return;
-                    }
-                    Err(Stop::Full(f)) => {
-                        tracing::error!(
-                            dir = %self.config.dir.display(),
-                            bytes = f.bytes,
-                            needed = f.needed,
-                            size_max_bytes = self.config.size_max_bytes,
-                            "journal at its size bound (journal.size_max_bytes) with no segment old \
-                             enough to prune: refusing new requests"
-                        );
-                        metrics::counter!("switchyard_journal_full_total").increment(1);
-                        self.full.store(true, Ordering::Release);
-                        self.stop();
-                        return;
-                    }
-                },
+                Some(_) => {}
                 None if queue.closed.load(Ordering::SeqCst) => return,
                 None => {
-                    // Confirmations of batches already written here.
-                    if let Err(Stop::Replica(why)) = self.publish_durable() {
-                        tracing::error!(error = %why,
-                            "journal batch not replicated: refusing new requests");
-                        self.stop();
-                        return;
-                    }
                     queue.writer_sleeping.store(true, Ordering::SeqCst);
                     if queue.records.is_empty() && !queue.closed.load(Ordering::SeqCst) {
                         std::thread::park_timeout(IDLE_PARK);
@@ -864,6 +841,31 @@ impl WriterState {
                 }
             }
         }
+    }
+
+    /// Stops the writer for good: says why, then marks the journal failed.
+    fn halt(&self, stop: Stop) {
+        match stop {
+            Stop::Io(e) => {
+                tracing::error!(error = %e, "journal write failed: refusing new requests");
+            }
+            Stop::Replica(why) => {
+                tracing::error!(error = %why, "journal batch not replicated: refusing new requests");
+            }
+            Stop::Full(f) => {
+                tracing::error!(
+                    dir = %self.config.dir.display(),
+                    bytes = f.bytes,
+                    needed = f.needed,
+                    size_max_bytes = self.config.size_max_bytes,
+                    "journal at its size bound (journal.size_max_bytes) with no segment old \
+                     enough to prune: refusing new requests"
+                );
+                metrics::counter!("switchyard_journal_full_total").increment(1);
+                self.full.store(true, Ordering::Release);
+            }
+        }
+        self.stop();
     }
 
     /// Marks the journal failed and wakes the waiters to see it.
@@ -918,7 +920,7 @@ impl WriterState {
         let reserved = self.segments.current.as_ref().map_or(0, |c| c.bytes);
         let sync = self.config.fsync == Fsync::Batch;
         if let Some(r) = &self.config.replica {
-            r.send(self.batch_first_seq, last_seq, &self.buf);
+            r.send(&self.buf);
         }
         self.file
             .commit(&mut self.buf, self.segment_bytes, reserved, sync)

@@ -617,11 +617,7 @@ pub(crate) fn key_block_algorithm(algorithm: Algorithm, length: usize) -> &'stat
     }
 }
 
-fn kcv_text(kcv: [u8; 3]) -> String {
-    let mut out = Vec::with_capacity(6);
-    put_hex(&mut out, &kcv);
-    String::from_utf8(out).unwrap_or_default()
-}
+use crate::store::kcv_hex as kcv_text;
 
 // === Error codes ===
 
