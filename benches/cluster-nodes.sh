@@ -9,6 +9,8 @@ NATS=$PWD/.venv-oracle/bin/nats-server
 
 # --- three NATS servers --------------------------------------------------------
 ROUTES=""
+NATS_PIDS=()
+declare -A SWITCH_PID
 for i in 0 1 2; do
     ROUTES="$ROUTES\"nats-route://127.0.0.1:$((NATS_PORT + 100 + i))\", "
 done
@@ -30,6 +32,7 @@ cluster {
 CONF
     "$NATS" -c "$WORK/nats-$i.conf" 2>"$WORK/nats-$i.log" &
     PIDS+=($!)
+    NATS_PIDS+=($!)
     URLS="$URLS\"nats://127.0.0.1:$((NATS_PORT + i))\", "
 done
 
@@ -41,6 +44,7 @@ start_switch() { # $1 = name, $2 = port offset, $3 = extra config; $4 = "wait" o
     printf '[journal]\ndir = "journal-%s"\nfsync = "batch"\n%b' "$1" "$3" >>"$config"
     "$BIN" run --config "$config" 2>"$WORK/switch-$1.log" &
     PIDS+=($!)
+    SWITCH_PID[$1]=$!
     [ "${4:-wait}" = wait ] || return 0
     for _ in $(seq 600); do
         (exec 3<>"/dev/tcp/127.0.0.1/$((SWITCH_PORT + $2))") 2>/dev/null && return 0

@@ -38,13 +38,30 @@ load() { # port, then extra loadgen arguments
         --warmup "$WARMUP" --json --no-progress "$@" 2>>"$WORK/loadgen.log"
 }
 
+ticks() { # CPU time (user + system, clock ticks) of the processes named
+    local t=0 p
+    for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
+    echo "$t"
+}
 declare -A PORT=([single]=$((SWITCH_PORT + 2)) [cluster]=$((SWITCH_PORT + 1)))
-for mode in single cluster; do : >"$WORK/$mode.runs"; done
+declare -A SERVING=([single]=${SWITCH_PID[single]} [cluster]=${SWITCH_PID[active]})
+for mode in single cluster; do : >"$WORK/$mode.runs" && : >"$WORK/$mode.cpu"; done
 for run in $(seq "$RUNS"); do
     for mode in single cluster; do
         sync
         echo "run $run/$RUNS: $mode" >&2
+        before=("$(ticks "${SERVING[$mode]}")" "$(ticks "${NATS_PIDS[@]}")" "$(ticks "${SWITCH_PID[standby]}")")
         load "${PORT[$mode]}" --connections "$CONNECTIONS" --window "$WINDOW" >>"$WORK/$mode.runs"
+        tps=$(jq -s '.[-1].tps' "$WORK/$mode.runs")
+        # µs of CPU per payment: clock ticks over the whole load run (warm-up included).
+        per=$(jq -n --argjson t "$tps" --argjson s "$((DURATION + WARMUP))" \
+            --argjson tck "$(getconf CLK_TCK)" '1e6 / $tck / ($t * $s)')
+        jq -n -c --argjson per "$per" \
+            --argjson sw "$(($(ticks "${SERVING[$mode]}") - before[0]))" \
+            --argjson nats "$(($(ticks "${NATS_PIDS[@]}") - before[1]))" \
+            --argjson standby "$(($(ticks "${SWITCH_PID[standby]}") - before[2]))" \
+            '{switch: ($sw * $per), nats: ($nats * $per), standby: ($standby * $per)}' \
+            >>"$WORK/$mode.cpu"
     done
 done
 
@@ -92,4 +109,31 @@ done
 echo "  stream publish (s, since start) p50 / p99: $(echo "$publish" | awk '{print $2}' | paste -sd/)"
 for mode in single cluster; do
     echo "per-run payments/s, $mode: $(jq -c -s 'map(.tps | round)' "$WORK/$mode.runs")"
+done
+echo
+echo "CPU per payment (µs, median of the closed-loop runs; the serving switch, the three NATS"
+echo "servers together, the standby):"
+for mode in single cluster; do
+    printf '  %-7s switch %5.1f   nats %5.1f   standby %5.1f\n' "$mode" \
+        "$(median "$WORK/$mode.cpu" .switch)" "$(median "$WORK/$mode.cpu" .nats)" \
+        "$(median "$WORK/$mode.cpu" .standby)"
+done
+
+# Opening the journal to serve: the standby takes over on its warm copy (a
+# step-down), the single switch restarts and reads its journal (cold).
+curl -s -X POST "http://127.0.0.1:$((${ADMIN_PORT:-19464} + 1))/cluster/step-down" >/dev/null
+kill -TERM "${SWITCH_PID[single]}"
+wait "${SWITCH_PID[single]}" 2>/dev/null || true
+start_switch single 2 ""
+for _ in $(seq 1200); do # up to 2 minutes
+    grep -q 'open_ms=' "$WORK/switch-standby.log" && grep -q 'open_ms=' "$WORK/switch-single.log" && break
+    sleep 0.1
+done
+echo
+echo "opening the journal to serve (open_ms: reading it, and the duplicates table and"
+echo "unfinished business built):"
+for who in standby single; do
+    line=$(grep -m1 'open_ms=' "$WORK/switch-$who.log" || echo "no open_ms line")
+    printf '  %-7s %s: %s\n' "$who" "$(echo "$line" | grep -o 'open_ms=[0-9]*')" \
+        "$(echo "$line" | grep -o '[0-9]* segments, [0-9]* records')"
 done

@@ -274,13 +274,20 @@ pub async fn run_file(path: PathBuf, mut config: Config) -> Result<Stopped, Serv
         }
         None => None,
     };
+    // The standby reads the copy as it makes it: the duplicates table and the
+    // unfinished business are current when it takes over.
+    let warm = config
+        .journal
+        .is_some()
+        .then(|| crate::daemon::recovery::Warm::new(&config));
     let journal = config.journal.as_mut().ok_or(ServiceError::Cluster(
         crate::cluster::ClusterError::Stream {
             name: cluster.stream.clone(),
             message: "[cluster] needs [journal]".to_owned(),
         },
     ))?;
-    let activated = crate::cluster::activate(&cluster, journal, progress, terminate_signal()).await;
+    let activated =
+        crate::cluster::activate(&cluster, journal, progress, warm, terminate_signal()).await;
     // The admin endpoint's listener goes on serving the active switch.
     let admin = match standby_admin {
         Some((task, stop, metrics)) => {
@@ -292,9 +299,10 @@ pub async fn run_file(path: PathBuf, mut config: Config) -> Result<Stopped, Serv
         }
         None => None,
     };
-    let Some(active) = activated? else {
+    let Some(mut active) = activated? else {
         return Ok(Stopped::Drained);
     };
+    let warm = active.warm.take();
     let lost = active.lost.clone();
     let role = ClusterRole {
         node_id: config
@@ -306,7 +314,7 @@ pub async fn run_file(path: PathBuf, mut config: Config) -> Result<Stopped, Serv
         step_down: tokio_util::sync::CancellationToken::new(),
     };
     let stopped = tokio::select! {
-        stopped = run_active(path, config, tls, Some((lost.clone(), role)), admin) => stopped,
+        stopped = run_active(path, config, tls, Some((lost.clone(), role, warm)), admin) => stopped,
         // The lease is gone: nothing may be written any more (`may_act`), so
         // no drain either; the process exits, as after a crash, and the
         // standby that took over owns what was unfinished.
@@ -322,7 +330,11 @@ async fn run_active(
     path: PathBuf,
     config: Config,
     tls: TlsSetup,
-    cluster: Option<(tokio_util::sync::CancellationToken, ClusterRole)>,
+    cluster: Option<(
+        tokio_util::sync::CancellationToken,
+        ClusterRole,
+        Option<crate::daemon::recovery::Warm>,
+    )>,
     admin: Option<(TcpListener, PrometheusHandle)>,
 ) -> Result<Stopped, ServiceError> {
     let mut listeners = Vec::with_capacity(config.listeners.len());
@@ -353,7 +365,10 @@ async fn run_active(
             "admin endpoint: {scheme}://{admin_addr}/metrics, /healthz, /readyz, /status; {changes}");
     }
     tracing::info!(%listen, admin = %admin_addr, banks = config.banks.len(), "switchyard running");
-    let role = cluster.as_ref().map(|(_, role)| role.clone());
+    let (cluster, role) = match cluster {
+        Some((lost, role, warm)) => (Some((lost, role.clone())), Some((role, warm))),
+        None => (None, None),
+    };
     let shutdown = async move {
         match cluster {
             Some((lost, role)) => tokio::select! {
@@ -444,6 +459,8 @@ impl Operator for StandbyAdmin {
                 "lag_messages": p.lag_messages.load(Ordering::Relaxed),
                 "lag_ms": p.lag_ms(),
                 "journal_last_seq": p.journal_last_seq.load(Ordering::Relaxed),
+                "duplicate_keys": p.duplicate_keys.load(Ordering::Relaxed),
+                "open_requests": p.open_requests.load(Ordering::Relaxed),
             }
         })
     }
@@ -471,7 +488,8 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Servi
 /// Runs the switch on already bound listeners (those of [`Config::listeners`], in
 /// order) until `shutdown` resolves, then drains it (testable entry point: tests
 /// bind `127.0.0.1:0`). With `admin`, serves the admin endpoint; with
-/// `config_path`, reloads it on SIGHUP and `POST /reload`.
+/// `config_path`, reloads it on SIGHUP and `POST /reload`. A cluster node comes
+/// with its role and, when it stood by, the journal copy as read (`Warm`).
 pub async fn run(
     listeners: Vec<TcpListener>,
     admin: Option<(TcpListener, PrometheusHandle)>,
@@ -479,7 +497,7 @@ pub async fn run(
     config: Config,
     tls: TlsSetup,
     shutdown: impl Future<Output = ()>,
-    cluster: Option<ClusterRole>,
+    cluster: Option<(ClusterRole, Option<crate::daemon::recovery::Warm>)>,
 ) -> Result<Stopped, ServiceError> {
     let limits = config.admin_limits;
     let clustered = cluster.is_some();
@@ -487,7 +505,11 @@ pub async fn run(
         (Some(_), Some(files)) => Some(files.load()?),
         _ => None,
     };
-    let switch = Arc::new(Switch::start(config, tls)?);
+    let (cluster, warm) = match cluster {
+        Some((role, warm)) => (Some(role), warm),
+        None => (None, None),
+    };
+    let switch = Arc::new(Switch::start_warm(config, tls, warm)?);
     if let Some((listener, metrics)) = admin {
         let operator = Arc::new(Admin {
             switch: switch.clone(),

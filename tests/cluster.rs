@@ -82,6 +82,7 @@ async fn a_late_publish_of_the_old_epoch_is_refused_after_the_fence() {
         dir.0.join("journal-old"),
         1 << 20,
         Default::default(),
+        None,
     )
     .run(std::future::pending())
     .await
@@ -109,6 +110,7 @@ async fn a_late_publish_of_the_old_epoch_is_refused_after_the_fence() {
         dir.0.join("journal-new"),
         1 << 20,
         Default::default(),
+        None,
     )
     .run(std::future::pending())
     .await

@@ -624,6 +624,8 @@ pub struct Active {
     pub stop: tokio_util::sync::CancellationToken,
     /// Cancelled when the lease is lost or the stream fenced this node.
     pub lost: tokio_util::sync::CancellationToken,
+    /// The journal copy as read while standing by (`Switch::start_warm`).
+    pub warm: Option<crate::daemon::recovery::Warm>,
     lease_task: tokio::task::JoinHandle<()>,
 }
 
@@ -635,14 +637,16 @@ impl Active {
     }
 }
 
-/// Joins the cluster: stands by, copying the stream into `journal`'s directory,
-/// until this node takes the lease (then catches up, fences, and returns with
-/// `journal` replicating into the stream and the lease kept), or `stop`
-/// resolves first (`None`).
+/// Joins the cluster: stands by, copying the stream into `journal`'s directory
+/// and reading it into `warm` (the switch's duplicates table and unfinished
+/// business, kept current), until this node takes the lease (then catches up,
+/// fences, and returns with `journal` replicating into the stream and the lease
+/// kept), or `stop` resolves first (`None`).
 pub async fn activate(
     config: &ClusterConfig,
     journal: &mut crate::journal::JournalConfig,
     progress: std::sync::Arc<standby::Progress>,
+    warm: Option<crate::daemon::recovery::Warm>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<Option<Active>, ClusterError> {
     let cluster = Cluster::connect(config, journal.retention).await?;
@@ -664,14 +668,15 @@ pub async fn activate(
         journal.dir.clone(),
         journal.segment_size_max_bytes,
         progress,
+        warm,
     );
-    let Some(takeover) = standby.run(stop).await? else {
+    let Some(mut takeover) = standby.run(stop).await? else {
         return Ok(None);
     };
     let epoch = takeover.lease.epoch;
     tracing::info!(node = %config.node_id, epoch, fence_sequence = takeover.fence_sequence,
         batches_copied = takeover.batches_copied, journal_last_seq = takeover.journal_last_seq,
-        catch_up_ms = takeover.catch_up.as_millis() as u64,
+        catch_up_ms = takeover.catch_up.as_millis() as u64, warm = ?takeover.warm,
         "cluster: active (fence written; starting the switch on the copied journal)");
     metrics::counter!("switchyard_cluster_takeovers_total").increment(1);
     let lost = tokio_util::sync::CancellationToken::new();
@@ -693,6 +698,7 @@ pub async fn activate(
         epoch,
         stop,
         lost,
+        warm: takeover.warm.take(),
         lease_task,
     }))
 }

@@ -20,6 +20,7 @@ use super::{
     header_u64, Acquired, Cluster, ClusterError, Lease, HEADER_EPOCH, HEADER_FENCE,
     HEADER_FIRST_SEQ, HEADER_LAST_SEQ, HEADER_NODE, STANDBY_KEY_PREFIX,
 };
+use crate::daemon::recovery::Warm;
 use crate::journal::reader::{SEGMENT_PREFIX, SEGMENT_SUFFIX};
 use crate::journal::writer::segment_path;
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
@@ -52,6 +53,10 @@ pub struct Takeover {
     pub journal_last_seq: u64,
     /// From taking the lease to the fence written.
     pub catch_up: Duration,
+    /// The copy as read while it was made, for the switch to start on without
+    /// reading it again (`None`: nothing was copied; the switch reads its
+    /// journal directory at start).
+    pub warm: Option<Warm>,
 }
 
 /// The local copy of the stream.
@@ -67,6 +72,9 @@ struct Copy {
     batches: u64,
     /// The stream sequence of the last message applied.
     applied: u64,
+    /// The records copied, read as they come: checked, located, and the
+    /// switch's duplicates table and unfinished business built from them.
+    warm: Option<Warm>,
 }
 
 fn local(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
@@ -88,6 +96,20 @@ fn has_segments(dir: &Path) -> bool {
 }
 
 impl Copy {
+    /// An empty copy into `dir`, read into `warm` when given.
+    fn new(dir: PathBuf, segment_size_max: u64, warm: Option<Warm>) -> Copy {
+        Copy {
+            dir,
+            segment_size_max,
+            file: None,
+            ready: false,
+            next_seq: 0,
+            batches: 0,
+            applied: 0,
+            warm,
+        }
+    }
+
     /// Moves a directory holding records aside, once, before the first record
     /// is copied into it.
     fn make_ready(&mut self) -> Result<(), ClusterError> {
@@ -144,6 +166,13 @@ impl Copy {
             self.file = Some((file, path, 0));
         }
         if let Some((file, path, size)) = &mut self.file {
+            if let Some(warm) = &mut self.warm {
+                warm.batch(path, *size, bytes)
+                    .map_err(|e| ClusterError::Batch {
+                        sequence,
+                        message: e.to_string(),
+                    })?;
+            }
             file.write_all(bytes).map_err(local(path))?;
             *size += bytes.len() as u64;
         }
@@ -180,6 +209,15 @@ impl Copy {
         Ok(info)
     }
 
+    /// The copy as read, when records were copied into it.
+    fn take_warm(&mut self) -> Option<Warm> {
+        if self.ready {
+            self.warm.take()
+        } else {
+            None
+        }
+    }
+
     /// Makes what was copied durable here.
     fn sync(&mut self) -> Result<(), ClusterError> {
         if let Some((file, path, _)) = &self.file {
@@ -208,6 +246,10 @@ pub struct Progress {
     pub last_published_unix_ms: AtomicU64,
     /// The node holding the lease, as last seen.
     pub holder: Mutex<String>,
+    /// Keys in the duplicates table kept warm from the copy.
+    pub duplicate_keys: AtomicU64,
+    /// Requests copied without an outcome yet.
+    pub open_requests: AtomicU64,
 }
 
 impl Progress {
@@ -230,25 +272,18 @@ pub struct Standby {
 
 impl Standby {
     /// A standby copying into the journal directory `dir` (segments of
-    /// `segment_size_max` bytes).
+    /// `segment_size_max` bytes), reading the copy into `warm` as it goes.
     pub fn new(
         cluster: Cluster,
         dir: PathBuf,
         segment_size_max: u64,
         progress: Arc<Progress>,
+        warm: Option<Warm>,
     ) -> Standby {
         Standby {
             progress,
             cluster,
-            copy: Copy {
-                dir,
-                segment_size_max,
-                file: None,
-                ready: false,
-                next_seq: 0,
-                batches: 0,
-                applied: 0,
-            },
+            copy: Copy::new(dir, segment_size_max, warm),
         }
     }
 
@@ -261,6 +296,11 @@ impl Standby {
         p.applied.store(info.stream_sequence, Ordering::Relaxed);
         p.journal_last_seq
             .store(self.copy.next_seq.saturating_sub(1), Ordering::Relaxed);
+        if let Some(warm) = &self.copy.warm {
+            let (keys, open) = warm.restore.held();
+            p.duplicate_keys.store(keys as u64, Ordering::Relaxed);
+            p.open_requests.store(open as u64, Ordering::Relaxed);
+        }
         metrics::gauge!("switchyard_cluster_applied_sequence").set(info.stream_sequence as f64);
         Ok(())
     }
@@ -301,7 +341,7 @@ impl Standby {
                     }
                     None => return Err(ClusterError::js("reading the stream")("the consumer ended".to_owned())),
                 },
-                _ = tick.tick() => match Lease::acquire(&self.cluster).await {
+                _ = tick.tick() => match self.acquire().await {
                     Ok(Acquired::Held { .. }) if reported.elapsed() >= self.cluster.config.lease_ttl / 3 => {
                         reported = Instant::now();
                         self.report().await;
@@ -347,6 +387,7 @@ impl Standby {
                         journal_last_seq: self.copy.next_seq.saturating_sub(1),
                         catch_up: took.elapsed(),
                         lease,
+                        warm: self.copy.take_warm(),
                     };
                     return Ok(Some(takeover));
                 }
@@ -358,6 +399,15 @@ impl Standby {
         Err(ClusterError::js("fencing")(format!(
             "the stream kept growing through {FENCE_ATTEMPTS_MAX} attempts"
         )))
+    }
+
+    /// Looks at the lease (taking it when free), after moving the warm
+    /// duplicates table's clock on.
+    async fn acquire(&mut self) -> Result<Acquired, ClusterError> {
+        if let Some(warm) = &mut self.copy.warm {
+            warm.restore.advance();
+        }
+        Lease::acquire(&self.cluster).await
     }
 
     /// Tells the bucket how far this standby has copied (key
@@ -425,15 +475,8 @@ pub async fn copy_stream(
         .map_err(|e| ClusterError::js("reading the stream")(e.to_string()))?
         .state
         .last_sequence;
-    let mut copy = Copy {
-        dir: dir.to_owned(),
-        segment_size_max: crate::journal::writer::SEGMENT_SIZE_MAX_BYTES_DEFAULT,
-        file: None,
-        ready: false,
-        next_seq: 0,
-        batches: 0,
-        applied: 0,
-    };
+    let segment_size_max = crate::journal::writer::SEGMENT_SIZE_MAX_BYTES_DEFAULT;
+    let mut copy = Copy::new(dir.to_owned(), segment_size_max, None);
     fs::create_dir_all(dir).map_err(local(dir))?;
     if last > 0 {
         let consumer = stream
@@ -466,4 +509,204 @@ pub async fn copy_stream(
     }
     copy.sync()?;
     Ok((copy.batches, copy.next_seq.saturating_sub(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::daemon::recovery::Restore;
+    use crate::journal::recovery::tests::entry_with as entry;
+    use crate::journal::{record, Journal, JournalConfig, RecordKind};
+    use bytes::Bytes;
+    use switchyard_tools::testkit::{self, TempDir};
+
+    const BANK: &str = "200001";
+
+    fn config(dir: &Path) -> Config {
+        let text = format!(
+            "[switch]\nlisten = \"127.0.0.1:0\"\n\
+             [tls]\nca_file = \"x\"\ncert_file = \"x\"\nkey_file = \"x\"\n\
+             client_cert_file = \"x\"\nclient_key_file = \"x\"\n\
+             [journal]\ndir = {:?}\n\
+             [[bank]]\nid = \"{BANK}\"\naddress = \"127.0.0.1:9\"\nserver_name = \"b\"\n",
+            dir.display().to_string()
+        );
+        Config::parse(&text, Path::new("<standby test>")).unwrap()
+    }
+
+    /// A journal of 60 payments: most answered by the bank, some forwarded
+    /// without an outcome, some never forwarded, reversal advices queued with
+    /// and without an acknowledgement.
+    fn journal(dir: &Path) {
+        let bank = BANK.parse::<crate::core::InstitutionId>().unwrap().to_raw();
+        let forwarded = |stan: u32| {
+            let mut h = [0u8; 14];
+            h[2..6].copy_from_slice(&stan.to_le_bytes());
+            h[6..].copy_from_slice(&bank.to_le_bytes());
+            h
+        };
+        let opened = Journal::open(JournalConfig::new(dir)).unwrap();
+        let j = &opened.journal;
+        for id in 1..=60u64 {
+            let payment = testkit::payment(id as usize, "100001", "000000001000");
+            j.append(entry(RecordKind::Accepted, id, &[0; 8], payment.clone()))
+                .unwrap();
+            if id % 10 == 7 {
+                continue; // never forwarded
+            }
+            j.append(entry(
+                RecordKind::Forwarded,
+                id,
+                &forwarded(id as u32),
+                Bytes::new(),
+            ))
+            .unwrap();
+            if id % 10 == 3 {
+                continue; // forwarded, no outcome
+            }
+            if id % 10 == 5 {
+                let queued = entry(
+                    RecordKind::ReversalQueued,
+                    id,
+                    &forwarded(id as u32)[..6],
+                    payment,
+                );
+                j.append(queued).unwrap();
+                j.append(entry(RecordKind::Outcome, id, b"68\x03", Bytes::new()))
+                    .unwrap();
+                if id < 30 {
+                    j.append(entry(RecordKind::ReversalAcked, id, &[], Bytes::new()))
+                        .unwrap();
+                }
+                continue;
+            }
+            j.append(entry(RecordKind::Outcome, id, b"00\x01", Bytes::new()))
+                .unwrap();
+        }
+        j.close();
+    }
+
+    fn copy(dir: &Path, warm: Option<Warm>) -> Copy {
+        // Small segments: the copy spans several.
+        Copy::new(dir.to_owned(), 4_096, warm)
+    }
+
+    /// `source`'s records as the active publishes them: batches of up to
+    /// three records (first and last sequence, bytes).
+    fn batches(source: &Path) -> Vec<(u64, u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        for (_, path) in crate::journal::segments(source).unwrap() {
+            let bytes = fs::read(path).unwrap();
+            let mut at = 0;
+            while let Ok(Some(_)) = record::decode(&bytes[at..]) {
+                let (start, mut seqs) = (at, Vec::new());
+                while seqs.len() < 3 {
+                    let Ok(Some((r, size))) = record::decode(&bytes[at..]) else {
+                        break;
+                    };
+                    seqs.push(r.seq);
+                    at += size;
+                }
+                out.push((seqs[0], seqs[seqs.len() - 1], bytes[start..at].to_vec()));
+            }
+        }
+        out
+    }
+
+    /// Feeds `batches` to `copy` as stream messages numbered from 1.
+    fn replicate(batches: &[(u64, u64, Vec<u8>)], copy: &mut Copy) -> Result<(), ClusterError> {
+        for (message, (first, last, bytes)) in (1..).zip(batches) {
+            copy.append(message, *first, *last, bytes)?;
+            copy.applied = message;
+        }
+        copy.sync()
+    }
+
+    #[test]
+    fn the_copy_read_as_it_is_made_starts_the_switch_as_a_scan_of_it_would() {
+        let (source, warm_dir, cold_dir) = (
+            TempDir::new("warm-source"),
+            TempDir::new("warm-copy"),
+            TempDir::new("warm-cold"),
+        );
+        journal(&source.0);
+        let config = config(&warm_dir.0);
+        let mut warm_copy = copy(&warm_dir.0, Some(Warm::new(&config)));
+        let batches = batches(&source.0);
+        replicate(&batches, &mut warm_copy).unwrap();
+        replicate(&batches, &mut copy(&cold_dir.0, None)).unwrap();
+        let warm = warm_copy.take_warm().expect("records were copied");
+        assert!(crate::journal::segments(&warm_dir.0).unwrap().len() > 1);
+
+        // The cold start: the copy scanned at open.
+        let mut restore = Restore::new(&config);
+        let cold = Journal::open_with(JournalConfig::new(&cold_dir.0), |_, _, r| restore.record(r))
+            .unwrap();
+        let hot = Journal::open_prescanned(JournalConfig::new(&warm_dir.0), warm.prescan).unwrap();
+        assert_eq!(hot.next_seq, cold.next_seq);
+        let (h, c) = (&hot.recovered, &cold.recovered);
+        assert_eq!(
+            (h.segments, h.records, h.by_kind, h.seq_range),
+            (c.segments, c.records, c.by_kind, c.seq_range)
+        );
+        // Every record is found by its sequence number through either index.
+        for seq in 1..cold.next_seq {
+            let found = hot.journal.lookup().read(seq).unwrap();
+            assert!(found.is_some(), "record {seq}");
+            assert_eq!(
+                found,
+                cold.journal.lookup().read(seq).unwrap(),
+                "record {seq}"
+            );
+        }
+        hot.journal.close();
+        cold.journal.close();
+
+        let (hot_recent, _, hot_recovery) = warm.restore.finish();
+        let (cold_recent, _, cold_recovery) = restore.finish();
+        assert_eq!(hot_recent.len(), 60, "every payment's key");
+        assert_eq!(hot_recent.len(), cold_recent.len());
+        assert_eq!(hot_recovery.unfinished, cold_recovery.unfinished);
+        assert_eq!(
+            hot_recovery.reversals_pending,
+            cold_recovery.reversals_pending
+        );
+        let unfinished: Vec<u64> = hot_recovery
+            .unfinished
+            .iter()
+            .map(|u| u.request_id)
+            .collect();
+        assert_eq!(unfinished, [3, 7, 13, 17, 23, 27, 33, 37, 43, 47, 53, 57]);
+        let pending: Vec<u64> = hot_recovery
+            .reversals_pending
+            .iter()
+            .map(|p| p.request_id)
+            .collect();
+        assert_eq!(pending, [35, 45, 55]);
+    }
+
+    #[test]
+    fn a_batch_that_fails_its_checks_stops_the_copy_naming_its_message() {
+        let (source, dir) = (TempDir::new("warm-bad-source"), TempDir::new("warm-bad"));
+        journal(&source.0);
+        let mut batches = batches(&source.0);
+        batches[1].2[20] ^= 0x40;
+        let mut copy = copy(&dir.0, Some(Warm::new(&config(&dir.0))));
+        let err = replicate(&batches, &mut copy).unwrap_err();
+        assert!(
+            matches!(&err, ClusterError::Batch { sequence: 2, message } if message.contains(&format!("byte {}", batches[0].2.len()))),
+            "{err}"
+        );
+        let written: u64 = crate::journal::segments(&dir.0)
+            .unwrap()
+            .iter()
+            .map(|(_, p)| fs::metadata(p).unwrap().len())
+            .sum();
+        assert_eq!(
+            written,
+            batches[0].2.len() as u64,
+            "nothing of a batch that fails is written"
+        );
+    }
 }

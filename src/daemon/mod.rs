@@ -16,8 +16,6 @@ use crate::core::books::Books;
 use crate::core::inflight::STAN_MAX;
 use crate::core::recent::Recent;
 use crate::core::writeahead::{Protection, WriteAhead};
-use crate::journal::protect::Protector;
-use crate::journal::recovery::Replay;
 use crate::journal::{Journal, JournalError};
 use crate::net::connector::{Bookkeeping, Connector};
 use crate::net::durable::{Durable, JournalAnswers};
@@ -55,6 +53,18 @@ impl Switch {
     /// truncated) and starts every bank connector's links (call inside a tokio
     /// runtime).
     pub fn start(config: Config, tls: TlsSetup) -> Result<Switch, JournalError> {
+        Switch::start_warm(config, tls, None)
+    }
+
+    /// [`Switch::start`], on a journal already read when `warm` is given (a
+    /// cluster standby's copy, with the duplicates table and unfinished
+    /// business built as it was copied): the journal is opened without reading
+    /// it again.
+    pub fn start_warm(
+        config: Config,
+        tls: TlsSetup,
+        warm: Option<recovery::Warm>,
+    ) -> Result<Switch, JournalError> {
         if let Some(keys) = &config.keys {
             if !crate::core::codes::set_security_codes(keys.codes) {
                 tracing::warn!(
@@ -63,47 +73,31 @@ impl Switch {
                 );
             }
         }
-        let d = config.duplicates;
-        let recent = Arc::new(Recent::new(
-            d.window,
-            d.memory_max_bytes,
-            d.waiters_max,
-            config.journal.is_some(),
-            std::time::Instant::now(),
-        ));
-        // Card data at rest: PANs of requests enciphered under the journal key.
-        let protector = Protector::new(
-            config
-                .keys
-                .as_ref()
-                .and_then(|k| Some((k.data.clone(), k.journal_key?))),
-        );
-        let (journaling, journal, first_request_id, recovery) = match &config.journal {
+        let (recent, journaling, journal, first_request_id, recovery) = match &config.journal {
             Some(jc) => {
+                let read = std::time::Instant::now();
+                let (restore, opened) = match warm {
+                    Some(warm) => {
+                        let opened = Journal::open_prescanned(jc.clone(), warm.prescan)?;
+                        (warm.restore, opened)
+                    }
+                    None => {
+                        // One pass: the checking scan feeds the replay and
+                        // rebuilds the duplicates table.
+                        let mut restore = recovery::Restore::new(&config);
+                        let opened = Journal::open_with(jc.clone(), |_, _, r| restore.record(r))?;
+                        (restore, opened)
+                    }
+                };
+                let (recent, protector, recovery) = restore.finish();
                 if !protector.enciphers_pans() {
                     tracing::warn!(
                         "journal: no [keys] journal_key: PANs are journaled masked only, and \
                          reversal advices resumed after a restart carry no DE2"
                     );
                 }
-                // One pass: the checking scan feeds the replay and rebuilds the
-                // duplicates table.
-                let banks: Vec<u64> = config.banks.iter().map(|b| b.id.to_raw()).collect();
-                let mut replay = Replay::new().with_banks(banks.clone());
-                let mut rebuild = recovery::Rebuild::new(
-                    &recent,
-                    (&config.dialect, &protector),
-                    banks,
-                    std::time::Instant::now(),
-                    crate::clock::unix_ms(),
-                );
-                let opened = Journal::open_with(jc.clone(), |_, _, r| {
-                    replay.record(r);
-                    rebuild.record(r);
-                })?;
-                rebuild.finish();
-                let recovery = replay.finish();
                 tracing::info!(
+                    open_ms = read.elapsed().as_millis() as u64,
                     "{}",
                     crate::journal::dump::report(&jc.dir, &opened.recovered)
                 );
@@ -117,6 +111,7 @@ impl Switch {
                 let journal = Arc::new(opened.journal);
                 recent.read_answers_with(Arc::new(JournalAnswers::new(journal.clone())));
                 (
+                    recent,
                     WriteAhead::new(
                         journal.clone(),
                         Protection {
@@ -129,7 +124,13 @@ impl Switch {
                     Some(recovery),
                 )
             }
-            None => (WriteAhead::off(), None, 1, None),
+            None => (
+                recovery::recent_table(&config, std::time::Instant::now()),
+                WriteAhead::off(),
+                None,
+                1,
+                None,
+            ),
         };
         let config = Arc::new(config);
         let books = Books::new(journaling, recent.clone(), config.dialect.clone());

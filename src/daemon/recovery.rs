@@ -7,6 +7,7 @@
 //! acknowledged are queued again, and the duplicates table is rebuilt from the
 //! requests within its window.
 
+use crate::config::Config;
 use crate::core::answer::{ReversalRoute, Stored};
 use crate::core::bank::BankState;
 use crate::core::books::Books;
@@ -17,11 +18,14 @@ use crate::core::reversal::is_reversal;
 use crate::core::writeahead::{read_accepted_head, OutcomeSource};
 use crate::core::ResponseCode;
 use crate::journal::protect::Protector;
-use crate::journal::recovery::{forwarded_to, Recovery};
+use crate::journal::recovery::{forwarded_to, Recovery, Replay};
+use crate::journal::{JournalError, Prescan};
 use crate::journal::{Record, RecordKind};
 use crate::wire::{Dialect, Message};
 use bytes::Bytes;
 use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Acts on what the journal shows unfinished after a crash: a request forwarded
@@ -111,16 +115,138 @@ pub fn read_request(
     Some((request, None))
 }
 
+/// What a switch starts with from its journal, gathered record by record: the
+/// unfinished business [`Replay`] finds and the duplicates table [`Rebuild`]
+/// fills. `Switch::start` feeds it from the journal's scan at open; a cluster
+/// standby feeds it as it copies the stream (with a [`Prescan`] of the copy), so
+/// that a takeover starts without reading the journal again ([`Warm`]).
+pub struct Restore {
+    replay: Replay,
+    rebuild: Rebuild,
+    recent: Arc<Recent>,
+    protector: Protector,
+}
+
+impl Restore {
+    /// An empty duplicates table as `config` bounds it, to be filled from the
+    /// journal (`[journal]` must be configured).
+    pub fn new(config: &Config) -> Restore {
+        let now = Instant::now();
+        let recent = recent_table(config, now);
+        // Card data at rest: PANs of requests enciphered under the journal key.
+        let protector = Protector::new(
+            config
+                .keys
+                .as_ref()
+                .and_then(|k| Some((k.data.clone(), k.journal_key?))),
+        );
+        let banks: Vec<u64> = config.banks.iter().map(|b| b.id.to_raw()).collect();
+        let rebuild = Rebuild::new(
+            recent.clone(),
+            (config.dialect.clone(), protector.clone()),
+            banks.clone(),
+            now,
+            crate::clock::unix_ms(),
+        );
+        Restore {
+            replay: Replay::new().with_banks(banks),
+            rebuild,
+            recent,
+            protector,
+        }
+    }
+
+    /// Takes the next record in journal order.
+    pub fn record(&mut self, r: &Record<'_>) {
+        self.replay.record(r);
+        self.rebuild.record(r);
+    }
+
+    /// Moves the clock on to now and lets keys past the window go (a standby,
+    /// between batches).
+    pub fn advance(&mut self) {
+        let now = Instant::now();
+        self.rebuild.advance(now, crate::clock::unix_ms());
+        self.recent.expire(now);
+    }
+
+    /// Keys in the duplicates table, and requests read without an outcome.
+    pub fn held(&self) -> (usize, usize) {
+        (self.recent.len(), self.rebuild.open())
+    }
+
+    /// Completes the table (requests without an outcome get the one
+    /// [`resume`] gives them) and returns it, the protector it read with, and
+    /// what is unfinished.
+    pub fn finish(mut self) -> (Arc<Recent>, Protector, Recovery) {
+        self.advance();
+        self.rebuild.finish();
+        (self.recent, self.protector, self.replay.finish())
+    }
+}
+
+/// A standby's journal copy, already read: its records checked and placed
+/// ([`Prescan`]), and the switch's start-up state built from them
+/// ([`Restore`]). `Switch::start_warm` opens the journal from it without reading
+/// it again.
+pub struct Warm {
+    /// The copy's records, checked and located.
+    pub prescan: Prescan,
+    /// The duplicates table and unfinished business built from them.
+    pub restore: Restore,
+}
+
+impl std::fmt::Debug for Warm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (keys, open) = self.restore.held();
+        f.debug_struct("Warm")
+            .field("records", &self.prescan.records())
+            .field("duplicate_keys", &keys)
+            .field("open_requests", &open)
+            .finish()
+    }
+}
+
+impl Warm {
+    /// Nothing read yet.
+    pub fn new(config: &Config) -> Warm {
+        Warm {
+            prescan: Prescan::default(),
+            restore: Restore::new(config),
+        }
+    }
+
+    /// Checks and takes the whole records `bytes`, written at `base` in segment
+    /// `path` after every record taken before.
+    pub fn batch(&mut self, path: &Path, base: u64, bytes: &[u8]) -> Result<(), JournalError> {
+        let Warm { prescan, restore } = self;
+        restore.advance();
+        prescan.segment_bytes(path, base, bytes, |r| restore.record(r))
+    }
+}
+
+/// The duplicates table `config` asks for (journaled when `[journal]` is set).
+pub fn recent_table(config: &Config, now: Instant) -> Arc<Recent> {
+    let d = config.duplicates;
+    Arc::new(Recent::new(
+        d.window,
+        d.memory_max_bytes,
+        d.waiters_max,
+        config.journal.is_some(),
+        now,
+    ))
+}
+
 /// Rebuilds the duplicates table from the journal as its records are read at open,
 /// within the table's memory bound: a request accepted within the window is opened
 /// in the table at its recorded time and completed by its outcome record (whose
 /// sequence number locates a bank's answer for retransmissions); requests left
 /// without an outcome get the one [`resume`] gives them (68 if forwarded, else 91).
 /// Only requests still without an outcome are held aside while reading.
-pub struct Rebuild<'a> {
-    recent: &'a Recent,
-    dialect: &'a Dialect,
-    protector: &'a Protector,
+pub struct Rebuild {
+    recent: Arc<Recent>,
+    dialect: Arc<Dialect>,
+    protector: Protector,
     /// Raw ids of the configured banks, in config order.
     banks: Vec<u64>,
     since_unix_ms: u64,
@@ -130,29 +256,44 @@ pub struct Rebuild<'a> {
     restored: usize,
 }
 
-impl<'a> Rebuild<'a> {
+impl Rebuild {
     /// Rebuilds `recent` (keys within its window of `now`, `now_unix_ms` on the
     /// wall clock) from requests in `dialect` forwarded to `banks` (raw ids, in
     /// config order).
     pub fn new(
-        recent: &'a Recent,
-        (dialect, protector): (&'a Dialect, &'a Protector),
+        recent: Arc<Recent>,
+        (dialect, protector): (Arc<Dialect>, Protector),
         banks: Vec<u64>,
         now: Instant,
         now_unix_ms: u64,
-    ) -> Rebuild<'a> {
-        let window_ms = recent.table().window().as_millis() as u64;
-        Rebuild {
+    ) -> Rebuild {
+        let mut rebuild = Rebuild {
             recent,
             dialect,
             protector,
             banks,
-            since_unix_ms: now_unix_ms.saturating_sub(window_ms),
+            since_unix_ms: 0,
             now,
             now_unix_ms,
             open: HashMap::new(),
             restored: 0,
-        }
+        };
+        rebuild.advance(now, now_unix_ms);
+        rebuild
+    }
+
+    /// Moves the rebuild's clock on (a standby rebuilding as records arrive):
+    /// later records are placed, and the window measured, from `now`.
+    pub fn advance(&mut self, now: Instant, now_unix_ms: u64) {
+        let window_ms = self.recent.table().window().as_millis() as u64;
+        self.since_unix_ms = now_unix_ms.saturating_sub(window_ms);
+        self.now = now;
+        self.now_unix_ms = now_unix_ms;
+    }
+
+    /// Requests read without an outcome yet.
+    pub fn open(&self) -> usize {
+        self.open.len()
     }
 
     /// Takes the next record in journal order.
@@ -165,8 +306,8 @@ impl<'a> Rebuild<'a> {
                 });
                 let body = r.body.get(r.kind.head_len()..).unwrap_or_default();
                 let Some((request, digest)) = read_request(
-                    self.protector,
-                    self.dialect,
+                    &self.protector,
+                    &self.dialect,
                     r.request_id,
                     body,
                     r.protected,

@@ -22,4 +22,6 @@ pub mod writer;
 pub use lookup::Lookup;
 pub use reader::{scan, segments, JournalError, Scan, TornTail};
 pub use record::{Record, RecordKind};
-pub use writer::{AppendError, Entry, Fsync, Journal, JournalConfig, Opened, RecordSink, Replica};
+pub use writer::{
+    AppendError, Entry, Fsync, Journal, JournalConfig, Opened, Prescan, RecordSink, Replica,
+};

@@ -160,6 +160,37 @@ pub fn scan(
     Ok(scan)
 }
 
+/// Reads records held whole in `bytes` (a replicated batch, say), which lie at
+/// `base` in the segment `path`: each is checked, counted into `scan` and given to
+/// `visit` with its offset, as [`scan`] would. Unlike a segment's end, anything
+/// that is not a whole valid record is corruption here.
+pub fn scan_bytes(
+    scan: &mut Scan,
+    path: &Path,
+    base: u64,
+    bytes: &[u8],
+    mut visit: impl FnMut(&Path, u64, &Record<'_>),
+) -> Result<(), JournalError> {
+    let mut offset = 0usize;
+    while offset < bytes.len() {
+        let corrupt = |problem: String| JournalError::Corrupt {
+            segment: path.to_owned(),
+            offset: base + offset as u64,
+            problem,
+        };
+        match record::decode(&bytes[offset..]) {
+            Ok(Some((r, size))) => {
+                check_order(scan, path, base as usize + offset, &r)?;
+                visit(path, base + offset as u64, &r);
+                offset += size;
+            }
+            Ok(None) => break,
+            Err(e) => return Err(corrupt(e.to_string())),
+        }
+    }
+    Ok(())
+}
+
 fn check_order(
     scan: &mut Scan,
     path: &Path,

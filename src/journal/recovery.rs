@@ -218,13 +218,23 @@ pub fn summary(r: &Recovery) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::journal::{Entry, Journal, JournalConfig};
     use bytes::Bytes;
     use switchyard_tools::testkit::TempDir;
 
     fn entry(kind: RecordKind, request_id: u64, head: &[u8]) -> Entry {
+        entry_with(kind, request_id, head, Bytes::new())
+    }
+
+    /// A record of `kind` with `head` (up to 16 bytes) before `message`.
+    pub(crate) fn entry_with(
+        kind: RecordKind,
+        request_id: u64,
+        head: &[u8],
+        message: Bytes,
+    ) -> Entry {
         let mut h = [0u8; 16];
         h[..head.len()].copy_from_slice(head);
         Entry {
@@ -233,7 +243,7 @@ mod tests {
             request_id,
             unix_ms: 0,
             head: (h, head.len() as u8),
-            message: Bytes::new(),
+            message,
         }
     }
 

@@ -260,40 +260,38 @@ impl Journal {
         mut visit: impl FnMut(&Path, u64, &Record<'_>),
         now_ms: u64,
     ) -> Result<Opened, JournalError> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| JournalError::Io { path, source }
-        };
         std::fs::create_dir_all(&config.dir).map_err(io(&config.dir))?;
-        let (spare, spare_thread) = Spare::start(&config.dir).map_err(io(&config.dir))?;
-        // Per segment holding records: the end of its last record, its newest time.
-        let mut seen: Vec<Seen> = Vec::new();
-        let lookup = Arc::new(Lookup::new());
-        let recovered = reader::scan(&config.dir, |path, offset, r| {
-            let end = offset + (record::LEN_BYTES + record::FIXED_BYTES + r.body.len()) as u64;
-            match seen.last_mut() {
-                Some(s) if s.path.as_os_str() == path.as_os_str() => {
-                    s.end = end;
-                    s.newest_unix_ms = s.newest_unix_ms.max(r.unix_ms);
-                    if s.points.due(offset) {
-                        lookup.note(path, r.seq, offset);
-                    }
-                }
-                _ => {
-                    let mut points = Stride::default();
-                    if points.due(offset) {
-                        lookup.note(path, r.seq, offset);
-                    }
-                    seen.push(Seen {
-                        path: path.to_owned(),
-                        end,
-                        newest_unix_ms: r.unix_ms,
-                        points,
-                    });
-                }
-            }
+        let (mut seen, lookup) = (Vec::new(), Arc::new(Lookup::new()));
+        let scan = reader::scan(&config.dir, |path, offset, r| {
+            note(&mut seen, &lookup, path, offset, r);
             visit(path, offset, r);
         })?;
+        let prescan = Prescan { scan, seen, lookup };
+        Journal::open_scanned(config, prescan, now_ms)
+    }
+
+    /// Opens the journal in `config.dir` whose every record `prescan` has already
+    /// seen and checked (a standby's copy, read as it was written): nothing is
+    /// read again. Otherwise as [`Journal::open_with`].
+    pub fn open_prescanned(
+        config: JournalConfig,
+        prescan: Prescan,
+    ) -> Result<Opened, JournalError> {
+        std::fs::create_dir_all(&config.dir).map_err(io(&config.dir))?;
+        Journal::open_scanned(config, prescan, crate::clock::unix_ms())
+    }
+
+    fn open_scanned(
+        config: JournalConfig,
+        prescan: Prescan,
+        now_ms: u64,
+    ) -> Result<Opened, JournalError> {
+        let Prescan {
+            scan: recovered,
+            seen,
+            lookup,
+        } = prescan;
+        let (spare, spare_thread) = Spare::start(&config.dir).map_err(io(&config.dir))?;
         if let Some(torn) = &recovered.torn_tail {
             reader::truncate(torn)?;
         }
@@ -477,6 +475,74 @@ impl Journal {
 impl Drop for Journal {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> JournalError {
+    let path = path.to_owned();
+    move |source| JournalError::Io { path, source }
+}
+
+/// What opening a journal learns from its records, gathered as they are read:
+/// by [`Journal::open_with`]'s scan, or record by record as a standby copies
+/// them ([`Prescan::segment_bytes`]), so that opening the copy reads nothing
+/// again ([`Journal::open_prescanned`]).
+#[derive(Default)]
+pub struct Prescan {
+    scan: Scan,
+    /// Per segment holding records: the end of its last record, its newest time.
+    seen: Vec<Seen>,
+    lookup: Arc<Lookup>,
+}
+
+/// Takes a valid record at `offset` in segment `path`, in journal order.
+fn note(seen: &mut Vec<Seen>, lookup: &Lookup, path: &Path, offset: u64, r: &Record<'_>) {
+    let end = offset + (record::LEN_BYTES + record::FIXED_BYTES + r.body.len()) as u64;
+    match seen.last_mut() {
+        Some(s) if s.path.as_os_str() == path.as_os_str() => {
+            s.end = end;
+            s.newest_unix_ms = s.newest_unix_ms.max(r.unix_ms);
+            if s.points.due(offset) {
+                lookup.note(path, r.seq, offset);
+            }
+        }
+        _ => {
+            let mut points = Stride::default();
+            if points.due(offset) {
+                lookup.note(path, r.seq, offset);
+            }
+            seen.push(Seen {
+                path: path.to_owned(),
+                end,
+                newest_unix_ms: r.unix_ms,
+                points,
+            });
+        }
+    }
+}
+
+impl Prescan {
+    /// Checks and takes the whole records `bytes`, written at `base` in segment
+    /// `path` after every record taken before, giving each to `visit`.
+    pub fn segment_bytes(
+        &mut self,
+        path: &Path,
+        base: u64,
+        bytes: &[u8],
+        mut visit: impl FnMut(&Record<'_>),
+    ) -> Result<(), JournalError> {
+        let Prescan { scan, seen, lookup } = self;
+        reader::scan_bytes(scan, path, base, bytes, |path, offset, r| {
+            note(seen, lookup, path, offset, r);
+            visit(r);
+        })?;
+        scan.segments = seen.len();
+        Ok(())
+    }
+
+    /// Records taken so far.
+    pub fn records(&self) -> u64 {
+        self.scan.records
     }
 }
 

@@ -833,15 +833,15 @@ impl Sim {
     /// Reads the journal as `Journal::open` and `recover` do: every record checked, a
     /// torn tail cut off, the duplicates table `recent` rebuilt; returns what
     /// `Replay` found.
-    fn read_journal(&mut self, recent: &Recent) -> Recovery {
+    fn read_journal(&mut self, recent: &Arc<Recent>) -> Recovery {
         let mut replay = Replay::new();
         let banks = (0..self.sc.banks.len())
             .map(|b| self.bank_config(b).id.to_raw())
             .collect();
         let now_unix_ms = SIM_EPOCH_S * 1000 + self.now.as_millis() as u64;
         let mut rebuild = Rebuild::new(
-            recent,
-            (&self.dialect, &self.protector),
+            recent.clone(),
+            (self.dialect.clone(), self.protector.clone()),
             banks,
             self.instant(),
             now_unix_ms,

@@ -825,6 +825,10 @@ async fn a_step_down_hands_over_at_once() {
     assert_eq!(own["cluster"]["role"], "standby", "{own}");
     assert_eq!(own["cluster"]["active"], "a", "{own}");
     assert_eq!(own["cluster"]["journal_last_seq"], 30, "{own}");
+    // The standby keeps the duplicates table warm: every answered request's key,
+    // none still open.
+    assert_eq!(own["cluster"]["duplicate_keys"], 10, "{own}");
+    assert_eq!(own["cluster"]["open_requests"], 0, "{own}");
     assert_eq!(status["standbys"][0]["node"], "b", "{status}");
     assert_eq!(status["stream"]["replicas"], 3, "{status}");
 
