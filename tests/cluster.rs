@@ -10,7 +10,7 @@ use switchyard::cluster::replica::Replicator;
 use switchyard::cluster::standby::Standby;
 use switchyard::cluster::{may_act, Cluster, ClusterConfig, LEASE_KEY};
 use switchyard::journal::record::{self, Record};
-use switchyard::journal::{RecordKind, Replica};
+use switchyard::journal::{JournalConfig, RecordKind, Replica};
 use switchyard_tools::natskit::NatsCluster;
 use switchyard_tools::testkit::TempDir;
 use tokio_util::sync::CancellationToken;
@@ -79,8 +79,10 @@ async fn a_late_publish_of_the_old_epoch_is_refused_after_the_fence() {
         .unwrap();
     let takeover = Standby::new(
         old.clone(),
-        dir.0.join("journal-old"),
-        1 << 20,
+        &JournalConfig {
+            segment_size_max_bytes: 1 << 20,
+            ..JournalConfig::new(dir.0.join("journal-old"))
+        },
         Default::default(),
         None,
     )
@@ -107,8 +109,10 @@ async fn a_late_publish_of_the_old_epoch_is_refused_after_the_fence() {
         .unwrap();
     let took = Standby::new(
         new.clone(),
-        dir.0.join("journal-new"),
-        1 << 20,
+        &JournalConfig {
+            segment_size_max_bytes: 1 << 20,
+            ..JournalConfig::new(dir.0.join("journal-new"))
+        },
         Default::default(),
         None,
     )

@@ -663,13 +663,7 @@ pub async fn activate(
     }
     tracing::info!(node = %config.node_id, stream = %config.stream, servers = ?config.nats,
         lease_ttl_ms = config.lease_ttl.as_millis() as u64, "cluster: connected");
-    let standby = standby::Standby::new(
-        cluster.clone(),
-        journal.dir.clone(),
-        journal.segment_size_max_bytes,
-        progress,
-        warm,
-    );
+    let standby = standby::Standby::new(cluster.clone(), journal, progress, warm);
     let Some(mut takeover) = standby.run(stop).await? else {
         return Ok(None);
     };
@@ -680,13 +674,13 @@ pub async fn activate(
         "cluster: active (fence written; starting the switch on the copied journal)");
     metrics::counter!("switchyard_cluster_takeovers_total").increment(1);
     let lost = tokio_util::sync::CancellationToken::new();
-    journal.replica = Some(std::sync::Arc::new(replica::Replicator::new(
+    let replicator = std::sync::Arc::new(replica::Replicator::new(
         cluster.clone(),
         epoch,
         takeover.fence_sequence,
         tokio::runtime::Handle::current(),
         lost.clone(),
-    )));
+    ));
     let stop = tokio_util::sync::CancellationToken::new();
     let lease_task = tokio::spawn(keep_lease(
         cluster,
@@ -694,6 +688,10 @@ pub async fn activate(
         stop.clone(),
         lost.clone(),
     ));
+    if takeover.batches_copied == 0 {
+        seed(replicator.clone(), journal).await?;
+    }
+    journal.replica = Some(replicator);
     Ok(Some(Active {
         epoch,
         stop,
@@ -701,6 +699,76 @@ pub async fn activate(
         warm: takeover.warm.take(),
         lease_task,
     }))
+}
+
+/// Records a seeding message holds at most, in bytes (the replicator cuts
+/// larger ones at `max_payload`): what a seeding keeps in memory is at most
+/// [`replica::IN_FLIGHT_MAX`] of them.
+const SEED_PIECE_BYTES: usize = 256 * 1024;
+
+/// A node that takes over a stream holding no journal record (a new cluster,
+/// started on a node that ran alone before) publishes its own journal first,
+/// from its first record within the retention, so that the standbys know
+/// the unfinished business and the duplicates of before the cluster; then
+/// the switch starts on it as usual. Records checked as a scan checks them
+/// (a torn tail is left out, as the journal's open cuts it). Waits until the
+/// stream acknowledged every one. The records published and the last one's
+/// sequence.
+async fn seed(
+    replicator: std::sync::Arc<replica::Replicator>,
+    journal: &crate::journal::JournalConfig,
+) -> Result<(u64, u64), ClusterError> {
+    use crate::journal::Replica;
+    let dir = journal.dir.clone();
+    if !dir.exists() {
+        return Ok((0, 0));
+    }
+    let retention_ms = u64::try_from(journal.retention.as_millis()).unwrap_or(u64::MAX);
+    let since = crate::clock::unix_ms().saturating_sub(retention_ms);
+    let sender = replicator.clone();
+    let read = tokio::task::spawn_blocking(move || {
+        let (mut piece, mut records, mut last) = (Vec::new(), 0u64, 0u64);
+        let scan = crate::journal::scan(&dir, |_, _, r| {
+            if records == 0 && r.unix_ms < since {
+                return; // before the retention: the journal prunes it
+            }
+            crate::journal::record::encode(&mut piece, r);
+            records += 1;
+            last = r.seq;
+            if piece.len() >= SEED_PIECE_BYTES {
+                sender.send(&piece);
+                piece.clear();
+            }
+        });
+        if !piece.is_empty() {
+            sender.send(&piece);
+        }
+        scan.map(|_| (records, last))
+    })
+    .await
+    .map_err(|e| ClusterError::js("seeding the stream")(e.to_string()))?;
+    let (records, last) = read.map_err(|e| ClusterError::Local {
+        path: journal.dir.clone(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    if records == 0 {
+        return Ok((0, 0));
+    }
+    tracing::info!(records, last_seq = last, dir = %journal.dir.display(),
+        "cluster: the stream holds no journal record: publishing this node's journal first");
+    loop {
+        match replicator.confirmed() {
+            Ok(confirmed) if confirmed >= last => break,
+            Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(5)).await,
+            Err(why) => return Err(ClusterError::js("seeding the stream")(why)),
+        }
+    }
+    tracing::info!(
+        records,
+        last_seq = last,
+        "cluster: this node's journal is in the stream"
+    );
+    Ok((records, last))
 }
 
 // === `switchyard cluster status`, and reading the stream ===

@@ -23,6 +23,7 @@ use super::{
 use crate::daemon::recovery::Warm;
 use crate::journal::reader::{SEGMENT_PREFIX, SEGMENT_SUFFIX};
 use crate::journal::writer::segment_path;
+use crate::journal::JournalConfig;
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::jetstream::context::PublishErrorKind;
 use futures_util::StreamExt;
@@ -75,6 +76,10 @@ struct Copy {
     /// The records copied, read as they come: checked, located, and the
     /// switch's duplicates table and unfinished business built from them.
     warm: Option<Warm>,
+    /// The journal's retention: copied segments older than it are deleted,
+    /// as the active's journal deletes its own (and the stream its messages);
+    /// `None`: kept (a one-off copy).
+    retention: Option<Duration>,
 }
 
 fn local(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
@@ -107,7 +112,37 @@ impl Copy {
             batches: 0,
             applied: 0,
             warm,
+            retention: None,
         }
+    }
+
+    /// Deletes the closed segments whose newest record is older than the
+    /// retention (known only from records read: with `warm`).
+    fn prune(&mut self) -> Result<(), ClusterError> {
+        let (Some(warm), Some(retention)) = (&mut self.warm, self.retention) else {
+            return Ok(());
+        };
+        let expired = warm.prescan.expired(retention, crate::clock::unix_ms());
+        if expired.is_empty() {
+            return Ok(());
+        }
+        for path in expired {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e,
+                        "cluster: cannot delete a copied segment past the retention");
+                    continue;
+                }
+            }
+            warm.prescan.forget(&path);
+            tracing::info!(path = %path.display(), reason = "age", "journal segment pruned");
+        }
+        // The deletions must not come back after a crash.
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(local(&self.dir))
     }
 
     /// Moves a directory holding records aside, once, before the first record
@@ -156,6 +191,7 @@ impl Copy {
         if rotate {
             if let Some((file, path, _)) = self.file.take() {
                 file.sync_data().map_err(local(&path))?;
+                self.prune()?;
             }
             let path = segment_path(&self.dir, first);
             let file = File::options()
@@ -271,19 +307,21 @@ pub struct Standby {
 }
 
 impl Standby {
-    /// A standby copying into the journal directory `dir` (segments of
-    /// `segment_size_max` bytes), reading the copy into `warm` as it goes.
+    /// A standby copying into the directory of `journal` (its segment size;
+    /// segments past its retention deleted), reading the copy into `warm` as it
+    /// goes.
     pub fn new(
         cluster: Cluster,
-        dir: PathBuf,
-        segment_size_max: u64,
+        journal: &JournalConfig,
         progress: Arc<Progress>,
         warm: Option<Warm>,
     ) -> Standby {
+        let mut copy = Copy::new(journal.dir.clone(), journal.segment_size_max_bytes, warm);
+        copy.retention = Some(journal.retention);
         Standby {
             progress,
             cluster,
-            copy: Copy::new(dir, segment_size_max, warm),
+            copy,
         }
     }
 
@@ -401,11 +439,11 @@ impl Standby {
         )))
     }
 
-    /// Looks at the lease (taking it when free), after moving the warm
-    /// duplicates table's clock on.
+    /// Looks at the lease (taking it when free), after letting the warm
+    /// duplicates table's keys past the window go.
     async fn acquire(&mut self) -> Result<Acquired, ClusterError> {
-        if let Some(warm) = &mut self.copy.warm {
-            warm.restore.advance();
+        if let Some(warm) = &self.copy.warm {
+            warm.restore.expire();
         }
         Lease::acquire(&self.cluster).await
     }
@@ -684,6 +722,44 @@ mod tests {
             .map(|p| p.request_id)
             .collect();
         assert_eq!(pending, [35, 45, 55]);
+    }
+
+    #[test]
+    fn the_copy_lets_segments_past_the_retention_go_as_the_journal_does() {
+        let (source, dir) = (TempDir::new("warm-old-source"), TempDir::new("warm-old"));
+        let day = 86_400_000;
+        let now = crate::clock::unix_ms();
+        let opened = Journal::open(JournalConfig::new(&source.0)).unwrap();
+        for id in 1..=90u64 {
+            let payment = testkit::payment(id as usize, "100001", "000000001000");
+            let mut e = entry(RecordKind::Accepted, id, &[0; 8], payment);
+            e.unix_ms = if id <= 45 { now - 2 * day } else { now };
+            opened.journal.append(e).unwrap();
+        }
+        opened.journal.close();
+        let mut copy = copy(&dir.0, Some(Warm::new(&config(&dir.0))));
+        copy.retention = Some(Duration::from_millis(day));
+        replicate(&batches(&source.0), &mut copy).unwrap();
+        let warm = copy.take_warm().unwrap();
+
+        let on_disk = crate::journal::scan(&dir.0, |_, _, _| {}).unwrap();
+        let (first, last) = on_disk.seq_range.unwrap();
+        assert!(first > 1 && first <= 46, "old segments went: {first}");
+        assert_eq!(last, 90);
+        let opened = Journal::open_prescanned(JournalConfig::new(&dir.0), warm.prescan).unwrap();
+        let r = &opened.recovered;
+        assert_eq!(
+            (r.segments, r.records, r.by_kind, r.seq_range),
+            (
+                on_disk.segments,
+                on_disk.records,
+                on_disk.by_kind,
+                on_disk.seq_range
+            )
+        );
+        assert_eq!(opened.journal.lookup().read(first - 1).unwrap(), None);
+        assert!(opened.journal.lookup().read(first).unwrap().is_some());
+        opened.journal.close();
     }
 
     #[test]

@@ -162,12 +162,16 @@ impl Restore {
         self.rebuild.record(r);
     }
 
-    /// Moves the clock on to now and lets keys past the window go (a standby,
-    /// between batches).
+    /// Moves the clock on to now (a standby, before each batch).
     pub fn advance(&mut self) {
-        let now = Instant::now();
-        self.rebuild.advance(now, crate::clock::unix_ms());
-        self.recent.expire(now);
+        self.rebuild
+            .advance(Instant::now(), crate::clock::unix_ms());
+    }
+
+    /// Lets keys past the window go (a standby, between batches, as the
+    /// daemon does once a second).
+    pub fn expire(&self) {
+        self.recent.expire(Instant::now());
     }
 
     /// Keys in the duplicates table, and requests read without an outcome.

@@ -498,26 +498,29 @@ pub struct Prescan {
 /// Takes a valid record at `offset` in segment `path`, in journal order.
 fn note(seen: &mut Vec<Seen>, lookup: &Lookup, path: &Path, offset: u64, r: &Record<'_>) {
     let end = offset + (record::LEN_BYTES + record::FIXED_BYTES + r.body.len()) as u64;
-    match seen.last_mut() {
-        Some(s) if s.path.as_os_str() == path.as_os_str() => {
-            s.end = end;
-            s.newest_unix_ms = s.newest_unix_ms.max(r.unix_ms);
-            if s.points.due(offset) {
-                lookup.note(path, r.seq, offset);
-            }
-        }
+    let s = match seen.last_mut() {
+        Some(s) if s.path.as_os_str() == path.as_os_str() => s,
         _ => {
-            let mut points = Stride::default();
-            if points.due(offset) {
-                lookup.note(path, r.seq, offset);
-            }
             seen.push(Seen {
                 path: path.to_owned(),
                 end,
                 newest_unix_ms: r.unix_ms,
-                points,
+                points: Stride::default(),
+                first_seq: r.seq,
+                records: 0,
+                by_kind: [0; 5],
             });
+            seen.last_mut().expect("pushed")
         }
+    };
+    s.end = end;
+    s.newest_unix_ms = s.newest_unix_ms.max(r.unix_ms);
+    if s.points.due(offset) {
+        lookup.note(path, r.seq, offset);
+    }
+    s.records += 1;
+    if let Some(i) = RecordKind::ALL.iter().position(|k| *k == r.kind) {
+        s.by_kind[i] += 1;
     }
 }
 
@@ -540,9 +543,42 @@ impl Prescan {
         Ok(())
     }
 
-    /// Records taken so far.
+    /// Records taken so far (in the segments not forgotten).
     pub fn records(&self) -> u64 {
         self.scan.records
+    }
+
+    /// The segments taken, but the last (the one being written), whose newest
+    /// record is older than `retention` at `now_ms`: the journal's own rule
+    /// for pruning by age. Oldest first.
+    pub fn expired(&self, retention: Duration, now_ms: u64) -> Vec<PathBuf> {
+        let retention_ms = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+        let closed = &self.seen[..self.seen.len().saturating_sub(1)];
+        closed
+            .iter()
+            .filter(|s| now_ms.saturating_sub(s.newest_unix_ms) > retention_ms)
+            .map(|s| s.path.clone())
+            .collect()
+    }
+
+    /// Forgets the segment `path` (deleted): its records no longer count, and
+    /// the index no longer points into it.
+    pub fn forget(&mut self, path: &Path) {
+        let Some(i) = self.seen.iter().position(|s| s.path == path) else {
+            return;
+        };
+        let gone = self.seen.remove(i);
+        self.lookup.forget(path);
+        let scan = &mut self.scan;
+        scan.segments = self.seen.len();
+        scan.records -= gone.records;
+        for (n, g) in scan.by_kind.iter_mut().zip(gone.by_kind) {
+            *n -= g;
+        }
+        scan.seq_range = match (self.seen.first(), scan.seq_range) {
+            (Some(first), Some((_, last))) => Some((first.first_seq, last)),
+            _ => None,
+        };
     }
 }
 
@@ -554,6 +590,10 @@ struct Seen {
     newest_unix_ms: u64,
     /// When its next index point is due.
     points: Stride,
+    /// Its records: the first's sequence number, how many, how many of each kind.
+    first_seq: u64,
+    records: u64,
+    by_kind: [u64; 5],
 }
 
 /// A segment as pruning sees it.

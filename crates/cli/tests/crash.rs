@@ -790,6 +790,24 @@ async fn a_step_down_hands_over_at_once() {
         path
     };
     let (a, b) = (with_admin("a"), with_admin("b"));
+    // Node a ran alone before the cluster: taking the lease first, on a stream
+    // without journal records, it publishes its journal before serving.
+    let alone = dir.0.join("switchyard-a-alone.toml");
+    let text = std::fs::read_to_string(&a).unwrap();
+    std::fs::write(&alone, text.split("\n[cluster]").next().unwrap()).unwrap();
+    let mut single = Daemon::start(BIN, &alone);
+    let mut client = testkit::Client::connect(single.addr, pki.client("100001"))
+        .await
+        .unwrap();
+    let mut answers = Vec::new();
+    for i in 0..5 {
+        client.send_raw(&request(i)).await;
+        answers.push(answer_of(&client.recv().await.expect("an answer")));
+    }
+    drop(client);
+    single.terminate();
+    assert!(single.wait_exit().success());
+
     let mut active = Daemon::start(BIN, &a);
     let mut standby = Daemon::spawn(BIN, &b);
     let line = standby.wait_line("standby admin endpoint");
@@ -804,8 +822,7 @@ async fn a_step_down_hands_over_at_once() {
     let mut client = testkit::Client::connect(active.addr, pki.client("100001"))
         .await
         .unwrap();
-    let mut answers = Vec::new();
-    for i in 0..10 {
+    for i in 5..15 {
         client.send_raw(&request(i)).await;
         answers.push(answer_of(&client.recv().await.expect("an answer")));
     }
@@ -824,10 +841,11 @@ async fn a_step_down_hands_over_at_once() {
     let own: serde_json::Value = serde_json::from_str(&own).unwrap();
     assert_eq!(own["cluster"]["role"], "standby", "{own}");
     assert_eq!(own["cluster"]["active"], "a", "{own}");
-    assert_eq!(own["cluster"]["journal_last_seq"], 30, "{own}");
+    // Three records a payment, from before the cluster and after.
+    assert_eq!(own["cluster"]["journal_last_seq"], 45, "{own}");
     // The standby keeps the duplicates table warm: every answered request's key,
     // none still open.
-    assert_eq!(own["cluster"]["duplicate_keys"], 10, "{own}");
+    assert_eq!(own["cluster"]["duplicate_keys"], 15, "{own}");
     assert_eq!(own["cluster"]["open_requests"], 0, "{own}");
     assert_eq!(status["standbys"][0]["node"], "b", "{status}");
     assert_eq!(status["stream"]["replicas"], 3, "{status}");
@@ -853,7 +871,8 @@ async fn a_step_down_hands_over_at_once() {
         "took {took:?}: not at once"
     );
     assert_eq!(cluster_status(&b)["lease"]["holder"], "b");
-    // The new active answers retransmissions with the original answers.
+    // The new active answers retransmissions with the original answers, those
+    // of before the cluster too, and forwards none of them again.
     let mut client = testkit::Client::connect(standby.addr, pki.client("100001"))
         .await
         .unwrap();
@@ -864,6 +883,7 @@ async fn a_step_down_hands_over_at_once() {
             original
         );
     }
+    assert_eq!(bank.stats.requests.load(Ordering::Relaxed), 15);
     drop(standby);
     bank.stop().await;
 }
