@@ -467,7 +467,7 @@ impl Operator for StandbyAdmin {
 
     async fn reload(&self) -> Option<Result<String, String>> {
         Some(Err(
-            "standby: the config file is read when this node takes over".to_owned(),
+            "standby: the config file is read again when this node takes over".to_owned(),
         ))
     }
 
@@ -519,6 +519,18 @@ pub async fn run(
         });
         let token = switch.shutdown_token();
         tokio::spawn(admin::serve(listener, operator, limits, admin_tls, token));
+    }
+    if let (true, Some(path)) = (clustered, &config_path) {
+        // A standby started on the file as it was then; changes made since
+        // (on both nodes, as on the active) are put in force as a reload
+        // would, before the first acquirer is served.
+        match switch.reload(path).await {
+            Ok(what) => {
+                tracing::info!(config = %path.display(), "cluster: config file read again: {what}")
+            }
+            Err(why) => tracing::error!(config = %path.display(),
+                "cluster: config file read again and rejected, the one this node started with stays: {why}"),
+        }
     }
     if let Some(path) = config_path {
         tokio::spawn(reload_on_sighup(switch.clone(), path));

@@ -850,6 +850,17 @@ async fn a_step_down_hands_over_at_once() {
     assert_eq!(status["standbys"][0]["node"], "b", "{status}");
     assert_eq!(status["stream"]["replicas"], 3, "{status}");
 
+    // While b stands by, its file gains an institution (as an operator
+    // changes both nodes' files and reloads the active): b puts it in force
+    // when it takes over.
+    let text = std::fs::read_to_string(&b).unwrap();
+    let added = "[[institution]]\nid = \"100002\"\n\n[[institution]]\nid = \"100001\"";
+    std::fs::write(
+        &b,
+        text.replacen("[[institution]]\nid = \"100001\"", added, 1),
+    )
+    .unwrap();
+
     let admin = active.admin.expect("the active's admin endpoint");
     let asked = std::process::Command::new(BIN)
         .args(["cluster", "step-down", "--admin", &admin.to_string()])
@@ -884,6 +895,17 @@ async fn a_step_down_hands_over_at_once() {
         );
     }
     assert_eq!(bank.stats.requests.load(Ordering::Relaxed), 15);
+    let mut added = testkit::Client::connect(standby.addr, pki.client("100002"))
+        .await
+        .unwrap();
+    added
+        .send_raw(&testkit::payment(1, "100002", "000000001000"))
+        .await;
+    let answer = added
+        .recv()
+        .await
+        .expect("an answer to the added institution");
+    assert_eq!(answer.field(39), Some(&b"00"[..]));
     drop(standby);
     bank.stop().await;
 }
