@@ -234,7 +234,7 @@ pub async fn run_file(path: PathBuf, mut config: Config) -> Result<Stopped, Serv
     }
     let admin = bind_admin(&config).await?;
     let Some(cluster) = config.cluster.clone() else {
-        return run_active(path, config, tls, None, admin).await;
+        return run_active(path, config, tls, None, None, admin).await;
     };
     let short: Vec<String> = config
         .banks
@@ -314,7 +314,7 @@ pub async fn run_file(path: PathBuf, mut config: Config) -> Result<Stopped, Serv
         step_down: tokio_util::sync::CancellationToken::new(),
     };
     let stopped = tokio::select! {
-        stopped = run_active(path, config, tls, Some((lost.clone(), role, warm)), admin) => stopped,
+        stopped = run_active(path, config, tls, Some((lost.clone(), role)), warm, admin) => stopped,
         // The lease is gone: nothing may be written any more (`may_act`), so
         // no drain either; the process exits, as after a crash, and the
         // standby that took over owns what was unfinished.
@@ -330,11 +330,8 @@ async fn run_active(
     path: PathBuf,
     config: Config,
     tls: TlsSetup,
-    cluster: Option<(
-        tokio_util::sync::CancellationToken,
-        ClusterRole,
-        Option<crate::daemon::recovery::Warm>,
-    )>,
+    cluster: Option<(tokio_util::sync::CancellationToken, ClusterRole)>,
+    warm: Option<crate::daemon::recovery::Warm>,
     admin: Option<(TcpListener, PrometheusHandle)>,
 ) -> Result<Stopped, ServiceError> {
     let mut listeners = Vec::with_capacity(config.listeners.len());
@@ -365,10 +362,8 @@ async fn run_active(
             "admin endpoint: {scheme}://{admin_addr}/metrics, /healthz, /readyz, /status; {changes}");
     }
     tracing::info!(%listen, admin = %admin_addr, banks = config.banks.len(), "switchyard running");
-    let (cluster, role) = match cluster {
-        Some((lost, role, warm)) => (Some((lost, role.clone())), Some((role, warm))),
-        None => (None, None),
-    };
+    // The warm copy goes with the role: only a cluster node stood by.
+    let role = cluster.as_ref().map(|(_, role)| (role.clone(), warm));
     let shutdown = async move {
         match cluster {
             Some((lost, role)) => tokio::select! {

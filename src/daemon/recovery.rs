@@ -176,7 +176,7 @@ impl Restore {
 
     /// Keys in the duplicates table, and requests read without an outcome.
     pub fn held(&self) -> (usize, usize) {
-        (self.recent.len(), self.rebuild.open())
+        (self.recent.len(), self.replay.open())
     }
 
     /// Completes the table (requests without an outcome get the one
@@ -293,11 +293,6 @@ impl Rebuild {
         self.since_unix_ms = now_unix_ms.saturating_sub(window_ms);
         self.now = now;
         self.now_unix_ms = now_unix_ms;
-    }
-
-    /// Requests read without an outcome yet.
-    pub fn open(&self) -> usize {
-        self.open.len()
     }
 
     /// Takes the next record in journal order.

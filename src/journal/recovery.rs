@@ -126,6 +126,11 @@ impl Replay {
         forwarded_to(r, self.banks.as_deref())
     }
 
+    /// Requests read without an outcome yet.
+    pub fn open(&self) -> usize {
+        self.open.len()
+    }
+
     /// Takes the next record in journal order.
     pub fn record(&mut self, r: &Record<'_>) {
         match r.kind {
