@@ -406,6 +406,11 @@ async fn ensure_stream(
             "no duplicate window: retried publishes would be written twice".to_owned(),
         ));
     }
+    // Right after it is created, the stream has no leader yet, and a publish
+    // to it finds no one to answer: not ready (temporary, tried again).
+    if info.cluster.as_ref().is_some_and(|c| c.leader.is_none()) {
+        return Err(refused("no leader elected yet".to_owned()));
+    }
     Ok(stream)
 }
 

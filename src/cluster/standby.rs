@@ -36,6 +36,9 @@ use std::time::{Duration, Instant};
 
 /// The most fence attempts (each after reading what was published meanwhile).
 const FENCE_ATTEMPTS_MAX: usize = 20;
+/// The pause before sending a fence record again that did not reach the
+/// stream (its leader being elected, a server lost).
+const FENCE_RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// The longest wait for the stream's next message while catching up.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(10);
 /// The longest pause between two looks at the lease.
@@ -417,7 +420,10 @@ impl Standby {
                 }
             }
             self.copy.sync()?;
-            match self.fence(lease.epoch, last).await {
+            // A fence that cannot reach the stream is sent again while half
+            // the lease taken is left.
+            let fence_deadline = took + self.cluster.config.lease_ttl / 2;
+            match self.fence(lease.epoch, last, fence_deadline).await {
                 Ok(fence_sequence) => {
                     let takeover = Takeover {
                         fence_sequence,
@@ -464,8 +470,17 @@ impl Standby {
     }
 
     /// Writes the fence record after stream sequence `last`: its sequence, or
-    /// `Err(None)` when something was written after `last` meanwhile.
-    async fn fence(&self, epoch: u64, last: u64) -> Result<u64, Option<ClusterError>> {
+    /// `Err(None)` when something was written after `last` meanwhile. A
+    /// publish that did not reach the stream (no leader yet right after the
+    /// stream was created, a server lost) is sent again until `deadline`; it
+    /// carries a message id, so one that landed with its acknowledgement lost
+    /// is answered as a duplicate, with its sequence.
+    async fn fence(
+        &self,
+        epoch: u64,
+        last: u64,
+        deadline: Instant,
+    ) -> Result<u64, Option<ClusterError>> {
         let mut headers = async_nats::HeaderMap::new();
         let epoch_text = epoch.to_string();
         headers.insert(HEADER_FENCE, epoch_text.as_str());
@@ -475,20 +490,37 @@ impl Standby {
             async_nats::header::NATS_EXPECTED_LAST_SEQUENCE,
             last.to_string().as_str(),
         );
-        let fail = |e: String| Some(ClusterError::js("writing the fence record")(e));
-        let ack = self
-            .cluster
-            .js
-            .publish_with_headers(self.cluster.config.subject(), headers, bytes::Bytes::new())
-            .await;
-        let ack = match ack {
-            Ok(ack) => ack.await,
-            Err(e) => Err(e),
-        };
-        match ack {
-            Ok(ack) => Ok(ack.sequence),
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(None),
-            Err(e) => Err(fail(e.to_string())),
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("fence-{epoch}-{last}").as_str(),
+        );
+        loop {
+            let ack = self
+                .cluster
+                .js
+                .publish_with_headers(
+                    self.cluster.config.subject(),
+                    headers.clone(),
+                    bytes::Bytes::new(),
+                )
+                .await;
+            let ack = match ack {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match ack {
+                Ok(ack) => return Ok(ack.sequence),
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => return Err(None),
+                Err(e) if Instant::now() + FENCE_RETRY_PAUSE < deadline => {
+                    crate::log_limited!(warn, error = %e, "cluster: the fence record did not reach the stream; sending it again");
+                    tokio::time::sleep(FENCE_RETRY_PAUSE).await;
+                }
+                Err(e) => {
+                    return Err(Some(ClusterError::js("writing the fence record")(
+                        e.to_string(),
+                    )))
+                }
+            }
         }
     }
 }
