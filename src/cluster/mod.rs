@@ -454,6 +454,15 @@ async fn ensure_bucket(
             c.max_age, config.lease_ttl
         )));
     }
+    // As for the stream: a new bucket without a leader yet is not ready.
+    if status
+        .info
+        .cluster
+        .as_ref()
+        .is_some_and(|c| c.leader.is_none())
+    {
+        return Err(refused("no leader elected yet".to_owned()));
+    }
     Ok(store)
 }
 
