@@ -3,6 +3,11 @@
 # binary of .ci/oracle-venv, JetStream with sync_interval: always, stores in the
 # work directory), and start_switch, which runs one more switchyard process from
 # the setup's config with a journal and extra settings (e.g. a [cluster]).
+#
+# Knobs (unset by default): CLUSTER_COMPRESSION=none|lz4 (the switch nodes'
+# cluster.compression); NATS_GOMAXPROCS=N (each server's Go scheduler threads;
+# 1 suits three servers sharing two cores); NATS_ROUTE_COMPRESSION=off (route
+# compression between the servers, pointless on loopback).
 NATS_PORT=${NATS_PORT:-14222}
 bash .ci/oracle-venv
 NATS=$PWD/.venv-oracle/bin/nats-server
@@ -25,12 +30,13 @@ jetstream {
   sync_interval: always
 }
 cluster {
+  ${NATS_ROUTE_COMPRESSION:+compression: $NATS_ROUTE_COMPRESSION}
   name: "switchyard-bench"
   listen: "127.0.0.1:$((NATS_PORT + 100 + i))"
   routes: [${ROUTES%, }]
 }
 CONF
-    "$NATS" -c "$WORK/nats-$i.conf" 2>"$WORK/nats-$i.log" &
+    ${NATS_GOMAXPROCS:+env GOMAXPROCS=$NATS_GOMAXPROCS} "$NATS" -c "$WORK/nats-$i.conf" 2>"$WORK/nats-$i.log" &
     PIDS+=($!)
     NATS_PIDS+=($!)
     URLS="$URLS\"nats://127.0.0.1:$((NATS_PORT + i))\", "
@@ -56,4 +62,5 @@ start_switch() { # $1 = name, $2 = port offset, $3 = extra config; $4 = "wait" o
 }
 cluster_section() { # $1 = node id
     printf '[cluster]\nnats = [%s]\nnode_id = "%s"\nconnect_timeout_ms = 30000\n' "${URLS%, }" "$1"
+    [ -z "${CLUSTER_COMPRESSION:-}" ] || printf 'compression = "%s"\n' "$CLUSTER_COMPRESSION"
 }

@@ -43,6 +43,10 @@ ticks() { # CPU time (user + system, clock ticks) of the processes named
     for p in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done
     echo "$t"
 }
+acks() { # stream messages the active has had acknowledged so far
+    curl -s "http://127.0.0.1:$((${ADMIN_PORT:-19464} + 1))/metrics" |
+        awk '/^switchyard_cluster_acks_total\{result="(ok|duplicate)"\}/ {n += $2} END {print n + 0}'
+}
 declare -A PORT=([single]=$((SWITCH_PORT + 2)) [cluster]=$((SWITCH_PORT + 1)))
 declare -A SERVING=([single]=${SWITCH_PID[single]} [cluster]=${SWITCH_PID[active]})
 for mode in single cluster; do : >"$WORK/$mode.runs" && : >"$WORK/$mode.cpu"; done
@@ -50,7 +54,7 @@ for run in $(seq "$RUNS"); do
     for mode in single cluster; do
         sync
         echo "run $run/$RUNS: $mode" >&2
-        before=("$(ticks "${SERVING[$mode]}")" "$(ticks "${NATS_PIDS[@]}")" "$(ticks "${SWITCH_PID[standby]}")")
+        before=("$(ticks "${SERVING[$mode]}")" "$(ticks "${NATS_PIDS[@]}")" "$(ticks "${SWITCH_PID[standby]}")" "$(acks)")
         load "${PORT[$mode]}" --connections "$CONNECTIONS" --window "$WINDOW" >>"$WORK/$mode.runs"
         tps=$(jq -s '.[-1].tps' "$WORK/$mode.runs")
         # µs of CPU per payment: clock ticks over the whole load run (warm-up included).
@@ -60,7 +64,9 @@ for run in $(seq "$RUNS"); do
             --argjson sw "$(($(ticks "${SERVING[$mode]}") - before[0]))" \
             --argjson nats "$(($(ticks "${NATS_PIDS[@]}") - before[1]))" \
             --argjson standby "$(($(ticks "${SWITCH_PID[standby]}") - before[2]))" \
-            '{switch: ($sw * $per), nats: ($nats * $per), standby: ($standby * $per)}' \
+            --argjson acks "$(($(acks) - before[3]))" --argjson s "$((DURATION + WARMUP))" \
+            '{switch: ($sw * $per), nats: ($nats * $per), standby: ($standby * $per),
+              messages_per_s: ($acks / $s)}' \
             >>"$WORK/$mode.cpu"
     done
 done
@@ -118,6 +124,8 @@ for mode in single cluster; do
         "$(median "$WORK/$mode.cpu" .switch)" "$(median "$WORK/$mode.cpu" .nats)" \
         "$(median "$WORK/$mode.cpu" .standby)"
 done
+printf '  stream messages acknowledged per second (cluster): %.0f\n' \
+    "$(median "$WORK/cluster.cpu" .messages_per_s)"
 
 # Opening the journal to serve: the standby takes over on its warm copy (a
 # step-down), the single switch restarts and reads its journal (cold).

@@ -231,6 +231,8 @@ struct ClusterSection {
     connect_timeout_ms: u64,
     credentials_file: Option<PathBuf>,
     tls: Option<ClusterTlsSection>,
+    /// "lz4" (the default) or "none".
+    compression: Option<String>,
 }
 
 /// TLS to the NATS servers (`[cluster.tls]`).
@@ -1675,6 +1677,17 @@ impl Checker<'_> {
                 })
             }
         };
+        let compression = match c.compression.as_deref() {
+            None => crate::cluster::encoding::Compression::default(),
+            Some(name) => {
+                crate::cluster::encoding::Compression::from_name(name).ok_or_else(|| {
+                    self.invalid(
+                        "cluster.compression",
+                        format!("\"lz4\" or \"none\", found {name:?}"),
+                    )
+                })?
+            }
+        };
         Ok(ClusterConfig {
             nats: c.nats.clone(),
             node_id: c.node_id.clone(),
@@ -1683,6 +1696,7 @@ impl Checker<'_> {
             connect_timeout,
             credentials_file,
             tls,
+            compression,
         })
     }
 
@@ -2559,6 +2573,18 @@ mod tests {
         );
         assert_eq!(cluster.subject(), "SWITCHYARD.journal");
         assert_eq!(cluster.bucket(), "SWITCHYARD-lease");
+        assert_eq!(
+            cluster.compression,
+            crate::cluster::encoding::Compression::Lz4
+        );
+        let plain = parse(journal, &format!("{good}\ncompression = \"none\""))
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(
+            plain.compression,
+            crate::cluster::encoding::Compression::None
+        );
         let refused = [
             (
                 parse("", good),
@@ -2583,6 +2609,10 @@ mod tests {
             (
                 parse(journal, &format!("{good}\nlease_ttl_ms = 100")),
                 "s.toml: cluster.lease_ttl_ms: must be 500..=60000 ms, found 100",
+            ),
+            (
+                parse(journal, &format!("{good}\ncompression = \"zstd\"")),
+                "s.toml: cluster.compression: \"lz4\" or \"none\", found \"zstd\"",
             ),
         ];
         for (result, says) in refused {

@@ -7,13 +7,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard::cluster::replica::Replicator;
-use switchyard::cluster::standby::Standby;
+use switchyard::cluster::standby::{Standby, Takeover};
 use switchyard::cluster::{may_act, Cluster, ClusterConfig, LEASE_KEY};
 use switchyard::journal::record::{self, Record};
 use switchyard::journal::{JournalConfig, RecordKind, Replica};
 use switchyard_tools::natskit::NatsCluster;
 use switchyard_tools::testkit::TempDir;
 use tokio_util::sync::CancellationToken;
+
+/// Whether this process may act is one flag ([`may_act`]): the tests here
+/// take turns.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn config(nats: &NatsCluster, node: &str) -> ClusterConfig {
     ClusterConfig {
@@ -24,6 +28,7 @@ fn config(nats: &NatsCluster, node: &str) -> ClusterConfig {
         connect_timeout: Duration::from_secs(30),
         credentials_file: None,
         tls: None,
+        compression: Default::default(),
     }
 }
 
@@ -67,8 +72,35 @@ async fn replicate(r: &Arc<Replicator>, seqs: std::ops::RangeInclusive<u64>) -> 
     }
 }
 
+/// Stands `cluster` by with its journal in `dir`, until it has taken the
+/// lease and written its fence.
+async fn take_over(cluster: &Cluster, dir: &std::path::Path) -> Takeover {
+    let journal = JournalConfig {
+        segment_size_max_bytes: 1 << 20,
+        ..JournalConfig::new(dir.to_owned())
+    };
+    Standby::new(cluster.clone(), &journal, Default::default(), None)
+        .run(std::future::pending())
+        .await
+        .unwrap()
+        .expect("the lease is free")
+}
+
+/// The replica of the node that took over as `took`; `fenced` is cancelled
+/// when it stops.
+fn replicator(cluster: &Cluster, took: &Takeover, fenced: &CancellationToken) -> Arc<Replicator> {
+    Arc::new(Replicator::new(
+        cluster.clone(),
+        took.lease.epoch,
+        took.fence_sequence,
+        tokio::runtime::Handle::current(),
+        fenced.clone(),
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_publish_of_the_old_epoch_is_refused_after_the_fence() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let dir = TempDir::new("cluster-fencing");
     let nats = NatsCluster::start(&dir.0, 3);
     let retention = Duration::from_secs(3600);
@@ -77,27 +109,9 @@ async fn a_late_publish_of_the_old_epoch_is_refused_after_the_fence() {
     let old = Cluster::connect(&config(&nats, "old"), retention)
         .await
         .unwrap();
-    let takeover = Standby::new(
-        old.clone(),
-        &JournalConfig {
-            segment_size_max_bytes: 1 << 20,
-            ..JournalConfig::new(dir.0.join("journal-old"))
-        },
-        Default::default(),
-        None,
-    )
-    .run(std::future::pending())
-    .await
-    .unwrap()
-    .expect("the lease is free");
+    let takeover = take_over(&old, &dir.0.join("journal-old")).await;
     let fenced = CancellationToken::new();
-    let replicator = Arc::new(Replicator::new(
-        old.clone(),
-        takeover.lease.epoch,
-        takeover.fence_sequence,
-        tokio::runtime::Handle::current(),
-        fenced.clone(),
-    ));
+    let replicator = replicator(&old, &takeover, &fenced);
     replicate(&replicator, 1..=3).await.unwrap();
     assert!(may_act());
 
@@ -107,19 +121,7 @@ async fn a_late_publish_of_the_old_epoch_is_refused_after_the_fence() {
     let new = Cluster::connect(&config(&nats, "new"), retention)
         .await
         .unwrap();
-    let took = Standby::new(
-        new.clone(),
-        &JournalConfig {
-            segment_size_max_bytes: 1 << 20,
-            ..JournalConfig::new(dir.0.join("journal-new"))
-        },
-        Default::default(),
-        None,
-    )
-    .run(std::future::pending())
-    .await
-    .unwrap()
-    .expect("the lease is free again");
+    let took = take_over(&new, &dir.0.join("journal-new")).await;
     assert!(took.lease.epoch > takeover.lease.epoch);
     assert_eq!(
         took.journal_last_seq, 3,
@@ -133,4 +135,86 @@ async fn a_late_publish_of_the_old_epoch_is_refused_after_the_fence() {
     assert!(fenced.is_cancelled());
     assert!(!may_act());
     assert_eq!(new.last_sequence().await.unwrap(), took.fence_sequence);
+}
+
+/// Batches go compressed (`compression = "lz4"`, the default) and a stream
+/// holding both forms reads back record for record: a node publishing plain
+/// records (`compression = "none"`, or a stream written before compression)
+/// hands over to one that compresses, and the standby's copy and
+/// `copy_stream` (what `journal verify --cluster-config` reads) hold exactly
+/// the records both sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_and_compressed_batches_read_back_as_the_records_sent() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    use switchyard::cluster::encoding::{Compression, ENCODING_LZ4, HEADER_ENCODING};
+    let dir = TempDir::new("cluster-compression");
+    let nats = NatsCluster::start(&dir.0, 3);
+    let retention = Duration::from_secs(3600);
+    let node = |id: &str, compression| ClusterConfig {
+        stream: "COMPRESSION".to_owned(),
+        compression,
+        ..config(&nats, id)
+    };
+    let fenced = CancellationToken::new();
+    let plain = Cluster::connect(&node("plain", Compression::None), retention)
+        .await
+        .unwrap();
+    let took = take_over(&plain, &dir.0.join("journal-plain")).await;
+    let sends_plain = replicator(&plain, &took, &fenced);
+    replicate(&sends_plain, 1..=40).await.unwrap();
+    let last = plain
+        .stream
+        .get_last_raw_message_by_subject("COMPRESSION.journal")
+        .await
+        .unwrap();
+    assert!(last.headers.get(HEADER_ENCODING).is_none());
+    assert_eq!(last.payload.len(), batch(1..=40).len());
+
+    plain.lease.purge(LEASE_KEY).await.unwrap();
+    let packs = Cluster::connect(&node("packs", Compression::Lz4), retention)
+        .await
+        .unwrap();
+    let took = take_over(&packs, &dir.0.join("journal-packs")).await;
+    assert_eq!(took.journal_last_seq, 40, "the plain batch was copied");
+    let sends_packed = replicator(&packs, &took, &fenced);
+    replicate(&sends_packed, 41..=400).await.unwrap();
+    let last = packs
+        .stream
+        .get_last_raw_message_by_subject("COMPRESSION.journal")
+        .await
+        .unwrap();
+    assert_eq!(
+        last.headers.get(HEADER_ENCODING).map(|v| v.as_str()),
+        Some(ENCODING_LZ4)
+    );
+    let sent = batch(41..=400);
+    assert!(
+        last.payload.len() * 2 < sent.len(),
+        "{} bytes published for {} bytes of records",
+        last.payload.len(),
+        sent.len()
+    );
+
+    // The whole stream, copied as `journal verify --cluster-config` copies it.
+    let copy = dir.0.join("copy");
+    let (_, last_seq) =
+        switchyard::cluster::standby::copy_stream(&node("reader", Compression::Lz4), &copy)
+            .await
+            .unwrap();
+    assert_eq!(last_seq, 400);
+    let mut copied = Vec::new();
+    let mut segments: Vec<_> = std::fs::read_dir(&copy)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    for segment in segments {
+        copied.extend_from_slice(&std::fs::read(segment).unwrap());
+    }
+    let mut records = batch(1..=40);
+    records.extend_from_slice(&sent);
+    assert!(
+        copied == records,
+        "the copy holds the records sent, in order"
+    );
 }

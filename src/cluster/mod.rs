@@ -37,6 +37,7 @@
 //! not listen for acquirers at all: their connections are refused, and they try
 //! the other address.
 
+pub mod encoding;
 pub mod replica;
 pub mod standby;
 
@@ -99,6 +100,8 @@ pub struct ClusterConfig {
     pub credentials_file: Option<PathBuf>,
     /// TLS to the NATS servers.
     pub tls: Option<NatsTlsFiles>,
+    /// How the batches this node publishes are encoded.
+    pub compression: encoding::Compression,
 }
 
 impl ClusterConfig {

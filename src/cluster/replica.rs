@@ -19,8 +19,8 @@
 //! resumes. Retries go on while the lease holds on this node's clock.
 
 use super::{
-    header_u64, may_act, stop_acting, Cluster, HEADER_EPOCH, HEADER_FIRST_SEQ, HEADER_LAST_SEQ,
-    HEADER_NODE,
+    encoding, header_u64, may_act, stop_acting, Cluster, HEADER_EPOCH, HEADER_FIRST_SEQ,
+    HEADER_LAST_SEQ, HEADER_NODE,
 };
 use crate::journal::record;
 use crate::journal::Replica;
@@ -149,7 +149,27 @@ impl Replicator {
 struct Chunk {
     first: u64,
     last: u64,
+    /// The payload: the records, or as `encoding` says.
     bytes: Bytes,
+    /// [`encoding::HEADER_ENCODING`]'s value; `None`: the records as they are.
+    encoding: Option<&'static str>,
+}
+
+impl Chunk {
+    /// The chunk as it is published: compressed if `compression` says so and
+    /// that makes it smaller. Counts the bytes before and after.
+    fn encoded(self, compression: encoding::Compression) -> Chunk {
+        let (bytes, encoding) = compression.encode(&self.bytes);
+        metrics::counter!("switchyard_cluster_batch_bytes_total", "form" => "plain")
+            .increment(self.bytes.len() as u64);
+        metrics::counter!("switchyard_cluster_batch_bytes_total", "form" => "published")
+            .increment(bytes.len() as u64);
+        Chunk {
+            bytes,
+            encoding,
+            ..self
+        }
+    }
 }
 
 /// `batch` cut at record boundaries into pieces of at most `max` bytes (a
@@ -170,6 +190,7 @@ fn chunks(batch: &[u8], max: usize) -> Vec<Chunk> {
                 first,
                 last,
                 bytes: Bytes::copy_from_slice(&batch[start..at]),
+                encoding: None,
             });
             start = at;
         }
@@ -184,6 +205,7 @@ fn chunks(batch: &[u8], max: usize) -> Vec<Chunk> {
             first,
             last,
             bytes: Bytes::copy_from_slice(&batch[start..at]),
+            encoding: None,
         });
     }
     out
@@ -231,6 +253,7 @@ fn coalesce(batches: Vec<Vec<Chunk>>, max: usize) -> Vec<(Chunk, usize)> {
                     first,
                     last,
                     bytes: joined,
+                    encoding: None,
                 },
                 done,
             )
@@ -259,6 +282,9 @@ async fn send_chunk(
         async_nats::header::NATS_MESSAGE_ID,
         format!("{epoch}-{}", chunk.first).as_str(),
     );
+    if let Some(encoding) = chunk.encoding {
+        headers.insert(encoding::HEADER_ENCODING, encoding);
+    }
     cluster
         .js
         .publish_with_headers(cluster.config.subject(), headers, chunk.bytes.clone())
@@ -332,6 +358,7 @@ async fn publish_task(
                     batches.push(more);
                 }
                 for (chunk, ends) in coalesce(batches, cluster.message_max_bytes) {
+                    let chunk = chunk.encoded(cluster.config.compression);
                     let sent = Instant::now();
                     let ack: Ack = match send_chunk(&cluster, epoch, expected, &chunk).await {
                         Ok(future) => Box::pin(std::future::IntoFuture::into_future(future)),

@@ -17,7 +17,7 @@
 //! `<dir>.previous` (replacing an older one) and the copy starts afresh.
 
 use super::{
-    header_u64, Acquired, Cluster, ClusterError, Lease, HEADER_EPOCH, HEADER_FENCE,
+    encoding, header_u64, Acquired, Cluster, ClusterError, Lease, HEADER_EPOCH, HEADER_FENCE,
     HEADER_FIRST_SEQ, HEADER_LAST_SEQ, HEADER_NODE, STANDBY_KEY_PREFIX,
 };
 use crate::daemon::recovery::Warm;
@@ -83,6 +83,9 @@ struct Copy {
     /// as the active's journal deletes its own (and the stream its messages);
     /// `None`: kept (a one-off copy).
     retention: Option<Duration>,
+    /// Where a compressed message's records are decompressed (kept: at most
+    /// [`encoding::PLAIN_MESSAGE_MAX_BYTES`]).
+    plain: Vec<u8>,
 }
 
 fn local(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
@@ -116,6 +119,7 @@ impl Copy {
             applied: 0,
             warm,
             retention: None,
+            plain: Vec::new(),
         }
     }
 
@@ -241,7 +245,17 @@ impl Copy {
                     message: "no journal sequence headers".to_owned(),
                 });
             };
-            self.append(sequence, first, last, &msg.payload)?;
+            let encoding = headers
+                .and_then(|h| h.get(encoding::HEADER_ENCODING))
+                .map(|v| v.as_str());
+            // The buffer is lent out while the records are appended.
+            let mut buf = std::mem::take(&mut self.plain);
+            let appended = match encoding::plain(encoding, &msg.payload, &mut buf) {
+                Ok(records) => self.append(sequence, first, last, records),
+                Err(message) => Err(ClusterError::Batch { sequence, message }),
+            };
+            self.plain = buf;
+            appended?;
             metrics::counter!("switchyard_cluster_batches_copied_total").increment(1);
         }
         self.applied = sequence;

@@ -514,6 +514,7 @@ async fn wait_jetstream_ttl(nats: &NatsCluster, ttl_ms: u64) {
         connect_timeout: Duration::from_secs(30),
         credentials_file: None,
         tls: None,
+        compression: Default::default(),
     };
     switchyard::cluster::Cluster::connect(&config, Duration::from_secs(172_800))
         .await
