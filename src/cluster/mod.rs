@@ -409,12 +409,17 @@ async fn ensure_stream(
             "no duplicate window: retried publishes would be written twice".to_owned(),
         ));
     }
-    // Right after it is created, the stream has no leader yet, and a publish
-    // to it finds no one to answer: not ready (temporary, tried again).
-    if info.cluster.as_ref().is_some_and(|c| c.leader.is_none()) {
+    if leaderless(&info.cluster) {
         return Err(refused("no leader elected yet".to_owned()));
     }
     Ok(stream)
+}
+
+/// Whether a replicated stream (or bucket) has no leader yet, as right after
+/// it is created: a publish to it finds no one to answer, so it is not ready
+/// (a temporary error, tried again until the connect timeout).
+fn leaderless(cluster: &Option<stream::ClusterInfo>) -> bool {
+    cluster.as_ref().is_some_and(|c| c.leader.is_none())
 }
 
 /// Creates the lease bucket, or checks the one there: file storage, at least
@@ -457,13 +462,7 @@ async fn ensure_bucket(
             c.max_age, config.lease_ttl
         )));
     }
-    // As for the stream: a new bucket without a leader yet is not ready.
-    if status
-        .info
-        .cluster
-        .as_ref()
-        .is_some_and(|c| c.leader.is_none())
-    {
+    if leaderless(&status.info.cluster) {
         return Err(refused("no leader elected yet".to_owned()));
     }
     Ok(store)
